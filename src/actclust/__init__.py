@@ -1,0 +1,21 @@
+"""actclust: explain a PyTorch classifier by clustering the activations of its layers.
+
+Method: Liu & Arik, "Explaining Deep Neural Networks using Unsupervised Clustering" (2020).
+"""
+
+__version__ = "0.1.0"
+
+from ._capture import list_layers
+from .clustering import Clustering, KMeans
+from .exceptions import (ActClustError, CaptureError, InvalidSaveError, ModelMismatchWarning,
+                         NotFittedError)
+from .explainer import ActivationClustering
+from .persistence import load, model_fingerprint
+from .reduction import Reducer, make_reducer
+
+__all__ = [
+    "ActivationClustering", "list_layers", "load", "model_fingerprint",
+    "Clustering", "KMeans", "Reducer", "make_reducer",
+    "ActClustError", "CaptureError", "InvalidSaveError", "ModelMismatchWarning", "NotFittedError",
+    "__version__",
+]

@@ -1,0 +1,137 @@
+"""Per-layer clustering of reduced activation vectors.
+
+:class:`Clustering` is the small interface every clustering method implements (k-means now;
+the paper's deep embedded clustering can join later): ``fit`` on an ``(n, d)`` float32 array,
+then ``distances``, ``predict`` and ``soft_assign`` on new vectors, and its learned arrays
+through ``state_dict`` / ``load_state_dict`` for saving.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Clustering", "KMeans", "make_clustering", "CLUSTERING_NAMES"]
+
+
+class Clustering:
+    """Interface of a clustering method; subclasses set ``centers_`` in ``fit``.
+
+    ``scale_`` is the mean squared distance of the training vectors to their nearest centre;
+    soft assignments divide squared distances by it, so that one temperature means the same
+    thing for every layer whatever the scale of its activations.
+    """
+
+    name = "base"
+
+    def __init__(self, n_clusters: int, random_state: int = 0):
+        self.n_clusters = n_clusters
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray) -> "Clustering":
+        raise NotImplementedError
+
+    def distances(self, X: np.ndarray) -> np.ndarray:
+        """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre."""
+        X = np.asarray(X, dtype=np.float32)
+        c = self.centers_
+        d = (X * X).sum(1, keepdims=True) - 2.0 * (X @ c.T) + (c * c).sum(1)[None, :]
+        return np.maximum(d, 0.0, out=d)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Index of the nearest centre of each vector."""
+        return self.distances(X).argmin(1)
+
+    def soft_assign(self, X: np.ndarray, temperature: float) -> np.ndarray:
+        """Assignment probabilities ``(n, n_clusters)``: ``softmax(-d^2 / (temperature * scale_))``.
+
+        ``temperature=0`` gives hard (one-hot) assignment, the limit of small temperatures.
+        """
+        return self.soft_assign_from_distances(self.distances(X), temperature)
+
+    def soft_assign_from_distances(self, d: np.ndarray, temperature: float) -> np.ndarray:
+        """:meth:`soft_assign` from squared distances already computed by :meth:`distances`."""
+        if temperature <= 0:
+            out = np.zeros_like(d)
+            out[np.arange(len(d)), d.argmin(1)] = 1.0
+            return out
+        logits = -d / (temperature * self.scale_)
+        logits -= logits.max(1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(1, keepdims=True)
+        return logits
+
+    def _finish(self, X: np.ndarray) -> None:
+        d = self.distances(X)
+        labels = d.argmin(1)
+        self.scale_ = float(max(d[np.arange(len(d)), labels].mean(), 1e-12))
+        self.cluster_sizes_ = np.bincount(labels, minlength=self.n_clusters)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {
+            "centers": self.centers_,
+            "scale": np.array([self.scale_], dtype=np.float64),
+            "cluster_sizes": self.cluster_sizes_.astype(np.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.centers_ = np.ascontiguousarray(state["centers"], dtype=np.float32)
+        self.scale_ = float(state["scale"][0])
+        self.cluster_sizes_ = np.asarray(state["cluster_sizes"])
+
+
+class KMeans(Clustering):
+    """k-means: k-means++ seeding (scikit-learn) on a sample, then Lloyd iterations with faiss.
+
+    k-means++ seeding makes the result far less dependent on the seed than faiss' random
+    initialisation (on Fashion-MNIST, combined fidelity varied by 0.02 between seeds with
+    random initialisation). ``n_init`` restarts keep the solution of lowest inertia.
+
+    Empty clusters are re-seeded by faiss during training (it splits the largest cluster);
+    ``cluster_sizes_`` records the final sizes, zeros included, so they can be reported.
+    """
+
+    name = "kmeans"
+
+    def __init__(self, n_clusters: int, random_state: int = 0, n_init: int = 1, max_iter: int = 25):
+        super().__init__(n_clusters, random_state)
+        self.n_init = n_init
+        self.max_iter = max_iter
+
+    def fit(self, X):
+        import faiss
+        from sklearn.cluster import kmeans_plusplus
+
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        best = None
+        for run in range(self.n_init):
+            seed = self.random_state + run
+            rng = np.random.default_rng(seed)
+            sample = X[rng.choice(len(X), min(len(X), _SEED_SAMPLE), replace=False)]
+            init, _ = kmeans_plusplus(sample, self.n_clusters, random_state=seed)
+            km = faiss.Kmeans(
+                X.shape[1], self.n_clusters, niter=self.max_iter, seed=seed, verbose=False,
+                # Lloyd iterations on at most 1024 points per centre (faiss samples them; its
+                # default is 256); no warning for small data: callers check n >= n_clusters.
+                max_points_per_centroid=_POINTS_PER_CENTRE, min_points_per_centroid=1,
+            )
+            km.train(X, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+            if best is None or km.obj[-1] < best[0]:
+                best = (km.obj[-1], np.ascontiguousarray(km.centroids, dtype=np.float32))
+        self.centers_ = best[1]
+        self._finish(X)
+        return self
+
+
+_SEED_SAMPLE = 20_000  # k-means++ seeding is O(n k d log k); a sample seeds as well.
+_POINTS_PER_CENTRE = 1024
+CLUSTERING_NAMES = ("kmeans",)
+
+
+def make_clustering(name, n_clusters: int, random_state: int = 0) -> Clustering:
+    """Build a fresh clustering method by name."""
+    if name == "kmeans":
+        return KMeans(n_clusters, random_state=random_state)
+    raise ValueError(
+        f"The 'clustering' parameter of ActivationClustering must be one of "
+        f"{list(CLUSTERING_NAMES)}. Got {name!r} instead."
+    )

@@ -1,0 +1,375 @@
+"""``ActivationClustering``: distil a PyTorch classifier into a clustering surrogate."""
+
+from __future__ import annotations
+
+import numbers
+import time
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import surrogate
+from ._capture import Capture, resolve_layers
+from ._data import Batches, Collector, DataError
+from .clustering import make_clustering
+from .exceptions import NotFittedError
+from .reduction import NORMALIZE_NAMES, make_reducer, normalized
+
+__all__ = ["ActivationClustering"]
+
+_POSTERIORS = ("prediction", "label")
+
+
+class ActivationClustering:
+    """Explain a classifier by clustering the activations of some of its layers.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A trained classifier whose ``forward`` returns logits of shape ``(N, n_classes)``.
+    layers : list of str
+        ``named_modules()`` names of the layers to cluster; see :func:`actclust.list_layers`.
+    n_clusters : int or dict, default=15
+        Clusters per layer (at least 2), or a dict ``layer -> int``.
+    reducer : str, Reducer or dict, default="mean"
+        How a layer's ``(N, C, ...)`` map becomes one vector per sample: ``"mean"``, ``"max"``,
+        ``"grid:g"``, ``"pca:d"``, ``"random:d"`` (see :mod:`actclust.reduction`), or a dict
+        ``layer -> reducer``. Dense ``(N, F)`` outputs pass through.
+    normalize : {"l2", None}, default="l2"
+        Scale each reduced vector to unit length before clustering (cluster by direction).
+    posterior : {"prediction", "label"}, default="prediction"
+        Class mix of each cluster taken from the DNN's predictions (distillation) or from the
+        true labels (the paper's choice; needs ``y``).
+    layer_weights : None, list, dict or "fit", default=None
+        ``None`` weighs layers equally; ``"fit"`` learns non-negative weights on a held-out
+        ``validation_fraction`` of the training data to maximise agreement with the DNN.
+    temperature : float, default=0.0
+        Soft-assignment temperature, relative to each layer's mean squared distance to the
+        nearest centre; ``0`` is hard assignment.
+    smoothing : float, default=1.0
+        Pseudo-count pulling each cluster's class mix toward the overall class mix.
+    clustering : str, default="kmeans"
+    validation_fraction : float, default=0.2
+        Share of the training data held out to learn ``layer_weights="fit"``.
+    batch_size : int, default=256
+    random_state : int, default=0
+    progress : bool, default=True
+        Show progress bars on passes over the data.
+
+    Attributes
+    ----------
+    layers_ : list of str
+    n_classes_ : int
+    n_samples_fit_ : int
+    clusterings_ : dict of str to Clustering
+    posteriors_ : dict of str to ndarray of shape (n_clusters, n_classes)
+    weights_ : ndarray of shape (n_layers,), summing to 1
+    train_vectors_ : dict of str to ndarray of shape (n_samples, d)
+    train_predictions_ : ndarray of shape (n_samples,)
+    train_labels_ : ndarray of shape (n_samples,) or None
+    fit_info_ : dict
+        Timings of the fit stages and the sizes of empty clusters.
+
+    Examples
+    --------
+    >>> import torch, actclust
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.randn(200, 4)
+    >>> ac = actclust.ActivationClustering(net, layers=["0", "2"], n_clusters=4, progress=False)
+    >>> ac.fit(x).score(x)["fidelity"] > 0.3
+    True
+    """
+
+    def __init__(
+        self, model: nn.Module, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
+        layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
+        validation_fraction=0.2, batch_size=256, random_state=0, progress=True,
+    ):
+        self.model = model
+        self.layers = layers
+        self.n_clusters = n_clusters
+        self.reducer = reducer
+        self.normalize = normalize
+        self.posterior = posterior
+        self.layer_weights = layer_weights
+        self.temperature = temperature
+        self.smoothing = smoothing
+        self.clustering = clustering
+        self.validation_fraction = validation_fraction
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y=None) -> "ActivationClustering":
+        """Capture the layers on ``X``, cluster them and build the surrogate.
+
+        Parameters
+        ----------
+        X : ndarray, Tensor, Dataset or DataLoader
+            Training inputs, in a fixed order; items may be ``(input, label)`` tuples.
+        y : array-like of int, optional
+            True labels; required for ``posterior="label"`` unless ``X`` yields them.
+        """
+        self._validate_params()
+        layers = list(self.layers)
+        n_clusters = self._per_layer(self.n_clusters, "n_clusters", layers)
+        reducers = {l: make_reducer(s, self.random_state) for l, s in
+                    self._per_layer(self.reducer, "reducer", layers).items()}
+        batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
+        for name, k in n_clusters.items():
+            if batches.n_samples is not None and k > batches.n_samples:
+                raise ValueError(
+                    f"n_clusters for layer {name!r} is {k}, more than the {batches.n_samples} "
+                    "samples to cluster; use at most as many clusters as samples."
+                )
+        info: dict = {}
+        t0 = time.perf_counter()
+        fitted = [l for l, r in reducers.items() if r.needs_fit]
+        if fitted:
+            self._run(batches, {l: reducers[l].partial_fit for l in fitted}, "fitting reducers",
+                      lambda *_: None)
+            for l in fitted:
+                reducers[l].finish_fit()
+        t1 = time.perf_counter()
+        logits_pred, vectors, labels, n_classes = self._capture_all(batches, self._hooked(reducers))
+        t2 = time.perf_counter()
+        n = len(logits_pred)
+        too_many = {l: k for l, k in n_clusters.items() if k > n}
+        if too_many:
+            raise ValueError(f"n_clusters {too_many} exceed the {n} samples to cluster.")
+        if labels is not None:
+            bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
+            if bad.size:
+                raise ValueError(
+                    f"y has classes the model does not have: {bad[:10].tolist()}; the model "
+                    f"outputs {n_classes} classes, so labels must be in 0..{n_classes - 1}."
+                )
+        if self.posterior == "label" and labels is None:
+            raise ValueError(
+                "posterior='label' needs the true labels: pass y to fit, or data that yields "
+                "(input, label) pairs. Or use posterior='prediction'."
+            )
+        targets = labels if self.posterior == "label" else logits_pred
+
+        clusterings, assign = {}, {}
+        for l in layers:
+            clusterings[l] = make_clustering(self.clustering, n_clusters[l], self.random_state).fit(vectors[l])
+            assign[l] = clusterings[l].soft_assign(vectors[l], self.temperature)
+        t3 = time.perf_counter()
+        weights = self._fit_weights(layers, assign, targets, n_classes)
+        posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
+        t4 = time.perf_counter()
+
+        self.layers_ = layers
+        self.n_classes_ = n_classes
+        self.n_samples_fit_ = n
+        self.reducers_ = reducers
+        self.clusterings_ = clusterings
+        self.posteriors_ = posteriors
+        self.weights_ = weights
+        self.train_vectors_ = vectors
+        self.train_predictions_ = logits_pred
+        self.train_labels_ = labels
+        info.update(
+            seconds_reducer_fit=t1 - t0, seconds_capture=t2 - t1, seconds_clustering=t3 - t2,
+            seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
+            empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
+        )
+        self.fit_info_ = info
+        return self
+
+    def _fit_weights(self, layers, assign, targets, n_classes) -> np.ndarray:
+        lw = self.layer_weights
+        if lw is None:
+            return np.full(len(layers), 1.0 / len(layers))
+        if isinstance(lw, str):  # "fit", checked in _validate_params
+            rng = np.random.default_rng(self.random_state)
+            order = rng.permutation(len(targets))
+            n_val = max(1, int(round(self.validation_fraction * len(targets))))
+            val, train = order[:n_val], order[n_val:]
+            probas = np.stack([
+                assign[l][val] @ surrogate.fit_posteriors(assign[l][train], targets[train], n_classes, self.smoothing)
+                for l in layers
+            ])
+            return surrogate.fidelity_weights(probas, targets[val], random_state=self.random_state)
+        w = np.asarray([lw[l] for l in layers] if isinstance(lw, Mapping) else lw, dtype=np.float64)
+        return w / w.sum()
+
+    def _hooked(self, reducers) -> dict:
+        return {l: normalized(r, self.normalize) for l, r in reducers.items()}
+
+    def _validate_params(self) -> None:
+        resolve_layers(self.model, self.layers)
+        if self.normalize not in NORMALIZE_NAMES:
+            raise ValueError(
+                f"The 'normalize' parameter of ActivationClustering must be one of {list(NORMALIZE_NAMES)}. "
+                f"Got {self.normalize!r} instead."
+            )
+        if self.posterior not in _POSTERIORS:
+            raise ValueError(
+                f"The 'posterior' parameter of ActivationClustering must be one of {list(_POSTERIORS)}. "
+                f"Got {self.posterior!r} instead."
+            )
+        for name, value in self._per_layer(self.n_clusters, "n_clusters", list(self.layers)).items():
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 2:
+                raise ValueError(
+                    f"The 'n_clusters' parameter of ActivationClustering must be an int >= 2 "
+                    f"(or a dict of them); got {value!r} for layer {name!r}."
+                )
+        lw = self.layer_weights
+        if isinstance(lw, str):
+            if lw != "fit":
+                raise ValueError(
+                    "The 'layer_weights' parameter of ActivationClustering must be None, 'fit', a list "
+                    f"or a dict of non-negative numbers. Got {lw!r} instead."
+                )
+            if not 0 < self.validation_fraction < 1:
+                raise ValueError(
+                    "The 'validation_fraction' parameter of ActivationClustering must be in (0, 1). "
+                    f"Got {self.validation_fraction!r} instead."
+                )
+        elif lw is not None:
+            values = (self._per_layer(lw, "layer_weights", list(self.layers)).values()
+                      if isinstance(lw, Mapping) else list(lw))
+            w = np.asarray(list(values), dtype=np.float64)
+            if w.shape != (len(self.layers),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(
+                    f"The 'layer_weights' parameter of ActivationClustering must give one non-negative "
+                    f"number per layer ({len(self.layers)}), not all zero. Got {lw!r} instead."
+                )
+        for pname, ok in (("temperature", self.temperature >= 0), ("smoothing", self.smoothing >= 0)):
+            if not ok:
+                raise ValueError(f"The '{pname}' parameter of ActivationClustering must be >= 0. "
+                                 f"Got {getattr(self, pname)!r} instead.")
+        if not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1:
+            raise ValueError(f"The 'batch_size' parameter of ActivationClustering must be a positive int. "
+                             f"Got {self.batch_size!r} instead.")
+        make_clustering(self.clustering, 2)
+
+    @staticmethod
+    def _per_layer(value, pname: str, layers: list) -> dict:
+        if not isinstance(value, Mapping):
+            return {l: value for l in layers}
+        missing = [l for l in layers if l not in value]
+        extra = [k for k in value if k not in layers]
+        if missing or extra:
+            raise ValueError(
+                f"The '{pname}' dict must have exactly one entry per layer; missing {missing}, "
+                f"unknown {extra}."
+            )
+        return dict(value)
+
+    # ------------------------------------------------------------------ passes
+    def _run(self, batches: Batches, reducers, desc: str, on_batch) -> None:
+        """Call ``on_batch(logits, reduced, y)`` per batch, hooks on only for this pass."""
+        total = None if batches.n_samples is None else -(-batches.n_samples // batches.batch_size)
+        with Capture(self.model, reducers) as cap:
+            for x, y in tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False):
+                logits, out = cap.run(x)
+                on_batch(logits, out, None if y is None else y.numpy())
+
+    def _capture_all(self, batches, reducers):
+        col, width, has_y = Collector(batches.n_samples), [], []
+
+        def on_batch(logits, out, y):
+            width.append(logits.shape[1])
+            col.add("pred", logits.argmax(1).numpy())
+            for l, v in out.items():
+                col.add(l, v.numpy())
+            has_y.append(y is not None)
+            if y is not None:
+                col.add("y", y.astype(np.int64))
+
+        self._run(batches, reducers, "capturing activations", on_batch)
+        labels = col.get("y") if all(has_y) else None
+        return col.get("pred"), {l: col.get(l) for l in reducers}, labels, width[0]
+
+    def _surrogate_pass(self, X, y=None):
+        """One pass over X: DNN predictions, per-layer distributions ``(L, n, C)``, paths, labels."""
+        self._check_fitted()
+        batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
+        col, has_y = Collector(batches.n_samples), []
+
+        def on_batch(logits, out, yb):
+            if logits.shape[1] != self.n_classes_:
+                raise DataError(
+                    f"The model outputs {logits.shape[1]} classes; it was fitted with {self.n_classes_}."
+                )
+            col.add("pred", logits.argmax(1).numpy())
+            lp, pa = [], []
+            for l in self.layers_:
+                v, c = out[l].numpy(), self.clusterings_[l]
+                if v.shape[1] != c.centers_.shape[1]:
+                    raise DataError(
+                        f"Layer {l!r} gives {v.shape[1]} values per sample on this data but "
+                        f"{c.centers_.shape[1]} on the training data: the inputs differ in shape "
+                        "from those the explainer was fitted on."
+                    )
+                d = c.distances(v)
+                lp.append(c.soft_assign_from_distances(d, self.temperature) @ self.posteriors_[l])
+                pa.append(d.argmin(1))
+            col.add("proba", np.stack(lp), axis=1)
+            col.add("path", np.stack(pa, 1))
+            has_y.append(yb is not None)
+            if yb is not None:
+                col.add("y", yb)
+
+        self._run(batches, self._hooked(self.reducers_), "explaining", on_batch)
+        labels = col.get("y") if all(has_y) else None
+        return col.get("pred"), col.get("proba"), col.get("path"), labels
+
+    # ------------------------------------------------------------------ public results
+    def predict_proba(self, X) -> np.ndarray:
+        """Surrogate class probabilities ``(n, n_classes)``; rows sum to 1."""
+        _, probas, _, _ = self._surrogate_pass(X)
+        return surrogate.combine(probas, self.weights_)
+
+    def predict(self, X) -> np.ndarray:
+        """Surrogate class predictions ``(n,)``."""
+        return self.predict_proba(X).argmax(1)
+
+    def cluster_paths(self, X) -> np.ndarray:
+        """Cluster id ``(n, n_layers)`` of each input at each layer (nearest centre)."""
+        return self._surrogate_pass(X)[2]
+
+    def score(self, X, y=None) -> dict:
+        """Fidelity (agreement with the DNN) and, with labels, accuracy; combined and per layer.
+
+        Returns
+        -------
+        dict
+            ``{"n": int, "fidelity": float, "accuracy": float or None, "dnn_accuracy": float or None,
+            "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
+        """
+        dnn, probas, _, labels = self._surrogate_pass(X, y)
+        combined = surrogate.combine(probas, self.weights_).argmax(1)
+
+        def rates(pred):
+            return {"fidelity": float((pred == dnn).mean()),
+                    "accuracy": None if labels is None else float((pred == labels).mean())}
+
+        result = {"n": int(len(dnn)), **rates(combined),
+                  "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
+        result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(self.layers_)}
+        return result
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "posteriors_"):
+            raise NotFittedError(
+                "This ActivationClustering is not fitted yet. Call 'fit' with training data "
+                "(or actclust.load a saved run) before using this method."
+            )
+
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Save the fitted explainer to directory ``path``; see :func:`actclust.load`."""
+        from .persistence import save
+
+        save(self, path, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
+                f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")

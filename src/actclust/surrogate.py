@@ -1,0 +1,84 @@
+"""The surrogate model: per-layer cluster posteriors combined over layers.
+
+For layer ``l`` and cluster ``c`` the posterior is the smoothed distribution of the targets
+(the DNN's predicted classes, or the true labels) of the training samples in ``c``. An input's
+layer distribution is its cluster assignment times the posteriors; the surrogate's distribution
+is the weighted sum of the layer distributions divided by the **sum of the weights** (the
+official implementation divides by the number of layers, which is wrong for unequal weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["fit_posteriors", "combine", "learn_weights", "fidelity_weights"]
+
+
+def fit_posteriors(assign: np.ndarray, targets: np.ndarray, n_classes: int, smoothing: float) -> np.ndarray:
+    """Posteriors ``(n_clusters, n_classes)`` from assignments ``(n, n_clusters)`` and targets ``(n,)``.
+
+    Counts are smoothed toward the layer's overall target distribution with weight
+    ``smoothing`` (in samples), so an empty or tiny cluster falls back to the class prior
+    instead of to an arbitrary class.
+    """
+    onehot = np.zeros((len(targets), n_classes), dtype=np.float64)
+    onehot[np.arange(len(targets)), targets] = 1.0
+    counts = assign.astype(np.float64).T @ onehot
+    prior = onehot.mean(0)
+    post = (counts + smoothing * prior) / (counts.sum(1, keepdims=True) + smoothing)
+    empty = counts.sum(1) == 0
+    post[empty] = prior  # also covers smoothing == 0
+    return post.astype(np.float32)
+
+
+def combine(layer_probas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean ``(n, C)`` of layer distributions ``(L, n, C)``, normalised by ``sum(weights)``."""
+    w = np.asarray(weights, dtype=np.float64)
+    return (np.tensordot(w, layer_probas, axes=1) / w.sum()).astype(np.float32)
+
+
+def learn_weights(layer_probas: np.ndarray, targets: np.ndarray, n_iter: int = 300, tol: float = 1e-7) -> np.ndarray:
+    """Layer weights (summing to 1) that maximise the held-out likelihood of ``targets``.
+
+    The surrogate is a mixture of the layer distributions, so the weights that maximise
+    ``sum_i log sum_l w_l P_l(target_i | x_i)`` are found by the EM update for mixture weights;
+    the objective is concave in ``w``, so this reaches the global optimum. Likelihood of the
+    DNN's predictions is the smooth stand-in for fidelity.
+    """
+    p = layer_probas[:, np.arange(len(targets)), targets].astype(np.float64).T  # (n, L)
+    p = np.maximum(p, 1e-12)
+    w = np.full(p.shape[1], 1.0 / p.shape[1])
+    prev = -np.inf
+    for _ in range(n_iter):
+        mix = p @ w
+        ll = np.log(mix).mean()
+        w = w * (p / mix[:, None]).mean(0)
+        w /= w.sum()
+        if ll - prev < tol:
+            break
+        prev = ll
+    return w
+
+
+def fidelity_weights(layer_probas: np.ndarray, targets: np.ndarray, n_candidates: int = 256,
+                     random_state: int = 0) -> np.ndarray:
+    """Layer weights (summing to 1) of highest held-out agreement with ``targets``.
+
+    Agreement (fidelity) is piecewise constant in the weights, so it is searched directly over
+    candidates: equal weights, each single layer, the likelihood optimum of
+    :func:`learn_weights`, and ``n_candidates`` random points of the simplex. Ties go to the
+    earliest candidate, so equal weights win unless something is strictly better.
+    """
+    n_layers = layer_probas.shape[0]
+    rng = np.random.default_rng(random_state)
+    candidates = np.vstack([
+        np.full(n_layers, 1.0 / n_layers), np.eye(n_layers), learn_weights(layer_probas, targets),
+        rng.dirichlet(np.ones(n_layers), size=n_candidates),
+    ])
+    n_layers, n, n_classes = layer_probas.shape
+    flat = layer_probas.reshape(n_layers, n * n_classes).astype(np.float32)
+    scores = []
+    for chunk in np.array_split(candidates.astype(np.float32), max(1, len(candidates) // 64)):
+        mixed = (chunk @ flat).reshape(len(chunk), n, n_classes)
+        scores.append((mixed.argmax(2) == targets[None]).mean(1))
+    return candidates[int(np.concatenate(scores).argmax())].astype(np.float64)
