@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from actclust.datasets import load_fashion_mnist
-from actclust.models import SmallCNN, accuracy, train_classifier
+from actclust import models
+from actclust.models import accuracy, train_classifier
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,7 +21,7 @@ def fashion_cnn(epochs: int = 6, progress: bool = True):
     """The benchmark CNN, trained once (about 90 s on 2 cores) and cached as safetensors."""
     from safetensors.torch import load_file, save_file
 
-    model = SmallCNN(in_channels=1, n_classes=10, image_size=28)
+    model = models.fashion_cnn()
     path = CACHE / f"fashion_cnn_e{epochs}.safetensors"
     if path.exists():
         model.load_state_dict(load_file(str(path)))

@@ -159,6 +159,12 @@ class Capture:
                 )
             reduced = reduce(output.detach())
             if reduced is not None:
+                # Checked here, in execution order, so the first layer that went bad is named.
+                if not bool(torch.isfinite(reduced).all()):
+                    raise CaptureError(
+                        f"The activations of layer {name!r} contain NaN or infinite values; "
+                        "check the model and its inputs."
+                    )
                 self._out[name] = reduced.detach().float()
         return hook
 
@@ -178,15 +184,7 @@ class Capture:
                 f"The layer(s) {missing} did not run in the forward pass, so nothing was captured. "
                 "Choose modules that the model's forward() calls."
             )
-        out = {}
-        for name, t in self._out.items():
-            t = t.reshape(t.shape[0], -1) if t.ndim != 2 else t
-            if not bool(torch.isfinite(t).all()):
-                raise CaptureError(
-                    f"The activations of layer {name!r} contain NaN or infinite values; "
-                    "check the model and its inputs."
-                )
-            out[name] = t.cpu()
+        out = {name: t.reshape(t.shape[0], -1).cpu() for name, t in self._out.items()}
         return logits.detach().float().cpu(), out
 
 

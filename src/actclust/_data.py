@@ -43,14 +43,16 @@ class Batches:
                 )
             self._tensor, self._loader = None, data
             self.n_samples = _safe_len(data.dataset)
-        elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        elif isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, str))
+        ):
             self._tensor = None
             self._loader = DataLoader(data, batch_size=batch_size, shuffle=False)
             self.n_samples = len(data)
         else:
             raise DataError(
                 f"{name} must be a NumPy array, a torch Tensor, a Dataset or a DataLoader; "
-                f"got {type(data).__name__}."
+                f"got {type(data).__name__}." + (" Convert it with np.asarray first." if isinstance(data, (list, tuple)) else "")
             )
         if self.n_samples == 0:
             raise DataError(f"{name} is empty: it holds no samples.")

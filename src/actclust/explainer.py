@@ -64,6 +64,8 @@ class ActivationClustering:
     layers_ : list of str
     n_classes_ : int
     n_samples_fit_ : int
+    input_shape_ : tuple
+        Shape of one training input; inputs of another shape are refused.
     clusterings_ : dict of str to Clustering
     posteriors_ : dict of str to ndarray of shape (n_clusters, n_classes)
     weights_ : ndarray of shape (n_layers,), summing to 1
@@ -131,7 +133,7 @@ class ActivationClustering:
         fitted = [l for l, r in reducers.items() if r.needs_fit]
         if fitted:
             self._run(batches, {l: reducers[l].partial_fit for l in fitted}, "fitting reducers",
-                      lambda *_: None)
+                      lambda *args: None)
             for l in fitted:
                 reducers[l].finish_fit()
         t1 = time.perf_counter()
@@ -270,12 +272,14 @@ class ActivationClustering:
         with Capture(self.model, reducers) as cap:
             for x, y in tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False):
                 logits, out = cap.run(x)
-                on_batch(logits, out, None if y is None else y.numpy())
+                on_batch(logits, out, None if y is None else y.numpy(), x)
 
     def _capture_all(self, batches, reducers):
         col, width, has_y = Collector(batches.n_samples), [], []
 
-        def on_batch(logits, out, y):
+        def on_batch(logits, out, y, x):
+            if not width:
+                self.input_shape_ = tuple(x.shape[1:])
             width.append(logits.shape[1])
             col.add("pred", logits.argmax(1).numpy())
             for l, v in out.items():
@@ -294,7 +298,12 @@ class ActivationClustering:
         batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
         col, has_y = Collector(batches.n_samples), []
 
-        def on_batch(logits, out, yb):
+        def on_batch(logits, out, yb, x):
+            if tuple(x.shape[1:]) != tuple(self.input_shape_):
+                raise DataError(
+                    f"Inputs of shape {tuple(x.shape[1:])} differ from the shape {tuple(self.input_shape_)} "
+                    "of the training data the explainer was fitted on."
+                )
             if logits.shape[1] != self.n_classes_:
                 raise DataError(
                     f"The model outputs {logits.shape[1]} classes; it was fitted with {self.n_classes_}."
@@ -364,11 +373,15 @@ class ActivationClustering:
                 "(or actclust.load a saved run) before using this method."
             )
 
-    def save(self, path, *, overwrite: bool = False) -> None:
-        """Save the fitted explainer to directory ``path``; see :func:`actclust.load`."""
+    def save(self, path, *, overwrite: bool = False, metadata: Optional[dict] = None) -> None:
+        """Save the fitted explainer to directory ``path`` atomically; see :func:`actclust.load`.
+
+        An existing run at ``path`` is replaced only with ``overwrite=True``; a directory that
+        holds anything else is never written into. ``metadata`` is kept in the manifest.
+        """
         from .persistence import save
 
-        save(self, path, overwrite=overwrite)
+        save(self, path, overwrite=overwrite, metadata=metadata)
 
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["SmallCNN", "train_classifier", "accuracy"]
+__all__ = ["SmallCNN", "digits_cnn", "fashion_cnn", "train_classifier", "accuracy"]
 
 
 class SmallCNN(nn.Module):
@@ -41,6 +41,16 @@ class SmallCNN(nn.Module):
         x = self.pool2(self.relu2(self.conv2(x)))
         x = self.dropout(self.relu3(self.fc1(self.flatten(x))))
         return self.fc2(x)
+
+
+def digits_cnn() -> SmallCNN:
+    """The demo's CNN for scikit-learn's 8x8 digits (untrained)."""
+    return SmallCNN(in_channels=1, n_classes=10, image_size=8, width=16, hidden=64)
+
+
+def fashion_cnn() -> SmallCNN:
+    """The benchmark's CNN for 28x28 Fashion-MNIST (untrained)."""
+    return SmallCNN(in_channels=1, n_classes=10, image_size=28)
 
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 10,

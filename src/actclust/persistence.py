@@ -55,8 +55,11 @@ def _jsonable(value):
     return value
 
 
-def save(ac, path, *, overwrite: bool = False) -> Path:
-    """Write ``ac`` (fitted) to directory ``path`` atomically; returns the path."""
+def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Write ``ac`` (fitted) to directory ``path`` atomically; returns the path.
+
+    ``metadata`` (JSON-serialisable) is stored as is in the manifest, e.g. how to rebuild the model.
+    """
     from safetensors.numpy import save_file
 
     ac._check_fitted()
@@ -101,12 +104,13 @@ def save(ac, path, *, overwrite: bool = False) -> Path:
         "arrays_file": arrays_name, "arrays_sha256": digest,
         "model_class": f"{type(ac.model).__module__}.{type(ac.model).__qualname__}",
         "model_fingerprint": model_fingerprint(ac.model),
-        "layers": ac.layers_, "n_classes": ac.n_classes_, "n_samples_fit": ac.n_samples_fit_,
+        "layers": ac.layers_, "n_classes": ac.n_classes_, "input_shape": list(ac.input_shape_), "n_samples_fit": ac.n_samples_fit_,
         "reducers": {l: r.spec for l, r in ac.reducers_.items()},
         "clustering": {l: c.name for l, c in ac.clusterings_.items()},
         "n_clusters": {l: c.n_clusters for l, c in ac.clusterings_.items()},
         "params": _jsonable({p: getattr(ac, p) for p in _PARAMS if p != "reducer"}),
         "fit_info": _jsonable(ac.fit_info_),
+        "metadata": _jsonable(metadata or {}),
     }
     tmp_manifest = path / f".manifest-{uuid.uuid4().hex}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
@@ -119,17 +123,8 @@ def save(ac, path, *, overwrite: bool = False) -> Path:
     return path
 
 
-def load(path, model: nn.Module, *, progress: bool = True):
-    """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
-
-    Raises :class:`InvalidSaveError` for a missing, truncated or tampered save, and warns with
-    :class:`ModelMismatchWarning` when ``model``'s parameters differ from the fitted model's.
-    """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    from .explainer import ActivationClustering
-
+def read_manifest(path) -> dict:
+    """The parsed ``manifest.json`` of a saved run (no arrays loaded, nothing executed)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -144,6 +139,23 @@ def load(path, model: nn.Module, *, progress: bool = True):
         raise InvalidSaveError(
             f"{path} has format version {m.get('format_version')!r}; this actclust reads version {FORMAT_VERSION}."
         )
+    return m
+
+
+def load(path, model: nn.Module, *, progress: bool = True):
+    """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
+
+    Raises :class:`InvalidSaveError` for a missing, truncated or tampered save, and warns with
+    :class:`ModelMismatchWarning` when ``model``'s parameters differ from the fitted model's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .explainer import ActivationClustering
+
+    path = Path(path)
+    m = read_manifest(path)
+    manifest_path = path / MANIFEST
     try:
         arrays_name = m["arrays_file"]
         if not isinstance(arrays_name, str) or not _ARRAYS_RE.match(arrays_name):
@@ -179,6 +191,7 @@ def _rebuild(cls, m, arrays, model, progress):
     ac = cls(model, layers, reducer=dict(m["reducers"]), progress=progress, **params)
     n_classes = int(m["n_classes"])
     ac.layers_, ac.n_classes_, ac.n_samples_fit_ = layers, n_classes, int(m["n_samples_fit"])
+    ac.input_shape_ = tuple(int(v) for v in m["input_shape"])
     ac.fit_info_ = m.get("fit_info", {})
     ac.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
     ac.train_predictions_ = arrays["train_predictions"]

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import actclust
+from actclust import ActivationClustering, CaptureError, list_layers
+from actclust._capture import Capture
+from actclust.reduction import make_reducer
+
+from conftest import LAYERS, TinyCNN, hook_count
+
+
+def _capture(model, x, layers, reducer="mean"):
+    with Capture(model, {l: make_reducer(reducer) for l in layers}) as cap:
+        return cap.run(torch.as_tensor(x))
+
+
+# captured activations equal those of a manual forward pass, despite the in-place ReLU after conv
+def test_capture_equals_manual_forward(model, data):
+    x = torch.as_tensor(data[0][:10])
+    logits, out = _capture(model, x, LAYERS)
+    with torch.no_grad():
+        conv = model.conv(x)
+        conv_mean = conv.mean((2, 3))
+        fc1 = model.fc1(model.flat(model.pool(torch.relu(conv))))
+        fc2 = model.fc2(torch.relu(fc1))
+    assert torch.allclose(out["conv"], conv_mean, atol=1e-6)
+    assert (conv_mean < 0).any()  # proves the in-place ReLU did not overwrite what was captured
+    assert torch.allclose(out["fc1"], fc1, atol=1e-6)
+    assert torch.allclose(out["fc2"], fc2, atol=1e-6)
+    assert torch.allclose(logits, fc2, atol=1e-6)
+
+
+# no hook survives a successful pass, nor a model that raises mid-forward
+def test_no_hook_left_after_success_and_after_raise(model, data):
+    _capture(model, data[0][:4], LAYERS)
+    assert hook_count(model) == 0
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model.act = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        _capture(model, data[0][:4], LAYERS)
+    assert hook_count(model) == 0
+
+
+# the train/eval flag of every module is restored after capture
+def test_train_mode_restored(model, data):
+    model.train()
+    model.fc1.eval()
+    _capture(model, data[0][:4], LAYERS)
+    assert model.training and model.conv.training and not model.fc1.training
+
+
+# a module that runs twice in one forward pass is reported, not mixed
+def test_module_run_twice_is_reported(data):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(36, 36)
+            self.out = nn.Linear(36, 3)
+
+        def forward(self, x):
+            return self.out(self.fc(self.fc(x.flatten(1))))
+
+    m = Twice()
+    with pytest.raises(CaptureError, match="'fc' ran more than once"):
+        _capture(m, data[0][:4], ["fc"])
+    assert hook_count(m) == 0
+
+
+# a layer that never runs is an error naming it
+def test_layer_that_never_ran(model, data):
+    with pytest.raises(CaptureError, match=r"\['unused'\] did not run"):
+        _capture(model, data[0][:4], ["fc1", "unused"])
+    assert hook_count(model) == 0
+
+
+# unknown layer: closest valid names and a pointer to list_layers
+def test_unknown_layer_names_closest_and_list_layers(model, data):
+    ac = ActivationClustering(model, ["fc_1"], progress=False)
+    with pytest.raises(ValueError, match=r"Unknown layer 'fc_1'.*Did you mean 'fc1'.*list_layers"):
+        ac.fit(data[0])
+    assert hook_count(model) == 0
+
+
+# outputs that are not (N, n_classes) logits are rejected with the shape seen
+@pytest.mark.parametrize("head, match", [
+    (lambda z: z[:, 0], r"shape \(N, n_classes\).*returned shape \(4,\)"),
+    (lambda z: (z, z), "returned a tuple"),
+    (lambda z: z.argmax(1, keepdim=True).repeat(1, 3), "floating-point logits"),
+])
+def test_non_logit_output(data, head, match):
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN()
+
+        def forward(self, x):
+            return head(self.net(x))
+
+    m = Wrap()
+    with pytest.raises(CaptureError, match=match):
+        _capture(m, data[0][:4], ["net.fc1"])
+    assert hook_count(m) == 0
+
+
+# NaN or infinite activations name the layer
+def test_nan_activations_name_the_layer(model, data):
+    x = data[0][:4].copy()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(CaptureError, match="layer 'conv' contain NaN"):
+        _capture(model, x, ["conv"])
+    assert hook_count(model) == 0
+
+
+# list_layers gives names, and output shapes when given a sample
+def test_list_layers(model, data):
+    names = list_layers(model)
+    assert names[:3] == ["conv", "relu", "pool"] and "unused" in names
+    shapes = list_layers(model, torch.as_tensor(data[0][:5]))
+    assert shapes["conv"] == (5, 4, 6, 6) and shapes["fc2"] == (5, 3) and "unused" not in shapes
+    assert hook_count(model) == 0
+    assert actclust.list_layers is list_layers

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from actclust.reduction import make_reducer, normalized
+
+T = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+
+
+# mean and max pool every axis after the channel axis
+def test_mean_and_max():
+    assert torch.equal(make_reducer("mean")(T), T.mean((2, 3)))
+    assert torch.equal(make_reducer("max")(T), T.amax((2, 3)))
+
+
+# grid:g average-pools to g x g and flattens channel-major
+def test_grid():
+    out = make_reducer("grid:2")(T)
+    assert out.shape == (2, 3 * 4)
+    assert out[0, 0] == T[0, 0, :2, :2].mean()
+    assert make_reducer("grid")(T).shape == (2, 12)
+
+
+# dense (N, F) outputs pass through every pooling reducer unchanged
+@pytest.mark.parametrize("spec", ["mean", "max", "grid:3"])
+def test_dense_passes_through(spec):
+    x = torch.randn(5, 7)
+    assert make_reducer(spec)(x) is x
+
+
+# random:d is a fixed projection: same seed, same result; shape (N, d)
+def test_random_projection_is_seeded():
+    a, b = make_reducer("random:5", random_state=1), make_reducer("random:5", random_state=1)
+    assert a(T).shape == (2, 5) and torch.equal(a(T), b(T))
+
+
+# pca:d fitted in a streaming way matches a batch PCA of the flattened maps (up to sign)
+def test_streaming_pca_matches_batch_pca():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((600, 2, 3, 3)).astype(np.float32) * np.geomspace(1, 60, 18, dtype=np.float32).reshape(1, 2, 3, 3))
+    r = make_reducer("pca:3")
+    for batch in x.split(100):
+        r.partial_fit(batch)
+    r.finish_fit()
+    ours = r(x).numpy()
+    ref = PCA(3).fit_transform(x.flatten(1).numpy())
+    for j in range(3):
+        assert abs(np.corrcoef(ours[:, j], ref[:, j])[0, 1]) > 0.99
+
+
+# pca:d with fewer samples than d says how many it needs
+def test_pca_too_few_samples():
+    r = make_reducer("pca:8")
+    r.partial_fit(torch.randn(3, 20))
+    with pytest.raises(ValueError, match="needs at least 8 samples"):
+        r.finish_fit()
+
+
+# l2 normalisation gives unit vectors and leaves zero vectors at zero
+def test_l2_normalized():
+    f = normalized(make_reducer("mean"), "l2")
+    out = f(torch.cat([T, torch.zeros(1, 3, 4, 4)]))
+    assert torch.allclose(out[:2].norm(dim=1), torch.ones(2)) and torch.equal(out[2], torch.zeros(3))
+
+
+# unknown or malformed reducer names get the parameter, the choices and the value
+@pytest.mark.parametrize("spec, match", [
+    ("avg", r"'reducer' parameter of ActivationClustering must be one of .*Got 'avg' instead"),
+    ("mean:3", "takes no argument"),
+    ("pca", "needs a dimension"),
+    ("grid:0", "positive integer"),
+])
+def test_bad_reducer_names(spec, match):
+    with pytest.raises(ValueError, match=match):
+        make_reducer(spec)
+
+
+# grid on a map that is neither 3-D nor 4-D says which reducers fit
+def test_grid_on_5d_map():
+    with pytest.raises(ValueError, match="needs maps of shape"):
+        make_reducer("grid:2")(torch.randn(2, 3, 2, 2, 2))
