@@ -25,7 +25,7 @@ def list_layers(model: nn.Module, sample: Optional[torch.Tensor] = None):
     Parameters
     ----------
     model : torch.nn.Module
-    sample : torch.Tensor, optional
+    sample : torch.Tensor or ndarray, optional
         A batch of inputs. When given, one forward pass is run and the result maps each name
         to its output shape (with the batch axis), for the modules that ran.
 
@@ -47,7 +47,7 @@ def list_layers(model: nn.Module, sample: Optional[torch.Tensor] = None):
     modules = dict(model.named_modules())
     with _hooks_on(model, {n: record(n) for n in names}, modules):
         with torch.no_grad():
-            model(sample.to(_model_device(model)))
+            model(torch.as_tensor(sample).to(_model_device(model)))
     return {n: shapes[n] for n in names if n in shapes}
 
 

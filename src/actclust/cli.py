@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits, fit and score the surrogate")
-    d.add_argument("--out", default="actclust-demo", help="directory of the saved run (default: %(default)s)")
+    d.add_argument("--out", default="actclust-demo",
+                   help="directory of the saved run (default: %(default)s, replaced on each demo run)")
     d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--n-clusters", type=int, default=15)
     _common(d)
@@ -231,5 +231,4 @@ def format_scores(scores: dict, ac, title: str = "on the test data") -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    with warnings.catch_warnings():
-        sys.exit(main())
+    sys.exit(main())

@@ -12,6 +12,8 @@ import numpy as np
 
 __all__ = ["Clustering", "KMeans", "make_clustering", "CLUSTERING_NAMES"]
 
+_CHUNK = 8192
+
 
 class Clustering:
     """Interface of a clustering method; subclasses set ``centers_`` in ``fit``.
@@ -34,8 +36,13 @@ class Clustering:
         """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre."""
         X = np.asarray(X, dtype=np.float32)
         c = self.centers_
-        d = (X * X).sum(1, keepdims=True) - 2.0 * (X @ c.T) + (c * c).sum(1)[None, :]
-        return np.maximum(d, 0.0, out=d)
+        c_sq = (c * c).sum(1)[None, :]
+        out = np.empty((len(X), len(c)), dtype=np.float32)
+        for start in range(0, len(X), _CHUNK):  # temporaries stay O(chunk x d), not O(n x d)
+            x = X[start:start + _CHUNK]
+            d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
+            out[start:start + _CHUNK] = np.maximum(d, 0.0)
+        return out
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Index of the nearest centre of each vector."""
