@@ -24,7 +24,6 @@ def test_demo_then_score(tmp_path, capsys):
 
 # fit takes a user model by import path, weights, and an .npz; exit code 0, run saved
 def test_fit_user_model_npz(tmp_path, capsys):
-    import torch
     from safetensors.torch import save_file
 
     from conftest import TinyCNN

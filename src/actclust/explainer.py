@@ -7,7 +7,6 @@ import time
 from typing import Mapping, Optional
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .clustering import make_clustering
 from .exceptions import InvalidSaveError, ModelMismatchWarning
-from .reduction import Reducer, make_reducer
+from .reduction import make_reducer
 
 __all__ = ["load", "model_fingerprint", "FORMAT_VERSION"]
 
