@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from ._capture import list_layers
 from .clustering import Clustering, KMeans
-from .exceptions import (ActClustError, CaptureError, InvalidSaveError, ModelMismatchWarning,
+from .exceptions import (ActClustError, CaptureError, DataError, InvalidSaveError, ModelMismatchWarning,
                          NotFittedError)
 from .explainer import ActivationClustering
 from .persistence import load, model_fingerprint
@@ -16,6 +16,6 @@ from .reduction import Reducer, make_reducer
 __all__ = [
     "ActivationClustering", "list_layers", "load", "model_fingerprint",
     "Clustering", "KMeans", "Reducer", "make_reducer",
-    "ActClustError", "CaptureError", "InvalidSaveError", "ModelMismatchWarning", "NotFittedError",
+    "ActClustError", "CaptureError", "DataError", "InvalidSaveError", "ModelMismatchWarning", "NotFittedError",
     "__version__",
 ]

@@ -14,11 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .exceptions import ActClustError
-
-
-class DataError(ActClustError, ValueError):
-    """Data passed to actclust cannot be used."""
+from .exceptions import DataError
 
 
 class Batches:

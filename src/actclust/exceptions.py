@@ -10,6 +10,7 @@ __all__ = [
     "ActClustError",
     "NotFittedError",
     "CaptureError",
+    "DataError",
     "InvalidSaveError",
     "ModelMismatchWarning",
 ]
@@ -25,6 +26,10 @@ class NotFittedError(ActClustError, ValueError, AttributeError):
 
 class CaptureError(ActClustError, RuntimeError):
     """The model did something during capture that makes its activations unusable."""
+
+
+class DataError(ActClustError, ValueError):
+    """Data passed to actclust cannot be used (wrong type, empty, misaligned labels, other shape)."""
 
 
 class InvalidSaveError(ActClustError, ValueError):
