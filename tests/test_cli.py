@@ -37,6 +37,10 @@ def test_fit_user_model_npz(tmp_path, capsys):
     assert code == 0 and (tmp_path / "run" / "manifest.json").exists()
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
+    # a second fit into the same --out stops before fitting, keeping the run
+    again = ["fit", "conftest:TinyCNN", "--data", str(tmp_path / "d.npz"), "--layers", "conv", "--out", str(tmp_path / "run")]
+    assert main(again) == 2 and "pass overwrite=True" in capsys.readouterr().err
+    assert (tmp_path / "run" / "manifest.json").exists()
 
 
 # bad input exits with 2 and one clear line on stderr
@@ -46,6 +50,8 @@ def test_fit_user_model_npz(tmp_path, capsys):
     (["fit", "conftest:TinyCNN", "--data", "mnist", "--layers", "fc1", "--out", "x"], "--data must be one of"),
     (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc_1", "--out", "x"], "Did you mean 'fc1'"),
     (["score", "/nonexistent/run", "--data", "digits"], "No saved run"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--layer-weights", "a,b", "--out", "x"],
+     "--layer-weights must be 'fit' or comma-separated numbers"),
 ])
 def test_bad_input_exit_code(argv, match, capsys):
     assert main(argv) == 2

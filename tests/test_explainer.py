@@ -32,6 +32,13 @@ def test_fit_predict_score(model, data):
     assert hook_count(model) == 0
 
 
+# the in-sample scores kept by fit equal scoring the training data again (hard assignment)
+def test_train_score_matches_rescoring(model, data):
+    x, y = data
+    ac = _ac(model, layer_weights=[1, 2, 3]).fit(x, y)
+    assert ac.train_score_ == ac.score(x, y)
+
+
 # the combined prediction is the weighted layer mix divided by the sum of the weights
 def test_combination_uses_sum_of_weights(model, data):
     x = data[0]

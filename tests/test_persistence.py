@@ -29,6 +29,7 @@ def test_round_trip(fitted, model, data, tmp_path):
         loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert np.array_equal(loaded.predict_proba(data[0]), fitted.predict_proba(data[0]))
     assert np.array_equal(loaded.weights_, fitted.weights_)
+    assert loaded.train_score_ == fitted.train_score_
     assert loaded.layer_weights == "fit" and loaded.reducers_["conv"].spec == "pca:3"
     for l in LAYERS:
         assert np.array_equal(loaded.train_vectors_[l], fitted.train_vectors_[l])

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2  # an unexpected error leaves Python's own exit status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+DEMO_OUT = "actclust-demo"
 
 
 def main(argv=None) -> int:
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits, fit and score the surrogate")
-    d.add_argument("--out", default="actclust-demo",
+    d.add_argument("--out", default=DEMO_OUT,
                    help="directory of the saved run (default: %(default)s, replaced on each demo run)")
     d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--n-clusters", type=int, default=15)
@@ -93,7 +94,12 @@ def _demo(args) -> int:
     from . import ActivationClustering
     from .datasets import load_digits
     from .models import accuracy, digits_cnn, train_classifier
+    from .persistence import check_writable
 
+    out = Path(args.out)
+    # The default folder belongs to the demo: each demo run replaces it, and says so.
+    overwrite = args.overwrite or args.out == DEMO_OUT
+    check_writable(out, overwrite)  # before training, not after
     torch.manual_seed(0)
     x_tr, y_tr, x_te, y_te = load_digits()
     t0 = time.perf_counter()
@@ -105,27 +111,32 @@ def _demo(args) -> int:
     ac.fit(x_tr, y_tr)
     _say(args, f"fitted the surrogate over {', '.join(DEMO_LAYERS)} in {time.perf_counter() - t0:.1f} s")
     print(format_scores(ac.score(x_te, y_te), ac))
-    out = Path(args.out)
-    overwrite = args.overwrite or out.name == "actclust-demo"
+    if overwrite and (out / "manifest.json").exists():
+        _say(args, f"replacing the previous run in {out}/")
     _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model)
     return EXIT_OK
 
 
 def _fit(args) -> int:
     from . import ActivationClustering
+    from .persistence import check_writable
 
-    model = _build_model(args.model, args.weights)
-    x, y = _load_data(args.data, "train")
     weights = args.layer_weights
     if weights is not None and weights != "fit":
-        weights = [float(v) for v in weights.split(",")]
+        try:
+            weights = [float(v) for v in weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--layer-weights must be 'fit' or comma-separated numbers; got {weights!r}.") from None
+    check_writable(args.out, args.overwrite)  # fail before the long fit, not after it
+    model = _build_model(args.model, args.weights)
+    x, y = _load_data(args.data, "train")
     ac = ActivationClustering(
         model, [l.strip() for l in args.layers.split(",") if l.strip()], n_clusters=args.n_clusters,
         reducer=args.reducer, posterior=args.posterior, layer_weights=weights, batch_size=args.batch_size,
         progress=not args.quiet,
     )
     ac.fit(x, y)
-    print(format_scores(ac.score(x, y), ac, title="on the training data"))
+    print(format_scores(ac.train_score_, ac, title="on the training data (in-sample)"))
     weights_path = str(Path(args.weights).resolve()) if args.weights else None
     _save(ac, Path(args.out), args.overwrite, {"model": args.model, "weights": weights_path}, None)
     return EXIT_OK

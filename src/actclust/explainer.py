@@ -71,6 +71,8 @@ class ActivationClustering:
     train_vectors_ : dict of str to ndarray of shape (n_samples, d)
     train_predictions_ : ndarray of shape (n_samples,)
     train_labels_ : ndarray of shape (n_samples,) or None
+    train_score_ : dict
+        :meth:`score` on the training data (in-sample), computed during ``fit`` at no extra pass.
     fit_info_ : dict
         Timings of the fit stages and the sizes of empty clusters.
 
@@ -164,6 +166,9 @@ class ActivationClustering:
         weights = self._fit_weights(layers, assign, targets, n_classes)
         posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
         t4 = time.perf_counter()
+        # In-sample scores from the assignments already at hand: no second pass over the data.
+        self.train_score_ = _scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
+                                    labels, weights, layers)
 
         self.layers_ = layers
         self.n_classes_ = n_classes
@@ -354,16 +359,7 @@ class ActivationClustering:
             "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
         """
         dnn, probas, _, labels = self._surrogate_pass(X, y)
-        combined = surrogate.combine(probas, self.weights_).argmax(1)
-
-        def rates(pred):
-            return {"fidelity": float((pred == dnn).mean()),
-                    "accuracy": None if labels is None else float((pred == labels).mean())}
-
-        result = {"n": int(len(dnn)), **rates(combined),
-                  "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
-        result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(self.layers_)}
-        return result
+        return _scores(dnn, probas, labels, self.weights_, self.layers_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "posteriors_"):
@@ -385,3 +381,15 @@ class ActivationClustering:
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
+
+
+def _scores(dnn, probas, labels, weights, layers) -> dict:
+    """Fidelity and accuracy, combined and per layer, from layer distributions ``(L, n, C)``."""
+    def rates(pred):
+        return {"fidelity": float((pred == dnn).mean()),
+                "accuracy": None if labels is None else float((pred == labels).mean())}
+
+    result = {"n": int(len(dnn)), **rates(surrogate.combine(probas, weights).argmax(1)),
+              "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
+    result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(layers)}
+    return result

@@ -55,14 +55,8 @@ def _jsonable(value):
     return value
 
 
-def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
-    """Write ``ac`` (fitted) to directory ``path`` atomically; returns the path.
-
-    ``metadata`` (JSON-serialisable) is stored as is in the manifest, e.g. how to rebuild the model.
-    """
-    from safetensors.numpy import save_file
-
-    ac._check_fitted()
+def check_writable(path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` unless a run may be saved at ``path`` (callers check before long work)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"Cannot save to {path}: it is a file, not a directory.")
@@ -73,6 +67,18 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
             )
         if not overwrite:
             raise FileExistsError(f"A saved run already exists at {path}; pass overwrite=True to replace it.")
+
+
+def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Write ``ac`` (fitted) to directory ``path`` atomically; returns the path.
+
+    ``metadata`` (JSON-serialisable) is stored as is in the manifest, e.g. how to rebuild the model.
+    """
+    from safetensors.numpy import save_file
+
+    ac._check_fitted()
+    path = Path(path)
+    check_writable(path, overwrite)
     for layer, r in ac.reducers_.items():
         if type(r).__module__ != "actclust.reduction":
             raise ValueError(f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
@@ -110,6 +116,7 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
         "n_clusters": {l: c.n_clusters for l, c in ac.clusterings_.items()},
         "params": _jsonable({p: getattr(ac, p) for p in _PARAMS if p != "reducer"}),
         "fit_info": _jsonable(ac.fit_info_),
+        "train_score": _jsonable(ac.train_score_),
         "metadata": _jsonable(metadata or {}),
     }
     tmp_manifest = path / f".manifest-{uuid.uuid4().hex}.tmp"
@@ -193,6 +200,7 @@ def _rebuild(cls, m, arrays, model, progress):
     ac.layers_, ac.n_classes_, ac.n_samples_fit_ = layers, n_classes, int(m["n_samples_fit"])
     ac.input_shape_ = tuple(int(v) for v in m["input_shape"])
     ac.fit_info_ = m.get("fit_info", {})
+    ac.train_score_ = m.get("train_score")
     ac.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
     ac.train_predictions_ = arrays["train_predictions"]
     ac.train_labels_ = arrays.get("train_labels")
