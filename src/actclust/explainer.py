@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import time
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
@@ -296,8 +297,12 @@ class ActivationClustering:
         labels = col.get("y") if all(has_y) else None
         return col.get("pred"), {l: col.get(l) for l in reducers}, labels, width[0]
 
-    def _surrogate_pass(self, X, y=None):
-        """One pass over X: DNN predictions, per-layer distributions ``(L, n, C)``, paths, labels."""
+    def _query(self, X, y=None, *, keep_vectors: bool = False) -> "_Query":
+        """One pass over X: the DNN's outputs and, per layer, distances to the centres.
+
+        ``keep_vectors`` also keeps each layer's reduced vectors ``(n, d)`` (for similar-sample
+        search and trust signals); the per-sample cost is then ``sum(d)`` floats.
+        """
         self._check_fitted()
         batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
         col, has_y = Collector(batches.n_samples), []
@@ -312,34 +317,42 @@ class ActivationClustering:
                 raise DataError(
                     f"The model outputs {logits.shape[1]} classes; it was fitted with {self.n_classes_}."
                 )
-            col.add("pred", logits.argmax(1).numpy())
-            lp, pa = [], []
+            col.add("dnn_pred", logits.argmax(1).numpy())
+            col.add("dnn_proba", logits.float().softmax(1).numpy())
             for l in self.layers_:
                 v, c = out[l].numpy(), self.clusterings_[l]
-                if v.shape[1] != c.centers_.shape[1]:
+                if v.shape[1] != self.train_vectors_[l].shape[1]:
                     raise DataError(
                         f"Layer {l!r} gives {v.shape[1]} values per sample on this data but "
-                        f"{c.centers_.shape[1]} on the training data: the inputs differ in shape "
+                        f"{self.train_vectors_[l].shape[1]} on the training data: the inputs differ in shape "
                         "from those the explainer was fitted on."
                     )
-                d = c.distances(v)
-                lp.append(c.soft_assign_from_distances(d, self.temperature) @ self.posteriors_[l])
-                pa.append(d.argmin(1))
-            col.add("proba", np.stack(lp), axis=1)
-            col.add("path", np.stack(pa, 1))
+                col.add(("distances", l), c.distances(v))
+                if keep_vectors:
+                    col.add(("vectors", l), v)
             has_y.append(yb is not None)
             if yb is not None:
                 col.add("y", yb)
 
         self._run(batches, self._hooked(self.reducers_), "explaining", on_batch)
-        labels = col.get("y") if all(has_y) else None
-        return col.get("pred"), col.get("proba"), col.get("path"), labels
+        return _Query(
+            dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),
+            distances={l: col.get(("distances", l)) for l in self.layers_},
+            vectors={l: col.get(("vectors", l)) for l in self.layers_} if keep_vectors else None,
+            labels=col.get("y") if all(has_y) else None,
+        )
+
+    def _layer_probas(self, q: "_Query") -> np.ndarray:
+        """Per-layer class distributions ``(L, n, C)`` of the queried inputs."""
+        return np.stack([
+            self.clusterings_[l].soft_assign_from_distances(q.distances[l], self.temperature) @ self.posteriors_[l]
+            for l in self.layers_
+        ])
 
     # ------------------------------------------------------------------ public results
     def predict_proba(self, X) -> np.ndarray:
         """Surrogate class probabilities ``(n, n_classes)``; rows sum to 1."""
-        _, probas, _, _ = self._surrogate_pass(X)
-        return surrogate.combine(probas, self.weights_)
+        return surrogate.combine(self._layer_probas(self._query(X)), self.weights_)
 
     def predict(self, X) -> np.ndarray:
         """Surrogate class predictions ``(n,)``."""
@@ -347,7 +360,7 @@ class ActivationClustering:
 
     def cluster_paths(self, X) -> np.ndarray:
         """Cluster id ``(n, n_layers)`` of each input at each layer (nearest centre)."""
-        return self._surrogate_pass(X)[2]
+        return self._query(X).paths
 
     def score(self, X, y=None) -> dict:
         """Fidelity (agreement with the DNN) and, with labels, accuracy; combined and per layer.
@@ -358,8 +371,8 @@ class ActivationClustering:
             ``{"n": int, "fidelity": float, "accuracy": float or None, "dnn_accuracy": float or None,
             "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
         """
-        dnn, probas, _, labels = self._surrogate_pass(X, y)
-        return _scores(dnn, probas, labels, self.weights_, self.layers_)
+        q = self._query(X, y)
+        return _scores(q.dnn_pred, self._layer_probas(q), q.labels, self.weights_, self.layers_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "posteriors_"):
@@ -367,6 +380,12 @@ class ActivationClustering:
                 "This ActivationClustering is not fitted yet. Call 'fit' with training data "
                 "(or actclust.load a saved run) before using this method."
             )
+
+    def trust(self, X) -> dict:
+        """Per-input trust signals; see :func:`actclust.trust.trust_signals`."""
+        from .trust import trust_signals
+
+        return trust_signals(self, X)
 
     def save(self, path, *, overwrite: bool = False, metadata: Optional[dict] = None) -> None:
         """Save the fitted explainer to directory ``path`` atomically; see :func:`actclust.load`.
@@ -381,6 +400,22 @@ class ActivationClustering:
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
+
+
+@dataclass
+class _Query:
+    """What one pass over some inputs gives: the DNN's probabilities and per-layer distances."""
+
+    dnn_pred: np.ndarray  # (n,)
+    dnn_proba: np.ndarray  # (n, C) softmax of the logits
+    distances: dict  # layer -> (n, n_clusters) squared distances to the centres
+    vectors: Optional[dict]  # layer -> (n, d) reduced vectors, when asked for
+    labels: Optional[np.ndarray]
+
+    @property
+    def paths(self) -> np.ndarray:
+        """Nearest cluster ``(n, L)`` of each input at each layer."""
+        return np.stack([d.argmin(1) for d in self.distances.values()], 1)
 
 
 def _scores(dnn, probas, labels, weights, layers) -> dict:
