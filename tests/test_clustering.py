@@ -40,5 +40,5 @@ def test_empty_clusters_are_counted():
 
 # an unknown clustering name gets the allowed names
 def test_unknown_clustering():
-    with pytest.raises(ValueError, match=r"'clustering' parameter .* one of \['kmeans'\]. Got 'dec'"):
+    with pytest.raises(ValueError, match=r"'clustering' parameter .* one of \['kmeans', 'idec', 'distill'\]. Got 'dec'"):
         make_clustering("dec", 3)

@@ -168,3 +168,24 @@ def test_cuda_model(model, data):
     m = model.cuda()
     ac = _ac(m).fit(data[0])
     assert ac.predict_proba(data[0]).shape == (120, 3)
+
+
+# clustering="distill" refines k-means toward the DNN: fidelity not lower, learned temperatures
+# used everywhere, weights sum to 1, and a saved run predicts identically after loading
+@pytest.mark.parametrize("layer_weights", [None, "fit"])
+def test_distill_end_to_end(model, data, tmp_path, layer_weights):
+    import actclust
+
+    x, y = data
+    base = _ac(model, layer_weights=layer_weights).fit(x, y)
+    ac = _ac(model, clustering="distill", layer_weights=layer_weights).fit(x, y)
+    assert ac.score(x)["fidelity"] >= base.score(x)["fidelity"]
+    assert np.isclose(ac.weights_.sum(), 1)
+    if layer_weights is None:
+        assert np.allclose(ac.weights_, 1 / 3)
+    temps = ac.fit_info_["distill"]["temperatures"]
+    assert set(temps) == set(LAYERS) and all(t >= 0 for t in temps.values())
+    assert ac.train_score_ == ac.score(x, y)  # in-sample scores used the learned soft assignment
+    ac.save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert np.allclose(loaded.predict_proba(x), ac.predict_proba(x), atol=1e-6)

@@ -131,13 +131,28 @@ class KMeans(Clustering):
 
 _SEED_SAMPLE = 20_000  # k-means++ seeding is O(n k d log k); a sample seeds as well.
 _POINTS_PER_CENTRE = 1024
-CLUSTERING_NAMES = ("kmeans",)
+CLUSTERING_NAMES = ("kmeans", "idec", "distill")
 
 
 def make_clustering(name, n_clusters: int, random_state: int = 0) -> Clustering:
-    """Build a fresh clustering method by name."""
+    """Build a fresh clustering method by name.
+
+    ``"idec"`` is the paper's deep embedded clustering (:class:`actclust._idec.IDEC`).
+    ``"distill"`` returns a :class:`actclust._distill.DistillKMeans`: per layer it fits plain
+    k-means; the refinement toward the DNN's predictions is a joint step over all layers
+    (:func:`actclust._distill.refine`, run by the explainer), whose centres and temperature
+    it then holds and saves.
+    """
     if name == "kmeans":
         return KMeans(n_clusters, random_state=random_state)
+    if name == "idec":
+        from ._idec import IDEC
+
+        return IDEC(n_clusters, random_state=random_state)
+    if name == "distill":
+        from ._distill import DistillKMeans
+
+        return DistillKMeans(n_clusters, random_state=random_state)
     raise ValueError(
         f"The 'clustering' parameter of ActivationClustering must be one of "
         f"{list(CLUSTERING_NAMES)}. Got {name!r} instead."

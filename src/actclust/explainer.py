@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -12,15 +11,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import surrogate
-from ._capture import Capture, resolve_layers
+from ._capture import Capture
+from ._params import per_layer, validate_params
 from ._data import Batches, Collector, DataError
 from .clustering import make_clustering
 from .exceptions import NotFittedError
-from .reduction import NORMALIZE_NAMES, make_reducer, normalized
+from .reduction import make_reducer, normalized
 
 __all__ = ["ActivationClustering"]
-
-_POSTERIORS = ("prediction", "label")
 
 
 class ActivationClustering:
@@ -48,10 +46,16 @@ class ActivationClustering:
         ``validation_fraction`` of the training data to maximise agreement with the DNN.
     temperature : float, default=0.0
         Soft-assignment temperature, relative to each layer's mean squared distance to the
-        nearest centre; ``0`` is hard assignment.
+        nearest centre; ``0`` is hard assignment. Unused by ``clustering="distill"``, which
+        learns one temperature per layer.
     smoothing : float, default=1.0
         Pseudo-count pulling each cluster's class mix toward the overall class mix.
-    clustering : str, default="kmeans"
+    clustering : {"kmeans", "distill", "idec"}, default="kmeans"
+        ``"kmeans"``: k-means per layer. ``"distill"``: k-means, then centres, per-layer
+        temperatures and (with ``layer_weights="fit"``) layer weights refined jointly by gradient
+        descent so the surrogate matches the DNN's predicted distribution, with a k-means term
+        that keeps clusters compact (:mod:`actclust._distill`). ``"idec"``: the paper's deep
+        embedded clustering (:mod:`actclust._idec`).
     validation_fraction : float, default=0.2
         Share of the training data held out to learn ``layer_weights="fit"``.
     batch_size : int, default=256
@@ -118,11 +122,13 @@ class ActivationClustering:
         y : array-like of int, optional
             True labels; required for ``posterior="label"`` unless ``X`` yields them.
         """
-        self._validate_params()
+        validate_params(self)
+        for cache in [key for key in vars(self) if key.endswith("_cache")]:
+            del self.__dict__[cache]  # results derived from an earlier fit
         layers = list(self.layers)
-        n_clusters = self._per_layer(self.n_clusters, "n_clusters", layers)
+        n_clusters = per_layer(self.n_clusters, "n_clusters", layers)
         reducers = {l: make_reducer(s, self.random_state) for l, s in
-                    self._per_layer(self.reducer, "reducer", layers).items()}
+                    per_layer(self.reducer, "reducer", layers).items()}
         batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
         for name, k in n_clusters.items():
             if batches.n_samples is not None and k > batches.n_samples:
@@ -139,7 +145,7 @@ class ActivationClustering:
             for l in fitted:
                 reducers[l].finish_fit()
         t1 = time.perf_counter()
-        logits_pred, vectors, labels, n_classes = self._capture_all(batches, self._hooked(reducers))
+        logits_pred, dnn_proba, vectors, labels, n_classes = self._capture_all(batches, self._hooked(reducers))
         t2 = time.perf_counter()
         n = len(logits_pred)
         too_many = {l: k for l, k in n_clusters.items() if k > n}
@@ -159,12 +165,12 @@ class ActivationClustering:
             )
         targets = labels if self.posterior == "label" else logits_pred
 
-        clusterings, assign = {}, {}
-        for l in layers:
-            clusterings[l] = make_clustering(self.clustering, n_clusters[l], self.random_state).fit(vectors[l])
-            assign[l] = clusterings[l].soft_assign(vectors[l], self.temperature)
+        clusterings = {l: make_clustering(self.clustering, n_clusters[l], self.random_state).fit(vectors[l])
+                       for l in layers}
+        refined = self._refine(layers, vectors, clusterings, dnn_proba, targets) if self.clustering == "distill" else None
+        assign = {l: clusterings[l].soft_assign(vectors[l], self._temperature(clusterings[l])) for l in layers}
         t3 = time.perf_counter()
-        weights = self._fit_weights(layers, assign, targets, n_classes)
+        weights = refined.weights if refined is not None else self._fit_weights(layers, assign, targets, n_classes)
         posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
         t4 = time.perf_counter()
         # In-sample scores from the assignments already at hand: no second pass over the data.
@@ -186,8 +192,28 @@ class ActivationClustering:
             seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
             empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
         )
+        if refined is not None:
+            info["distill"] = {"loss_history": refined.loss_history, "spread_ratio": refined.spread_ratio,
+                               "converged": refined.converged, "seconds": refined.seconds,
+                               "temperatures": {l: clusterings[l].temperature_ for l in layers}}
         self.fit_info_ = info
         return self
+
+    def _refine(self, layers, vectors, clusterings, dnn_proba, targets):
+        """``clustering="distill"``: refine centres, temperatures (and weights) toward the DNN."""
+        from ._distill import refine
+
+        learn = self.layer_weights == "fit"
+        fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
+        result = refine(vectors, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
+                        smoothing=self.smoothing, targets=targets, random_state=self.random_state)
+        for l in layers:
+            clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
+        return result
+
+    def _temperature(self, clustering) -> float:
+        """A refined clustering carries its own learned temperature; others use the parameter."""
+        return getattr(clustering, "temperature_", self.temperature)
 
     def _fit_weights(self, layers, assign, targets, n_classes) -> np.ndarray:
         lw = self.layer_weights
@@ -209,67 +235,6 @@ class ActivationClustering:
     def _hooked(self, reducers) -> dict:
         return {l: normalized(r, self.normalize) for l, r in reducers.items()}
 
-    def _validate_params(self) -> None:
-        resolve_layers(self.model, self.layers)
-        if self.normalize not in NORMALIZE_NAMES:
-            raise ValueError(
-                f"The 'normalize' parameter of ActivationClustering must be one of {list(NORMALIZE_NAMES)}. "
-                f"Got {self.normalize!r} instead."
-            )
-        if self.posterior not in _POSTERIORS:
-            raise ValueError(
-                f"The 'posterior' parameter of ActivationClustering must be one of {list(_POSTERIORS)}. "
-                f"Got {self.posterior!r} instead."
-            )
-        for name, value in self._per_layer(self.n_clusters, "n_clusters", list(self.layers)).items():
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 2:
-                raise ValueError(
-                    f"The 'n_clusters' parameter of ActivationClustering must be an int >= 2 "
-                    f"(or a dict of them); got {value!r} for layer {name!r}."
-                )
-        lw = self.layer_weights
-        if isinstance(lw, str):
-            if lw != "fit":
-                raise ValueError(
-                    "The 'layer_weights' parameter of ActivationClustering must be None, 'fit', a list "
-                    f"or a dict of non-negative numbers. Got {lw!r} instead."
-                )
-            if not 0 < self.validation_fraction < 1:
-                raise ValueError(
-                    "The 'validation_fraction' parameter of ActivationClustering must be in (0, 1). "
-                    f"Got {self.validation_fraction!r} instead."
-                )
-        elif lw is not None:
-            values = (self._per_layer(lw, "layer_weights", list(self.layers)).values()
-                      if isinstance(lw, Mapping) else list(lw))
-            w = np.asarray(list(values), dtype=np.float64)
-            if w.shape != (len(self.layers),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(
-                    f"The 'layer_weights' parameter of ActivationClustering must give one non-negative "
-                    f"number per layer ({len(self.layers)}), not all zero. Got {lw!r} instead."
-                )
-        for pname, ok in (("temperature", self.temperature >= 0), ("smoothing", self.smoothing >= 0)):
-            if not ok:
-                raise ValueError(f"The '{pname}' parameter of ActivationClustering must be >= 0. "
-                                 f"Got {getattr(self, pname)!r} instead.")
-        if not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1:
-            raise ValueError(f"The 'batch_size' parameter of ActivationClustering must be a positive int. "
-                             f"Got {self.batch_size!r} instead.")
-        make_clustering(self.clustering, 2)
-
-    @staticmethod
-    def _per_layer(value, pname: str, layers: list) -> dict:
-        if not isinstance(value, Mapping):
-            return {l: value for l in layers}
-        missing = [l for l in layers if l not in value]
-        extra = [k for k in value if k not in layers]
-        if missing or extra:
-            raise ValueError(
-                f"The '{pname}' dict must have exactly one entry per layer; missing {missing}, "
-                f"unknown {extra}."
-            )
-        return dict(value)
-
     # ------------------------------------------------------------------ passes
     def _run(self, batches: Batches, reducers, desc: str, on_batch) -> None:
         """Call ``on_batch(logits, reduced, y)`` per batch, hooks on only for this pass."""
@@ -287,6 +252,7 @@ class ActivationClustering:
                 self.input_shape_ = tuple(x.shape[1:])
             width.append(logits.shape[1])
             col.add("pred", logits.argmax(1).numpy())
+            col.add("proba", logits.float().softmax(1).numpy())
             for l, v in out.items():
                 col.add(l, v.numpy())
             has_y.append(y is not None)
@@ -295,7 +261,7 @@ class ActivationClustering:
 
         self._run(batches, reducers, "capturing activations", on_batch)
         labels = col.get("y") if all(has_y) else None
-        return col.get("pred"), {l: col.get(l) for l in reducers}, labels, width[0]
+        return col.get("pred"), col.get("proba"), {l: col.get(l) for l in reducers}, labels, width[0]
 
     def _query(self, X, y=None, *, keep_vectors: bool = False) -> "_Query":
         """One pass over X: the DNN's outputs and, per layer, distances to the centres.
@@ -345,7 +311,8 @@ class ActivationClustering:
     def _layer_probas(self, q: "_Query") -> np.ndarray:
         """Per-layer class distributions ``(L, n, C)`` of the queried inputs."""
         return np.stack([
-            self.clusterings_[l].soft_assign_from_distances(q.distances[l], self.temperature) @ self.posteriors_[l]
+            self.clusterings_[l].soft_assign_from_distances(q.distances[l], self._temperature(self.clusterings_[l]))
+            @ self.posteriors_[l]
             for l in self.layers_
         ])
 
@@ -380,6 +347,53 @@ class ActivationClustering:
                 "This ActivationClustering is not fitted yet. Call 'fit' with training data "
                 "(or actclust.load a saved run) before using this method."
             )
+
+    def similar(self, X, k: int = 10, weights="equal"):
+        """The ``k`` training samples most similar to each input, by exact search over all layers.
+
+        Parameters
+        ----------
+        X : ndarray, Tensor, Dataset or DataLoader
+        k : int, default=10
+        weights : {"equal", "low", "high"}, list or dict, default="equal"
+            Per-layer weights of the distance; ``"low"`` favours early layers (looks alike),
+            ``"high"`` late ones (means alike). Each layer's distances are first divided by the
+            mean squared distance between two training samples in that layer, so layers are
+            comparable; see :mod:`actclust.retrieval` for the exact definitions.
+
+        Returns
+        -------
+        Neighbours
+            ``indices`` (n, k) into the training data, ``distances`` (n, k), ``layer_shares``
+            (n, k, n_layers): each layer's share of each distance.
+        """
+        from .retrieval import similar
+
+        return similar(self, X, k, weights)
+
+    def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
+        """One :class:`~actclust.concepts.Concept` per cluster of ``layer``: its size, class mix,
+        purity, the ``k`` training samples nearest its centre and the ``n_edge`` furthest ones."""
+        from .concepts import concepts
+
+        return concepts(self, layer, k, n_edge)
+
+    def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None) -> list:
+        """One :class:`~actclust.explanation.Explanation` per input of ``X``.
+
+        ``k`` similar training samples are given under "low" and "high" weights, and ``k``
+        exemplars of each cluster on the input's path. ``trust=True`` adds the trust signals
+        (:meth:`trust`); the default ``None`` adds them when the training set is large enough
+        to calibrate them, ``False`` never.
+        """
+        from .explanation import explain
+
+        return explain(self, X, y, k=k, class_names=class_names, trust=trust)
+
+    def _trust_from_query(self, q) -> dict:
+        from .trust import trust_signals
+
+        return trust_signals(self, None, query=q)
 
     def trust(self, X) -> dict:
         """Per-input trust signals; see :func:`actclust.trust.trust_signals`."""
