@@ -41,3 +41,12 @@ def data():
 
 def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def fitted(model, data):
+    """A k-means explainer fitted on ``data`` with labels; 4 clusters per layer."""
+    from actclust import ActivationClustering
+
+    x, y = data
+    return ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(x, y)

@@ -14,6 +14,7 @@ def test_demo_then_score(tmp_path, capsys):
     assert main(["demo", "--quiet", "--out", str(out), "--epochs", "8"]) == 0
     text = capsys.readouterr().out
     assert "combined" in text and "fc2" in text and (out / "manifest.json").exists()
+    assert "wrote the HTML report" in text and (out / "report.html").stat().st_size > 10_000
     assert main(["score", str(out), "--data", "digits", "--json", "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0 <= scores["fidelity"] <= 1 and set(scores["per_layer"]) == {"conv1", "conv2", "fc1", "fc2"}
@@ -37,6 +38,11 @@ def test_fit_user_model_npz(tmp_path, capsys):
     assert code == 0 and (tmp_path / "run" / "manifest.json").exists()
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
+    # report on the .npz, with the training data given to show similar samples
+    html = tmp_path / "r" / "report.html"
+    assert main(["report", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--train", str(tmp_path / "d.npz"),
+                 "--out", str(html), "--quiet", "--n-correct", "2", "--n-wrong", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out and html.read_text().count('<article class="card') == 3
     # a second fit into the same --out stops before fitting, keeping the run
     again = ["fit", "conftest:TinyCNN", "--data", str(tmp_path / "d.npz"), "--layers", "conv", "--out", str(tmp_path / "run")]
     assert main(again) == 2 and "pass overwrite=True" in capsys.readouterr().err
@@ -50,6 +56,7 @@ def test_fit_user_model_npz(tmp_path, capsys):
     (["fit", "conftest:TinyCNN", "--data", "mnist", "--layers", "fc1", "--out", "x"], "--data must be one of"),
     (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc_1", "--out", "x"], "Did you mean 'fc1'"),
     (["score", "/nonexistent/run", "--data", "digits"], "No saved run"),
+    (["report", "/nonexistent/run", "--data", "digits"], "No saved run"),
     (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--layer-weights", "a,b", "--out", "x"],
      "--layer-weights must be 'fit' or comma-separated numbers"),
 ])

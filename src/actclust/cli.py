@@ -1,4 +1,4 @@
-"""The ``actclust`` command: ``demo``, ``fit``, ``score`` and ``layers``.
+"""The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report`` and ``layers``.
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what to change); 1 an
 unexpected error (with its traceback).
@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     _common(s, overwrite=False)
     s.set_defaults(func=_score)
 
+    r = sub.add_parser("report", help="write a self-contained HTML report of a saved run on data")
+    r.add_argument("run", help="directory of a saved run")
+    r.add_argument("--data", required=True,
+                   help="'digits' or 'fashion-mnist' (explains the test split, shows the training split), "
+                        "or an .npz with x (and y) to explain")
+    r.add_argument("--train", help="an .npz whose x is the training data the run was fitted on (for .npz --data)")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default: %(default)s)")
+    r.add_argument("--n-correct", type=int, default=4, help="inputs the DNN got right to explain")
+    r.add_argument("--n-wrong", type=int, default=4, help="inputs the DNN got wrong to explain")
+    r.add_argument("--model", help="import path of the model callable (default: the one the run was fitted with)")
+    r.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
+    _common(r, overwrite=False)
+    r.set_defaults(func=_report)
+
     lay = sub.add_parser("layers", help="list the layer names of a model")
     lay.add_argument("model")
     lay.set_defaults(func=_layers)
@@ -114,6 +128,10 @@ def _demo(args) -> int:
     if overwrite and (out / "manifest.json").exists():
         _say(args, f"replacing the previous run in {out}/")
     _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model)
+    from .report import report
+
+    path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits")
+    print(f"wrote the HTML report {path}: open it in a browser")
     return EXIT_OK
 
 
@@ -145,19 +163,30 @@ def _fit(args) -> int:
 def _score(args) -> int:
     import json
 
-    from .persistence import load, read_manifest
-
-    meta = read_manifest(args.run).get("metadata", {})
-    spec = args.model or meta.get("model")
-    if not spec:
-        raise ValueError(f"The run at {args.run} does not say how to build its model; pass --model pkg.mod:build.")
-    weights = args.weights or meta.get("weights")
-    if weights and not Path(weights).is_absolute() and not args.weights:
-        weights = str(Path(args.run) / weights)
-    ac = load(args.run, _build_model(spec, weights), progress=not args.quiet)
+    ac = _load_run(args)
     x, y = _load_data(args.data, "test")
     scores = ac.score(x, y)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores, ac, title=f"on {args.data}"))
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from .datasets import DATASETS, FASHION_MNIST_CLASSES
+    from .report import report
+
+    ac = _load_run(args)
+    x, y = _load_data(args.data, "test")
+    if args.train:
+        train = _load_data(args.train, "train")[0]
+    elif args.data in DATASETS:
+        train = _load_data(args.data, "train")[0]
+    else:
+        train = None
+        _say(args, "no --train given: training samples are shown by their index")
+    names = list(FASHION_MNIST_CLASSES) if args.data == "fashion-mnist" else None
+    path = report(ac, x, y, train=train, out=args.out, n_correct=args.n_correct, n_wrong=args.n_wrong,
+                  class_names=names, title=f"actclust report: {Path(args.run).name} on {Path(args.data).name}")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
     return EXIT_OK
 
 
@@ -173,6 +202,19 @@ def _layers(args) -> int:
 def _say(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
+
+
+def _load_run(args):
+    from .persistence import load, read_manifest
+
+    meta = read_manifest(args.run).get("metadata", {})
+    spec = args.model or meta.get("model")
+    if not spec:
+        raise ValueError(f"The run at {args.run} does not say how to build its model; pass --model pkg.mod:build.")
+    weights = args.weights or meta.get("weights")
+    if weights and not Path(weights).is_absolute() and not args.weights:
+        weights = str(Path(args.run) / weights)
+    return load(args.run, _build_model(spec, weights), progress=not args.quiet)
 
 
 def _save(ac, out: Path, overwrite: bool, metadata: dict, model) -> None:

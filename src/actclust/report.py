@@ -1,0 +1,167 @@
+"""A self-contained HTML report: summary, concept gallery and explanation cards.
+
+The report reads only public results (scores, :class:`~actclust.concepts.Concept` and
+:class:`~actclust.explanation.Explanation` objects); images are inlined as PNG data, so the one
+file opens from disk with no network access.
+"""
+
+from __future__ import annotations
+
+import datetime
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._data import DataError
+from ._render import Renderer
+
+__all__ = ["report"]
+
+_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+
+
+def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=None, std=None,
+           class_names=None, feature_names=None, indices=None, n_correct: int = 4, n_wrong: int = 4,
+           k: int = 6, n_exemplars: int = 6, n_edge: int = 3, trust=None, title: str = "actclust report") -> Path:
+    """Write an HTML report of the fitted explainer ``ac`` on inputs ``X`` (labels ``y``, optional).
+
+    Parameters
+    ----------
+    X : ndarray, Tensor or Dataset
+        Inputs to score and to pick explained examples from (e.g. the test set).
+    out : path, default="report.html"
+        Written atomically; parent folders are created.
+    train : ndarray, Tensor or Dataset, optional
+        The training inputs ``fit`` saw, in the same order, to show similar samples and concept
+        exemplars; without it they appear as their training indices.
+    render, mean, std, feature_names
+        How inputs are drawn; see :class:`actclust._render.Renderer`. A ``render`` that raises
+        gives a visible placeholder naming the input, and a warning; the report still completes.
+    indices : sequence of int, optional
+        Inputs of ``X`` to explain. By default ``n_correct`` inputs the DNN got right and
+        ``n_wrong`` it got wrong (with no labels: where the surrogate agrees / disagrees with it).
+    k, n_exemplars, n_edge : int
+        Similar samples per card, exemplars and edge samples per concept.
+    trust : bool or None
+        Show trust signals on the cards; ``None`` when the training set can calibrate them.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from .concepts import concepts
+    from .explainer import _scores
+
+    ac._check_fitted()
+    for name, value in (("n_correct", n_correct), ("n_wrong", n_wrong), ("k", k), ("n_exemplars", n_exemplars),
+                        ("n_edge", n_edge)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int. Got {value!r} instead.")
+    if train is not None and _length(train) != ac.n_samples_fit_:
+        raise DataError(f"train has {_length(train)} samples but the explainer was fitted on "
+                        f"{ac.n_samples_fit_}; pass the same training data, in the same order.")
+    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(ac.n_classes_)]
+    if len(names) != ac.n_classes_:
+        raise ValueError(f"class_names must name the {ac.n_classes_} classes; got {len(names)} names.")
+
+    q = ac._query(X, y)
+    scores = _scores(q.dnn_pred, ac._layer_probas(q), q.labels, ac.weights_, ac.layers_)
+    surrogate_pred = _combined_pred(ac, q)
+    chosen, how = _choose(q, surrogate_pred, indices, n_correct, n_wrong, ac.random_state)
+    explanations = ac.explain(_subset(X, chosen), None if q.labels is None else q.labels[chosen], k=max(k, 1),
+                              class_names=names, trust=trust) if len(chosen) else []
+    renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
+    inputs = _items(X, chosen)
+    cache: dict = {}
+
+    def train_sample(i: int) -> dict:
+        if i not in cache:
+            cache[i] = ({"kind": "text", "text": f"#{i}"} if train is None
+                        else renderer(_items(train, [i])[0], f"training sample {i}"))
+        return cache[i]
+
+    gallery = {l: concepts(ac, l, k=max(1, min(n_exemplars, ac.n_samples_fit_)), n_edge=min(n_edge, ac.n_samples_fit_))
+               for l in ac.layers_}
+    cards = [{"e": e, "x": renderer(inputs[j], f"input {int(chosen[j])}"), "row": int(chosen[j])}
+             for j, e in enumerate(explanations)]
+    env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        title=title, ac=ac, scores=scores, names=names, colors=[_color(c) for c in range(ac.n_classes_)],
+        gallery=gallery, cards=cards, how=how, train_sample=train_sample, has_train=train is not None,
+        n_exemplars=n_exemplars, model_name=type(ac.model).__name__, failures=renderer.failures,
+        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        n_clusters={l: c.n_clusters for l, c in ac.clusterings_.items()},
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _combined_pred(ac, q) -> np.ndarray:
+    from . import surrogate
+
+    return surrogate.combine(ac._layer_probas(q), ac.weights_).argmax(1)
+
+
+def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):
+    """The inputs to explain, and a sentence saying how they were picked."""
+    n = len(q.dnn_pred)
+    if indices is not None:
+        chosen = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = chosen[(chosen < 0) | (chosen >= n)]
+        if bad.size:
+            raise ValueError(f"indices {bad[:5].tolist()} are out of range for the {n} inputs given.")
+        return chosen, "Inputs chosen by the caller."
+    if q.labels is not None:
+        right, what = q.dnn_pred == q.labels, ("the DNN classified correctly", "the DNN got wrong")
+    else:
+        right, what = q.dnn_pred == surrogate_pred, ("the surrogate agrees with the DNN on",
+                                                     "the surrogate disagrees with the DNN on (no labels given)")
+    rng = np.random.default_rng(seed)
+    picks = [np.sort(rng.choice(np.flatnonzero(mask), min(m, int(mask.sum())), replace=False))
+             for mask, m in ((right, n_correct), (~right, n_wrong))]
+    how = (f"{len(picks[0])} inputs {what[0]} and {len(picks[1])} {what[1]}, picked at random "
+           f"(seed {seed}) among the {n} given.")
+    return np.concatenate(picks).astype(np.int64), how
+
+
+def _length(data) -> int:
+    return len(data.dataset) if hasattr(data, "dataset") and not hasattr(data, "__getitem__") else len(data)
+
+
+def _subset(X, idx: np.ndarray):
+    import torch
+
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return X[torch.as_tensor(idx)] if isinstance(X, torch.Tensor) else X[idx]
+    dataset = getattr(X, "dataset", X) if isinstance(X, torch.utils.data.DataLoader) else X
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def _items(X, idx) -> list:
+    """The raw inputs at ``idx`` as NumPy arrays (the input part of ``(input, label)`` items)."""
+    import torch
+
+    sub = _subset(X, np.asarray(idx, dtype=np.int64))
+    items = list(sub) if not isinstance(sub, (np.ndarray, torch.Tensor)) else sub
+    out = []
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        out.append(item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item))
+    return out
+
+
+def _color(c: int) -> str:
+    if c < len(_PALETTE):
+        return _PALETTE[c]
+    return f"hsl({(c * 137.508) % 360:.0f}, 55%, 55%)"  # golden-angle hues beyond the palette

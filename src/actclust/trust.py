@@ -1,0 +1,232 @@
+"""Per-input trust signals from a fitted :class:`~actclust.ActivationClustering`.
+
+Two kinds of signal. The **surrogate** ones read the fitted clusters: how sure the surrogate
+is, how much of its mass sits on the DNN's class, and whether the layers along the input's
+cluster path agree with the DNN. The **neighbour** ones follow deep k-nearest-neighbours
+(Papernot & McDaniel 2018): in every layer the input's ``k`` nearest training vectors vote,
+and a conformal p-value, calibrated on a held-out part of the training data, says how unusual
+the votes are. Neighbours are exact (faiss ``IndexFlatL2``) and searched in batches, so memory
+is ``O(batch x k)``, never ``O(test x train)``.
+
+The calibration is built on first use from ``ac.train_vectors_`` and cached on the explainer
+(not saved: after :func:`actclust.load` it is rebuilt, identically, since the split is drawn
+from ``ac.random_state``). The training vectors are split into a reference part (the
+neighbours) and a calibration part; class labels are the true labels ``ac.train_labels_`` when
+``fit`` had them, else the DNN's predictions ``ac.train_predictions_``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import surrogate
+
+__all__ = ["MIN_CALIBRATION", "calibration_possible", "trust_signals"]
+
+#: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
+MIN_CALIBRATION = 20
+_BATCH = 4096
+
+
+def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
+                  layer_weights: str = "surrogate", query=None) -> dict:
+    """Per-input trust signals of the DNN's predictions on ``X``.
+
+    Parameters
+    ----------
+    ac : ActivationClustering
+        A fitted explainer.
+    X : ndarray, Tensor, Dataset or DataLoader
+        Inputs of the shape the explainer was fitted on.
+    n_neighbors : int, default=50
+        Neighbours per layer for the deep k-nearest-neighbour signals.
+    calibration_fraction : float, default=0.1
+        Share of the training vectors held out to calibrate the p-values; it must give at least
+        :data:`MIN_CALIBRATION` samples, and leave at least ``n_neighbors`` as neighbours.
+    layer_weights : {"surrogate", "equal"}, default="surrogate"
+        How the neighbour signals weigh layers: by the surrogate's ``ac.weights_`` or equally.
+        ``"equal"`` is deep k-NN as published; with ``layer_weights=None`` at fit both agree.
+        On the Fashion-MNIST benchmark the surrogate's weights (learned for fidelity, nearly
+        zero on ``conv1``) lift the misclassification AUROC of ``credibility`` by 0.026.
+    query : optional
+        A pass ``ac._query(X, keep_vectors=True)`` already made (then ``X`` is ignored), so a
+        caller that needs the pass for more than trust does not run the model twice.
+
+    Returns
+    -------
+    dict of str to ndarray of shape (n,)
+        Higher means more trustworthy for every signal (all in [0, 1]):
+
+        - ``dnn_prediction``: the DNN's class (int), the prediction the signals judge.
+        - ``surrogate_prediction``: the surrogate's class (int).
+        - ``surrogate_confidence``: the surrogate's highest class probability.
+        - ``surrogate_dnn_agreement``: the surrogate's probability of the DNN's class
+          (continuous; ``1`` where every layer's cluster votes only for it).
+        - ``layer_agreement``: share of the layer weights ``ac.weights_`` whose layer's nearest
+          cluster has the DNN's class as its majority class.
+        - ``credibility``: deep k-NN p-value of the DNN's class: the share of calibration
+          samples whose nonconformity (the weighted sum over layers of the neighbours whose
+          label is not the sample's own) is at least the input's for the DNN's class.
+        - ``dknn_prediction``: the class of highest deep k-NN p-value (int).
+        - ``knn_typicality``: weighted mean over layers of the share of calibration samples lying
+          at least as far from their ``k``-th nearest neighbour as the input (low far from
+          the training data: out-of-distribution inputs).
+        - ``cluster_typicality``: weighted mean over layers of the share of calibration samples whose
+          squared distance to their nearest centre, relative to that cluster's mean over the
+          reference samples, is at least the input's.
+
+    Raises
+    ------
+    NotFittedError
+        If ``ac`` is not fitted.
+    ValueError
+        If the calibration split has fewer than :data:`MIN_CALIBRATION` samples, or the
+        reference part fewer than ``n_neighbors``.
+    """
+    ac._check_fitted()
+    cal = _calibration(ac, n_neighbors, calibration_fraction, layer_weights)
+    q = query if query is not None else ac._query(X, keep_vectors=True)  # explain() passes its own pass
+    if q.vectors is None:
+        raise ValueError("trust_signals needs the reduced vectors: pass query=ac._query(X, keep_vectors=True).")
+    n, n_classes = q.dnn_proba.shape
+    rows, pred = np.arange(n), q.dnn_pred
+    comb = surrogate.combine(ac._layer_probas(q), ac.weights_)
+    paths = q.paths
+    votes = np.stack([ac.posteriors_[l].argmax(1)[paths[:, i]] == pred for i, l in enumerate(ac.layers_)], 1)
+
+    alpha = np.zeros((n, n_classes))
+    knn_typ, clu_typ = np.zeros(n), np.zeros(n)
+    for w, l in zip(cal.weights, ac.layers_):
+        counts, kth = _neighbour_stats(cal.indexes[l], cal.ref_labels, q.vectors[l], n_neighbors, n_classes)
+        alpha += w * (n_neighbors - counts)
+        knn_typ += w * _pvalue(cal.cal_kth[l], kth)
+        clu_typ += w * _pvalue(cal.cal_ratio[l], _spread_ratio(q.distances[l], cal.spread[l]))
+    pvalues = _pvalue(cal.cal_alpha, _ties(alpha).ravel()).reshape(n, n_classes)
+    return {
+        "dnn_prediction": pred,
+        "surrogate_prediction": comb.argmax(1),
+        "surrogate_confidence": comb.max(1).astype(np.float64),
+        "surrogate_dnn_agreement": comb[rows, pred].astype(np.float64),
+        "layer_agreement": votes.astype(np.float64) @ (ac.weights_ / ac.weights_.sum()),
+        "credibility": pvalues[rows, pred],
+        "dknn_prediction": pvalues.argmax(1),
+        "knn_typicality": knn_typ,
+        "cluster_typicality": clu_typ,
+    }
+
+
+def calibration_possible(ac, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
+    """Whether ``ac``'s training set is large enough for :func:`trust_signals` with these parameters."""
+    n = len(ac.train_predictions_)
+    n_cal = round(calibration_fraction * n)
+    return n_cal >= MIN_CALIBRATION and n - n_cal >= n_neighbors
+
+
+@dataclass
+class _Calibration:
+    """What the neighbour signals need, built once per explainer and parameters."""
+
+    key: tuple
+    source: tuple  # the fitted objects it was built from; a refit replaces them
+    weights: np.ndarray  # (n_layers,) summing to 1
+    indexes: dict  # layer -> faiss index over the reference vectors
+    ref_labels: np.ndarray
+    cal_alpha: np.ndarray  # sorted nonconformity of the calibration samples for their own label
+    cal_kth: dict  # layer -> sorted k-th neighbour distances of the calibration samples
+    spread: dict  # layer -> (n_clusters,) mean squared distance of reference members to the centre
+    cal_ratio: dict  # layer -> sorted distance-to-centre / spread of the calibration samples
+
+
+def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"The 'n_neighbors' parameter of trust_signals must be a positive int. Got {k!r} instead.")
+    if not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+        raise ValueError("The 'calibration_fraction' parameter of trust_signals must be in (0, 1). "
+                         f"Got {fraction!r} instead.")
+    if layer_weights not in ("surrogate", "equal"):
+        raise ValueError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
+                         f"Got {layer_weights!r} instead.")
+    key, source = (int(k), float(fraction), layer_weights, ac.random_state), (ac.train_vectors_, ac.clusterings_, ac.weights_)
+    cached = getattr(ac, "_trust_calibration", None)
+    if cached is not None and cached.key == key and all(a is b for a, b in zip(cached.source, source)):
+        return cached
+    n = len(ac.train_predictions_)
+    n_cal = round(fraction * n)
+    if n_cal < MIN_CALIBRATION:
+        raise ValueError(
+            f"The calibration split has {n_cal} samples (calibration_fraction={fraction} of {n} training "
+            f"samples); at least MIN_CALIBRATION={MIN_CALIBRATION} are needed. Fit on more data or raise "
+            "calibration_fraction."
+        )
+    if n - n_cal < k:
+        raise ValueError(
+            f"Only {n - n_cal} training samples remain as neighbours after holding out {n_cal} for "
+            f"calibration; n_neighbors={k} needs at least {k}. Lower n_neighbors or calibration_fraction."
+        )
+    import faiss
+
+    labels = ac.train_labels_ if ac.train_labels_ is not None else ac.train_predictions_
+    order = np.random.default_rng(ac.random_state).permutation(n)
+    cal, ref = order[:n_cal], order[n_cal:]
+    n_classes = ac.n_classes_
+    weights = np.asarray(ac.weights_ if layer_weights == "surrogate" else np.ones(len(ac.layers_)), dtype=np.float64)
+    weights = weights / weights.sum()
+    alpha = np.zeros(n_cal)
+    indexes, cal_kth, spread, cal_ratio = {}, {}, {}, {}
+    for w, l in zip(weights, ac.layers_):
+        v = ac.train_vectors_[l]
+        indexes[l] = faiss.IndexFlatL2(v.shape[1])
+        indexes[l].add(np.ascontiguousarray(v[ref], dtype=np.float32))
+        counts, kth = _neighbour_stats(indexes[l], labels[ref], v[cal], k, n_classes)
+        alpha += w * (k - counts[np.arange(n_cal), labels[cal]])
+        cal_kth[l] = np.sort(kth)
+        c = ac.clusterings_[l]
+        d_ref = _nearest(c.distances(v[ref]))
+        sums = np.bincount(d_ref[1], weights=d_ref[0], minlength=c.n_clusters)
+        sizes = np.bincount(d_ref[1], minlength=c.n_clusters)
+        # A cluster with no reference member takes the layer's overall scale.
+        spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
+        cal_ratio[l] = np.sort(_spread_ratio(c.distances(v[cal]), spread[l]))
+    ac._trust_calibration = _Calibration(key, source, weights, indexes, labels[ref], np.sort(_ties(alpha)),
+                                         cal_kth, spread, cal_ratio)
+    return ac._trust_calibration
+
+
+def _neighbour_stats(index, ref_labels, V, k, n_classes):
+    """Per input: neighbours of each class among its ``k`` nearest ``(n, C)``; k-th distance ``(n,)``."""
+    n = len(V)
+    counts = np.empty((n, n_classes), dtype=np.int64)
+    kth = np.empty(n, dtype=np.float64)
+    for s in range(0, n, _BATCH):
+        d, idx = index.search(np.ascontiguousarray(V[s:s + _BATCH], dtype=np.float32), k)
+        b = len(d)
+        flat = (np.arange(b)[:, None] * n_classes + ref_labels[idx]).ravel()
+        counts[s:s + b] = np.bincount(flat, minlength=b * n_classes).reshape(b, n_classes)
+        kth[s:s + b] = d[:, -1]
+    return counts, kth
+
+
+def _nearest(d):
+    """Squared distance to the nearest centre and its index, from ``(n, n_clusters)`` distances."""
+    nearest = d.argmin(1)
+    return d[np.arange(len(d)), nearest].astype(np.float64), nearest
+
+
+def _spread_ratio(distances, spread):
+    nearest = distances.argmin(1)
+    return distances[np.arange(len(distances)), nearest] / spread[nearest]
+
+
+def _ties(alpha):
+    # Weighted sums of equal counts in another order may differ in the last bit; equal they are.
+    return np.round(alpha, 9)
+
+
+def _pvalue(sorted_calibration, values):
+    """Share of calibration values at least as large as each value (higher = more typical)."""
+    above = len(sorted_calibration) - np.searchsorted(sorted_calibration, values, side="left")
+    return above / len(sorted_calibration)
+

@@ -1,0 +1,71 @@
+import base64
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from actclust._render import Renderer, png_data_uri
+
+
+def _decode_png(uri: str) -> np.ndarray:
+    """Minimal PNG reader for 8-bit grey/RGB, filter 0: checks signature, CRCs and pixels."""
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body, (crc,) = data[pos + 8:pos + 8 + n], struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(tag + body) & 0xFFFFFFFF == crc
+        chunks[tag] = body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
+    assert depth == 8 and (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, channels).squeeze()
+
+
+# the PNG encoder writes valid files holding exactly the pixels given, grey and RGB
+@pytest.mark.parametrize("shape", [(5, 7), (4, 3, 3)])
+def test_png_round_trip(shape):
+    img = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    assert np.array_equal(_decode_png(png_data_uri(img)), img)
+
+
+# images: channels first or last, de-normalised with mean/std, else min-max scaled
+def test_default_images():
+    r = Renderer()
+    out = r(np.full((1, 4, 4), 0.5, np.float32), "x")
+    assert out["kind"] == "image" and out["width"] == 4 and (_decode_png(out["src"]) == 128).all()
+    rgb = r(np.zeros((3, 2, 5), np.float32), "x")
+    assert _decode_png(rgb["src"]).shape == (2, 5, 3)
+    norm = Renderer(mean=[0.5], std=[0.25])(np.full((1, 2, 2), 2.0, np.float32), "x")
+    assert (_decode_png(norm["src"]) == 255).all()  # 2 * 0.25 + 0.5 = 1
+    scaled = r(np.array([[-3.0, 1.0], [5.0, 5.0]], np.float32), "x")
+    assert _decode_png(scaled["src"]).tolist() == [[0, 128], [255, 255]]
+
+
+# tabular rows show feature names and values; user render may return text or an image
+def test_tabular_and_user_render():
+    t = Renderer(feature_names=["a", "b"])(np.array([1.5, 2.0]), "x")
+    assert t["kind"] == "table" and t["rows"] == [("a", "1.5"), ("b", "2")]
+    assert Renderer(render=lambda x: "hello")(0, "x") == {"kind": "text", "text": "hello"}
+    assert Renderer(render=lambda x: np.zeros((3, 3)))(0, "x")["kind"] == "image"
+
+
+# a failing render, a bad return value or bad mean/std give a placeholder naming the input, and a warning
+def test_placeholders():
+    def boom(x):
+        raise RuntimeError("no pixels")
+
+    r = Renderer(render=boom)
+    with pytest.warns(UserWarning, match="could not render input 7: RuntimeError: no pixels"):
+        out = r(0, "input 7")
+    assert out["kind"] == "error" and "input 7" in out["text"] and r.failures
+    with pytest.warns(UserWarning, match="render returned int; expected a str or an image"):
+        assert Renderer(render=lambda x: 3)(0, "x")["kind"] == "error"
+    with pytest.warns(UserWarning, match="mean/std give 3/1 values for an image of 1 channel"):
+        Renderer(mean=[0, 0, 0])(np.zeros((1, 2, 2)), "x")
+    with pytest.warns(UserWarning, match=r"not an image or a feature row; pass render="):
+        Renderer()(np.zeros((2, 2, 2, 2)), "x")

@@ -1,0 +1,80 @@
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from actclust import DataError, report
+
+
+def _imgs(html: str) -> int:
+    return len(re.findall(r'<img class="px" src="data:image/png;base64,', html))
+
+
+# the report is one file with the summary, explanation cards and every concept
+def test_report_contents(fitted, data, tmp_path):
+    x, y = data
+    path = report(fitted, x, y, train=x, out=tmp_path / "sub" / "r.html", n_correct=2, n_wrong=2, k=3,
+                  class_names=["cat", "dog", "eel"])
+    html = path.read_text()
+    assert path.parent.name == "sub" and "http" not in html.replace("http-equiv", "")
+    s = fitted.score(x, y)
+    assert f"{s['fidelity']:.4f}" in html and f"{s['dnn_accuracy']:.4f}" in html
+    assert html.count('<article class="card') == 4 and html.count('class="concept"') == 12
+    assert _imgs(html) > 12 * 4 and "eel" in html
+    assert "DNN wrong" in html and "DNN right" in html
+
+
+# without labels, cards are picked by surrogate agreement; without train, samples show indices
+def test_report_without_labels_or_train(fitted, data, tmp_path):
+    html = report(fitted, data[0], out=tmp_path / "r.html", n_correct=1, n_wrong=1).read_text()
+    assert "no labels given" in html and "Training inputs were not given" in html
+    assert _imgs(html) == html.count('<article class="card')  # only the explained inputs are images
+
+
+# a Dataset of (input, label) items, chosen indices
+def test_report_dataset_and_indices(fitted, data, tmp_path):
+    ds = TensorDataset(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
+    html = report(fitted, ds, train=ds, indices=[5, 9], out=tmp_path / "r.html").read_text()
+    assert 'id="input-5"' in html and 'id="input-9"' in html and "chosen by the caller" in html
+
+
+# a render that raises: a warning, a visible placeholder naming the input, the report completes
+def test_report_render_failure(fitted, data, tmp_path):
+    def render(x):
+        if float(np.asarray(x).sum()) > 0:
+            raise ValueError("cannot draw this one")
+        return "ok"
+
+    with pytest.warns(UserWarning, match="cannot draw this one"):
+        html = report(fitted, data[0], data[1], train=data[0], render=render, out=tmp_path / "r.html").read_text()
+    assert "could not render" in html and "sample(s) could not be rendered" in html
+
+
+# tabular inputs are shown as feature tables
+def test_report_tabular(tmp_path):
+    from actclust import ActivationClustering
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = np.random.default_rng(0).standard_normal((80, 4)).astype(np.float32)
+    ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(x)
+    html = report(ac, x, train=x, feature_names=["age", "bmi", "bp", "s1"], out=tmp_path / "r.html").read_text()
+    assert "<td>bmi</td>" in html and _imgs(html) == 0
+
+
+# wrong training data, bad indices, bad counts and other shapes are clear errors
+def test_report_errors(fitted, data, tmp_path):
+    x, y = data
+    with pytest.raises(DataError, match="train has 10 samples but the explainer was fitted on 120"):
+        report(fitted, x, train=x[:10], out=tmp_path / "r.html")
+    with pytest.raises(ValueError, match=r"indices \[500\] are out of range for the 120 inputs"):
+        report(fitted, x, indices=[1, 500], out=tmp_path / "r.html")
+    with pytest.raises(ValueError, match="n_wrong must be a non-negative int"):
+        report(fitted, x, n_wrong=-1, out=tmp_path / "r.html")
+    with pytest.raises(ValueError, match="class_names must name the 3 classes"):
+        report(fitted, x, class_names=["a"], out=tmp_path / "r.html")
+    with pytest.raises(DataError, match="differ from the shape"):
+        report(fitted, np.zeros((4, 1, 5, 5), np.float32), out=tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
