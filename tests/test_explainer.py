@@ -189,3 +189,20 @@ def test_distill_end_to_end(model, data, tmp_path, layer_weights):
     ac.save(tmp_path / "run")
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert np.allclose(loaded.predict_proba(x), ac.predict_proba(x), atol=1e-6)
+
+
+# a clustering's warning (e.g. no convergence) reaches the user with the layer it concerns
+def test_clustering_warnings_name_the_layer(model, data, monkeypatch):
+    import warnings
+
+    import actclust.explainer as ex
+    from actclust.clustering import KMeans
+
+    class Grumpy(KMeans):
+        def fit(self, X):
+            warnings.warn("did not converge", UserWarning)
+            return super().fit(X)
+
+    monkeypatch.setattr(ex, "make_clustering", lambda name, k, seed=0: Grumpy(k, seed))
+    with pytest.warns(UserWarning, match="layer 'fc1': did not converge"):
+        _ac(model).fit(data[0])

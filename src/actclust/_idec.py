@@ -256,16 +256,12 @@ class IDEC(Clustering):
             out[start:start + _CHUNK] = h
         return out
 
-    def distances(self, X: np.ndarray) -> np.ndarray:
-        """Squared distances ``(n, n_clusters)`` in the embedding, chunked (memory O(chunk))."""
-        X = np.asarray(X, dtype=np.float32)
-        c = self.embedded_centers_
-        c_sq = (c * c).sum(1)[None, :]
-        out = np.empty((len(X), len(c)), dtype=np.float32)
-        for start in range(0, len(X), _CHUNK):
-            z = self.embed(X[start:start + _CHUNK])
-            out[start:start + _CHUNK] = np.maximum((z * z).sum(1)[:, None] - 2.0 * (z @ c.T) + c_sq, 0.0)
-        return out
+    # Distances (Clustering.distances, chunked) are measured in the embedding.
+    def _to_space(self, X: np.ndarray) -> np.ndarray:
+        return self.embed(X)
+
+    def _space_centers(self) -> np.ndarray:
+        return self.embedded_centers_
 
     # ------------------------------------------------------------------ state
     def state_dict(self):

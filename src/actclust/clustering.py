@@ -35,14 +35,21 @@ class Clustering:
     def distances(self, X: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre."""
         X = np.asarray(X, dtype=np.float32)
-        c = self.centers_
+        c = self._space_centers()
         c_sq = (c * c).sum(1)[None, :]
         out = np.empty((len(X), len(c)), dtype=np.float32)
         for start in range(0, len(X), _CHUNK):  # temporaries stay O(chunk x d), not O(n x d)
-            x = X[start:start + _CHUNK]
+            x = self._to_space(X[start:start + _CHUNK])
             d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
             out[start:start + _CHUNK] = np.maximum(d, 0.0)
         return out
+
+    def _to_space(self, X: np.ndarray) -> np.ndarray:
+        """Map vectors into the space where distances are measured (identity; IDEC embeds)."""
+        return X
+
+    def _space_centers(self) -> np.ndarray:
+        return self.centers_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Index of the nearest centre of each vector."""

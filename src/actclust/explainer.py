@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -165,8 +166,7 @@ class ActivationClustering:
             )
         targets = labels if self.posterior == "label" else logits_pred
 
-        clusterings = {l: make_clustering(self.clustering, n_clusters[l], self.random_state).fit(vectors[l])
-                       for l in layers}
+        clusterings = {l: self._cluster(l, n_clusters[l], vectors[l]) for l in layers}
         refined = self._refine(layers, vectors, clusterings, dnn_proba, targets) if self.clustering == "distill" else None
         assign = {l: clusterings[l].soft_assign(vectors[l], self._temperature(clusterings[l])) for l in layers}
         t3 = time.perf_counter()
@@ -198,6 +198,15 @@ class ActivationClustering:
                                "temperatures": {l: clusterings[l].temperature_ for l in layers}}
         self.fit_info_ = info
         return self
+
+    def _cluster(self, layer: str, k: int, vectors: np.ndarray):
+        """Fit one layer's clustering; its warnings (e.g. no convergence) name the layer."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clustering = make_clustering(self.clustering, k, self.random_state).fit(vectors)
+        for w in caught:
+            warnings.warn(f"layer {layer!r}: {w.message}", w.category, stacklevel=3)
+        return clustering
 
     def _refine(self, layers, vectors, clusterings, dnn_proba, targets):
         """``clustering="distill"``: refine centres, temperatures (and weights) toward the DNN."""
