@@ -34,7 +34,7 @@ def test_fit_user_model_npz(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 60))
     code = main(["fit", "conftest:TinyCNN", "--weights", str(tmp_path / "w.safetensors"), "--data",
                  str(tmp_path / "d.npz"), "--layers", "conv,fc1", "--n-clusters", "3", "--out",
-                 str(tmp_path / "run"), "--quiet", "--posterior", "label"])
+                 str(tmp_path / "run"), "--quiet", "--posterior", "label", "--clustering", "distill"])
     assert code == 0 and (tmp_path / "run" / "manifest.json").exists()
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out

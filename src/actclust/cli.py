@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--reducer", default="mean")
     f.add_argument("--posterior", default="prediction", choices=["prediction", "label"])
     f.add_argument("--layer-weights", default=None, help="'fit', or comma-separated numbers (default: equal)")
+    f.add_argument("--clustering", default="kmeans", choices=["kmeans", "distill", "idec"],
+                   help="kmeans (default), distill (refined toward the DNN: most faithful) or idec (the paper's)")
     f.add_argument("--batch-size", type=int, default=256)
     f.add_argument("--out", required=True, help="directory of the saved run")
     _common(f)
@@ -150,7 +152,8 @@ def _fit(args) -> int:
     x, y = _load_data(args.data, "train")
     ac = ActivationClustering(
         model, [l.strip() for l in args.layers.split(",") if l.strip()], n_clusters=args.n_clusters,
-        reducer=args.reducer, posterior=args.posterior, layer_weights=weights, batch_size=args.batch_size,
+        reducer=args.reducer, posterior=args.posterior, layer_weights=weights, clustering=args.clustering,
+        batch_size=args.batch_size,
         progress=not args.quiet,
     )
     ac.fit(x, y)
