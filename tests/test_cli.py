@@ -36,6 +36,7 @@ def test_fit_user_model_npz(tmp_path, capsys):
                  str(tmp_path / "d.npz"), "--layers", "conv,fc1", "--n-clusters", "3", "--out",
                  str(tmp_path / "run"), "--quiet", "--posterior", "label", "--clustering", "distill"])
     assert code == 0 and (tmp_path / "run" / "manifest.json").exists()
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["params"]["clustering"] == "distill"
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
     # report on the .npz, with the training data given to show similar samples
