@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from actclust import ActivationClustering
 from actclust.datasets import FASHION_MNIST_DIR, load_fashion_mnist
@@ -13,6 +14,7 @@ from actclust.models import accuracy, fashion_cnn, train_classifier
 def test_fashion_surrogate_is_faithful():
     x_tr, y_tr, x_te, y_te = load_fashion_mnist()
     x_tr, y_tr, x_te, y_te = x_tr[:6000], y_tr[:6000], x_te[:1000], y_te[:1000]
+    torch.manual_seed(0)
     model = train_classifier(fashion_cnn(), x_tr, y_tr, epochs=1, batch_size=64, progress=False)
     assert accuracy(model, x_te, y_te) > 0.7
     ac = ActivationClustering(model, ["conv1", "conv2", "fc1", "fc2"], n_clusters=15, progress=False)
@@ -20,3 +22,36 @@ def test_fashion_surrogate_is_faithful():
     best_layer = max(v["fidelity"] for v in s["per_layer"].values())
     assert s["fidelity"] > 0.75 and s["fidelity"] >= best_layer - 0.05
     assert np.allclose(ac.predict_proba(x_te[:50]).sum(1), 1, atol=1e-5)
+
+
+# on real Fashion-MNIST, distill is more faithful than k-means with clusters about as compact,
+# "high" neighbours share the query's prediction more often than raw-pixel neighbours, and
+# trust signals flag the DNN's errors better than chance
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="dataset-fashion-mnist is not installed")
+@pytest.mark.filterwarnings("ignore::actclust._distill.DistillWarning")  # 6,000 samples: a short refinement
+def test_fashion_distill_similar_trust():
+    import faiss
+    from sklearn.metrics import roc_auc_score
+
+    x_tr, y_tr, x_te, y_te = load_fashion_mnist()
+    x_tr, y_tr, x_te, y_te = x_tr[:6000], y_tr[:6000], x_te[:1000], y_te[:1000]
+    torch.manual_seed(0)
+    model = train_classifier(fashion_cnn(), x_tr, y_tr, epochs=1, batch_size=64, progress=False)
+    layers = ["conv1", "conv2", "fc1", "fc2"]
+    km = ActivationClustering(model, layers, n_clusters=15, progress=False).fit(x_tr, y_tr)
+    ds = ActivationClustering(model, layers, n_clusters=15, clustering="distill", progress=False).fit(x_tr, y_tr)
+    assert ds.score(x_te)["fidelity"] > km.score(x_te)["fidelity"] + 0.02
+    assert max(ds.fit_info_["distill"]["spread_ratio"].values()) <= 1.25
+
+    pred = model(torch.as_tensor(x_te[:300])).argmax(1).numpy()
+    high = ds.similar(x_te[:300], k=10, weights="high").indices
+    index = faiss.IndexFlatL2(784)
+    index.add(x_tr.reshape(len(x_tr), -1))
+    raw = index.search(x_te[:300].reshape(300, -1), 10)[1]
+    same = lambda idx: (ds.train_predictions_[idx] == pred[:, None]).mean()  # noqa: E731
+    assert same(high) > same(raw) + 0.05
+
+    t = ds.trust(x_te)
+    wrong = t["dnn_prediction"] != y_te
+    assert roc_auc_score(~wrong, t["credibility"]) > 0.75
