@@ -40,6 +40,15 @@ def test_report_dataset_and_indices(fitted, data, tmp_path):
     assert 'id="input-5"' in html and 'id="input-9"' in html and "chosen by the caller" in html
 
 
+# a DataLoader works as the inputs and as the training data
+def test_report_dataloader(fitted, data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(TensorDataset(torch.as_tensor(data[0]), torch.as_tensor(data[1])), batch_size=32)
+    html = report(fitted, loader, train=loader, n_correct=1, n_wrong=1, out=tmp_path / "r.html").read_text()
+    assert html.count('<article class="card') == 2 and "Training inputs were not given" not in html
+
+
 # a render that raises: a warning, a visible placeholder naming the input, the report completes
 def test_report_render_failure(fitted, data, tmp_path):
     def render(x):
