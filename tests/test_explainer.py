@@ -172,7 +172,7 @@ def test_cuda_model(model, data):
 
 # clustering="distill" refines k-means toward the DNN: fidelity not lower, learned temperatures
 # used everywhere, weights sum to 1, and a saved run predicts identically after loading
-@pytest.mark.parametrize("layer_weights", [None, "fit"])
+@pytest.mark.parametrize("layer_weights", [None, "fit", np.array([1.0, 2.0, 1.0])])
 def test_distill_end_to_end(model, data, tmp_path, layer_weights):
     import actclust
 
@@ -183,6 +183,8 @@ def test_distill_end_to_end(model, data, tmp_path, layer_weights):
     assert np.isclose(ac.weights_.sum(), 1)
     if layer_weights is None:
         assert np.allclose(ac.weights_, 1 / 3)
+    elif not isinstance(layer_weights, str):  # user weights are kept, normalised
+        assert np.allclose(ac.weights_, [0.25, 0.5, 0.25])
     temps = ac.fit_info_["distill"]["temperatures"]
     assert set(temps) == set(LAYERS) and all(t >= 0 for t in temps.values())
     assert ac.train_score_ == ac.score(x, y)  # in-sample scores used the learned soft assignment

@@ -212,7 +212,7 @@ class ActivationClustering:
         """``clustering="distill"``: refine centres, temperatures (and weights) toward the DNN."""
         from ._distill import refine
 
-        learn = self.layer_weights == "fit"
+        learn = isinstance(self.layer_weights, str)  # "fit", checked in validate_params
         fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
         result = refine(vectors, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
                         smoothing=self.smoothing, targets=targets, random_state=self.random_state)
@@ -228,7 +228,7 @@ class ActivationClustering:
         lw = self.layer_weights
         if lw is None:
             return np.full(len(layers), 1.0 / len(layers))
-        if isinstance(lw, str):  # "fit", checked in _validate_params
+        if isinstance(lw, str):  # "fit", checked in validate_params
             rng = np.random.default_rng(self.random_state)
             order = rng.permutation(len(targets))
             n_val = max(1, int(round(self.validation_fraction * len(targets))))
