@@ -49,7 +49,7 @@ from actclust.trust import trust_signals
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 BATCH = 256
 SIGNALS = ["surrogate_confidence", "surrogate_dnn_agreement", "layer_agreement", "credibility",
-           "knn_typicality", "cluster_typicality"]
+           "knn_typicality", "cluster_typicality", "stacked_trust"]
 NEIGHBOUR = ["credibility", "knn_typicality", "cluster_typicality"]
 ALPHAS = (0.0, 0.05, 0.1, 0.25, 0.5)
 

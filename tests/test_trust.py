@@ -186,3 +186,57 @@ def test_bad_parameters(model, data, kw, match):
     ac = _ac(model).fit(x, y)
     with pytest.raises(ValueError, match=match):
         trust_signals(ac, x, **{**KW, **kw})
+
+
+def _half_wrong(model, x):
+    """Labels that agree with the DNN on about half the inputs, so the calibration holds both."""
+    pred = model(torch.as_tensor(x)).argmax(1).numpy()
+    return np.where(np.random.default_rng(1).random(len(x)) < 0.5, pred, (pred + 1) % 3)
+
+
+# stacked_trust is the logistic regression on the calibration split, checked against brute force
+def test_stacked_trust_matches_brute_force(model, data, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    monkeypatch.setattr(trust_mod, "_RATIO_NEIGHBORS", 20)  # fewer than the 90 reference samples
+    x, _ = data
+    y = _half_wrong(model, x)
+    ac = _ac(model).fit(x, y)
+    s = trust_signals(ac, x[:40], **KW)
+    cal, ref = _split(ac)
+
+    def features(vectors, pred, agreement, credibility):
+        cols = {"vote": [], "ratio": []}
+        for l in LAYERS:
+            d2 = ((vectors[l][:, None, :].astype(np.float64) - ac.train_vectors_[l][ref][None]) ** 2).sum(2)
+            order = np.argsort(d2, 1)[:, :20]
+            floor = 1e-6 * (vectors[l].astype(np.float64) ** 2).sum(1, keepdims=True)
+            r = np.sqrt(np.maximum(np.take_along_axis(d2, order, 1), floor))
+            same = y[ref][order] == pred[:, None]
+            kernel = np.exp(-(r[:, :5] / r[:, 4:5]) ** 2)
+            cols["vote"].append((kernel * same[:, :5]).sum(1) / kernel.sum(1))
+            near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
+            cols["ratio"].append(np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9))
+        return np.column_stack(cols["vote"] + cols["ratio"] + [agreement, credibility])
+
+    cal_pred = ac.train_predictions_[cal]
+    on_cal = trust_signals(ac, x[cal], **KW)  # calibration samples judged against the same split
+    X_cal = features({l: ac.train_vectors_[l][cal] for l in LAYERS}, cal_pred,
+                     on_cal["surrogate_dnn_agreement"], on_cal["credibility"])
+    model_ = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(X_cal, cal_pred == y[cal])
+    q = ac._query(x[:40], keep_vectors=True)
+    X = features(q.vectors, s["dnn_prediction"], s["surrogate_dnn_agreement"], s["credibility"])
+    assert np.allclose(s["stacked_trust"], model_.predict_proba(X)[:, 1], atol=1e-4)
+    assert (s["stacked_trust"] >= 0).all() and (s["stacked_trust"] <= 1).all()
+
+
+# stacked_trust needs true labels and both right and wrong predictions in the calibration split
+def test_stacked_trust_only_when_calibratable(model, data):
+    x, _ = data
+    y = _half_wrong(model, x)
+    assert "stacked_trust" in trust_signals(_ac(model).fit(x, y), x[:5], **KW)
+    assert "stacked_trust" not in trust_signals(_ac(model).fit(x), x[:5], **KW)  # DNN predictions as labels
+    pred = model(torch.as_tensor(x)).argmax(1).numpy()
+    assert "stacked_trust" not in trust_signals(_ac(model).fit(x, pred), x[:5], **KW)  # no errors
