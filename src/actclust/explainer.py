@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
@@ -13,8 +12,9 @@ from tqdm.auto import tqdm
 
 from . import surrogate
 from ._capture import Capture
+from ._query import Query, run_query
 from ._params import per_layer, validate_params
-from ._data import Batches, Collector, DataError
+from ._data import Batches, Collector
 from .clustering import make_clustering
 from .exceptions import NotFittedError
 from .reduction import make_reducer, normalized
@@ -174,7 +174,7 @@ class ActivationClustering:
         posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
         t4 = time.perf_counter()
         # In-sample scores from the assignments already at hand: no second pass over the data.
-        self.train_score_ = _scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
+        self.train_score_ = surrogate.scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
                                     labels, weights, layers)
 
         self.layers_ = layers
@@ -272,52 +272,12 @@ class ActivationClustering:
         labels = col.get("y") if all(has_y) else None
         return col.get("pred"), col.get("proba"), {l: col.get(l) for l in reducers}, labels, width[0]
 
-    def _query(self, X, y=None, *, keep_vectors: bool = False) -> "_Query":
-        """One pass over X: the DNN's outputs and, per layer, distances to the centres.
-
-        ``keep_vectors`` also keeps each layer's reduced vectors ``(n, d)`` (for similar-sample
-        search and trust signals); the per-sample cost is then ``sum(d)`` floats.
-        """
+    def _query(self, X, y=None, *, keep_vectors: bool = False) -> Query:
+        """One pass over X: DNN outputs and per-layer distances (and vectors); see :mod:`actclust._query`."""
         self._check_fitted()
-        batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
-        col, has_y = Collector(batches.n_samples), []
+        return run_query(self, X, y, keep_vectors)
 
-        def on_batch(logits, out, yb, x):
-            if tuple(x.shape[1:]) != tuple(self.input_shape_):
-                raise DataError(
-                    f"Inputs of shape {tuple(x.shape[1:])} differ from the shape {tuple(self.input_shape_)} "
-                    "of the training data the explainer was fitted on."
-                )
-            if logits.shape[1] != self.n_classes_:
-                raise DataError(
-                    f"The model outputs {logits.shape[1]} classes; it was fitted with {self.n_classes_}."
-                )
-            col.add("dnn_pred", logits.argmax(1).numpy())
-            col.add("dnn_proba", logits.float().softmax(1).numpy())
-            for l in self.layers_:
-                v, c = out[l].numpy(), self.clusterings_[l]
-                if v.shape[1] != self.train_vectors_[l].shape[1]:
-                    raise DataError(
-                        f"Layer {l!r} gives {v.shape[1]} values per sample on this data but "
-                        f"{self.train_vectors_[l].shape[1]} on the training data: the inputs differ in shape "
-                        "from those the explainer was fitted on."
-                    )
-                col.add(("distances", l), c.distances(v))
-                if keep_vectors:
-                    col.add(("vectors", l), v)
-            has_y.append(yb is not None)
-            if yb is not None:
-                col.add("y", yb)
-
-        self._run(batches, self._hooked(self.reducers_), "explaining", on_batch)
-        return _Query(
-            dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),
-            distances={l: col.get(("distances", l)) for l in self.layers_},
-            vectors={l: col.get(("vectors", l)) for l in self.layers_} if keep_vectors else None,
-            labels=col.get("y") if all(has_y) else None,
-        )
-
-    def _layer_probas(self, q: "_Query") -> np.ndarray:
+    def _layer_probas(self, q: Query) -> np.ndarray:
         """Per-layer class distributions ``(L, n, C)`` of the queried inputs."""
         return np.stack([
             self.clusterings_[l].soft_assign_from_distances(q.distances[l], self._temperature(self.clusterings_[l]))
@@ -348,7 +308,7 @@ class ActivationClustering:
             "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
         """
         q = self._query(X, y)
-        return _scores(q.dnn_pred, self._layer_probas(q), q.labels, self.weights_, self.layers_)
+        return surrogate.scores(q.dnn_pred, self._layer_probas(q), q.labels, self.weights_, self.layers_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "posteriors_"):
@@ -423,31 +383,3 @@ class ActivationClustering:
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
-
-
-@dataclass
-class _Query:
-    """What one pass over some inputs gives: the DNN's probabilities and per-layer distances."""
-
-    dnn_pred: np.ndarray  # (n,)
-    dnn_proba: np.ndarray  # (n, C) softmax of the logits
-    distances: dict  # layer -> (n, n_clusters) squared distances to the centres
-    vectors: Optional[dict]  # layer -> (n, d) reduced vectors, when asked for
-    labels: Optional[np.ndarray]
-
-    @property
-    def paths(self) -> np.ndarray:
-        """Nearest cluster ``(n, L)`` of each input at each layer."""
-        return np.stack([d.argmin(1) for d in self.distances.values()], 1)
-
-
-def _scores(dnn, probas, labels, weights, layers) -> dict:
-    """Fidelity and accuracy, combined and per layer, from layer distributions ``(L, n, C)``."""
-    def rates(pred):
-        return {"fidelity": float((pred == dnn).mean()),
-                "accuracy": None if labels is None else float((pred == labels).mean())}
-
-    result = {"n": int(len(dnn)), **rates(surrogate.combine(probas, weights).argmax(1)),
-              "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
-    result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(layers)}
-    return result

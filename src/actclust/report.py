@@ -56,7 +56,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from .concepts import concepts
-    from .explainer import _scores
+    from .surrogate import scores
 
     ac._check_fitted()
     for name, value in (("n_correct", n_correct), ("n_wrong", n_wrong), ("k", k), ("n_exemplars", n_exemplars),
@@ -71,7 +71,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         raise ValueError(f"class_names must name the {ac.n_classes_} classes; got {len(names)} names.")
 
     q = ac._query(X, y)
-    scores = _scores(q.dnn_pred, ac._layer_probas(q), q.labels, ac.weights_, ac.layers_)
+    summary = scores(q.dnn_pred, ac._layer_probas(q), q.labels, ac.weights_, ac.layers_)
     surrogate_pred = _combined_pred(ac, q)
     chosen, how = _choose(q, surrogate_pred, indices, n_correct, n_wrong, ac.random_state)
     explanations = ac.explain(_subset(X, chosen), None if q.labels is None else q.labels[chosen], k=max(k, 1),
@@ -92,7 +92,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
              for j, e in enumerate(explanations)]
     env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, ac=ac, scores=scores, names=names, colors=[_color(c) for c in range(ac.n_classes_)],
+        title=title, ac=ac, scores=summary, names=names, colors=[_color(c) for c in range(ac.n_classes_)],
         gallery=gallery, cards=cards, how=how, train_sample=train_sample, has_train=train is not None,
         n_exemplars=n_exemplars, model_name=type(ac.model).__name__, failures=renderer.failures,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fit_posteriors", "combine", "learn_weights", "fidelity_weights"]
+__all__ = ["fit_posteriors", "combine", "learn_weights", "fidelity_weights", "scores"]
 
 
 def fit_posteriors(assign: np.ndarray, targets: np.ndarray, n_classes: int, smoothing: float) -> np.ndarray:
@@ -82,3 +82,15 @@ def fidelity_weights(layer_probas: np.ndarray, targets: np.ndarray, n_candidates
         mixed = (chunk @ flat).reshape(len(chunk), n, n_classes)
         scores.append((mixed.argmax(2) == targets[None]).mean(1))
     return candidates[int(np.concatenate(scores).argmax())].astype(np.float64)
+
+
+def scores(dnn, probas, labels, weights, layers) -> dict:
+    """Fidelity and accuracy, combined and per layer, from layer distributions ``(L, n, C)``."""
+    def rates(pred):
+        return {"fidelity": float((pred == dnn).mean()),
+                "accuracy": None if labels is None else float((pred == labels).mean())}
+
+    result = {"n": int(len(dnn)), **rates(combine(probas, weights).argmax(1)),
+              "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
+    result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(layers)}
+    return result
