@@ -94,17 +94,17 @@ def test_calibration_cached_and_rebuilt(model, data):
     x, y = data
     ac = _ac(model).fit(x, y)
     first = trust_signals(ac, x, **KW)
-    cal = ac._trust_calibration
+    cal = ac._trust_cache
     again = trust_signals(ac, x, **KW)
-    assert ac._trust_calibration is cal
+    assert ac._trust_cache is cal
     for k in first:
         assert np.array_equal(first[k], again[k])
     trust_signals(ac, x, n_neighbors=6, calibration_fraction=0.25)
-    assert ac._trust_calibration is not cal
-    cal = ac._trust_calibration
+    assert ac._trust_cache is not cal
+    cal = ac._trust_cache
     ac.fit(x[::-1].copy(), y[::-1].copy())
     trust_signals(ac, x, n_neighbors=6, calibration_fraction=0.25)
-    assert ac._trust_calibration is not cal
+    assert ac._trust_cache is not cal
 
 
 # the neighbour labels are the true labels when fit had them, else the DNN's predictions
@@ -113,10 +113,10 @@ def test_labels_or_predictions(model, data):
     _, ref = _split(_ac(model).fit(x))
     with_y = _ac(model).fit(x, y)
     trust_signals(with_y, x[:5], **KW)
-    assert np.array_equal(with_y._trust_calibration.ref_labels, y[ref])
+    assert np.array_equal(with_y._trust_cache.ref_labels, y[ref])
     without = _ac(model).fit(x)
     trust_signals(without, x[:5], **KW)
-    assert np.array_equal(without._trust_calibration.ref_labels, without.train_predictions_[ref])
+    assert np.array_equal(without._trust_cache.ref_labels, without.train_predictions_[ref])
 
 
 # batching the neighbour search does not change any signal
@@ -125,7 +125,7 @@ def test_batching_does_not_change_results(model, data, monkeypatch):
     ac = _ac(model).fit(x, y)
     whole = trust_signals(ac, x, **KW)
     monkeypatch.setattr(trust_mod, "_BATCH", 7)
-    ac._trust_calibration = None
+    ac._trust_cache = None
     batched = trust_signals(ac, x, **KW)
     for k in whole:
         assert np.allclose(whole[k], batched[k]), k

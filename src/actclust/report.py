@@ -56,7 +56,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from .concepts import concepts
-    from .surrogate import scores
+    from .surrogate import combine, scores
 
     ac._check_fitted()
     for name, value in (("n_correct", n_correct), ("n_wrong", n_wrong), ("k", k), ("n_exemplars", n_exemplars),
@@ -71,29 +71,28 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         raise ValueError(f"class_names must name the {ac.n_classes_} classes; got {len(names)} names.")
 
     q = ac._query(X, y)
-    summary = scores(q.dnn_pred, ac._layer_probas(q), q.labels, ac.weights_, ac.layers_)
-    surrogate_pred = _combined_pred(ac, q)
-    chosen, how = _choose(q, surrogate_pred, indices, n_correct, n_wrong, ac.random_state)
+    probas = ac._layer_probas(q)
+    summary = scores(q.dnn_pred, probas, q.labels, ac.weights_, ac.layers_)
+    chosen, how = _choose(q, combine(probas, ac.weights_).argmax(1), indices, n_correct, n_wrong, ac.random_state)
     explanations = ac.explain(_subset(X, chosen), None if q.labels is None else q.labels[chosen], k=max(k, 1),
                               class_names=names, trust=trust) if len(chosen) else []
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
-    inputs = _items(X, chosen)
-    cache: dict = {}
-
-    def train_sample(i: int) -> dict:
-        if i not in cache:
-            cache[i] = ({"kind": "text", "text": f"#{i}"} if train is None
-                        else renderer(_items(train, [i])[0], f"training sample {i}"))
-        return cache[i]
-
+    cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
+             for j, (e, x) in enumerate(zip(explanations, _items(X, chosen)))]
     gallery = {l: concepts(ac, l, k=max(1, min(n_exemplars, ac.n_samples_fit_)), n_edge=min(n_edge, ac.n_samples_fit_))
                for l in ac.layers_}
-    cards = [{"e": e, "x": renderer(inputs[j], f"input {int(chosen[j])}"), "row": int(chosen[j])}
-             for j, e in enumerate(explanations)]
+    # Every training sample shown is drawn before the page, so the failure banner counts them all.
+    shown = sorted({i for e in explanations for lay in e.layers for i in lay["exemplars"][:4]}
+                   | {s["index"] for e in explanations for p in e.similar.values() for s in p}
+                   | {i for cs in gallery.values() for c in cs for i in c.exemplars + c.edge})
+    if train is None:
+        samples = {i: {"kind": "text", "text": f"#{i}"} for i in shown}
+    else:
+        samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, _items(train, shown))}
     env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, ac=ac, scores=summary, names=names, colors=[_color(c) for c in range(ac.n_classes_)],
-        gallery=gallery, cards=cards, how=how, train_sample=train_sample, has_train=train is not None,
+        gallery=gallery, cards=cards, how=how, train_sample=samples.__getitem__, has_train=train is not None,
         n_exemplars=n_exemplars, model_name=type(ac.model).__name__, failures=renderer.failures,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in ac.clusterings_.items()},
@@ -104,12 +103,6 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     tmp.write_text(html, encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-
-def _combined_pred(ac, q) -> np.ndarray:
-    from . import surrogate
-
-    return surrogate.combine(ac._layer_probas(q), ac.weights_).argmax(1)
 
 
 def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):

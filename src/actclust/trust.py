@@ -151,7 +151,6 @@ class _Calibration:
     """What the neighbour signals need, built once per explainer and parameters."""
 
     key: tuple
-    source: tuple  # the fitted objects it was built from; a refit replaces them
     weights: np.ndarray  # (n_layers,) summing to 1
     indexes: dict  # layer -> faiss index over the reference vectors
     ref_labels: np.ndarray
@@ -171,9 +170,9 @@ def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
     if layer_weights not in ("surrogate", "equal"):
         raise ValueError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
                          f"Got {layer_weights!r} instead.")
-    key, source = (int(k), float(fraction), layer_weights, ac.random_state), (ac.train_vectors_, ac.clusterings_, ac.weights_)
-    cached = getattr(ac, "_trust_calibration", None)
-    if cached is not None and cached.key == key and all(a is b for a, b in zip(cached.source, source)):
+    key = (int(k), float(fraction), layer_weights, ac.random_state)
+    cached = getattr(ac, "_trust_cache", None)  # fit drops every ``*_cache`` attribute
+    if cached is not None and cached.key == key:
         return cached
     n = len(ac.train_predictions_)
     n_cal = round(fraction * n)
@@ -213,8 +212,9 @@ def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
         sizes = np.bincount(d_ref[1], minlength=c.n_clusters)
         # A cluster with no reference member takes the layer's overall scale.
         spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
-        cal_ratio[l] = np.sort(_spread_ratio(c.distances(v[cal]), spread[l]))
-        probas.append(c.soft_assign_from_distances(c.distances(v[cal]), ac._temperature(c)) @ ac.posteriors_[l])
+        d_cal = c.distances(v[cal])
+        cal_ratio[l] = np.sort(_spread_ratio(d_cal, spread[l]))
+        probas.append(c.soft_assign_from_distances(d_cal, ac._temperature(c)) @ ac.posteriors_[l])
     cal_alpha, right, stack = np.sort(_ties(alpha)), pred == labels[cal], None
     if ac.train_labels_ is not None and min(right.sum(), (~right).sum()) >= _MIN_STACK:
         from sklearn.linear_model import LogisticRegression
@@ -224,9 +224,9 @@ def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
         agreement = surrogate.combine(np.stack(probas), ac.weights_)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)))
         stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(features, right)
-    ac._trust_calibration = _Calibration(key, source, weights, indexes, labels[ref], cal_alpha,
-                                         cal_kth, spread, cal_ratio, stack)
-    return ac._trust_calibration
+    ac._trust_cache = _Calibration(key, weights, indexes, labels[ref], cal_alpha,
+                                  cal_kth, spread, cal_ratio, stack)
+    return ac._trust_cache
 
 
 def _stack_features(votes_ratios, agreement, credibility):
