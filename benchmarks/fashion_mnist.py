@@ -223,7 +223,7 @@ def _throughput_and_report(ac, model, x_tr, x_te, y_te, k: int = 10):
     out = RESULTS / "fashion_report.html"
     start = time.perf_counter()
     report(ac, x_te, y_te, train=x_tr, out=out, n_correct=10, n_wrong=10,
-           class_names=list(FASHION_MNIST_CLASSES))
+           class_names=list(FASHION_MNIST_CLASSES), overwrite=True)
     build_s = time.perf_counter() - start
     page = {"inputs": 20, "bytes": out.stat().st_size, "build_over_forward": build_s / fwd,
             **_chromium_render(out)}

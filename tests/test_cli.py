@@ -44,6 +44,10 @@ def test_fit_user_model_npz(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--train", str(tmp_path / "d.npz"),
                  "--out", str(html), "--quiet", "--n-correct", "2", "--n-wrong", "1"]) == 0
     assert "wrote" in capsys.readouterr().out and html.read_text().count('<article class="card') == 3
+    # the same --out again is refused (exit 2) and keeps the file, unless --overwrite
+    again = ["report", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--out", str(html), "--quiet"]
+    assert main(again) == 2 and "already exists" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
     # a second fit into the same --out stops before fitting, keeping the run
     again = ["fit", "conftest:TinyCNN", "--data", str(tmp_path / "d.npz"), "--layers", "conv", "--out", str(tmp_path / "run")]
     assert main(again) == 2 and "pass overwrite=True" in capsys.readouterr().err

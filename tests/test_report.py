@@ -87,3 +87,13 @@ def test_report_errors(fitted, data, tmp_path):
     with pytest.raises(DataError, match="differ from the shape"):
         report(fitted, np.zeros((4, 1, 5, 5), np.float32), out=tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+# an existing file is never replaced silently: refused before any work, replaced with overwrite=True
+def test_report_does_not_overwrite(fitted, data, tmp_path):
+    out = tmp_path / "r.html"
+    out.write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        report(fitted, data[0], out=out)
+    assert out.read_text() == "mine"
+    assert "<!DOCTYPE html>" in report(fitted, data[0], out=out, overwrite=True).read_text()

@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--n-wrong", type=int, default=4, help="inputs the DNN got wrong to explain")
     r.add_argument("--model", help="import path of the model callable (default: the one the run was fitted with)")
     r.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(r, overwrite=False)
     r.set_defaults(func=_report)
 
@@ -132,7 +133,8 @@ def _demo(args) -> int:
     _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model)
     from .report import report
 
-    path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits")
+    path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits",
+                  overwrite=True)  # the run folder was just (re)written by this demo
     print(f"wrote the HTML report {path}: open it in a browser")
     return EXIT_OK
 
@@ -188,6 +190,7 @@ def _report(args) -> int:
         _say(args, "no --train given: training samples are shown by their index")
     names = list(FASHION_MNIST_CLASSES) if args.data == "fashion-mnist" else None
     path = report(ac, x, y, train=train, out=args.out, n_correct=args.n_correct, n_wrong=args.n_wrong,
+                  overwrite=args.overwrite,
                   class_names=names, title=f"actclust report: {Path(args.run).name} on {Path(args.data).name}")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
     return EXIT_OK

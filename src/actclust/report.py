@@ -25,7 +25,8 @@ _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
 
 def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=None, std=None,
            class_names=None, feature_names=None, indices=None, n_correct: int = 4, n_wrong: int = 4,
-           k: int = 6, n_exemplars: int = 6, n_edge: int = 3, trust=None, title: str = "actclust report") -> Path:
+           k: int = 6, n_exemplars: int = 6, n_edge: int = 3, trust=None, title: str = "actclust report",
+           overwrite: bool = False) -> Path:
     """Write an HTML report of the fitted explainer ``ac`` on inputs ``X`` (labels ``y``, optional).
 
     Parameters
@@ -33,7 +34,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     X : ndarray, Tensor or Dataset
         Inputs to score and to pick explained examples from (e.g. the test set).
     out : path, default="report.html"
-        Written atomically; parent folders are created.
+        Written atomically; parent folders are created. An existing file is replaced only with
+        ``overwrite=True`` (checked before any work).
     train : ndarray, Tensor or Dataset, optional
         The training inputs ``fit`` saw, in the same order, to show similar samples and concept
         exemplars; without it they appear as their training indices.
@@ -59,6 +61,9 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     from .surrogate import combine, scores
 
     ac._check_fitted()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     for name, value in (("n_correct", n_correct), ("n_wrong", n_wrong), ("k", k), ("n_exemplars", n_exemplars),
                         ("n_edge", n_edge)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
@@ -97,7 +102,6 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in ac.clusterings_.items()},
     )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(html, encoding="utf-8")
