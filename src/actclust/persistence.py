@@ -55,8 +55,11 @@ def _jsonable(value):
     return value
 
 
-def check_writable(path, overwrite: bool) -> None:
-    """Raise ``FileExistsError`` unless a run may be saved at ``path`` (callers check before long work)."""
+def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") -> None:
+    """Raise ``FileExistsError`` unless a run may be saved at ``path`` (callers check before long work).
+
+    ``flag`` says how the caller replaces a run (the CLI passes ``"add --overwrite"``).
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"Cannot save to {path}: it is a file, not a directory.")
@@ -66,7 +69,7 @@ def check_writable(path, overwrite: bool) -> None:
                 f"Cannot save to {path}: the directory holds other files. Choose a new or empty directory."
             )
         if not overwrite:
-            raise FileExistsError(f"A saved run already exists at {path}; pass overwrite=True to replace it.")
+            raise FileExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
 
 
 def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
