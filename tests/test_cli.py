@@ -1,26 +1,83 @@
+import argparse
+import importlib
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from actclust.cli import main
+from actclust.cli import _parser, main
+
+# Python parameter wording that must never reach a CLI user: the CLI speaks in options.
+PYTHON_WORDING = ("overwrite=True", "parameter of ActivationClustering", "list_layers(model)", "posterior='label'",
+                  "allow_pickle")
+CONSOLE_SCRIPT = Path(sys.executable).with_name("actclust")
 
 
-# the demo trains, fits, prints the table and saves a run that `score` reads back
-def test_demo_then_score(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quiet", "--out", str(out), "--epochs", "8"]) == 0
+def _paste(hint_line: str) -> list:
+    """The argv of the `actclust ...` command at the end of a printed hint, as a shell would split it."""
+    words = shlex.split(hint_line[hint_line.rindex("actclust "):])
+    assert words[0] == "actclust"
+    return words[1:]
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=rng.standard_normal((60, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 60))
+    return path
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """The current folder is tmp_path/user, outside sys.path; modules imported from it are forgotten after."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(folder))])
+    before = set(sys.modules)
+    yield folder
+    for name in set(sys.modules) - before:
+        if name.startswith("usermod"):
+            del sys.modules[name]
+
+
+TINY_MODULE = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import TinyCNN
+
+def build():
+    return TinyCNN()
+"""
+
+
+# the demo trains, fits, prints the table and saves a run into its default folder; the score
+# command its hint prints runs as pasted
+def test_demo_then_score(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quiet", "--epochs", "8"]) == 0
     text = capsys.readouterr().out
+    out = tmp_path / "actclust-demo"
     assert "combined" in text and "fc2" in text and (out / "manifest.json").exists()
     assert "wrote the HTML report" in text and (out / "report.html").stat().st_size > 10_000
-    assert main(["score", str(out), "--data", "digits", "--json", "--quiet"]) == 0
+    hint = next(line for line in text.splitlines() if "actclust score" in line)
+    assert hint.endswith("actclust score actclust-demo --data digits")
+    assert main(_paste(hint) + ["--json", "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0 <= scores["fidelity"] <= 1 and set(scores["per_layer"]) == {"conv1", "conv2", "fc1", "fc2"}
-    # a second demo into the same explicit folder needs --overwrite
-    assert main(["demo", "--quiet", "--out", str(out), "--epochs", "1"]) == 2
-    assert "overwrite" in capsys.readouterr().err
+
+
+# a demo into an explicit folder holding a run stops before training and names the option
+def test_demo_explicit_out_needs_overwrite_flag(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["demo", "--quiet", "--out", str(tmp_path), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "add --overwrite to replace it" in err and "overwrite=True" not in err
 
 
 # fit takes a user model by import path, weights, and an .npz; exit code 0, run saved
@@ -36,6 +93,7 @@ def test_fit_user_model_npz(tmp_path, capsys):
                  str(tmp_path / "d.npz"), "--layers", "conv,fc1", "--n-clusters", "3", "--out",
                  str(tmp_path / "run"), "--quiet", "--posterior", "label", "--clustering", "distill"])
     assert code == 0 and (tmp_path / "run" / "manifest.json").exists()
+    assert "warning" not in capsys.readouterr().err  # --weights given: nothing to warn about
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["params"]["clustering"] == "distill"
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
@@ -46,28 +104,184 @@ def test_fit_user_model_npz(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and html.read_text().count('<article class="card') == 3
     # the same --out again is refused (exit 2) and keeps the file, unless --overwrite
     again = ["report", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--out", str(html), "--quiet"]
-    assert main(again) == 2 and "already exists" in capsys.readouterr().err
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert f"{html} already exists; add --overwrite to replace it" in err and "overwrite=True" not in err
     assert main(again + ["--overwrite"]) == 0
     # a second fit into the same --out stops before fitting, keeping the run
     again = ["fit", "conftest:TinyCNN", "--data", str(tmp_path / "d.npz"), "--layers", "conv", "--out", str(tmp_path / "run")]
-    assert main(again) == 2 and "pass overwrite=True" in capsys.readouterr().err
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "add --overwrite to replace it" in err and "overwrite=True" not in err
     assert (tmp_path / "run" / "manifest.json").exists()
 
 
-# bad input exits with 2 and one clear line on stderr
+# bad input exits with 2 and one clear line on stderr, in option terms
 @pytest.mark.parametrize("argv, match", [
     (["fit", "nomodule", "--data", "digits", "--layers", "a", "--out", "x"], "package.module:callable"),
+    (["fit", "conftest:LAYERS", "--data", "digits", "--layers", "a", "--out", "x"], "not a callable"),
+    (["fit", "models/mine.py:build", "--data", "digits", "--layers", "a", "--out", "x"],
+     "not a file path; got 'models/mine.py:build'. Run actclust in models and give mine:build"),
     (["fit", "conftest:Nope", "--data", "digits", "--layers", "a", "--out", "x"], "has no attribute 'Nope'"),
     (["fit", "conftest:TinyCNN", "--data", "mnist", "--layers", "fc1", "--out", "x"], "--data must be one of"),
-    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc_1", "--out", "x"], "Did you mean 'fc1'"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc_1", "--out", "x"],
+     "--layers: the model has no module named 'fc_1'. Did you mean 'fc1'"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc_1", "--out", "x"],
+     "List the valid names with: actclust layers conftest:TinyCNN"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1,fc1", "--out", "x"], "--layers names 'fc1' twice"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", " , ", "--out", "x"],
+     "--layers must name at least one module; list them with: actclust layers conftest:TinyCNN"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--n-clusters", "1", "--out", "x"],
+     "argument --n-clusters: must be at least 2"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--batch-size", "0", "--out", "x"],
+     "argument --batch-size: must be at least 1"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--reducer", "avg", "--out", "x"],
+     "--reducer must be mean, max, grid, grid:G, pca:D or random:D"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "conv,fc1", "--layer-weights", "1,2,3", "--out", "x"],
+     "--layer-weights must give one number per --layers entry (2: conv,fc1); got 3"),
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--layer-weights", "-1", "--out", "x"],
+     "--layer-weights must be non-negative numbers"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be at least 1"),
+    (["report", "/nonexistent/run", "--data", "digits", "--n-wrong", "-1"], "argument --n-wrong: must be at least 0"),
     (["score", "/nonexistent/run", "--data", "digits"], "No saved run"),
     (["report", "/nonexistent/run", "--data", "digits"], "No saved run"),
     (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--layer-weights", "a,b", "--out", "x"],
      "--layer-weights must be 'fit' or comma-separated numbers"),
 ])
-def test_bad_input_exit_code(argv, match, capsys):
+def test_bad_input_exit_code(argv, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing is written where the tests run
     assert main(argv) == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and not any(w in err for w in PYTHON_WORDING)
+
+
+# options checked against the data: too many clusters, label posterior without labels, a broken
+# .npz, weights that do not fit; each in option terms, exit code 2
+def test_bad_data_for_options(tmp_path, tiny_npz, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "conftest:TinyCNN", "--layers", "fc1", "--n-clusters", "3", "--out", "run", "--quiet"]
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((5, 1, 6, 6), np.float32))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    np.save(tmp_path / "lone.npy", np.zeros(3))
+    (tmp_path / "lone.npy").rename(tmp_path / "lone.npz")
+    np.savez(tmp_path / "objects.npz", x=np.array([{}, {}], dtype=object))
+    np.savez(tmp_path / "short_y.npz", x=np.zeros((5, 1, 6, 6), np.float32), y=np.zeros(4, int))
+    torch = pytest.importorskip("torch")
+    torch.save({"fc9.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    cases = [
+        (["--data", str(tiny_npz), "--n-clusters", "61"], f"--n-clusters 61 is more than the 60 samples of --data {tiny_npz}"),
+        (["--data", "nolabels.npz", "--posterior", "label"],
+         "--posterior label needs the true labels, but --data nolabels.npz has no array 'y'"),
+        (["--data", "broken.npz"], "Cannot read broken.npz as an .npz file of numeric arrays"),
+        (["--data", "lone.npz"], "Cannot read lone.npz as an .npz file of numeric arrays"),
+        (["--data", "objects.npz"], "Cannot read objects.npz as an .npz file of numeric arrays"),
+        (["--data", "short_y.npz"], "The array y in short_y.npz must hold one label per sample of x (5)"),
+        (["--data", str(tiny_npz), "--weights", "other.pt"], "The weights in other.pt do not fit the model conftest:TinyCNN"),
+    ]
+    for extra, match in cases:
+        assert main(fit + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert match in err and not any(w in err for w in PYTHON_WORDING), err
+    assert not (tmp_path / "run").exists()
+
+
+# `actclust fit mymodule:build` in the folder holding mymodule.py imports it, as `python -m` would
+def test_model_from_current_folder(user_folder, tiny_npz, capsys):
+    (user_folder / "usermod_a.py").write_text(TINY_MODULE.format(tests=str(Path(__file__).parent)))
+    importlib.invalidate_caches()
+    assert main(["layers", "usermod_a:build"]) == 0
+    assert capsys.readouterr().out.split() == ["conv", "relu", "pool", "flat", "fc1", "act", "fc2", "unused"]
+    assert main(["fit", "usermod_a:build", "--data", str(tiny_npz), "--layers", "fc1", "--n-clusters", "3",
+                 "--out", "run", "--quiet"]) == 0
+    assert (user_folder / "run" / "manifest.json").exists()
+
+
+# a model module that cannot be imported: the message names the module, the folder searched and
+# the expected form; a module that is found but imports something missing names that instead
+def test_model_module_not_found(user_folder, capsys):
+    assert main(["layers", "usermod_missing:build"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot import the model module 'usermod_missing'" in err
+    assert f"current folder ({user_folder})" in err and "'package.module:callable'" in err
+    (user_folder / "usermod_b.py").write_text("import usermod_not_installed\n")
+    importlib.invalidate_caches()
+    assert main(["layers", "usermod_b:build"]) == 2
+    assert "Importing the model module 'usermod_b' failed: No module named 'usermod_not_installed'" in capsys.readouterr().err
+
+
+# fit without --weights warns on stderr (also with --quiet) that the factory's weights are used,
+# and says how to pass trained ones
+def test_fit_without_weights_warns(tmp_path, tiny_npz, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "conftest:TinyCNN", "--data", str(tiny_npz), "--layers", "fc1", "--n-clusters", "3",
+                 "--out", "run", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "actclust fit: warning: no --weights given: conftest:TinyCNN is used with the weights it gives" in err
+    assert "add --weights model.pt" in err
+
+
+# the score command printed after fit reuses the user's --data and runs as pasted
+def test_fit_hint_is_a_runnable_command(tmp_path, tiny_npz, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "conftest:TinyCNN", "--data", "d.npz", "--layers", "conv,fc1", "--n-clusters", "3",
+                 "--out", "my run", "--quiet"]) == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if "actclust score" in line)
+    assert hint.endswith("actclust score 'my run' --data d.npz")
+    assert main(_paste(hint) + ["--quiet"]) == 0
+    assert "combined" in capsys.readouterr().out
+
+
+# report checks its --out and --train before the work, in option terms (exit code 2)
+def test_report_checks_out_and_train(tmp_path, tiny_npz, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "conftest:TinyCNN", "--data", "d.npz", "--layers", "fc1", "--n-clusters", "3",
+                 "--out", "run", "--quiet"]) == 0
+    np.savez(tmp_path / "other.npz", x=np.zeros((7, 1, 6, 6), np.float32))
+    (tmp_path / "folder").mkdir()
+    report = ["report", "run", "--data", "d.npz", "--quiet"]
+    assert main(report + ["--out", "folder"]) == 2
+    assert "--out folder is a directory; give the HTML file to write, e.g. --out folder/report.html" in capsys.readouterr().err
+    assert main(report + ["--train", "other.npz"]) == 2
+    assert ("--train other.npz has 7 samples but the run was fitted on 60; add --train with the .npz the run was "
+            "fitted on") in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+
+
+def _actions(parser):
+    """(parser, action) for every action of the parser and its subcommands, except -h."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        yield parser, action
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield parser, choice
+            for sub in action.choices.values():
+                yield from _actions(sub)
+
+
+# every option and argument of every subcommand has help text, and its help shows its default
+def test_every_option_has_help_and_default():
+    seen = 0
+    for parser, action in _actions(_parser()):
+        seen += 1
+        assert action.help and action.help.strip(), f"{parser.prog} {action.option_strings or action.dest}: no help"
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text = " ".join(parser.format_help().split())
+            assert f"(default: {action.default}" in text, f"{parser.prog} {action.option_strings}: default not shown"
+    assert seen > 30
+
+
+# exit codes as documented: --help 0, a usage error 2 (returned, not raised), an unexpected
+# error 1 with its traceback
+def test_exit_codes(user_folder, capsys):
+    assert main(["fit", "--help"]) == 0 and "(default: 15)" in capsys.readouterr().out
+    assert main(["fit", "conftest:TinyCNN"]) == 2 and "required" in capsys.readouterr().err
+    assert main([]) == 2 and "COMMAND" in capsys.readouterr().err
+    (user_folder / "usermod_c.py").write_text("def build():\n    raise RuntimeError('boom in build')\n")
+    script = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "actclust.cli"]
+    r = subprocess.run(script + ["layers", "usermod_c:build"], capture_output=True, text=True, cwd=user_folder)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "boom in build" in r.stderr
 
 
 # the installed console script runs and reports usage errors with exit code 2

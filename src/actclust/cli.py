@@ -1,29 +1,39 @@
 """The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report`` and ``layers``.
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what to change); 1 an
-unexpected error (with its traceback).
+unexpected error (with its traceback); 130 interrupted with Ctrl-C. ``main`` returns the code
+(argparse's own usage errors included) rather than exiting, so it can be called from Python.
+
+Messages speak in options (``--n-clusters``, ``--overwrite``), never in the library's Python
+parameter names: options the library would reject are checked here first, in CLI terms.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_USAGE = 0, 2  # an unexpected error leaves Python's own exit status, 1
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 DEMO_OUT = "actclust-demo"
 
 
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on a usage error (2, after its message)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     from .exceptions import ActClustError
 
@@ -34,7 +44,39 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each option's help, except where there is nothing to show.
+
+    A flag's default (off) and an unset option (whose help says in words what happens) would read
+    "(default: False)" / "(default: None)", which says nothing to a user.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int, why: str = ""):
+    """An argparse ``type`` for integers >= ``low``; the error is worded for the option it checks."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}; got {value}")
+        return value
+
+    return parse
+
+
+_MODEL_HELP = ("the callable that builds your nn.Module, as package.module:callable (e.g. mymodule:build for "
+               "a function build() in mymodule.py in the current folder)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,64 +84,79 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"actclust {__version__}")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="run 'actclust COMMAND --help' for its options")
+    clusters = _int_at_least(2, " (one cluster per layer explains nothing)")
 
-    d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits, fit and score the surrogate")
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    d = command("demo", "train a small CNN on scikit-learn's digits, fit and score the surrogate")
     d.add_argument("--out", default=DEMO_OUT,
                    help="directory of the saved run (default: %(default)s, replaced on each demo run)")
-    d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--n-clusters", type=int, default=15)
+    d.add_argument("--epochs", type=_int_at_least(1), default=15, help="training epochs of the small CNN")
+    d.add_argument("--n-clusters", type=clusters, default=15, help="clusters per layer")
     _common(d)
     d.set_defaults(func=_demo)
 
-    f = sub.add_parser("fit", help="fit the surrogate of your model and save the run")
-    f.add_argument("model", help="import path of a callable returning the nn.Module, e.g. pkg.mod:build")
-    f.add_argument("--weights", help="state dict to load into the model (.safetensors, or .pt loaded with weights_only)")
-    f.add_argument("--data", required=True, help="'digits', 'fashion-mnist', or an .npz with x (and optional y)")
-    f.add_argument("--layers", required=True, help="comma-separated module names; see 'actclust layers'")
-    f.add_argument("--n-clusters", type=int, default=15)
-    f.add_argument("--reducer", default="mean")
-    f.add_argument("--posterior", default="prediction", choices=["prediction", "label"])
-    f.add_argument("--layer-weights", default=None, help="'fit', or comma-separated numbers (default: equal)")
+    f = command("fit", "fit the surrogate of your model and save the run")
+    f.add_argument("model", help=_MODEL_HELP)
+    f.add_argument("--weights", help="state dict of your trained model (.safetensors, or .pt loaded with "
+                                     "weights_only); without it the model keeps the weights its callable gives it")
+    f.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (training split), or an .npz with x "
+                                                 "(and optional y) to fit on")
+    f.add_argument("--layers", required=True,
+                   help="comma-separated module names; list them with: actclust layers MODEL")
+    f.add_argument("--n-clusters", type=clusters, default=15, help="clusters per layer")
+    f.add_argument("--reducer", default="mean",
+                   help="how each layer's activation map becomes a vector: mean, max, grid, grid:G, pca:D "
+                        "or random:D (G, D positive integers)")
+    f.add_argument("--posterior", default="prediction", choices=["prediction", "label"],
+                   help="what a cluster predicts: the DNN's predictions in it, or the true labels (needs y)")
+    f.add_argument("--layer-weights", default=None,
+                   help="'fit' (learned on held-out data), or one comma-separated number per layer "
+                        "(default: equal weights)")
     f.add_argument("--clustering", default="kmeans", choices=["kmeans", "distill", "idec"],
-                   help="kmeans (default), distill (refined toward the DNN: most faithful) or idec (the paper's)")
-    f.add_argument("--batch-size", type=int, default=256)
+                   help="kmeans, distill (refined toward the DNN: most faithful) or idec (the paper's)")
+    f.add_argument("--batch-size", type=_int_at_least(1), default=256, help="inputs per forward pass")
     f.add_argument("--out", required=True, help="directory of the saved run")
     _common(f)
     f.set_defaults(func=_fit)
 
-    s = sub.add_parser("score", help="fidelity and accuracy of a saved run on data")
+    s = command("score", "fidelity and accuracy of a saved run on data")
     s.add_argument("run", help="directory of a saved run")
     s.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (test split), or an .npz with x (and y)")
-    s.add_argument("--model", help="import path of the model callable (default: the one the run was fitted with)")
+    s.add_argument("--model", help="the model callable as package.module:callable "
+                                   "(default: the one the run was fitted with)")
     s.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
     s.add_argument("--json", action="store_true", help="print the scores as JSON")
     _common(s, overwrite=False)
     s.set_defaults(func=_score)
 
-    r = sub.add_parser("report", help="write a self-contained HTML report of a saved run on data")
+    r = command("report", "write a self-contained HTML report of a saved run on data")
     r.add_argument("run", help="directory of a saved run")
     r.add_argument("--data", required=True,
                    help="'digits' or 'fashion-mnist' (explains the test split, shows the training split), "
                         "or an .npz with x (and y) to explain")
-    r.add_argument("--train", help="an .npz whose x is the training data the run was fitted on (for .npz --data)")
-    r.add_argument("--out", default="report.html", help="HTML file to write (default: %(default)s)")
-    r.add_argument("--n-correct", type=int, default=4, help="inputs the DNN got right to explain")
-    r.add_argument("--n-wrong", type=int, default=4, help="inputs the DNN got wrong to explain")
-    r.add_argument("--model", help="import path of the model callable (default: the one the run was fitted with)")
+    r.add_argument("--train", help="an .npz whose x is the training data the run was fitted on, to show similar "
+                                   "training samples (default for an .npz --data: samples shown by index)")
+    r.add_argument("--out", default="report.html", help="HTML file to write")
+    r.add_argument("--n-correct", type=_int_at_least(0), default=4, help="inputs the DNN got right to explain")
+    r.add_argument("--n-wrong", type=_int_at_least(0), default=4, help="inputs the DNN got wrong to explain")
+    r.add_argument("--model", help="the model callable as package.module:callable "
+                                   "(default: the one the run was fitted with)")
     r.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(r, overwrite=False)
     r.set_defaults(func=_report)
 
-    lay = sub.add_parser("layers", help="list the layer names of a model")
-    lay.add_argument("model")
+    lay = command("layers", "list the layer names of a model (the names --layers takes)")
+    lay.add_argument("model", help=_MODEL_HELP)
     lay.set_defaults(func=_layers)
     return p
 
 
 def _common(p, overwrite=True):
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     if overwrite:
         p.add_argument("--overwrite", action="store_true", help="replace a saved run at --out")
 
@@ -116,7 +173,7 @@ def _demo(args) -> int:
     out = Path(args.out)
     # The default folder belongs to the demo: each demo run replaces it, and says so.
     overwrite = args.overwrite or args.out == DEMO_OUT
-    check_writable(out, overwrite)  # before training, not after
+    check_writable(out, overwrite, flag=OVERWRITE_FLAG)  # before training, not after
     torch.manual_seed(0)
     x_tr, y_tr, x_te, y_te = load_digits()
     t0 = time.perf_counter()
@@ -130,7 +187,7 @@ def _demo(args) -> int:
     print(format_scores(ac.score(x_te, y_te), ac))
     if overwrite and (out / "manifest.json").exists():
         _say(args, f"replacing the previous run in {out}/")
-    _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model)
+    _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model, "digits")
     from .report import report
 
     path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits",
@@ -143,17 +200,29 @@ def _fit(args) -> int:
     from . import ActivationClustering
     from .persistence import check_writable
 
-    weights = args.layer_weights
-    if weights is not None and weights != "fit":
-        try:
-            weights = [float(v) for v in weights.split(",")]
-        except ValueError:
-            raise ValueError(f"--layer-weights must be 'fit' or comma-separated numbers; got {weights!r}.") from None
-    check_writable(args.out, args.overwrite)  # fail before the long fit, not after it
+    # Every option is checked here, in option terms, before the model is built and the long fit
+    # starts; the library would otherwise answer in its Python parameter names.
+    layers = [l.strip() for l in args.layers.split(",") if l.strip()]
+    if not layers:
+        raise ValueError(f"--layers must name at least one module; list them with: {_command('layers', args.model)}")
+    _check_reducer(args.reducer)
+    weights = _layer_weights(args.layer_weights, layers)
+    check_writable(args.out, args.overwrite, flag=OVERWRITE_FLAG)
     model = _build_model(args.model, args.weights)
+    _check_layers(layers, model, args.model)
     x, y = _load_data(args.data, "train")
+    if args.n_clusters > len(x):
+        raise ValueError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
+                         f"use at most {len(x)}.")
+    if args.posterior == "label" and y is None:
+        raise ValueError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
+                         "add y to the .npz, or use --posterior prediction.")
+    if not args.weights:  # said once the inputs are known good, just before the long fit
+        _warn(args, f"no --weights given: {args.model} is used with the weights it gives the model (untrained, "
+                    "unless it loads trained ones itself). To explain your trained model, save its state dict, e.g. "
+                    "torch.save(model.state_dict(), 'model.pt'), and add --weights model.pt.")
     ac = ActivationClustering(
-        model, [l.strip() for l in args.layers.split(",") if l.strip()], n_clusters=args.n_clusters,
+        model, layers, n_clusters=args.n_clusters,
         reducer=args.reducer, posterior=args.posterior, layer_weights=weights, clustering=args.clustering,
         batch_size=args.batch_size,
         progress=not args.quiet,
@@ -161,7 +230,7 @@ def _fit(args) -> int:
     ac.fit(x, y)
     print(format_scores(ac.train_score_, ac, title="on the training data (in-sample)"))
     weights_path = str(Path(args.weights).resolve()) if args.weights else None
-    _save(ac, Path(args.out), args.overwrite, {"model": args.model, "weights": weights_path}, None)
+    _save(ac, Path(args.out), args.overwrite, {"model": args.model, "weights": weights_path}, None, args.data)
     return EXIT_OK
 
 
@@ -179,17 +248,28 @@ def _report(args) -> int:
     from .datasets import DATASETS, FASHION_MNIST_CLASSES
     from .report import report
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}.")
+    if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
+        raise FileExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
     ac = _load_run(args)
     x, y = _load_data(args.data, "test")
     if args.train:
-        train = _load_data(args.train, "train")[0]
+        train, source = _load_data(args.train, "train")[0], f"--train {args.train}"
     elif args.data in DATASETS:
-        train = _load_data(args.data, "train")[0]
+        train, source = _load_data(args.data, "train")[0], f"the {args.data} training split"
     else:
         train = None
-        _say(args, "no --train given: training samples are shown by their index")
+        _say(args, "no --train given: training samples are shown by their index; to show them, add --train "
+                   "with the .npz the run was fitted on")
+    if train is not None and len(train) != ac.n_samples_fit_:
+        raise ValueError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
+                         "add --train with the .npz the run was fitted on (same samples, same order).")
     names = list(FASHION_MNIST_CLASSES) if args.data == "fashion-mnist" else None
-    path = report(ac, x, y, train=train, out=args.out, n_correct=args.n_correct, n_wrong=args.n_wrong,
+    if names is not None and len(names) != ac.n_classes_:
+        names = None  # a run of another model: its classes are shown by index
+    path = report(ac, x, y, train=train, out=out, n_correct=args.n_correct, n_wrong=args.n_wrong,
                   overwrite=args.overwrite,
                   class_names=names, title=f"actclust report: {Path(args.run).name} on {Path(args.data).name}")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
@@ -197,7 +277,7 @@ def _report(args) -> int:
 
 
 def _layers(args) -> int:
-    from ._capture import list_layers
+    from . import list_layers
 
     for name in list_layers(_build_model(args.model, None)):
         print(name)
@@ -205,9 +285,62 @@ def _layers(args) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
+OVERWRITE_FLAG = "add --overwrite"  # how the CLI replaces a run or a report, in its messages
+
+
+def _command(*words: str) -> str:
+    """A command line a user can paste into a shell."""
+    return shlex.join(["actclust", *map(str, words)])
+
+
 def _say(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
+
+
+def _warn(args, message: str) -> None:
+    """A warning the user must see: on stderr, also with --quiet (which silences progress only)."""
+    print(f"actclust {args.command}: warning: {message}", file=sys.stderr)
+
+
+def _check_reducer(spec: str) -> None:
+    from .reduction import make_reducer
+
+    try:
+        make_reducer(spec)
+    except ValueError:
+        raise ValueError("--reducer must be mean, max, grid, grid:G, pca:D or random:D (G, D positive integers); "
+                         f"got {spec!r}.") from None
+
+
+def _layer_weights(text, layers: list):
+    """--layer-weights as the library takes it: None, 'fit', or one non-negative number per layer."""
+    if text is None or text == "fit":
+        return text
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layer-weights must be 'fit' or comma-separated numbers; got {text!r}.") from None
+    if len(weights) != len(layers):
+        raise ValueError(f"--layer-weights must give one number per --layers entry ({len(layers)}: "
+                         f"{','.join(layers)}); got {len(weights)}.")
+    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--layer-weights must be non-negative numbers, not all zero; got {text!r}.")
+    return weights
+
+
+def _check_layers(layers: list, model, spec: str) -> None:
+    from . import list_layers
+
+    valid = list_layers(model)
+    for i, name in enumerate(layers):
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"--layers: the model has no module named {name!r}.{hint} "
+                             f"List the valid names with: {_command('layers', spec)}")
+        if name in layers[:i]:
+            raise ValueError(f"--layers names {name!r} twice; name each module once.")
 
 
 def _load_run(args):
@@ -216,32 +349,62 @@ def _load_run(args):
     meta = read_manifest(args.run).get("metadata", {})
     spec = args.model or meta.get("model")
     if not spec:
-        raise ValueError(f"The run at {args.run} does not say how to build its model; pass --model pkg.mod:build.")
+        raise ValueError(f"The run at {args.run} does not say how to build its model; add --model with the "
+                         "callable that builds it, as package.module:callable.")
     weights = args.weights or meta.get("weights")
     if weights and not Path(weights).is_absolute() and not args.weights:
         weights = str(Path(args.run) / weights)
     return load(args.run, _build_model(spec, weights), progress=not args.quiet)
 
 
-def _save(ac, out: Path, overwrite: bool, metadata: dict, model) -> None:
+def _save(ac, out: Path, overwrite: bool, metadata: dict, model, data: str) -> None:
     ac.save(out, overwrite=overwrite, metadata=metadata)
     if model is not None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    print(f"saved the run to {out}/ (score it again with: actclust score {out} --data ...)")
+    print(f"saved the run to {out}/; score it again with: {_command('score', out, '--data', data)}")
+
+
+def _import_factory(spec: str):
+    """The callable named by ``package.module:callable``, importable from the current folder as with ``python -m``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"The model must be given as 'package.module:callable' (e.g. mymodule:build); got {spec!r}.")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        file = Path(module_name)
+        raise ValueError(f"The model must be given as 'package.module:callable', a module name, not a file path; "
+                         f"got {spec!r}. Run actclust in {file.parent} and give {file.stem}:{attr}.")
+    cwd = os.getcwd()
+    # A console script's sys.path starts with its bin folder, not the current one; add the
+    # current folder first, as `python -m` does, so mymodule.py here is found.
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ImportError(
+                f"Cannot import the model module {module_name!r}: no module {e.name!r} in the current folder "
+                f"({cwd}) nor among the installed packages. Give the model as 'package.module:callable', "
+                "importable from the folder you run actclust in (e.g. mymodule:build for mymodule.py there)."
+            ) from None
+        raise ImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"Module {module_name!r} has no attribute {attr!r}.") from None
+    if not callable(factory):
+        raise ValueError(f"{spec} is a {type(factory).__name__}, not a callable that returns the model.")
+    return factory
 
 
 def _build_model(spec: str, weights):
     import torch
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"The model must be given as 'package.module:callable'; got {spec!r}.")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except AttributeError:
-        raise ImportError(f"Module {module_name!r} has no attribute {attr!r}.") from None
+    factory = _import_factory(spec)
+    if isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
+        raise ValueError(f"{spec} is a model instance; give a function or class that builds the model instead.")
     model = factory()
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
@@ -249,17 +412,29 @@ def _build_model(spec: str, weights):
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"Weights file {path} not found.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
+            raise ValueError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
+                             "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; save "
+                             "model.state_dict() rather than the model.")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
     return model.eval()
 
 
 def _load_data(spec: str, split: str):
+    import zipfile
+
     from .datasets import DATASETS, load_dataset
 
     if spec in DATASETS:
@@ -270,10 +445,23 @@ def _load_data(spec: str, split: str):
         raise ValueError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} not found.")
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise ValueError(f"{path} has no array named 'x' (it has {sorted(data.files)}).")
-        return data["x"], (data["y"] if "y" in data else None)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name in ("x", "y")}
+            files = sorted(data.files)
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # TypeError: a lone .npy, not an archive
+        # numpy's own message names its Python arguments (allow_pickle=); pickled data is refused
+        raise ValueError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
+                         "not loaded, so a data file cannot run code); write it with numpy.savez(path, x=x, y=y).") from None
+    if "x" not in arrays:
+        raise ValueError(f"{path} has no array named 'x' (it has {files}).")
+    x, y = arrays["x"], arrays.get("y")
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"The array x in {path} holds no samples.")
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise ValueError(f"The array y in {path} must hold one label per sample of x ({len(x)}); "
+                         f"it has shape {y.shape}.")
+    return x, y
 
 
 def format_scores(scores: dict, ac, title: str = "on the test data") -> str:
