@@ -1,12 +1,21 @@
+import hashlib
 import json
 import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
 import pytest
+import torch
+from safetensors.numpy import load_file, save_file
 
 import actclust
-from actclust import ActivationClustering, InvalidSaveError, ModelMismatchWarning
+from actclust import ActivationClustering, InvalidSaveError, ModelMismatchWarning, RunExistsError
 
 from conftest import LAYERS, TinyCNN, hook_count
 
@@ -19,6 +28,17 @@ def fitted(model, data):
 
 def _arrays(run):
     return next(run.glob("arrays-*.safetensors"))
+
+
+def _forge(run, manifest: dict, arrays: dict = None) -> None:
+    """Rewrite a run as someone who knows the format would: arrays, checksum and digest made consistent."""
+    if arrays is not None:
+        old = _arrays(run)
+        save_file(arrays, str(old))
+        manifest["arrays_sha256"] = hashlib.sha256(old.read_bytes()).hexdigest()
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    manifest["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
 
 # a saved run loads to identical predictions, weights and parameters
@@ -36,14 +56,75 @@ def test_round_trip(fitted, model, data, tmp_path):
     assert hook_count(model) == 0
 
 
-# the files are JSON and safetensors only; nothing pickled
-def test_no_pickle(fitted, tmp_path):
+# a distilled run keeps its learned per-layer temperatures (soft assignment) through a save
+def test_round_trip_distill(model, data, tmp_path):
+    ac = ActivationClustering(model, LAYERS, n_clusters=4, clustering="distill", progress=False).fit(*data)
+    assert any(t > 0 for t in ac.state_.temperatures.values())
+    ac.save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert loaded.state_.temperatures == ac.state_.temperatures
+    assert np.array_equal(loaded.predict_proba(data[0]), ac.predict_proba(data[0]))
+
+
+# the files are JSON and safetensors, and loading never calls an unpickler or torch.load
+def test_no_pickle(fitted, model, data, tmp_path, monkeypatch):
     fitted.save(tmp_path / "run")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names[0].startswith("arrays-") and names[1] == "manifest.json" and len(names) == 2
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["layers"] == LAYERS and m["reducers"]["conv"] == "pca:3"
-    assert b"\x80\x04" not in _arrays(tmp_path / "run").read_bytes()[:16]
+    assert m["format_version"] == 2 and m["state"]["layers"] == LAYERS and m["state"]["reducers"]["conv"] == "pca:3"
+    raw = _arrays(tmp_path / "run").read_bytes()
+    header = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then a JSON header
+    assert set(json.loads(raw[8:8 + header])) >= {"weights", "conv/posteriors"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a run must not unpickle anything")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"), (np, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert np.array_equal(loaded.predict(data[0]), fitted.predict(data[0]))
+
+
+# every manifest value that affects results is covered by its digest: an edit is refused
+@pytest.mark.parametrize("edit", [
+    lambda m: m["params"].update(reducer="max"),
+    lambda m: m["params"].update(normalize=None),
+    lambda m: m["params"].update(temperature=0.5),
+    lambda m: m["state"].update(normalize=None),
+    lambda m: m["state"].update(n_samples=10),
+    lambda m: m["state"]["reducers"].update(conv="mean"),
+    lambda m: m.update(model_fingerprint="0" * 64),
+    lambda m: m["metadata"].update(weights="other.safetensors"),
+])
+def test_manifest_edits_refused(fitted, model, tmp_path, edit):
+    run = tmp_path / "run"
+    fitted.save(run)
+    m = json.loads((run / "manifest.json").read_text())
+    edit(m)
+    (run / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InvalidSaveError, match="does not match its digest: a value in it was changed"):
+        actclust.load(run, model)
+
+
+# arrays that are consistent with their checksum but wrong are refused, each with what is wrong
+@pytest.mark.parametrize("key, change, match", [
+    ("fc1/posteriors", lambda a: a[:2], r"'fc1/posteriors' has shape \(2, 3\); expected \(4, 3\)"),
+    ("fc1/posteriors", lambda a: np.where(a > 0.5, np.nan, a), "'fc1/posteriors' holds NaN"),
+    ("weights", lambda a: np.array([1.5, -0.5, 0.0]), "weights .* must be non-negative and sum to 1"),
+    ("weights", lambda a: a * 2, "weights .* must be non-negative and sum to 1"),
+    ("train_predictions", lambda a: a + 7, "'train_predictions' must hold class ids in 0..2"),
+    ("conv/train_vectors", lambda a: a[:, :2], r"centres of layer 'conv' have shape"),
+    ("fc2/temperature", lambda a: -a - 1, "temperature of layer 'fc2' is negative"),
+])
+def test_bad_arrays_refused(fitted, model, tmp_path, key, change, match):
+    run = tmp_path / "run"
+    fitted.save(run)
+    arrays = load_file(str(_arrays(run)))
+    arrays[key] = np.ascontiguousarray(change(arrays[key]))
+    _forge(run, json.loads((run / "manifest.json").read_text()), arrays)
+    with pytest.raises(InvalidSaveError, match=match):
+        actclust.load(run, model)
 
 
 # loading with a model of other parameters warns clearly
@@ -56,7 +137,7 @@ def test_other_model_warns(fitted, tmp_path):
 # an existing run is replaced only with overwrite=True; a folder of other files is never written into
 def test_overwrite_rules(fitted, tmp_path):
     fitted.save(tmp_path / "run")
-    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+    with pytest.raises(RunExistsError, match="pass overwrite=True"):
         fitted.save(tmp_path / "run")
     fitted.save(tmp_path / "run", overwrite=True)
     assert len(list((tmp_path / "run").glob("arrays-*"))) == 1
@@ -67,7 +148,7 @@ def test_overwrite_rules(fitted, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-# a crash while swapping in the new manifest leaves the previous save whole and loadable
+# a crash while swapping in the new manifest leaves the previous save whole and loadable, and no temp file
 def test_crash_mid_save_keeps_previous(fitted, model, data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     fitted.save(run)
@@ -83,7 +164,66 @@ def test_crash_mid_save_keeps_previous(fitted, model, data, tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         fitted.save(run, overwrite=True)
     monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name.split("-")[0] for p in run.iterdir()) == ["arrays", "manifest.json"]
     assert np.array_equal(actclust.load(run, model, progress=False).predict_proba(data[0]), before)
+
+
+# a first save that fails leaves nothing behind, so the next save to that folder works without overwrite
+def test_failed_first_save_leaves_nothing(fitted, model, data, tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fitted.save(tmp_path / "run")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert list((tmp_path / "run").iterdir()) == []
+    fitted.save(tmp_path / "run")
+    assert np.array_equal(actclust.load(tmp_path / "run", model, progress=False).predict(data[0]), fitted.predict(data[0]))
+
+
+_SAVER = """
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from conftest import TinyCNN, LAYERS
+import actclust
+x = np.random.default_rng(0).standard_normal((3000, 1, 6, 6)).astype(np.float32)
+ac = actclust.ActivationClustering(TinyCNN().eval(), LAYERS, n_clusters=4, reducer="random:512", progress=False).fit(x)
+print("ready", flush=True)
+while True:
+    ac.save({run!r}, overwrite=True)
+"""
+
+
+# a save killed with SIGKILL keeps the previous run; its temporary file is removed by the next save
+def test_killed_save_leaves_no_temp_behind(fitted, model, data, tmp_path):
+    run = tmp_path / "run"
+    code = _SAVER.format(tests=os.path.dirname(__file__), run=str(run))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".arrays-") for p in run.glob(".*")):
+            assert time.monotonic() < deadline, "no temporary file seen while saving"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(p.name.endswith(".tmp") for p in run.iterdir())  # what a killed save leaves
+    fitted.save(run, overwrite=True)
+    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert np.array_equal(actclust.load(run, model, progress=False).predict(data[0]), fitted.predict(data[0]))
+
+
+# the array file and the manifest get the same permissions
+def test_same_permissions(fitted, tmp_path):
+    fitted.save(tmp_path / "run")
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
+    assert len(modes) == 1, modes
 
 
 # missing, truncated, tampered or malicious saves give InvalidSaveError, never run code
@@ -105,13 +245,16 @@ def test_damaged_saves(fitted, model, tmp_path):
 
     manifest = run / "manifest.json"
     m = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**m, "arrays_file": "../../etc/passwd"}))
+    _forge(run, {**m, "arrays_file": "../../etc/passwd"})
     with pytest.raises(InvalidSaveError, match="invalid array file"):
         actclust.load(run, model)
-    manifest.write_text(json.dumps({**m, "n_classes": 5}))
-    with pytest.raises(InvalidSaveError, match="inconsistent or incomplete"):
+    _forge(run, {**m, "state": {**m["state"], "n_classes": 5}})
+    with pytest.raises(InvalidSaveError, match=r"'conv/posteriors' has shape \(4, 3\); expected \(4, 5\)"):
         actclust.load(run, model)
-    manifest.write_text(json.dumps({**m, "format_version": 99}))
+    _forge(run, {**m, "state": {k: v for k, v in m["state"].items() if k != "input_spec"}})
+    with pytest.raises(InvalidSaveError, match="inconsistent or incomplete.*input_spec"):
+        actclust.load(run, model)
+    _forge(run, {**m, "format_version": 99})
     with pytest.raises(InvalidSaveError, match="format version 99"):
         actclust.load(run, model)
     manifest.write_text("{not json")

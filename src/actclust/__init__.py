@@ -5,22 +5,30 @@ Method: Liu & Arik, "Explaining Deep Neural Networks using Unsupervised Clusteri
 
 __version__ = "0.1.0"
 
-from ._capture import list_layers
+from .adapters import ModelAdapter, adapt
+from .adapters.torch import TorchAdapter, list_layers
 from .clustering import Clustering, KMeans
 from .concepts import Concept
-from .exceptions import (ActClustError, CaptureError, DataError, InvalidSaveError, ModelMismatchWarning,
-                         NotFittedError)
+from .exceptions import (ActClustError, ActClustWarning, CaptureError, ConvergenceWarning, DataError,
+                         DataWarning, DistillWarning, IDECTrainingError, IDECWarning, InvalidSaveError,
+                         ModelMismatchWarning, NotFittedError, ParameterError, RenderWarning, RunExistsError,
+                         UnsupportedModelError)
 from .explainer import ActivationClustering
 from .explanation import Explanation
 from .persistence import load, model_fingerprint
 from .reduction import Reducer, make_reducer
 from .report import report  # the function; the module stays importable as actclust.report
 from .retrieval import Neighbours
+from .state import FittedState, InputSpec, Query
 
 __all__ = [
     "ActivationClustering", "list_layers", "load", "model_fingerprint", "report",
+    "FittedState", "InputSpec", "Query", "ModelAdapter", "TorchAdapter", "adapt",
     "Explanation", "Concept", "Neighbours",
     "Clustering", "KMeans", "Reducer", "make_reducer",
-    "ActClustError", "CaptureError", "DataError", "InvalidSaveError", "ModelMismatchWarning", "NotFittedError",
+    "ActClustError", "ParameterError", "NotFittedError", "CaptureError", "UnsupportedModelError", "DataError",
+    "InvalidSaveError", "RunExistsError", "IDECTrainingError",
+    "ActClustWarning", "ModelMismatchWarning", "ConvergenceWarning", "DistillWarning", "IDECWarning",
+    "RenderWarning", "DataWarning",
     "__version__",
 ]

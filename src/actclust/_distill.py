@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clustering import KMeans
+from .exceptions import DistillWarning, ParameterError
 
 __all__ = ["DistillKMeans", "DistillResult", "DistillWarning", "refine"]
 
 
-class DistillWarning(UserWarning):
-    """The refinement did not converge or went non-finite; the result says how far it got."""
 
 
 @dataclass
@@ -128,28 +127,28 @@ def refine(vectors, clusterings, dnn_proba, *, learn_weights: bool, smoothing: f
     opt = {**_DEFAULTS, **options}
     layers = list(vectors)
     if not layers or set(layers) != set(clusterings):
-        raise ValueError(
+        raise ParameterError(
             f"vectors and clusterings must name the same non-empty set of layers; got {sorted(vectors)} "
             f"and {sorted(clusterings)}."
         )
     proba = np.asarray(dnn_proba, dtype=np.float32)
     n = len(proba)
     if proba.ndim != 2 or not np.all(np.isfinite(proba)) or (proba < 0).any():
-        raise ValueError(f"dnn_proba must be a finite, non-negative (n, n_classes) array; got shape {proba.shape}.")
+        raise ParameterError(f"dnn_proba must be a finite, non-negative (n, n_classes) array; got shape {proba.shape}.")
     bad = [l for l in layers if len(vectors[l]) != n]
     if bad:
-        raise ValueError(f"vectors of layers {bad} do not have one row per row of dnn_proba ({n}).")
+        raise ParameterError(f"vectors of layers {bad} do not have one row per row of dnn_proba ({n}).")
     if not 0 < opt["validation_fraction"] < 1:
-        raise ValueError(
+        raise ParameterError(
             f"The 'validation_fraction' option of refine must be in (0, 1). Got {opt['validation_fraction']!r} instead."
         )
     if opt["init_temperature"] <= 0:
-        raise ValueError(f"The 'init_temperature' option of refine must be > 0. Got {opt['init_temperature']!r} instead.")
+        raise ParameterError(f"The 'init_temperature' option of refine must be > 0. Got {opt['init_temperature']!r} instead.")
     n_classes = proba.shape[1]
     y = proba.argmax(1) if targets is None else np.asarray(targets, dtype=np.int64)
     w0 = np.full(len(layers), 1.0 / len(layers)) if weights is None else np.asarray(weights, dtype=np.float64)
     if w0.shape != (len(layers),) or (w0 < 0).any() or w0.sum() <= 0:
-        raise ValueError(f"weights must be {len(layers)} non-negative numbers, not all zero; got {weights!r}.")
+        raise ParameterError(f"weights must be {len(layers)} non-negative numbers, not all zero; got {weights!r}.")
     w0 = w0 / w0.sum()
 
     start = time.perf_counter()

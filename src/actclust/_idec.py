@@ -21,17 +21,11 @@ import warnings
 import numpy as np
 
 from .clustering import _CHUNK, Clustering, KMeans
-from .exceptions import ActClustError
+from .exceptions import IDECTrainingError, IDECWarning, ParameterError
 
 __all__ = ["IDEC", "IDECTrainingError", "IDECWarning"]
 
 
-class IDECTrainingError(ActClustError, RuntimeError):
-    """IDEC training produced non-finite losses; no model is kept."""
-
-
-class IDECWarning(UserWarning):
-    """IDEC training went non-finite or did not converge; the message carries the loss history."""
 
 
 class IDEC(Clustering):
@@ -106,9 +100,9 @@ class IDEC(Clustering):
 
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or len(X) < self.n_clusters:
-            raise ValueError(f"IDEC needs a 2-D array of at least n_clusters={self.n_clusters} rows; got shape {X.shape}.")
+            raise ParameterError(f"IDEC needs a 2-D array of at least n_clusters={self.n_clusters} rows; got shape {X.shape}.")
         if not np.all(np.isfinite(X)):
-            raise ValueError("IDEC got non-finite values in X; clean the activations first.")
+            raise ParameterError("IDEC got non-finite values in X; clean the activations first.")
         start = time.perf_counter()
         old_threads = torch.get_num_threads()
         if self.n_threads:
@@ -284,7 +278,7 @@ class IDEC(Clustering):
             w = np.ascontiguousarray(state[f"encoder.{i}.weight"], dtype=np.float32)
             b = np.ascontiguousarray(state[f"encoder.{i}.bias"], dtype=np.float32)
             if w.shape != (n_out, n_in) or b.shape != (n_out,):
-                raise ValueError(
+                raise ParameterError(
                     f"IDEC encoder layer {i} has weight {w.shape} and bias {b.shape}; layer_sizes {sizes} "
                     f"need ({n_out}, {n_in}) and ({n_out},)."
                 )

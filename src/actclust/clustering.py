@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .exceptions import ParameterError
+
 __all__ = ["Clustering", "KMeans", "make_clustering", "CLUSTERING_NAMES"]
 
 _CHUNK = 8192
@@ -160,7 +162,7 @@ def make_clustering(name, n_clusters: int, random_state: int = 0) -> Clustering:
         from ._distill import DistillKMeans
 
         return DistillKMeans(n_clusters, random_state=random_state)
-    raise ValueError(
+    raise ParameterError(
         f"The 'clustering' parameter of ActivationClustering must be one of "
         f"{list(CLUSTERING_NAMES)}. Got {name!r} instead."
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+
+from .exceptions import ParameterError
 
 __all__ = ["Concept", "concepts"]
 
@@ -52,46 +53,37 @@ class Concept:
         return asdict(self)
 
 
-def check_layer(ac, layer) -> str:
-    if layer not in ac.layers_:
-        close = difflib.get_close_matches(str(layer), ac.layers_, n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"Layer {layer!r} was not fitted; fitted layers are {ac.layers_}.{hint}")
-    return layer
-
-
-def concepts(ac, layer: str, k: int = 10, n_edge: int = 3) -> list:
-    """One :class:`Concept` per cluster of ``layer``; see :meth:`ActivationClustering.concepts`."""
-    ac._check_fitted()
-    check_layer(ac, layer)
-    n = ac.n_samples_fit_
+def concepts(state, layer: str, k: int = 10, n_edge: int = 3) -> list:
+    """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`."""
+    state.check_layer(layer)
+    n = state.n_samples
     for name, value, low in (("k", k, 1), ("n_edge", n_edge, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= n:
-            raise ValueError(f"{name} must be an int between {low} and the {n} training samples. "
-                             f"Got {value!r} instead.")
-    assign, dist = train_assignments(ac, layer)
-    scale = ac.clusterings_[layer].scale_
+            raise ParameterError(f"{name} must be an int between {low} and the {n} training samples. "
+                                 f"Got {value!r} instead.")
+    assign, dist = train_assignments(state, layer)
+    clustering = state.clusterings[layer]
     out = []
-    for c in range(ac.clusterings_[layer].n_clusters):
+    for c in range(clustering.n_clusters):
         members = np.flatnonzero(assign == c)
         order = members[np.argsort(dist[members], kind="stable")]
-        pred_mix = _mix(ac.train_predictions_[members], ac.n_classes_)
-        label_mix = None if ac.train_labels_ is None else _mix(ac.train_labels_[members], ac.n_classes_).tolist()
+        pred_mix = _mix(state.train_predictions[members], state.n_classes)
+        label_mix = None if state.train_labels is None else _mix(state.train_labels[members], state.n_classes).tolist()
         edge = order[::-1][:n_edge] if n_edge else order[:0]
         out.append(Concept(
             layer=layer, cluster=c, size=int(len(members)), prediction_mix=pred_mix.tolist(),
             label_mix=label_mix, purity=float(pred_mix.max()), majority=int(pred_mix.argmax()),
-            exemplars=order[:k].tolist(), exemplar_distances=(dist[order[:k]] / scale).tolist(),
-            edge=edge.tolist(), edge_distances=(dist[edge] / scale).tolist(),
+            exemplars=order[:k].tolist(), exemplar_distances=(dist[order[:k]] / clustering.scale_).tolist(),
+            edge=edge.tolist(), edge_distances=(dist[edge] / clustering.scale_).tolist(),
         ))
     return out
 
 
-def train_assignments(ac, layer: str):
-    """Nearest cluster and squared distance to it of every training sample (cached)."""
-    cache = ac.__dict__.setdefault("_concepts_cache", {})
+def train_assignments(state, layer: str):
+    """Nearest cluster and squared distance to it of every training sample (cached with the state)."""
+    cache = state.cache.setdefault("concepts", {})
     if layer not in cache:
-        d = ac.clusterings_[layer].distances(ac.train_vectors_[layer])
+        d = state.clusterings[layer].distances(state.train_vectors[layer])
         assign = d.argmin(1)
         cache[layer] = (assign, d[np.arange(len(d)), assign])
     return cache[layer]

@@ -1,23 +1,40 @@
 """Exceptions and warnings raised by actclust.
 
-Every error the library raises on purpose derives from :class:`ActClustError`, so a caller
-can catch them all at once; each subclass also derives from the built-in exception a Python
-user would expect (``ValueError`` for bad arguments, ``RuntimeError`` for a model that
-misbehaves during capture).
+Every error the library raises derives from :class:`ActClustError`, so a caller can catch them
+all at once; each subclass also derives from the built-in exception a Python user would expect
+(``ValueError`` for bad arguments or data, ``RuntimeError`` for a model that misbehaves during
+capture, ``FileExistsError`` for a save that would replace something). An error raised by the
+user's model while actclust runs it is re-raised as a :class:`CaptureError` or
+:class:`DataError` that says which batch and what to check, with the original as its cause.
+Every warning actclust emits is one of the public classes below.
 """
 
 __all__ = [
     "ActClustError",
+    "ParameterError",
     "NotFittedError",
     "CaptureError",
+    "UnsupportedModelError",
     "DataError",
     "InvalidSaveError",
+    "RunExistsError",
+    "ActClustWarning",
     "ModelMismatchWarning",
+    "ConvergenceWarning",
+    "DistillWarning",
+    "IDECWarning",
+    "IDECTrainingError",
+    "RenderWarning",
+    "DataWarning",
 ]
 
 
 class ActClustError(Exception):
-    """Base class of every error actclust raises on purpose."""
+    """Base class of every error actclust raises."""
+
+
+class ParameterError(ActClustError, ValueError):
+    """A parameter (of the estimator or of a method) has a value that is not allowed."""
 
 
 class NotFittedError(ActClustError, ValueError, AttributeError):
@@ -28,6 +45,10 @@ class CaptureError(ActClustError, RuntimeError):
     """The model did something during capture that makes its activations unusable."""
 
 
+class UnsupportedModelError(ActClustError, TypeError):
+    """The model cannot be explained as given (e.g. a TorchScript module, which has no forward hooks)."""
+
+
 class DataError(ActClustError, ValueError):
     """Data passed to actclust cannot be used (wrong type, empty, misaligned labels, other shape)."""
 
@@ -36,5 +57,37 @@ class InvalidSaveError(ActClustError, ValueError):
     """A saved run is missing, truncated, tampered with or of an unknown format."""
 
 
-class ModelMismatchWarning(UserWarning):
+class RunExistsError(ActClustError, FileExistsError):
+    """Saving would replace an existing run or file, and replacing was not asked for."""
+
+
+class ActClustWarning(UserWarning):
+    """Base class of every warning actclust emits."""
+
+
+class ModelMismatchWarning(ActClustWarning):
     """A saved run is being loaded with a model whose parameters differ from the fitted one."""
+
+
+class ConvergenceWarning(ActClustWarning):
+    """A clustering or its refinement stopped before converging; the message names the layer."""
+
+
+class DistillWarning(ConvergenceWarning):
+    """The distillation refinement did not converge or went non-finite; the message carries the loss history."""
+
+
+class IDECWarning(ConvergenceWarning):
+    """IDEC training went non-finite or did not converge; the message carries the loss history."""
+
+
+class IDECTrainingError(ActClustError, RuntimeError):
+    """IDEC training produced non-finite losses; no model is kept."""
+
+
+class RenderWarning(ActClustWarning):
+    """The report could not draw an input and shows a placeholder instead."""
+
+
+class DataWarning(ActClustWarning):
+    """Data was accepted but probably not as the user meant (e.g. token maps reduced over features)."""

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
-from torch import nn
-from tqdm.auto import tqdm
 
-from . import surrogate
-from ._capture import Capture
-from ._query import Query, run_query
+from . import _passes, surrogate
+from ._data import Batches
 from ._params import per_layer, validate_params
-from ._data import Batches, Collector
+from .adapters import adapt
 from .clustering import make_clustering
-from .exceptions import NotFittedError
-from .reduction import make_reducer, normalized
+from .exceptions import ActClustWarning, ConvergenceWarning, DataError, NotFittedError, ParameterError
+from .reduction import make_reducer
+from .state import FittedState, Query
 
 __all__ = ["ActivationClustering"]
 
@@ -27,16 +25,21 @@ class ActivationClustering:
 
     Parameters
     ----------
-    model : torch.nn.Module
-        A trained classifier whose ``forward`` returns logits of shape ``(N, n_classes)``.
+    model : torch.nn.Module or ModelAdapter
+        A trained classifier. It is called as ``model(x)`` on tensor batches, ``model(*x)`` on
+        tuples and ``model(**x)`` on dict batches (Hugging Face); wrappers (``DataParallel``,
+        ``torch.compile``) are looked through. TorchScript modules cannot be hooked.
     layers : list of str
         ``named_modules()`` names of the layers to cluster; see :func:`actclust.list_layers`.
+        Names with a wrapper's prefix (``module.``, ``_orig_mod.``) are accepted.
     n_clusters : int or dict, default=15
         Clusters per layer (at least 2), or a dict ``layer -> int``.
     reducer : str, Reducer or dict, default="mean"
         How a layer's ``(N, C, ...)`` map becomes one vector per sample: ``"mean"``, ``"max"``,
-        ``"grid:g"``, ``"pca:d"``, ``"random:d"`` (see :mod:`actclust.reduction`), or a dict
-        ``layer -> reducer``. Dense ``(N, F)`` outputs pass through.
+        ``"grid:g"``, ``"pca:d"``, ``"random:d"``; for transformer token maps ``(N, T, D)``
+        ``"token_mean"`` (mean over the tokens the attention mask keeps) or ``"token_first"``
+        (see :mod:`actclust.reduction`), or a dict ``layer -> reducer``. Dense ``(N, F)`` outputs
+        pass through.
     normalize : {"l2", None}, default="l2"
         Scale each reduced vector to unit length before clustering (cluster by direction).
     posterior : {"prediction", "label"}, default="prediction"
@@ -63,14 +66,26 @@ class ActivationClustering:
     random_state : int, default=0
     progress : bool, default=True
         Show progress bars on passes over the data.
+    label_key : "auto", None, int or str, default="auto"
+        Which element of a tuple or dict batch (from a Dataset or DataLoader) is the label:
+        ``"auto"`` takes the second of an ``(input, label)`` pair when it is a 1-D integer tensor and
+        the ``"labels"``/``"label"`` entry of a dict; ``None``: batches hold no label (every element
+        goes to the model); an int or a str names the element. Tuples of three or more need it.
+    output : callable, optional
+        ``output(model_output) -> logits`` when the logits are not the output, its ``.logits``,
+        its ``["logits"]`` or its first element.
 
     Attributes
     ----------
+    state_ : FittedState
+        Everything ``fit`` learned, in one object (assigned once, at the end of ``fit``); the
+        attributes below read it.
     layers_ : list of str
     n_classes_ : int
     n_samples_fit_ : int
     input_shape_ : tuple
-        Shape of one training input; inputs of another shape are refused.
+        Shape of one training input (of the first, for tuple or dict inputs); inputs of another
+        shape are refused.
     clusterings_ : dict of str to Clustering
     posteriors_ : dict of str to ndarray of shape (n_clusters, n_classes)
     weights_ : ndarray of shape (n_layers,), summing to 1
@@ -93,9 +108,10 @@ class ActivationClustering:
     """
 
     def __init__(
-        self, model: nn.Module, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
+        self, model, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
-        validation_fraction=0.2, batch_size=256, random_state=0, progress=True,
+        validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
+        output: Optional[Callable] = None,
     ):
         self.model = model
         self.layers = layers
@@ -111,83 +127,77 @@ class ActivationClustering:
         self.batch_size = batch_size
         self.random_state = random_state
         self.progress = progress
+        self.label_key = label_key
+        self.output = output
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "ActivationClustering":
         """Capture the layers on ``X``, cluster them and build the surrogate.
 
+        Everything learned is assigned at the end, as :attr:`state_`: a fit that fails leaves the
+        explainer as it was.
+
         Parameters
         ----------
-        X : ndarray, Tensor, Dataset or DataLoader
-            Training inputs, in a fixed order; items may be ``(input, label)`` tuples.
+        X : ndarray, Tensor, DataFrame, dict of arrays, Dataset or DataLoader
+            Training inputs, in a fixed order; see ``label_key`` for batches that carry labels.
         y : array-like of int, optional
             True labels; required for ``posterior="label"`` unless ``X`` yields them.
         """
-        validate_params(self)
-        for cache in [key for key in vars(self) if key.endswith("_cache")]:
-            del self.__dict__[cache]  # results derived from an earlier fit
-        layers = list(self.layers)
-        n_clusters = per_layer(self.n_clusters, "n_clusters", layers)
+        adapter = adapt(self.model, self.output)
+        layers = validate_params(self, adapter)
+        n_clusters = per_layer(self.n_clusters, "n_clusters", layers, adapter.canonical)
         reducers = {l: make_reducer(s, self.random_state) for l, s in
-                    per_layer(self.reducer, "reducer", layers).items()}
-        batches = Batches(X, batch_size=self.batch_size, y=y, name="X")
+                    per_layer(self.reducer, "reducer", layers, adapter.canonical).items()}
+        batches = self._batches(X, y)
         for name, k in n_clusters.items():
             if batches.n_samples is not None and k > batches.n_samples:
-                raise ValueError(
+                raise ParameterError(
                     f"n_clusters for layer {name!r} is {k}, more than the {batches.n_samples} "
                     "samples to cluster; use at most as many clusters as samples."
                 )
-        info: dict = {}
         t0 = time.perf_counter()
         fitted = [l for l, r in reducers.items() if r.needs_fit]
         if fitted:
-            self._run(batches, {l: reducers[l].partial_fit for l in fitted}, "fitting reducers",
-                      lambda *args: None)
+            for _ in _passes.run(adapter, batches, {l: reducers[l].partial_fit for l in fitted},
+                                 desc="fitting reducers", progress=self.progress):
+                pass
             for l in fitted:
                 reducers[l].finish_fit()
         t1 = time.perf_counter()
-        logits_pred, dnn_proba, vectors, labels, n_classes = self._capture_all(batches, self._hooked(reducers))
+        logits_pred, dnn_proba, vectors, labels, n_classes, spec = _passes.capture(
+            adapter, batches, _passes.hooked(reducers, self.normalize), progress=self.progress)
         t2 = time.perf_counter()
         n = len(logits_pred)
         too_many = {l: k for l, k in n_clusters.items() if k > n}
         if too_many:
-            raise ValueError(f"n_clusters {too_many} exceed the {n} samples to cluster.")
+            raise ParameterError(f"n_clusters {too_many} exceed the {n} samples to cluster.")
         if labels is not None:
             bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
             if bad.size:
-                raise ValueError(
+                raise DataError(
                     f"y has classes the model does not have: {bad[:10].tolist()}; the model "
                     f"outputs {n_classes} classes, so labels must be in 0..{n_classes - 1}."
                 )
         if self.posterior == "label" and labels is None:
-            raise ValueError(
+            raise DataError(
                 "posterior='label' needs the true labels: pass y to fit, or data that yields "
                 "(input, label) pairs. Or use posterior='prediction'."
             )
         targets = labels if self.posterior == "label" else logits_pred
 
         clusterings = {l: self._cluster(l, n_clusters[l], vectors[l]) for l in layers}
-        refined = self._refine(layers, vectors, clusterings, dnn_proba, targets) if self.clustering == "distill" else None
-        assign = {l: clusterings[l].soft_assign(vectors[l], self._temperature(clusterings[l])) for l in layers}
+        refined = (self._refine(layers, vectors, clusterings, dnn_proba, targets)
+                   if self.clustering == "distill" else None)
+        # A refined clustering holds its learned temperature (rescaled to its final centres).
+        temperatures = {l: float(clusterings[l].temperature_ if refined is not None else self.temperature)
+                        for l in layers}
+        assign = {l: clusterings[l].soft_assign(vectors[l], temperatures[l]) for l in layers}
         t3 = time.perf_counter()
         weights = refined.weights if refined is not None else self._fit_weights(layers, assign, targets, n_classes)
         posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
         t4 = time.perf_counter()
-        # In-sample scores from the assignments already at hand: no second pass over the data.
-        self.train_score_ = surrogate.scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
-                                    labels, weights, layers)
-
-        self.layers_ = layers
-        self.n_classes_ = n_classes
-        self.n_samples_fit_ = n
-        self.reducers_ = reducers
-        self.clusterings_ = clusterings
-        self.posteriors_ = posteriors
-        self.weights_ = weights
-        self.train_vectors_ = vectors
-        self.train_predictions_ = logits_pred
-        self.train_labels_ = labels
-        info.update(
+        info = dict(
             seconds_reducer_fit=t1 - t0, seconds_capture=t2 - t1, seconds_clustering=t3 - t2,
             seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
             empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
@@ -195,9 +205,22 @@ class ActivationClustering:
         if refined is not None:
             info["distill"] = {"loss_history": refined.loss_history, "spread_ratio": refined.spread_ratio,
                                "converged": refined.converged, "seconds": refined.seconds,
-                               "temperatures": {l: clusterings[l].temperature_ for l in layers}}
-        self.fit_info_ = info
+                               "temperatures": temperatures}
+        weights = np.asarray(weights, dtype=np.float64)
+        self.state_ = FittedState(  # the one assignment of what fit learned
+            layers=layers, n_classes=n_classes, input_spec=spec, normalize=self.normalize,
+            posterior=self.posterior, reducers=reducers, clusterings=clusterings, temperatures=temperatures,
+            posteriors=posteriors, weights=weights / weights.sum(), train_vectors=vectors,
+            train_predictions=logits_pred, train_labels=labels,
+            # In-sample scores from the assignments already at hand: no second pass over the data.
+            train_score=surrogate.scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
+                                         labels, weights, layers),
+            fit_info=info, random_state=self.random_state,
+        )
         return self
+
+    def _batches(self, X, y=None) -> Batches:
+        return Batches(X, batch_size=self.batch_size, y=y, name="X", label_key=self.label_key)
 
     def _cluster(self, layer: str, k: int, vectors: np.ndarray):
         """Fit one layer's clustering; its warnings (e.g. no convergence) name the layer."""
@@ -205,7 +228,8 @@ class ActivationClustering:
             warnings.simplefilter("always")
             clustering = make_clustering(self.clustering, k, self.random_state).fit(vectors)
         for w in caught:
-            warnings.warn(f"layer {layer!r}: {w.message}", w.category, stacklevel=3)
+            category = w.category if issubclass(w.category, ActClustWarning) else ConvergenceWarning
+            warnings.warn(f"layer {layer!r}: {w.message}", category, stacklevel=3)
         return clustering
 
     def _refine(self, layers, vectors, clusterings, dnn_proba, targets):
@@ -219,10 +243,6 @@ class ActivationClustering:
         for l in layers:
             clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
         return result
-
-    def _temperature(self, clustering) -> float:
-        """A refined clustering carries its own learned temperature; others use the parameter."""
-        return getattr(clustering, "temperature_", self.temperature)
 
     def _fit_weights(self, layers, assign, targets, n_classes) -> np.ndarray:
         lw = self.layer_weights
@@ -238,57 +258,47 @@ class ActivationClustering:
                 for l in layers
             ])
             return surrogate.fidelity_weights(probas, targets[val], random_state=self.random_state)
-        w = np.asarray([lw[l] for l in layers] if isinstance(lw, Mapping) else lw, dtype=np.float64)
+        w = np.asarray(list(per_layer(lw, "layer_weights", layers, adapt(self.model).canonical).values())
+                       if isinstance(lw, Mapping) else lw, dtype=np.float64)
         return w / w.sum()
 
-    def _hooked(self, reducers) -> dict:
-        return {l: normalized(r, self.normalize) for l, r in reducers.items()}
-
     # ------------------------------------------------------------------ passes
-    def _run(self, batches: Batches, reducers, desc: str, on_batch) -> None:
-        """Call ``on_batch(logits, reduced, y)`` per batch, hooks on only for this pass."""
-        total = None if batches.n_samples is None else -(-batches.n_samples // batches.batch_size)
-        with Capture(self.model, reducers) as cap:
-            for x, y in tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False):
-                logits, out = cap.run(x)
-                on_batch(logits, out, None if y is None else y.numpy(), x)
+    def query(self, X, y=None, *, vectors: bool = False) -> Query:
+        """One pass of the model over ``X``: the DNN's outputs and each layer's distances to the centres.
 
-    def _capture_all(self, batches, reducers):
-        col, width, has_y = Collector(batches.n_samples), [], []
+        The analyses (:mod:`actclust.retrieval`, :mod:`actclust.trust`, :mod:`actclust.explanation`)
+        take the fitted :attr:`state_` and such a :class:`~actclust.state.Query`; ``vectors=True``
+        also keeps each layer's reduced vectors (needed by similar-sample search and trust).
+        """
+        state = self._state()
+        return _passes.query(state, adapt(self.model, self.output), self._batches(X, y),
+                             keep_vectors=vectors, progress=self.progress)
 
-        def on_batch(logits, out, y, x):
-            if not width:
-                self.input_shape_ = tuple(x.shape[1:])
-            width.append(logits.shape[1])
-            col.add("pred", logits.argmax(1).numpy())
-            col.add("proba", logits.float().softmax(1).numpy())
-            for l, v in out.items():
-                col.add(l, v.numpy())
-            has_y.append(y is not None)
-            if y is not None:
-                col.add("y", y.astype(np.int64))
+    @property
+    def state_(self) -> FittedState:
+        """What ``fit`` learned (:class:`~actclust.state.FittedState`); :class:`NotFittedError` before."""
+        state = self.__dict__.get("_fitted_state")
+        if state is None:
+            raise NotFittedError(
+                "This ActivationClustering is not fitted yet. Call 'fit' with training data "
+                "(or actclust.load a saved run) before using this method."
+            )
+        return state
 
-        self._run(batches, reducers, "capturing activations", on_batch)
-        labels = col.get("y") if all(has_y) else None
-        return col.get("pred"), col.get("proba"), {l: col.get(l) for l in reducers}, labels, width[0]
+    @state_.setter
+    def state_(self, state: FittedState) -> None:
+        if not isinstance(state, FittedState):
+            raise ParameterError(f"state_ must be a FittedState; got {type(state).__name__}.")
+        self.__dict__["_fitted_state"] = state
 
-    def _query(self, X, y=None, *, keep_vectors: bool = False) -> Query:
-        """One pass over X: DNN outputs and per-layer distances (and vectors); see :mod:`actclust._query`."""
-        self._check_fitted()
-        return run_query(self, X, y, keep_vectors)
-
-    def _layer_probas(self, q: Query) -> np.ndarray:
-        """Per-layer class distributions ``(L, n, C)`` of the queried inputs."""
-        return np.stack([
-            self.clusterings_[l].soft_assign_from_distances(q.distances[l], self._temperature(self.clusterings_[l]))
-            @ self.posteriors_[l]
-            for l in self.layers_
-        ])
+    def _state(self) -> FittedState:
+        return self.state_
 
     # ------------------------------------------------------------------ public results
     def predict_proba(self, X) -> np.ndarray:
         """Surrogate class probabilities ``(n, n_classes)``; rows sum to 1."""
-        return surrogate.combine(self._layer_probas(self._query(X)), self.weights_)
+        state = self._state()
+        return state.predict_proba(self.query(X).distances)
 
     def predict(self, X) -> np.ndarray:
         """Surrogate class predictions ``(n,)``."""
@@ -296,7 +306,7 @@ class ActivationClustering:
 
     def cluster_paths(self, X) -> np.ndarray:
         """Cluster id ``(n, n_layers)`` of each input at each layer (nearest centre)."""
-        return self._query(X).paths
+        return self.query(X).paths
 
     def score(self, X, y=None) -> dict:
         """Fidelity (agreement with the DNN) and, with labels, accuracy; combined and per layer.
@@ -307,22 +317,16 @@ class ActivationClustering:
             ``{"n": int, "fidelity": float, "accuracy": float or None, "dnn_accuracy": float or None,
             "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
         """
-        q = self._query(X, y)
-        return surrogate.scores(q.dnn_pred, self._layer_probas(q), q.labels, self.weights_, self.layers_)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "posteriors_"):
-            raise NotFittedError(
-                "This ActivationClustering is not fitted yet. Call 'fit' with training data "
-                "(or actclust.load a saved run) before using this method."
-            )
+        state = self._state()
+        q = self.query(X, y)
+        return surrogate.scores(q.dnn_pred, state.layer_probas(q.distances), q.labels, state.weights, state.layers)
 
     def similar(self, X, k: int = 10, weights="equal"):
         """The ``k`` training samples most similar to each input, by exact search over all layers.
 
         Parameters
         ----------
-        X : ndarray, Tensor, Dataset or DataLoader
+        X : ndarray, Tensor, DataFrame, dict of arrays, Dataset or DataLoader
         k : int, default=10
         weights : {"equal", "low", "high"}, list or dict, default="equal"
             Per-layer weights of the distance; ``"low"`` favours early layers (looks alike),
@@ -336,16 +340,20 @@ class ActivationClustering:
             ``indices`` (n, k) into the training data, ``distances`` (n, k), ``layer_shares``
             (n, k, n_layers): each layer's share of each distance.
         """
-        from .retrieval import similar
+        from . import retrieval
 
-        return similar(self, X, k, weights)
+        state = self._state()
+        k, w = retrieval.check_args(state, k, weights)  # before the pass over X
+        return retrieval.search(state, self.query(X, vectors=True), k, w)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
         """One :class:`~actclust.concepts.Concept` per cluster of ``layer``: its size, class mix,
         purity, the ``k`` training samples nearest its centre and the ``n_edge`` furthest ones."""
         from .concepts import concepts
 
-        return concepts(self, layer, k, n_edge)
+        state = self._state()
+        layer = adapt(self.model, self.output).canonical(layer) if isinstance(layer, str) else layer
+        return concepts(state, layer, k, n_edge)
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None) -> list:
         """One :class:`~actclust.explanation.Explanation` per input of ``X``.
@@ -355,20 +363,27 @@ class ActivationClustering:
         (:meth:`trust`); the default ``None`` adds them when the training set is large enough
         to calibrate them, ``False`` never.
         """
-        from .explanation import explain
+        from .explanation import check_class_names, explain
 
-        return explain(self, X, y, k=k, class_names=class_names, trust=trust)
+        state = self._state()
+        check_class_names(state, class_names)
+        return explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
+                       meta=self.provenance())
 
-    def _trust_from_query(self, q) -> dict:
-        from .trust import trust_signals
+    def trust(self, X, **options) -> dict:
+        """Per-input trust signals; see :func:`actclust.trust.trust_signals` for ``options``."""
+        from .trust import calibrate, signals
 
-        return trust_signals(self, None, query=q)
+        state = self._state()
+        cal = calibrate(state, **options)  # parameters checked and calibration built before the pass
+        return signals(state, cal, self.query(X, vectors=True))
 
-    def trust(self, X) -> dict:
-        """Per-input trust signals; see :func:`actclust.trust.trust_signals`."""
-        from .trust import trust_signals
+    def provenance(self) -> dict:
+        """What an explanation of this explainer records about where it came from (Alibi's ``meta``)."""
+        from . import __version__
 
-        return trust_signals(self, X)
+        return {"actclust_version": __version__, "model_class": adapt(self.model, self.output).model_class,
+                "layers": list(self._state().layers)}
 
     def save(self, path, *, overwrite: bool = False, metadata: Optional[dict] = None) -> None:
         """Save the fitted explainer to directory ``path`` atomically; see :func:`actclust.load`.
@@ -383,3 +398,26 @@ class ActivationClustering:
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
+
+
+def _fitted(name: str, doc: str):
+    return property(lambda self: getattr(self._state(), name), doc=doc)
+
+
+for _attr, _field, _doc in (
+    ("layers_", "layers", "Fitted layers (canonical names)."),
+    ("n_classes_", "n_classes", "Number of classes of the model."),
+    ("n_samples_fit_", "n_samples", "Number of training samples."),
+    ("reducers_", "reducers", "Reducer of each layer."),
+    ("clusterings_", "clusterings", "Clustering of each layer."),
+    ("posteriors_", "posteriors", "Class mix (n_clusters, n_classes) of each layer's clusters."),
+    ("weights_", "weights", "Layer weights of the surrogate, summing to 1."),
+    ("train_vectors_", "train_vectors", "Reduced training vectors of each layer."),
+    ("train_predictions_", "train_predictions", "The DNN's predictions on the training data."),
+    ("train_labels_", "train_labels", "True training labels, or None."),
+    ("train_score_", "train_score", "In-sample scores computed during fit."),
+    ("fit_info_", "fit_info", "Timings of the fit stages and empty cluster counts."),
+):
+    setattr(ActivationClustering, _attr, _fitted(_field, _doc))
+ActivationClustering.input_shape_ = property(lambda self: self._state().input_spec.shape,
+                                             doc="Per-sample shape of the training inputs.")

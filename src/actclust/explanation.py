@@ -20,7 +20,8 @@ An :class:`Explanation` serialises to JSON with this schema (``"schema": "actclu
       ],
       "similar": {"low": [{"index": int, "distance": float, "prediction": int, "label": int | null}],
                   "high": [...]},         # see actclust.retrieval for the weights
-      "trust": {str: float} | null        # trust signals, when computed
+      "trust": {str: float} | null,       # trust signals, when computed
+      "meta": {"actclust_version": str, "model_class": str, "layers": [str]} | null
     }
 
 ``vote`` is an exact additive split: ``prior + sum of the layers' votes`` equals the surrogate's
@@ -36,9 +37,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import surrogate
 from .concepts import concepts
-from .retrieval import similar
+from .exceptions import ParameterError
+from .retrieval import check_args, search
 
 __all__ = ["Explanation", "explain", "SCHEMA"]
 
@@ -61,6 +62,7 @@ class Explanation:
     similar: dict
     class_names: Optional[list] = None
     trust: Optional[dict] = None
+    meta: Optional[dict] = None
     schema: str = field(default=SCHEMA)
 
     def class_name(self, c: int) -> str:
@@ -75,11 +77,11 @@ class Explanation:
     @classmethod
     def from_dict(cls, data: dict) -> "Explanation":
         if data.get("schema") != SCHEMA:
-            raise ValueError(f"Not an actclust explanation of schema {SCHEMA!r}: schema is {data.get('schema')!r}.")
+            raise ParameterError(f"Not an actclust explanation of schema {SCHEMA!r}: schema is {data.get('schema')!r}.")
         names = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"Unknown fields in explanation: {unknown}.")
+            raise ParameterError(f"Unknown fields in explanation: {unknown}.")
         return cls(**data)
 
     @classmethod
@@ -87,32 +89,40 @@ class Explanation:
         return cls.from_dict(json.loads(text))
 
 
-def explain(ac, X, y=None, *, k: int = 5, class_names=None, trust=None) -> list:
-    """One :class:`Explanation` per input; see :meth:`ActivationClustering.explain`."""
-    ac._check_fitted()
-    if class_names is not None and len(class_names) != ac.n_classes_:
-        raise ValueError(f"class_names must name the {ac.n_classes_} classes; got {len(class_names)} names.")
-    q = ac._query(X, y, keep_vectors=True)
-    probas = ac._layer_probas(q)  # (L, n, C)
-    combined = surrogate.combine(probas, ac.weights_)
-    w = ac.weights_ / ac.weights_.sum()
-    prior = _target_prior(ac)
+def check_class_names(state, class_names) -> None:
+    if class_names is not None and len(class_names) != state.n_classes:
+        raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
+
+
+def explain(state, q, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None) -> list:
+    """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
+    fitted ``state``; see :meth:`ActivationClustering.explain`."""
+    check_class_names(state, class_names)
+    k = min(k, state.n_samples)
+    probas = state.layer_probas(q.distances)  # (L, n, C)
+    combined = state.predict_proba(q.distances)
+    w = state.weights / state.weights.sum()
+    prior = state.target_prior()
     paths = q.paths
-    exemplars = {l: [c.exemplars for c in concepts(ac, l, k=min(k, ac.n_samples_fit_), n_edge=0)]
-                 for l in ac.layers_}
-    near = {p: similar(ac, None, k=min(k, ac.n_samples_fit_), weights=p, query=q) for p in ("low", "high")}
+    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0)] for l in state.layers}
+    near = {p: search(state, q, *check_args(state, k, p)) for p in ("low", "high")}
     if trust is None:  # by default, whenever the training set is large enough to calibrate them
         from .trust import calibration_possible
 
-        trust = calibration_possible(ac)
-    signals = ac._trust_from_query(q) if trust else None
-    n, layer_names = len(q.dnn_pred), ac.layers_
+        trust = calibration_possible(state)
+    if trust:
+        from .trust import trust_signals
+
+        signals = trust_signals(state, q)
+    else:
+        signals = None
+    n, layer_names = q.n, state.layers
     # Everything is converted to Python lists in bulk: per-element conversion would dominate.
     mix = probas.transpose(1, 0, 2).tolist()  # (n, L, C)
     votes = (w[:, None, None] * (probas - prior)).transpose(1, 0, 2).tolist()
-    dist = np.stack([q.distances[l][np.arange(n), paths[:, j]] / ac.clusterings_[l].scale_
+    dist = np.stack([q.distances[l][np.arange(n), paths[:, j]] / state.clusterings[l].scale_
                      for j, l in enumerate(layer_names)], 1).tolist()
-    sims = {p: _samples(ac, nb) for p, nb in near.items()}
+    sims = {p: _samples(state, nb) for p, nb in near.items()}
     labels = None if q.labels is None else q.labels.tolist()
     dnn_pred, dnn_proba, comb, path_list = q.dnn_pred.tolist(), q.dnn_proba.tolist(), combined.tolist(), paths.tolist()
     names = None if class_names is None else [str(c) for c in class_names]
@@ -130,15 +140,15 @@ def explain(ac, X, y=None, *, k: int = 5, class_names=None, trust=None) -> list:
             surrogate={"prediction": max(range(len(comb[i])), key=comb[i].__getitem__), "probabilities": comb[i],
                        "prior": prior_list},
             layers=layers, similar={p: rows[i] for p, rows in sims.items()}, class_names=names,
-            trust=None if trust_rows is None else trust_rows[i],
+            trust=None if trust_rows is None else trust_rows[i], meta=None if meta is None else dict(meta),
         ))
     return out
 
 
-def _samples(ac, nb) -> list:
+def _samples(state, nb) -> list:
     """Per input, its similar training samples as dicts."""
-    labels = None if ac.train_labels_ is None else ac.train_labels_[nb.indices].tolist()
-    idx, dist, pred = nb.indices.tolist(), nb.distances.tolist(), ac.train_predictions_[nb.indices].tolist()
+    labels = None if state.train_labels is None else state.train_labels[nb.indices].tolist()
+    idx, dist, pred = nb.indices.tolist(), nb.distances.tolist(), state.train_predictions[nb.indices].tolist()
     return [[{"index": t, "distance": d, "prediction": p, "label": None if labels is None else labels[i][j]}
              for j, (t, d, p) in enumerate(zip(idx[i], dist[i], pred[i]))] for i in range(len(idx))]
 
@@ -147,11 +157,3 @@ def _rows(columns: dict) -> list:
     """Dict of per-input arrays to a list of per-input dicts of floats."""
     keys, values = list(columns), [np.asarray(v, dtype=np.float64).tolist() for v in columns.values()]
     return [dict(zip(keys, row)) for row in zip(*values)]
-
-
-def _target_prior(ac) -> np.ndarray:
-    """Class distribution of the surrogate's targets over the training data."""
-    use_labels = ac.posterior == "label" and ac.train_labels_ is not None
-    targets = ac.train_labels_ if use_labels else ac.train_predictions_
-    counts = np.bincount(targets, minlength=ac.n_classes_).astype(np.float64)
-    return (counts / counts.sum()).astype(np.float32)

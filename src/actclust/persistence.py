@@ -1,15 +1,23 @@
 """Save and load fitted explainers without pickle.
 
-A run is a directory holding ``manifest.json`` (format version, parameters, layer names,
-reducers, a fingerprint of the model's parameters, and the SHA-256 of the array file) and one
-``arrays-<hash>.safetensors`` file. Loading parses JSON and safetensors only, so a file cannot
-run code. Writes are atomic: the new array file is written under a new name first, then the
+A run is a directory holding ``manifest.json`` and one ``arrays-<hash>.safetensors`` file. The
+manifest holds the format version, the estimator's parameters (every parameter of its
+signature), the fitted state's scalars (layers, classes, input spec, reducers, clusterings), a
+fingerprint of the model's weights, the SHA-256 of the array file, and a ``digest``: the SHA-256
+of everything else in the manifest, so that an edit of any value that affects results is caught
+at load. Loaded arrays are validated (shapes, finite values, weights that sum to 1). Loading
+parses JSON and safetensors only, so a file cannot run code.
+
+Writes are atomic: the array file is written under a temporary name and renamed, then the
 manifest is swapped in with ``os.replace``; a crash at any point leaves the previous save whole.
+Temporary files are removed when a save fails, and those left by a killed save are removed by
+the next save to the same directory. One process should save to a directory at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -18,31 +26,32 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from .clustering import make_clustering
-from .exceptions import InvalidSaveError, ModelMismatchWarning
+from .exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError, RunExistsError
 from .reduction import make_reducer
+from .state import FittedState, InputSpec
 
-__all__ = ["load", "model_fingerprint", "FORMAT_VERSION"]
+__all__ = ["load", "model_fingerprint", "read_manifest", "FORMAT_VERSION"]
 
 FORMAT = "actclust-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
-_PARAMS = ("n_clusters", "reducer", "normalize", "posterior", "layer_weights", "temperature", "smoothing",
-           "clustering", "validation_fraction", "batch_size", "random_state")
+_TEMP_RE = re.compile(r"^\.(arrays|manifest)-[0-9a-f]{32}\.tmp$")
+_RUNTIME = ("model", "progress", "output")  # parameters that are not part of a saved run
+_TOL = 1e-4
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and values of the model's state dict."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def model_fingerprint(model) -> str:
+    """SHA-256 over the names, dtypes, shapes and values of the model's weights and buffers.
+
+    Wrappers (DataParallel, ``torch.compile``) are looked through, so a wrapped and an
+    unwrapped copy of one network have the same fingerprint.
+    """
+    from .adapters import adapt
+
+    return adapt(model).fingerprint()
 
 
 def _jsonable(value):
@@ -55,21 +64,43 @@ def _jsonable(value):
     return value
 
 
+def _own_leftovers(path: Path) -> list:
+    """Files a failed or killed save of ours may leave behind in ``path``."""
+    return [p for p in path.iterdir() if _TEMP_RE.match(p.name) or _ARRAYS_RE.match(p.name)]
+
+
 def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") -> None:
-    """Raise ``FileExistsError`` unless a run may be saved at ``path`` (callers check before long work).
+    """Raise :class:`RunExistsError` unless a run may be saved at ``path`` (callers check before long work).
 
     ``flag`` says how the caller replaces a run (the CLI passes ``"add --overwrite"``).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"Cannot save to {path}: it is a file, not a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if not (path / MANIFEST).exists():
-            raise FileExistsError(
-                f"Cannot save to {path}: the directory holds other files. Choose a new or empty directory."
-            )
+        raise RunExistsError(f"Cannot save to {path}: it is a file, not a directory.")
+    if not path.is_dir():
+        return
+    if (path / MANIFEST).exists():
         if not overwrite:
-            raise FileExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
+            raise RunExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
+        return
+    others = sorted(p.name for p in path.iterdir() if p not in _own_leftovers(path))
+    if others:
+        raise RunExistsError(
+            f"Cannot save to {path}: the directory holds other files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}). Choose a new or empty directory."
+        )
+
+
+def _params(ac) -> dict:
+    """Every parameter of the estimator's signature, except the model and run-time options."""
+    names = [p for p in inspect.signature(type(ac).__init__).parameters if p != "self" and p not in _RUNTIME]
+    params = {p: getattr(ac, p) for p in names}
+    return _jsonable({p: list(v) if p == "layers" else v for p, v in params.items()})
+
+
+def _digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
@@ -79,62 +110,97 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
     """
     from safetensors.numpy import save_file
 
-    ac._check_fitted()
+    from . import __version__
+    from .adapters import adapt
+
+    state: FittedState = ac.state_
     path = Path(path)
     check_writable(path, overwrite)
-    for layer, r in ac.reducers_.items():
+    for layer, r in state.reducers.items():
         if type(r).__module__ != "actclust.reduction":
-            raise ValueError(f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
-    path.mkdir(parents=True, exist_ok=True)
-
-    arrays = {"weights": ac.weights_.astype(np.float64), "train_predictions": ac.train_predictions_}
-    if ac.train_labels_ is not None:
-        arrays["train_labels"] = ac.train_labels_
-    for layer in ac.layers_:
-        arrays[f"{layer}/posteriors"] = ac.posteriors_[layer]
-        arrays[f"{layer}/train_vectors"] = ac.train_vectors_[layer]
-        for k, v in ac.clusterings_[layer].state_dict().items():
+            raise ParameterError(
+                f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
+    adapter = adapt(ac.model, ac.output)
+    arrays = {"weights": state.weights.astype(np.float64), "train_predictions": state.train_predictions}
+    if state.train_labels is not None:
+        arrays["train_labels"] = state.train_labels
+    for layer in state.layers:
+        arrays[f"{layer}/posteriors"] = state.posteriors[layer]
+        arrays[f"{layer}/temperature"] = np.array([state.temperatures[layer]], dtype=np.float64)
+        arrays[f"{layer}/train_vectors"] = state.train_vectors[layer]
+        for k, v in state.clusterings[layer].state_dict().items():
             arrays[f"{layer}/clustering/{k}"] = v
-        for k, v in ac.reducers_[layer].state_dict().items():
+        for k, v in state.reducers[layer].state_dict().items():
             arrays[f"{layer}/reducer/{k}"] = v
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-
-    tmp = path / f".arrays-{uuid.uuid4().hex}.tmp"
-    save_file(arrays, str(tmp))
-    digest = _sha256(tmp)
-    _fsync(tmp)
-    arrays_name = f"arrays-{digest[:16]}.safetensors"
-    os.replace(tmp, path / arrays_name)
-
-    from . import __version__
-
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "actclust_version": __version__,
-        "arrays_file": arrays_name, "arrays_sha256": digest,
-        "model_class": f"{type(ac.model).__module__}.{type(ac.model).__qualname__}",
-        "model_fingerprint": model_fingerprint(ac.model),
-        "layers": ac.layers_, "n_classes": ac.n_classes_, "input_shape": list(ac.input_shape_), "n_samples_fit": ac.n_samples_fit_,
-        "reducers": {l: r.spec for l, r in ac.reducers_.items()},
-        "clustering": {l: c.name for l, c in ac.clusterings_.items()},
-        "n_clusters": {l: c.n_clusters for l, c in ac.clusterings_.items()},
-        "params": _jsonable({p: getattr(ac, p) for p in _PARAMS if p != "reducer"}),
-        "fit_info": _jsonable(ac.fit_info_),
-        "train_score": _jsonable(ac.train_score_),
+        "model_class": adapter.model_class, "model_fingerprint": adapter.fingerprint(),
+        "custom_output": ac.output is not None,
+        "params": _params(ac),
+        "state": _jsonable({
+            "layers": state.layers, "n_classes": state.n_classes, "input_spec": state.input_spec.to_dict(),
+            "normalize": state.normalize, "posterior": state.posterior, "random_state": state.random_state,
+            "n_samples": state.n_samples,
+            "reducers": {l: r.spec for l, r in state.reducers.items()},
+            "clustering": {l: c.name for l, c in state.clusterings.items()},
+            "n_clusters": {l: c.n_clusters for l, c in state.clusterings.items()},
+            "train_score": state.train_score, "fit_info": state.fit_info,
+        }),
         "metadata": _jsonable(metadata or {}),
     }
+    json.dumps(manifest)  # fails here, before anything is written, if metadata is not JSON
+
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.iterdir():  # temporary files of a killed earlier save
+        if _TEMP_RE.match(stale.name):
+            stale.unlink(missing_ok=True)
+    tmp = path / f".arrays-{uuid.uuid4().hex}.tmp"
     tmp_manifest = path / f".manifest-{uuid.uuid4().hex}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    _fsync(tmp_manifest)
-    os.replace(tmp_manifest, path / MANIFEST)
-    _fsync(path)
+    arrays_path, replaced = None, False
+    try:
+        save_file(arrays, str(tmp))
+        digest = _sha256(tmp)
+        _fsync(tmp)
+        arrays_path = path / f"arrays-{digest[:16]}.safetensors"
+        replaced = arrays_path.exists()
+        os.replace(tmp, arrays_path)
+        manifest.update(arrays_file=arrays_path.name, arrays_sha256=digest)
+        manifest["digest"] = _digest(manifest)
+        tmp_manifest.write_text(json.dumps(manifest, indent=2))
+        _fsync(tmp_manifest)
+        mode = 0o666 & ~_umask()
+        for f in (arrays_path, tmp_manifest):
+            os.chmod(f, mode)  # the same permissions for both files, as for any file the user creates
+        os.replace(tmp_manifest, path / MANIFEST)
+        _fsync(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+        if arrays_path is not None and not replaced and _referenced(path) != arrays_path.name:
+            arrays_path.unlink(missing_ok=True)
+        raise
     for old in path.glob("arrays-*.safetensors"):
-        if old.name != arrays_name:
+        if old.name != arrays_path.name:
             old.unlink()
     return path
 
 
+def _referenced(path: Path):
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("arrays_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_manifest(path) -> dict:
-    """The parsed ``manifest.json`` of a saved run (no arrays loaded, nothing executed)."""
+    """The parsed, integrity-checked ``manifest.json`` of a saved run (no arrays loaded, nothing executed)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -147,80 +213,128 @@ def read_manifest(path) -> dict:
         raise InvalidSaveError(f"{manifest_path} is not an actclust run manifest.")
     if m.get("format_version") != FORMAT_VERSION:
         raise InvalidSaveError(
-            f"{path} has format version {m.get('format_version')!r}; this actclust reads version {FORMAT_VERSION}."
+            f"{path} has format version {m.get('format_version')!r}; this actclust reads version "
+            f"{FORMAT_VERSION}. Fit and save the run again with this version."
+        )
+    if m.get("digest") != _digest(m):
+        raise InvalidSaveError(
+            f"{manifest_path} does not match its digest: a value in it was changed after saving (or the file "
+            "is damaged). Restore the saved manifest, or fit and save again."
         )
     return m
 
 
-def load(path, model: nn.Module, *, progress: bool = True):
+def load(path, model, *, output=None, progress: bool = True):
     """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
 
-    Raises :class:`InvalidSaveError` for a missing, truncated or tampered save, and warns with
-    :class:`ModelMismatchWarning` when ``model``'s parameters differ from the fitted model's.
+    ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
+    A run fitted with ``output=`` needs the same function again. Raises
+    :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save, and warns
+    with :class:`ModelMismatchWarning` when ``model``'s weights differ from the fitted model's.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from .adapters import adapt
     from .explainer import ActivationClustering
 
     path = Path(path)
     m = read_manifest(path)
-    manifest_path = path / MANIFEST
+    if m.get("custom_output") and output is None:
+        raise ParameterError(
+            f"The run at {path} was fitted with a custom output= function; pass the same one: "
+            "actclust.load(path, model, output=...)."
+        )
+    arrays_name = m.get("arrays_file")
+    if not isinstance(arrays_name, str) or not _ARRAYS_RE.match(arrays_name):
+        raise InvalidSaveError(f"{path / MANIFEST} names an invalid array file {arrays_name!r}.")
+    arrays_path = path / arrays_name
+    if not arrays_path.is_file():
+        raise InvalidSaveError(f"The array file {arrays_path} of the saved run is missing.")
+    if _sha256(arrays_path) != m["arrays_sha256"]:
+        raise InvalidSaveError(
+            f"{arrays_path} does not match the checksum in {MANIFEST}: the save is truncated or was modified."
+        )
     try:
-        arrays_name = m["arrays_file"]
-        if not isinstance(arrays_name, str) or not _ARRAYS_RE.match(arrays_name):
-            raise InvalidSaveError(f"{manifest_path} names an invalid array file {arrays_name!r}.")
-        arrays_path = path / arrays_name
-        if not arrays_path.is_file():
-            raise InvalidSaveError(f"The array file {arrays_path} of the saved run is missing.")
-        if _sha256(arrays_path) != m["arrays_sha256"]:
-            raise InvalidSaveError(
-                f"{arrays_path} does not match the checksum in {MANIFEST}: the save is truncated or was modified."
-            )
-        try:
-            arrays = load_file(str(arrays_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InvalidSaveError(f"{arrays_path} cannot be read as safetensors: {e}") from None
-        ac = _rebuild(ActivationClustering, m, arrays, model, progress)
+        arrays = load_file(str(arrays_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidSaveError(f"{arrays_path} cannot be read as safetensors: {e}") from None
+    try:
+        state = _state(m["state"], arrays)
+        ac = ActivationClustering(model, progress=progress, output=output, **m["params"])
     except InvalidSaveError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
-    if model_fingerprint(model) != m.get("model_fingerprint"):
+    adapter = adapt(model, output)
+    missing = [l for l in state.layers if adapter.canonical(l) not in set(adapter.layer_names())]
+    if missing:
+        raise InvalidSaveError(f"The model has no layers {missing}, which the run at {path} was fitted on; "
+                               f"is it the model of class {m.get('model_class')}?")
+    if adapter.fingerprint() != m.get("model_fingerprint"):
         warnings.warn(
             f"The model's parameters differ from those of the model the run at {path} was fitted with "
             f"({m.get('model_class')}); predictions and explanations may not describe this model.",
             ModelMismatchWarning, stacklevel=2,
         )
+    ac.state_ = state
     return ac
 
 
-def _rebuild(cls, m, arrays, model, progress):
-    layers = list(m["layers"])
-    params = dict(m["params"])
-    ac = cls(model, layers, reducer=dict(m["reducers"]), progress=progress, **params)
-    n_classes = int(m["n_classes"])
-    ac.layers_, ac.n_classes_, ac.n_samples_fit_ = layers, n_classes, int(m["n_samples_fit"])
-    ac.input_shape_ = tuple(int(v) for v in m["input_shape"])
-    ac.fit_info_ = m.get("fit_info", {})
-    ac.train_score_ = m.get("train_score")
-    ac.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
-    ac.train_predictions_ = arrays["train_predictions"]
-    ac.train_labels_ = arrays.get("train_labels")
-    if ac.weights_.shape != (len(layers),):
-        raise ValueError(f"{len(layers)} layers but {ac.weights_.shape} weights")
-    ac.reducers_, ac.clusterings_, ac.posteriors_, ac.train_vectors_ = {}, {}, {}, {}
-    for layer in layers:
-        reducer = make_reducer(m["reducers"][layer])
-        reducer.load_state_dict(_prefixed(arrays, f"{layer}/reducer/"))
-        clustering = make_clustering(m["clustering"][layer], int(m["n_clusters"][layer]))
-        clustering.load_state_dict(_prefixed(arrays, f"{layer}/clustering/"))
-        post = arrays[f"{layer}/posteriors"]
-        if post.shape != (clustering.n_clusters, n_classes) or clustering.centers_.shape[0] != clustering.n_clusters:
-            raise ValueError(f"arrays of layer {layer!r} do not fit {clustering.n_clusters} clusters and {n_classes} classes")
-        ac.reducers_[layer], ac.clusterings_[layer], ac.posteriors_[layer] = reducer, clustering, post
-        ac.train_vectors_[layer] = arrays[f"{layer}/train_vectors"]
-    return ac
+def _state(s: dict, arrays: dict) -> FittedState:
+    """Rebuild the fitted state from the manifest's ``state`` section and the arrays, validating both."""
+    layers = [str(l) for l in s["layers"]]
+    n_classes, n = int(s["n_classes"]), int(s["n_samples"])
+
+    def arr(key, shape=None, *, integer=False, finite=True):
+        if key not in arrays:
+            raise InvalidSaveError(f"The saved arrays lack {key!r}.")
+        a = arrays[key]
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise InvalidSaveError(f"The saved array {key!r} has shape {tuple(a.shape)}; expected {tuple(shape)}.")
+        if integer:
+            if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() >= n_classes)):
+                raise InvalidSaveError(f"The saved array {key!r} must hold class ids in 0..{n_classes - 1}.")
+        elif finite and not np.all(np.isfinite(a)):
+            raise InvalidSaveError(f"The saved array {key!r} holds NaN or infinite values.")
+        return a
+
+    weights = arr("weights", (len(layers),)).astype(np.float64)
+    if (weights < 0).any() or abs(weights.sum() - 1) > _TOL:
+        raise InvalidSaveError(f"The saved layer weights {weights.tolist()} must be non-negative and sum to 1.")
+    labels = arr("train_labels", (n,), integer=True) if "train_labels" in arrays else None
+    reducers, clusterings, posteriors, temperatures, vectors = {}, {}, {}, {}, {}
+    for l in layers:
+        k = int(s["n_clusters"][l])
+        reducer = make_reducer(s["reducers"][l])
+        reducer.load_state_dict(_prefixed(arrays, f"{l}/reducer/"))
+        clustering = make_clustering(s["clustering"][l], k)
+        clustering.load_state_dict(_prefixed(arrays, f"{l}/clustering/"))
+        vectors[l] = arr(f"{l}/train_vectors")
+        if vectors[l].ndim != 2 or len(vectors[l]) != n:
+            raise InvalidSaveError(f"The saved training vectors of layer {l!r} have shape {vectors[l].shape}; "
+                                   f"expected ({n}, d).")
+        centers = clustering.centers_
+        if centers.shape != (k, vectors[l].shape[1]) or not np.all(np.isfinite(centers)):
+            raise InvalidSaveError(f"The saved centres of layer {l!r} have shape {centers.shape} or non-finite "
+                                   f"values; expected finite ({k}, {vectors[l].shape[1]}).")
+        if not np.isfinite(clustering.scale_) or clustering.scale_ <= 0:
+            raise InvalidSaveError(f"The saved scale of layer {l!r} must be a positive number.")
+        post = arr(f"{l}/posteriors", (k, n_classes))
+        if (post < 0).any() or np.abs(post.sum(1) - 1).max() > _TOL:
+            raise InvalidSaveError(f"The saved class mixes of layer {l!r} must be non-negative rows summing to 1.")
+        t = float(arr(f"{l}/temperature", (1,))[0])
+        if t < 0:
+            raise InvalidSaveError(f"The saved temperature of layer {l!r} is negative.")
+        reducers[l], clusterings[l], posteriors[l], temperatures[l] = reducer, clustering, post, t
+    return FittedState(
+        layers=layers, n_classes=n_classes, input_spec=InputSpec.from_dict(s["input_spec"]),
+        normalize=s["normalize"], posterior=str(s["posterior"]), reducers=reducers, clusterings=clusterings,
+        temperatures=temperatures, posteriors=posteriors, weights=weights, train_vectors=vectors,
+        train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
+        train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
+        random_state=int(s["random_state"]),
+    )
 
 
 def _prefixed(arrays: dict, prefix: str) -> dict:

@@ -10,7 +10,13 @@ channel axis; ``"grid:g"`` average-pools a ``(N, C, H, W)`` or ``(N, C, L)`` map
 (or ``g``) grid and flattens it; ``"pca:d"`` projects the flattened map on its first ``d``
 principal components, fitted in a streaming way (one extra pass over the data);
 ``"random:d"`` projects it with a fixed Gaussian random matrix (no extra pass).
+
+Token maps ``(N, T, D)`` of a transformer (sequence axis second, features last) need their own
+reducers, which honour the attention mask of dict batches (``batch["attention_mask"]``):
+``"token_mean"`` averages the features over the real tokens only, ``"token_first"`` takes the
+first token (``[CLS]``). Padding an input with more masked tokens leaves its vector unchanged.
 """
+
 
 from __future__ import annotations
 
@@ -22,9 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .exceptions import DataError, ParameterError
+
 __all__ = ["Reducer", "make_reducer", "REDUCER_NAMES", "NORMALIZE_NAMES", "normalized"]
 
-REDUCER_NAMES = ("mean", "max", "grid:g", "pca:d", "random:d")
+REDUCER_NAMES = ("mean", "max", "grid:g", "pca:d", "random:d", "token_mean", "token_first")
 
 
 class Reducer:
@@ -36,11 +44,13 @@ class Reducer:
     """
 
     needs_fit = False
+    over_tokens = False  # whether it reads (N, T, D) maps as tokens (and honours the mask)
 
     def __init__(self, spec: str):
         self.spec = spec
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reduce ``t``; ``mask`` is the batch's attention mask ``(N, T)`` when it has one."""
         if t.ndim == 2:
             return t
         return self._reduce(t)
@@ -48,7 +58,7 @@ class Reducer:
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def partial_fit(self, t: torch.Tensor) -> None:  # pragma: no cover - only fitted reducers
+    def partial_fit(self, t: torch.Tensor, mask=None) -> None:  # pragma: no cover - only fitted reducers
         pass
 
     def finish_fit(self) -> None:  # pragma: no cover - only fitted reducers
@@ -74,6 +84,32 @@ class _Max(Reducer):
         return t.flatten(2).amax(2)
 
 
+class _Tokens(Reducer):
+    """``(N, T, D)`` token maps: mean over the real tokens (``token_mean``) or the first token."""
+
+    over_tokens = True
+
+    def __call__(self, t, mask=None):
+        if t.ndim == 2:
+            return t
+        if t.ndim != 3:
+            raise DataError(
+                f"The reducer {self.spec!r} needs token maps of shape (N, T, D); got shape {tuple(t.shape)}. "
+                "Use 'mean', 'max' or 'grid:g' for convolutional maps."
+            )
+        if self.spec == "token_first":
+            return t[:, 0]
+        if mask is None:
+            return t.mean(1)
+        if mask.shape != t.shape[:2]:
+            raise DataError(
+                f"The attention mask has shape {tuple(mask.shape)} but the token map has shape "
+                f"{tuple(t.shape)}: the reducer {self.spec!r} needs (N, T) to match."
+            )
+        m = mask.to(t.dtype).unsqueeze(2)
+        return (t * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 class _Grid(Reducer):
     def __init__(self, spec, g: int):
         super().__init__(spec)
@@ -84,7 +120,7 @@ class _Grid(Reducer):
             return F.adaptive_avg_pool2d(t, self.g).flatten(1)
         if t.ndim == 3:
             return F.adaptive_avg_pool1d(t, self.g).flatten(1)
-        raise ValueError(
+        raise DataError(
             f"The reducer {self.spec!r} needs maps of shape (N, C, H, W) or (N, C, L); "
             f"got shape {tuple(t.shape)}. Use 'mean', 'max', 'pca:d' or 'random:d' instead."
         )
@@ -100,14 +136,14 @@ class _Projection(Reducer):
         self.mean_: Optional[torch.Tensor] = None
         self.matrix_: Optional[torch.Tensor] = None  # (D, d)
 
-    def __call__(self, t):
+    def __call__(self, t, mask=None):
         flat = t.flatten(1)
         if flat.shape[1] <= self.d and t.ndim == 2:
             return flat
         if self.matrix_ is None:
             self._init_matrix(flat.shape[1])
         if self.matrix_.shape[0] != flat.shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"The reducer {self.spec!r} was fitted on maps of {self.matrix_.shape[0]} values "
                 f"per sample but got {flat.shape[1]}."
             )
@@ -116,7 +152,7 @@ class _Projection(Reducer):
         return (flat - mean) @ self.matrix_
 
     def _init_matrix(self, n_features: int) -> None:
-        raise RuntimeError(f"The reducer {self.spec!r} must be fitted before use.")
+        raise ParameterError(f"The reducer {self.spec!r} must be fitted before use.")
 
     def state_dict(self):
         if self.matrix_ is None:
@@ -147,7 +183,7 @@ class _PCA(_Projection):
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 
-    def partial_fit(self, t):
+    def partial_fit(self, t, mask=None):
         from sklearn.decomposition import IncrementalPCA
 
         flat = t.detach().flatten(1).float().cpu().numpy()
@@ -165,11 +201,11 @@ class _PCA(_Projection):
 
     def finish_fit(self):
         if self._ipca is None:
-            raise RuntimeError(f"The reducer {self.spec!r} saw no data to fit on.")
+            raise DataError(f"The reducer {self.spec!r} saw no data to fit on.")
         if self._n_pending >= self._ipca.n_components:
             self._flush()
         if not hasattr(self._ipca, "components_"):
-            raise ValueError(
+            raise DataError(
                 f"The reducer {self.spec!r} needs at least {self._ipca.n_components} samples to fit; "
                 f"got {self._n_pending}."
             )
@@ -178,7 +214,7 @@ class _PCA(_Projection):
         self._ipca, self._pending = None, []
 
 
-_PATTERN = re.compile(r"^(mean|max|grid|pca|random)(?::(\d+))?$")
+_PATTERN = re.compile(r"^(mean|max|grid|pca|random|token_mean|token_first)(?::(\d+))?$")
 _DEFAULT_ARG = {"grid": 2}
 
 
@@ -192,20 +228,20 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
         return copy.deepcopy(spec)  # one instance per layer: fitted state is per layer
     m = _PATTERN.match(spec) if isinstance(spec, str) else None
     if m is None:
-        raise ValueError(
+        raise ParameterError(
             f"The 'reducer' parameter of ActivationClustering must be one of {list(REDUCER_NAMES)} "
             f"(g and d positive integers), or a Reducer. Got {spec!r} instead."
         )
     name, arg = m.group(1), m.group(2)
-    if name in ("mean", "max"):
+    if name in ("mean", "max", "token_mean", "token_first"):
         if arg is not None:
-            raise ValueError(f"The reducer {name!r} takes no argument. Got {spec!r} instead.")
-        return (_Mean if name == "mean" else _Max)(name)
+            raise ParameterError(f"The reducer {name!r} takes no argument. Got {spec!r} instead.")
+        return {"mean": _Mean, "max": _Max}.get(name, _Tokens)(name)
     if arg is None and name not in _DEFAULT_ARG:
-        raise ValueError(f"The reducer {name!r} needs a dimension, e.g. '{name}:32'. Got {spec!r}.")
+        raise ParameterError(f"The reducer {name!r} needs a dimension, e.g. '{name}:32'. Got {spec!r}.")
     n = int(arg) if arg is not None else _DEFAULT_ARG[name]
     if n < 1:
-        raise ValueError(f"The reducer {spec!r} needs a positive integer after ':'.")
+        raise ParameterError(f"The reducer {spec!r} needs a positive integer after ':'.")
     canonical = f"{name}:{n}"
     if name == "grid":
         return _Grid(canonical, n)
@@ -227,8 +263,8 @@ def normalized(reducer: Reducer, how):
     if how is None:
         return reducer
 
-    def reduce_and_normalize(t):
-        v = reducer(t).flatten(1)
+    def reduce_and_normalize(t, mask=None):
+        v = reducer(t, mask).flatten(1)
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     return reduce_and_normalize

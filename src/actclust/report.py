@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._data import DataError
 from ._render import Renderer
+from .exceptions import DataError, ParameterError, RunExistsError
 
 __all__ = ["report"]
 
@@ -58,34 +58,38 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from .concepts import concepts
+    from .explanation import check_class_names, explain
     from .surrogate import combine, scores
 
-    ac._check_fitted()
+    state = ac.state_
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise RunExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     for name, value in (("n_correct", n_correct), ("n_wrong", n_wrong), ("k", k), ("n_exemplars", n_exemplars),
                         ("n_edge", n_edge)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int. Got {value!r} instead.")
-    if train is not None and _length(train) != ac.n_samples_fit_:
+            raise ParameterError(f"{name} must be a non-negative int. Got {value!r} instead.")
+    if train is not None and _length(train) != state.n_samples:
         raise DataError(f"train has {_length(train)} samples but the explainer was fitted on "
-                        f"{ac.n_samples_fit_}; pass the same training data, in the same order.")
-    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(ac.n_classes_)]
-    if len(names) != ac.n_classes_:
-        raise ValueError(f"class_names must name the {ac.n_classes_} classes; got {len(names)} names.")
+                        f"{state.n_samples}; pass the same training data, in the same order.")
+    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(state.n_classes)]
+    check_class_names(state, names)
+    if feature_names is None:
+        feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 
-    q = ac._query(X, y)
-    probas = ac._layer_probas(q)
-    summary = scores(q.dnn_pred, probas, q.labels, ac.weights_, ac.layers_)
-    chosen, how = _choose(q, combine(probas, ac.weights_).argmax(1), indices, n_correct, n_wrong, ac.random_state)
-    explanations = ac.explain(_subset(X, chosen), None if q.labels is None else q.labels[chosen], k=max(k, 1),
-                              class_names=names, trust=trust) if len(chosen) else []
+    meta = ac.provenance()
+    q = ac.query(X, y, vectors=True)  # one pass: scores, the choice of inputs and their explanations
+    probas = state.layer_probas(q.distances)
+    summary = scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
+    chosen, how = _choose(q, combine(probas, state.weights).argmax(1), indices, n_correct, n_wrong,
+                          state.random_state)
+    explanations = explain(state, q.subset(chosen), k=max(k, 1), class_names=names, trust=trust,
+                           meta=meta) if len(chosen) else []
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
     cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
              for j, (e, x) in enumerate(zip(explanations, _items(X, chosen)))]
-    gallery = {l: concepts(ac, l, k=max(1, min(n_exemplars, ac.n_samples_fit_)), n_edge=min(n_edge, ac.n_samples_fit_))
-               for l in ac.layers_}
+    gallery = {l: concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))
+               for l in state.layers}
     # Every training sample shown is drawn before the page, so the failure banner counts them all.
     shown = sorted({i for e in explanations for lay in e.layers for i in lay["exemplars"][:4]}
                    | {s["index"] for e in explanations for p in e.similar.values() for s in p}
@@ -96,11 +100,11 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, _items(train, shown))}
     env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, ac=ac, scores=summary, names=names, colors=[_color(c) for c in range(ac.n_classes_)],
+        title=title, ac=ac, state=state, scores=summary, names=names, colors=[_color(c) for c in range(state.n_classes)],
         gallery=gallery, cards=cards, how=how, train_sample=samples.__getitem__, has_train=train is not None,
-        n_exemplars=n_exemplars, model_name=type(ac.model).__name__, failures=renderer.failures,
+        n_exemplars=n_exemplars, model_name=meta["model_class"].rsplit(".", 1)[-1], failures=renderer.failures,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        n_clusters={l: c.n_clusters for l, c in ac.clusterings_.items()},
+        n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -116,7 +120,7 @@ def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):
         chosen = np.asarray(indices, dtype=np.int64).reshape(-1)
         bad = chosen[(chosen < 0) | (chosen >= n)]
         if bad.size:
-            raise ValueError(f"indices {bad[:5].tolist()} are out of range for the {n} inputs given.")
+            raise ParameterError(f"indices {bad[:5].tolist()} are out of range for the {n} inputs given.")
         return chosen, "Inputs chosen by the caller."
     if q.labels is not None:
         right, what = q.dnn_pred == q.labels, ("the DNN classified correctly", "the DNN got wrong")

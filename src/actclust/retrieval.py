@@ -25,7 +25,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Neighbours", "layer_weights", "similar", "WEIGHT_PRESETS"]
+from .exceptions import ParameterError
+
+__all__ = ["Neighbours", "layer_weights", "check_args", "search", "WEIGHT_PRESETS"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
 _QUERY_CHUNK = 4096
@@ -60,7 +62,7 @@ def layer_weights(weights, layers: list) -> np.ndarray:
     n = len(layers)
     if isinstance(weights, str):
         if weights not in WEIGHT_PRESETS:
-            raise ValueError(f"weights must be one of {list(WEIGHT_PRESETS)}, a list or a dict of per-layer "
+            raise ParameterError(f"weights must be one of {list(WEIGHT_PRESETS)}, a list or a dict of per-layer "
                              f"weights. Got {weights!r} instead.")
         depth = np.arange(n) / max(n - 1, 1)
         w = {"equal": np.ones(n), "low": 10.0 ** -depth, "high": 10.0 ** depth}[weights]
@@ -68,15 +70,15 @@ def layer_weights(weights, layers: list) -> np.ndarray:
         if isinstance(weights, Mapping):
             unknown = [k for k in weights if k not in layers]
             if unknown:
-                raise ValueError(f"weights name layers that were not fitted: {unknown}; fitted layers are {layers}.")
+                raise ParameterError(f"weights name layers that were not fitted: {unknown}; fitted layers are {layers}.")
             values = [weights.get(l, 0.0) for l in layers]
         else:
             values = list(weights)
         if len(values) != n or not all(isinstance(v, numbers.Real) for v in values):
-            raise ValueError(f"weights must give one number per layer ({n}: {layers}). Got {weights!r} instead.")
+            raise ParameterError(f"weights must give one number per layer ({n}: {layers}). Got {weights!r} instead.")
         w = np.asarray(values, dtype=np.float64)
         if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be finite, non-negative and not all zero. Got {weights!r} instead.")
+            raise ParameterError(f"weights must be finite, non-negative and not all zero. Got {weights!r} instead.")
     return w / w.sum()
 
 
@@ -123,27 +125,33 @@ class Index:
         return idx, dist, shares
 
 
-def similar(ac, X, k: int = 10, weights="equal", *, query=None) -> Neighbours:
-    """The ``k`` training samples most similar to each input of ``X``; see :meth:`ActivationClustering.similar`."""
-    ac._check_fitted()
-    w = layer_weights(weights, ac.layers_)
-    n_train = ac.n_samples_fit_
+def check_args(state, k, weights):
+    """``(k, weights)`` checked against the fitted state: an int k in 1..n_train, weights resolved."""
+    w = layer_weights(weights, state.layers)
+    n_train = state.n_samples
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= n_train:
-        raise ValueError(f"k must be an int between 1 and the {n_train} training samples. Got {k!r} instead.")
-    q = query if query is not None else ac._query(X, keep_vectors=True)
-    idx, dist, shares = _index(ac, w).search(q.vectors, int(k))
-    return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=w)
+        raise ParameterError(f"k must be an int between 1 and the {n_train} training samples. Got {k!r} instead.")
+    return int(k), w
 
 
-def _index(ac, w: np.ndarray) -> Index:
-    """Indices are cached per weights on the explainer (a few, most recent kept)."""
-    cache = ac.__dict__.setdefault("_retrieval_cache", {})
+def search(state, query, k: int, weights: np.ndarray) -> Neighbours:
+    """The ``k`` training samples nearest each input of ``query`` (a pass with ``vectors=True``),
+    under per-layer ``weights`` (from :func:`check_args`); see :meth:`ActivationClustering.similar`."""
+    if query.vectors is None:
+        raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
+    idx, dist, shares = _index(state, weights).search(query.vectors, k)
+    return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
+
+
+def _index(state, w: np.ndarray) -> Index:
+    """Indices are cached per weights with the fitted state (a few, most recent kept)."""
+    cache = state.cache.setdefault("retrieval", {})
     if "scales" not in cache:
-        cache["scales"] = layer_scales(ac.train_vectors_)
+        cache["scales"] = layer_scales(state.train_vectors)
     key = tuple(np.round(w, 12))
     indices = cache.setdefault("indices", {})
     if key not in indices:
         while len(indices) >= _CACHE_SIZE:
             indices.pop(next(iter(indices)))
-        indices[key] = Index(ac.train_vectors_, w, cache["scales"])
+        indices[key] = Index(state.train_vectors, w, cache["scales"])
     return indices[key]

@@ -9,11 +9,11 @@ the votes are. One **stacked** signal combines both kinds with a logistic regres
 the same calibration part to tell the DNN's right predictions from its wrong ones. Neighbours are
 exact (faiss ``IndexFlatL2``), searched in batches: memory ``O(batch x max(k, 200))``, never ``O(test x train)``.
 
-The calibration is built on first use from ``ac.train_vectors_`` and cached on the explainer
-(not saved: after :func:`actclust.load` it is rebuilt, identically, since the split is drawn
-from ``ac.random_state``). The training vectors are split into a reference part (the
-neighbours) and a calibration part; class labels are the true labels ``ac.train_labels_`` when
-``fit`` had them, else the DNN's predictions ``ac.train_predictions_``.
+The calibration (:func:`calibrate`) is built on first use from the fitted state's training
+vectors and cached with the state (not saved: after :func:`actclust.load` it is rebuilt,
+identically, since the split is drawn from the state's ``random_state``). The training vectors
+are split into a reference part (the neighbours) and a calibration part; class labels are the
+true labels when ``fit`` had them, else the DNN's predictions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import numpy as np
 
 from . import surrogate
 
-__all__ = ["MIN_CALIBRATION", "calibration_possible", "trust_signals"]
+from .exceptions import ParameterError
+
+__all__ = ["MIN_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
 MIN_CALIBRATION = 20
@@ -34,29 +36,26 @@ _RATIO_NEIGHBORS = 200  # neighbours searched for the distance ratio of ``stacke
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
 
 
-def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
-                  layer_weights: str = "surrogate", query=None) -> dict:
-    """Per-input trust signals of the DNN's predictions on ``X``.
+def trust_signals(state, query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
+                  layer_weights: str = "surrogate") -> dict:
+    """Per-input trust signals of the DNN's predictions on the queried inputs.
 
     Parameters
     ----------
-    ac : ActivationClustering
-        A fitted explainer.
-    X : ndarray, Tensor, Dataset or DataLoader
-        Inputs of the shape the explainer was fitted on.
+    state : FittedState
+        What ``fit`` learned (``ac.state_``).
+    query : Query
+        A pass over the inputs with their vectors, ``ac.query(X, vectors=True)``.
     n_neighbors : int, default=50
         Neighbours per layer for the deep k-nearest-neighbour signals.
     calibration_fraction : float, default=0.1
         Share of the training vectors held out to calibrate the p-values; it must give at least
         :data:`MIN_CALIBRATION` samples, and leave at least ``n_neighbors`` as neighbours.
     layer_weights : {"surrogate", "equal"}, default="surrogate"
-        How the neighbour signals weigh layers: by the surrogate's ``ac.weights_`` or equally.
+        How the neighbour signals weigh layers: by the surrogate's weights or equally.
         ``"equal"`` is deep k-NN as published; with ``layer_weights=None`` at fit both agree.
         On the Fashion-MNIST benchmark the surrogate's weights (learned for fidelity, nearly
         zero on ``conv1``) lift the misclassification AUROC of ``credibility`` by 0.026.
-    query : optional
-        A pass ``ac._query(X, keep_vectors=True)`` already made (then ``X`` is ignored), so a
-        caller that needs the pass for more than trust does not run the model twice.
 
     Returns
     -------
@@ -68,7 +67,7 @@ def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float =
         - ``surrogate_confidence``: the surrogate's highest class probability.
         - ``surrogate_dnn_agreement``: the surrogate's probability of the DNN's class
           (continuous; ``1`` where every layer's cluster votes only for it).
-        - ``layer_agreement``: share of the layer weights ``ac.weights_`` whose layer's nearest
+        - ``layer_agreement``: share of the surrogate's layer weights whose layer's nearest
           cluster has the DNN's class as its majority class.
         - ``credibility``: deep k-NN p-value of the DNN's class: the share of calibration
           samples whose nonconformity (the weighted sum over layers of the neighbours whose
@@ -95,26 +94,29 @@ def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float =
 
     Raises
     ------
-    NotFittedError
-        If ``ac`` is not fitted.
-    ValueError
+    ParameterError
         If the calibration split has fewer than :data:`MIN_CALIBRATION` samples, or the
         reference part fewer than ``n_neighbors``.
     """
-    ac._check_fitted()
-    cal = _calibration(ac, n_neighbors, calibration_fraction, layer_weights)
-    q = query if query is not None else ac._query(X, keep_vectors=True)  # explain() passes its own pass
+    cal = calibrate(state, n_neighbors=n_neighbors, calibration_fraction=calibration_fraction,
+                    layer_weights=layer_weights)
+    return signals(state, cal, query)
+
+
+def signals(state, cal: "_Calibration", q) -> dict:
+    """:func:`trust_signals` with the calibration already built by :func:`calibrate`."""
     if q.vectors is None:
-        raise ValueError("trust_signals needs the reduced vectors: pass query=ac._query(X, keep_vectors=True).")
+        raise ParameterError("trust signals need the reduced vectors: make the query with vectors=True.")
+    n_neighbors = cal.key[0]
     n, n_classes = q.dnn_proba.shape
     rows, pred = np.arange(n), q.dnn_pred
-    comb = surrogate.combine(ac._layer_probas(q), ac.weights_)
+    comb = state.predict_proba(q.distances)
     paths = q.paths
-    votes = np.stack([ac.posteriors_[l].argmax(1)[paths[:, i]] == pred for i, l in enumerate(ac.layers_)], 1)
+    votes = np.stack([state.posteriors[l].argmax(1)[paths[:, i]] == pred for i, l in enumerate(state.layers)], 1)
 
     alpha = np.zeros((n, n_classes))
     knn_typ, clu_typ, votes_ratios = np.zeros(n), np.zeros(n), []
-    for w, l in zip(cal.weights, ac.layers_):
+    for w, l in zip(cal.weights, state.layers):
         counts, kth, vr = _neighbour_stats(cal.indexes[l], cal.ref_labels, q.vectors[l], n_neighbors, n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (n_neighbors - counts)
@@ -130,7 +132,7 @@ def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float =
         "surrogate_prediction": comb.argmax(1),
         "surrogate_confidence": comb.max(1).astype(np.float64),
         "surrogate_dnn_agreement": comb[rows, pred].astype(np.float64),
-        "layer_agreement": votes.astype(np.float64) @ (ac.weights_ / ac.weights_.sum()),
+        "layer_agreement": votes.astype(np.float64) @ (state.weights / state.weights.sum()),
         "credibility": pvalues[rows, pred],
         "dknn_prediction": pvalues.argmax(1),
         "knn_typicality": knn_typ,
@@ -139,16 +141,16 @@ def trust_signals(ac, X, *, n_neighbors: int = 50, calibration_fraction: float =
     }
 
 
-def calibration_possible(ac, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
-    """Whether ``ac``'s training set is large enough for :func:`trust_signals` with these parameters."""
-    n = len(ac.train_predictions_)
+def calibration_possible(state, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
+    """Whether the fitted training set is large enough for :func:`trust_signals` with these parameters."""
+    n = state.n_samples
     n_cal = round(calibration_fraction * n)
     return n_cal >= MIN_CALIBRATION and n - n_cal >= n_neighbors
 
 
 @dataclass
 class _Calibration:
-    """What the neighbour signals need, built once per explainer and parameters."""
+    """What the neighbour signals need, built once per fitted state and parameters."""
 
     key: tuple
     weights: np.ndarray  # (n_layers,) summing to 1
@@ -161,44 +163,47 @@ class _Calibration:
     stack: object  # the fitted model of stacked_trust, or None
 
 
-def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
+def calibrate(state, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
+              layer_weights: str = "surrogate") -> _Calibration:
+    """The calibration of :func:`trust_signals` (parameters there), cached with the state."""
+    k, fraction = n_neighbors, calibration_fraction
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"The 'n_neighbors' parameter of trust_signals must be a positive int. Got {k!r} instead.")
+        raise ParameterError(f"The 'n_neighbors' parameter of trust_signals must be a positive int. Got {k!r} instead.")
     if not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
-        raise ValueError("The 'calibration_fraction' parameter of trust_signals must be in (0, 1). "
+        raise ParameterError("The 'calibration_fraction' parameter of trust_signals must be in (0, 1). "
                          f"Got {fraction!r} instead.")
     if layer_weights not in ("surrogate", "equal"):
-        raise ValueError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
+        raise ParameterError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
                          f"Got {layer_weights!r} instead.")
-    key = (int(k), float(fraction), layer_weights, ac.random_state)
-    cached = getattr(ac, "_trust_cache", None)  # fit drops every ``*_cache`` attribute
+    key = (int(k), float(fraction), layer_weights)
+    cached = state.cache.get("trust")
     if cached is not None and cached.key == key:
         return cached
-    n = len(ac.train_predictions_)
+    n = state.n_samples
     n_cal = round(fraction * n)
     if n_cal < MIN_CALIBRATION:
-        raise ValueError(
+        raise ParameterError(
             f"The calibration split has {n_cal} samples (calibration_fraction={fraction} of {n} training "
             f"samples); at least MIN_CALIBRATION={MIN_CALIBRATION} are needed. Fit on more data or raise "
             "calibration_fraction."
         )
     if n - n_cal < k:
-        raise ValueError(
+        raise ParameterError(
             f"Only {n - n_cal} training samples remain as neighbours after holding out {n_cal} for "
             f"calibration; n_neighbors={k} needs at least {k}. Lower n_neighbors or calibration_fraction."
         )
     import faiss
 
-    labels = ac.train_labels_ if ac.train_labels_ is not None else ac.train_predictions_
-    order = np.random.default_rng(ac.random_state).permutation(n)
+    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    order = np.random.default_rng(state.random_state).permutation(n)
     cal, ref = order[:n_cal], order[n_cal:]
-    n_classes = ac.n_classes_
-    weights = np.asarray(ac.weights_ if layer_weights == "surrogate" else np.ones(len(ac.layers_)), dtype=np.float64)
+    n_classes = state.n_classes
+    weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(len(state.layers)), dtype=np.float64)
     weights = weights / weights.sum()
-    alpha, alpha_pred, pred, rows = np.zeros(n_cal), np.zeros(n_cal), ac.train_predictions_[cal], np.arange(n_cal)
+    alpha, alpha_pred, pred, rows = np.zeros(n_cal), np.zeros(n_cal), state.train_predictions[cal], np.arange(n_cal)
     indexes, cal_kth, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
-    for w, l in zip(weights, ac.layers_):
-        v = ac.train_vectors_[l]
+    for w, l in zip(weights, state.layers):
+        v = state.train_vectors[l]
         indexes[l] = faiss.IndexFlatL2(v.shape[1])
         indexes[l].add(np.ascontiguousarray(v[ref], dtype=np.float32))
         counts, kth, vr = _neighbour_stats(indexes[l], labels[ref], v[cal], k, n_classes, pred)
@@ -206,7 +211,7 @@ def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
         alpha += w * (k - counts[rows, labels[cal]])
         alpha_pred += w * (k - counts[rows, pred])
         cal_kth[l] = np.sort(kth)
-        c = ac.clusterings_[l]
+        c = state.clusterings[l]
         d_ref = _nearest(c.distances(v[ref]))
         sums = np.bincount(d_ref[1], weights=d_ref[0], minlength=c.n_clusters)
         sizes = np.bincount(d_ref[1], minlength=c.n_clusters)
@@ -214,19 +219,19 @@ def _calibration(ac, k, fraction, layer_weights) -> _Calibration:
         spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
         d_cal = c.distances(v[cal])
         cal_ratio[l] = np.sort(_spread_ratio(d_cal, spread[l]))
-        probas.append(c.soft_assign_from_distances(d_cal, ac._temperature(c)) @ ac.posteriors_[l])
+        probas.append(c.soft_assign_from_distances(d_cal, state.temperatures[l]) @ state.posteriors[l])
     cal_alpha, right, stack = np.sort(_ties(alpha)), pred == labels[cal], None
-    if ac.train_labels_ is not None and min(right.sum(), (~right).sum()) >= _MIN_STACK:
+    if state.train_labels is not None and min(right.sum(), (~right).sum()) >= _MIN_STACK:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        agreement = surrogate.combine(np.stack(probas), ac.weights_)[rows, pred].astype(np.float64)
+        agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)))
         stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(features, right)
-    ac._trust_cache = _Calibration(key, weights, indexes, labels[ref], cal_alpha,
-                                  cal_kth, spread, cal_ratio, stack)
-    return ac._trust_cache
+    state.cache["trust"] = _Calibration(key, weights, indexes, labels[ref], cal_alpha,
+                                        cal_kth, spread, cal_ratio, stack)
+    return state.cache["trust"]
 
 
 def _stack_features(votes_ratios, agreement, credibility):

@@ -5,15 +5,16 @@ from torch import nn
 
 import actclust
 from actclust import ActivationClustering, CaptureError, list_layers
-from actclust._capture import Capture
+from actclust import TorchAdapter
 from actclust.reduction import make_reducer
 
 from conftest import LAYERS, TinyCNN, hook_count
 
 
 def _capture(model, x, layers, reducer="mean"):
-    with Capture(model, {l: make_reducer(reducer) for l in layers}) as cap:
-        return cap.run(torch.as_tensor(x))
+    with TorchAdapter(model).runner({l: make_reducer(reducer) for l in layers}) as runner:
+        logits, out = runner.run(torch.as_tensor(x), "rows 0-3 of X")
+    return torch.from_numpy(logits), {l: torch.from_numpy(v) for l, v in out.items()}
 
 
 # captured activations equal those of a manual forward pass, despite the in-place ReLU after conv
@@ -90,7 +91,7 @@ def test_unknown_layer_names_closest_and_list_layers(model, data):
 # outputs that are not (N, n_classes) logits are rejected with the shape seen
 @pytest.mark.parametrize("head, match", [
     (lambda z: z[:, 0], r"shape \(N, n_classes\).*returned shape \(4,\)"),
-    (lambda z: (z, z), "returned a tuple"),
+    (lambda z: {"scores": z}, r"returned a dict; actclust looks for the logits.*output="),
     (lambda z: z.argmax(1, keepdim=True).repeat(1, 3), "floating-point logits"),
 ])
 def test_non_logit_output(data, head, match):
@@ -112,7 +113,7 @@ def test_non_logit_output(data, head, match):
 def test_nan_activations_name_the_layer(model, data):
     x = data[0][:4].copy()
     x[0, 0, 0, 0] = np.nan
-    with pytest.raises(CaptureError, match="layer 'conv' contain NaN"):
+    with pytest.raises(CaptureError, match=r"layer 'conv' contain NaN or infinite values at row 0 of rows 0-3 of X"):
         _capture(model, x, ["conv"])
     assert hook_count(model) == 0
 

@@ -1,0 +1,129 @@
+"""Passes of the model over data: the capture pass of ``fit`` and the query pass of every analysis.
+
+Each pass checks the first batch before the model runs (dtype, and at query time the form and
+shape the explainer was fitted on) and every batch's inputs for NaN, naming the row.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._data import Batch, Batches, Collector
+from .adapters import ModelAdapter
+from .exceptions import DataError
+from .reduction import normalized
+from .state import FittedState, InputSpec, Query
+
+
+def spec_of(inputs, feature_names=None) -> InputSpec:
+    def part(key, t):
+        return (key, tuple(int(s) for s in t.shape[1:]), str(t.dtype).replace("torch.", ""))
+
+    if isinstance(inputs, Mapping):
+        return InputSpec("dict", tuple(part(k, v) for k, v in inputs.items()))
+    if isinstance(inputs, (tuple, list)):
+        return InputSpec("tuple", tuple(part(i, v) for i, v in enumerate(inputs)))
+    return InputSpec("tensor", (part(None, inputs),), None if feature_names is None else tuple(feature_names))
+
+
+def _check_finite(batch: Batch, name: str) -> None:
+    parts = batch.inputs.items() if isinstance(batch.inputs, Mapping) else (
+        enumerate(batch.inputs) if isinstance(batch.inputs, (tuple, list)) else [(None, batch.inputs)])
+    for key, t in parts:
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).flatten().tolist()
+                label = name if key is None else f"{name}[{key!r}]"
+                raise DataError(
+                    f"{label} has NaN or infinite values at row {batch.start + rows[0]}"
+                    + (f" (and {len(rows) - 1} more rows in rows {batch.where})" if len(rows) > 1 else "")
+                    + "; remove or impute them."
+                )
+
+
+def run(adapter: ModelAdapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
+        spec: Optional[InputSpec] = None) -> Iterator[tuple[Batch, np.ndarray, dict, InputSpec]]:
+    """Yield ``(batch, logits, {layer: vectors}, spec of the first batch)`` with the layers captured."""
+    total = None if batches.n_samples is None else -(-batches.n_samples // batches.batch_size)
+    first = None
+    with adapter.runner(reducers) as runner:
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            if first is None:
+                first = spec_of(batch.inputs, batches.feature_names)
+                if spec is not None:
+                    spec.check(first, batches.name)
+                adapter.check_inputs(batch.inputs, batches.name)
+            _check_finite(batch, batches.name)
+            logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
+            yield batch, logits, out, first
+
+
+def hooked(reducers: dict, normalize) -> dict:
+    return {l: normalized(r, normalize) for l, r in reducers.items()}
+
+
+def capture(adapter, batches: Batches, reducers: dict, *, progress: bool):
+    """The capture pass of ``fit``: predictions, softmax, vectors, labels, class count and input spec."""
+    col, has_y, width, spec = Collector(batches.n_samples), [], [], None
+    for batch, logits, out, spec in run(adapter, batches, reducers, desc="capturing activations", progress=progress):
+        if width and logits.shape[1] != width[0]:
+            raise DataError(f"The model output {logits.shape[1]} classes on {batch.where}, {width[0]} before.")
+        width.append(logits.shape[1])
+        col.add("pred", logits.argmax(1))
+        col.add("proba", _softmax(logits))
+        for l, v in out.items():
+            col.add(l, v)
+        has_y.append(batch.labels is not None)
+        if batch.labels is not None:
+            col.add("y", batch.labels.numpy().astype(np.int64))
+    labels = col.get("y") if all(has_y) else None
+    return col.get("pred"), col.get("proba"), {l: col.get(l) for l in reducers}, labels, width[0], spec
+
+
+def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, progress: bool) -> Query:
+    """One pass over the inputs: the DNN's outputs and, per layer, distances to the centres (and vectors)."""
+    col, has_y = Collector(batches.n_samples), []
+    reducers = hooked(state.reducers, state.normalize)
+    for batch, logits, out, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
+                                     spec=state.input_spec):
+        if logits.shape[1] != state.n_classes:
+            raise DataError(f"The model outputs {logits.shape[1]} classes; it was fitted with {state.n_classes}.")
+        col.add("dnn_pred", logits.argmax(1))
+        col.add("dnn_proba", _softmax(logits))
+        for l in state.layers:
+            v, width = out[l], state.train_vectors[l].shape[1]
+            if v.shape[1] != width:
+                raise DataError(
+                    f"Layer {l!r} gives {v.shape[1]} values per sample on {batches.name} but {width} on the "
+                    "training data: the inputs differ in shape from those the explainer was fitted on."
+                )
+            col.add(("distances", l), state.clusterings[l].distances(v))
+            if keep_vectors:
+                col.add(("vectors", l), v)
+        has_y.append(batch.labels is not None)
+        if batch.labels is not None:
+            y = batch.labels.numpy().astype(np.int64)
+            bad = np.unique(y[(y < 0) | (y >= state.n_classes)])
+            if bad.size:
+                raise DataError(
+                    f"y has classes the model does not have: {bad[:10].tolist()}; the model outputs "
+                    f"{state.n_classes} classes, so labels must be in 0..{state.n_classes - 1}."
+                )
+            col.add("y", y)
+    return Query(
+        dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),
+        distances={l: col.get(("distances", l)) for l in state.layers},
+        vectors={l: col.get(("vectors", l)) for l in state.layers} if keep_vectors else None,
+        labels=col.get("y") if all(has_y) else None,
+    )
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(1, keepdims=True)

@@ -1,0 +1,380 @@
+"""The PyTorch adapter: hooks, calling conventions, logits, wrapper-free names and fingerprints.
+
+Hooks are registered for one pass and removed in ``finally`` (also when the model raises);
+each hook reduces the activation at once, so an in-place operation later in the forward pass
+(``ReLU(inplace=True)``) cannot change what was captured; the train/eval flag of every module
+is restored afterwards. Wrappers (``DataParallel``, ``DistributedDataParallel``,
+``torch.compile``) are looked through: layer names and the fingerprint are those of the wrapped
+model, so a run moves between wrapped and unwrapped copies of one network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
+from .base import ModelAdapter, Runner
+
+__all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
+
+_PREFIXES = ("module.", "_orig_mod.")
+MASK_KEY = "attention_mask"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of any dense tensor: every dtype (bfloat16, bool...), 0-dim and strided ones too."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    if t.is_quantized:
+        t = t.int_repr()
+    t = t.resolve_conj().resolve_neg()
+    t = t.cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+class TorchAdapter(ModelAdapter):
+    """A PyTorch ``nn.Module`` classifier, possibly wrapped by DataParallel or ``torch.compile``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(x)`` for a tensor batch, ``model(*x)`` for a tuple and ``model(**x)``
+        for a dict (e.g. Hugging Face ``input_ids`` and ``attention_mask``).
+    output : callable, optional
+        ``output(model_output) -> logits tensor (N, n_classes)``. By default the logits are the
+        output itself when it is a tensor, else its ``.logits``, its ``["logits"]`` or its first
+        element (a tuple).
+    """
+
+    def __init__(self, model: nn.Module, output: Optional[Callable] = None):
+        if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+            raise UnsupportedModelError(
+                "TorchScript models cannot be explained: they run compiled code that calls no "
+                "forward hooks, so no layer can be captured. Pass the original nn.Module (the one "
+                "given to torch.jit.script / torch.jit.trace), with its weights loaded."
+            )
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(
+                f"The model must be a torch.nn.Module; got {type(model).__name__}."
+            )
+        if output is not None and not callable(output):
+            raise UnsupportedModelError(f"output must be a callable that returns the logits; got {output!r}.")
+        # DataParallel splits a batch across devices and calls our hooks once per replica: the
+        # wrapped module is called instead, on its device. torch.compile's wrapper is kept.
+        while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        self.model = model
+        self.inner = _unwrap(model)
+        self.output = output
+
+    @property
+    def model_class(self) -> str:
+        return f"{type(self.inner).__module__}.{type(self.inner).__qualname__}"
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.inner.named_modules() if n}
+
+    def layer_names(self) -> list[str]:
+        return list(self.modules())
+
+    def canonical(self, name: str) -> str:
+        known = self.modules()
+        while name not in known and name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+        return name
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.inner.parameters():
+            return t.device
+        for t in self.inner.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        for t in self.inner.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return None
+
+    def takes_ids(self) -> bool:
+        """Whether integer inputs make sense: the model embeds token ids somewhere."""
+        return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.inner.modules())
+
+    def check_inputs(self, inputs, name: str) -> None:
+        """Refuse, before the forward pass, inputs whose dtype the model cannot have been trained on."""
+        parts = inputs.items() if isinstance(inputs, Mapping) else (
+            enumerate(inputs) if isinstance(inputs, (tuple, list)) else [(None, inputs)])
+        for key, t in parts:
+            label = name if key is None else f"{name}[{key!r}]"
+            if t.dtype == torch.uint8:
+                raise DataError(
+                    f"{label} holds uint8 values (raw image bytes?): convert to float and normalise as in "
+                    "training, e.g. x.astype('float32') / 255."
+                )
+            if not t.is_floating_point() and t.dtype != torch.bool and not self.takes_ids():
+                raise DataError(
+                    f"{label} holds {str(t.dtype).replace('torch.', '')} values but the model has no embedding "
+                    "layer that takes integer ids: convert the inputs to float (as in training)."
+                )
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.inner.state_dict().items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(tensor_bytes(t))
+        return h.hexdigest()
+
+    def call(self, inputs, module: Optional[nn.Module] = None):
+        """Run the model (or ``module``) on one batch moved to its device and float dtype; its raw output."""
+        module = self.model if module is None else module
+        inputs = _to(inputs, self.device, self.dtype)
+        if isinstance(inputs, Mapping):
+            return module(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return module(*inputs)
+        return module(inputs)
+
+    def logits(self, out, n: int) -> torch.Tensor:
+        """The ``(n, n_classes)`` logits in a model output."""
+        if self.output is not None:
+            out = self.output(out)
+        elif not isinstance(out, torch.Tensor):
+            if isinstance(getattr(out, "logits", None), torch.Tensor):
+                out = out.logits
+            elif isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+                out = out["logits"]
+            elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                out = out[0]
+        _check_logits(out, n, self.output is not None)
+        return out
+
+    def runner(self, reducers: Mapping[str, Callable]) -> "_TorchRunner":
+        return _TorchRunner(self, reducers)
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device, dtype) for v in obj)
+    return obj
+
+
+def _first_tensor(output):
+    """A layer's activation: its output, or the first element of a tuple or ``ModelOutput``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class _TorchRunner(Runner):
+    """Forward hooks on the captured layers, the model in eval mode; both undone on exit."""
+
+    def __init__(self, adapter: TorchAdapter, reducers: Mapping[str, Callable]):
+        self.adapter = adapter
+        self.reducers = dict(reducers)
+        modules = adapter.modules()
+        self.modules = {name: modules[name] for name in self.reducers}
+        self._out: dict[str, torch.Tensor] = {}
+        self._mask: Optional[torch.Tensor] = None
+        self._eager = False  # set when a compiled model skipped the hooks
+        self.handles: list = []
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.adapter.model.modules()}
+        try:
+            for name, module in self.modules.items():
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+            self.adapter.model.eval()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for module, training in self.modes.items():
+            module.training = training
+        return False
+
+    def _hook(self, name):
+        reduce = self.reducers[name]
+
+        # Compiled models trace this hook into their graph: no Python counters (each value would
+        # be a recompile) and no data-dependent branch (a graph break); NaN checks run afterwards.
+        def hook(module, args, output):
+            if name in self._out:
+                raise CaptureError(
+                    f"The layer {name!r} ran more than once in one forward pass (a shared or "
+                    "reused module); its activations would be mixed. Choose a module that runs once."
+                )
+            t = _first_tensor(output)
+            if t is None:
+                raise CaptureError(
+                    f"The layer {name!r} returned a {type(output).__name__} with no tensor first; "
+                    "choose a module whose output is a tensor (or a tuple starting with one)."
+                )
+            self._out[name] = reduce(t.detach(), self._mask)
+        return hook
+
+    def run(self, inputs, where: str = "a batch"):
+        mask = inputs.get(MASK_KEY) if isinstance(inputs, Mapping) else None
+        self._mask = None if mask is None else mask.to(self.adapter.device, non_blocking=True)
+        n = _batch_len(inputs)
+        logits = self._forward(self.adapter.model if not self._eager else self.adapter.inner, inputs, where, n)
+        missing = [name for name in self.reducers if name not in self._out]
+        if missing and not self._eager and self.adapter.model is not self.adapter.inner:
+            # torch.compile reuses a graph traced before these hooks existed (it does not guard on
+            # hooks), so they never ran: run the uncompiled module, which calls every hook.
+            warnings.warn(
+                f"The compiled model skipped actclust's hooks on {missing} (a graph compiled before they "
+                "were registered); running the uncompiled module for this pass instead.",
+                ActClustWarning, stacklevel=2)
+            self._eager = True
+            logits = self._forward(self.adapter.inner, inputs, where, n)
+            missing = [name for name in self.reducers if name not in self._out]
+        if missing:
+            raise CaptureError(
+                f"The layer(s) {missing} did not run in the forward pass, so nothing was captured. "
+                "Choose modules that the model's forward() calls."
+            )
+        kept = {name: t for name, t in self._out.items() if t is not None}  # fitting reducers keep nothing
+        out = {name: t.reshape(t.shape[0], -1).float().cpu().numpy() for name, t in kept.items()}
+        logits = logits.detach().float().cpu().numpy()
+        # Checked here, not in the hooks: a data-dependent branch in a hook breaks torch.compile's graph.
+        for name in kept:  # execution order: the first layer that went bad is named
+            _check_finite(out[name], f"The activations of layer {name!r}", where)
+        _check_finite(logits, "The model's output", where)
+        return logits, out
+
+    def _forward(self, module, inputs, where: str, n: int):
+        self._out = {}
+        try:
+            with torch.no_grad():
+                return self.adapter.logits(self.adapter.call(inputs, module), n)
+        except ActClustError:
+            raise
+        except Exception as e:
+            raise CaptureError(
+                f"The model raised {type(e).__name__} on {where} ({describe(inputs)}): {e} -- check that "
+                "the inputs have the shape, dtype and scaling the model was trained on."
+            ) from e
+
+
+def _check_finite(a: np.ndarray, what: str, where: str) -> None:
+    bad = ~np.isfinite(a).all(1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise CaptureError(
+            f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
+            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
+        )
+
+
+def _batch_len(inputs) -> int:
+    if isinstance(inputs, Mapping):
+        inputs = next(iter(inputs.values()))
+    elif isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    return int(inputs.shape[0])
+
+
+def describe(inputs) -> str:
+    """``shape (256, 784), float32`` / ``input_ids (8, 12) int64, ...`` for messages."""
+    def one(t):
+        return f"shape {tuple(t.shape)}, {str(t.dtype).replace('torch.', '')}"
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(f"input {i}: {one(v)}" for i, v in enumerate(inputs))
+    return one(inputs)
+
+
+def _check_logits(logits, n: int, custom: bool) -> None:
+    if not isinstance(logits, torch.Tensor):
+        where = "output= returned" if custom else "The model returned"
+        raise CaptureError(
+            f"{where} a {type(logits).__name__}; actclust looks for the logits as a tensor, an "
+            "attribute .logits, a key 'logits' or the first element of a tuple. Pass "
+            "output=<function of the model's output that returns the logits tensor>."
+        )
+    if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+        raise CaptureError(
+            "The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
+            f"of {n} it returned shape {tuple(logits.shape)}."
+        )
+    if not logits.is_floating_point():
+        raise CaptureError(f"The model must return floating-point logits; got dtype {logits.dtype}.")
+
+
+def list_layers(model: nn.Module, sample=None):
+    """Names of the model's sub-modules usable as ``layers``, in ``named_modules()`` order.
+
+    Wrappers (DataParallel, ``torch.compile``) are looked through, so the names are those of
+    the wrapped model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    sample : tensor, ndarray, tuple or dict, optional
+        A batch of inputs. When given, one forward pass is run and the result maps each name
+        to its output shape (with the batch axis), for the modules that ran.
+
+    Returns
+    -------
+    list of str, or dict of str to tuple
+    """
+    adapter = TorchAdapter(model)
+    names = adapter.layer_names()
+    if sample is None:
+        return names
+    shapes: dict[str, tuple] = {}
+    modules = adapter.modules()
+
+    def record(name):
+        def hook(module, args, output):
+            t = _first_tensor(output)
+            if t is not None:
+                shapes.setdefault(name, tuple(t.shape))
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            adapter.call(sample if isinstance(sample, (Mapping, tuple, list)) else torch.as_tensor(sample))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return {n: shapes[n] for n in names if n in shapes}

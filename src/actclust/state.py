@@ -1,0 +1,195 @@
+"""What ``fit`` learns, as one object: :class:`FittedState`, and the spec of the inputs it saw.
+
+``ActivationClustering.fit`` builds a :class:`FittedState` from local variables and assigns it
+once, at the end (``ac.state_``), so a fit that fails changes nothing. Persistence writes and
+reads this object; the analyses (similar samples, concepts, explanations, trust, report) take
+it together with a :class:`Query`, the result of one pass of the model over some inputs. This
+module needs NumPy only: a saved run can be read and analysed without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import surrogate
+from .exceptions import DataError
+
+__all__ = ["FittedState", "InputSpec", "Query"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How one sample of the training inputs looked: kind, and per part its shape and dtype.
+
+    ``kind`` is ``"tensor"`` (one input), ``"tuple"`` (positional inputs) or ``"dict"`` (inputs by
+    keyword); ``parts`` holds ``(key, per-sample shape, dtype name)`` for each. A 1-D integer part
+    (token ids, attention masks) may differ in length between batches; every other shape must
+    match the training inputs.
+    """
+
+    kind: str
+    parts: tuple
+    feature_names: Optional[tuple] = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "parts": [[k, list(s), d] for k, s, d in self.parts],
+                "feature_names": None if self.feature_names is None else list(self.feature_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        names = d.get("feature_names")
+        return cls(str(d["kind"]), tuple((k, tuple(int(v) for v in s), str(t)) for k, s, t in d["parts"]),
+                   None if names is None else tuple(str(n) for n in names))
+
+    @property
+    def shape(self) -> tuple:
+        """Per-sample shape of a single-tensor input (the first part otherwise)."""
+        return self.parts[0][1]
+
+    def check(self, got: "InputSpec", name: str) -> None:
+        """Raise :class:`DataError`, saying what to change, if ``got`` cannot be what was fitted."""
+        if got.kind != self.kind or [k for k, _, _ in got.parts] != [k for k, _, _ in self.parts]:
+            raise DataError(
+                f"{name} gives the model {_describe(got)}, but the explainer was fitted on {_describe(self)}; "
+                "pass inputs of the same form."
+            )
+        for (key, shape, dtype), (_, got_shape, got_dtype) in zip(self.parts, got.parts):
+            label = name if self.kind == "tensor" else f"{name}[{key!r}]"
+            if _kind(dtype) != _kind(got_dtype):
+                raise DataError(
+                    f"{label} holds {got_dtype} values but the explainer was fitted on {dtype}: convert it "
+                    "as the training inputs were."
+                )
+            sequence = _kind(dtype) == "int" and len(shape) == 1
+            if len(shape) != len(got_shape) or (shape != got_shape and not sequence):
+                hint = f" (e.g. x.reshape(-1, {', '.join(map(str, shape))}))" if _size(shape) == _size(got_shape) else ""
+                raise DataError(
+                    f"{label} has per-sample shape {got_shape} but the explainer was fitted on inputs of shape "
+                    f"{shape}: pass inputs of that shape{hint}."
+                )
+
+
+def _kind(dtype: str) -> str:
+    if "float" in dtype or "half" in dtype:
+        return "float"
+    return "bool" if dtype == "bool" else "int"
+
+
+def _size(shape) -> int:
+    return int(np.prod(shape)) if len(shape) else 1
+
+
+def _describe(spec: InputSpec) -> str:
+    if spec.kind == "tensor":
+        return f"one tensor per batch (per-sample shape {spec.shape})"
+    keys = [k for k, _, _ in spec.parts]
+    return f"a {spec.kind} of {len(keys)} inputs" + (f" {keys}" if spec.kind == "dict" else "")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One pass of the model over some inputs: the DNN's outputs and, per layer, squared distances
+    to the centres (and the reduced vectors, when asked for)."""
+
+    dnn_pred: np.ndarray  # (n,)
+    dnn_proba: np.ndarray  # (n, C) softmax of the logits
+    distances: dict  # layer -> (n, n_clusters)
+    vectors: Optional[dict]  # layer -> (n, d)
+    labels: Optional[np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.dnn_pred)
+
+    @property
+    def paths(self) -> np.ndarray:
+        """Nearest cluster ``(n, L)`` of each input at each layer."""
+        return np.stack([d.argmin(1) for d in self.distances.values()], 1)
+
+    def subset(self, rows) -> "Query":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Query(self.dnn_pred[rows], self.dnn_proba[rows], {l: d[rows] for l, d in self.distances.items()},
+                     None if self.vectors is None else {l: v[rows] for l, v in self.vectors.items()},
+                     None if self.labels is None else self.labels[rows])
+
+
+@dataclass(frozen=True, eq=False)
+class FittedState:
+    """Everything a fit learned; built once by ``fit`` (or by :func:`actclust.load`), never changed.
+
+    Attributes
+    ----------
+    layers : list of str
+        Captured layers, canonical names (without ``module.`` / ``_orig_mod.`` prefixes).
+    n_classes : int
+    input_spec : InputSpec
+    normalize : {"l2", None}
+    posterior : {"prediction", "label"}
+    reducers, clusterings : dict of layer -> Reducer / Clustering
+    temperatures : dict of layer -> float
+        Soft-assignment temperature of each layer (0 = hard; learned by ``distill``).
+    posteriors : dict of layer -> ndarray (n_clusters, n_classes)
+    weights : ndarray (n_layers,), non-negative, summing to 1
+    train_vectors : dict of layer -> ndarray (n_samples, d)
+    train_predictions : ndarray (n_samples,)
+    train_labels : ndarray (n_samples,) or None
+    train_score, fit_info : dict
+    random_state : int
+    cache : dict
+        Results derived from this state on demand (search indexes, trust calibration); they go
+        with the state, so a new fit never sees an old fit's caches.
+    """
+
+    layers: list
+    n_classes: int
+    input_spec: InputSpec
+    normalize: Optional[str]
+    posterior: str
+    reducers: dict
+    clusterings: dict
+    temperatures: dict
+    posteriors: dict
+    weights: np.ndarray
+    train_vectors: dict
+    train_predictions: np.ndarray
+    train_labels: Optional[np.ndarray]
+    train_score: dict
+    fit_info: dict
+    random_state: int
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.train_predictions)
+
+    def layer_probas(self, distances: dict) -> np.ndarray:
+        """Per-layer class distributions ``(L, n, C)`` from squared distances to the centres."""
+        return np.stack([
+            self.clusterings[l].soft_assign_from_distances(distances[l], self.temperatures[l]) @ self.posteriors[l]
+            for l in self.layers
+        ])
+
+    def predict_proba(self, distances: dict) -> np.ndarray:
+        """The surrogate's class distribution ``(n, C)``."""
+        return surrogate.combine(self.layer_probas(distances), self.weights)
+
+    def target_prior(self) -> np.ndarray:
+        """Class distribution of the surrogate's targets over the training data."""
+        use_labels = self.posterior == "label" and self.train_labels is not None
+        targets = self.train_labels if use_labels else self.train_predictions
+        counts = np.bincount(targets, minlength=self.n_classes).astype(np.float64)
+        return (counts / counts.sum()).astype(np.float32)
+
+    def check_layer(self, layer) -> str:
+        if layer not in self.layers:
+            import difflib
+
+            from .exceptions import ParameterError
+
+            close = difflib.get_close_matches(str(layer), self.layers, n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ParameterError(f"Layer {layer!r} was not fitted; fitted layers are {self.layers}.{hint}")
+        return layer
