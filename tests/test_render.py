@@ -69,3 +69,12 @@ def test_placeholders():
         Renderer(mean=[0, 0, 0])(np.zeros((1, 2, 2)), "x")
     with pytest.warns(UserWarning, match=r"not an image or a feature row; pass render="):
         Renderer()(np.zeros((2, 2, 2, 2)), "x")
+
+
+# a feature row longer than a table shows keeps the first 12 features, with their names, and counts the rest
+def test_tabular_shows_twelve_and_counts_the_rest():
+    names = [f"a_long_feature_name_{i}" for i in range(15)]
+    t = Renderer(feature_names=names)(np.arange(15, dtype=np.float32) / 3, "x")
+    assert [n for n, _ in t["rows"]] == names[:12] and t["rows"][1] == (names[1], "0.3333") and t["more"] == 3
+    with pytest.warns(UserWarning, match="2 feature names for 3 features"):
+        assert Renderer(feature_names=["a", "b"])(np.zeros(3), "x")["kind"] == "error"

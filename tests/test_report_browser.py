@@ -6,6 +6,7 @@ Skipped where Chromium or Playwright is missing, except under CI (``CI=true``), 
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from actclust import report
@@ -46,3 +47,83 @@ def test_report_renders_in_chromium(fitted, data, tmp_path):
     assert n_images > 50 and broken == 0
     assert errors == [] and requests == []
     assert cards == 6
+
+
+def _tabular_report(tmp_path):
+    """A report on 15 features (more than a table shows), a few with long names, from a small MLP."""
+    import torch
+    from torch import nn
+
+    from actclust import ActivationClustering
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 15)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(15, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    ac = ActivationClustering(mlp, ["0", "2", "4"], n_clusters=3, progress=False).fit(x, y)
+    names = [f"feature_{i}" if i % 3 else f"a_rather_long_feature_name_number_{i}_in_millimetres" for i in range(15)]
+    return report(ac, x, y, train=x, feature_names=names, class_names=["low", "middle", "high"],
+                  out=tmp_path / "tab.html", n_correct=2, n_wrong=1, k=4, n_exemplars=3, n_edge=1)
+
+
+# Boxes that overlap on the page, as readable strings; empty when the layout is clean. Tables of
+# samples must not intersect one another, every cell stays inside its table and every table inside
+# the box that holds it, and no text (table cells, class-mix numbers) sits on a class-mix bar.
+_OVERLAPS_JS = """() => {
+  document.querySelectorAll("details").forEach(d => { d.open = true; });  // measure every concept
+  const boxes = new Map(), box = e => boxes.get(e) || boxes.set(e, e.getBoundingClientRect()).get(e);
+  const seen = e => e.checkVisibility() && box(e).width > 0;
+  const cut = (a, b) => Math.min(a.right, b.right) - Math.max(a.left, b.left) > 0.5
+                     && Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 0.5;
+  const inside = (a, b) => a.left >= b.left - 0.5 && a.right <= b.right + 0.5
+                        && a.top >= b.top - 0.5 && a.bottom <= b.bottom + 0.5;
+  const name = e => `${e.tagName.toLowerCase()}${e.className ? "." + e.className.replace(/ /g, ".") : ""}`
+                    + ` "${e.textContent.trim().slice(0, 20)}" in #${e.closest("[id]").id}`;
+  const tables = [...document.querySelectorAll("table.feat")].filter(seen);
+  const bars = [...document.querySelectorAll(".mix")].filter(seen);
+  const out = [];
+  tables.forEach((t, i) => tables.slice(i + 1).forEach(u => {
+    if (cut(box(t), box(u))) out.push(`tables overlap: ${name(t)} / ${name(u)}`);
+  }));
+  for (const t of tables) {
+    const holder = t.closest("td, .concept, .card-body > div, .sims > div");
+    if (!inside(box(t), box(holder))) out.push(`table outside its ${name(holder)}: ${name(t)}`);
+    for (const c of t.querySelectorAll("td")) {
+      if (!inside(box(c), box(t))) out.push(`cell outside its table: ${name(c)}`);
+      if (c.scrollWidth > c.clientWidth + 1) out.push(`text overflows its cell: ${name(c)}`);
+      for (const b of bars) if (cut(box(c), box(b))) out.push(`cell on a class-mix bar: ${name(c)}`);
+    }
+  }
+  const labels = [...document.querySelectorAll(".mixnum")].filter(seen);
+  for (const l of labels) {
+    const bar = l.parentElement.querySelector(".mix");
+    if (!bar || cut(box(l), box(bar))) out.push(`class-mix number on its bar: ${name(l)}`);
+  }
+  return {problems: out, tables: tables.length, bars: bars.length, labels: labels.length};
+}"""
+
+
+# a tabular report reads cleanly at a wide, a middle and a phone width: sample tables never overlap
+# each other or a class-mix bar, cells stay in their tables, class-mix numbers sit beside their bars
+def test_tabular_report_layout_in_chromium(tmp_path):
+    sync_playwright = _browser()
+    path = _tabular_report(tmp_path)
+    found = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+            page.goto(path.as_uri(), wait_until="load")
+            for width in (1280, 800, 560):
+                page.set_viewport_size({"width": width, "height": 900})
+                found[width] = page.evaluate(_OVERLAPS_JS)
+        finally:
+            browser.close()
+    assert requests == []
+    for width, f in found.items():
+        assert f["tables"] > 20 and f["bars"] > 20, f"only {f['tables']} tables, {f['bars']} bars at {width} px"
+        assert f["problems"] == [], f"at {width} px: " + "; ".join(f["problems"][:40])
+        assert f["labels"] > 0, f"no class-mix numbers beside the layer rows' bars at {width} px"
