@@ -70,7 +70,21 @@ def test_report_tabular(tmp_path):
     x = np.random.default_rng(0).standard_normal((80, 4)).astype(np.float32)
     ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(x)
     html = report(ac, x, train=x, feature_names=["age", "bmi", "bp", "s1"], out=tmp_path / "r.html").read_text()
-    assert "<td>bmi</td>" in html and _imgs(html) == 0
+    assert 'title="bmi">bmi<' in html and _imgs(html) == 0
+
+
+# a DataFrame's column names label the report's feature tables without feature_names
+def test_report_dataframe_feature_names(tmp_path):
+    import pandas as pd
+
+    from actclust import ActivationClustering
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    df = pd.DataFrame(np.random.default_rng(0).standard_normal((80, 4)), columns=["age", "bmi", "bp", "glucose"])
+    ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(df)
+    html = report(ac, df, train=df, out=tmp_path / "r.html").read_text()
+    assert 'title="glucose">glucose<' in html and 'title="x3"' not in html
 
 
 # wrong training data, bad indices, bad counts and other shapes are clear errors
@@ -84,7 +98,7 @@ def test_report_errors(fitted, data, tmp_path):
         report(fitted, x, n_wrong=-1, out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="class_names must name the 3 classes"):
         report(fitted, x, class_names=["a"], out=tmp_path / "r.html")
-    with pytest.raises(DataError, match="differ from the shape"):
+    with pytest.raises(DataError, match=r"per-sample shape \(1, 5, 5\) but the explainer was fitted on inputs of shape \(1, 6, 6\)"):
         report(fitted, np.zeros((4, 1, 5, 5), np.float32), out=tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
 

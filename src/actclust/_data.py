@@ -136,6 +136,51 @@ class Batches:
         return self._y[start:stop]
 
 
+def length(data) -> int:
+    """Number of samples in any accepted form of data (a DataLoader: its dataset's)."""
+    if isinstance(data, DataLoader):
+        return len(data.dataset)
+    if isinstance(data, Mapping):
+        return len(next(iter(data.values())))
+    return len(data)
+
+
+def take(data, idx):
+    """The samples at positions ``idx``, in the same form as ``data`` where it has one."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(data, np.ndarray):
+        return data[idx]
+    if isinstance(data, torch.Tensor):
+        return data[torch.from_numpy(idx)]
+    if type(data).__module__.startswith("pandas") and hasattr(data, "iloc"):
+        return data.iloc[idx]
+    if isinstance(data, Mapping):
+        return {k: take(v, idx) for k, v in data.items()}
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def rows(data, idx, *, label_key="auto", name: str = "X") -> list:
+    """The model inputs of the samples at ``idx``, one per sample, as NumPy arrays (a tuple or dict
+    of arrays for models with several inputs); labels are split off as ``fit`` splits them."""
+    out = []
+    if len(idx) == 0:
+        return out
+    for batch in Batches(take(data, idx), batch_size=len(idx), label_key=label_key, name=name):
+        out.extend(_unbatch(batch.inputs))
+    return out
+
+
+def _unbatch(inputs) -> list:
+    if isinstance(inputs, Mapping):
+        cols = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+        return [{k: v[i] for k, v in cols.items()} for i in range(batch_len(inputs))]
+    if isinstance(inputs, (tuple, list)):
+        cols = [v.detach().cpu().numpy() for v in inputs]
+        return [tuple(v[i] for v in cols) for i in range(batch_len(inputs))]
+    return list(inputs.detach().cpu().numpy())
+
+
 def _tensor(a: np.ndarray, name: str) -> torch.Tensor:
     if a.dtype == object or a.dtype.kind in "USV":
         raise DataError(f"{name} holds {a.dtype} values; pass numbers (an array of a numeric dtype).")

@@ -38,6 +38,8 @@ class Renderer:
         try:
             if self.render is not None:
                 return self._from_user(self.render(x))
+            if isinstance(x, (dict, tuple)):  # a model with several inputs: one row per input
+                return _parts_table(x)
             return self._default(np.asarray(x))
         except Exception as e:  # a report shows every input it can, and says which it could not
             message = f"could not render {what}: {type(e).__name__}: {e}"
@@ -76,6 +78,21 @@ class Renderer:
             low, high = float(img.min()), float(img.max())
             img = (img - low) / (high - low) if high > low else np.zeros_like(img)
         return _image(_to_uint8(img))
+
+
+def _parts_table(x) -> dict:
+    """A sample of several inputs (e.g. ``input_ids`` and ``attention_mask``) as a table of short summaries."""
+    items = x.items() if isinstance(x, dict) else enumerate(x)
+    rows = []
+    for key, v in items:
+        v = np.asarray(v)
+        if v.ndim == 1 and v.dtype.kind in "iub":
+            shown = " ".join(str(int(t)) for t in v[:16]) + (f" … ({len(v)})" if len(v) > 16 else "")
+        else:
+            flat = v.reshape(-1)
+            shown = ", ".join(f"{float(t):.3g}" for t in flat[:6]) + (f" … {v.shape}" if flat.size > 6 else "")
+        rows.append((str(key), shown))
+    return {"kind": "table", "rows": rows, "more": 0}
 
 
 def _is_image(x: np.ndarray) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._data import length, rows
 from ._render import Renderer
 from .exceptions import DataError, ParameterError, RunExistsError
 
@@ -69,8 +70,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
                         ("n_edge", n_edge)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
             raise ParameterError(f"{name} must be a non-negative int. Got {value!r} instead.")
-    if train is not None and _length(train) != state.n_samples:
-        raise DataError(f"train has {_length(train)} samples but the explainer was fitted on "
+    if train is not None and length(train) != state.n_samples:
+        raise DataError(f"train has {length(train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
     names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(state.n_classes)]
     check_class_names(state, names)
@@ -87,7 +88,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
                            meta=meta) if len(chosen) else []
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
     cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
-             for j, (e, x) in enumerate(zip(explanations, _items(X, chosen)))]
+             for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key)))]
     gallery = {l: concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))
                for l in state.layers}
     # Every training sample shown is drawn before the page, so the failure banner counts them all.
@@ -97,7 +98,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     if train is None:
         samples = {i: {"kind": "text", "text": f"#{i}"} for i in shown}
     else:
-        samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, _items(train, shown))}
+        samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, rows(train, shown, label_key=ac.label_key, name="train"))}
     env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, ac=ac, state=state, scores=summary, names=names, colors=[_color(c) for c in range(state.n_classes)],
@@ -133,33 +134,6 @@ def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):
     how = (f"{len(picks[0])} inputs {what[0]} and {len(picks[1])} {what[1]}, picked at random "
            f"(seed {seed}) among the {n} given.")
     return np.concatenate(picks).astype(np.int64), how
-
-
-def _length(data) -> int:
-    return len(data.dataset) if hasattr(data, "dataset") and not hasattr(data, "__getitem__") else len(data)
-
-
-def _subset(X, idx: np.ndarray):
-    import torch
-
-    if isinstance(X, (np.ndarray, torch.Tensor)):
-        return X[torch.as_tensor(idx)] if isinstance(X, torch.Tensor) else X[idx]
-    dataset = getattr(X, "dataset", X) if isinstance(X, torch.utils.data.DataLoader) else X
-    return torch.utils.data.Subset(dataset, idx.tolist())
-
-
-def _items(X, idx) -> list:
-    """The raw inputs at ``idx`` as NumPy arrays (the input part of ``(input, label)`` items)."""
-    import torch
-
-    sub = _subset(X, np.asarray(idx, dtype=np.int64))
-    items = list(sub) if not isinstance(sub, (np.ndarray, torch.Tensor)) else sub
-    out = []
-    for item in items:
-        if isinstance(item, (tuple, list)):
-            item = item[0]
-        out.append(item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item))
-    return out
 
 
 def _color(c: int) -> str:

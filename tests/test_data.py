@@ -1,0 +1,163 @@
+"""Data in every form a user brings: tables, dicts of inputs, tuple and dict batches, loaders."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+from actclust import ActivationClustering, CaptureError, DataError, ParameterError
+
+from conftest import LAYERS, hook_count
+
+
+class TwoInputs(nn.Module):
+    """forward(a, b): two tensors, concatenated; layers 'fa' and 'out'."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fa = nn.Linear(3, 4)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, a, b):
+        return self.out(torch.cat([torch.relu(self.fa(a)), b], 1))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+# a DataFrame gives the same results as its values, and its column names are kept for reports
+def test_dataframe_equals_its_array():
+    x = np.random.default_rng(0).standard_normal((60, 4)).astype(np.float32)
+    df = pd.DataFrame(x, columns=["age", "bmi", "bp", "s1"])
+    a = ActivationClustering(_mlp(), ["0", "2"], n_clusters=3, progress=False).fit(x)
+    b = ActivationClustering(_mlp(), ["0", "2"], n_clusters=3, progress=False).fit(df, pd.Series(a.predict(x)))
+    assert np.array_equal(b.predict(df), a.predict(x))
+    assert b.state_.input_spec.feature_names == ("age", "bmi", "bp", "s1")
+    df64 = df.astype("float64")  # a float64 table is taken as the model's float32
+    assert np.array_equal(b.predict(df64), a.predict(x))
+
+
+# a DataFrame with text columns says which columns to encode
+def test_dataframe_text_columns():
+    df = pd.DataFrame({"age": [1.0, 2.0, 3.0], "city": ["a", "b", "c"], "bmi": [1.0, 2.0, 3.0], "x": [0.0] * 3})
+    with pytest.raises(DataError, match=r"non-numeric columns \['city'\]: encode them as numbers"):
+        ActivationClustering(_mlp(), ["0"], n_clusters=2, progress=False).fit(df)
+
+
+# a dict of arrays is passed to the model by keyword; a tuple batch positionally, with label_key
+def test_dict_and_tuple_inputs():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((50, 3)).astype(np.float32), rng.standard_normal((50, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    model = TwoInputs().eval()
+    ac = ActivationClustering(model, ["fa", "out"], n_clusters=3, progress=False).fit({"a": a, "b": b}, y)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(a), torch.from_numpy(b)).argmax(1).numpy()
+    assert np.array_equal(ac.train_predictions_, direct)
+    ds = TensorDataset(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(y))
+    tup = ActivationClustering(model, ["fa", "out"], n_clusters=3, label_key=2, progress=False).fit(ds)
+    assert np.array_equal(tup.train_predictions_, direct) and np.array_equal(tup.train_labels_, y)
+    assert np.array_equal(tup.predict(ds), ac.predict({"a": a, "b": b}))
+
+
+# a tuple of three tensors is never guessed: the error says to set label_key
+def test_three_tensors_need_label_key():
+    rng = np.random.default_rng(0)
+    ds = TensorDataset(torch.randn(20, 3), torch.randn(20, 2), torch.from_numpy(rng.integers(0, 3, 20)))
+    with pytest.raises(DataError, match=r"tuples of 3 tensors .*label_key=<its position>, or label_key=None"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit(ds)
+
+
+# a second float tensor is not silently taken as labels
+def test_second_float_tensor_is_not_a_label():
+    ds = TensorDataset(torch.randn(20, 3), torch.randn(20, 2))
+    with pytest.raises(DataError, match=r"tuples of 2 tensors \(float32 \(20, 3\), float32 \(20, 2\)\)"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit(ds)
+    ac = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=None, progress=False).fit(ds)
+    assert ac.train_labels_ is None
+
+
+# dict batches: 'labels' is taken as the label (Hugging Face's name), or the key given
+def test_dict_batches_label_key():
+    class DictSet(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"a": torch.randn(3, generator=g), "b": torch.randn(2, generator=g), "target": i % 3}
+
+    ac = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key="target", progress=False).fit(DictSet())
+    assert ac.train_labels_.tolist() == [i % 3 for i in range(30)]
+    with pytest.raises(DataError, match=r"label_key='y' is not a key of the batches of X; they have \['a', 'b', 'target'\]"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key="y", progress=False).fit(DictSet())
+    with pytest.raises(ParameterError, match="batches of X are dicts, so label_key must name a key"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=1, progress=False).fit(DictSet())
+
+
+# samplers other than sequential are refused: labels and indices would not match the samples
+@pytest.mark.parametrize("make, match", [
+    (lambda ds: DataLoader(ds, sampler=SubsetRandomSampler(range(10))), "draws its samples with a SubsetRandomSampler"),
+    (lambda ds: DataLoader(ds, shuffle=True), "draws its samples with a RandomSampler"),
+    (lambda ds: DataLoader(ds, batch_size=7, drop_last=True), "drop_last=True and would skip the last 1 samples"),
+])
+def test_non_sequential_loaders_refused(model, data, make, match):
+    ds = TensorDataset(torch.from_numpy(data[0][:50]), torch.from_numpy(data[1][:50]))
+    with pytest.raises(DataError, match=match):
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(make(ds))
+
+
+# uint8 images and flat vectors for a conv net are refused before the model runs, saying what to do
+def test_wrong_dtype_and_shape_before_forward(model, data, fitted):
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    u8 = (np.clip(data[0], 0, 1) * 255).astype(np.uint8)
+    with pytest.raises(DataError, match=r"uint8 values \(raw image bytes\?\): convert to float and normalise"):
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(u8)
+    assert calls == []
+    with pytest.raises(DataError, match=r"int64 values but the model has no embedding layer"):
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(data[0].astype(np.int64))
+    with pytest.raises(DataError, match=r"per-sample shape \(36,\) but the explainer was fitted on inputs of shape "
+                                        r"\(1, 6, 6\): pass inputs of that shape \(e.g. x.reshape\(-1, 1, 6, 6\)\)"):
+        fitted.predict(data[0].reshape(len(data[0]), -1))
+
+
+# flat vectors given to a conv net at fit time: the model's error, with the batch and what to check
+def test_model_error_is_wrapped(model, data):
+    with pytest.raises(CaptureError, match=r"model raised RuntimeError on rows 0-119 of X \(shape \(120, 36\), "
+                                           r"float32\).*shape, dtype and scaling") as info:
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(data[0].reshape(120, -1))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert hook_count(model) == 0
+
+
+# a NaN in the inputs names its row, across batches
+def test_nan_names_the_row(model, data):
+    x = data[0].copy()
+    x[77, 0, 2, 3] = np.nan
+    with pytest.raises(DataError, match=r"X has NaN or infinite values at row 77; remove or impute them"):
+        ActivationClustering(model, LAYERS, n_clusters=2, batch_size=32, progress=False).fit(x)
+
+
+# score refuses labels the model does not have
+def test_score_labels_out_of_range(fitted, data):
+    with pytest.raises(DataError, match=r"y has classes the model does not have: \[3, 7\]"):
+        fitted.score(data[0][:4], [0, 3, 7, 1])
+
+
+# a fit that fails on new data leaves the previous fit whole
+def test_failed_fit_changes_nothing(fitted, data):
+    before = fitted.predict_proba(data[0])
+    state = fitted.state_
+    with pytest.raises(DataError):
+        fitted.fit(np.zeros((10, 1, 5, 5), dtype=np.float32), np.full(10, 9))  # labels the model lacks
+    with pytest.raises(CaptureError):
+        fitted.fit(data[0].reshape(120, -1))
+    assert fitted.state_ is state
+    assert np.array_equal(fitted.predict_proba(data[0]), before)
+    assert fitted.input_shape_ == (1, 6, 6)

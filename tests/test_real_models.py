@@ -1,0 +1,233 @@
+"""The networks users bring: BatchNorm ResNets, Hugging Face models fed dict batches, DataParallel,
+torch.compile and half-precision copies, TorchScript (refused), custom outputs."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import actclust
+from actclust import (ActClustWarning, ActivationClustering, ModelMismatchWarning, ParameterError,
+                      UnsupportedModelError)
+from actclust.models import resnet18
+
+from conftest import hook_count
+
+RESNET_LAYERS = ["layer1", "layer2", "layer4", "fc"]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    m = resnet18(in_channels=1, n_classes=10, width=8)
+    # a few training steps so BatchNorm has running statistics and num_batches_tracked > 0
+    x = torch.randn(64, 1, 28, 28)
+    m.train()
+    with torch.no_grad():
+        for xb in x.split(16):
+            m(xb)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).standard_normal((160, 1, 28, 28)).astype(np.float32)
+
+
+def _fit(model, x, layers=RESNET_LAYERS, **kw):
+    return ActivationClustering(model, layers, n_clusters=4, progress=False, **kw).fit(x)
+
+
+def _strict_load(path, model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return actclust.load(path, model, progress=False, **kw)
+
+
+# a BatchNorm ResNet fits, saves, loads, explains and reports; its 0-dim buffers are fingerprinted
+def test_resnet_with_batchnorm_end_to_end(resnet, images, tmp_path):
+    assert int(resnet.bn1.num_batches_tracked) == 4 and resnet.bn1.num_batches_tracked.ndim == 0
+    ac = _fit(resnet, images)
+    ac.save(tmp_path / "run")
+    loaded = _strict_load(tmp_path / "run", resnet)
+    assert np.array_equal(loaded.predict(images), ac.predict(images))
+    e = loaded.explain(images[:3], k=2, trust=False)
+    assert [l["layer"] for l in e[0].layers] == RESNET_LAYERS
+    path = actclust.report(loaded, images[:40], train=images, out=tmp_path / "r.html", n_correct=2, n_wrong=2)
+    assert path.stat().st_size > 1000
+    bumped = copy.deepcopy(resnet)
+    bumped.bn1.num_batches_tracked += 1  # only a 0-dim buffer differs: the fingerprint sees it
+    assert actclust.model_fingerprint(bumped) != actclust.model_fingerprint(resnet)
+
+
+# fingerprints hash every dtype: bfloat16, bool and 0-dim buffers
+def test_fingerprint_every_dtype(resnet):
+    m = copy.deepcopy(resnet).bfloat16()
+    m.register_buffer("flag", torch.tensor(True))
+    fp = actclust.model_fingerprint(m)
+    m.flag.fill_(False)
+    assert actclust.model_fingerprint(m) != fp
+
+
+# DataParallel: a run moves between the wrapped and the unwrapped model, with no spurious warning
+def test_dataparallel_both_ways(resnet, images, tmp_path):
+    dp = nn.DataParallel(resnet)
+    assert actclust.model_fingerprint(dp) == actclust.model_fingerprint(resnet)
+    wrapped = _fit(dp, images, layers=["module.layer1", "module.layer2", "layer4", "fc"])
+    plain = _fit(resnet, images)
+    assert wrapped.layers_ == RESNET_LAYERS
+    assert np.array_equal(wrapped.predict(images), plain.predict(images))
+    wrapped.save(tmp_path / "wrapped")
+    plain.save(tmp_path / "plain")
+    assert np.array_equal(_strict_load(tmp_path / "wrapped", resnet).predict(images), plain.predict(images))
+    assert np.array_equal(_strict_load(tmp_path / "plain", dp).predict(images), plain.predict(images))
+    assert hook_count(resnet) == 0
+
+
+# torch.compile: hooks cause no graph break (fullgraph=True would raise), passes do not recompile
+# without bound, and a run saved from the compiled model loads on the plain one
+def test_compiled_model(resnet, images, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(resnet, backend="aot_eager", fullgraph=True)
+    ac = ActivationClustering(compiled, RESNET_LAYERS, n_clusters=4, batch_size=64, progress=False).fit(images)
+    for _ in range(2):
+        ac.score(images)  # 160 = 64 + 64 + 32: a partial batch in every pass
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] <= 3  # one per batch shape (full, partial), not one per pass
+    plain = _fit(resnet, images)
+    assert np.array_equal(ac.predict(images), plain.predict(images))
+    ac.save(tmp_path / "run")
+    assert np.array_equal(_strict_load(tmp_path / "run", resnet).predict(images), plain.predict(images))
+    torch._dynamo.reset()
+
+
+# a compiled model run before actclust hooked it reuses a graph without hooks: detected, and the
+# uncompiled module is run instead, with a warning, so results are still right
+def test_compiled_model_warmed_up(resnet, images):
+    torch._dynamo.reset()
+    compiled = torch.compile(resnet, backend="aot_eager")
+    with torch.no_grad():
+        compiled(torch.from_numpy(images[:64]))
+    with pytest.warns(ActClustWarning, match="compiled model skipped actclust's hooks"):
+        ac = ActivationClustering(compiled, RESNET_LAYERS, n_clusters=4, batch_size=64, progress=False).fit(images)
+    assert np.array_equal(ac.predict(images), _fit(resnet, images).predict(images))
+    torch._dynamo.reset()
+
+
+# a half-precision copy of the network is explained; vectors are kept in float32
+def test_half_precision_copy(resnet, images):
+    half = copy.deepcopy(resnet).half()
+    ac = _fit(half, images)
+    assert ac.train_vectors_["layer1"].dtype == np.float32
+    with torch.no_grad():
+        full = resnet(torch.from_numpy(images)).argmax(1).numpy()
+    assert (ac.train_predictions_ == full).mean() > 0.9  # half's own predictions, close to float's
+    assert ac.score(images)["fidelity"] == ac.train_score_["fidelity"]
+
+
+# TorchScript modules run no hooks: refused with what to do
+@pytest.mark.parametrize("convert", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(2, 1, 28, 28))])
+def test_torchscript_refused(resnet, images, convert):
+    scripted = convert(copy.deepcopy(resnet))
+    with pytest.raises(UnsupportedModelError, match="TorchScript models cannot be explained.*Pass the original nn.Module"):
+        _fit(scripted, images)
+
+
+# logits in a dict, or picked by a user function; a run fitted with output= needs it again at load
+def test_output_function(images, tmp_path):
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(28 * 28, 4)
+
+        def forward(self, x):
+            return {"scores": self.fc(x.flatten(1)), "logits": None}
+
+    with pytest.raises(actclust.CaptureError, match=r"returned a dict; actclust looks for the logits.*output="):
+        _fit(Scores(), images, layers=["fc"])
+    m = Scores()
+    ac = _fit(m, images, layers=["fc"], output=lambda out: out["scores"])
+    ac.save(tmp_path / "run")
+    with pytest.raises(ParameterError, match=r"fitted with a custom output= function; pass the same one"):
+        actclust.load(tmp_path / "run", m)
+    back = actclust.load(tmp_path / "run", m, output=lambda out: out["scores"], progress=False)
+    assert np.array_equal(back.predict(images), ac.predict(images))
+
+
+# a model whose weights really differ still warns after the fingerprint change
+def test_mismatch_still_warns(resnet, images, tmp_path):
+    _fit(resnet, images).save(tmp_path / "run")
+    other = copy.deepcopy(resnet)
+    with torch.no_grad():
+        other.fc.weight.add_(1.0)
+    with pytest.warns(ModelMismatchWarning, match="parameters differ"):
+        actclust.load(tmp_path / "run", other, progress=False)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="module")
+def bert():
+    from zoo import tiny_bert, token_task, train_token_model
+
+    ids, mask, y = token_task(400, seed=0)
+    model = train_token_model(tiny_bert(), ids[:300], mask[:300], y[:300], epochs=6)
+    return model, ids, mask, y
+
+
+BERT_REDUCERS = {"bert.encoder.layer.0": "token_mean", "bert.encoder.layer.1": "token_first",
+                 "bert.pooler": "mean", "classifier": "mean"}
+
+
+# a Hugging Face classifier fed dict batches with attention masks: fitted, faithful, saved and loaded
+def test_hugging_face_dict_batches(bert, tmp_path):
+    model, ids, mask, y = bert
+    ac = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False)
+    ac.fit({"input_ids": ids[:300], "attention_mask": mask[:300]}, y[:300])
+    test = {"input_ids": ids[300:], "attention_mask": mask[300:]}
+    assert len(np.unique(ac.train_predictions_)) == 3  # a trained model, not a constant one
+    assert ac.score(test, y[300:])["fidelity"] >= 0.8
+    ac.save(tmp_path / "run")
+    back = _strict_load(tmp_path / "run", model)
+    assert np.array_equal(back.predict(test), ac.predict(test))
+    e = back.explain({k: v[:2] for k, v in test.items()}, trust=False)
+    assert e[0].meta["model_class"].endswith("BertForSequenceClassification")
+    train = {"input_ids": ids[:300], "attention_mask": mask[:300]}
+    html = actclust.report(back, test, y[300:], train=train, out=tmp_path / "r.html", n_correct=1, n_wrong=1,
+                           trust=False).read_text()
+    assert 'title="input_ids">input_ids<' in html and 'title="attention_mask">attention_mask<' in html
+
+
+# more padding (masked tokens) leaves every layer's vector unchanged with token reducers
+def test_padding_invariance(bert):
+    model, ids, mask, y = bert
+    ac = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False)
+    ac.fit({"input_ids": ids[:300], "attention_mask": mask[:300]})
+    pad = torch.zeros(100, 9, dtype=torch.int64)
+    q1 = ac.query({"input_ids": ids[300:], "attention_mask": mask[300:]}, vectors=True)
+    q2 = ac.query({"input_ids": torch.cat([ids[300:], pad], 1), "attention_mask": torch.cat([mask[300:], pad], 1)},
+                  vectors=True)
+    for l in BERT_REDUCERS:
+        np.testing.assert_allclose(q2.vectors[l], q1.vectors[l], atol=1e-5)
+    assert np.array_equal(q2.paths, q1.paths)
+
+
+# without the mask, a plain mean over tokens would move with padding: the masked mean is what fixes it
+def test_masked_mean_is_needed(bert):
+    from actclust.reduction import make_reducer
+
+    model, ids, mask, _ = bert
+    t = torch.randn(4, 10, 5)
+    m = torch.ones(4, 10, dtype=torch.int64)
+    m[:, 6:] = 0
+    red = make_reducer("token_mean")
+    np.testing.assert_allclose(red(t, m), t[:, :6].mean(1), atol=1e-6)
+    assert not torch.allclose(red(t, None), t[:, :6].mean(1))
