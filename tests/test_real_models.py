@@ -220,6 +220,14 @@ def test_padding_invariance(bert):
     assert np.array_equal(q2.paths, q1.paths)
 
 
+# a token layer reduced as if it were a conv map warns, saying which reducer to use
+def test_token_map_with_channel_reducer_warns(bert):
+    model, ids, mask, _ = bert
+    ac = ActivationClustering(model, ["bert.encoder.layer.0", "classifier"], n_clusters=3, progress=False)
+    with pytest.warns(actclust.DataWarning, match=r"'bert.encoder.layer.0' outputs token vectors .*reducer='token_mean'"):
+        ac.fit({"input_ids": ids[:100], "attention_mask": mask[:100]})
+
+
 # without the mask, a plain mean over tokens would move with padding: the masked mean is what fixes it
 def test_masked_mean_is_needed(bert):
     from actclust.reduction import make_reducer

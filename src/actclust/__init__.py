@@ -10,9 +10,9 @@ from .adapters.torch import TorchAdapter, list_layers
 from .clustering import Clustering, KMeans
 from .concepts import Concept
 from .exceptions import (ActClustError, ActClustWarning, CaptureError, ConvergenceWarning, DataError,
-                         DataWarning, DistillWarning, IDECTrainingError, IDECWarning, InvalidSaveError,
-                         ModelMismatchWarning, NotFittedError, ParameterError, RenderWarning, RunExistsError,
-                         UnsupportedModelError)
+                         DataNotFoundError, DataWarning, DistillWarning, IDECTrainingError, IDECWarning,
+                         InvalidSaveError, ModelImportError, ModelMismatchWarning, NotFittedError, ParameterError,
+                         RenderWarning, RunExistsError, UnsupportedModelError)
 from .explainer import ActivationClustering
 from .explanation import Explanation
 from .persistence import load, model_fingerprint
@@ -27,7 +27,7 @@ __all__ = [
     "Explanation", "Concept", "Neighbours",
     "Clustering", "KMeans", "Reducer", "make_reducer",
     "ActClustError", "ParameterError", "NotFittedError", "CaptureError", "UnsupportedModelError", "DataError",
-    "InvalidSaveError", "RunExistsError", "IDECTrainingError",
+    "InvalidSaveError", "RunExistsError", "DataNotFoundError", "ModelImportError", "IDECTrainingError",
     "ActClustWarning", "ModelMismatchWarning", "ConvergenceWarning", "DistillWarning", "IDECWarning",
     "RenderWarning", "DataWarning",
     "__version__",

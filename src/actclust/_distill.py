@@ -123,7 +123,7 @@ def refine(vectors, clusterings, dnn_proba, *, learn_weights: bool, smoothing: f
 
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
-        raise TypeError(f"refine() got unknown options {unknown}; allowed: {sorted(_DEFAULTS)}.")
+        raise ParameterError(f"refine() got unknown options {unknown}; allowed: {sorted(_DEFAULTS)}.")
     opt = {**_DEFAULTS, **options}
     layers = list(vectors)
     if not layers or set(layers) != set(clusterings):

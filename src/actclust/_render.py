@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .exceptions import DataError, RenderWarning
+
 _MAX_FEATURES = 12
 
 
@@ -44,7 +46,7 @@ class Renderer:
         except Exception as e:  # a report shows every input it can, and says which it could not
             message = f"could not render {what}: {type(e).__name__}: {e}"
             self.failures.append(message)
-            warnings.warn(f"{message}; the report shows a placeholder.", stacklevel=3)
+            warnings.warn(f"{message}; the report shows a placeholder.", RenderWarning, stacklevel=3)
             return {"kind": "error", "text": message}
 
     def _from_user(self, out) -> dict:
@@ -54,25 +56,25 @@ class Renderer:
             out = out.detach().cpu().numpy()
         if isinstance(out, np.ndarray) and _is_image(out):
             return _image(_to_uint8(_channels_last(out)))
-        raise TypeError(f"render returned {type(out).__name__}; expected a str or an image array "
+        raise DataError(f"render returned {type(out).__name__}; expected a str or an image array "
                         "(H, W), (H, W, 3) or (C, H, W)")
 
     def _default(self, x: np.ndarray) -> dict:
         if x.ndim == 1:
             names = self.feature_names or [f"x{i}" for i in range(len(x))]
             if len(names) != len(x):
-                raise ValueError(f"{len(names)} feature names for {len(x)} features")
+                raise DataError(f"{len(names)} feature names for {len(x)} features")
             rows = [(str(n), f"{float(v):.4g}") for n, v in zip(names[:_MAX_FEATURES], x[:_MAX_FEATURES])]
             return {"kind": "table", "rows": rows, "more": max(0, len(x) - _MAX_FEATURES)}
         if not _is_image(x):
-            raise ValueError(f"an input of shape {x.shape} is not an image or a feature row; pass render=")
+            raise DataError(f"an input of shape {x.shape} is not an image or a feature row; pass render=")
         img = _channels_last(x.astype(np.float32))
         if self.mean is not None or self.std is not None:
             mean = np.zeros(1, np.float32) if self.mean is None else self.mean.reshape(-1)
             std = np.ones(1, np.float32) if self.std is None else self.std.reshape(-1)
             channels = 1 if img.ndim == 2 else img.shape[2]
             if {mean.size, std.size} - {1, channels}:
-                raise ValueError(f"mean/std give {mean.size}/{std.size} values for an image of {channels} channel(s)")
+                raise DataError(f"mean/std give {mean.size}/{std.size} values for an image of {channels} channel(s)")
             img = np.clip(img * (std if img.ndim == 3 else std[0]) + (mean if img.ndim == 3 else mean[0]), 0, 1)
         elif img.min() < 0 or img.max() > 1:
             low, high = float(img.min()), float(img.max())

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .exceptions import DataNotFoundError, ModelImportError, ParameterError, RunExistsError
+
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 DEMO_OUT = "actclust-demo"
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (ActClustError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except ActClustError as e:  # every error actclust raises on purpose; anything else is a bug: traceback
         print(f"actclust {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -204,7 +206,7 @@ def _fit(args) -> int:
     # starts; the library would otherwise answer in its Python parameter names.
     layers = [l.strip() for l in args.layers.split(",") if l.strip()]
     if not layers:
-        raise ValueError(f"--layers must name at least one module; list them with: {_command('layers', args.model)}")
+        raise ParameterError(f"--layers must name at least one module; list them with: {_command('layers', args.model)}")
     _check_reducer(args.reducer)
     weights = _layer_weights(args.layer_weights, layers)
     check_writable(args.out, args.overwrite, flag=OVERWRITE_FLAG)
@@ -212,10 +214,10 @@ def _fit(args) -> int:
     _check_layers(layers, model, args.model)
     x, y = _load_data(args.data, "train")
     if args.n_clusters > len(x):
-        raise ValueError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
+        raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
                          f"use at most {len(x)}.")
     if args.posterior == "label" and y is None:
-        raise ValueError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
+        raise ParameterError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
                          "add y to the .npz, or use --posterior prediction.")
     if not args.weights:  # said once the inputs are known good, just before the long fit
         _warn(args, f"no --weights given: {args.model} is used with the weights it gives the model (untrained, "
@@ -250,9 +252,9 @@ def _report(args) -> int:
 
     out = Path(args.out)
     if out.is_dir():
-        raise FileExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}.")
+        raise RunExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}.")
     if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
-        raise FileExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
+        raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
     ac = _load_run(args)
     x, y = _load_data(args.data, "test")
     if args.train:
@@ -264,7 +266,7 @@ def _report(args) -> int:
         _say(args, "no --train given: training samples are shown by their index; to show them, add --train "
                    "with the .npz the run was fitted on")
     if train is not None and len(train) != ac.n_samples_fit_:
-        raise ValueError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
+        raise ParameterError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
                          "add --train with the .npz the run was fitted on (same samples, same order).")
     names = list(FASHION_MNIST_CLASSES) if args.data == "fashion-mnist" else None
     if names is not None and len(names) != ac.n_classes_:
@@ -309,7 +311,7 @@ def _check_reducer(spec: str) -> None:
     try:
         make_reducer(spec)
     except ValueError:
-        raise ValueError("--reducer must be mean, max, grid, grid:G, pca:D or random:D (G, D positive integers); "
+        raise ParameterError("--reducer must be mean, max, grid, grid:G, pca:D or random:D (G, D positive integers); "
                          f"got {spec!r}.") from None
 
 
@@ -320,12 +322,12 @@ def _layer_weights(text, layers: list):
     try:
         weights = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--layer-weights must be 'fit' or comma-separated numbers; got {text!r}.") from None
+        raise ParameterError(f"--layer-weights must be 'fit' or comma-separated numbers; got {text!r}.") from None
     if len(weights) != len(layers):
-        raise ValueError(f"--layer-weights must give one number per --layers entry ({len(layers)}: "
+        raise ParameterError(f"--layer-weights must give one number per --layers entry ({len(layers)}: "
                          f"{','.join(layers)}); got {len(weights)}.")
     if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--layer-weights must be non-negative numbers, not all zero; got {text!r}.")
+        raise ParameterError(f"--layer-weights must be non-negative numbers, not all zero; got {text!r}.")
     return weights
 
 
@@ -337,10 +339,10 @@ def _check_layers(layers: list, model, spec: str) -> None:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.4)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"--layers: the model has no module named {name!r}.{hint} "
+            raise ParameterError(f"--layers: the model has no module named {name!r}.{hint} "
                              f"List the valid names with: {_command('layers', spec)}")
         if name in layers[:i]:
-            raise ValueError(f"--layers names {name!r} twice; name each module once.")
+            raise ParameterError(f"--layers names {name!r} twice; name each module once.")
 
 
 def _load_run(args):
@@ -349,7 +351,7 @@ def _load_run(args):
     meta = read_manifest(args.run).get("metadata", {})
     spec = args.model or meta.get("model")
     if not spec:
-        raise ValueError(f"The run at {args.run} does not say how to build its model; add --model with the "
+        raise ParameterError(f"The run at {args.run} does not say how to build its model; add --model with the "
                          "callable that builds it, as package.module:callable.")
     weights = args.weights or meta.get("weights")
     if weights and not Path(weights).is_absolute() and not args.weights:
@@ -370,10 +372,10 @@ def _import_factory(spec: str):
     """The callable named by ``package.module:callable``, importable from the current folder as with ``python -m``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"The model must be given as 'package.module:callable' (e.g. mymodule:build); got {spec!r}.")
+        raise ParameterError(f"The model must be given as 'package.module:callable' (e.g. mymodule:build); got {spec!r}.")
     if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
         file = Path(module_name)
-        raise ValueError(f"The model must be given as 'package.module:callable', a module name, not a file path; "
+        raise ParameterError(f"The model must be given as 'package.module:callable', a module name, not a file path; "
                          f"got {spec!r}. Run actclust in {file.parent} and give {file.stem}:{attr}.")
     cwd = os.getcwd()
     # A console script's sys.path starts with its bin folder, not the current one; add the
@@ -384,18 +386,18 @@ def _import_factory(spec: str):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ImportError(
+            raise ModelImportError(
                 f"Cannot import the model module {module_name!r}: no module {e.name!r} in the current folder "
                 f"({cwd}) nor among the installed packages. Give the model as 'package.module:callable', "
                 "importable from the folder you run actclust in (e.g. mymodule:build for mymodule.py there)."
             ) from None
-        raise ImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
+        raise ModelImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
     try:
         factory = getattr(module, attr)
     except AttributeError:
-        raise ImportError(f"Module {module_name!r} has no attribute {attr!r}.") from None
+        raise ModelImportError(f"Module {module_name!r} has no attribute {attr!r}.") from None
     if not callable(factory):
-        raise ValueError(f"{spec} is a {type(factory).__name__}, not a callable that returns the model.")
+        raise ParameterError(f"{spec} is a {type(factory).__name__}, not a callable that returns the model.")
     return factory
 
 
@@ -404,14 +406,14 @@ def _build_model(spec: str, weights):
 
     factory = _import_factory(spec)
     if isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
-        raise ValueError(f"{spec} is a model instance; give a function or class that builds the model instead.")
+        raise ParameterError(f"{spec} is a model instance; give a function or class that builds the model instead.")
     model = factory()
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+        raise ParameterError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
     if weights:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"Weights file {path} not found.")
+            raise DataNotFoundError(f"Weights file {path} not found.")
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -420,15 +422,15 @@ def _build_model(spec: str, weights):
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
-            raise ValueError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
+            raise ParameterError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
                              "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
         if not isinstance(state, dict):
-            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; save "
+            raise ParameterError(f"{path} holds a {type(state).__name__}, not a state dict; save "
                              "model.state_dict() rather than the model.")
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
+            raise ParameterError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
     return model.eval()
 
 
@@ -442,24 +444,24 @@ def _load_data(spec: str, split: str):
         return (x_tr, y_tr) if split == "train" else (x_te, y_te)
     path = Path(spec)
     if path.suffix != ".npz":
-        raise ValueError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")
+        raise ParameterError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")
     if not path.is_file():
-        raise FileNotFoundError(f"Data file {path} not found.")
+        raise DataNotFoundError(f"Data file {path} not found.")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files if name in ("x", "y")}
             files = sorted(data.files)
     except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # TypeError: a lone .npy, not an archive
         # numpy's own message names its Python arguments (allow_pickle=); pickled data is refused
-        raise ValueError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
+        raise ParameterError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
                          "not loaded, so a data file cannot run code); write it with numpy.savez(path, x=x, y=y).") from None
     if "x" not in arrays:
-        raise ValueError(f"{path} has no array named 'x' (it has {files}).")
+        raise ParameterError(f"{path} has no array named 'x' (it has {files}).")
     x, y = arrays["x"], arrays.get("y")
     if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"The array x in {path} holds no samples.")
+        raise ParameterError(f"The array x in {path} holds no samples.")
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise ValueError(f"The array y in {path} must hold one label per sample of x ({len(x)}); "
+        raise ParameterError(f"The array y in {path} must hold one label per sample of x ({len(x)}); "
                          f"it has shape {y.shape}.")
     return x, y
 

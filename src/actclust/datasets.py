@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exceptions import ActClustError
+from .exceptions import DataError, DataNotFoundError, ParameterError
 
 __all__ = ["load_digits", "load_fashion_mnist", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
@@ -43,12 +43,12 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ActClustError(f"{path} is not an IDX file of unsigned bytes.")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes.")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
     if arr.size != int(np.prod(dims)):
-        raise ActClustError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}.")
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}.")
     return arr.reshape(dims)
 
 
@@ -56,7 +56,7 @@ def _find(directory: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (directory / name).exists():
             return directory / name
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"Fashion-MNIST file {stem}(.gz) not found in {directory}. Install it with "
         "'apt-get install -y dataset-fashion-mnist', or set ACTCLUST_FASHION_MNIST to its folder."
     )
@@ -87,4 +87,4 @@ def load_dataset(name: str):
         return load_digits()
     if name == "fashion-mnist":
         return load_fashion_mnist()
-    raise ValueError(f"Unknown data set {name!r}; the built-in ones are {list(DATASETS)}.")
+    raise ParameterError(f"Unknown data set {name!r}; the built-in ones are {list(DATASETS)}.")

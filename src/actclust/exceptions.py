@@ -18,6 +18,8 @@ __all__ = [
     "DataError",
     "InvalidSaveError",
     "RunExistsError",
+    "DataNotFoundError",
+    "ModelImportError",
     "ActClustWarning",
     "ModelMismatchWarning",
     "ConvergenceWarning",
@@ -59,6 +61,14 @@ class InvalidSaveError(ActClustError, ValueError):
 
 class RunExistsError(ActClustError, FileExistsError):
     """Saving would replace an existing run or file, and replacing was not asked for."""
+
+
+class DataNotFoundError(ActClustError, FileNotFoundError):
+    """A file or data set actclust was asked to read does not exist."""
+
+
+class ModelImportError(ActClustError, ImportError):
+    """The command line could not import the model factory it was given."""
 
 
 class ActClustWarning(UserWarning):

@@ -267,4 +267,6 @@ def normalized(reducer: Reducer, how):
         v = reducer(t, mask).flatten(1)
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    reduce_and_normalize.over_tokens = reducer.over_tokens
+
     return reduce_and_normalize

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
 from .base import ModelAdapter, Runner
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -204,6 +204,8 @@ class _TorchRunner(Runner):
         self._out: dict[str, torch.Tensor] = {}
         self._mask: Optional[torch.Tensor] = None
         self._eager = False  # set when a compiled model skipped the hooks
+        self._shapes: dict = {}
+        self._checked = False
         self.handles: list = []
 
     def __enter__(self):
@@ -242,6 +244,7 @@ class _TorchRunner(Runner):
                     f"The layer {name!r} returned a {type(output).__name__} with no tensor first; "
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
+            self._shapes[name] = t.shape
             self._out[name] = reduce(t.detach(), self._mask)
         return hook
 
@@ -266,6 +269,9 @@ class _TorchRunner(Runner):
                 f"The layer(s) {missing} did not run in the forward pass, so nothing was captured. "
                 "Choose modules that the model's forward() calls."
             )
+        if not self._checked:
+            self._checked = True
+            self._check_token_maps()
         kept = {name: t for name, t in self._out.items() if t is not None}  # fitting reducers keep nothing
         out = {name: t.reshape(t.shape[0], -1).float().cpu().numpy() for name, t in kept.items()}
         logits = logits.detach().float().cpu().numpy()
@@ -275,8 +281,20 @@ class _TorchRunner(Runner):
         _check_finite(logits, "The model's output", where)
         return logits, out
 
+    def _check_token_maps(self) -> None:
+        """Warn when a token map (N, T, D) of a masked batch goes through a reducer of conv maps."""
+        if self._mask is None:
+            return
+        for name, shape in self._shapes.items():
+            reducer = self.reducers[name]
+            if len(shape) == 3 and tuple(shape[:2]) == tuple(self._mask.shape) and not getattr(reducer, "over_tokens", True):
+                warnings.warn(
+                    f"Layer {name!r} outputs token vectors {tuple(shape)} (N, T, D) but its reducer treats axis 1 "
+                    "as channels, so padding changes the vectors: use reducer='token_mean' (mean over real "
+                    "tokens) or 'token_first' for this layer.", DataWarning, stacklevel=4)
+
     def _forward(self, module, inputs, where: str, n: int):
-        self._out = {}
+        self._out, self._shapes = {}, {}
         try:
             with torch.no_grad():
                 return self.adapter.logits(self.adapter.call(inputs, module), n)
