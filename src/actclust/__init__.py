@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .adapters import ModelAdapter, adapt
 from .adapters.torch import TorchAdapter, list_layers
+from . import _idec, _distill  # noqa: F401,I001  (they register the "idec" and "distill" clusterings)
 from .clustering import Clustering, KMeans
 from .concepts import Concept
 from .exceptions import (ActClustError, ActClustWarning, CaptureError, ConvergenceWarning, DataError,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .clustering import KMeans
+from .clustering import KMeans, register
 from .exceptions import DistillWarning, ParameterError
 
 __all__ = ["DistillKMeans", "DistillResult", "DistillWarning", "refine"]
@@ -312,6 +312,7 @@ def _short(history, keep: int = 12) -> str:
     )
 
 
+@register("distill")
 class DistillKMeans(KMeans):
     """k-means whose centres and soft-assignment temperature were refined by :func:`refine`.
 
@@ -322,7 +323,6 @@ class DistillKMeans(KMeans):
     ``state_dict`` as a float64 array, like ``scale``.
     """
 
-    name = "distill"
 
     def fit(self, X):
         super().fit(X)

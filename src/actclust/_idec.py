@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from .clustering import _CHUNK, Clustering, KMeans
+from .clustering import _CHUNK, Clustering, KMeans, register
 from .exceptions import IDECTrainingError, IDECWarning, ParameterError
 
 __all__ = ["IDEC", "IDECTrainingError", "IDECWarning"]
@@ -28,6 +28,7 @@ __all__ = ["IDEC", "IDECTrainingError", "IDECWarning"]
 
 
 
+@register("idec")
 class IDEC(Clustering):
     """Improved deep embedded clustering of one layer's vectors.
 
@@ -75,7 +76,6 @@ class IDEC(Clustering):
     (300, 3)
     """
 
-    name = "idec"
 
     def __init__(self, n_clusters: int, random_state: int = 0, *, embed_dim: int = 10, hidden: int = 64,
                  gamma: float = 10.0, pretrain_epochs: int = 4, max_iter: int = 800, update_interval: int = 100,

@@ -12,7 +12,7 @@ import numpy as np
 
 from .exceptions import ParameterError
 
-__all__ = ["Clustering", "KMeans", "make_clustering", "CLUSTERING_NAMES"]
+__all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
 
 _CHUNK = 8192
 
@@ -106,7 +106,6 @@ class KMeans(Clustering):
     ``cluster_sizes_`` records the final sizes, zeros included, so they can be reported.
     """
 
-    name = "kmeans"
 
     def __init__(self, n_clusters: int, random_state: int = 0, n_init: int = 1, max_iter: int = 25):
         super().__init__(n_clusters, random_state)
@@ -140,29 +139,35 @@ class KMeans(Clustering):
 
 _SEED_SAMPLE = 20_000  # k-means++ seeding is O(n k d log k); a sample seeds as well.
 _POINTS_PER_CENTRE = 1024
-CLUSTERING_NAMES = ("kmeans", "idec", "distill")
+#: Clustering methods by name; each module registers its own with :func:`register`.
+CLUSTERINGS: dict = {}
+
+
+def register(name: str):
+    """Class decorator: make a :class:`Clustering` subclass available as ``clustering=name``."""
+    def add(cls):
+        if name in CLUSTERINGS and CLUSTERINGS[name] is not cls:
+            raise ParameterError(f"A clustering named {name!r} is already registered ({CLUSTERINGS[name].__name__}).")
+        cls.name = name
+        CLUSTERINGS[name] = cls
+        return cls
+    return add
+
+
+register("kmeans")(KMeans)
 
 
 def make_clustering(name, n_clusters: int, random_state: int = 0) -> Clustering:
-    """Build a fresh clustering method by name.
+    """Build a fresh clustering method by its registered name (``"kmeans"``, ``"distill"``, ``"idec"``).
 
-    ``"idec"`` is the paper's deep embedded clustering (:class:`actclust._idec.IDEC`).
-    ``"distill"`` returns a :class:`actclust._distill.DistillKMeans`: per layer it fits plain
-    k-means; the refinement toward the DNN's predictions is a joint step over all layers
-    (:func:`actclust._distill.refine`, run by the explainer), whose centres and temperature
-    it then holds and saves.
+    ``"idec"`` is the paper's deep embedded clustering (:class:`actclust._idec.IDEC`);
+    ``"distill"`` a :class:`actclust._distill.DistillKMeans`, plain k-means per layer whose joint
+    refinement toward the DNN (:func:`actclust._distill.refine`, run by the explainer) it then holds.
     """
-    if name == "kmeans":
-        return KMeans(n_clusters, random_state=random_state)
-    if name == "idec":
-        from ._idec import IDEC
-
-        return IDEC(n_clusters, random_state=random_state)
-    if name == "distill":
-        from ._distill import DistillKMeans
-
-        return DistillKMeans(n_clusters, random_state=random_state)
-    raise ParameterError(
-        f"The 'clustering' parameter of ActivationClustering must be one of "
-        f"{list(CLUSTERING_NAMES)}. Got {name!r} instead."
-    )
+    cls = CLUSTERINGS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ParameterError(
+            f"The 'clustering' parameter of ActivationClustering must be one of "
+            f"{list(CLUSTERINGS)}. Got {name!r} instead."
+        )
+    return cls(n_clusters, random_state=random_state)
