@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ from torch import nn
 class TinyCNN(nn.Module):
     """conv -> in-place ReLU -> pool -> fc1 -> ReLU -> fc2 logits; weights fixed by the seed."""
 
-    def __init__(self, n_classes=3, seed=0):
+    def __init__(self, n_classes=3, seed=0, bias=True):
         super().__init__()
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
@@ -18,6 +21,10 @@ class TinyCNN(nn.Module):
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(8, n_classes)
         self.unused = nn.Linear(3, 3)
+        if not bias:
+            with torch.no_grad():
+                for m in (self.conv, self.fc1, self.fc2):
+                    m.bias.zero_()
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(self.flat(self.pool(self.relu(self.conv(x)))))))
@@ -29,6 +36,16 @@ LAYERS = ["conv", "fc1", "fc2"]
 @pytest.fixture
 def model():
     return TinyCNN().eval()
+
+
+@pytest.fixture
+def mixed_model():
+    """A TinyCNN whose predictions on ``data`` are a mix of classes (58, 45 and 17 of 120 samples).
+
+    ``model`` predicts class 1 for every sample of ``data``: there, every cluster's class mix is the
+    same and tests of posteriors, weights or fidelity cannot tell right from wrong.
+    """
+    return TinyCNN(seed=3, bias=False).eval()
 
 
 @pytest.fixture
@@ -50,3 +67,61 @@ def fitted(model, data):
 
     x, y = data
     return ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(x, y)
+
+
+@pytest.fixture
+def mixed_fitted(mixed_model, data):
+    """Like ``fitted``, on ``mixed_model``."""
+    from actclust import ActivationClustering
+
+    x, y = data
+    return ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)
+
+
+def layer_vectors(model: TinyCNN, x) -> dict:
+    """The vectors ActivationClustering's defaults (reducer="mean", normalize="l2") give for LAYERS,
+    computed here from the modules directly (float64), as an oracle independent of the capture code."""
+    with torch.no_grad():
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        conv = model.conv(t)
+        fc1 = model.fc1(model.flat(model.pool(torch.relu(conv))))
+        fc2 = model.fc2(model.act(fc1))
+    out = {}
+    for name, v in (("conv", conv.mean((2, 3))), ("fc1", fc1), ("fc2", fc2)):
+        v = v.double().numpy()
+        out[name] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def sq_distances(a, b) -> np.ndarray:
+    """Squared Euclidean distances (len(a), len(b)), brute force in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(2)
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI, which sets CI (``CI=true``); unset, empty, 0 or false: not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def require_fashion_mnist(directory=None) -> Path:
+    """The Fashion-MNIST folder, for a test that needs the real data; call it first in the test.
+
+    Where a file is missing the test is skipped, except under CI (:func:`in_ci`), which installs
+    the data (``.ci/run``): there it fails, so that a broken install cannot pass as a skip.
+    """
+    from actclust.datasets import FASHION_MNIST_DIR
+
+    directory = Path(directory) if directory is not None else FASHION_MNIST_DIR
+    missing = [f for f in FASHION_MNIST_FILES if not (directory / f).exists() and not (directory / f"{f}.gz").exists()]
+    if missing:
+        why = (f"Fashion-MNIST files {missing} are not in {directory} "
+               "(apt-get install -y dataset-fashion-mnist, or set ACTCLUST_FASHION_MNIST)")
+        if in_ci():
+            pytest.fail(f"CI must install Fashion-MNIST: {why}", pytrace=False)
+        pytest.skip(why)
+    return directory
