@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LAYERS
+from torch import nn
 
 import actclust
 from actclust import ActivationClustering, NotFittedError
@@ -16,122 +17,264 @@ def _ac(model, **kw):
     return ActivationClustering(model, LAYERS, progress=False, **kw)
 
 
-def _split(ac, fraction=0.25):
-    n = len(ac.train_predictions_)
-    order = np.random.default_rng(ac.random_state).permutation(n)
-    n_cal = round(fraction * n)
-    return order[:n_cal], order[n_cal:]
+# ----------------------------------------------------------------------------------------------
+# A network whose layer vectors are known functions of the input, so that every trust signal can
+# be recomputed here by brute force in float64 without reading anything the library computed
+# except the k-means centres.
+W_B = np.array([[2.0, 0.0], [0.0, 0.5]])  # layer "b" = x @ W_B.T: stretches x, so its neighbours differ from "a"'s
+W_HEAD = np.array([[1.0, 0.0], [-0.5, 0.8], [-0.5, -0.8]])  # logits = b @ W_HEAD.T: three sectors
+TINY = ["a", "b"]
+TINY_KW = {"n_neighbors": 5, "calibration_fraction": 0.5}  # 60 training samples: 30 calibration, 30 reference
+TINY_WEIGHTS = np.array([0.25, 0.75])  # layer_weights=[1, 3] at fit
 
 
-# every signal is a per-input array in [0, 1]; the DNN prediction is the model's argmax
-def test_signals_shapes_and_ranges(model, data):
-    x, y = data
-    ac = _ac(model, layer_weights=[1, 2, 3]).fit(x, y)
-    s = trust_signals(ac, x[:40], **KW)
-    assert set(s) >= {"dnn_prediction", "surrogate_confidence", "surrogate_dnn_agreement", "layer_agreement",
-                      "credibility", "knn_typicality", "cluster_typicality", "dknn_prediction"}
-    for v in s.values():
-        assert v.shape == (40,)
-    for k in ("surrogate_confidence", "surrogate_dnn_agreement", "layer_agreement", "credibility",
-              "knn_typicality", "cluster_typicality"):
-        assert (s[k] >= 0).all() and (s[k] <= 1).all(), k
-    dnn = model(torch.as_tensor(x[:40])).argmax(1).numpy()
-    assert np.array_equal(s["dnn_prediction"], dnn)
-    assert (s["surrogate_confidence"] >= s["surrogate_dnn_agreement"] - 1e-6).all()
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Identity()
+        self.b = nn.Linear(2, 2, bias=False)
+        self.head = nn.Linear(2, 3, bias=False)
+        with torch.no_grad():
+            self.b.weight.copy_(torch.tensor(W_B))
+            self.head.weight.copy_(torch.tensor(W_HEAD))
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
 
 
-# surrogate signals equal what predict_proba and the cluster paths give
-def test_surrogate_signals_match_surrogate(model, data):
-    x, y = data
-    ac = _ac(model, layer_weights=[1, 2, 3]).fit(x, y)
-    s = trust_signals(ac, x, **KW)
-    p = ac.predict_proba(x)
-    rows = np.arange(len(x))
-    assert np.allclose(s["surrogate_confidence"], p.max(1), atol=1e-6)
-    assert np.allclose(s["surrogate_dnn_agreement"], p[rows, s["dnn_prediction"]], atol=1e-6)
-    paths = ac.cluster_paths(x)
-    votes = np.stack([ac.posteriors_[l].argmax(1)[paths[:, i]] == s["dnn_prediction"]
-                      for i, l in enumerate(LAYERS)], 1)
-    assert np.allclose(s["layer_agreement"], votes @ (np.array([1, 2, 3]) / 6))
+def _vectors(x):
+    x = np.asarray(x, dtype=np.float64)
+    return {"a": x, "b": x @ W_B.T}
 
 
-# credibility is the deep k-NN p-value of the DNN's class, checked against brute force,
-# with layers weighted equally (deep k-NN as published) or by the surrogate's weights
-@pytest.mark.parametrize("layer_weights, w", [("equal", [1, 1, 1]), ("surrogate", [1, 2, 3])])
-def test_credibility_matches_brute_force(model, data, layer_weights, w):
-    x, y = data
-    ac = _ac(model, layer_weights=[1, 2, 3]).fit(x, y)
-    s = trust_signals(ac, x[:30], layer_weights=layer_weights, **KW)
-    cal, ref = _split(ac)
-    q = ac._query(x[:30], keep_vectors=True)
+def _dnn(x):
+    return (_vectors(x)["b"] @ W_HEAD.T).argmax(1)
 
-    def alphas(vectors, own):
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(x_train, y_train, x_query): y agrees with the DNN on about half the training samples;
+    the queries are new points, the last three far outside the training data."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((60, 2)).astype(np.float32)
+    pred = _dnn(x)
+    y = np.where(rng.random(60) < 0.5, pred, (pred + 1 + rng.integers(0, 2, 60)) % 3)
+    xq = np.concatenate([rng.standard_normal((25, 2)), [[6.0, 6.0], [-7.0, 5.0], [0.0, -8.0]]]).astype(np.float32)
+    return x, y, xq
+
+
+def _tiny_ac(**kw):
+    kw = {"n_clusters": 3, "normalize": None, "layer_weights": [1, 3], **kw}
+    return ActivationClustering(_Tiny().eval(), TINY, progress=False, **kw)
+
+
+class _Oracle:
+    """Deep k-NN (Papernot & McDaniel 2018) and the surrogate, by brute force on the hand-computed vectors.
+
+    The split is the documented one: a permutation drawn from ``random_state``, calibration first.
+    """
+
+    def __init__(self, x, labels, centers, knn_weights=TINY_WEIGHTS, k=5, fraction=0.5, random_state=0):
+        n = len(x)
+        order = np.random.default_rng(random_state).permutation(n)
+        n_cal = round(fraction * n)
+        self.cal, self.ref = order[:n_cal], order[n_cal:]
+        self.v, self.labels, self.pred = _vectors(x), np.asarray(labels), _dnn(x)
+        self.centers = {l: np.asarray(c, dtype=np.float64) for l, c in centers.items()}
+        self.w, self.k = np.asarray(knn_weights, dtype=np.float64), k  # of the neighbour signals
+        self.v_cal = {l: v[self.cal] for l, v in self.v.items()}
+
+    def _neighbours(self, l, v):
+        """Squared distances to the reference vectors of layer l, nearest first, and their labels."""
+        d = ((v[:, None, :] - self.v[l][self.ref][None]) ** 2).sum(2)
+        order = np.argsort(d, 1, kind="stable")
+        return np.take_along_axis(d, order, 1), self.labels[self.ref][order]
+
+    def alpha(self, vectors, cls):
+        """Nonconformity: weighted count over layers of the k nearest whose label is not ``cls``."""
+        return sum(w * (self._neighbours(l, vectors[l])[1][:, :self.k] != cls[:, None]).sum(1)
+                   for w, l in zip(self.w, TINY))
+
+    def credibility(self, vectors, cls):
+        cal_alpha = self.alpha(self.v_cal, self.labels[self.cal])
+        return (cal_alpha[None, :] >= self.alpha(vectors, cls)[:, None] - 1e-9).mean(1)
+
+    def _kth(self, l, v):
+        return self._neighbours(l, v)[0][:, self.k - 1]
+
+    def knn_typicality(self, vectors):
+        return sum(w * (self._kth(l, self.v_cal[l])[None, :] >= self._kth(l, vectors[l])[:, None]).mean(1)
+                   for w, l in zip(self.w, TINY))
+
+    def _nearest(self, l, v):
+        d = ((v[:, None, :] - self.centers[l][None]) ** 2).sum(2)
+        return d.min(1), d.argmin(1)
+
+    def cluster_typicality(self, vectors):
         out = 0
-        for wl, l in zip(w, LAYERS):
-            d = ((vectors[l][:, None, :] - ac.train_vectors_[l][ref][None]) ** 2).sum(2)
-            nn_labels = y[ref][np.argsort(d, 1)[:, :5]]
-            out = out + wl * (nn_labels != own[:, None]).sum(1)
+        for w, l in zip(self.w, TINY):
+            d_ref, c_ref = self._nearest(l, self.v[l][self.ref])
+            spread = np.array([d_ref[c_ref == c].mean() for c in range(len(self.centers[l]))])
+            assert np.isfinite(spread).all()  # the fixture gives every cluster a reference member
+            d_cal, c_cal = self._nearest(l, self.v_cal[l])
+            d_q, c_q = self._nearest(l, vectors[l])
+            out = out + w * ((d_cal / spread[c_cal])[None, :] >= (d_q / spread[c_q])[:, None]).mean(1)
         return out
 
-    cal_alpha = alphas({l: ac.train_vectors_[l][cal] for l in LAYERS}, y[cal])
-    test_alpha = alphas(q.vectors, s["dnn_prediction"])
-    expected = (cal_alpha[None, :] >= test_alpha[:, None] - 1e-9).mean(1)
-    assert np.allclose(s["credibility"], expected)
+    def layer_probas(self, vectors):
+        """Per layer, the class mix (smoothed by one pseudo-count toward the prior) of the input's
+        nearest cluster, the surrogate's targets being the DNN's predictions on all training samples."""
+        prior = np.bincount(self.pred, minlength=3) / len(self.pred)
+        out = []
+        for l in TINY:
+            c_train = self._nearest(l, self.v[l])[1]
+            post = np.array([(np.bincount(self.pred[c_train == c], minlength=3) + prior) / ((c_train == c).sum() + 1)
+                             for c in range(len(self.centers[l]))])
+            out.append(post[self._nearest(l, vectors[l])[1]])
+        return np.stack(out)
+
+    def stack_features(self, vectors, judged, agreement, credibility):
+        """stacked_trust's documented inputs: per layer the kernel-weighted share of the k nearest
+        voting ``judged``, per layer the log distance ratio other class / ``judged`` class among all
+        (fewer than 200) reference vectors, then the agreement and the credibility."""
+        votes, ratios = [], []
+        for l in TINY:
+            d, lab = self._neighbours(l, vectors[l])
+            floor = 1e-6 * (vectors[l] ** 2).sum(1, keepdims=True)
+            r, same = np.sqrt(np.maximum(d, floor)), lab == judged[:, None]
+            kernel = np.exp(-(r[:, :self.k] / r[:, self.k - 1:self.k]) ** 2)
+            votes.append((kernel * same[:, :self.k]).sum(1) / kernel.sum(1))
+            near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
+            ratios.append(np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9))
+        return np.column_stack(votes + ratios + [agreement, credibility])
+
+    def signals(self, x):
+        v, pred = _vectors(x), _dnn(x)
+        rows = np.arange(len(pred))
+        probas = self.layer_probas(v)
+        comb = np.tensordot(TINY_WEIGHTS, probas, 1)  # the surrogate's own weights
+        cred = np.stack([self.credibility(v, np.full(len(pred), c)) for c in range(3)], 1)
+        return {
+            "dnn_prediction": pred,
+            "surrogate_prediction": comb.argmax(1),
+            "surrogate_confidence": comb.max(1),
+            "surrogate_dnn_agreement": comb[rows, pred],
+            "layer_agreement": (probas.argmax(2) == pred[None]).T.astype(float) @ TINY_WEIGHTS,
+            "credibility": cred[rows, pred],
+            "dknn_prediction": cred.argmax(1),
+            "knn_typicality": self.knn_typicality(v),
+            "cluster_typicality": self.cluster_typicality(v),
+        }
+
+
+def _check_signals(got, expected):
+    for key, value in expected.items():
+        assert key in got, key
+        if value.dtype.kind == "i":
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], value, atol=1e-6, err_msg=key)
+
+
+# every signal equals a brute-force recomputation: surrogate signals from the centres and the
+# training predictions, deep k-NN credibility, its class, and both typicalities from the raw vectors
+@pytest.mark.parametrize("layer_weights, w", [("surrogate", TINY_WEIGHTS), ("equal", [0.5, 0.5])])
+def test_signals_match_brute_force(tiny, layer_weights, w):
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    got = ac.trust(xq, layer_weights=layer_weights, **TINY_KW)
+    centers = {l: ac.clusterings_[l].centers_ for l in TINY}
+    _check_signals(got, _Oracle(x, y, centers, knn_weights=w).signals(xq))
+    # the fixture exercises what it should: credibility takes several values, far inputs look atypical
+    assert len(np.unique(got["credibility"])) >= 4
+    assert got["knn_typicality"][-3:].max() == 0 and got["cluster_typicality"][-3:].max() == 0
+
+
+# the neighbours' labels are the true labels when fit had them, else the DNN's predictions
+def test_neighbour_labels_are_labels_or_predictions(tiny):
+    x, y, xq = tiny
+    without = _tiny_ac().fit(x)
+    got = without.trust(xq, **TINY_KW)
+    centers = {l: without.clusterings_[l].centers_ for l in TINY}
+    _check_signals(got, _Oracle(x, _dnn(x), centers).signals(xq))
+    with_y = _tiny_ac().fit(x, y).trust(xq, **TINY_KW)
+    assert not np.array_equal(with_y["credibility"], got["credibility"])
+
+
+# stacked_trust is the documented logistic regression, refitted here on features computed by brute
+# force for the calibration samples (none taken from the library's outputs)
+def test_stacked_trust_matches_brute_force(tiny):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    got = ac.trust(xq, **TINY_KW)
+    o = _Oracle(x, y, {l: ac.clusterings_[l].centers_ for l in TINY})
+    cal_pred = o.pred[o.cal]
+    right = cal_pred == y[o.cal]
+    assert min(right.sum(), (~right).sum()) >= 10  # the fixture's calibration split can fit it
+
+    def features(vectors, pred):
+        rows = np.arange(len(pred))
+        agreement = np.tensordot(TINY_WEIGHTS, o.layer_probas(vectors), 1)[rows, pred]
+        return o.stack_features(vectors, pred, agreement, o.credibility(vectors, pred))
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    model.fit(features(o.v_cal, cal_pred), right)
+    expected = model.predict_proba(features(_vectors(xq), _dnn(xq)))[:, 1]
+    np.testing.assert_allclose(got["stacked_trust"], expected, atol=1e-4)
+    assert expected.max() - expected.min() > 0.3  # the signal is not a constant on this fixture
 
 
 # inputs unlike the training data get low k-NN and cluster typicality
 def test_typicality_low_far_from_training_data(model, data):
     x, y = data
     ac = _ac(model).fit(x, y)
-    inside = trust_signals(ac, x[:40], **KW)
-    far = trust_signals(ac, 8 + 4 * np.abs(x[:40]), **KW)
+    inside = ac.trust(x[:40], **KW)
+    far = ac.trust(8 + 4 * np.abs(x[:40]), **KW)
     assert far["knn_typicality"].mean() < inside["knn_typicality"].mean() - 0.2
     assert far["cluster_typicality"].mean() < inside["cluster_typicality"].mean() - 0.2
 
 
-# the calibration is built once, reused, rebuilt after a refit or with other parameters
-def test_calibration_cached_and_rebuilt(model, data):
-    x, y = data
-    ac = _ac(model).fit(x, y)
-    first = trust_signals(ac, x, **KW)
-    cal = ac._trust_cache
-    again = trust_signals(ac, x, **KW)
-    assert ac._trust_cache is cal
+# the calibration's search indexes are built once per fit and parameters, reused otherwise, and
+# a refit on other data gives that data's signals
+def test_calibration_cached_and_rebuilt(tiny, monkeypatch):
+    import faiss
+
+    built = []
+    real = faiss.IndexFlatL2
+    monkeypatch.setattr(faiss, "IndexFlatL2", lambda d: built.append(d) or real(d))
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    first = ac.trust(xq, **TINY_KW)
+    assert len(built) == 2  # one index per layer
+    again = ac.trust(xq, **TINY_KW)
+    assert len(built) == 2
     for k in first:
-        assert np.array_equal(first[k], again[k])
-    trust_signals(ac, x, n_neighbors=6, calibration_fraction=0.25)
-    assert ac._trust_cache is not cal
-    cal = ac._trust_cache
-    ac.fit(x[::-1].copy(), y[::-1].copy())
-    trust_signals(ac, x, n_neighbors=6, calibration_fraction=0.25)
-    assert ac._trust_cache is not cal
-
-
-# the neighbour labels are the true labels when fit had them, else the DNN's predictions
-def test_labels_or_predictions(model, data):
-    x, y = data
-    _, ref = _split(_ac(model).fit(x))
-    with_y = _ac(model).fit(x, y)
-    trust_signals(with_y, x[:5], **KW)
-    assert np.array_equal(with_y._trust_cache.ref_labels, y[ref])
-    without = _ac(model).fit(x)
-    trust_signals(without, x[:5], **KW)
-    assert np.array_equal(without._trust_cache.ref_labels, without.train_predictions_[ref])
+        np.testing.assert_array_equal(first[k], again[k], err_msg=k)
+    ac.trust(xq, n_neighbors=6, calibration_fraction=0.5)
+    assert len(built) == 4
+    x2, y2 = x[::-1] * 1.5, y[::-1].copy()
+    ac.fit(x2, y2)
+    refit = ac.trust(xq, n_neighbors=6, calibration_fraction=0.5)
+    assert len(built) == 6
+    centers = {l: ac.clusterings_[l].centers_ for l in TINY}
+    _check_signals(refit, _Oracle(x2, y2, centers, k=6).signals(xq))
 
 
 # batching the neighbour search does not change any signal
 def test_batching_does_not_change_results(model, data, monkeypatch):
     x, y = data
-    ac = _ac(model).fit(x, y)
-    whole = trust_signals(ac, x, **KW)
+    whole = _ac(model).fit(x, y).trust(x, **KW)
     monkeypatch.setattr(trust_mod, "_BATCH", 7)
-    ac._trust_cache = None
-    batched = trust_signals(ac, x, **KW)
+    batched = _ac(model).fit(x, y).trust(x, **KW)  # a fresh fit: the calibration is built in batches too
     for k in whole:
-        assert np.allclose(whole[k], batched[k]), k
+        np.testing.assert_allclose(whole[k], batched[k], err_msg=k)
 
 
-# a saved and loaded explainer recomputes the same calibration and signals; ac.trust delegates
+# a saved and loaded explainer recomputes the same calibration and signals with the defaults
 def test_same_after_load(model, data, tmp_path):
     x, y = data
     x_big = np.concatenate([x, x + 0.01])
@@ -154,23 +297,23 @@ def test_unfitted(model, data):
 def test_calibration_too_small(model, data):
     x, y = data
     ac = _ac(model).fit(x, y)
-    assert not calibration_possible(ac) and calibration_possible(ac, 5, 0.25)
+    assert not calibration_possible(ac.state_) and calibration_possible(ac.state_, 5, 0.25)
     with pytest.raises(ValueError, match=f"12 samples .* at least MIN_CALIBRATION={MIN_CALIBRATION}"):
         ac.trust(x)  # 10% of 120
     with pytest.raises(ValueError, match="n_neighbors=100 needs at least 100"):
-        trust_signals(ac, x, n_neighbors=100, calibration_fraction=0.25)
+        ac.trust(x, n_neighbors=100, calibration_fraction=0.25)
 
 
-# a query pass made elsewhere is reused; one without vectors is refused
+# trust_signals on a query made elsewhere equals ac.trust; a query without vectors is refused
 def test_query_reused(model, data):
     x, y = data
     ac = _ac(model).fit(x, y)
-    direct = trust_signals(ac, x[:10], **KW)
-    reused = trust_signals(ac, None, query=ac._query(x[:10], keep_vectors=True), **KW)
+    direct = ac.trust(x[:10], **KW)
+    reused = trust_signals(ac.state_, ac.query(x[:10], vectors=True), **KW)
     for k in direct:
         assert np.array_equal(direct[k], reused[k]), k
-    with pytest.raises(ValueError, match="needs the reduced vectors"):
-        trust_signals(ac, None, query=ac._query(x[:10]), **KW)
+    with pytest.raises(ValueError, match="need the reduced vectors"):
+        trust_signals(ac.state_, ac.query(x[:10]), **KW)
 
 
 # bad parameters name the parameter and the value given
@@ -185,58 +328,12 @@ def test_bad_parameters(model, data, kw, match):
     x, y = data
     ac = _ac(model).fit(x, y)
     with pytest.raises(ValueError, match=match):
-        trust_signals(ac, x, **{**KW, **kw})
-
-
-def _half_wrong(model, x):
-    """Labels that agree with the DNN on about half the inputs, so the calibration holds both."""
-    pred = model(torch.as_tensor(x)).argmax(1).numpy()
-    return np.where(np.random.default_rng(1).random(len(x)) < 0.5, pred, (pred + 1) % 3)
-
-
-# stacked_trust is the logistic regression on the calibration split, checked against brute force
-def test_stacked_trust_matches_brute_force(model, data, monkeypatch):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    monkeypatch.setattr(trust_mod, "_RATIO_NEIGHBORS", 20)  # fewer than the 90 reference samples
-    x, _ = data
-    y = _half_wrong(model, x)
-    ac = _ac(model).fit(x, y)
-    s = trust_signals(ac, x[:40], **KW)
-    cal, ref = _split(ac)
-
-    def features(vectors, pred, agreement, credibility):
-        cols = {"vote": [], "ratio": []}
-        for l in LAYERS:
-            d2 = ((vectors[l][:, None, :].astype(np.float64) - ac.train_vectors_[l][ref][None]) ** 2).sum(2)
-            order = np.argsort(d2, 1)[:, :20]
-            floor = 1e-6 * (vectors[l].astype(np.float64) ** 2).sum(1, keepdims=True)
-            r = np.sqrt(np.maximum(np.take_along_axis(d2, order, 1), floor))
-            same = y[ref][order] == pred[:, None]
-            kernel = np.exp(-(r[:, :5] / r[:, 4:5]) ** 2)
-            cols["vote"].append((kernel * same[:, :5]).sum(1) / kernel.sum(1))
-            near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
-            cols["ratio"].append(np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9))
-        return np.column_stack(cols["vote"] + cols["ratio"] + [agreement, credibility])
-
-    cal_pred = ac.train_predictions_[cal]
-    on_cal = trust_signals(ac, x[cal], **KW)  # calibration samples judged against the same split
-    X_cal = features({l: ac.train_vectors_[l][cal] for l in LAYERS}, cal_pred,
-                     on_cal["surrogate_dnn_agreement"], on_cal["credibility"])
-    model_ = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(X_cal, cal_pred == y[cal])
-    q = ac._query(x[:40], keep_vectors=True)
-    X = features(q.vectors, s["dnn_prediction"], s["surrogate_dnn_agreement"], s["credibility"])
-    assert np.allclose(s["stacked_trust"], model_.predict_proba(X)[:, 1], atol=1e-4)
-    assert (s["stacked_trust"] >= 0).all() and (s["stacked_trust"] <= 1).all()
+        ac.trust(x, **{**KW, **kw})
 
 
 # stacked_trust needs true labels and both right and wrong predictions in the calibration split
-def test_stacked_trust_only_when_calibratable(model, data):
-    x, _ = data
-    y = _half_wrong(model, x)
-    assert "stacked_trust" in trust_signals(_ac(model).fit(x, y), x[:5], **KW)
-    assert "stacked_trust" not in trust_signals(_ac(model).fit(x), x[:5], **KW)  # DNN predictions as labels
-    pred = model(torch.as_tensor(x)).argmax(1).numpy()
-    assert "stacked_trust" not in trust_signals(_ac(model).fit(x, pred), x[:5], **KW)  # no errors
+def test_stacked_trust_only_when_calibratable(tiny):
+    x, y, xq = tiny
+    assert "stacked_trust" in _tiny_ac().fit(x, y).trust(xq, **TINY_KW)
+    assert "stacked_trust" not in _tiny_ac().fit(x).trust(xq, **TINY_KW)  # DNN predictions as labels
+    assert "stacked_trust" not in _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)  # no errors
