@@ -1,41 +1,70 @@
 import numpy as np
 import pytest
+from conftest import sq_distances
 
 from actclust.clustering import KMeans, make_clustering
 
 
 def _blobs(seed=0):
+    """300 points around three centres 10 apart (unit noise), and the index of each one's centre."""
     rng = np.random.default_rng(seed)
     centres = np.array([[0, 0], [10, 0], [0, 10]], dtype=np.float32)
-    return (centres[rng.integers(0, 3, 300)] + rng.standard_normal((300, 2))).astype(np.float32)
+    labels = rng.integers(0, 3, 300)
+    return (centres[labels] + rng.standard_normal((300, 2))).astype(np.float32), labels
 
 
-# k-means finds well-separated blobs, and the same seed gives the same centres
+# k-means finds well-separated blobs, with each blob's size and the mean squared distance to the
+# nearest centre, and the same seed gives the same centres
 def test_kmeans_finds_blobs_and_is_reproducible():
-    x = _blobs()
+    x, labels = _blobs()
     a, b = KMeans(3, random_state=0).fit(x), KMeans(3, random_state=0).fit(x)
     assert np.array_equal(a.centers_, b.centers_)
-    found = sorted(map(tuple, np.round(a.centers_ / 10)))
-    assert found == [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0)]
-    assert a.cluster_sizes_.sum() == 300 and (a.cluster_sizes_ > 0).all()
+    blob = {(0.0, 0.0): 0, (1.0, 0.0): 1, (0.0, 1.0): 2}
+    found = [blob[tuple(np.round(c / 10))] for c in a.centers_]
+    assert sorted(found) == [0, 1, 2]
+    assert a.cluster_sizes_.tolist() == np.bincount(labels, minlength=3)[found].tolist()
+    assert a.scale_ == pytest.approx(sq_distances(x, a.centers_).min(1).mean(), rel=1e-5)
 
 
-# soft assignments are distributions; temperature 0 is the hard assignment; small T approaches it
-def test_soft_assignment_limits():
-    x = _blobs()
+# distances are squared Euclidean distances to the centres; predict is the nearest centre
+def test_distances_and_predict_match_brute_force():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((200, 5)) * [1, 2, 3, 4, 50]).astype(np.float32)
+    c = KMeans(6).fit(x)
+    brute = sq_distances(x, c.centers_)
+    np.testing.assert_allclose(c.distances(x), brute, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(c.predict(x), brute.argmin(1))
+
+
+# soft assignment is softmax(-d^2 / (temperature * scale_)); temperature 0 is the nearest centre
+def test_soft_assignment_known_answer():
+    c = KMeans(2)
+    c.centers_, c.scale_ = np.array([[0.0, 0.0], [2.0, 0.0]], dtype=np.float32), 2.0
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], dtype=np.float32)  # squared distances [0, 4], [1, 1], [9, 1]
+    e = np.exp
+    np.testing.assert_allclose(c.soft_assign(x, 1.0), [[1 / (1 + e(-2)), e(-2) / (1 + e(-2))], [0.5, 0.5],
+                                                       [e(-4.5) / (e(-4.5) + e(-0.5)), e(-0.5) / (e(-4.5) + e(-0.5))]],
+                               rtol=1e-5)
+    np.testing.assert_allclose(c.soft_assign(x, 0.5)[0], [1 / (1 + e(-4)), e(-4) / (1 + e(-4))], rtol=1e-5)
+    np.testing.assert_array_equal(c.soft_assign(x, 0.0), [[1, 0], [1, 0], [0, 1]])  # a tie goes to the first
+
+
+# on data without ties, a small temperature approaches the hard assignment
+def test_soft_assignment_small_temperature_limit():
+    x, _ = _blobs()
     c = KMeans(3).fit(x)
     hard = c.soft_assign(x, 0.0)
-    assert np.array_equal(hard.argmax(1), c.predict(x)) and np.allclose(hard.sum(1), 1)
-    soft = c.soft_assign(x, 1.0)
-    assert np.allclose(soft.sum(1), 1) and (soft < 1).any()
+    assert np.array_equal(hard.argmax(1), c.predict(x))
     assert np.allclose(c.soft_assign(x, 1e-3), hard, atol=1e-4)
 
 
-# more clusters than distinct points leaves some empty, and they are counted
+# more clusters than distinct points leaves some empty, and they are counted: two points repeated
+# ten times each fill two of four clusters
 def test_empty_clusters_are_counted():
     x = np.repeat(np.eye(2, dtype=np.float32), 10, axis=0)
     c = KMeans(4).fit(x)
-    assert c.cluster_sizes_.sum() == 20 and (c.cluster_sizes_ == 0).sum() >= 2
+    assert sorted(c.cluster_sizes_.tolist()) == [0, 0, 10, 10]
+    assert c.cluster_sizes_.tolist() == np.bincount(sq_distances(x, c.centers_).argmin(1), minlength=4).tolist()
 
 
 # an unknown clustering name gets the allowed names

@@ -1,27 +1,33 @@
 import numpy as np
 import pytest
+import torch
 
-from conftest import LAYERS
+from conftest import LAYERS, layer_vectors, sq_distances
 
 
-# one concept per cluster; members, exemplars nearest the centre, edge samples furthest
-def test_concepts(fitted):
-    cs = fitted.concepts("fc1", k=3, n_edge=2)
+# one concept per cluster: its members (nearest centre), their prediction and label mixes, the k
+# members nearest the centre and the n_edge furthest, with squared distances over the layer's
+# mean squared distance to the nearest centre; all recomputed by brute force
+def test_concepts(mixed_fitted, mixed_model, data):
+    x, y = data
+    cs = mixed_fitted.concepts("fc1", k=3, n_edge=2)
     assert [c.cluster for c in cs] == [0, 1, 2, 3]
-    assert sum(c.size for c in cs) == 120
-    c = fitted.clusterings_["fc1"]
-    d = c.distances(fitted.train_vectors_["fc1"])
-    assign = d.argmin(1)
+    d = sq_distances(layer_vectors(mixed_model, x)["fc1"], mixed_fitted.clusterings_["fc1"].centers_)
+    assign, scale = d.argmin(1), d.min(1).mean()
+    dnn = mixed_model(torch.as_tensor(x)).argmax(1).numpy()
     for con in cs:
         members = np.flatnonzero(assign == con.cluster)
-        own = d[members, con.cluster]
-        assert set(con.exemplars) <= set(members) and set(con.edge) <= set(members)
-        assert np.allclose(sorted(own)[:len(con.exemplars)], np.array(con.exemplar_distances) * c.scale_, rtol=1e-5)
-        assert np.allclose(sorted(own)[::-1][:len(con.edge)], np.array(con.edge_distances) * c.scale_, rtol=1e-5)
-        mix = np.bincount(fitted.train_predictions_[members], minlength=3) / len(members)
-        assert np.allclose(con.prediction_mix, mix) and con.purity == pytest.approx(mix.max())
-        assert con.majority == mix.argmax() and np.isclose(sum(con.label_mix), 1)
+        by_distance = members[np.argsort(d[members, con.cluster], kind="stable")]
+        assert con.size == len(members) > 3
+        assert con.exemplars == by_distance[:3].tolist() and con.edge == by_distance[::-1][:2].tolist()
+        np.testing.assert_allclose(con.exemplar_distances, d[by_distance[:3], con.cluster] / scale, rtol=1e-4)
+        np.testing.assert_allclose(con.edge_distances, d[by_distance[::-1][:2], con.cluster] / scale, rtol=1e-4)
+        mix = np.bincount(dnn[members], minlength=3) / len(members)
+        np.testing.assert_allclose(con.prediction_mix, mix)
+        assert con.purity == pytest.approx(mix.max()) and con.majority == mix.argmax()
+        np.testing.assert_allclose(con.label_mix, np.bincount(y[members], minlength=3) / len(members))
         assert con.to_dict()["layer"] == "fc1"
+    assert len({c.majority for c in cs}) > 1  # the mixes differ between clusters here
 
 
 # without labels there is no label mix

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import sq_distances
 
 from actclust import surrogate
 from actclust._distill import DistillKMeans, DistillResult, DistillWarning, refine
@@ -33,7 +34,9 @@ def learned(toy):
     return refine(vectors, kmeans, proba, learn_weights=True, random_state=0, **FAST)
 
 
-def _fidelity(vectors, proba, centers, temps, weights, kmeans, test):
+def _heldout(vectors, proba, centers, temps, weights, kmeans, test):
+    """Fidelity and KL(DNN || surrogate) on ``test`` of the surrogate with these centres,
+    temperatures (relative to k-means' scale) and weights."""
     v_test, p_test = test
     layer_probas = []
     for l in vectors:
@@ -41,25 +44,37 @@ def _fidelity(vectors, proba, centers, temps, weights, kmeans, test):
         c.centers_, c.scale_ = centers[l], kmeans[l].scale_
         post = surrogate.fit_posteriors(c.soft_assign(vectors[l], temps[l]), proba.argmax(1), 2, 1.0)
         layer_probas.append(c.soft_assign(v_test[l], temps[l]) @ post)
-    return (surrogate.combine(np.stack(layer_probas), weights).argmax(1) == p_test.argmax(1)).mean()
+    mix = surrogate.combine(np.stack(layer_probas), weights).astype(np.float64)
+    kl = (p_test * (np.log(p_test) - np.log(mix))).sum(1).mean()
+    return (mix.argmax(1) == p_test.argmax(1)).mean(), kl
 
 
 def test_refine_raises_fidelity_over_kmeans(toy, learned):
     # On held-out toy data the refined surrogate agrees with the 'DNN' far more than k-means'.
     vectors, proba, kmeans = toy
     test = _toy(1000, 1)
-    base = _fidelity(vectors, proba, {l: c.centers_ for l, c in kmeans.items()}, dict.fromkeys(vectors, 0.0),
-                     np.full(2, 0.5), kmeans, test)
+    base = _heldout(vectors, proba, {l: c.centers_ for l, c in kmeans.items()}, dict.fromkeys(vectors, 0.0),
+                    np.full(2, 0.5), kmeans, test)[0]
     r = learned
     assert isinstance(r, DistillResult) and r.converged
-    refined = _fidelity(vectors, proba, r.centers, r.temperatures, r.weights, kmeans, test)
+    refined = _heldout(vectors, proba, r.centers, r.temperatures, r.weights, kmeans, test)[0]
     assert base < 0.8 and refined > base + 0.1
 
 
-def test_learned_weights_sum_to_one(learned):
-    # Learned layer weights are a point of the simplex.
+def test_learned_weights_favour_the_layer_the_dnn_reads(learned):
+    # The 'DNN' reads layer a only (b is independent noise): learned weights go to a.
+    assert learned.weights.shape == (2,) and learned.weights[0] > 0.9
+
+
+def test_learned_temperatures_lower_heldout_kl(toy, learned):
+    # The learned temperatures, not the initial one, make the refined surrogate match the DNN's
+    # distribution: at the same centres and weights, held-out KL is far lower than at 0.1.
+    vectors, proba, kmeans = toy
+    test = _toy(1000, 1)
     r = learned
-    assert r.weights.shape == (2,) and np.isclose(r.weights.sum(), 1.0) and (r.weights >= 0).all()
+    at_learned = _heldout(vectors, proba, r.centers, r.temperatures, r.weights, kmeans, test)[1]
+    at_init = _heldout(vectors, proba, r.centers, dict.fromkeys(vectors, 0.1), r.weights, kmeans, test)[1]
+    assert at_learned < 0.5 * at_init
 
 
 def test_equal_weights_stay_equal(toy):
@@ -71,14 +86,17 @@ def test_equal_weights_stay_equal(toy):
     np.testing.assert_allclose(r.weights, [0.75, 0.25])
 
 
-def test_spread_ratio_reported_and_bounded(learned):
+def test_spread_ratio_reported_and_bounded(toy, learned):
     # The within-cluster spread after refinement over k-means' is reported for every layer and
     # held near max_spread_ratio.
+    vectors, _proba, kmeans = toy
     r = learned
     assert set(r.spread_ratio) == {"a", "b"}
+    for l, v in vectors.items():  # mean squared distance to the nearest centre, refined over k-means'
+        expected = sq_distances(v, r.centers[l]).min(1).mean() / sq_distances(v, kmeans[l].centers_).min(1).mean()
+        assert r.spread_ratio[l] == pytest.approx(expected, rel=1e-4)
     assert all(0.5 < s <= 1.25 for s in r.spread_ratio.values())
     assert all(c.shape == (4, 2) and c.dtype == np.float32 for c in r.centers.values())
-    assert all(t > 0 for t in r.temperatures.values())
 
 
 def test_refine_is_deterministic(toy):
@@ -108,7 +126,7 @@ def test_non_convergence_warns_with_history(toy):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"bogus": 1}, TypeError, r"unknown options \['bogus'\]"),
+    ({"bogus": 1}, ValueError, r"unknown options \['bogus'\]"),  # ParameterError, since the error contract
     ({"validation_fraction": 1.0}, ValueError, r"'validation_fraction' option of refine must be in \(0, 1\)"),
     ({"init_temperature": 0.0}, ValueError, r"'init_temperature' option of refine must be > 0"),
     ({"weights": [1, -1]}, ValueError, r"weights must be 2 non-negative numbers"),

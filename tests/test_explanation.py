@@ -4,33 +4,50 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LAYERS
+
+import actclust
+from actclust import ActivationClustering
 from actclust.explanation import SCHEMA, Explanation
 
 
-# one explanation per input, consistent with predict_proba, the DNN, the cluster paths
-def test_explain_consistent(fitted, data, model):
+# one explanation per input, consistent with predict_proba, the DNN, the cluster paths, the
+# concepts' exemplars and the similar samples
+def test_explain_consistent(mixed_fitted, data, mixed_model):
     x, y = data[0][:6], data[1][:6]
-    es = fitted.explain(x, y, k=3, trust=False)
+    es = mixed_fitted.explain(x, y, k=3, trust=False)
     assert len(es) == 6
-    proba, paths = fitted.predict_proba(x), fitted.cluster_paths(x)
-    dnn = torch.softmax(model(torch.as_tensor(x)), 1).detach().numpy()
+    proba, paths = mixed_fitted.predict_proba(x), mixed_fitted.cluster_paths(x)
+    dnn = torch.softmax(mixed_model(torch.as_tensor(x)), 1).detach().numpy()
+    exemplars = {l: [c.exemplars for c in mixed_fitted.concepts(l, k=3)] for l in LAYERS}
+    similar = {p: mixed_fitted.similar(x, k=3, weights=p) for p in ("low", "high")}
     for i, e in enumerate(es):
         assert e.index == i and e.label == y[i]
         assert np.allclose(e.surrogate["probabilities"], proba[i], atol=1e-6)
         assert e.dnn["prediction"] == dnn[i].argmax() and e.dnn["probability"] == pytest.approx(dnn[i].max(), abs=1e-6)
         assert [lay["cluster"] for lay in e.layers] == paths[i].tolist()
-        assert len(e.similar["low"]) == 3 and len(e.similar["high"]) == 3
-        assert all(len(lay["exemplars"]) <= 3 for lay in e.layers)
+        assert [lay["exemplars"] for lay in e.layers] == [exemplars[l][c] for l, c in zip(LAYERS, paths[i])]
+        for p, nb in similar.items():
+            assert [s["index"] for s in e.similar[p]] == nb.indices[i].tolist()
+            assert [s["prediction"] for s in e.similar[p]] == mixed_fitted.train_predictions_[nb.indices[i]].tolist()
+            assert [s["label"] for s in e.similar[p]] == data[1][nb.indices[i]].tolist()
 
 
-# the votes are an exact additive split: prior + sum of votes = surrogate probabilities
-def test_votes_add_up(fitted, data):
-    fitted.layer_weights = [1, 2, 5]
-    fitted.fit(*data)
-    for e in fitted.explain(data[0][:5], trust=False):
-        total = np.array(e.surrogate["prior"]) + sum(np.array(lay["vote"]) for lay in e.layers)
-        assert np.allclose(total, e.surrogate["probabilities"], atol=1e-5)
-        assert sum(lay["weight"] for lay in e.layers) == pytest.approx(1)
+# the votes are an exact additive split: vote = weight * (class mix - prior), the prior being the
+# class distribution of the DNN's training predictions, and prior + sum of votes = probabilities
+def test_votes_add_up(mixed_model, data):
+    ac = ActivationClustering(mixed_model, LAYERS, n_clusters=4, layer_weights=[1, 2, 5], progress=False).fit(*data)
+    prior = np.bincount(mixed_model(torch.as_tensor(data[0])).argmax(1).numpy(), minlength=3) / len(data[0])
+    paths = ac.cluster_paths(data[0][:5])
+    for e, path in zip(ac.explain(data[0][:5], trust=False), paths):
+        np.testing.assert_allclose(e.surrogate["prior"], prior, atol=1e-6)
+        assert [lay["weight"] for lay in e.layers] == pytest.approx([1 / 8, 2 / 8, 5 / 8])
+        for lay, w, l, c in zip(e.layers, [1 / 8, 2 / 8, 5 / 8], LAYERS, path):
+            np.testing.assert_allclose(lay["class_mix"], ac.posteriors_[l][c], atol=1e-6)
+            np.testing.assert_allclose(lay["vote"], w * (ac.posteriors_[l][c] - prior), atol=1e-6)
+        total = prior + sum(np.array(lay["vote"]) for lay in e.layers)
+        np.testing.assert_allclose(total, e.surrogate["probabilities"], atol=1e-5)
+        assert np.abs(total - prior).max() > 0.05  # the votes move the prediction here
 
 
 # to_json / from_json round-trip, and the JSON has the documented top-level fields
@@ -40,7 +57,9 @@ def test_json_round_trip(fitted, data):
     assert back == e and back.class_name(1) == "b"
     d = json.loads(e.to_json())
     assert d["schema"] == SCHEMA and set(d) == {"schema", "index", "label", "class_names", "dnn", "surrogate",
-                                                "layers", "similar", "trust"}
+                                                "layers", "similar", "trust", "meta"}
+    assert d["meta"] == {"actclust_version": actclust.__version__, "model_class": "conftest.TinyCNN",
+                         "layers": LAYERS}
     assert set(d["layers"][0]) == {"layer", "cluster", "weight", "class_mix", "vote", "distance", "exemplars"}
 
 

@@ -13,12 +13,12 @@ def test_mean_and_max():
     assert torch.equal(make_reducer("max")(T), T.amax((2, 3)))
 
 
-# grid:g average-pools to g x g and flattens channel-major
+# grid:g average-pools to g x g and flattens channel-major (the default g is 2)
 def test_grid():
-    out = make_reducer("grid:2")(T)
-    assert out.shape == (2, 3 * 4)
-    assert out[0, 0] == T[0, 0, :2, :2].mean()
-    assert make_reducer("grid")(T).shape == (2, 12)
+    blocks = T.numpy().reshape(2, 3, 2, 2, 2, 2).mean((3, 5))  # (n, channel, row block, column block)
+    np.testing.assert_allclose(make_reducer("grid:2")(T).numpy(), blocks.reshape(2, 12), rtol=1e-6)
+    np.testing.assert_allclose(make_reducer("grid")(T).numpy(), blocks.reshape(2, 12), rtol=1e-6)
+    np.testing.assert_allclose(make_reducer("grid:1")(T).numpy(), T.numpy().mean((2, 3)), rtol=1e-6)
 
 
 # dense (N, F) outputs pass through every pooling reducer unchanged
@@ -28,10 +28,13 @@ def test_dense_passes_through(spec):
     assert make_reducer(spec)(x) is x
 
 
-# random:d is a fixed projection: same seed, same result; shape (N, d)
+# random:d is a fixed linear projection to d values: same seed, same result; another seed, another
 def test_random_projection_is_seeded():
     a, b = make_reducer("random:5", random_state=1), make_reducer("random:5", random_state=1)
     assert a(T).shape == (2, 5) and torch.equal(a(T), b(T))
+    assert not torch.allclose(a(T), make_reducer("random:5", random_state=2)(T))
+    torch.testing.assert_close(a(T[:1] + 2 * T[1:]), a(T[:1]) + 2 * a(T[1:]), rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(a(T)[0], a(T)[1])  # it reads the input
 
 
 # pca:d fitted in a streaming way matches a batch PCA of the flattened maps (up to sign)
@@ -58,11 +61,13 @@ def test_pca_too_few_samples():
         r.finish_fit()
 
 
-# l2 normalisation gives unit vectors and leaves zero vectors at zero
+# l2 normalisation divides each reduced vector by its length and leaves zero vectors at zero
 def test_l2_normalized():
     f = normalized(make_reducer("mean"), "l2")
     out = f(torch.cat([T, torch.zeros(1, 3, 4, 4)]))
-    assert torch.allclose(out[:2].norm(dim=1), torch.ones(2)) and torch.equal(out[2], torch.zeros(3))
+    mean = T.numpy().mean((2, 3))
+    np.testing.assert_allclose(out[:2].numpy(), mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-6)
+    assert torch.equal(out[2], torch.zeros(3))
 
 
 # unknown or malformed reducer names get the parameter, the choices and the value

@@ -5,35 +5,37 @@ import actclust
 from actclust import DataError, NotFittedError
 from actclust.retrieval import layer_weights
 
-from conftest import LAYERS
+from conftest import LAYERS, layer_vectors, sq_distances
 
 
-def _brute(ac, x, w):
-    """Combined scaled distances (n, n_train) and per-layer parts, computed densely."""
-    q = ac._query(x, keep_vectors=True)
-    parts = []
-    for l, wl in zip(ac.layers_, w):
-        t = ac.train_vectors_[l].astype(np.float64)
-        scale = 2 * t.var(0).sum()
-        d = ((q.vectors[l][:, None, :] - t[None]) ** 2).sum(2)
-        parts.append(wl * d / scale)
-    parts = np.stack(parts, 2)
+def _brute(model, x_train, x, w):
+    """Combined scaled distances (n, n_train) and per-layer parts, computed densely from the
+    layer vectors computed by hand: D = sum_l w_l ||v_l(x) - v_l(t)||^2 / (2 * sum of variances)."""
+    train, query = layer_vectors(model, x_train), layer_vectors(model, x)
+    parts = np.stack([wl * sq_distances(query[l], train[l]) / (2 * train[l].var(0).sum())
+                      for l, wl in zip(LAYERS, w)], 2)
     return parts.sum(2), parts
 
 
+# the documented weights for three layers at depths 0, 1/2, 1, before normalising
+PRESETS = {"equal": [1, 1, 1], "low": [1, 10 ** -0.5, 0.1], "high": [1, 10 ** 0.5, 10]}
+
+
 # the search is exact: same neighbours, distances and layer shares as a dense computation
-@pytest.mark.parametrize("weights", ["equal", "low", "high", [1, 2, 3], {"fc1": 1.0}])
-def test_similar_matches_brute_force(fitted, data, weights):
+@pytest.mark.parametrize("weights, raw", [("equal", PRESETS["equal"]), ("low", PRESETS["low"]),
+                                          ("high", PRESETS["high"]), ([1, 2, 3], [1, 2, 3]),
+                                          ({"fc1": 1.0}, [0, 1, 0])])
+def test_similar_matches_brute_force(fitted, model, data, weights, raw):
     x = data[0][:10] + 0.1
     nb = fitted.similar(x, k=5, weights=weights)
-    w = layer_weights(weights, LAYERS)
-    dense, parts = _brute(fitted, x, w)
+    w = np.array(raw) / np.sum(raw)
+    np.testing.assert_allclose(nb.weights, w, rtol=1e-12)
+    dense, parts = _brute(model, data[0], x, w)
     order = np.argsort(dense, 1, kind="stable")[:, :5]
-    assert np.allclose(np.take_along_axis(dense, order, 1), nb.distances, rtol=1e-4, atol=1e-6)
-    assert np.allclose(np.take_along_axis(dense, nb.indices, 1), nb.distances, rtol=1e-4, atol=1e-6)
-    shares = np.take_along_axis(parts, nb.indices[:, :, None], 1) / nb.distances[:, :, None]
-    assert np.allclose(shares, nb.layer_shares, atol=1e-3)
-    assert np.allclose(nb.layer_shares.sum(2), 1, atol=1e-5) and np.allclose(nb.weights, w)
+    np.testing.assert_array_equal(nb.indices, order)
+    np.testing.assert_allclose(nb.distances, np.take_along_axis(dense, order, 1), rtol=1e-4, atol=1e-6)
+    shares = np.take_along_axis(parts, order[:, :, None], 1) / np.take_along_axis(dense, order, 1)[:, :, None]
+    np.testing.assert_allclose(nb.layer_shares, shares, atol=1e-3)
 
 
 # a training sample's nearest training sample is itself, at distance 0
@@ -44,23 +46,27 @@ def test_training_sample_finds_itself(fitted, data):
 
 
 # small query chunks give the same answer as one chunk (memory is O(chunk), results unchanged)
-def test_chunked_search_is_identical(fitted, data, monkeypatch):
+def test_chunked_search_is_identical(model, data, monkeypatch):
     import actclust.retrieval as r
 
-    full = fitted.similar(data[0][:30], k=4)
-    fitted.__dict__.pop("_retrieval_cache")
+    def fresh():  # a new fit: nothing built before the patch is reused
+        return actclust.ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(*data)
+
+    full = fresh().similar(data[0][:30], k=4)
     monkeypatch.setattr(r, "_QUERY_CHUNK", 7)
-    part = fitted.similar(data[0][:30], k=4)
+    part = fresh().similar(data[0][:30], k=4)
     assert np.array_equal(full.indices, part.indices) and np.allclose(full.distances, part.distances)
 
 
-# presets: low decreases and high increases with depth, first/last ratio 10, any number of layers
+# presets: 10 ** -t ("low") and 10 ** t ("high") at relative depth t, normalised; any number of layers
 def test_presets():
-    low, high = layer_weights("low", ["a", "b", "c", "d"]), layer_weights("high", ["a", "b", "c", "d"])
-    assert np.all(np.diff(low) < 0) and np.all(np.diff(high) > 0)
-    assert low[0] / low[-1] == pytest.approx(10) and high[-1] / high[0] == pytest.approx(10)
-    assert np.allclose(low.sum(), 1) and np.allclose(high.sum(), 1)
-    assert np.allclose(layer_weights("low", ["only"]), [1.0])
+    four = ["a", "b", "c", "d"]
+    low = np.array([1, 10 ** (-1 / 3), 10 ** (-2 / 3), 0.1])
+    np.testing.assert_allclose(layer_weights("low", four), low / low.sum(), rtol=1e-12)
+    np.testing.assert_allclose(layer_weights("high", four), low[::-1] / low.sum(), rtol=1e-12)
+    np.testing.assert_allclose(layer_weights("equal", four), [0.25] * 4, rtol=1e-12)
+    np.testing.assert_allclose(layer_weights("low", ["only"]), [1.0])
+    np.testing.assert_allclose(layer_weights({"b": 3, "d": 1}, four), [0, 0.75, 0, 0.25])
 
 
 # bad weights, bad k, unfitted explainer and inputs of another shape are clear errors
@@ -80,7 +86,7 @@ def test_similar_errors(fitted, data, model):
         fitted.similar(x, k=121)
     with pytest.raises(ValueError, match="k must be an int between 1"):
         fitted.similar(x, k=0)
-    with pytest.raises(DataError, match="differ from the shape"):
+    with pytest.raises(DataError, match=r"per-sample shape \(1, 7, 7\) but .* fitted on inputs of shape \(1, 6, 6\)"):
         fitted.similar(np.zeros((2, 1, 7, 7), np.float32))
     with pytest.raises(NotFittedError, match="not fitted yet"):
         actclust.ActivationClustering(model, LAYERS).similar(x)
