@@ -178,8 +178,8 @@ def test_mismatch_still_warns(resnet, images, tmp_path):
 def bert():
     from zoo import tiny_bert, token_task, train_token_model
 
-    ids, mask, y = token_task(400, seed=0)
-    model = train_token_model(tiny_bert(), ids[:300], mask[:300], y[:300], epochs=6)
+    ids, mask, y = token_task(800, seed=0)
+    model = train_token_model(tiny_bert(), ids[:600], mask[:600], y[:600], epochs=10)
     return model, ids, mask, y
 
 
@@ -191,17 +191,17 @@ BERT_REDUCERS = {"bert.encoder.layer.0": "token_mean", "bert.encoder.layer.1": "
 def test_hugging_face_dict_batches(bert, tmp_path):
     model, ids, mask, y = bert
     ac = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False)
-    ac.fit({"input_ids": ids[:300], "attention_mask": mask[:300]}, y[:300])
-    test = {"input_ids": ids[300:], "attention_mask": mask[300:]}
+    ac.fit({"input_ids": ids[:600], "attention_mask": mask[:600]}, y[:600])
+    test = {"input_ids": ids[600:], "attention_mask": mask[600:]}
     assert len(np.unique(ac.train_predictions_)) == 3  # a trained model, not a constant one
-    assert ac.score(test, y[300:])["fidelity"] >= 0.8
+    assert ac.score(test, y[600:])["fidelity"] >= 0.8
     ac.save(tmp_path / "run")
     back = _strict_load(tmp_path / "run", model)
     assert np.array_equal(back.predict(test), ac.predict(test))
     e = back.explain({k: v[:2] for k, v in test.items()}, trust=False)
     assert e[0].meta["model_class"].endswith("BertForSequenceClassification")
-    train = {"input_ids": ids[:300], "attention_mask": mask[:300]}
-    html = actclust.report(back, test, y[300:], train=train, out=tmp_path / "r.html", n_correct=1, n_wrong=1,
+    train = {"input_ids": ids[:600], "attention_mask": mask[:600]}
+    html = actclust.report(back, test, y[600:], train=train, out=tmp_path / "r.html", n_correct=1, n_wrong=1,
                            trust=False).read_text()
     assert 'title="input_ids">input_ids<' in html and 'title="attention_mask">attention_mask<' in html
 
@@ -210,10 +210,10 @@ def test_hugging_face_dict_batches(bert, tmp_path):
 def test_padding_invariance(bert):
     model, ids, mask, y = bert
     ac = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False)
-    ac.fit({"input_ids": ids[:300], "attention_mask": mask[:300]})
-    pad = torch.zeros(100, 9, dtype=torch.int64)
-    q1 = ac.query({"input_ids": ids[300:], "attention_mask": mask[300:]}, vectors=True)
-    q2 = ac.query({"input_ids": torch.cat([ids[300:], pad], 1), "attention_mask": torch.cat([mask[300:], pad], 1)},
+    ac.fit({"input_ids": ids[:600], "attention_mask": mask[:600]})
+    pad = torch.zeros(200, 9, dtype=torch.int64)
+    q1 = ac.query({"input_ids": ids[600:], "attention_mask": mask[600:]}, vectors=True)
+    q2 = ac.query({"input_ids": torch.cat([ids[600:], pad], 1), "attention_mask": torch.cat([mask[600:], pad], 1)},
                   vectors=True)
     for l in BERT_REDUCERS:
         np.testing.assert_allclose(q2.vectors[l], q1.vectors[l], atol=1e-5)

@@ -3,7 +3,6 @@
 Skipped where Chromium or Playwright is missing, except under CI (``CI=true``), which installs both.
 """
 
-import os
 import shutil
 
 import numpy as np
@@ -11,16 +10,18 @@ import pytest
 
 from actclust import report
 
+from conftest import in_ci
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _browser():
     if CHROMIUM is None:
-        pytest.fail("CI must install chromium") if os.environ.get("CI") else pytest.skip("no chromium")
+        pytest.fail("CI must install chromium") if in_ci() else pytest.skip("no chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("CI must install playwright") if os.environ.get("CI") else pytest.skip("no playwright")
+        pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
     return sync_playwright
 
 

@@ -296,7 +296,7 @@ def _looks_like_labels(t: torch.Tensor, n: int) -> bool:
 
 
 def as_labels(y) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    y = torch.from_numpy(np.ascontiguousarray(np.asarray(y))) if not isinstance(y, torch.Tensor) else y
     if y.ndim != 1:
         raise DataError(f"y must be a 1-D sequence of class indices; got shape {tuple(y.shape)}.")
     if y.is_floating_point():
