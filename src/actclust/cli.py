@@ -11,7 +11,6 @@ parameter names: options the library would reject are checked here first, in CLI
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import shlex
@@ -332,17 +331,9 @@ def _layer_weights(text, layers: list):
 
 
 def _check_layers(layers: list, model, spec: str) -> None:
-    from . import list_layers
+    from .adapters import adapt
 
-    valid = list_layers(model)
-    for i, name in enumerate(layers):
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.4)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ParameterError(f"--layers: the model has no module named {name!r}.{hint} "
-                             f"List the valid names with: {_command('layers', spec)}")
-        if name in layers[:i]:
-            raise ParameterError(f"--layers names {name!r} twice; name each module once.")
+    adapt(model).resolve(layers, what="--layers", how_to_list=f"List the valid names with: {_command('layers', spec)}")
 
 
 def _load_run(args):

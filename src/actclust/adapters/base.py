@@ -48,8 +48,13 @@ class ModelAdapter(abc.ABC):
     def layer_names(self) -> list[str]:
         """Every layer name a user may pick, in the model's order, without wrapper prefixes."""
 
-    def resolve(self, layers: Sequence[str]) -> list[str]:
-        """Canonical names of the requested layers; wrapper prefixes (``module.``) are accepted."""
+    def resolve(self, layers: Sequence[str], *, what: str = "'layers'",
+                how_to_list: str = "actclust.list_layers(model) lists the valid names.") -> list[str]:
+        """Canonical names of the requested layers; wrapper prefixes (``module.``) are accepted.
+
+        ``what`` names the argument and ``how_to_list`` tells how to see valid names, in the
+        caller's terms (the CLI says ``--layers`` and ``actclust layers SPEC``).
+        """
         if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
             raise ParameterError(
                 "The 'layers' parameter of ActivationClustering must be a non-empty list of layer "
@@ -61,9 +66,9 @@ class ModelAdapter(abc.ABC):
         for name in layers:
             canonical = self.canonical(name) if isinstance(name, str) else None
             if canonical not in known:
-                raise unknown_layer_error(name, valid)
+                raise unknown_layer_error(name, valid, how_to_list)
             if canonical in out:
-                raise ParameterError(f"The layer {name!r} is listed twice in 'layers'.")
+                raise ParameterError(f"The layer {name!r} is listed twice in {what}.")
             out.append(canonical)
         return out
 
@@ -83,10 +88,7 @@ class ModelAdapter(abc.ABC):
         """SHA-256 over the model's weights and buffers, the same for wrapped and unwrapped models."""
 
 
-def unknown_layer_error(name, valid: Sequence[str]) -> ParameterError:
+def unknown_layer_error(name, valid: Sequence[str], how_to_list: str) -> ParameterError:
     close = difflib.get_close_matches(str(name), list(valid), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ParameterError(
-        f"Unknown layer {name!r}: the model has no sub-module of that name.{hint} "
-        "actclust.list_layers(model) lists the valid names."
-    )
+    return ParameterError(f"Unknown layer {name!r}: the model has no sub-module of that name.{hint} {how_to_list}")
