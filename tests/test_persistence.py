@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,23 @@ def _forge(run, manifest: dict, arrays: dict = None) -> None:
     body = {k: v for k, v in manifest.items() if k != "digest"}
     manifest["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+@contextlib.contextmanager
+def _disk_full_at_manifest(monkeypatch):
+    """Saving fails when the new manifest is swapped in, as on a full disk."""
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(os, "replace", real_replace)
 
 
 # a saved run loads to identical predictions, weights and parameters
@@ -153,34 +171,16 @@ def test_crash_mid_save_keeps_previous(fitted, model, data, tmp_path, monkeypatc
     run = tmp_path / "run"
     fitted.save(run)
     before = fitted.predict_proba(data[0])
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if str(dst).endswith("manifest.json"):
-            raise OSError("disk full")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with _disk_full_at_manifest(monkeypatch), pytest.raises(OSError, match="disk full"):
         fitted.save(run, overwrite=True)
-    monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(p.name.split("-")[0] for p in run.iterdir()) == ["arrays", "manifest.json"]
     assert np.array_equal(actclust.load(run, model, progress=False).predict_proba(data[0]), before)
 
 
 # a first save that fails leaves nothing behind, so the next save to that folder works without overwrite
 def test_failed_first_save_leaves_nothing(fitted, model, data, tmp_path, monkeypatch):
-    real_replace = os.replace
-
-    def crash(src, dst):
-        if str(dst).endswith("manifest.json"):
-            raise OSError("disk full")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with _disk_full_at_manifest(monkeypatch), pytest.raises(OSError, match="disk full"):
         fitted.save(tmp_path / "run")
-    monkeypatch.setattr(os, "replace", real_replace)
     assert list((tmp_path / "run").iterdir()) == []
     fitted.save(tmp_path / "run")
     assert np.array_equal(actclust.load(tmp_path / "run", model, progress=False).predict(data[0]), fitted.predict(data[0]))

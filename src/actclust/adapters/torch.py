@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
 from .base import ModelAdapter, Runner
 
@@ -251,7 +252,7 @@ class _TorchRunner(Runner):
     def run(self, inputs, where: str = "a batch"):
         mask = inputs.get(MASK_KEY) if isinstance(inputs, Mapping) else None
         self._mask = None if mask is None else mask.to(self.adapter.device, non_blocking=True)
-        n = _batch_len(inputs)
+        n = batch_len(inputs)
         logits = self._forward(self.adapter.model if not self._eager else self.adapter.inner, inputs, where, n)
         missing = [name for name in self.reducers if name not in self._out]
         if missing and not self._eager and self.adapter.model is not self.adapter.inner:
@@ -315,14 +316,6 @@ def _check_finite(a: np.ndarray, what: str, where: str) -> None:
             f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
             + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
         )
-
-
-def _batch_len(inputs) -> int:
-    if isinstance(inputs, Mapping):
-        inputs = next(iter(inputs.values()))
-    elif isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    return int(inputs.shape[0])
 
 
 def describe(inputs) -> str:
