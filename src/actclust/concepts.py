@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .exceptions import ParameterError
+
+if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
+    from .state import FittedState
 
 __all__ = ["Concept", "concepts"]
 
@@ -53,7 +56,7 @@ class Concept:
         return asdict(self)
 
 
-def concepts(state, layer: str, k: int = 10, n_edge: int = 3) -> list:
+def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3) -> list:
     """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`."""
     state.check_layer(layer)
     n = state.n_samples
@@ -79,7 +82,7 @@ def concepts(state, layer: str, k: int = 10, n_edge: int = 3) -> list:
     return out
 
 
-def train_assignments(state, layer: str):
+def train_assignments(state: FittedState, layer: str):
     """Nearest cluster and squared distance to it of every training sample (cached with the state)."""
     cache = state.cache.setdefault("concepts", {})
     if layer not in cache:

@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .concepts import concepts
 from .exceptions import ParameterError
 from .retrieval import check_args, search
+
+if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
+    from .state import FittedState, Query
 
 __all__ = ["Explanation", "explain", "SCHEMA"]
 
@@ -89,12 +92,12 @@ class Explanation:
         return cls.from_dict(json.loads(text))
 
 
-def check_class_names(state, class_names) -> None:
+def check_class_names(state: FittedState, class_names) -> None:
     if class_names is not None and len(class_names) != state.n_classes:
         raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
 
 
-def explain(state, q, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None) -> list:
+def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None) -> list:
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
     fitted ``state``; see :meth:`ActivationClustering.explain`."""
     check_class_names(state, class_names)
@@ -145,7 +148,7 @@ def explain(state, q, *, k: int = 5, class_names=None, trust=None, meta: Optiona
     return out
 
 
-def _samples(state, nb) -> list:
+def _samples(state: FittedState, nb) -> list:
     """Per input, its similar training samples as dicts."""
     labels = None if state.train_labels is None else state.train_labels[nb.indices].tolist()
     idx, dist, pred = nb.indices.tolist(), nb.distances.tolist(), state.train_predictions[nb.indices].tolist()

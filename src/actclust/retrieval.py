@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from .exceptions import ParameterError
+
+if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
+    from .state import FittedState, Query
 
 __all__ = ["Neighbours", "layer_weights", "check_args", "search", "WEIGHT_PRESETS"]
 
@@ -125,7 +128,7 @@ class Index:
         return idx, dist, shares
 
 
-def check_args(state, k, weights):
+def check_args(state: FittedState, k, weights) -> tuple:
     """``(k, weights)`` checked against the fitted state: an int k in 1..n_train, weights resolved."""
     w = layer_weights(weights, state.layers)
     n_train = state.n_samples
@@ -134,7 +137,7 @@ def check_args(state, k, weights):
     return int(k), w
 
 
-def search(state, query, k: int, weights: np.ndarray) -> Neighbours:
+def search(state: FittedState, query: Query, k: int, weights: np.ndarray) -> Neighbours:
     """The ``k`` training samples nearest each input of ``query`` (a pass with ``vectors=True``),
     under per-layer ``weights`` (from :func:`check_args`); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
@@ -143,7 +146,7 @@ def search(state, query, k: int, weights: np.ndarray) -> Neighbours:
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 
-def _index(state, w: np.ndarray) -> Index:
+def _index(state: FittedState, w: np.ndarray) -> Index:
     """Indices are cached per weights with the fitted state (a few, most recent kept)."""
     cache = state.cache.setdefault("retrieval", {})
     if "scales" not in cache:

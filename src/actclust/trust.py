@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import surrogate
-
 from .exceptions import ParameterError
+
+if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
+    from .state import FittedState, Query
 
 __all__ = ["MIN_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
 
@@ -36,7 +39,7 @@ _RATIO_NEIGHBORS = 200  # neighbours searched for the distance ratio of ``stacke
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
 
 
-def trust_signals(state, query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
+def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
                   layer_weights: str = "surrogate") -> dict:
     """Per-input trust signals of the DNN's predictions on the queried inputs.
 
@@ -103,7 +106,7 @@ def trust_signals(state, query, *, n_neighbors: int = 50, calibration_fraction: 
     return signals(state, cal, query)
 
 
-def signals(state, cal: "_Calibration", q) -> dict:
+def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
     """:func:`trust_signals` with the calibration already built by :func:`calibrate`."""
     if q.vectors is None:
         raise ParameterError("trust signals need the reduced vectors: make the query with vectors=True.")
@@ -141,7 +144,7 @@ def signals(state, cal: "_Calibration", q) -> dict:
     }
 
 
-def calibration_possible(state, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
+def calibration_possible(state: FittedState, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
     """Whether the fitted training set is large enough for :func:`trust_signals` with these parameters."""
     n = state.n_samples
     n_cal = round(calibration_fraction * n)
@@ -163,7 +166,7 @@ class _Calibration:
     stack: object  # the fitted model of stacked_trust, or None
 
 
-def calibrate(state, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
+def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
               layer_weights: str = "surrogate") -> _Calibration:
     """The calibration of :func:`trust_signals` (parameters there), cached with the state."""
     k, fraction = n_neighbors, calibration_fraction
