@@ -121,21 +121,24 @@ class TorchAdapter(ModelAdapter):
         return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.inner.modules())
 
     def check_inputs(self, inputs, name: str) -> None:
-        """Refuse, before the forward pass, inputs whose dtype the model cannot have been trained on."""
-        parts = inputs.items() if isinstance(inputs, Mapping) else (
-            enumerate(inputs) if isinstance(inputs, (tuple, list)) else [(None, inputs)])
-        for key, t in parts:
-            label = name if key is None else f"{name}[{key!r}]"
-            if t.dtype == torch.uint8:
-                raise DataError(
-                    f"{label} holds uint8 values (raw image bytes?): convert to float and normalise as in "
-                    "training, e.g. x.astype('float32') / 255."
-                )
-            if not t.is_floating_point() and t.dtype != torch.bool and not self.takes_ids():
-                raise DataError(
-                    f"{label} holds {str(t.dtype).replace('torch.', '')} values but the model has no embedding "
-                    "layer that takes integer ids: convert the inputs to float (as in training)."
-                )
+        """Refuse, before the forward pass, images in a form the model cannot have been trained on.
+
+        Only a single tensor of per-sample shape (C, H, W)-like (2 or more axes) is checked: uint8
+        values, or integers for a model with no embedding layer. Dict and tuple inputs (token ids,
+        masks) and flat rows go to the model as given; its own error is then wrapped with context.
+        """
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 3:
+            return
+        if inputs.dtype == torch.uint8:
+            raise DataError(
+                f"{name} holds uint8 values (raw image bytes?): convert to float and normalise as in "
+                "training, e.g. x.astype('float32') / 255."
+            )
+        if not inputs.is_floating_point() and inputs.dtype != torch.bool and not self.takes_ids():
+            raise DataError(
+                f"{name} holds {str(inputs.dtype).replace('torch.', '')} values but the model has no embedding "
+                "layer that takes integer ids: convert the inputs to float (as in training)."
+            )
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
