@@ -239,3 +239,22 @@ def test_masked_mean_is_needed(bert):
     red = make_reducer("token_mean")
     np.testing.assert_allclose(red(t, m), t[:, :6].mean(1), atol=1e-6)
     assert not torch.allclose(red(t, None), t[:, :6].mean(1))
+
+
+# the Hugging Face model through DataParallel and torch.compile: same clusters, no graph break from hooks
+def test_hugging_face_wrapped_and_compiled(bert):
+    from torch._dynamo.utils import counters
+
+    model, ids, mask, _ = bert
+    x = {"input_ids": ids[:300], "attention_mask": mask[:300]}
+    plain = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False).fit(x)
+    dp = ActivationClustering(nn.DataParallel(model), list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4,
+                              progress=False).fit(x)
+    assert np.array_equal(dp.cluster_paths(x), plain.cluster_paths(x))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    cm = ActivationClustering(compiled, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False).fit(x)
+    assert not counters["graph_break"]
+    assert np.array_equal(cm.cluster_paths(x), plain.cluster_paths(x))
+    torch._dynamo.reset()
