@@ -2,10 +2,8 @@
 
 The Fashion-MNIST test is skipped where Debian's ``dataset-fashion-mnist`` is missing, except under
 CI (``CI=true``), where a missing data set fails it. The BERT tests are skipped without
-``transformers``.
+``transformers``, except under CI, which installs it (the test extra).
 """
-
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +11,8 @@ import torch
 from torch import nn
 
 from actclust.models import accuracy, resnet18, train_classifier
+
+from conftest import in_ci, require_fashion_mnist
 
 
 @pytest.fixture
@@ -28,12 +28,8 @@ def one_thread():
 def fashion_mnist():
     from actclust.datasets import load_fashion_mnist
 
-    try:
-        return load_fashion_mnist()
-    except FileNotFoundError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install dataset-fashion-mnist: {err}")
-        pytest.skip("dataset-fashion-mnist is not installed")
+    require_fashion_mnist()
+    return load_fashion_mnist()
 
 
 def outputs(model, x, names):
@@ -131,7 +127,12 @@ def test_resnet18_learns_fashion_mnist(one_thread):
 
 @pytest.fixture(scope="module")
 def zoo():
-    pytest.importorskip("transformers")
+    try:
+        import transformers  # noqa: F401  (installed by the test extra)
+    except ImportError:
+        if in_ci():
+            pytest.fail("CI must install transformers (the test extra)", pytrace=False)
+        pytest.skip("transformers is not installed")
     import zoo
 
     return zoo
