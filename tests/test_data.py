@@ -161,3 +161,14 @@ def test_failed_fit_changes_nothing(fitted, data):
     assert fitted.state_ is state
     assert np.array_equal(fitted.predict_proba(data[0]), before)
     assert fitted.input_shape_ == (1, 6, 6)
+
+
+# an IterableDataset (no length) is read in its own order, batch by batch
+def test_iterable_dataset(model, data):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from (torch.from_numpy(x) for x in data[0][:50])
+
+    ac = ActivationClustering(model, LAYERS, n_clusters=3, batch_size=16, progress=False).fit(Stream())
+    assert ac.n_samples_fit_ == 50
+    assert np.array_equal(ac.predict(Stream()), ac.predict(data[0][:50]))

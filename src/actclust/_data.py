@@ -71,7 +71,7 @@ class Batches:
             hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, str))
         ):
             self._loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-            self.n_samples = len(data)
+            self.n_samples = _safe_len(data)  # None for an IterableDataset: collected as it comes
         else:
             raise DataError(
                 f"{name} must be a NumPy array, a torch Tensor, a pandas DataFrame, a dict of arrays, a "
