@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .clustering import KMeans, register
 from .exceptions import DistillWarning, ParameterError
@@ -74,7 +75,7 @@ _SPREAD_PENALTY = 100.0
 
 
 def refine(vectors, clusterings, dnn_proba, *, learn_weights: bool, smoothing: float = 1.0, targets=None,
-           weights=None, random_state: int = 0, **options) -> DistillResult:
+           weights=None, random_state: int = 0, progress: bool = False, **options) -> DistillResult:
     """Refine k-means clusterings of several layers so that the surrogate matches the DNN.
 
     Parameters
@@ -159,14 +160,15 @@ def refine(vectors, clusterings, dnn_proba, *, learn_weights: bool, smoothing: f
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             result = _refine(layers, vectors, clusterings, proba, y, n_classes, w0, learn_weights, smoothing,
-                             random_state, opt)
+                             random_state, opt, progress=progress)
     finally:
         torch.set_num_threads(old_threads)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _refine(layers, vectors, clusterings, proba, y, n_classes, w0, learn_weights, smoothing, seed, opt):
+def _refine(layers, vectors, clusterings, proba, y, n_classes, w0, learn_weights, smoothing, seed, opt,
+            progress=False):
     import torch
 
     rng = np.random.default_rng(seed)
@@ -236,7 +238,8 @@ def _refine(layers, vectors, clusterings, proba, y, n_classes, w0, learn_weights
 
     history, best, best_val, bad_evals = [], snapshot(), np.inf, 0
     converged, nonfinite, best_step = False, False, 0
-    for step in range(opt["max_steps"] + 1):
+    steps = tqdm(range(opt["max_steps"] + 1), desc="distilling", disable=not progress, leave=False)
+    for step in steps:
         evaluate = step % opt["eval_every"] == 0 or step == opt["max_steps"]
         if evaluate:
             with torch.no_grad():

@@ -239,7 +239,8 @@ class ActivationClustering:
         learn = isinstance(self.layer_weights, str)  # "fit", checked in validate_params
         fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
         result = refine(vectors, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
-                        smoothing=self.smoothing, targets=targets, random_state=self.random_state)
+                        smoothing=self.smoothing, targets=targets, random_state=self.random_state,
+                        progress=self.progress)
         for l in layers:
             clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
         return result
@@ -344,7 +345,7 @@ class ActivationClustering:
 
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
-        return retrieval.search(state, self.query(X, vectors=True), k, w)
+        return retrieval.search(state, self.query(X, vectors=True), k, w, progress=self.progress)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
         """One :class:`~actclust.concepts.Concept` per cluster of ``layer``: its size, class mix,
@@ -375,7 +376,7 @@ class ActivationClustering:
         from .trust import calibrate, signals
 
         state = self._state()
-        cal = calibrate(state, **options)  # parameters checked and calibration built before the pass
+        cal = calibrate(state, progress=self.progress, **options)  # checked and built before the pass
         return signals(state, cal, self.query(X, vectors=True))
 
     def provenance(self) -> dict:

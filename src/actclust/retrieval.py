@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .exceptions import ParameterError
 
@@ -108,14 +109,16 @@ class Index:
             vectors[l].astype(np.float32, copy=False) * f for l, f in zip(self.layers, self.factors)
         ]))
 
-    def search(self, vectors: dict, k: int):
+    def search(self, vectors: dict, k: int, progress: bool = False):
         n = len(next(iter(vectors.values())))
         idx = np.empty((n, k), dtype=np.int64)
         dist = np.empty((n, k), dtype=np.float32)
         shares = np.empty((n, k, len(self.layers)), dtype=np.float32)
         width = max(v.shape[1] for v in self.train_vectors.values())
         chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (k * width)))
-        for start in range(0, n, chunk):  # memory O(chunk x k x d), never n x n_train
+        starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
+                      leave=False)
+        for start in starts:  # memory O(chunk x k x d), never n x n_train
             part = {l: v[start:start + chunk] for l, v in vectors.items()}
             d, i = self.index.search(self._stack(part), k)
             idx[start:start + len(d)], dist[start:start + len(d)] = i, np.maximum(d, 0.0)
@@ -137,12 +140,12 @@ def check_args(state: FittedState, k, weights) -> tuple:
     return int(k), w
 
 
-def search(state: FittedState, query: Query, k: int, weights: np.ndarray) -> Neighbours:
+def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, progress: bool = False) -> Neighbours:
     """The ``k`` training samples nearest each input of ``query`` (a pass with ``vectors=True``),
     under per-layer ``weights`` (from :func:`check_args`); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    idx, dist, shares = _index(state, weights).search(query.vectors, k)
+    idx, dist, shares = _index(state, weights).search(query.vectors, k, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import surrogate
 from .exceptions import ParameterError
@@ -167,7 +168,7 @@ class _Calibration:
 
 
 def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
-              layer_weights: str = "surrogate") -> _Calibration:
+              layer_weights: str = "surrogate", progress: bool = False) -> _Calibration:
     """The calibration of :func:`trust_signals` (parameters there), cached with the state."""
     k, fraction = n_neighbors, calibration_fraction
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
@@ -205,7 +206,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     weights = weights / weights.sum()
     alpha, alpha_pred, pred, rows = np.zeros(n_cal), np.zeros(n_cal), state.train_predictions[cal], np.arange(n_cal)
     indexes, cal_kth, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
-    for w, l in zip(weights, state.layers):
+    for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
         v = state.train_vectors[l]
         indexes[l] = faiss.IndexFlatL2(v.shape[1])
         indexes[l].add(np.ascontiguousarray(v[ref], dtype=np.float32))
