@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._data import length, rows
+from ._data import length, rows, take
 from ._render import Renderer
 from .exceptions import DataError, ParameterError, RunExistsError
 
@@ -79,13 +79,15 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 
     meta = ac.provenance()
-    q = ac.query(X, y, vectors=True)  # one pass: scores, the choice of inputs and their explanations
+    q = ac.query(X, y)  # scores and the choice of inputs; vectors only for the few explained below
     probas = state.layer_probas(q.distances)
     summary = scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
     chosen, how = _choose(q, combine(probas, state.weights).argmax(1), indices, n_correct, n_wrong,
                           state.random_state)
-    explanations = explain(state, q.subset(chosen), k=max(k, 1), class_names=names, trust=trust,
-                           meta=meta) if len(chosen) else []
+    explanations = []
+    if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
+        picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
+        explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta)
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
     cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
              for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key)))]

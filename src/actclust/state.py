@@ -109,12 +109,6 @@ class Query:
         """Nearest cluster ``(n, L)`` of each input at each layer."""
         return np.stack([d.argmin(1) for d in self.distances.values()], 1)
 
-    def subset(self, rows) -> "Query":
-        rows = np.asarray(rows, dtype=np.int64)
-        return Query(self.dnn_pred[rows], self.dnn_proba[rows], {l: d[rows] for l, d in self.distances.items()},
-                     None if self.vectors is None else {l: v[rows] for l, v in self.vectors.items()},
-                     None if self.labels is None else self.labels[rows])
-
 
 @dataclass(frozen=True, eq=False)
 class FittedState:
