@@ -8,8 +8,18 @@ where ``v_l`` is layer ``l``'s reduced (and, by default, L2-normalised) vector a
 mean squared distance between two training samples in that layer (``2 * trace(cov)``, exact).
 After this scaling a distance of 1 in any layer means "as far apart as two typical training
 samples", so layers of different width and spread are comparable and ``w`` alone says how much
-each layer counts. The search is exact: faiss over the concatenation of
-``sqrt(w_l / s_l) * v_l``, whose squared Euclidean distance is ``D``.
+each layer counts.
+
+One exact index serves every weighting, so the training vectors are copied once, not once per
+preset. With ``b_l = v_l(t) / sqrt(s_l)`` and ``n_l = ||b_l||^2``::
+
+    D(x, t) = C(x) + sum_l w_l n_l - 2 sum_l (w_l / sqrt(s_l)) v_l(x) . b_l
+
+where ``C(x) = sum_l w_l ||v_l(x)||^2 / s_l`` does not depend on ``t``. So the index holds the
+rows ``[b_1 ... b_L, n_1 ... n_L]`` once (faiss ``IndexFlatIP``, maximum inner product), and a
+query for weights ``w`` is ``[2 w_l v_l(x) / sqrt(s_l) ..., -w_1 ... -w_L]``: the largest inner
+products are the smallest ``D``, for any ``w``, whether or not the vectors are unit length
+(``benchmarks/explore_ann.py`` checks the identity and why the blocks are scaled by ``s_l``).
 
 Weight presets, for ``L`` layers at relative depth ``t_i = i / (L - 1)`` (0 for the first):
 ``"equal"``: ``w_i = 1``; ``"low"``: ``w_i = 10 ** -t_i`` (the first layer counts ten times the
@@ -36,7 +46,6 @@ __all__ = ["Neighbours", "layer_weights", "check_args", "search", "WEIGHT_PRESET
 WEIGHT_PRESETS = ("equal", "low", "high")
 _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
-_CACHE_SIZE = 3
 
 
 @dataclass
@@ -92,42 +101,50 @@ def layer_scales(train_vectors: dict) -> dict:
 
 
 class Index:
-    """Exact faiss search over the weighted, scaled concatenation of the training vectors."""
+    """Exact maximum-inner-product search over one copy of the scaled training vectors, any weights."""
 
-    def __init__(self, train_vectors: dict, weights: np.ndarray, scales: dict):
+    def __init__(self, train_vectors: dict, scales: dict):
         import faiss
 
         self.layers = list(train_vectors)
-        self.factors = np.sqrt(weights / np.array([scales[l] for l in self.layers])).astype(np.float32)
+        self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
         self.train_vectors = train_vectors
-        data = self._stack(train_vectors)
-        self.index = faiss.IndexFlatL2(data.shape[1])
+        blocks = [train_vectors[l].astype(np.float32) * np.float32(f) for l, f in zip(self.layers, self.inv_sqrt)]
+        norms = [np.einsum("ij,ij->i", b, b)[:, None] for b in blocks]
+        data = np.ascontiguousarray(np.hstack(blocks + norms))
+        del blocks, norms
+        self.index = faiss.IndexFlatIP(data.shape[1])
         self.index.add(data)
 
-    def _stack(self, vectors: dict) -> np.ndarray:
-        return np.ascontiguousarray(np.hstack([
-            vectors[l].astype(np.float32, copy=False) * f for l, f in zip(self.layers, self.factors)
-        ]))
+    def _query(self, part: dict, weights: np.ndarray) -> np.ndarray:
+        """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
+        q = [part[l].astype(np.float32) for l in self.layers]
+        query = np.hstack([v * np.float32(2 * w * f) for v, w, f in zip(q, weights, self.inv_sqrt)]
+                          + [np.tile(-weights.astype(np.float32), (len(q[0]), 1))])
+        return np.ascontiguousarray(query)
 
-    def search(self, vectors: dict, k: int, progress: bool = False):
+    def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False):
         n = len(next(iter(vectors.values())))
         idx = np.empty((n, k), dtype=np.int64)
         dist = np.empty((n, k), dtype=np.float32)
         shares = np.empty((n, k, len(self.layers)), dtype=np.float32)
         width = max(v.shape[1] for v in self.train_vectors.values())
         chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (k * width)))
+        factors = weights * self.inv_sqrt ** 2
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
         for start in starts:  # memory O(chunk x k x d), never n x n_train
             part = {l: v[start:start + chunk] for l, v in vectors.items()}
-            d, i = self.index.search(self._stack(part), k)
-            idx[start:start + len(d)], dist[start:start + len(d)] = i, np.maximum(d, 0.0)
+            _, i = self.index.search(self._query(part, weights), k)
+            # Distances from the layer terms: exact (no cancellation of C(x) - score for near
+            # neighbours), and split by layer at once.
             per = np.stack([
-                ((part[l][:, None, :] - self.train_vectors[l][i]) ** 2).sum(2) * f * f
-                for l, f in zip(self.layers, self.factors)
+                ((part[l][:, None, :] - self.train_vectors[l][i]) ** 2).sum(2) * f
+                for l, f in zip(self.layers, factors)
             ], 2)
             total = per.sum(2, keepdims=True)
-            shares[start:start + len(d)] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
+            idx[start:start + len(i)], dist[start:start + len(i)] = i, total[..., 0]
+            shares[start:start + len(i)] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return idx, dist, shares
 
 
@@ -145,19 +162,13 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, pro
     under per-layer ``weights`` (from :func:`check_args`); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    idx, dist, shares = _index(state, weights).search(query.vectors, k, progress)
+    idx, dist, shares = _index(state).search(query.vectors, k, weights, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 
-def _index(state: FittedState, w: np.ndarray) -> Index:
-    """Indices are cached per weights with the fitted state (a few, most recent kept)."""
+def _index(state: FittedState) -> Index:
+    """The one index of a fitted state, built on first use and cached with it."""
     cache = state.cache.setdefault("retrieval", {})
-    if "scales" not in cache:
-        cache["scales"] = layer_scales(state.train_vectors)
-    key = tuple(np.round(w, 12))
-    indices = cache.setdefault("indices", {})
-    if key not in indices:
-        while len(indices) >= _CACHE_SIZE:
-            indices.pop(next(iter(indices)))
-        indices[key] = Index(state.train_vectors, w, cache["scales"])
-    return indices[key]
+    if "index" not in cache:
+        cache["index"] = Index(state.train_vectors, layer_scales(state.train_vectors))
+    return cache["index"]
