@@ -178,7 +178,7 @@ def _similar_quality(ac, x_tr, x_te, n_quality: int = 2000, k: int = 10) -> dict
     rng = np.random.default_rng(0)
     qi = np.sort(rng.choice(len(x_te), n_quality, replace=False))
     xq = x_te[qi]
-    q = ac._query(xq, keep_vectors=True)
+    q = ac.query(xq)
     quality = {}
     for name, weights in (("high", "high"), ("equal", "equal"), ("low", "low"),
                           ("last layer only (fc2)", {"fc2": 1.0}), ("penultimate only (fc1)", {"fc1": 1.0})):
@@ -199,16 +199,16 @@ def _similar_quality(ac, x_tr, x_te, n_quality: int = 2000, k: int = 10) -> dict
 
 def _throughput(ac, model, x_te, with_trust: bool, k: int = 10) -> dict:
     """Explaining all test inputs, against one plain forward pass over them (same run)."""
-    from actclust.retrieval import similar
+    from actclust.retrieval import check_args, search
 
     x_te_t = torch.from_numpy(x_te)
     times = {"forward": forward_seconds(model, x_te_t, BATCH)}
     start = time.perf_counter()
-    q = ac._query(x_te, keep_vectors=True)
+    q = ac.query(x_te, vectors=True)
     times["capture_pass"] = time.perf_counter() - start
     start = time.perf_counter()
     for preset in ("low", "high"):  # the exact searches explain runs, on the pass above
-        similar(ac, None, k, preset, query=q)
+        search(ac.state_, q, *check_args(ac.state_, k, preset))
     times["similar_searches"] = time.perf_counter() - start
     for name, trust in (("explain", False), ("explain_with_trust", True))[:2 if with_trust else 1]:
         ac.explain(x_te[:BATCH], trust=trust)  # build the search indices and calibration first

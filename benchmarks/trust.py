@@ -44,7 +44,6 @@ from sklearn.metrics import roc_auc_score
 
 from actclust import ActivationClustering
 from actclust.datasets import load_fashion_mnist
-from actclust.trust import trust_signals
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 BATCH = 256
@@ -149,20 +148,20 @@ def main(argv=None) -> int:
     ac = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights="fit", clustering=args.clustering,
                               batch_size=BATCH, progress=False).fit(x_tr, y_tr)
     t1 = time.perf_counter()
-    trust_signals(ac, x_te[:10])  # builds and caches the calibration
+    ac.trust(x_te[:10])  # builds and caches the calibration
     t2 = time.perf_counter()
-    sig = {name: trust_signals(ac, x) for name, x in sets.items()}
+    sig = {name: ac.trust(x) for name, x in sets.items()}
     # This machine is shared: time trust and a plain forward pass back to back, twice, keep the minima.
     fwd_runs, trust_runs = [], []
     for _ in range(2):
         fwd_runs.append(forward_seconds(model, torch.from_numpy(x_te), BATCH))
         t3 = time.perf_counter()
-        trust_signals(ac, x_te)
+        ac.trust(x_te)
         trust_runs.append(time.perf_counter() - t3)
     fwd, t_trust_test = min(fwd_runs), min(trust_runs)
     # Deep k-NN as published: layers weighed equally in the neighbour signals.
     for name, x in sets.items():
-        equal = trust_signals(ac, x, layer_weights="equal")
+        equal = ac.trust(x, layer_weights="equal")
         sig[name].update({f"{s} (equal layers)": equal[s] for s in NEIGHBOUR})
 
     # Baselines on the same split: reference (neighbours) and calibration (tuning alpha).
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
     feats = {"explainer fc1": lambda v: v["fc1"], "explainer fc2": lambda v: v["fc2"],
              "explainer all 4 layers": lambda v: np.concatenate([v[l] for l in LAYERS], 1)}
     train_feats = {k: f(ac.train_vectors_) for k, f in feats.items()}
-    set_feats = {name: {k: f(ac._query(x, keep_vectors=True).vectors) for k, f in feats.items()} for name, x in sets.items()}
+    set_feats = {name: {k: f(ac.query(x, vectors=True).vectors) for k, f in feats.items()} for name, x in sets.items()}
     raw_tr, raw = raw_features(model, x_tr), {name: raw_features(model, x) for name, x in sets.items()}
     for k, i in (("raw penultimate (relu3)", 0), ("raw logits (fc2)", 1)):
         train_feats[k] = raw_tr[i]
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
         rows[s] = {"misclassification": auroc(*_split(te, right)),
                    **{f"ood_{name}": auroc(te, scores[name][s]) for name in ("digits", "noise0.1", "noise0.5")}}
 
-    q_te, q_noise = ac._query(x_te), ac._query(sets["noise0.1"])
+    q_te, q_noise = ac.query(x_te), ac.query(sets["noise0.1"])
     p_te, p_noise = q_te.paths, q_noise.paths
     n_paths, purity_pred = path_metrics(p_te, q_te.dnn_pred)
     _, purity_label = path_metrics(p_te, y_te)
