@@ -74,6 +74,11 @@ class ActivationClustering:
     output : callable, optional
         ``output(model_output) -> logits`` when the logits are not the output, its ``.logits``,
         its ``["logits"]`` or its first element.
+    search : {"auto", "exact", "approximate"}, default="auto"
+        How similar training samples are searched: exactly, or with a faiss IVF index stored as
+        float16 whose probes are calibrated for recall@10 >= 0.97 (candidates re-ranked exactly);
+        ``"auto"`` is exact while ``n_train x width`` is below
+        :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 50,000 samples of 960 floats).
 
     Attributes
     ----------
@@ -111,7 +116,7 @@ class ActivationClustering:
         self, model, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
-        output: Optional[Callable] = None,
+        output: Optional[Callable] = None, search="auto",
     ):
         self.model = model
         self.layers = layers
@@ -129,6 +134,7 @@ class ActivationClustering:
         self.progress = progress
         self.label_key = label_key
         self.output = output
+        self.search = search
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "ActivationClustering":
@@ -322,7 +328,7 @@ class ActivationClustering:
         q = self.query(X, y)
         return surrogate.scores(q.dnn_pred, state.layer_probas(q.distances), q.labels, state.weights, state.layers)
 
-    def similar(self, X, k: int = 10, weights="equal"):
+    def similar(self, X, k: int = 10, weights="equal", *, search=None):
         """The ``k`` training samples most similar to each input, by exact search over all layers.
 
         Parameters
@@ -334,6 +340,9 @@ class ActivationClustering:
             ``"high"`` late ones (means alike). Each layer's distances are first divided by the
             mean squared distance between two training samples in that layer, so layers are
             comparable; see :mod:`actclust.retrieval` for the exact definitions.
+        search : {"auto", "exact", "approximate"}, optional
+            Overrides the estimator's ``search`` for this call (e.g. to check an approximate
+            answer against the exact one).
 
         Returns
         -------
@@ -345,7 +354,9 @@ class ActivationClustering:
 
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
-        return retrieval.search(state, self.query(X, vectors=True), k, w, progress=self.progress)
+        method = self.search if search is None else search
+        retrieval.resolve_search(method, 0, 0)
+        return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
         """One :class:`~actclust.concepts.Concept` per cluster of ``layer``: its size, class mix,
@@ -356,20 +367,23 @@ class ActivationClustering:
         layer = adapt(self.model, self.output).canonical(layer) if isinstance(layer, str) else layer
         return concepts(state, layer, k, n_edge)
 
-    def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None) -> list:
+    def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
         """One :class:`~actclust.explanation.Explanation` per input of ``X``.
 
         ``k`` similar training samples are given under "low" and "high" weights, and ``k``
         exemplars of each cluster on the input's path. ``trust=True`` adds the trust signals
         (:meth:`trust`); the default ``None`` adds them when the training set is large enough
-        to calibrate them, ``False`` never.
+        to calibrate them, ``False`` never. ``search`` overrides the estimator's for this call.
         """
+        from . import retrieval
         from .explanation import check_class_names, explain
 
         state = self._state()
         check_class_names(state, class_names)
+        method = self.search if search is None else search
+        retrieval.resolve_search(method, 0, 0)
         return explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
-                       meta=self.provenance())
+                       meta=self.provenance(), search=method)
 
     def trust(self, X, **options) -> dict:
         """Per-input trust signals; see :func:`actclust.trust.trust_signals` for ``options``."""

@@ -39,7 +39,8 @@ import numpy as np
 
 from .concepts import concepts
 from .exceptions import ParameterError
-from .retrieval import check_args, search
+from .retrieval import check_args
+from .retrieval import search as find
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
@@ -97,7 +98,8 @@ def check_class_names(state: FittedState, class_names) -> None:
         raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
 
 
-def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None) -> list:
+def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None,
+            search: str = "auto") -> list:
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
     fitted ``state``; see :meth:`ActivationClustering.explain`."""
     check_class_names(state, class_names)
@@ -108,7 +110,7 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     prior = state.target_prior()
     paths = q.paths
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0)] for l in state.layers}
-    near = {p: search(state, q, *check_args(state, k, p)) for p in ("low", "high")}
+    near = {p: find(state, q, *check_args(state, k, p), method=search) for p in ("low", "high")}
     if trust is None:  # by default, whenever the training set is large enough to calibrate them
         from .trust import calibration_possible
 

@@ -87,7 +87,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     explanations = []
     if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
         picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
-        explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta)
+        explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta,
+                               search=ac.search)
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
     cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
              for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key)))]

@@ -41,9 +41,16 @@ from .exceptions import ParameterError
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
 
-__all__ = ["Neighbours", "layer_weights", "check_args", "search", "WEIGHT_PRESETS"]
+__all__ = ["Neighbours", "layer_weights", "check_args", "search", "resolve_search", "WEIGHT_PRESETS",
+           "SEARCH_NAMES", "AUTO_EXACT_FLOATS"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
+SEARCH_NAMES = ("auto", "exact", "approximate")
+#: ``search="auto"`` searches exactly while ``n_train x width`` is below this: about 50,000 training
+#: samples of 960 floats, where exact and IVF-fp16 search cost the same (benchmarks/explore_ann.py).
+AUTO_EXACT_FLOATS = 48_000_000
+_CALIBRATION_QUERIES = 300
+_TARGET_RECALL = 0.97
 _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
 
@@ -109,18 +116,24 @@ class Index:
         self.layers = list(train_vectors)
         self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
         self.train_vectors = train_vectors
-        blocks = [train_vectors[l].astype(np.float32) * np.float32(f) for l, f in zip(self.layers, self.inv_sqrt)]
-        norms = [np.einsum("ij,ij->i", b, b)[:, None] for b in blocks]
-        data = np.ascontiguousarray(np.hstack(blocks + norms))
-        del blocks, norms
+        data = self._data()
         self.index = faiss.IndexFlatIP(data.shape[1])
         self.index.add(data)
+
+    def _data(self) -> np.ndarray:
+        """Rows ``[b_1 ... b_L, n_1 ... n_L]``, zero-padded to a multiple of 8 columns (faiss' fp16 codes)."""
+        blocks = [self.train_vectors[l].astype(np.float32) * np.float32(f) for l, f in zip(self.layers, self.inv_sqrt)]
+        norms = [np.einsum("ij,ij->i", b, b)[:, None] for b in blocks]
+        width = sum(b.shape[1] for b in blocks) + len(blocks)
+        pad = [np.zeros((len(blocks[0]), -width % 8), np.float32)]
+        return np.ascontiguousarray(np.hstack(blocks + norms + pad))
 
     def _query(self, part: dict, weights: np.ndarray) -> np.ndarray:
         """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
         q = [part[l].astype(np.float32) for l in self.layers]
         query = np.hstack([v * np.float32(2 * w * f) for v, w, f in zip(q, weights, self.inv_sqrt)]
                           + [np.tile(-weights.astype(np.float32), (len(q[0]), 1))])
+        query = np.hstack([query, np.zeros((len(query), self.index.d - query.shape[1]), np.float32)])
         return np.ascontiguousarray(query)
 
     def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False):
@@ -136,16 +149,87 @@ class Index:
         for start in starts:  # memory O(chunk x k x d), never n x n_train
             part = {l: v[start:start + chunk] for l, v in vectors.items()}
             _, i = self.index.search(self._query(part, weights), k)
+            i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate index may find fewer than k
             # Distances from the layer terms: exact (no cancellation of C(x) - score for near
-            # neighbours), and split by layer at once.
+            # neighbours), and split by layer at once; candidates re-ranked by them.
             per = np.stack([
                 ((part[l][:, None, :] - self.train_vectors[l][i]) ** 2).sum(2) * f
                 for l, f in zip(self.layers, factors)
             ], 2)
+            order = np.argsort(per.sum(2), axis=1, kind="stable")
+            i, per = np.take_along_axis(i, order, 1), np.take_along_axis(per, order[..., None], 1)
             total = per.sum(2, keepdims=True)
             idx[start:start + len(i)], dist[start:start + len(i)] = i, total[..., 0]
             shares[start:start + len(i)] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return idx, dist, shares
+
+
+class ApproximateIndex(Index):
+    """IVF over the same rows, stored as float16 (faiss ``IndexIVFScalarQuantizer``), inner product.
+
+    ``nlist = 4 sqrt(n)`` lists, trained on at most ``39 nlist`` rows; ``nprobe`` is calibrated at
+    build time: the smallest power of two for which the exact top-10 of ``_CALIBRATION_QUERIES``
+    held-out training rows is found with recall >= ``_TARGET_RECALL`` under every weight preset
+    (the probes needed depend on the data: 8 to 64 in ``benchmarks/explore_ann.py``). The
+    candidates are re-ranked by their exact distances.
+    """
+
+    def __init__(self, train_vectors: dict, scales: dict, random_state: int = 0):
+        import faiss
+
+        self.layers = list(train_vectors)
+        self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
+        self.train_vectors = train_vectors
+        data = self._data()
+        n, d = data.shape
+        nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+        rng = np.random.default_rng(random_state)
+        sample = data[np.sort(rng.choice(n, min(n, 39 * nlist), replace=False))]
+        quantizer = faiss.IndexFlatIP(d)
+        self.index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                   faiss.METRIC_INNER_PRODUCT)
+        self.index.train(sample)
+        self.index.add(data)
+        self.quantizer = quantizer  # faiss keeps a raw pointer: the quantizer must outlive the index
+        self.index.nprobe = self._calibrate(data, nlist, rng)
+
+    def _calibrate(self, data: np.ndarray, nlist: int, rng) -> int:
+        import faiss
+
+        held = np.sort(rng.choice(len(data), min(len(data), _CALIBRATION_QUERIES), replace=False))
+        queries = {l: self.train_vectors[l][held] for l in self.layers}
+        exact = faiss.IndexFlatIP(data.shape[1])
+        exact.add(data)
+        k = min(11, len(data))  # each held-out row finds itself: it is left out of both sides
+        truth = {p: exact.search(self._query(queries, layer_weights(p, self.layers)), k)[1] for p in WEIGHT_PRESETS}
+        del exact
+        nprobe = 1
+        while nprobe < nlist:
+            self.index.nprobe = nprobe
+            worst = min(_recall(self.index.search(self._query(queries, layer_weights(p, self.layers)), k)[1], t, held)
+                        for p, t in truth.items())
+            if worst >= _TARGET_RECALL:
+                break
+            nprobe *= 2
+        return min(nprobe, nlist)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray) -> float:
+    """Mean share of each exact neighbour list found, each query's own row left out."""
+    shares = []
+    for a, b, o in zip(found, truth, own):
+        b = set(b.tolist()) - {int(o)}
+        shares.append(len((set(a.tolist()) - {int(o)}) & b) / max(len(b), 1))
+    return float(np.mean(shares))
+
+
+def resolve_search(search, n: int, width: int) -> str:
+    """``"exact"`` or ``"approximate"`` for ``search`` (``"auto"``: exact below ``AUTO_EXACT_FLOATS``)."""
+    if search not in SEARCH_NAMES:
+        raise ParameterError(f"The 'search' parameter must be one of {list(SEARCH_NAMES)}. Got {search!r} instead.")
+    if search == "auto":
+        return "exact" if n * width < AUTO_EXACT_FLOATS else "approximate"
+    return search
 
 
 def check_args(state: FittedState, k, weights) -> tuple:
@@ -157,18 +241,25 @@ def check_args(state: FittedState, k, weights) -> tuple:
     return int(k), w
 
 
-def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, progress: bool = False) -> Neighbours:
+def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, method: str = "auto",
+           progress: bool = False) -> Neighbours:
     """The ``k`` training samples nearest each input of ``query`` (a pass with ``vectors=True``),
-    under per-layer ``weights`` (from :func:`check_args`); see :meth:`ActivationClustering.similar`."""
+    under per-layer ``weights`` (from :func:`check_args`), by ``method`` (``"exact"``,
+    ``"approximate"`` or ``"auto"``); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    idx, dist, shares = _index(state).search(query.vectors, k, weights, progress)
+    width = sum(v.shape[1] for v in state.train_vectors.values())
+    method = resolve_search(method, state.n_samples, width)
+    idx, dist, shares = _index(state, method).search(query.vectors, k, weights, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 
-def _index(state: FittedState) -> Index:
-    """The one index of a fitted state, built on first use and cached with it."""
+def _index(state: FittedState, method: str) -> Index:
+    """The exact or approximate index of a fitted state, built on first use and cached with it."""
     cache = state.cache.setdefault("retrieval", {})
-    if "index" not in cache:
-        cache["index"] = Index(state.train_vectors, layer_scales(state.train_vectors))
-    return cache["index"]
+    if "scales" not in cache:
+        cache["scales"] = layer_scales(state.train_vectors)
+    if method not in cache:
+        cache[method] = (Index(state.train_vectors, cache["scales"]) if method == "exact"
+                         else ApproximateIndex(state.train_vectors, cache["scales"], state.random_state))
+    return cache[method]
