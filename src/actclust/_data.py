@@ -307,6 +307,16 @@ def as_labels(y) -> torch.Tensor:
     return y.long()
 
 
+def check_label_range(labels: np.ndarray, n_classes: int) -> None:
+    """Refuse labels outside the model's classes ``0..n_classes - 1``."""
+    bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
+    if bad.size:
+        raise DataError(
+            f"y has classes the model does not have: {bad[:10].tolist()}; the model outputs "
+            f"{n_classes} classes, so labels must be in 0..{n_classes - 1}."
+        )
+
+
 def _safe_len(dataset) -> Optional[int]:
     try:
         return len(dataset)

@@ -10,7 +10,7 @@ import numpy as np
 from .clustering import make_clustering
 from .exceptions import ParameterError
 from .reduction import NORMALIZE_NAMES
-from .retrieval import resolve_search
+from .retrieval import check_search
 
 POSTERIORS = ("prediction", "label")
 
@@ -74,7 +74,7 @@ def validate_params(ac, adapter) -> list:
         raise ParameterError(f"The 'batch_size' parameter of ActivationClustering must be a positive int. "
                          f"Got {ac.batch_size!r} instead.")
     make_clustering(ac.clustering, 2)
-    resolve_search(ac.search, 0, 0)
+    check_search(ac.search)
     return layers
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._data import Batch, Batches, Collector
+from ._data import Batch, Batches, Collector, check_label_range
 from .adapters import ModelAdapter
 from .exceptions import DataError
 from .reduction import normalized
@@ -108,12 +108,7 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
             y = batch.labels.numpy().astype(np.int64)
-            bad = np.unique(y[(y < 0) | (y >= state.n_classes)])
-            if bad.size:
-                raise DataError(
-                    f"y has classes the model does not have: {bad[:10].tolist()}; the model outputs "
-                    f"{state.n_classes} classes, so labels must be in 0..{state.n_classes - 1}."
-                )
+            check_label_range(y, state.n_classes)
             col.add("y", y)
     return Query(
         dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from . import _passes, surrogate
-from ._data import Batches
+from ._data import Batches, check_label_range
 from ._params import per_layer, validate_params
 from .adapters import adapt
 from .clustering import make_clustering
@@ -179,12 +179,7 @@ class ActivationClustering:
         if too_many:
             raise ParameterError(f"n_clusters {too_many} exceed the {n} samples to cluster.")
         if labels is not None:
-            bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
-            if bad.size:
-                raise DataError(
-                    f"y has classes the model does not have: {bad[:10].tolist()}; the model "
-                    f"outputs {n_classes} classes, so labels must be in 0..{n_classes - 1}."
-                )
+            check_label_range(labels, n_classes)
         if self.posterior == "label" and labels is None:
             raise DataError(
                 "posterior='label' needs the true labels: pass y to fit, or data that yields "
@@ -354,8 +349,7 @@ class ActivationClustering:
 
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
-        method = self.search if search is None else search
-        retrieval.resolve_search(method, 0, 0)
+        method = retrieval.check_search(self.search if search is None else search)
         return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
@@ -380,8 +374,7 @@ class ActivationClustering:
 
         state = self._state()
         check_class_names(state, class_names)
-        method = self.search if search is None else search
-        retrieval.resolve_search(method, 0, 0)
+        method = retrieval.check_search(self.search if search is None else search)
         return explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
                        meta=self.provenance(), search=method)
 

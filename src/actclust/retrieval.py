@@ -41,7 +41,7 @@ from .exceptions import ParameterError
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
 
-__all__ = ["Neighbours", "layer_weights", "check_args", "search", "resolve_search", "WEIGHT_PRESETS",
+__all__ = ["Neighbours", "layer_weights", "check_args", "search", "check_search", "resolve_search", "WEIGHT_PRESETS",
            "SEARCH_NAMES", "AUTO_EXACT_FLOATS"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
@@ -113,12 +113,16 @@ class Index:
     def __init__(self, train_vectors: dict, scales: dict):
         import faiss
 
+        data = self._prepare(train_vectors, scales)
+        self.index = faiss.IndexFlatIP(data.shape[1])
+        self.index.add(data)
+
+    def _prepare(self, train_vectors: dict, scales: dict) -> np.ndarray:
+        """Keep the layers, their scales and vectors; return the rows :meth:`_data` describes."""
         self.layers = list(train_vectors)
         self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
         self.train_vectors = train_vectors
-        data = self._data()
-        self.index = faiss.IndexFlatIP(data.shape[1])
-        self.index.add(data)
+        return self._data()
 
     def _data(self) -> np.ndarray:
         """Rows ``[b_1 ... b_L, n_1 ... n_L]``, zero-padded to a multiple of 8 columns (faiss' fp16 codes)."""
@@ -177,10 +181,7 @@ class ApproximateIndex(Index):
     def __init__(self, train_vectors: dict, scales: dict, random_state: int = 0):
         import faiss
 
-        self.layers = list(train_vectors)
-        self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
-        self.train_vectors = train_vectors
-        data = self._data()
+        data = self._prepare(train_vectors, scales)
         n, d = data.shape
         nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
         rng = np.random.default_rng(random_state)
@@ -223,11 +224,16 @@ def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
-def resolve_search(search, n: int, width: int) -> str:
-    """``"exact"`` or ``"approximate"`` for ``search`` (``"auto"``: exact below ``AUTO_EXACT_FLOATS``)."""
+def check_search(search) -> str:
+    """``search`` itself, if it names a search method."""
     if search not in SEARCH_NAMES:
         raise ParameterError(f"The 'search' parameter must be one of {list(SEARCH_NAMES)}. Got {search!r} instead.")
-    if search == "auto":
+    return search
+
+
+def resolve_search(search, n: int, width: int) -> str:
+    """``"exact"`` or ``"approximate"`` for ``search`` (``"auto"``: exact below ``AUTO_EXACT_FLOATS``)."""
+    if check_search(search) == "auto":
         return "exact" if n * width < AUTO_EXACT_FLOATS else "approximate"
     return search
 
