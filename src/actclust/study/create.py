@@ -1,0 +1,166 @@
+"""Build a study folder from a fitted explainer: pick the items and pre-render every condition.
+
+The only module of :mod:`actclust.study` that needs the model (and torch): everything a trial
+shows is computed here once and written to ``study.json`` (schema in :mod:`.folder`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..exceptions import DataError, ParameterError, RunExistsError
+from .folder import CONDITIONS, DB_FILE, SCHEMA, STUDY_FILE
+
+__all__ = ["create_study"]
+
+_MULTICLASS_TOP, _PER_CLASS, _EXEMPLARS = 3, 2, 4  # top classes, samples per class, exemplars per layer
+
+
+def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: float = 0.5,
+                 conditions=CONDITIONS, design: str = "between", two_stage: bool = False, seed: int = 0,
+                 class_names=None, feature_names=None, render=None, mean=None, std=None, k: int = 6,
+                 overwrite: bool = False, source=None) -> Path:
+    """Write a study folder for the fitted explainer ``ac`` on labelled inputs ``X, y``.
+
+    Parameters
+    ----------
+    X, y : inputs the model did not train on, and their true labels (needed: a study asks
+        whether people accept the model's right predictions and reject its wrong ones).
+    out : path of the study folder; an existing study is replaced only with ``overwrite=True``,
+        and never one that holds responses.
+    train : the training inputs ``fit`` saw, in order, to show similar samples and exemplars
+        (without it they appear as their training indices).
+    items : int, default=40
+        Items drawn at random, stratified by whether the model is right on them.
+    wrong_share : float in [0, 1], default=0.5
+        Share of the items the model gets wrong (half, as in Schemmer et al. 2023).
+    conditions : sequence of {"none", "similar", "similar_multiclass", "concepts", "full"}
+    design : {"between", "within"}
+    two_stage : bool
+        Ask each participant's own answer before showing the advice.
+    class_names, feature_names, render, mean, std
+        How classes and inputs are shown; as in :func:`actclust.report`.
+    k : int, default=6
+        Similar samples shown per trial.
+    source : dict, optional
+        Provenance to record (e.g. the run folder and data it came from).
+
+    Returns
+    -------
+    Path
+        The study folder.
+    """
+    from .._data import length, rows, take
+    from .._render import Renderer
+
+    state = ac.state_
+    conditions = _check(items, wrong_share, conditions, design, seed, k)
+    out = Path(out)
+    if (out / DB_FILE).exists():
+        raise RunExistsError(f"{out} holds collected responses ({DB_FILE}); a study with responses is never "
+                             "replaced. Choose another folder.")
+    if (out / STUDY_FILE).exists() and not overwrite:
+        raise RunExistsError(f"{out} already holds a study; pass overwrite=True (--overwrite) to replace it.")
+    if y is None:
+        raise DataError("A study needs the true labels y of X: it measures whether people accept the model's "
+                        "right predictions and reject its wrong ones.")
+    y = np.asarray(y).reshape(-1)
+    if len(y) != length(X):
+        raise DataError(f"y has {len(y)} labels for {length(X)} inputs; give one label per input.")
+    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(state.n_classes)]
+    if len(names) != state.n_classes:
+        raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(names)} names.")
+    if train is not None and length(train) != state.n_samples:
+        raise DataError(f"train has {length(train)} samples but the explainer was fitted on {state.n_samples}; "
+                        "pass the same training data, in the same order.")
+
+    q = ac.query(X, y)
+    chosen = _pick(q.dnn_pred == y, items, wrong_share, seed)
+    picked = take(X, chosen)
+    explanations = ac.explain(picked, y[chosen], k=k, class_names=names)
+    near = ac.similar(picked, k=min(state.n_samples, max(100, 20 * k)), weights="high")
+    train_classes = state.train_labels if state.train_labels is not None else state.train_predictions
+    renderer = Renderer(render, mean=mean, std=std,
+                        feature_names=feature_names or state.input_spec.feature_names)
+    records = []
+    for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
+        i, proba = int(chosen[j]), q.dnn_proba[chosen[j]]
+        top = np.argsort(-proba, kind="stable")[:_MULTICLASS_TOP]
+        multi = [{"class": int(c), "probability": float(proba[c]),
+                  "samples": [int(t) for t in near.indices[j] if train_classes[t] == c][:_PER_CLASS]} for c in top]
+        records.append({
+            "id": j, "row": i, "input": renderer(x, f"input {i}"), "label": int(y[i]),
+            "prediction": int(q.dnn_pred[i]), "confidence": float(proba[q.dnn_pred[i]]),
+            "ai_right": bool(q.dnn_pred[i] == y[i]),
+            "views": {
+                "similar": [s["index"] for s in e.similar["high"][:k]],
+                "similar_multiclass": multi,
+                "concepts": [{"layer": l["layer"], "cluster": l["cluster"], "weight": l["weight"],
+                              "class_mix": l["class_mix"], "exemplars": l["exemplars"][:_EXEMPLARS]} for l in e.layers],
+                "trust": {"surrogate_agrees": e.surrogate["prediction"] == e.dnn["prediction"],
+                          "signals": dict(e.trust or {})},
+            }})
+    shown = sorted({t for r in records for t in _sample_ids(r["views"])})
+    if train is None:
+        pictures = {t: {"kind": "text", "text": f"training sample #{t}"} for t in shown}
+    else:
+        pictures = {t: renderer(x, f"training sample {t}")
+                    for t, x in zip(shown, rows(train, shown, label_key=ac.label_key, name="train"))}
+    samples = {str(t): {"input": pictures[t], "prediction": int(state.train_predictions[t]),
+                        "label": None if state.train_labels is None else int(state.train_labels[t])} for t in shown}
+    data = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seed": int(seed), "design": design, "two_stage": bool(two_stage), "conditions": conditions,
+            "class_names": names, "source": {**ac.provenance(), **(source or {})},
+            "render_failures": renderer.failures, "items": records, "samples": samples}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{STUDY_FILE}.tmp"
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, out / STUDY_FILE)
+    return out
+
+
+def _check(items, wrong_share, conditions, design, seed, k) -> list:
+    for name, value, low in (("items", items, 1), ("k", k, 1), ("seed", seed, 0)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise ParameterError(f"{name} must be an int >= {low}. Got {value!r} instead.")
+    if not isinstance(wrong_share, numbers.Real) or not 0 <= wrong_share <= 1:
+        raise ParameterError(f"wrong_share must be a number in [0, 1]. Got {wrong_share!r} instead.")
+    conditions = [conditions] if isinstance(conditions, str) else list(conditions)
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown or not conditions or len(set(conditions)) != len(conditions):
+        raise ParameterError(f"conditions must be distinct names from {list(CONDITIONS)}. Got {conditions!r} instead.")
+    if design not in ("between", "within"):
+        raise ParameterError(f"design must be one of ['between', 'within']. Got {design!r} instead.")
+    if design == "within" and items < len(conditions):
+        raise ParameterError(f"A within-subjects design shows each of the {len(conditions)} conditions on different "
+                             f"items, so it needs items >= {len(conditions)}. Got items={items}.")
+    return conditions
+
+
+def _pick(right: np.ndarray, items: int, wrong_share: float, seed: int) -> np.ndarray:
+    """Item rows, stratified by AI correctness, in a seeded random order."""
+    n_wrong = int(round(items * wrong_share))
+    have = {"right": int(right.sum()), "wrong": int((~right).sum())}
+    for what, need in (("wrong", n_wrong), ("right", items - n_wrong)):
+        if need > have[what]:
+            raise ParameterError(f"items={items} with wrong_share={wrong_share} needs {need} inputs the model gets "
+                                 f"{what}, but the data has {have[what]} ({have['right']} right, {have['wrong']} "
+                                 "wrong); lower items (--items) or wrong_share (--wrong-share).")
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(~right), n_wrong, replace=False),
+                             rng.choice(np.flatnonzero(right), items - n_wrong, replace=False)])
+    return rng.permutation(chosen)
+
+
+def _sample_ids(views: dict):
+    yield from views["similar"]
+    for g in views["similar_multiclass"]:
+        yield from g["samples"]
+    for c in views["concepts"]:
+        yield from c["exemplars"]
