@@ -1,4 +1,5 @@
-"""The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report`` and ``layers``.
+"""The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report``, ``layers`` and ``study``
+(``study create | serve | analyze``, in :mod:`actclust.study.cli`).
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what to change); 1 an
 unexpected error (with its traceback); 130 interrupted with Ctrl-C. ``main`` returns the code
@@ -153,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     lay = command("layers", "list the layer names of a model (the names --layers takes)")
     lay.add_argument("model", help=_MODEL_HELP)
     lay.set_defaults(func=_layers)
+    from .study.cli import add_parser as add_study
+
+    add_study(sub, _HelpFormatter)
     return p
 
 
