@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from .exceptions import DataError, ParameterError
+from .store import Collector  # noqa: F401  (the passes gather their outputs with it)
 
 LABEL_NAMES = ("labels", "label")  # dict keys taken as the label with label_key="auto" (Hugging Face's)
 
@@ -322,44 +323,3 @@ def _safe_len(dataset) -> Optional[int]:
         return len(dataset)
     except TypeError:
         return None
-
-
-class Collector:
-    """Gathers per-batch arrays into one array per key, along the first axis (``axis`` for some).
-
-    When the number of samples is known, each key gets one buffer allocated at its first batch
-    and later batches are copied in, so no per-batch array outlives its batch: many small
-    retained arrays between the large, short-lived activation maps fragment the C heap, and
-    resident memory then grows with the data set even though little is kept.
-    """
-
-    def __init__(self, n_samples: Optional[int]):
-        self.n = n_samples
-        self._buffers: dict = {}
-        self._lists: dict = {}
-        self._pos: dict = {}
-
-    def add(self, key, array: np.ndarray, axis: int = 0) -> None:
-        if self.n is None:
-            self._lists.setdefault(key, []).append((np.array(array, copy=True), axis))
-            return
-        if key not in self._buffers:
-            shape = list(array.shape)
-            shape[axis] = self.n
-            self._buffers[key] = np.empty(shape, dtype=array.dtype)
-            self._pos[key] = 0
-        pos, size = self._pos[key], array.shape[axis]
-        if pos + size > self.n:
-            raise DataError(f"The data yielded more than the {self.n} samples its length promised.")
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(pos, pos + size)
-        self._buffers[key][tuple(index)] = array
-        self._pos[key] = pos + size
-
-    def get(self, key) -> np.ndarray:
-        if self.n is None:
-            items = self._lists[key]
-            return np.concatenate([a for a, _ in items], axis=items[0][1])
-        if self._pos[key] != self.n:
-            raise DataError(f"The data yielded {self._pos[key]} samples, fewer than the {self.n} its length promised.")
-        return self._buffers[key]

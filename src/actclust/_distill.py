@@ -336,7 +336,7 @@ class DistillKMeans(KMeans):
         """Take refined ``centers`` and a ``temperature`` relative to the scale *before* this call."""
         old_scale = self.scale_
         self.centers_ = np.ascontiguousarray(centers, dtype=np.float32)
-        self._finish(np.ascontiguousarray(X, dtype=np.float32))
+        self._finish(X)
         # Same softmax(-d^2 / (t * scale)) as during refinement, expressed in the new scale_.
         self.temperature_ = float(temperature) * old_scale / self.scale_
         return self

@@ -11,6 +11,7 @@ from .clustering import make_clustering
 from .exceptions import ParameterError
 from .reduction import NORMALIZE_NAMES
 from .retrieval import check_search
+from .store import check_store
 
 POSTERIORS = ("prediction", "label")
 
@@ -75,6 +76,7 @@ def validate_params(ac, adapter) -> list:
                          f"Got {ac.batch_size!r} instead.")
     make_clustering(ac.clustering, 2)
     check_search(ac.search)
+    check_store(ac.store, ac.store_dtype)
     return layers
 
 

@@ -6,6 +6,7 @@ shape the explainer was fitted on) and every batch's inputs for NaN, naming the 
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -17,6 +18,9 @@ from .adapters import ModelAdapter
 from .exceptions import DataError
 from .reduction import normalized
 from .state import FittedState, InputSpec, Query
+from .store import StoreWriter, estimate
+
+_log = logging.getLogger("actclust")
 
 
 def spec_of(inputs, feature_names=None) -> InputSpec:
@@ -67,22 +71,43 @@ def hooked(reducers: dict, normalize) -> dict:
     return {l: normalized(r, normalize) for l, r in reducers.items()}
 
 
-def capture(adapter, batches: Batches, reducers: dict, *, progress: bool):
-    """The capture pass of ``fit``: predictions, softmax, vectors, labels, class count and input spec."""
+def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool):
+    """The capture pass of ``fit``: vectors into ``writer``; predictions, softmax (when
+    ``keep_proba``), labels, class count and input spec returned."""
     col, has_y, width, spec = Collector(batches.n_samples), [], [], None
     for batch, logits, out, spec in run(adapter, batches, reducers, desc="capturing activations", progress=progress):
         if width and logits.shape[1] != width[0]:
             raise DataError(f"The model output {logits.shape[1]} classes on {batch.where}, {width[0]} before.")
+        if not width:
+            _announce(batches.n_samples, {l: v.shape[1] for l, v in out.items()}, writer, progress)
         width.append(logits.shape[1])
         col.add("pred", logits.argmax(1))
-        col.add("proba", _softmax(logits))
-        for l, v in out.items():
-            col.add(l, v)
+        if keep_proba:
+            col.add("proba", _softmax(logits))
+        writer.add(out)
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
             col.add("y", batch.labels.numpy().astype(np.int64))
     labels = col.get("y") if all(has_y) else None
-    return col.get("pred"), col.get("proba"), {l: col.get(l) for l in reducers}, labels, width[0], spec
+    return col.get("pred"), col.get("proba") if keep_proba else None, labels, width[0], spec
+
+
+def _announce(n, widths: dict, writer: StoreWriter, progress: bool) -> None:
+    """Log, before the long part of a fit, the memory or disk its vectors will take."""
+    where = f"on disk in {writer.directory}" if writer.directory is not None else "in memory"
+    size = "unknown (the data has no length)" if n is None else _bytes(estimate(n, widths, writer.dtype.name))
+    message = (f"storing {sum(widths.values())} {writer.dtype.name} values per sample ({len(widths)} layers) "
+               f"for {'?' if n is None else n} samples {where}: {size}")
+    _log.info(message)
+    if progress:
+        tqdm.write(f"actclust: {message}")
+
+
+def _bytes(b: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
 
 
 def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, progress: bool) -> Query:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .exceptions import ParameterError
+from .store import iter_rows
 
 __all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
 
@@ -36,14 +37,14 @@ class Clustering:
 
     def distances(self, X: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre."""
-        X = np.asarray(X, dtype=np.float32)
         c = self._space_centers()
         c_sq = (c * c).sum(1)[None, :]
         out = np.empty((len(X), len(c)), dtype=np.float32)
-        for start in range(0, len(X), _CHUNK):  # temporaries stay O(chunk x d), not O(n x d)
-            x = self._to_space(X[start:start + _CHUNK])
+        # Temporaries stay O(chunk x d), not O(n x d); a memory-mapped X (store on disk) is read in chunks.
+        for start, x in iter_rows(X, _CHUNK):
+            x = self._to_space(x)
             d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
-            out[start:start + _CHUNK] = np.maximum(d, 0.0)
+            out[start:start + len(x)] = np.maximum(d, 0.0)
         return out
 
     def _to_space(self, X: np.ndarray) -> np.ndarray:
@@ -116,20 +117,24 @@ class KMeans(Clustering):
         import faiss
         from sklearn.cluster import kmeans_plusplus
 
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        # Lloyd iterations see at most _POINTS_PER_CENTRE points per centre (faiss would subsample to
+        # that itself), so only that sample is read into memory: X may be a memory-mapped store.
+        n_train = min(len(X), self.n_clusters * _POINTS_PER_CENTRE)
+        rows = np.sort(np.random.default_rng(self.random_state).choice(len(X), n_train, replace=False))
+        train = np.ascontiguousarray(X[rows] if n_train < len(X) else X, dtype=np.float32)
         best = None
         for run in range(self.n_init):
             seed = self.random_state + run
             rng = np.random.default_rng(seed)
-            sample = X[rng.choice(len(X), min(len(X), _SEED_SAMPLE), replace=False)]
+            sample = train[rng.choice(len(train), min(len(train), _SEED_SAMPLE), replace=False)]
             init, _ = kmeans_plusplus(sample, self.n_clusters, random_state=seed)
             km = faiss.Kmeans(
                 X.shape[1], self.n_clusters, niter=self.max_iter, seed=seed, verbose=False,
-                # Lloyd iterations on at most 1024 points per centre (faiss samples them; its
-                # default is 256); no warning for small data: callers check n >= n_clusters.
+                # Lloyd iterations on at most 1024 points per centre (faiss' default is 256); no
+                # warning for small data: callers check n >= n_clusters.
                 max_points_per_centroid=_POINTS_PER_CENTRE, min_points_per_centroid=1,
             )
-            km.train(X, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+            km.train(train, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
             if best is None or km.obj[-1] < best[0]:
                 best = (km.obj[-1], np.ascontiguousarray(km.centroids, dtype=np.float32))
         self.centers_ = best[1]

@@ -16,6 +16,7 @@ from .clustering import make_clustering
 from .exceptions import ActClustWarning, ConvergenceWarning, DataError, NotFittedError, ParameterError
 from .reduction import make_reducer
 from .state import FittedState, Query
+from .store import StoreWriter
 
 __all__ = ["ActivationClustering"]
 
@@ -79,6 +80,15 @@ class ActivationClustering:
         float16 whose probes are calibrated for recall@10 >= 0.97 (candidates re-ranked exactly);
         ``"auto"`` is exact while ``n_train x width`` is below
         :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 50,000 samples of 960 floats).
+    store : None or path, default=None
+        Where the training vectors live: ``None`` keeps them in memory; a directory path writes
+        them there while capturing (one raw file per layer) and memory-maps them, so the
+        resident memory of ``fit``, ``explain`` and ``trust`` does not grow with the training set
+        (see :mod:`actclust.store`). Each fit replaces the store in that directory. They take
+        ``n_samples x sum of layer widths x bytes`` (logged before the capture).
+    store_dtype : {"float32", "float16"}, default="float32"
+        Precision of the stored training vectors; ``"float16"`` halves memory and disk (the
+        clustering and distances are computed in float32 either way).
 
     Attributes
     ----------
@@ -116,7 +126,7 @@ class ActivationClustering:
         self, model, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
-        output: Optional[Callable] = None, search="auto",
+        output: Optional[Callable] = None, search="auto", store=None, store_dtype="float32",
     ):
         self.model = model
         self.layers = layers
@@ -135,6 +145,8 @@ class ActivationClustering:
         self.label_key = label_key
         self.output = output
         self.search = search
+        self.store = store
+        self.store_dtype = store_dtype
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "ActivationClustering":
@@ -171,9 +183,22 @@ class ActivationClustering:
             for l in fitted:
                 reducers[l].finish_fit()
         t1 = time.perf_counter()
-        logits_pred, dnn_proba, vectors, labels, n_classes, spec = _passes.capture(
-            adapter, batches, _passes.hooked(reducers, self.normalize), progress=self.progress)
-        t2 = time.perf_counter()
+        # Vectors go to the store while capturing; leaving this block by an error removes them.
+        with StoreWriter(self.store, self.store_dtype, batches.n_samples) as writer:
+            logits_pred, dnn_proba, labels, n_classes, spec = _passes.capture(
+                adapter, batches, _passes.hooked(reducers, self.normalize), writer,
+                keep_proba=self.clustering == "distill", progress=self.progress)
+            vectors = writer.finish()
+            state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,
+                                spec, times=(t0, t1, time.perf_counter()))
+            writer.commit()
+        self.state_ = state  # the one assignment of what fit learned
+        return self
+
+    def _learn(self, layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes, spec,
+               times) -> FittedState:
+        """Cluster the captured vectors and build the surrogate: the :class:`FittedState` of a fit."""
+        t0, t1, t2 = times
         n = len(logits_pred)
         too_many = {l: k for l, k in n_clusters.items() if k > n}
         if too_many:
@@ -202,13 +227,14 @@ class ActivationClustering:
             seconds_reducer_fit=t1 - t0, seconds_capture=t2 - t1, seconds_clustering=t3 - t2,
             seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
             empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
+            store={"dtype": vectors.dtype, "on_disk": vectors.on_disk, "bytes": vectors.nbytes},
         )
         if refined is not None:
             info["distill"] = {"loss_history": refined.loss_history, "spread_ratio": refined.spread_ratio,
                                "converged": refined.converged, "seconds": refined.seconds,
                                "temperatures": temperatures}
         weights = np.asarray(weights, dtype=np.float64)
-        self.state_ = FittedState(  # the one assignment of what fit learned
+        return FittedState(
             layers=layers, n_classes=n_classes, input_spec=spec, normalize=self.normalize,
             posterior=self.posterior, reducers=reducers, clusterings=clusterings, temperatures=temperatures,
             posteriors=posteriors, weights=weights / weights.sum(), train_vectors=vectors,
@@ -218,7 +244,6 @@ class ActivationClustering:
                                          labels, weights, layers),
             fit_info=info, random_state=self.random_state,
         )
-        return self
 
     def _batches(self, X, y=None) -> Batches:
         return Batches(X, batch_size=self.batch_size, y=y, name="X", label_key=self.label_key)

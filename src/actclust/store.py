@@ -1,0 +1,319 @@
+"""Where the training vectors live: in memory (``store=None``) or on disk (``store="dir"``).
+
+A :class:`VectorStore` is a read-only mapping ``layer -> (n, d) array``. On disk each layer is one
+raw file of ``n x d`` values (``store_dtype``: float32 or float16) written while the model runs,
+so capturing never holds the vectors in memory, and read back through a memory map: pages come
+from the operating system's file cache when touched, and the streaming passes (:meth:`chunks`)
+and searches hand them back (:meth:`release`), so a process's resident memory does not grow with
+``n``. ``store.json`` in the directory says which file holds which layer; it is written last, so a
+directory without it holds no store (an interrupted fit leaves none behind).
+
+Disk and memory needed: ``n x sum(d_l) x bytes`` (4 for float32, 2 for float16), see :func:`estimate`.
+This module needs NumPy only.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .exceptions import DataError, InvalidSaveError, ParameterError
+
+__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows"]
+
+STORE_DTYPES = ("float32", "float16")
+MANIFEST = "store.json"
+FORMAT = 1
+CHUNK = 8192
+_FILE_RE = re.compile(r"^layer-\d+\.bin$")
+_PARTIAL_RE = re.compile(r"^\.partial-(\d+)-[0-9a-f]+$")
+
+
+def check_store(store, store_dtype) -> None:
+    """Raise :class:`ParameterError` unless ``store`` is None or a path and ``store_dtype`` is known."""
+    if store is not None and not isinstance(store, (str, os.PathLike)):
+        raise ParameterError(f"The 'store' parameter must be None (in memory) or a directory path. Got {store!r} instead.")
+    if store_dtype not in STORE_DTYPES:
+        raise ParameterError(f"The 'store_dtype' parameter must be one of {list(STORE_DTYPES)}. "
+                             f"Got {store_dtype!r} instead.")
+
+
+def estimate(n_samples: int, widths: dict, dtype: str) -> int:
+    """Bytes the vectors of ``n_samples`` samples take in a store (memory or disk)."""
+    return int(n_samples) * sum(int(d) for d in widths.values()) * np.dtype(dtype).itemsize
+
+
+def iter_rows(X, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, float32 rows)`` over any ``(n, d)`` array in order, memory ``O(size x d)``; pages of a
+    memory-mapped array are handed back to the OS after each chunk."""
+    mm = _mmap_of(X)
+    for start in range(0, len(X), size):
+        part = X[start:start + size]
+        yield start, (np.array(part, dtype=np.float32) if mm is not None else np.asarray(part, dtype=np.float32))
+        if mm is not None:
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def release(X) -> None:
+    """Hand the resident pages of a memory-mapped array back to the OS (nothing for other arrays)."""
+    mm = _mmap_of(X)
+    if mm is not None:
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _mmap_of(X):
+    base = X
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base if len(base) else None
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    return None
+
+
+class VectorStore(Mapping):
+    """The training vectors of every layer, in memory or memory-mapped from a directory."""
+
+    def __init__(self, arrays: dict, directory: Optional[Path] = None):
+        self._arrays = arrays
+        self.directory = directory
+
+    def __getitem__(self, layer) -> np.ndarray:
+        return self._arrays[layer]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self._arrays.values()))) if self._arrays else 0
+
+    @property
+    def widths(self) -> dict:
+        return {l: int(a.shape[1]) for l, a in self._arrays.items()}
+
+    @property
+    def dtype(self) -> str:
+        return str(next(iter(self._arrays.values())).dtype) if self._arrays else "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self._arrays.values())
+
+    @property
+    def on_disk(self) -> bool:
+        return self.directory is not None
+
+    def chunks(self, layer, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, float32 rows)`` over a layer's vectors in order; memory ``O(size x d)``."""
+        yield from iter_rows(self._arrays[layer], size)
+
+    def rows(self, layer, index) -> np.ndarray:
+        """Float32 copies of some rows of a layer (any order, repeats allowed)."""
+        return np.asarray(self._arrays[layer][index], dtype=np.float32)
+
+    def release(self) -> None:
+        """Hand the pages of the memory maps back to the OS (the data stays in the files)."""
+        for a in self._arrays.values():
+            release(a)
+
+    @classmethod
+    def open(cls, directory) -> "VectorStore":
+        """Memory-map the store in ``directory`` (read-only); checks its manifest and file sizes."""
+        directory = Path(directory)
+        manifest = _read_manifest(directory)
+        n, dtype = int(manifest["n_samples"]), np.dtype(manifest["dtype"])
+        arrays = {}
+        for entry in manifest["layers"]:
+            layer, file, width = entry["name"], directory / entry["file"], int(entry["width"])
+            if not _FILE_RE.match(entry["file"]) or not file.is_file():
+                raise InvalidSaveError(f"The vector store at {directory} lacks {entry['file']!r} (layer {layer!r}).")
+            expected = n * width * dtype.itemsize
+            if file.stat().st_size != expected:
+                raise InvalidSaveError(f"{file} holds {file.stat().st_size} bytes; the store's manifest says "
+                                       f"{n} x {width} {dtype} = {expected}. The store is damaged: fit again.")
+            if expected == 0:
+                arrays[layer] = np.zeros((n, width), dtype)
+                continue
+            with open(file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            arrays[layer] = np.frombuffer(mm, dtype=dtype).reshape(n, width)
+        return cls(arrays, directory)
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise InvalidSaveError(f"No vector store at {directory}: {MANIFEST} is missing (an interrupted fit "
+                               "leaves none). Fit again.")
+    try:
+        m = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidSaveError(f"{path} is not valid JSON ({e}); the store is damaged.") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("dtype") not in STORE_DTYPES:
+        raise InvalidSaveError(f"{path} is not an actclust vector store manifest.")
+    return m
+
+
+class StoreWriter:
+    """Collects the vectors of a capture pass, batch by batch, into a :class:`VectorStore`.
+
+    Use it as a context manager: leaving the block with an exception removes everything written.
+    On disk, files go to a hidden ``.partial-<pid>-<id>`` folder inside ``directory`` and move in
+    place when :meth:`finish` succeeds, replacing an earlier store there (memory maps of that
+    earlier store stay valid: its files are unlinked, not overwritten).
+    """
+
+    def __init__(self, directory, dtype: str = "float32", n_samples: Optional[int] = None):
+        self.dtype = np.dtype(dtype)
+        self.directory = None if directory is None else Path(directory)
+        self._collector = Collector(n_samples) if directory is None else None
+        self._files, self._widths, self.n = {}, {}, 0
+        self._partial = None
+        if self.directory is not None:
+            _check_directory(self.directory)
+            self._partial = self.directory / f".partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self._partial.mkdir(parents=True)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self.abort()
+
+    def add(self, vectors: dict) -> None:
+        """Append one batch: ``layer -> (b, d)`` arrays with the same ``b``."""
+        sizes = {len(v) for v in vectors.values()}
+        if len(sizes) > 1:
+            raise DataError(f"A batch gave different numbers of vectors per layer: {sizes}.")
+        for l, v in vectors.items():
+            v = np.ascontiguousarray(v, dtype=self.dtype)
+            if self._widths.setdefault(l, v.shape[1]) != v.shape[1]:
+                raise DataError(f"Layer {l!r} gave {v.shape[1]} values per sample, {self._widths[l]} before: "
+                                "every sample must give the same width.")
+            if self._collector is not None:
+                self._collector.add(l, v)
+            else:
+                if l not in self._files:
+                    self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb")
+                self._files[l].write(memoryview(v).cast("B"))
+        self.n += sizes.pop() if sizes else 0
+
+    def finish(self) -> VectorStore:
+        """The store of everything added; on disk it stays hidden until :meth:`commit`."""
+        if self._collector is not None:
+            return VectorStore({l: self._collector.get(l) for l in self._widths})
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        manifest = {"format": FORMAT, "dtype": self.dtype.name, "n_samples": self.n,
+                    "layers": [{"name": l, "file": Path(self._files[l].name).name, "width": self._widths[l]}
+                               for l in self._widths]}
+        (self._partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        self._store = VectorStore.open(self._partial)
+        return self._store
+
+    def commit(self) -> None:
+        """Move a finished disk store in place of the directory's earlier store (manifest last)."""
+        if self._partial is None:
+            return
+        for name in [MANIFEST] + sorted(p.name for p in self.directory.iterdir() if _FILE_RE.match(p.name)):
+            (self.directory / name).unlink(missing_ok=True)  # the earlier store: its open memory maps stay valid
+        for f in self._files.values():
+            name = Path(f.name).name
+            os.replace(self._partial / name, self.directory / name)
+        os.replace(self._partial / MANIFEST, self.directory / MANIFEST)
+        self._partial.rmdir()
+        self._partial = None
+        self._store.directory = self.directory
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        if self._partial is not None:
+            shutil.rmtree(self._partial, ignore_errors=True)
+
+
+class Collector:
+    """Gathers per-batch arrays into one array per key, along the first axis (``axis`` for some).
+
+    When the number of samples is known, each key gets one buffer allocated at its first batch
+    and later batches are copied in, so no per-batch array outlives its batch: many small
+    retained arrays between the large, short-lived activation maps fragment the C heap, and
+    resident memory then grows with the data set even though little is kept.
+    """
+
+    def __init__(self, n_samples: Optional[int]):
+        self.n = n_samples
+        self._buffers: dict = {}
+        self._lists: dict = {}
+        self._pos: dict = {}
+
+    def add(self, key, array: np.ndarray, axis: int = 0) -> None:
+        if self.n is None:
+            self._lists.setdefault(key, []).append((np.array(array, copy=True), axis))
+            return
+        if key not in self._buffers:
+            shape = list(array.shape)
+            shape[axis] = self.n
+            self._buffers[key] = np.empty(shape, dtype=array.dtype)
+            self._pos[key] = 0
+        pos, size = self._pos[key], array.shape[axis]
+        if pos + size > self.n:
+            raise DataError(f"The data yielded more than the {self.n} samples its length promised.")
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(pos, pos + size)
+        self._buffers[key][tuple(index)] = array
+        self._pos[key] = pos + size
+
+    def get(self, key) -> np.ndarray:
+        if self.n is None:
+            items = self._lists[key]
+            return np.concatenate([a for a, _ in items], axis=items[0][1])
+        if self._pos[key] != self.n:
+            raise DataError(f"The data yielded {self._pos[key]} samples, fewer than the {self.n} its length promised.")
+        return self._buffers[key]
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a path that is a file or a folder holding anything but a store; clear dead partial writes."""
+    if directory.exists() and not directory.is_dir():
+        raise ParameterError(f"store={str(directory)!r} is a file; give a directory for the vector store.")
+    if not directory.exists():
+        return
+    foreign = [p.name for p in directory.iterdir()
+               if p.name != MANIFEST and not _FILE_RE.match(p.name) and not _PARTIAL_RE.match(p.name)]
+    if foreign:
+        raise ParameterError(
+            f"store={str(directory)!r} holds files that are not an actclust vector store ({sorted(foreign)[:3]}); "
+            "give an empty or new directory, or one an earlier fit used as its store."
+        )
+    for p in directory.iterdir():
+        m = _PARTIAL_RE.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)  # left by a fit that was killed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
