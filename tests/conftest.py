@@ -125,3 +125,66 @@ def require_fashion_mnist(directory=None) -> Path:
             pytest.fail(f"CI must install Fashion-MNIST: {why}", pytrace=False)
         pytest.skip(why)
     return directory
+
+
+# ---------------------------------------------------------------------------- user study helpers
+XSS_CLASS = "<script>alert(1)</script>"  # a class name that must show as text, never run
+
+
+@pytest.fixture(scope="session")
+def study_source():
+    """``(explainer, x, y)`` for building small studies: a TinyCNN fitted on 120 random 6x6 inputs.
+
+    With random labels it is right on about a third of them, so both strata have enough items.
+    """
+    from actclust import ActivationClustering
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 120)
+    return ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=4, progress=False).fit(x, y), x, y
+
+
+def make_study(folder, source, **options) -> Path:
+    """A study folder from ``study_source``: 12 items, half wrong, class 0 named :data:`XSS_CLASS`."""
+    from actclust.study import create_study
+
+    ac, x, y = source
+    options = {"items": 12, "train": x, "class_names": [XSS_CLASS, "cat", "dog"], "k": 3, **options}
+    return create_study(ac, x, y, folder, **options)
+
+
+class LiveStudyServer:
+    """``actclust.study.app`` under uvicorn in a thread, on a loopback port the OS picked."""
+
+    def __init__(self, folder, admin_token: str = "admin-secret-token"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from actclust.study.app import make_app
+
+        self.admin_token = admin_token
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(make_app(folder, admin_token), log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the study server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.sock.close()

@@ -191,7 +191,7 @@ def _regression(trials: list, conditions: list) -> dict:
             warnings.simplefilter("ignore")  # convergence chatter: a failed fit is reported as a note
             fit = sm.GEE(y[order], X[order], groups=ids[order], family=sm.families.Binomial(),
                          cov_struct=sm.cov_struct.Exchangeable()).fit()
-        params, ci, p = fit.params, fit.conf_int(0.05), fit.pvalues
+            params, ci, p = fit.params, fit.conf_int(0.05), fit.pvalues
     except Exception as e:  # a degenerate sample (e.g. every decision appropriate) has no finite fit
         return {**about, "terms": None, "note": f"the model could not be fitted: {type(e).__name__}: {e}"}
     if not np.all(np.isfinite(params)) or not np.all(np.isfinite(ci)):
@@ -205,9 +205,9 @@ def _regression(trials: list, conditions: list) -> dict:
 
 def render_html(result: dict, study: Study) -> str:
     """A self-contained page of the analysis: tables and inline SVG interval plots."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
-    env = Environment(loader=PackageLoader("actclust.study", "templates"), autoescape=select_autoescape(["j2"]))
+    env = Environment(loader=PackageLoader("actclust.study", "templates"), autoescape=True)
     shown = [m for m in ("accuracy", "accept_given_ai_right", "reject_given_ai_wrong", "rair", "rsr")
              if any(result["conditions"][c][m] for c in study.conditions)]
     return env.get_template("analysis.html.j2").render(r=result, study=study, plots=shown, metrics=list(METRICS))

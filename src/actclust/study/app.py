@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import FastAPI, Header, Request
+from jinja2 import Environment, FileSystemLoader
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -105,7 +106,8 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
     app = FastAPI(title="actclust study", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, limit=max_body)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
-    pages = Jinja2Templates(directory=str(_HERE / "templates"))
+    # autoescape every template: Starlette's default escapes only *.html, and ours end in .j2
+    pages = Jinja2Templates(env=Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True))
     app.state.store, app.state.study = store, study
 
     @app.exception_handler(RequestRefused)

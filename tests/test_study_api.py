@@ -1,0 +1,200 @@
+"""The study's JSON API and admin pages, in process (FastAPI's TestClient): contract and security."""
+
+import json
+
+import pytest
+
+from conftest import XSS_CLASS, make_study
+
+
+@pytest.fixture
+def client(tmp_path, study_source):
+    from fastapi.testclient import TestClient
+
+    from actclust.study.app import make_app
+
+    folder = make_study(tmp_path / "study", study_source, conditions=["none", "similar"])
+    with TestClient(make_app(folder, "admin-secret")) as c:
+        yield c
+
+
+def _start(client, body=None):
+    s = client.post("/api/sessions", json=body or {}).json()
+    return s, {"Authorization": f"Bearer {s['token']}"}
+
+
+def _answer(client, s, auth, **body):
+    return client.post(f"/api/sessions/{s['session_id']}/responses", headers=auth, json=body)
+
+
+# a session gets unguessable ids and tokens (from secrets: 128 and 256 bits), and no condition
+def test_new_session(client):
+    a, _ = _start(client, {"external_id": "prolific-1"})
+    b, _ = _start(client)
+    assert set(a) == {"session_id", "token", "n_trials"} and a["n_trials"] == 12
+    assert len(a["session_id"]) >= 22 and len(a["token"]) >= 43
+    assert a["session_id"] != b["session_id"] and a["token"] != b["token"]
+
+
+# next, respond, next again: the trial advances; the last answer gives the completion code
+def test_walk_through(client):
+    s, auth = _start(client)
+    seen = set()
+    for i in range(12):
+        t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+        assert t["stage"] == "decision" and t["position"] == i and t["trial_id"] not in seen
+        assert set(t) == {"trial_id", "stage", "position", "n_trials", "item", "choices", "prediction", "explanation"}
+        assert "condition" not in json.dumps(t)
+        seen.add(t["trial_id"])
+        assert _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2).json() == \
+            {"stored": True, "duplicate": False, "stage": "decision"}
+    done = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    assert done["done"] is True and len(done["completion_code"]) == 8
+
+
+# a condition's explanation is null in 'none' and a list of similar samples in 'similar'
+def test_explanation_by_condition(client):
+    shown = {}
+    for _ in range(2):  # between subjects: the least-filled condition, so one of each
+        s, auth = _start(client)
+        t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+        shown["none" if t["explanation"] is None else "similar"] = t["explanation"]
+    assert set(shown) == {"none", "similar"}
+    assert [set(x) for x in shown["similar"]["similar"]][0] == {"input", "label", "label_name", "prediction",
+                                                                 "prediction_name"}
+    assert len(shown["similar"]["similar"]) == 3
+
+
+# answering the same trial twice keeps one row: the same answer is a duplicate, another one 409
+def test_repeat_is_idempotent_or_409(client):
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    first = _answer(client, s, auth, trial_id=t["trial_id"], decision="reject", confidence=3)
+    again = _answer(client, s, auth, trial_id=t["trial_id"], decision="reject", confidence=3)
+    other = _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=3)
+    assert first.json()["duplicate"] is False and again.json()["duplicate"] is True
+    assert other.status_code == 409 and "already answered differently" in other.json()["detail"]
+    rows = client.get("/admin/export.json?token=admin-secret").json()["responses"]
+    assert len(rows) == 1 and rows[0]["decision"] == "reject"
+
+
+# an answer ahead of the one due is refused (409), naming the trial due
+def test_answer_out_of_order(client):
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    r = _answer(client, s, auth, trial_id=t["trial_id"] + 1, decision="accept", confidence=1)
+    assert r.status_code == 409 and f"not the answer due now (trial {t['trial_id']} (decision))" in r.json()["detail"]
+
+
+# reloading (a new GET next) gives the same trial until it is answered: the participant resumes
+def test_resume(client):
+    s, auth = _start(client)
+    first = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    assert client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json() == first
+
+
+# wrong or missing token 401, unknown session 404, another participant's trial 403
+def test_auth_and_ownership(client):
+    a, auth_a = _start(client)
+    b, auth_b = _start(client)
+    path = f"/api/sessions/{a['session_id']}/next"
+    r = client.get(path, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and "Missing or wrong token" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers=auth_b).status_code == 401  # b's token does not open a's session
+    r = client.get("/api/sessions/unknown/next", headers=auth_a)
+    assert r.status_code == 404 and "No session 'unknown' in this study" in r.json()["detail"]
+    tb = client.get(f"/api/sessions/{b['session_id']}/next", headers=auth_b).json()
+    r = _answer(client, a, auth_a, trial_id=tb["trial_id"], decision="accept", confidence=4)
+    assert r.status_code == 403 and f"Trial {tb['trial_id']} is not one of this session's trials" in r.json()["detail"]
+    r = client.post(f"/api/sessions/{b['session_id']}/responses", headers=auth_a,
+                    json={"trial_id": tb["trial_id"], "decision": "accept", "confidence": 4})
+    assert r.status_code == 401
+    assert client.get("/admin/export.json?token=admin-secret").json()["responses"] == []
+
+
+# a participant cannot choose a condition: unknown fields are refused (422)
+def test_cannot_choose_condition(client):
+    r = client.post("/api/sessions", json={"condition": "similar"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "extra_forbidden"
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    r = _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2, condition="none")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "condition"]
+
+
+# malformed bodies: 422 with a message saying what is wrong
+@pytest.mark.parametrize("body, message", [
+    ({"trial_id": 1, "decision": "maybe", "confidence": 2}, "Input should be 'accept' or 'reject'"),
+    ({"trial_id": 1, "decision": "accept", "confidence": 5}, "Input should be less than or equal to 4"),
+    ({"trial_id": 1, "decision": "accept"}, "Field required"),
+    ({"trial_id": "x", "decision": "accept", "confidence": 1}, "Input should be a valid integer"),
+])
+def test_malformed_body(client, body, message):
+    s, auth = _start(client)
+    r = _answer(client, s, auth, **body)
+    assert r.status_code == 422 and message in json.dumps(r.json()["detail"])
+
+
+# a one-stage decision without 'decision' is refused with what to send
+def test_missing_decision(client):
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    r = _answer(client, s, auth, trial_id=t["trial_id"], confidence=2)
+    assert r.status_code == 422 and r.json()["detail"] == "Send 'decision': 'accept' or 'reject'."
+
+
+# request bodies are size-limited: 413, with or without a declared length
+def test_body_limit(client):
+    r = client.post("/api/sessions", json={"external_id": "x" * 20000})
+    assert r.status_code == 413 and r.json()["detail"] == "Request body larger than 16384 bytes."
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 1000
+
+    r = client.post("/api/sessions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+# admin pages and exports refuse requests without the admin token; with it, they work
+@pytest.mark.parametrize("path", ["/admin", "/admin/export.csv", "/admin/export.json", "/admin/analysis"])
+def test_admin_needs_token(client, path):
+    for url in (path, path + "?token=wrong"):
+        r = client.get(url)
+        assert r.status_code == 401 and "Admin pages need the admin token" in r.json()["detail"]
+    assert client.get(path, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+    assert client.get(path + "?token=admin-secret").status_code == 200
+
+
+# the admin page sets a cookie so that its links work without the token in their address
+def test_admin_cookie(client):
+    client.cookies.clear()
+    assert client.get("/admin/export.csv").status_code == 401
+    assert client.get("/admin?token=admin-secret").status_code == 200
+    assert client.get("/admin/export.csv").status_code == 200
+
+
+# class names are escaped in every page the server renders, and sent as plain JSON strings
+def test_class_names_escaped(client):
+    page = client.get("/admin?token=admin-secret").text
+    assert XSS_CLASS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    assert t["choices"][0]["name"] == XSS_CLASS
+    for path in ("/", "/study"):
+        r = client.get(path)
+        assert XSS_CLASS not in r.text and "script-src 'self'" in r.headers["content-security-policy"]
+
+
+# the progress page and CSV export count what was stored, per condition
+def test_progress_and_csv(client):
+    s, auth = _start(client)
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2)
+    lines = client.get("/admin/export.csv?token=admin-secret").text.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("session_id,participant,external_id,assigned")
+    assert ",decision,accept,2," in lines[1]
+    page = client.get("/admin?token=admin-secret").text
+    assert page.count("<td>1</td>") == 2  # one participant started, one answer stored
