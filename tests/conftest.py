@@ -166,7 +166,9 @@ class LiveStudyServer:
         from actclust.study.app import make_app
 
         self.admin_token = admin_token
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on those, and
+        # without it each response waits out the client's delayed ACK (~40 ms)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(make_app(folder, admin_token), log_level="warning", access_log=False)
