@@ -1,0 +1,88 @@
+"""A participant completes a study in real headless Chromium (Debian's ``chromium``, driven by
+Playwright), clicking through the served pages; the admin export then holds exactly their answers.
+
+Skipped where Chromium or Playwright is missing, except under CI (``CI=true``), which installs both.
+"""
+
+import shutil
+
+import httpx
+import pytest
+
+from conftest import XSS_CLASS, LiveStudyServer, in_ci, make_study
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser():
+    if CHROMIUM is None:
+        pytest.fail("CI must install chromium") if in_ci() else pytest.skip("no chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
+    return sync_playwright
+
+
+def _answer(page, two_stage, start=0, limit=100):
+    """Click through up to ``limit`` answers; returns what was clicked, in order, as
+    (stage, decision or label, confidence)."""
+    clicked = []
+    for n in range(start, start + limit):
+        page.wait_for_selector("#trial:not([hidden]), #done:not([hidden])")
+        if page.locator("#done").is_visible():
+            return clicked
+        progress = page.locator("#progress").text_content()
+        stage_initial = page.locator("#own").is_visible()
+        confidence = 1 + n % 4
+        if stage_initial:
+            label = n % 3
+            page.select_option("#label", str(label))
+            clicked.append(("initial", label, confidence))
+        else:
+            decision = "accept" if n % 3 else "reject"
+            page.check(f"#choice-{decision}")
+            clicked.append(("final" if two_stage else "decision", decision, confidence))
+        page.check(f"input[name=confidence][value='{confidence}']")
+        page.click("#submit")
+        page.wait_for_function("p => document.querySelector('#progress').textContent !== p", arg=progress)
+    return clicked
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_participant_completes_study(tmp_path, study_source, two_stage):
+    sync_playwright = _browser()
+    folder = make_study(tmp_path / "s", study_source, items=4, conditions=["full"], two_stage=two_stage)
+    with LiveStudyServer(folder) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors, dialogs, remote = [], [], []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("request", lambda r: remote.append(r.url) if not r.url.startswith((server.url, "data:")) else None)
+            page.goto(server.url + "/")
+            page.click("#consent")
+            page.wait_for_selector("#trial:not([hidden])")
+            # the explanation of 'full' is shown, the class named like a script is shown as text
+            assert page.locator("#explanation .view").count() >= (0 if two_stage else 3)
+            if two_stage:
+                assert page.locator("#label option").first.text_content() == XSS_CLASS
+            clicked = _answer(page, two_stage, limit=3)
+            page.reload()  # resumes at the answer due, without a new session
+            clicked += _answer(page, two_stage, start=3)
+            assert page.locator("#done").is_visible()
+            code = page.locator("#code").text_content()
+            page.reload()  # after the end, a reload shows the completion code again
+            page.wait_for_selector("#done:not([hidden])")
+            assert page.locator("#code").text_content() == code
+        finally:
+            browser.close()
+        export = httpx.get(server.url + "/admin/export.json", params={"token": server.admin_token}).json()["responses"]
+    assert errors == [] and dialogs == [] and remote == []
+    assert len(code) == 8
+    got = [(r["stage"], r["label"] if r["stage"] == "initial" else r["decision"], r["confidence"]) for r in export]
+    assert len(got) == 4 * (2 if two_stage else 1) and len({r["session_id"] for r in export}) == 1
+    assert got == clicked
