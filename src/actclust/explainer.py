@@ -408,7 +408,7 @@ class ActivationClustering:
         from .trust import calibrate, signals
 
         state = self._state()
-        cal = calibrate(state, progress=self.progress, **options)  # checked and built before the pass
+        cal = calibrate(state, progress=self.progress, **{"search": self.search, **options})  # before the pass
         return signals(state, cal, self.query(X, vectors=True))
 
     def provenance(self) -> dict:

@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import uuid
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from .clustering import make_clustering
 from .exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError, RunExistsError
 from .reduction import make_reducer
 from .state import FittedState, InputSpec
+from .store import MANIFEST as STORE_MANIFEST, VectorStore
 
 __all__ = ["load", "model_fingerprint", "read_manifest", "FORMAT_VERSION"]
 
@@ -38,7 +40,7 @@ FORMAT = "actclust-run"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
-_TEMP_RE = re.compile(r"^\.(arrays|manifest)-[0-9a-f]{32}\.tmp$")
+_TEMP_RE = re.compile(r"^\.(arrays|manifest|store)-[0-9a-f]{32}\.tmp$")
 _RUNTIME = ("model", "progress", "output")  # parameters that are not part of a saved run
 _TOL = 1e-4
 
@@ -94,7 +96,7 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
 def _params(ac) -> dict:
     """Every parameter of the estimator's signature, except the model and run-time options."""
     names = [p for p in inspect.signature(type(ac).__init__).parameters if p != "self" and p not in _RUNTIME]
-    params = {p: getattr(ac, p) for p in names}
+    params = {p: os.fspath(v) if isinstance(v, os.PathLike) else v for p, v in ((p, getattr(ac, p)) for p in names)}
     return _jsonable({p: list(v) if p == "layers" else v for p, v in params.items()})
 
 
@@ -122,12 +124,14 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
                 f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
     adapter = adapt(ac.model, ac.output)
     arrays = {"weights": state.weights.astype(np.float64), "train_predictions": state.train_predictions}
+    on_disk = getattr(state.train_vectors, "on_disk", False)
     if state.train_labels is not None:
         arrays["train_labels"] = state.train_labels
     for layer in state.layers:
         arrays[f"{layer}/posteriors"] = state.posteriors[layer]
         arrays[f"{layer}/temperature"] = np.array([state.temperatures[layer]], dtype=np.float64)
-        arrays[f"{layer}/train_vectors"] = state.train_vectors[layer]
+        if not on_disk:
+            arrays[f"{layer}/train_vectors"] = state.train_vectors[layer]
         for k, v in state.clusterings[layer].state_dict().items():
             arrays[f"{layer}/clustering/{k}"] = v
         for k, v in state.reducers[layer].state_dict().items():
@@ -146,6 +150,8 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
             "clustering": {l: c.name for l, c in state.clusterings.items()},
             "n_clusters": {l: c.n_clusters for l, c in state.clusterings.items()},
             "train_score": state.train_score, "fit_info": state.fit_info,
+            # A store on disk is linked into the run's store/ folder, not copied into the arrays.
+            "store": {"dtype": state.train_vectors.dtype, "widths": state.train_vectors.widths} if on_disk else None,
         }),
         "metadata": _jsonable(metadata or {}),
     }
@@ -154,7 +160,7 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.iterdir():  # temporary files of a killed earlier save
         if _TEMP_RE.match(stale.name):
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = path / f".arrays-{uuid.uuid4().hex}.tmp"
     tmp_manifest = path / f".manifest-{uuid.uuid4().hex}.tmp"
     arrays_path, replaced = None, False
@@ -165,6 +171,8 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
         arrays_path = path / f"arrays-{digest[:16]}.safetensors"
         replaced = arrays_path.exists()
         os.replace(tmp, arrays_path)
+        if on_disk:
+            _link_store(state.train_vectors.directory, path)
         manifest.update(arrays_file=arrays_path.name, arrays_sha256=digest)
         manifest["digest"] = _digest(manifest)
         tmp_manifest.write_text(json.dumps(manifest, indent=2))
@@ -177,6 +185,8 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
+        if on_disk and not (path / MANIFEST).exists():
+            shutil.rmtree(path / "store", ignore_errors=True)
         if arrays_path is not None and not replaced and _referenced(path) != arrays_path.name:
             arrays_path.unlink(missing_ok=True)
         raise
@@ -184,6 +194,27 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
         if old.name != arrays_path.name:
             old.unlink()
     return path
+
+
+def _link_store(source: Path, path: Path) -> None:
+    """Put the store's files in ``path/store`` as hard links (copies across file systems), atomically."""
+    tmp = path / f".store-{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        for f in source.iterdir():
+            if f.name == STORE_MANIFEST or f.name.endswith(".bin"):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        old = path / f".store-{uuid.uuid4().hex}.tmp"
+        if (path / "store").exists():
+            os.replace(path / "store", old)
+        os.replace(tmp, path / "store")
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _referenced(path: Path):
@@ -260,7 +291,7 @@ def load(path, model, *, output=None, progress: bool = True):
     except (SafetensorError, OSError, ValueError) as e:
         raise InvalidSaveError(f"{arrays_path} cannot be read as safetensors: {e}") from None
     try:
-        state = _state(m["state"], arrays)
+        state = _state(m["state"], arrays, path)
         ac = ActivationClustering(model, progress=progress, output=output, **m["params"])
     except InvalidSaveError:
         raise
@@ -281,7 +312,7 @@ def load(path, model, *, output=None, progress: bool = True):
     return ac
 
 
-def _state(s: dict, arrays: dict) -> FittedState:
+def _state(s: dict, arrays: dict, path: Path) -> FittedState:
     """Rebuild the fitted state from the manifest's ``state`` section and the arrays, validating both."""
     layers = [str(l) for l in s["layers"]]
     n_classes, n = int(s["n_classes"]), int(s["n_samples"])
@@ -304,13 +335,19 @@ def _state(s: dict, arrays: dict) -> FittedState:
         raise InvalidSaveError(f"The saved layer weights {weights.tolist()} must be non-negative and sum to 1.")
     labels = arr("train_labels", (n,), integer=True) if "train_labels" in arrays else None
     reducers, clusterings, posteriors, temperatures, vectors = {}, {}, {}, {}, {}
+    store = None
+    if s.get("store") is not None:  # memory-mapped, not read: only its manifest and file sizes are checked
+        store = VectorStore.open(path / "store")
+        if store.n_samples != n or store.widths != {l: int(s["store"]["widths"][l]) for l in layers}:
+            raise InvalidSaveError(f"The vector store in {path / 'store'} holds {store.n_samples} samples of widths "
+                                   f"{store.widths}; the run says {n} of {s['store']['widths']}.")
     for l in layers:
         k = int(s["n_clusters"][l])
         reducer = make_reducer(s["reducers"][l])
         reducer.load_state_dict(_prefixed(arrays, f"{l}/reducer/"))
         clustering = make_clustering(s["clustering"][l], k)
         clustering.load_state_dict(_prefixed(arrays, f"{l}/clustering/"))
-        vectors[l] = arr(f"{l}/train_vectors")
+        vectors[l] = store[l] if store is not None else arr(f"{l}/train_vectors")
         if vectors[l].ndim != 2 or len(vectors[l]) != n:
             raise InvalidSaveError(f"The saved training vectors of layer {l!r} have shape {vectors[l].shape}; "
                                    f"expected ({n}, d).")
@@ -330,7 +367,8 @@ def _state(s: dict, arrays: dict) -> FittedState:
     return FittedState(
         layers=layers, n_classes=n_classes, input_spec=InputSpec.from_dict(s["input_spec"]),
         normalize=s["normalize"], posterior=str(s["posterior"]), reducers=reducers, clusterings=clusterings,
-        temperatures=temperatures, posteriors=posteriors, weights=weights, train_vectors=vectors,
+        temperatures=temperatures, posteriors=posteriors, weights=weights,
+        train_vectors=store if store is not None else VectorStore(vectors),
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
         random_state=int(s["random_state"]),

@@ -37,12 +37,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .exceptions import ParameterError
+from .store import iter_rows, release
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
 
 __all__ = ["Neighbours", "layer_weights", "check_args", "search", "check_search", "resolve_search", "WEIGHT_PRESETS",
-           "SEARCH_NAMES", "AUTO_EXACT_FLOATS"]
+           "SEARCH_NAMES", "AUTO_EXACT_FLOATS", "layer_neighbours"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
 SEARCH_NAMES = ("auto", "exact", "approximate")
@@ -53,6 +54,9 @@ _CALIBRATION_QUERIES = 300
 _TARGET_RECALL = 0.97
 _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
+_ROWS = 8192  # training rows read per chunk by the exact search
+_PQ_DIMS = 8  # values per byte of product-quantised code
+_RERANKS = (8, 16, 32, 64)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
 
 
 @dataclass
@@ -102,65 +106,86 @@ def layer_weights(weights, layers: list) -> np.ndarray:
     return w / w.sum()
 
 
-def layer_scales(train_vectors: dict) -> dict:
-    """Mean squared distance between two training samples, per layer: ``2 * sum of variances``."""
-    return {l: max(2.0 * float(v.astype(np.float64).var(0).sum()), 1e-12) for l, v in train_vectors.items()}
+def layer_scales(train_vectors: Mapping) -> dict:
+    """Mean squared distance between two training samples, per layer: ``2 * sum of variances``
+    (streamed in float64 over the stored vectors)."""
+    out = {}
+    for l, v in train_vectors.items():
+        total, total_sq = np.zeros(v.shape[1]), np.zeros(v.shape[1])
+        for _, x in iter_rows(v, _ROWS):
+            x = x.astype(np.float64)
+            total += x.sum(0)
+            total_sq += (x * x).sum(0)
+        n = max(len(v), 1)
+        out[l] = max(2.0 * float((total_sq / n - (total / n) ** 2).clip(0).sum()), 1e-12)
+    return out
 
 
 class Index:
-    """Exact maximum-inner-product search over one copy of the scaled training vectors, any weights."""
+    """Exact search: one pass over the stored vectors per call, scoring every row for any weights.
 
-    def __init__(self, train_vectors: dict, scales: dict):
-        import faiss
+    Nothing is copied: each layer's rows are read from the store in chunks (memory-mapped when
+    the store is on disk) and scored by ``sum_l (w_l / s_l) (2 v_l(x) . v_l(t) - ||v_l(t)||^2)``,
+    the part of ``-D(x, t)`` that depends on ``t``; only the squared norms (``n`` floats per layer)
+    are kept. The top ``k`` are then re-ranked by their distances from the layer terms.
+    """
 
-        data = self._prepare(train_vectors, scales)
-        self.index = faiss.IndexFlatIP(data.shape[1])
-        self.index.add(data)
-
-    def _prepare(self, train_vectors: dict, scales: dict) -> np.ndarray:
-        """Keep the layers, their scales and vectors; return the rows :meth:`_data` describes."""
+    def __init__(self, train_vectors: Mapping, scales: dict, progress: bool = False):
         self.layers = list(train_vectors)
-        self.inv_sqrt = 1.0 / np.sqrt(np.array([scales[l] for l in self.layers]))
         self.train_vectors = train_vectors
-        return self._data()
+        self.scales = np.array([scales[l] for l in self.layers], dtype=np.float64)
+        self.n = len(train_vectors[self.layers[0]])
+        self.sq_norms = {l: np.concatenate([np.einsum("ij,ij->i", x, x) for _, x in iter_rows(v, _ROWS)]
+                                           or [np.zeros(0, np.float32)])
+                         for l, v in tqdm(train_vectors.items(), desc="indexing training vectors",
+                                          disable=not progress, leave=False)}
 
-    def _data(self) -> np.ndarray:
-        """Rows ``[b_1 ... b_L, n_1 ... n_L]``, zero-padded to a multiple of 8 columns (faiss' fp16 codes)."""
-        blocks = [self.train_vectors[l].astype(np.float32) * np.float32(f) for l, f in zip(self.layers, self.inv_sqrt)]
-        norms = [np.einsum("ij,ij->i", b, b)[:, None] for b in blocks]
-        width = sum(b.shape[1] for b in blocks) + len(blocks)
-        pad = [np.zeros((len(blocks[0]), -width % 8), np.float32)]
-        return np.ascontiguousarray(np.hstack(blocks + norms + pad))
+    def n_candidates(self, k: int) -> int:
+        return k
 
-    def _query(self, part: dict, weights: np.ndarray) -> np.ndarray:
-        """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
-        q = [part[l].astype(np.float32) for l in self.layers]
-        query = np.hstack([v * np.float32(2 * w * f) for v, w, f in zip(q, weights, self.inv_sqrt)]
-                          + [np.tile(-weights.astype(np.float32), (len(q[0]), 1))])
-        query = np.hstack([query, np.zeros((len(query), self.index.d - query.shape[1]), np.float32)])
-        return np.ascontiguousarray(query)
+    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
+        """Exact top ``k`` ids ``(b, k)`` of the queries ``part`` for each weight vector in ``weights``."""
+        b, k = len(next(iter(part.values()))), min(k, self.n)
+        best = [(np.full((b, 0), -np.inf, np.float32), np.zeros((b, 0), np.int64)) for _ in weights]
+        factors = [np.asarray(w, np.float64) / self.scales for w in weights]
+        for start in range(0, self.n, _ROWS):
+            used = [l for j, l in enumerate(self.layers) if any(f[j] > 0 for f in factors)]
+            dots = {l: part[l] @ np.asarray(self.train_vectors[l][start:start + _ROWS], np.float32).T
+                    for l in used}  # per layer once, for every weight vector
+            for j, f in enumerate(factors):
+                score = sum(np.float32(fl) * (2 * dots[l] - self.sq_norms[l][start:start + _ROWS])
+                            for l, fl in zip(self.layers, f) if fl > 0)
+                if exclude is not None:
+                    score[:, exclude[start:start + _ROWS]] = -np.inf
+                ids = np.broadcast_to(np.arange(start, start + score.shape[1]), score.shape)
+                best[j] = _top(np.hstack([best[j][0], score]), np.hstack([best[j][1], ids]), k)
+            _release(self.train_vectors)
+        return [ids for _, ids in best]
 
-    def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False):
+    def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False, exclude=None):
+        """``(ids, distances, layer shares)`` of the ``k`` nearest training rows of each query."""
         n = len(next(iter(vectors.values())))
+        k = min(k, self.n)
         idx = np.empty((n, k), dtype=np.int64)
         dist = np.empty((n, k), dtype=np.float32)
         shares = np.empty((n, k, len(self.layers)), dtype=np.float32)
         width = max(v.shape[1] for v in self.train_vectors.values())
-        chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (k * width)))
-        factors = weights * self.inv_sqrt ** 2
+        chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (self.n_candidates(k) * width)))
+        factors = weights / self.scales
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
-        for start in starts:  # memory O(chunk x k x d), never n x n_train
-            part = {l: v[start:start + chunk] for l, v in vectors.items()}
-            _, i = self.index.search(self._query(part, weights), k)
-            i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate index may find fewer than k
-            # Distances from the layer terms: exact (no cancellation of C(x) - score for near
-            # neighbours), and split by layer at once; candidates re-ranked by them.
+        for start in starts:  # memory O(chunk x candidates x d), never n x n_train
+            part = {l: np.asarray(v[start:start + chunk], np.float32) for l, v in vectors.items()}  # layers of w > 0
+            i = self.candidates(part, k, [weights], exclude)[0]
+            i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
+            # Distances from the layer terms: exact (no cancellation between large inner products
+            # for near neighbours), split by layer at once; candidates re-ranked by them.
             per = np.stack([
-                ((part[l][:, None, :] - self.train_vectors[l][i]) ** 2).sum(2) * f
-                for l, f in zip(self.layers, factors)
+                ((part[l][:, None, :] - self.train_vectors[l][i].astype(np.float32)) ** 2).sum(2) * np.float32(f)
+                if f > 0 else np.zeros(i.shape, np.float32) for l, f in zip(self.layers, factors)
             ], 2)
-            order = np.argsort(per.sum(2), axis=1, kind="stable")
+            _release(self.train_vectors)
+            order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
             i, per = np.take_along_axis(i, order, 1), np.take_along_axis(per, order[..., None], 1)
             total = per.sum(2, keepdims=True)
             idx[start:start + len(i)], dist[start:start + len(i)] = i, total[..., 0]
@@ -168,51 +193,106 @@ class Index:
         return idx, dist, shares
 
 
-class ApproximateIndex(Index):
-    """IVF over the same rows, stored as float16 (faiss ``IndexIVFScalarQuantizer``), inner product.
+def _top(score: np.ndarray, ids: np.ndarray, k: int):
+    """The ``k`` highest scores of each row (unordered) and their ids."""
+    if score.shape[1] <= k:
+        return score, ids
+    keep = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(score, keep, 1), np.take_along_axis(ids, keep, 1)
 
-    ``nlist = 4 sqrt(n)`` lists, trained on at most ``39 nlist`` rows; ``nprobe`` is calibrated at
-    build time: the smallest power of two for which the exact top-10 of ``_CALIBRATION_QUERIES``
-    held-out training rows is found with recall >= ``_TARGET_RECALL`` under every weight preset
-    (the probes needed depend on the data: 8 to 64 in ``benchmarks/explore_ann.py``). The
-    candidates are re-ranked by their exact distances.
+
+def _release(store) -> None:
+    for v in store.values():
+        release(v)
+
+
+class ApproximateIndex(Index):
+    """Approximate search: faiss IVF with product-quantised codes, candidates re-ranked exactly.
+
+    The index holds, per training row, ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ...]`` compressed to
+    one byte per ``_PQ_DIMS`` values (product quantisation: about ``width / 8`` bytes per row
+    plus its 8-byte id, against ``4 x width`` for the vectors), in ``nlist = 4 sqrt(n)`` lists (the
+    low end of faiss' ``4..16 sqrt(n)``); it is trained on at most ``max(39 nlist, 256 x 40)``
+    rows and filled by streaming the store. A query for weights ``w`` is the inner-product query
+    of the module docstring. The ``n_candidates(k)`` best codes are re-ranked by their exact
+    distances from the stored vectors. ``nprobe`` and the re-ranked share are calibrated per
+    weight vector on first use: the fewest candidates, then the smallest power of two of lists
+    probed, for which the exact top-10 of ``_CALIBRATION_QUERIES`` held-out training rows is found
+    with recall >= ``_TARGET_RECALL`` after re-ranking (``recall`` keeps what was reached).
     """
 
-    def __init__(self, train_vectors: dict, scales: dict, random_state: int = 0):
+    def __init__(self, train_vectors: Mapping, scales: dict, random_state: int = 0, progress: bool = False):
         import faiss
 
-        data = self._prepare(train_vectors, scales)
-        n, d = data.shape
-        nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
-        rng = np.random.default_rng(random_state)
-        sample = data[np.sort(rng.choice(n, min(n, 39 * nlist), replace=False))]
-        quantizer = faiss.IndexFlatIP(d)
-        self.index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                                   faiss.METRIC_INNER_PRODUCT)
-        self.index.train(sample)
-        self.index.add(data)
-        self.quantizer = quantizer  # faiss keeps a raw pointer: the quantizer must outlive the index
-        self.index.nprobe = self._calibrate(data, nlist, rng)
+        super().__init__(train_vectors, scales, progress)
+        n = self.n
+        width = sum(v.shape[1] for v in train_vectors.values()) + len(self.layers)
+        self.d = width + (-width % _PQ_DIMS)
+        self.nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+        self.rng = np.random.default_rng(random_state)
+        train = np.sort(self.rng.choice(n, min(n, max(39 * self.nlist, 256 * 40)), replace=False))
+        self.quantizer = faiss.IndexFlatIP(self.d)  # faiss keeps a raw pointer: it must outlive the index
+        bits = int(min(8, max(1, np.log2(max(len(train), 2)) - 1)))  # 8 bits (256 codes) from 512 rows on
+        self.index = faiss.IndexIVFPQ(self.quantizer, self.d, self.nlist, self.d // _PQ_DIMS, bits,
+                                      faiss.METRIC_INNER_PRODUCT)
+        self.index.train(self._rows(train))
+        for start in tqdm(range(0, n, _ROWS), desc="building the approximate index", disable=not progress,
+                          leave=False):
+            self.index.add(self._rows(slice(start, start + _ROWS)))
+        self.held = np.sort(self.rng.choice(n, min(n, _CALIBRATION_QUERIES), replace=False))
+        self.settings, self.recall = {}, {}  # per weight vector: (nprobe, rerank), its calibration recall
 
-    def _calibrate(self, data: np.ndarray, nlist: int, rng) -> int:
+    def _rows(self, which) -> np.ndarray:
+        """Index rows ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ..., 0 padding]`` of some training rows."""
+        blocks = [np.asarray(self.train_vectors[l][which], np.float32) / np.float32(np.sqrt(s))
+                  for l, s in zip(self.layers, self.scales)]
+        norms = [(self.sq_norms[l][which] / np.float32(s))[:, None] for l, s in zip(self.layers, self.scales)]
+        _release(self.train_vectors)
+        rows = np.hstack(blocks + norms)
+        return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), self.d - rows.shape[1]), np.float32)]))
+
+    def _query(self, part: dict, weights) -> np.ndarray:
+        b = len(next(iter(part.values())))
+        q = [part[l] * np.float32(2 * w / np.sqrt(s)) if w > 0 else np.zeros((b, self.train_vectors[l].shape[1]), np.float32)
+             for l, w, s in zip(self.layers, weights, self.scales)]
+        q = np.hstack(q + [np.tile(-np.asarray(weights, np.float32), (b, 1))])
+        return np.ascontiguousarray(np.hstack([q, np.zeros((len(q), self.d - q.shape[1]), np.float32)]))
+
+    def n_candidates(self, k: int, weights=None) -> int:
+        rerank = _RERANKS[-1] if weights is None else self._settings(weights)[1]
+        return min(self.n, k + (rerank - 1) * min(k, 10))
+
+    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
         import faiss
 
-        held = np.sort(rng.choice(len(data), min(len(data), _CALIBRATION_QUERIES), replace=False))
-        queries = {l: self.train_vectors[l][held] for l in self.layers}
-        exact = faiss.IndexFlatIP(data.shape[1])
-        exact.add(data)
-        k = min(11, len(data))  # each held-out row finds itself: it is left out of both sides
-        truth = {p: exact.search(self._query(queries, layer_weights(p, self.layers)), k)[1] for p in WEIGHT_PRESETS}
-        del exact
-        nprobe = 1
-        while nprobe < nlist:
-            self.index.nprobe = nprobe
-            worst = min(_recall(self.index.search(self._query(queries, layer_weights(p, self.layers)), k)[1], t, held)
-                        for p, t in truth.items())
-            if worst >= _TARGET_RECALL:
-                break
-            nprobe *= 2
-        return min(nprobe, nlist)
+        out = []
+        for w in weights:
+            params = faiss.SearchParametersIVF(nprobe=self._settings(w)[0])
+            if exclude is not None and exclude.any():
+                params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.flatnonzero(exclude).astype(np.int64)))
+            out.append(self.index.search(self._query(part, w), self.n_candidates(k, w), params=params)[1])
+        return out
+
+    def _settings(self, weights) -> tuple:
+        """``(nprobe, rerank)`` for ``weights``: the cheapest reaching the target recall (calibrated once)."""
+        key = tuple(np.round(np.asarray(weights, np.float64), 12))
+        if key not in self.settings:
+            w = np.asarray(weights, np.float64)
+            queries = {l: np.asarray(self.train_vectors[l][self.held], np.float32) for l in self.layers}
+            k = min(11, self.n)  # each held-out row finds itself: it is left out of both sides
+            truth = Index.candidates(self, queries, k, [w])[0]
+            for rerank in _RERANKS:
+                nprobe = 1
+                while True:
+                    self.settings[key] = (nprobe, rerank)
+                    recall = _recall(self.search(queries, k, w)[0], truth, self.held)
+                    if recall >= _TARGET_RECALL or nprobe >= self.nlist:
+                        break
+                    nprobe = min(2 * nprobe, self.nlist)
+                if recall >= _TARGET_RECALL:
+                    break
+            self.recall[key] = recall
+        return self.settings[key]
 
 
 def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray) -> float:
@@ -256,16 +336,27 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, met
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
     width = sum(v.shape[1] for v in state.train_vectors.values())
     method = resolve_search(method, state.n_samples, width)
-    idx, dist, shares = _index(state, method).search(query.vectors, k, weights, progress)
+    idx, dist, shares = _index(state, method, progress).search(query.vectors, k, weights, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 
-def _index(state: FittedState, method: str) -> Index:
+def layer_neighbours(state: FittedState, layer: str, vectors: np.ndarray, k: int, *, method: str = "auto",
+                     exclude=None, progress: bool = False):
+    """The ``k`` training rows nearest ``vectors`` in one layer alone, by ``method``, leaving out the rows
+    where the boolean mask ``exclude`` is true: ``(ids (n, k), squared distances (n, k))``, nearest first."""
+    width = sum(v.shape[1] for v in state.train_vectors.values())
+    index = _index(state, resolve_search(method, state.n_samples, width), progress)
+    w = (np.array(state.layers) == layer).astype(np.float64)
+    idx, dist, _ = index.search({layer: vectors}, k, w, exclude=exclude)
+    return idx, dist.astype(np.float64) * index.scales[state.layers.index(layer)]
+
+
+def _index(state: FittedState, method: str, progress: bool = False) -> Index:
     """The exact or approximate index of a fitted state, built on first use and cached with it."""
     cache = state.cache.setdefault("retrieval", {})
     if "scales" not in cache:
         cache["scales"] = layer_scales(state.train_vectors)
     if method not in cache:
-        cache[method] = (Index(state.train_vectors, cache["scales"]) if method == "exact"
-                         else ApproximateIndex(state.train_vectors, cache["scales"], state.random_state))
+        cache[method] = (Index(state.train_vectors, cache["scales"], progress) if method == "exact"
+                         else ApproximateIndex(state.train_vectors, cache["scales"], state.random_state, progress))
     return cache[method]

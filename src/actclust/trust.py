@@ -7,13 +7,17 @@ cluster path agree with the DNN. The **neighbour** ones follow deep k-nearest-ne
 and a conformal p-value, calibrated on a held-out part of the training data, says how unusual
 the votes are. One **stacked** signal combines both kinds with a logistic regression fitted on
 the same calibration part to tell the DNN's right predictions from its wrong ones. Neighbours are
-exact (faiss ``IndexFlatL2``), searched in batches: memory ``O(batch x max(k, 200))``, never ``O(test x train)``.
+searched per layer through the similar-sample index of :mod:`actclust.retrieval` (weights on one
+layer; exact or approximate by ``search``, with the calibration rows left out), in batches:
+memory ``O(batch x max(k, 200))``, never ``O(test x train)``, and no copy of the training vectors.
 
 The calibration (:func:`calibrate`) is built on first use from the fitted state's training
 vectors and cached with the state (not saved: after :func:`actclust.load` it is rebuilt,
 identically, since the split is drawn from the state's ``random_state``). The training vectors
-are split into a reference part (the neighbours) and a calibration part; class labels are the
-true labels when ``fit`` had them, else the DNN's predictions.
+are split into a reference part (the neighbours) and a calibration part of ``calibration_fraction``
+of them, at most :data:`MAX_CALIBRATION` samples, so calibrating costs ``MAX_CALIBRATION``
+searches whatever ``n``; class labels are the true labels when ``fit`` had them, else the DNN's
+predictions.
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ from .exceptions import ParameterError
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
 
-__all__ = ["MIN_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
+__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
 MIN_CALIBRATION = 20
+#: Most calibration samples drawn: p-values then move in steps of 1e-4, and calibrating costs
+#: this many neighbour searches however large the training set.
+MAX_CALIBRATION = 10_000
 _BATCH = 4096
 _RATIO_NEIGHBORS = 200  # neighbours searched for the distance ratio of ``stacked_trust``
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
 
 
 def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
-                  layer_weights: str = "surrogate") -> dict:
+                  layer_weights: str = "surrogate", search: str = "auto") -> dict:
     """Per-input trust signals of the DNN's predictions on the queried inputs.
 
     Parameters
@@ -60,6 +67,8 @@ def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, ca
         ``"equal"`` is deep k-NN as published; with ``layer_weights=None`` at fit both agree.
         On the Fashion-MNIST benchmark the surrogate's weights (learned for fidelity, nearly
         zero on ``conv1``) lift the misclassification AUROC of ``credibility`` by 0.026.
+    search : {"auto", "exact", "approximate"}, default="auto"
+        How the neighbours are searched (see :func:`actclust.retrieval.search`).
 
     Returns
     -------
@@ -103,7 +112,7 @@ def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, ca
         reference part fewer than ``n_neighbors``.
     """
     cal = calibrate(state, n_neighbors=n_neighbors, calibration_fraction=calibration_fraction,
-                    layer_weights=layer_weights)
+                    layer_weights=layer_weights, search=search)
     return signals(state, cal, query)
 
 
@@ -121,7 +130,7 @@ def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
     alpha = np.zeros((n, n_classes))
     knn_typ, clu_typ, votes_ratios = np.zeros(n), np.zeros(n), []
     for w, l in zip(cal.weights, state.layers):
-        counts, kth, vr = _neighbour_stats(cal.indexes[l], cal.ref_labels, q.vectors[l], n_neighbors, n_classes, pred)
+        counts, kth, vr = _neighbour_stats(cal.finder(state, l), cal.labels, q.vectors[l], n_neighbors, n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (n_neighbors - counts)
         knn_typ += w * _pvalue(cal.cal_kth[l], kth)
@@ -148,7 +157,7 @@ def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
 def calibration_possible(state: FittedState, n_neighbors: int = 50, calibration_fraction: float = 0.1) -> bool:
     """Whether the fitted training set is large enough for :func:`trust_signals` with these parameters."""
     n = state.n_samples
-    n_cal = round(calibration_fraction * n)
+    n_cal = min(round(calibration_fraction * n), MAX_CALIBRATION)
     return n_cal >= MIN_CALIBRATION and n - n_cal >= n_neighbors
 
 
@@ -158,17 +167,29 @@ class _Calibration:
 
     key: tuple
     weights: np.ndarray  # (n_layers,) summing to 1
-    indexes: dict  # layer -> faiss index over the reference vectors
-    ref_labels: np.ndarray
+    method: str  # "exact" or "approximate" neighbour search
+    is_cal: np.ndarray  # (n_train,) True for the calibration rows, left out of every search
+    labels: np.ndarray  # (n_train,) class of each training row (labels, else the DNN's predictions)
     cal_alpha: np.ndarray  # sorted nonconformity of the calibration samples for their own label
     cal_kth: dict  # layer -> sorted k-th neighbour distances of the calibration samples
     spread: dict  # layer -> (n_clusters,) mean squared distance of reference members to the centre
     cal_ratio: dict  # layer -> sorted distance-to-centre / spread of the calibration samples
     stack: object  # the fitted model of stacked_trust, or None
 
+    def finder(self, state: FittedState, layer: str):
+        """``find(vectors, depth) -> (squared distances, ids)`` among the reference rows of ``layer``."""
+        from .retrieval import layer_neighbours
+
+        n_ref = int((~self.is_cal).sum())
+
+        def find(v, depth):
+            idx, d = layer_neighbours(state, layer, v, min(depth, n_ref), method=self.method, exclude=self.is_cal)
+            return d, idx
+        return find
+
 
 def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
-              layer_weights: str = "surrogate", progress: bool = False) -> _Calibration:
+              layer_weights: str = "surrogate", search: str = "auto", progress: bool = False) -> _Calibration:
     """The calibration of :func:`trust_signals` (parameters there), cached with the state."""
     k, fraction = n_neighbors, calibration_fraction
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
@@ -179,12 +200,15 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     if layer_weights not in ("surrogate", "equal"):
         raise ParameterError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
                          f"Got {layer_weights!r} instead.")
-    key = (int(k), float(fraction), layer_weights)
+    from .retrieval import resolve_search
+
+    n = state.n_samples
+    method = resolve_search(search, n, sum(v.shape[1] for v in state.train_vectors.values()))
+    key = (int(k), float(fraction), layer_weights, method)
     cached = state.cache.get("trust")
     if cached is not None and cached.key == key:
         return cached
-    n = state.n_samples
-    n_cal = round(fraction * n)
+    n_cal = min(round(fraction * n), MAX_CALIBRATION)
     if n_cal < MIN_CALIBRATION:
         raise ParameterError(
             f"The calibration split has {n_cal} samples (calibration_fraction={fraction} of {n} training "
@@ -196,32 +220,31 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
             f"Only {n - n_cal} training samples remain as neighbours after holding out {n_cal} for "
             f"calibration; n_neighbors={k} needs at least {k}. Lower n_neighbors or calibration_fraction."
         )
-    import faiss
-
     labels = state.train_labels if state.train_labels is not None else state.train_predictions
-    order = np.random.default_rng(state.random_state).permutation(n)
-    cal, ref = order[:n_cal], order[n_cal:]
+    cal = np.sort(np.random.default_rng(state.random_state).permutation(n)[:n_cal])
+    is_cal = np.zeros(n, dtype=bool)
+    is_cal[cal] = True
     n_classes = state.n_classes
     weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(len(state.layers)), dtype=np.float64)
     weights = weights / weights.sum()
     alpha, alpha_pred, pred, rows = np.zeros(n_cal), np.zeros(n_cal), state.train_predictions[cal], np.arange(n_cal)
-    indexes, cal_kth, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
+    calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, None)
+    cal_kth, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, [], []
     for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
-        v = state.train_vectors[l]
-        indexes[l] = faiss.IndexFlatL2(v.shape[1])
-        indexes[l].add(np.ascontiguousarray(v[ref], dtype=np.float32))
-        counts, kth, vr = _neighbour_stats(indexes[l], labels[ref], v[cal], k, n_classes, pred)
+        v_cal = state.train_vectors[l][cal].astype(np.float32)
+        counts, kth, vr = _neighbour_stats(calibration.finder(state, l), labels, v_cal, k, n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (k - counts[rows, labels[cal]])
         alpha_pred += w * (k - counts[rows, pred])
         cal_kth[l] = np.sort(kth)
         c = state.clusterings[l]
-        d_ref = _nearest(c.distances(v[ref]))
-        sums = np.bincount(d_ref[1], weights=d_ref[0], minlength=c.n_clusters)
-        sizes = np.bincount(d_ref[1], minlength=c.n_clusters)
+        d_all = _nearest(c.distances(state.train_vectors[l]))  # streamed over the store
+        ref = ~is_cal
+        sums = np.bincount(d_all[1][ref], weights=d_all[0][ref], minlength=c.n_clusters)
+        sizes = np.bincount(d_all[1][ref], minlength=c.n_clusters)
         # A cluster with no reference member takes the layer's overall scale.
         spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
-        d_cal = c.distances(v[cal])
+        d_cal = c.distances(v_cal)
         cal_ratio[l] = np.sort(_spread_ratio(d_cal, spread[l]))
         probas.append(c.soft_assign_from_distances(d_cal, state.temperatures[l]) @ state.posteriors[l])
     cal_alpha, right, stack = np.sort(_ties(alpha)), pred == labels[cal], None
@@ -233,8 +256,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)))
         stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(features, right)
-    state.cache["trust"] = _Calibration(key, weights, indexes, labels[ref], cal_alpha,
-                                        cal_kth, spread, cal_ratio, stack)
+    state.cache["trust"] = _Calibration(key, weights, method, is_cal, labels, cal_alpha, cal_kth, spread, cal_ratio,
+                                        stack)
     return state.cache["trust"]
 
 
@@ -243,16 +266,18 @@ def _stack_features(votes_ratios, agreement, credibility):
     return np.column_stack([vr[0] for vr in votes_ratios] + [vr[1] for vr in votes_ratios] + [agreement, credibility])
 
 
-def _neighbour_stats(index, ref_labels, V, k, n_classes, judged):
+def _neighbour_stats(find, train_labels, V, k, n_classes, judged):
     """Per input: neighbours of each class among its ``k`` nearest ``(n, C)``; k-th distance ``(n,)``;
-    and, for the class ``judged`` ``(n,)``, the weighted vote and distance ratio of ``stacked_trust``."""
-    n, depth = len(V), min(max(k, _RATIO_NEIGHBORS), index.ntotal)
+    and, for the class ``judged`` ``(n,)``, the weighted vote and distance ratio of ``stacked_trust``.
+    ``find(vectors, depth)`` gives the squared distances and ids of the nearest reference rows."""
+    n, depth = len(V), max(k, _RATIO_NEIGHBORS)
     counts = np.empty((n, n_classes), dtype=np.int64)
     kth, vote, ratio = np.empty(n), np.empty(n), np.empty(n)
     for s in range(0, n, _BATCH):
         vb = np.ascontiguousarray(V[s:s + _BATCH], dtype=np.float32)
-        d, idx = index.search(vb, depth)
-        b, labels = len(d), ref_labels[idx]
+        d, idx = find(vb, depth)
+        d = d.astype(np.float32)
+        b, labels = len(d), train_labels[idx]
         flat = (np.arange(b)[:, None] * n_classes + labels[:, :k]).ravel()
         counts[s:s + b] = np.bincount(flat, minlength=b * n_classes).reshape(b, n_classes)
         kth[s:s + b] = d[:, k - 1]

@@ -1,0 +1,147 @@
+"""The vector store: in memory or on disk, identical results; no partial store left by a failed fit."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import actclust
+from actclust import ActivationClustering, InvalidSaveError, ParameterError
+from actclust.store import StoreWriter, VectorStore, estimate
+
+
+def _fit(model, x, y, **kw):
+    return ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=4, progress=False, **kw).fit(x, y)
+
+
+# memory and disk stores give identical clusterings, scores, neighbours and trust with exact search
+def test_disk_store_identical_to_memory(model, data, tmp_path):
+    x, y = data
+    mem = _fit(model, x, y)
+    disk = _fit(model, x, y, store=tmp_path / "vectors")
+    assert disk.state_.train_vectors.on_disk and not mem.state_.train_vectors.on_disk
+    assert sorted(os.listdir(tmp_path / "vectors")) == ["layer-0.bin", "layer-1.bin", "layer-2.bin", "store.json"]
+    for l in mem.layers_:
+        np.testing.assert_array_equal(np.asarray(disk.train_vectors_[l]), mem.train_vectors_[l])
+        np.testing.assert_array_equal(disk.clusterings_[l].centers_, mem.clusterings_[l].centers_)
+    assert disk.score(x, y) == mem.score(x, y)
+    a, b = mem.similar(x[:30], k=5, search="exact"), disk.similar(x[:30], k=5, search="exact")
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.distances, b.distances, rtol=1e-6)
+    ta = mem.trust(x[:30], n_neighbors=5, calibration_fraction=0.2)
+    tb = disk.trust(x[:30], n_neighbors=5, calibration_fraction=0.2)
+    for k in ta:
+        np.testing.assert_allclose(ta[k], tb[k], err_msg=k)
+
+
+# float16 halves the bytes and keeps clustering close; the size estimate is what is stored
+def test_float16_store(model, data, tmp_path):
+    x, y = data
+    full = _fit(model, x, y, store=tmp_path / "a")
+    half = _fit(model, x, y, store=tmp_path / "b", store_dtype="float16")
+    size = lambda p: sum(f.stat().st_size for f in p.glob("*.bin"))  # noqa: E731
+    assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
+    widths = full.state_.train_vectors.widths
+    assert size(tmp_path / "a") == estimate(len(x), widths, "float32")
+    assert half.train_vectors_["fc1"].dtype == np.float16
+    assert abs(half.score(x, y)["fidelity"] - full.score(x, y)["fidelity"]) <= 0.05
+
+
+# a fit that fails after capturing leaves neither a partial store nor a changed earlier one
+def test_failed_fit_leaves_no_partial_store(model, data, tmp_path, monkeypatch):
+    x, y = data
+    store = tmp_path / "vectors"
+    ac = _fit(model, x, y, store=store)
+    before = {f: (store / f).read_bytes() for f in os.listdir(store)}
+
+    def boom(*a, **k):
+        raise RuntimeError("clustering failed")
+
+    monkeypatch.setattr(ActivationClustering, "_learn", boom)
+    with pytest.raises(RuntimeError, match="clustering failed"):
+        ac.fit(x[::-1].copy(), y[::-1].copy())
+    assert {f: (store / f).read_bytes() for f in os.listdir(store)} == before  # no .partial-* left
+    fresh = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="clustering failed"):
+        _fit(model, x, y, store=fresh)
+    assert os.listdir(fresh) == []
+
+
+# a killed fit's hidden folder is removed by the next fit; a folder of other files is refused
+def test_store_directory_checks(model, data, tmp_path):
+    x, y = data
+    store = tmp_path / "vectors"
+    (store / ".partial-999999999-abc123").mkdir(parents=True)  # no such process
+    _fit(model, x, y, store=store)
+    assert ".partial-999999999-abc123" not in os.listdir(store)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ParameterError, match=r"holds files that are not an actclust vector store \(\['cat.jpg'\]\)"):
+        _fit(model, x, y, store=other)
+    with pytest.raises(ParameterError, match=r"is a file; give a directory"):
+        _fit(model, x, y, store=other / "cat.jpg")
+    with pytest.raises(ParameterError, match=r"'store_dtype' parameter must be one of \['float32', 'float16'\]"):
+        _fit(model, x, y, store_dtype="int8")
+    with pytest.raises(ParameterError, match=r"'store' parameter must be None \(in memory\) or a directory path"):
+        _fit(model, x, y, store=3)
+
+
+# a saved run links the store instead of copying it into the arrays, and loads it memory-mapped
+def test_save_and_load_disk_store(model, data, tmp_path):
+    x, y = data
+    ac = _fit(model, x, y, store=tmp_path / "vectors", store_dtype="float16")
+    ac.save(tmp_path / "run")
+    assert (tmp_path / "run" / "store" / "store.json").is_file()
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(next((tmp_path / "run").glob("arrays-*.safetensors"))))
+    assert not [k for k in arrays if k.endswith("train_vectors")]
+    for f in (tmp_path / "vectors").glob("*.bin"):  # hard links: the same file, not a copy
+        assert os.path.samefile(f, tmp_path / "run" / "store" / f.name)
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert loaded.state_.train_vectors.on_disk and loaded.state_.train_vectors.dtype == "float16"
+    np.testing.assert_array_equal(loaded.similar(x[:10], k=3).indices, ac.similar(x[:10], k=3).indices)
+    with open(tmp_path / "run" / "store" / "layer-1.bin", "ab") as f:  # damage the store
+        f.write(b"\0" * 8)
+    with pytest.raises(InvalidSaveError, match=r"layer-1.bin holds \d+ bytes; the store's manifest says"):
+        actclust.load(tmp_path / "run", model, progress=False)
+
+
+# the writer refuses batches whose width changes, and an unknown store is refused on open
+def test_writer_and_open_errors(tmp_path):
+    from actclust import DataError
+
+    with pytest.raises(DataError, match=r"Layer 'a' gave 3 values per sample, 2 before"):
+        with StoreWriter(tmp_path / "s") as w:
+            w.add({"a": np.zeros((2, 2))})
+            w.add({"a": np.zeros((2, 3))})
+    assert [p for p in (tmp_path / "s").iterdir()] == []
+    with pytest.raises(InvalidSaveError, match=r"No vector store at .*store.json is missing"):
+        VectorStore.open(tmp_path / "s")
+    (tmp_path / "s" / "store.json").write_text(json.dumps({"format": 7}))
+    with pytest.raises(InvalidSaveError, match=r"is not an actclust vector store manifest"):
+        VectorStore.open(tmp_path / "s")
+
+
+# streaming passes hand the memory-mapped pages back: resident memory does not hold the store
+def test_streaming_keeps_resident_memory_flat(tmp_path):
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "s", "float32") as w:
+        for _ in range(40):
+            w.add({"a": rng.standard_normal((4096, 512), dtype=np.float32)})
+        store = w.finish()
+        w.commit()
+    assert store.nbytes == 40 * 4096 * 512 * 4  # 320 MiB
+    before, peak, total = rss(), 0, 0.0
+    for _, chunk in store.chunks("a"):
+        total += float(chunk[:, 0].sum())
+        peak = max(peak, rss())
+    assert peak - before < 64 * 2**20, (peak - before) / 2**20
+    np.testing.assert_allclose(total, np.asarray(store["a"][:, 0], np.float64).sum(), rtol=1e-4)
