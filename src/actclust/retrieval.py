@@ -127,7 +127,8 @@ class Index:
     Nothing is copied: each layer's rows are read from the store in chunks (memory-mapped when
     the store is on disk) and scored by ``sum_l (w_l / s_l) (2 v_l(x) . v_l(t) - ||v_l(t)||^2)``,
     the part of ``-D(x, t)`` that depends on ``t``; only the squared norms (``n`` floats per layer)
-    are kept. The top ``k`` are then re-ranked by their distances from the layer terms.
+    are kept, and layers of weight 0 are not read. The top ``k`` are then re-ranked by their
+    distances from the layer terms.
     """
 
     def __init__(self, train_vectors: Mapping, scales: dict, progress: bool = False):
@@ -144,23 +145,57 @@ class Index:
         return k
 
     def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
-        """Exact top ``k`` ids ``(b, k)`` of the queries ``part`` for each weight vector in ``weights``."""
+        """Exact top ``k`` ids ``(b, k)`` of the queries ``part`` for each weight vector in ``weights``.
+
+        The store is read once per call, ``_ROWS`` rows at a time: each chunk's rows of the layers
+        with a weight become a temporary faiss ``IndexFlatIP`` that every query searches, and the
+        chunks' results are merged (faiss ``ResultHeap``).
+        """
+        import faiss
+
         b, k = len(next(iter(part.values()))), min(k, self.n)
-        best = [(np.full((b, 0), -np.inf, np.float32), np.zeros((b, 0), np.int64)) for _ in weights]
-        factors = [np.asarray(w, np.float64) / self.scales for w in weights]
+        used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
+        heaps = [faiss.ResultHeap(b, k, keep_max=True) for _ in weights]
+        queries = [self._query(part, w, used) for w in weights]
         for start in range(0, self.n, _ROWS):
-            used = [l for j, l in enumerate(self.layers) if any(f[j] > 0 for f in factors)]
-            dots = {l: part[l] @ np.asarray(self.train_vectors[l][start:start + _ROWS], np.float32).T
-                    for l in used}  # per layer once, for every weight vector
-            for j, f in enumerate(factors):
-                score = sum(np.float32(fl) * (2 * dots[l] - self.sq_norms[l][start:start + _ROWS])
-                            for l, fl in zip(self.layers, f) if fl > 0)
-                if exclude is not None:
-                    score[:, exclude[start:start + _ROWS]] = -np.inf
-                ids = np.broadcast_to(np.arange(start, start + score.shape[1]), score.shape)
-                best[j] = _top(np.hstack([best[j][0], score]), np.hstack([best[j][1], ids]), k)
-            _release(self.train_vectors)
-        return [ids for _, ids in best]
+            stop = min(start + _ROWS, self.n)
+            index = faiss.IndexFlatIP(queries[0].shape[1])
+            index.add(self._rows(slice(start, stop), used))
+            params = None
+            if exclude is not None and exclude[start:stop].any():
+                left_out = faiss.IDSelectorBatch(np.flatnonzero(exclude[start:stop]).astype(np.int64))
+                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(left_out))
+            for heap, q in zip(heaps, queries):
+                d, i = index.search(q, min(k, stop - start), params=params)
+                heap.add_result(d, np.where(i >= 0, i + start, -1))
+        for heap in heaps:
+            heap.finalize()
+        return [heap.I for heap in heaps]
+
+    def _rows(self, which, layers=None) -> np.ndarray:
+        """Index rows ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ...]`` of some training rows (all layers:
+        zero-padded to ``self.d`` columns)."""
+        layers = self.layers if layers is None else layers
+        scales = [self.scales[self.layers.index(l)] for l in layers]
+        blocks = [np.asarray(self.train_vectors[l][which], np.float32) / np.float32(np.sqrt(s))
+                  for l, s in zip(layers, scales)]
+        norms = [(self.sq_norms[l][which] / np.float32(s))[:, None] for l, s in zip(layers, scales)]
+        _release(self.train_vectors)
+        return self._pad(np.hstack(blocks + norms), layers)
+
+    def _query(self, part: dict, weights, layers=None) -> np.ndarray:
+        """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
+        layers = self.layers if layers is None else layers
+        b = len(next(iter(part.values())))
+        w = [weights[self.layers.index(l)] for l in layers]
+        scales = [self.scales[self.layers.index(l)] for l in layers]
+        q = [part[l] * np.float32(2 * wl / np.sqrt(s)) if wl > 0 else
+             np.zeros((b, self.train_vectors[l].shape[1]), np.float32) for l, wl, s in zip(layers, w, scales)]
+        return self._pad(np.hstack(q + [np.tile(-np.asarray(w, np.float32), (b, 1))]), layers)
+
+    def _pad(self, rows: np.ndarray, layers) -> np.ndarray:
+        width = getattr(self, "d", rows.shape[1]) if len(layers) == len(self.layers) else rows.shape[1]
+        return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), width - rows.shape[1]), np.float32)]))
 
     def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False, exclude=None):
         """``(ids, distances, layer shares)`` of the ``k`` nearest training rows of each query."""
@@ -191,14 +226,6 @@ class Index:
             idx[start:start + len(i)], dist[start:start + len(i)] = i, total[..., 0]
             shares[start:start + len(i)] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return idx, dist, shares
-
-
-def _top(score: np.ndarray, ids: np.ndarray, k: int):
-    """The ``k`` highest scores of each row (unordered) and their ids."""
-    if score.shape[1] <= k:
-        return score, ids
-    keep = np.argpartition(-score, k - 1, axis=1)[:, :k]
-    return np.take_along_axis(score, keep, 1), np.take_along_axis(ids, keep, 1)
 
 
 def _release(store) -> None:
@@ -241,22 +268,6 @@ class ApproximateIndex(Index):
             self.index.add(self._rows(slice(start, start + _ROWS)))
         self.held = np.sort(self.rng.choice(n, min(n, _CALIBRATION_QUERIES), replace=False))
         self.settings, self.recall = {}, {}  # per weight vector: (nprobe, rerank), its calibration recall
-
-    def _rows(self, which) -> np.ndarray:
-        """Index rows ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ..., 0 padding]`` of some training rows."""
-        blocks = [np.asarray(self.train_vectors[l][which], np.float32) / np.float32(np.sqrt(s))
-                  for l, s in zip(self.layers, self.scales)]
-        norms = [(self.sq_norms[l][which] / np.float32(s))[:, None] for l, s in zip(self.layers, self.scales)]
-        _release(self.train_vectors)
-        rows = np.hstack(blocks + norms)
-        return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), self.d - rows.shape[1]), np.float32)]))
-
-    def _query(self, part: dict, weights) -> np.ndarray:
-        b = len(next(iter(part.values())))
-        q = [part[l] * np.float32(2 * w / np.sqrt(s)) if w > 0 else np.zeros((b, self.train_vectors[l].shape[1]), np.float32)
-             for l, w, s in zip(self.layers, weights, self.scales)]
-        q = np.hstack(q + [np.tile(-np.asarray(weights, np.float32), (b, 1))])
-        return np.ascontiguousarray(np.hstack([q, np.zeros((len(q), self.d - q.shape[1]), np.float32)]))
 
     def n_candidates(self, k: int, weights=None) -> int:
         rerank = _RERANKS[-1] if weights is None else self._settings(weights)[1]

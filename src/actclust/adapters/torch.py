@@ -177,6 +177,8 @@ class TorchAdapter(ModelAdapter):
 
 def _to(obj, device, dtype):
     if isinstance(obj, torch.Tensor):
+        if device.type == "cuda" and obj.device.type == "cpu" and not obj.is_pinned():
+            obj = obj.pin_memory()  # page-locked, so the copy below is asynchronous
         obj = obj.to(device, non_blocking=True)
         return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
     if isinstance(obj, Mapping):
