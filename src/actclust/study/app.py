@@ -12,6 +12,7 @@ API (the participant's pages use it too)::
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import secrets
@@ -109,6 +110,8 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
     # autoescape every template: Starlette's default escapes only *.html, and ours end in .j2
     pages = Jinja2Templates(env=Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True))
     app.state.store, app.state.study = store, study
+    choices = [{"class": c, "name": n} for c, n in enumerate(study.class_names)]
+    explanation = functools.lru_cache(maxsize=None)(study.explanation)  # composed once per item and condition
 
     @app.exception_handler(RequestRefused)
     async def refused(request, exc: RequestRefused):
@@ -147,15 +150,14 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         trial, stage, done = pending
         item = study.item(trial["item_id"])
         shows_advice = stage != "initial"
-        names = study.class_names
-        return {
+        # A JSONResponse skips FastAPI's recursive jsonable_encoder: the explanation is plain JSON already
+        return JSONResponse({
             "trial_id": trial["id"], "stage": stage, "position": done, "n_trials": len(study.items) * len(store.stages),
-            "item": {"id": item["id"], "input": item["input"]},
-            "choices": [{"class": c, "name": n} for c, n in enumerate(names)],
-            "prediction": {"class": item["prediction"], "name": names[item["prediction"]],
+            "item": {"id": item["id"], "input": item["input"]}, "choices": choices,
+            "prediction": {"class": item["prediction"], "name": study.class_names[item["prediction"]],
                            "confidence": item["confidence"]} if shows_advice else None,
-            "explanation": study.explanation(item["id"], trial["condition"]) if shows_advice else None,
-        }
+            "explanation": explanation(item["id"], trial["condition"]) if shows_advice else None,
+        })
 
     @app.post("/api/sessions/{session_id}/responses")
     def respond(session_id: str, body: Answer, authorization: Optional[str] = Header(default=None)):
