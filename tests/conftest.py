@@ -190,3 +190,8 @@ class LiveStudyServer:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+
+
+def _study_model():
+    """The model of ``study_source``, as the CLI builds it (``--model conftest:_study_model``)."""
+    return TinyCNN(seed=3, bias=False).eval()

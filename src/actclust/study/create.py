@@ -151,7 +151,7 @@ def _pick(right: np.ndarray, items: int, wrong_share: float, seed: int) -> np.nd
         if need > have[what]:
             raise ParameterError(f"items={items} with wrong_share={wrong_share} needs {need} inputs the model gets "
                                  f"{what}, but the data has {have[what]} ({have['right']} right, {have['wrong']} "
-                                 "wrong); lower items (--items) or wrong_share (--wrong-share).")
+                                 "wrong); lower items (--items) or change wrong_share (--wrong-share).")
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.choice(np.flatnonzero(~right), n_wrong, replace=False),
                              rng.choice(np.flatnonzero(right), items - n_wrong, replace=False)])

@@ -1,0 +1,178 @@
+"""Creating a study folder (actclust.study.create) and the study CLI's create and serve steps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actclust.cli import main
+from actclust.exceptions import DataError, InvalidSaveError, ParameterError, RunExistsError
+from actclust.study import load_study
+
+from conftest import XSS_CLASS, make_study
+
+
+# items are stratified by AI correctness, in a seeded order; every condition's views are pre-rendered
+def test_items_and_views(tmp_path, study_source):
+    folder = make_study(tmp_path / "s", study_source, items=10, wrong_share=0.3)
+    data = json.loads((folder / "study.json").read_text())
+    ac, x, y = study_source
+    items = data["items"]
+    assert len(items) == 10 and sum(not it["ai_right"] for it in items) == 3
+    dnn = ac.query(x).dnn_pred
+    for it in items:
+        assert it["prediction"] == dnn[it["row"]] and it["label"] == y[it["row"]]
+        assert it["ai_right"] == (it["prediction"] == it["label"]) and it["input"]["kind"] == "image"
+        assert len(it["views"]["similar"]) == 3 and len(it["views"]["concepts"]) == 3  # k=3; one per layer
+        assert [g["class"] for g in it["views"]["similar_multiclass"]][:1] == [it["prediction"]]
+    assert data["class_names"][0] == XSS_CLASS and data["schema"] == "actclust.study/1"
+    again = json.loads(make_study(tmp_path / "t", study_source, items=10, wrong_share=0.3).joinpath("study.json").read_text())
+    assert [it["row"] for it in again["items"]] == [it["row"] for it in items]  # seeded
+    other = json.loads(make_study(tmp_path / "u", study_source, items=10, wrong_share=0.3, seed=1)
+                       .joinpath("study.json").read_text())
+    assert [it["row"] for it in other["items"]] != [it["row"] for it in items]
+
+
+# each condition shows exactly its views; 'none' shows nothing; similar samples of the top classes are of that class
+def test_explanation_per_condition(tmp_path, study_source):
+    study = load_study(make_study(tmp_path / "s", study_source))
+    assert study.explanation(0, "none") is None
+    assert set(study.explanation(0, "similar")) == {"similar"}
+    assert set(study.explanation(0, "concepts")) == {"concepts"}
+    assert set(study.explanation(0, "full")) == {"similar", "concepts", "trust"}
+    assert study_source[0].state_.train_labels is not None  # so samples are picked by their true class
+    groups = study.explanation(0, "similar_multiclass")["similar_multiclass"]
+    assert len(groups) == 3 and sum(len(g["samples"]) for g in groups) > 0
+    for g in groups:
+        assert all(s["label"] == g["class"] for s in g["samples"])
+
+
+# parameters are checked before any work, with what is allowed and what was given
+@pytest.mark.parametrize("options, error, message", [
+    ({"items": 0}, ParameterError, "items must be an int >= 1. Got 0 instead."),
+    ({"wrong_share": 1.5}, ParameterError, r"wrong_share must be a number in \[0, 1\]. Got 1.5 instead."),
+    ({"conditions": ["none", "magic"]}, ParameterError, "conditions must be distinct names from"),
+    ({"conditions": ["none", "none"]}, ParameterError, "conditions must be distinct names from"),
+    ({"design": "mixed"}, ParameterError, r"design must be one of \['between', 'within'\]. Got 'mixed' instead."),
+    ({"design": "within", "items": 2, "conditions": ["none", "similar", "full"]}, ParameterError,
+     "needs items >= 3. Got items=2"),
+    ({"items": 100}, ParameterError, r"items=100 with wrong_share=0.5 needs 50 inputs the model gets right, but the data has 43 \(43 right, 77 wrong\); lower items \(--items\) or change wrong_share"),
+    ({"class_names": ["a", "b"]}, ParameterError, "class_names must name the 3 classes; got 2 names."),
+    ({"train": np.zeros((5, 1, 6, 6), np.float32)}, DataError, "train has 5 samples but the explainer was fitted on 120"),
+])
+def test_bad_options(tmp_path, study_source, options, error, message):
+    with pytest.raises(error, match=message):
+        make_study(tmp_path / "s", study_source, **options)
+
+
+# the labels are required and must line up with X
+def test_labels_needed(tmp_path, study_source):
+    from actclust.study import create_study
+
+    ac, x, y = study_source
+    with pytest.raises(DataError, match="A study needs the true labels y of X"):
+        create_study(ac, x, None, tmp_path / "s")
+    with pytest.raises(DataError, match="y has 3 labels for 120 inputs"):
+        create_study(ac, x, y[:3], tmp_path / "s")
+
+
+# an existing study is replaced only with overwrite=True, and never once it holds responses
+def test_overwrite(tmp_path, study_source):
+    from actclust.study.db import Store
+
+    folder = make_study(tmp_path / "s", study_source)
+    with pytest.raises(RunExistsError, match="already holds a study; pass overwrite=True"):
+        make_study(folder, study_source)
+    make_study(folder, study_source, overwrite=True)
+    Store(load_study(folder))
+    with pytest.raises(RunExistsError, match="holds collected responses"):
+        make_study(folder, study_source, overwrite=True)
+
+
+# a folder that is not a study, or of another schema, is refused with what to do
+def test_load_errors(tmp_path):
+    with pytest.raises(Exception, match="is not a study folder: it has no study.json"):
+        load_study(tmp_path)
+    (tmp_path / "study.json").write_text('{"schema": "other"}')
+    with pytest.raises(InvalidSaveError, match="is not an actclust study of schema 'actclust.study/1'"):
+        load_study(tmp_path)
+    (tmp_path / "study.json").write_text("{")
+    with pytest.raises(InvalidSaveError, match="Cannot read .* as JSON"):
+        load_study(tmp_path)
+
+
+# the CLI creates a study from a saved run and an .npz; its options are checked in option terms
+def test_cli_create(tmp_path, study_source, capsys):
+    ac, x, y = study_source
+    ac.save(tmp_path / "run", metadata={"model": "conftest:TinyCNN", "weights": None})
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.savez(tmp_path / "nolabels.npz", x=x)
+    base = ["study", "create", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet",
+            "--model", "conftest:_study_model", "--train", str(tmp_path / "d.npz")]
+    assert main(base + ["--out", str(tmp_path / "s"), "--items", "8", "--conditions", "none,full",
+                        "--design", "within", "--two-stage", "--class-names", "x,y,z"]) == 0
+    assert "serve it with: actclust study serve" in capsys.readouterr().out
+    study = load_study(tmp_path / "s")
+    assert (study.conditions, study.design, study.two_stage, study.class_names) == (["none", "full"], "within", True,
+                                                                                    ["x", "y", "z"])
+    for extra, message in [(["--conditions", "none,magic"], "--conditions must be comma-separated names from"),
+                           (["--wrong-share", "2"], r"--wrong-share must be in \[0, 1\]; got 2.0"),
+                           (["--class-names", "a,b"], "--class-names must name the run's 3 classes; got 2")]:
+        assert main(base + ["--out", str(tmp_path / "t")] + extra) == 2
+        assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
+    nolabels = ["study", "create", str(tmp_path / "run"), "--data", str(tmp_path / "nolabels.npz"), "--quiet",
+                "--model", "conftest:_study_model", "--out", str(tmp_path / "t")]
+    assert main(nolabels) == 2 and "has no labels y; a study needs them" in capsys.readouterr().err
+
+
+# serve prints both addresses with the admin token, and warns when not bound to loopback
+@pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                         ("0.0.0.0", True), ("192.168.1.5", True)])
+def test_cli_serve(tmp_path, study_source, monkeypatch, capsys, host, warns):
+    import uvicorn
+
+    folder = make_study(tmp_path / "s", study_source)
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    monkeypatch.delenv("ACTCLUST_STUDY_ADMIN_TOKEN", raising=False)
+    assert main(["study", "serve", str(folder), "--host", host, "--port", "8123"]) == 0
+    out, err = capsys.readouterr()
+    assert ran["host"] == host and ran["port"] == 8123
+    assert "participants: http://" in out and ":8123/admin?token=" in out
+    token = out.split("token=")[1].strip()
+    assert len(token) >= 32
+    assert ("warning: listening on " + host + ", not on loopback" in err) == warns
+
+
+# the default host is loopback
+def test_default_host(tmp_path, study_source, monkeypatch, capsys):
+    import uvicorn
+
+    folder = make_study(tmp_path / "s", study_source)
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    assert main(["study", "serve", str(folder), "--admin-token", "t0k"]) == 0
+    assert ran["host"] == "127.0.0.1" and "admin?token=t0k" in capsys.readouterr().out
+
+
+# 'actclust study' alone prints its help and exits 2
+def test_study_help(capsys):
+    assert main(["study"]) == 2 and "create" in capsys.readouterr().err
+
+
+# the server side imports no torch: actclust.study.app and .analyze load without it (the package's
+# own __init__ is bypassed, since it imports the torch-based estimator)
+def test_server_needs_no_torch():
+    src = Path(__import__("actclust").__file__).parent
+    code = f"""
+import sys, types
+sys.modules["torch"] = None  # any import of torch now fails
+pkg = types.ModuleType("actclust"); pkg.__path__ = [{str(src)!r}]; sys.modules["actclust"] = pkg
+import actclust.study.app, actclust.study.analyze, actclust.study.cli, actclust.study.db
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
