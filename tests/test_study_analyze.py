@@ -125,3 +125,26 @@ def test_cli(tmp_path, study_source, capsys):
 
 def _creds(session):
     return {"session_id": session["session_id"], "token": session["token"]}
+
+
+# attention checks: never in the metrics; who fails one is left out (or kept, when asked)
+def test_attention_checks(tmp_path, study_source):
+    folder = make_study(tmp_path / "s", study_source, items=6, conditions=["none"], attention_checks=2)
+    study = load_study(folder)
+    checks = [it for it in study.items if it.get("attention")]
+    assert len(study.items) == 8 and len(checks) == 2 and checks[0]["input"]["text"].startswith("Attention check")
+    store = Store(study)
+    for n in range(3):  # participant 1 fails a check (rejects with confidence 3)
+        session = store.authorise(**_creds(store.create_session()))
+        while (pending := store.next_trial(session)) is not None:
+            trial = pending[0]
+            attention = study.item(trial["item_id"]).get("attention", False)
+            store.record(session, trial["id"], "reject" if attention else "accept", 3 if attention and n == 1 else 4, None)
+    rows = store.export()
+    assert sum(r["attention_check"] for r in rows) == 6
+    out = analyze_rows(study, rows, n_boot=200)
+    assert out["attention"] == {"participants_checked": 3, "failed": [1], "excluded": [1]}
+    assert out["overall"]["n_participants"] == 2 and out["overall"]["n_responses"] == 12
+    assert out["overall"]["accept_given_ai_right"]["estimate"] == 1.0  # the checks' rejections are not counted
+    kept = analyze_rows(study, rows, n_boot=200, exclude_inattentive=False)
+    assert kept["overall"]["n_responses"] == 18 and kept["attention"]["excluded"] == []

@@ -56,3 +56,11 @@ def test_store_balances(tmp_path, study_source, design):
         assert sorted(progress.values()) == [2, 2, 3]
     else:
         assert progress == {c: 7 for c in CONDS}
+
+
+# attention checks stay out of the Latin square: every condition keeps its share of real items
+def test_attention_checks_outside_square():
+    items = ITEMS + [{"id": 12, "ai_right": None, "attention": True}, {"id": 13, "ai_right": None, "attention": True}]
+    plan = plan_trials(items, CONDS, "within", 0, None, participant_rng(0, 0))
+    real = collections.Counter(c for i, c in plan if i < 12)
+    assert real == {c: 4 for c in CONDS} and sorted(i for i, _ in plan) == list(range(14))

@@ -52,7 +52,7 @@ METRICS = {
 _K = {name: i for i, name in enumerate(_COUNTS)}
 
 
-def analyze_study(path, *, n_boot: int = 2000, seed: int = 0) -> dict:
+def analyze_study(path, *, n_boot: int = 2000, seed: int = 0, exclude_inattentive: bool = True) -> dict:
     """Analyse the responses stored in a study folder; see :func:`analyze_rows`."""
     from .db import Store
 
@@ -60,7 +60,8 @@ def analyze_study(path, *, n_boot: int = 2000, seed: int = 0) -> dict:
     if not study.db_path.exists():
         raise DataNotFoundError(f"{study.path} holds no responses yet ({study.db_path.name} is missing); "
                                 f"run: actclust study serve {study.path}")
-    return analyze_rows(study, Store(study).export(), n_boot=n_boot, seed=seed)
+    return analyze_rows(study, Store(study).export(), n_boot=n_boot, seed=seed,
+                        exclude_inattentive=exclude_inattentive)
 
 
 def _trials(study: Study, rows: list) -> list:
@@ -124,8 +125,22 @@ def _interval(estimate: float, replicates: np.ndarray) -> Optional[dict]:
     return {"estimate": float(estimate), "ci": ci}
 
 
-def analyze_rows(study: Study, rows: list, *, n_boot: int = 2000, seed: int = 0) -> dict:
+def _attention(rows: list) -> dict:
+    """Per participant: (attention checks answered, passed); passed = rejected with confidence 4."""
+    out: dict = {}
+    for r in rows:
+        if r.get("attention_check") and r["stage"] != "initial":
+            n, ok = out.get(r["participant"], (0, 0))
+            out[r["participant"]] = (n + 1, ok + (r["decision"] == "reject" and r["confidence"] == 4))
+    return out
+
+
+def analyze_rows(study: Study, rows: list, *, n_boot: int = 2000, seed: int = 0,
+                 exclude_inattentive: bool = True) -> dict:
     """The analysis of exported response rows (:meth:`actclust.study.db.Store.export`).
+
+    Attention checks never count in the metrics; with ``exclude_inattentive`` a participant
+    who failed one is left out entirely. ``"attention"`` in the result says who failed.
 
     Returns ``{"design", "two_stage", "n_boot", "conditions": {name: {"n_participants",
     "n_responses", metric: {"estimate", "ci"} or None}}, "overall": {...}, "differences":
@@ -134,7 +149,10 @@ def analyze_rows(study: Study, rows: list, *, n_boot: int = 2000, seed: int = 0)
     """
     if not isinstance(n_boot, int) or n_boot < 100:
         raise ParameterError(f"n_boot must be an int >= 100 for 95% intervals. Got {n_boot!r} instead.")
-    trials = _trials(study, rows)
+    checks = _attention(rows)
+    failed = sorted(p for p, (n, ok) in checks.items() if ok < n)
+    dropped = set(failed) if exclude_inattentive else set()
+    trials = _trials(study, [r for r in rows if not r.get("attention_check") and r["participant"] not in dropped])
     conditions = study.conditions
     groups = conditions + ["overall"]
     people = sorted({t["participant"] for t in trials})
@@ -167,6 +185,8 @@ def analyze_rows(study: Study, rows: list, *, n_boot: int = 2000, seed: int = 0)
         result["differences"] = {c: {m: _interval(point[m][g] - point[m][ref], boot[m][:, g] - boot[m][:, ref])
                                      for m in METRICS}
                                  for g, c in enumerate(conditions) if c != "none"}
+    result["attention"] = {"participants_checked": len(checks), "failed": failed,
+                           "excluded": sorted(dropped)}
     result["regression"] = _regression(trials, conditions)
     return result
 

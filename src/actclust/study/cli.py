@@ -40,7 +40,7 @@ def add_parser(sub, formatter_class) -> None:
     c.add_argument("--train", help="an .npz whose x is the training data the run was fitted on, to show similar "
                                    "samples (default for digits/fashion-mnist: their training split)")
     c.add_argument("--out", required=True, help="study folder to write")
-    c.add_argument("--items", type=_positive, default=40, help="items per participant")
+    c.add_argument("--items", type=_at_least(1), default=40, help="items per participant")
     c.add_argument("--wrong-share", type=float, default=0.5, help="share of items the model gets wrong")
     c.add_argument("--conditions", default=",".join(CONDITIONS),
                    help="comma-separated conditions, from: " + ", ".join(CONDITIONS))
@@ -48,6 +48,8 @@ def add_parser(sub, formatter_class) -> None:
                    help="one condition per participant (between), or all conditions on different items (within)")
     c.add_argument("--two-stage", action="store_true", help="ask each participant's own answer before the advice")
     c.add_argument("--class-names", help="comma-separated class names (default: fashion-mnist's names, else indices)")
+    c.add_argument("--attention-checks", type=_at_least(0), default=0,
+                   help="extra trials that ask to reject with confidence 4; analyze leaves out who fails one")
     c.add_argument("--seed", type=int, default=0, help="seed of the item choice and of the trial orders")
     c.add_argument("--model", help="the model callable as package.module:callable (default: the run's)")
     c.add_argument("--weights", help="state dict for the model (default: the run's)")
@@ -73,21 +75,27 @@ def add_parser(sub, formatter_class) -> None:
     a.add_argument("study", help="study folder")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
     a.add_argument("--html", help="also write an HTML page with plots to this file")
-    a.add_argument("--n-boot", type=_positive, default=2000, help="bootstrap replicates")
+    a.add_argument("--n-boot", type=_at_least(1), default=2000, help="bootstrap replicates")
     a.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    a.add_argument("--keep-inattentive", action="store_true",
+                   help="keep the participants who failed an attention check (their checks still do not count)")
     a.set_defaults(func=_analyze)
 
 
-def _positive(text: str) -> int:
+def _at_least(low: int):
+    """An argparse ``type`` for integers >= ``low``."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
+        return value
+
+    return parse
 
 
 def _help(parser) -> int:
@@ -126,7 +134,7 @@ def _create(args) -> int:
         names = list(FASHION_MNIST_CLASSES)
     out = create_study(ac, x, y, args.out, train=train, items=args.items, wrong_share=args.wrong_share,
                        conditions=conditions, design=args.design, two_stage=args.two_stage, seed=args.seed,
-                       class_names=names, overwrite=args.overwrite,
+                       class_names=names, overwrite=args.overwrite, attention_checks=args.attention_checks,
                        source={"run": str(Path(args.run).resolve()), "data": args.data})
     print(f"wrote the study to {out}/ ({args.items} items, conditions {', '.join(conditions)}, "
           f"{args.design}-subjects{', two-stage' if args.two_stage else ''}); serve it with: "
@@ -165,7 +173,8 @@ def _analyze(args) -> int:
     from .analyze import analyze_study, render_html
     from .folder import load_study
 
-    result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed)
+    result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed,
+                           exclude_inattentive=not args.keep_inattentive)
     if args.html:
         path = Path(args.html)
         path.write_text(render_html(result, load_study(args.study)), encoding="utf-8")
@@ -188,6 +197,10 @@ def format_analysis(result: dict) -> str:
     for name, g in groups.items():
         lines.append(f"{name:<20} {g['n_participants']:>6} {g['n_responses']:>6}  "
                      + "  ".join(f"{cell(g[m]):<24}" for m in metrics))
+    failed = result["attention"]["failed"]
+    if failed:
+        lines.append(f"{len(failed)} participant(s) failed an attention check"
+                     + (" and are left out" if result["attention"]["excluded"] else " (kept)"))
     terms = result["regression"].get("terms")
     if terms:
         lines.append(f"logistic GEE of appropriate decisions (reference {result['regression']['reference']}): "

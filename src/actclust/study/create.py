@@ -25,7 +25,7 @@ _MULTICLASS_TOP, _PER_CLASS, _EXEMPLARS = 3, 2, 4  # top classes, samples per cl
 def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: float = 0.5,
                  conditions=CONDITIONS, design: str = "between", two_stage: bool = False, seed: int = 0,
                  class_names=None, feature_names=None, render=None, mean=None, std=None, k: int = 6,
-                 overwrite: bool = False, source=None) -> Path:
+                 attention_checks: int = 0, overwrite: bool = False, source=None) -> Path:
     """Write a study folder for the fitted explainer ``ac`` on labelled inputs ``X, y``.
 
     Parameters
@@ -48,6 +48,10 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
         How classes and inputs are shown; as in :func:`actclust.report`.
     k : int, default=6
         Similar samples shown per trial.
+    attention_checks : int, default=0
+        Extra trials whose input is the instruction to reject with confidence 4 (shown with a
+        real item's prediction and explanation); :mod:`.analyze` leaves them out of the metrics
+        and, by default, leaves out the participants who fail one.
     source : dict, optional
         Provenance to record (e.g. the run folder and data it came from).
 
@@ -61,6 +65,8 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
 
     state = ac.state_
     conditions = _check(items, wrong_share, conditions, design, seed, k)
+    if not isinstance(attention_checks, numbers.Integral) or isinstance(attention_checks, bool) or attention_checks < 0:
+        raise ParameterError(f"attention_checks must be an int >= 0. Got {attention_checks!r} instead.")
     out = Path(out)
     if (out / DB_FILE).exists():
         raise RunExistsError(f"{out} holds collected responses ({DB_FILE}); a study with responses is never "
@@ -106,6 +112,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
                 "trust": {"surrogate_agrees": e.surrogate["prediction"] == e.dnn["prediction"],
                           "signals": dict(e.trust or {})},
             }})
+    records += _attention_items(records, attention_checks, seed)
     shown = sorted({t for r in records for t in _sample_ids(r["views"])})
     if train is None:
         pictures = {t: {"kind": "text", "text": f"training sample #{t}"} for t in shown}
@@ -156,6 +163,20 @@ def _pick(right: np.ndarray, items: int, wrong_share: float, seed: int) -> np.nd
     chosen = np.concatenate([rng.choice(np.flatnonzero(~right), n_wrong, replace=False),
                              rng.choice(np.flatnonzero(right), items - n_wrong, replace=False)])
     return rng.permutation(chosen)
+
+
+ATTENTION_TEXT = "Attention check: whatever the AI says, choose Reject and confidence 4."
+
+
+def _attention_items(records: list, n: int, seed: int) -> list:
+    """``n`` attention-check items, each borrowing a real item's prediction and explanation."""
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for j, source in enumerate(rng.choice(len(records), n, replace=n > len(records)).tolist()):
+        base = records[source]
+        out.append({**base, "id": len(records) + j, "row": None, "attention": True, "label": None, "ai_right": None,
+                    "input": {"kind": "text", "text": ATTENTION_TEXT}})
+    return out
 
 
 def _sample_ids(views: dict):

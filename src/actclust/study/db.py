@@ -215,6 +215,6 @@ class Store:
         out = []
         for r in rows:
             it = items[r["item_id"]]
-            out.append({**dict(r), "completed": bool(r["completed"]), "true_label": it["label"],
-                        "ai_prediction": it["prediction"], "ai_right": bool(it["ai_right"])})
+            out.append({**dict(r), "completed": bool(r["completed"]), "attention_check": bool(it.get("attention")),
+                        "true_label": it["label"], "ai_prediction": it["prediction"], "ai_right": it["ai_right"]})
         return out

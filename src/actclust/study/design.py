@@ -32,14 +32,18 @@ def assign_condition(conditions: list, filled: dict, rng: random.Random) -> str:
 def plan_trials(items: list, conditions: list, design: str, number: int, condition, rng: random.Random) -> list:
     """``[(item_id, condition)]`` in presentation order for participant ``number``.
 
-    ``items`` are the study's item dicts (``id``, ``ai_right``); ``condition`` is the assigned
-    condition in a between-subjects design (ignored within subjects).
+    ``items`` are the study's item dicts (``id``, ``ai_right``, ``attention``); ``condition`` is
+    the assigned condition in a between-subjects design (ignored within subjects). Attention
+    checks stay out of the Latin square and rotate through the conditions on their own.
     """
+    checks = [it for it in items if it.get("attention")]
+    items = [it for it in items if not it.get("attention")]
     if design == "between":
-        trials = [(it["id"], condition) for it in items]
+        trials = [(it["id"], condition) for it in items + checks]
     else:
         n_cond = len(conditions)
         ordered = [it for it in items if not it["ai_right"]] + [it for it in items if it["ai_right"]]
         trials = [(it["id"], conditions[(i + number) % n_cond]) for i, it in enumerate(ordered)]
+        trials += [(it["id"], conditions[(i + number) % n_cond]) for i, it in enumerate(checks)]
     rng.shuffle(trials)
     return trials

@@ -6,7 +6,7 @@ Schema ``actclust.study/1``::
      "design": "between" | "within", "two_stage": bool, "conditions": [str],
      "class_names": [str], "source": {...},           # run, data, actclust version, model class
      "items": [{"id": int, "input": R, "label": int, "prediction": int, "confidence": float,
-                "ai_right": bool,
+                "ai_right": bool, "attention": bool?,   # attention checks: label and ai_right null
                 "views": {"similar": [sample id],
                           "similar_multiclass": [{"class": int, "probability": float, "samples": [sample id]}],
                           "concepts": [{"layer": str, "cluster": int, "weight": float,
