@@ -195,3 +195,21 @@ class LiveStudyServer:
 def _study_model():
     """The model of ``study_source``, as the CLI builds it (``--model conftest:_study_model``)."""
     return TinyCNN(seed=3, bias=False).eval()
+
+
+def chromium_playwright():
+    """``(chromium path, sync_playwright)`` for a browser test; call it first in the test.
+
+    Skipped where Chromium or Playwright is missing, except under CI (:func:`in_ci`), which
+    installs both: there it fails.
+    """
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("CI must install chromium") if in_ci() else pytest.skip("no chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
+    return chromium, sync_playwright

@@ -4,24 +4,10 @@ Playwright), clicking through the served pages; the admin export then holds exac
 Skipped where Chromium or Playwright is missing, except under CI (``CI=true``), which installs both.
 """
 
-import shutil
-
 import httpx
 import pytest
 
-from conftest import XSS_CLASS, LiveStudyServer, in_ci, make_study
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _browser():
-    if CHROMIUM is None:
-        pytest.fail("CI must install chromium") if in_ci() else pytest.skip("no chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
-    return sync_playwright
+from conftest import XSS_CLASS, LiveStudyServer, chromium_playwright, make_study
 
 
 def _answer(page, two_stage, start=0, limit=100):
@@ -52,10 +38,10 @@ def _answer(page, two_stage, start=0, limit=100):
 @pytest.mark.slow
 @pytest.mark.parametrize("two_stage", [False, True])
 def test_participant_completes_study(tmp_path, study_source, two_stage):
-    sync_playwright = _browser()
+    chromium, sync_playwright = chromium_playwright()
     folder = make_study(tmp_path / "s", study_source, items=4, conditions=["full"], two_stage=two_stage)
     with LiveStudyServer(folder) as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
             errors, dialogs, remote = [], [], []

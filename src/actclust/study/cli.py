@@ -23,6 +23,8 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 def add_parser(sub, formatter_class) -> None:
     """Add the ``study`` command, with its three subcommands, to the main parser's subparsers ``sub``."""
+    from ..cli import _int_at_least as _at_least  # the main CLI's option type, worded the same
+
     study = sub.add_parser("study", help="run a user study of the explanations: create, serve, analyze",
                            description="Measure whether the explanations raise warranted trust: create a study "
                                        "from a saved run, serve it to participants, analyze the responses.",
@@ -80,22 +82,6 @@ def add_parser(sub, formatter_class) -> None:
     a.add_argument("--keep-inattentive", action="store_true",
                    help="keep the participants who failed an attention check (their checks still do not count)")
     a.set_defaults(func=_analyze)
-
-
-def _at_least(low: int):
-    """An argparse ``type`` for integers >= ``low``."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
-        return value
-
-    return parse
 
 
 def _help(parser) -> int:
