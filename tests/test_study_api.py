@@ -198,3 +198,15 @@ def test_progress_and_csv(client):
     assert ",decision,accept,2," in lines[1]
     page = client.get("/admin?token=admin-secret").text
     assert page.count("<td>1</td>") == 2  # one participant started, one answer stored
+
+
+# a participant-given id cannot become a spreadsheet formula in the CSV export
+def test_csv_formula_neutralised(client):
+    s, auth = _start(client, {"external_id": "=HYPERLINK(\"http://x\")"})
+    t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
+    _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2)
+    import csv
+
+    row = next(csv.DictReader(client.get("/admin/export.csv?token=admin-secret").text.splitlines()))
+    assert row["external_id"] == "'=HYPERLINK(\"http://x\")"
+    assert client.get("/admin/export.json?token=admin-secret").json()["responses"][0]["external_id"].startswith("=")

@@ -90,6 +90,13 @@ def _replay(messages: list, then=None):
     return receive
 
 
+def _cell(value):
+    """A CSV cell that a spreadsheet will not run: text starting like a formula gets a leading quote."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _bearer(authorization: Optional[str]) -> Optional[str]:
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
@@ -200,7 +207,7 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         if rows:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return PlainTextResponse(out.getvalue(), media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="responses.csv"'})
 
