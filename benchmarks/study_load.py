@@ -101,6 +101,11 @@ class Stats:
         self.latency = {"next": [], "answer": [], "session": []}
         self.failures = 0  # requests that got no answer (server down): retried
         self.timeline: list = []  # (start, latency) of every successful request
+        self.server: list = []  # the server's own time for each (its Server-Timing header), ms
+
+
+def server_ms(response) -> float:
+    return float(response.headers.get("server-timing", "app;dur=nan").split("dur=")[1])
 
 
 async def call(client, stats, kind, method, url, **kw):
@@ -119,6 +124,7 @@ async def call(client, stats, kind, method, url, **kw):
             raise SystemExit(f"{method} {url} -> {r.status_code}: {r.text}")
         stats.latency[kind].append(time.perf_counter() - t0)
         stats.timeline.append((t0, time.perf_counter() - t0))
+        stats.server.append(server_ms(r))
         return r.json()
 
 
@@ -149,6 +155,7 @@ async def participant(client, stats, rng, think):
             delay = min(delay * 2, 1.0)
         stats.latency["answer"].append(time.perf_counter() - t0)
         stats.timeline.append((t0, time.perf_counter() - t0))
+        stats.server.append(server_ms(r))
         if r.status_code != 200:
             raise SystemExit(f"POST answer -> {r.status_code}: {r.text}")
         ack = r.json()
@@ -158,6 +165,7 @@ async def participant(client, stats, rng, think):
 
 async def main_async(args) -> dict:
     study = make_study()
+    load_before = os.getloadavg()[0]
     port = free_port()
     server = Server(study, port)
     first_start = await server.start()
@@ -204,6 +212,9 @@ async def main_async(args) -> dict:
         "sent_without_acknowledgement": stats.lost_acks,
         "retries_acknowledged_as_duplicate": stats.duplicate_acks, "requests_failed_and_retried": stats.failures,
         "sessions": sessions[0], "sessions_completed": sessions[1],
+        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "server_time_ms": {"p50": round(float(np.nanpercentile(stats.server, 50)), 2),
+                           "p95": round(float(np.nanpercentile(stats.server, 95)), 2)},
         "kill_at_s": round(down - t0, 1), "p95_by_5s_window": windows,
         "latency_ms": {k: {"n": int(len(v)), "p50": round(float(np.percentile(v, 50)), 1),
                            "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(v.max()), 1)}
@@ -228,6 +239,8 @@ def main() -> None:
     print(f"{r['participants']} participants x {r['trials_each']} trials, think {r['think_s_mean']} s mean, "
           f"{r['machine']['cpus']} CPUs; SIGKILL after {r['kill_after_acknowledged']} acknowledged, "
           f"down {r['outage_s']} s (restart {r['restart_s']} s); {r['wall_s']} s in all")
+    print(f"  load average (1 min) before/after: {r['load_average_1min']['before']} / "
+          f"{r['load_average_1min']['after']} on {r['machine']['cpus']} CPUs")
     print(f"  {'answers sent':<34} {r['answers_sent']:>7}")
     print(f"  {'answers acknowledged (distinct)':<34} {r['answers_acknowledged']:>7}")
     print(f"  {'answers stored':<34} {r['answers_stored']:>7}")
@@ -238,6 +251,8 @@ def main() -> None:
     print(f"  {'requests failed (server down)':<34} {r['requests_failed_and_retried']:>7}")
     for k, v in r["latency_ms"].items():
         print(f"  {'latency ' + k + ' p50 / p95 / max ms':<34} {v['p50']:>7} {v['p95']:>7} {v['max']:>7}  (n={v['n']})")
+    print(f"  {'server time p50 / p95 ms':<34} {r['server_time_ms']['p50']:>7} {r['server_time_ms']['p95']:>7}"
+          "  (inside the app, from its Server-Timing header)")
     print("  bar: " + ", ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in r["bar"].items()))
     print(f"wrote {args.out}")
 

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import secrets
+import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -126,8 +127,10 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.middleware("http")
-    async def no_caching(request, call_next):
+    async def headers(request, call_next):
+        start = time.perf_counter()
         response = await call_next(request)
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - start) * 1000:.2f}"
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
