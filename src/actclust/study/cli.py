@@ -30,7 +30,8 @@ def add_parser(sub, formatter_class) -> None:
                                        "from a saved run, serve it to participants, analyze the responses.",
                            formatter_class=formatter_class)
     study.set_defaults(func=lambda args: _help(study))
-    steps = study.add_subparsers(dest="study_command", metavar="STEP")
+    steps = study.add_subparsers(dest="study_command", metavar="STEP",
+                                 help="run 'actclust study STEP --help' for its options")
 
     c = steps.add_parser("create", help="pick items and pre-render every condition into a study folder",
                          description="Pick items at random, stratified by whether the model is right, and "
