@@ -72,3 +72,41 @@ def test_participant_completes_study(tmp_path, study_source, two_stage):
     got = [(r["stage"], r["label"] if r["stage"] == "initial" else r["decision"], r["confidence"]) for r in export]
     assert len(got) == 4 * (2 if two_stage else 1) and len({r["session_id"] for r in export}) == 1
     assert got == clicked
+
+
+# a tabular study: feature and class names that look like markup are shown as text, and run nothing
+@pytest.mark.slow
+def test_feature_names_shown_as_text(tmp_path):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from actclust import ActivationClustering
+    from actclust.study import create_study
+
+    chromium, sync_playwright = chromium_playwright()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 90)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    ac = ActivationClustering(mlp, ["0", "2"], n_clusters=3, progress=False).fit(x, y)
+    evil = '<img src=x onerror="alert(2)">'
+    folder = create_study(ac, x, y, tmp_path / "s", train=x, items=4, conditions=["similar"], k=2,
+                          class_names=[XSS_CLASS, "b"], feature_names=[evil, "f1", "f2", "f3"])
+    with LiveStudyServer(folder) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            dialogs = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(server.url + "/")
+            page.click("#consent")
+            page.wait_for_selector("#trial:not([hidden])")
+            first_cell = page.locator("#item table.features td").first.text_content()
+            injected = page.locator("#trial img[src='x']").count()
+            prediction = page.locator("#advice strong").text_content()
+        finally:
+            browser.close()
+    assert first_cell == evil and injected == 0 and dialogs == []
+    assert prediction in (XSS_CLASS, "b")
