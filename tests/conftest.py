@@ -78,16 +78,27 @@ def mixed_fitted(mixed_model, data):
     return ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)
 
 
-def layer_vectors(model: TinyCNN, x) -> dict:
+def layer_vectors(model: TinyCNN, x, spatial_grid=None) -> dict:
     """The vectors ActivationClustering's defaults (reducer="mean", normalize="l2") give for LAYERS,
-    computed here from the modules directly (float64), as an oracle independent of the capture code."""
+    computed here from the modules directly (float64), as an oracle independent of the capture code.
+    With ``spatial_grid=g``, the conv layer gives instead its retrieval summary: the map averaged
+    over a g x g grid of cells, cell i spanning rows floor(i H / g) to ceil((i + 1) H / g) (the
+    definition of adaptive average pooling), flattened, unit length."""
     with torch.no_grad():
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))
         conv = model.conv(t)
         fc1 = model.fc1(model.flat(model.pool(torch.relu(conv))))
         fc2 = model.fc2(model.act(fc1))
     out = {}
-    for name, v in (("conv", conv.mean((2, 3))), ("fc1", fc1), ("fc2", fc2)):
+    if spatial_grid is None:
+        conv_vector = conv.mean((2, 3))
+    else:
+        m, g = conv.double().numpy(), spatial_grid
+        cells = [(i * m.shape[2] // g, -(-(i + 1) * m.shape[2] // g)) for i in range(g)]
+        cols = [(j * m.shape[3] // g, -(-(j + 1) * m.shape[3] // g)) for j in range(g)]
+        conv_vector = torch.from_numpy(np.stack([m[:, :, a:b, c:d].mean((2, 3)) for a, b in cells for c, d in cols],
+                                                2).reshape(len(m), -1))
+    for name, v in (("conv", conv_vector), ("fc1", fc1), ("fc2", fc2)):
         v = v.double().numpy()
         out[name] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out

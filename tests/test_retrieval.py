@@ -3,15 +3,17 @@ import pytest
 
 import actclust
 from actclust import DataError, NotFittedError
+from actclust.explainer import SPATIAL_GRID
 from actclust.retrieval import layer_weights
 
 from conftest import LAYERS, layer_vectors, sq_distances
 
 
-def _brute(model, x_train, x, w):
+def _brute(model, x_train, x, w, spatial_grid=SPATIAL_GRID):
     """Combined scaled distances (n, n_train) and per-layer parts, computed densely from the
-    layer vectors computed by hand: D = sum_l w_l ||v_l(x) - v_l(t)||^2 / (2 * sum of variances)."""
-    train, query = layer_vectors(model, x_train), layer_vectors(model, x)
+    layer vectors computed by hand: D = sum_l w_l ||v_l(x) - v_l(t)||^2 / (2 * sum of variances);
+    the conv layer by its spatial summary (the default ``spatial_grid``)."""
+    train, query = layer_vectors(model, x_train, spatial_grid), layer_vectors(model, x, spatial_grid)
     parts = np.stack([wl * sq_distances(query[l], train[l]) / (2 * train[l].var(0).sum())
                       for l, wl in zip(LAYERS, w)], 2)
     return parts.sum(2), parts
@@ -36,6 +38,16 @@ def test_similar_matches_brute_force(fitted, model, data, weights, raw):
     np.testing.assert_allclose(nb.distances, np.take_along_axis(dense, order, 1), rtol=1e-4, atol=1e-6)
     shares = np.take_along_axis(parts, order[:, :, None], 1) / np.take_along_axis(dense, order, 1)[:, :, None]
     np.testing.assert_allclose(nb.layer_shares, shares, atol=1e-3)
+
+
+# without spatial summaries, the conv layer is searched by its clustering vector (channel means)
+def test_similar_without_spatial_summaries(model, data):
+    ac = actclust.ActivationClustering(model, LAYERS, n_clusters=4, spatial_grid=None, progress=False).fit(*data)
+    assert list(ac.train_vectors_) == LAYERS
+    x = data[0][:10] + 0.1
+    w = np.array(PRESETS["low"]) / np.sum(PRESETS["low"])
+    dense, _ = _brute(model, data[0], x, w, spatial_grid=None)
+    np.testing.assert_array_equal(ac.similar(x, k=5, weights="low").indices, np.argsort(dense, 1, kind="stable")[:, :5])
 
 
 # a training sample's nearest training sample is itself, at distance 0

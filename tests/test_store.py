@@ -22,7 +22,9 @@ def test_disk_store_identical_to_memory(model, data, tmp_path):
     mem = _fit(model, x, y)
     disk = _fit(model, x, y, store=tmp_path / "vectors")
     assert disk.state_.train_vectors.on_disk and not mem.state_.train_vectors.on_disk
-    assert sorted(os.listdir(tmp_path / "vectors")) == ["layer-0.bin", "layer-1.bin", "layer-2.bin", "store.json"]
+    # three layers and the conv layer's spatial summary
+    assert sorted(os.listdir(tmp_path / "vectors")) == ["layer-0.bin", "layer-1.bin", "layer-2.bin", "layer-3.bin",
+                                                        "store.json"]
     for l in mem.layers_:
         np.testing.assert_array_equal(np.asarray(disk.train_vectors_[l]), mem.train_vectors_[l])
         np.testing.assert_array_equal(disk.clusterings_[l].centers_, mem.clusterings_[l].centers_)

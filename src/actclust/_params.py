@@ -77,6 +77,10 @@ def validate_params(ac, adapter) -> list:
     make_clustering(ac.clustering, 2)
     check_search(ac.search)
     check_store(ac.store, ac.store_dtype)
+    g = ac.spatial_grid
+    if g is not None and (not isinstance(g, numbers.Integral) or isinstance(g, bool) or g < 1):
+        raise ParameterError(f"The 'spatial_grid' parameter of ActivationClustering must be None or an int >= 1. "
+                             f"Got {g!r} instead.")
     return layers
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ._data import Batch, Batches, Collector, check_label_range
 from .adapters import ModelAdapter
 from .exceptions import DataError
-from .reduction import normalized
+from .reduction import normalized, spatial_summary
 from .state import FittedState, InputSpec, Query
 from .store import StoreWriter, estimate
 
@@ -67,8 +67,20 @@ def run(adapter: ModelAdapter, batches: Batches, reducers: dict, *, desc: str, p
             yield batch, logits, out, first
 
 
-def hooked(reducers: dict, normalize) -> dict:
-    return {l: normalized(r, normalize) for l, r in reducers.items()}
+def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None) -> dict:
+    """Each layer's reducer, normalised; with ``spatial_grid``, the layers (all, or ``spatial_layers``)
+    also return a retrieval-only spatial summary (``None`` for maps without a layout)."""
+    out = {l: normalized(r, normalize) for l, r in reducers.items()}
+    if spatial_grid is None:
+        return out
+    summary = spatial_summary(spatial_grid, normalize)
+
+    def both(reduce):
+        def reduce_and_summarize(t, mask=None):
+            return reduce(t, mask), summary(t, mask)
+        reduce_and_summarize.over_tokens = getattr(reduce, "over_tokens", True)
+        return reduce_and_summarize
+    return {l: both(f) if spatial_layers is None or l in spatial_layers else f for l, f in out.items()}
 
 
 def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool):
@@ -113,7 +125,8 @@ def _bytes(b: int) -> str:
 def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, progress: bool) -> Query:
     """One pass over the inputs: the DNN's outputs and, per layer, distances to the centres (and vectors)."""
     col, has_y = Collector(batches.n_samples), []
-    reducers = hooked(state.reducers, state.normalize)
+    summaries = [l for l in state.layers if state.retrieval_key(l) != l]
+    reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries)
     for batch, logits, out, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
                                      spec=state.input_spec):
         if logits.shape[1] != state.n_classes:
@@ -130,6 +143,8 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
             col.add(("distances", l), state.clusterings[l].distances(v))
             if keep_vectors:
                 col.add(("vectors", l), v)
+                if l in summaries:
+                    col.add(("vectors", state.retrieval_key(l)), out[state.retrieval_key(l)])
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
             y = batch.labels.numpy().astype(np.int64)
@@ -138,7 +153,8 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
     return Query(
         dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),
         distances={l: col.get(("distances", l)) for l in state.layers},
-        vectors={l: col.get(("vectors", l)) for l in state.layers} if keep_vectors else None,
+        vectors={k: col.get(("vectors", k)) for k in state.layers + [state.retrieval_key(l) for l in summaries]}
+        if keep_vectors else None,
         labels=col.get("y") if all(has_y) else None,
     )
 

@@ -15,10 +15,13 @@ from .adapters import adapt
 from .clustering import make_clustering
 from .exceptions import ActClustWarning, ConvergenceWarning, DataError, NotFittedError, ParameterError
 from .reduction import make_reducer
-from .state import FittedState, Query
+from .state import SUMMARY_SUFFIX, FittedState, Query
 from .store import StoreWriter
 
-__all__ = ["ActivationClustering"]
+__all__ = ["ActivationClustering", "SPATIAL_GRID"]
+
+#: Default ``spatial_grid``: chosen on Fashion-MNIST by ``benchmarks/explore_low.py``.
+SPATIAL_GRID = 4
 
 
 class ActivationClustering:
@@ -80,6 +83,12 @@ class ActivationClustering:
         float16 whose probes are calibrated for recall@10 >= 0.97 (candidates re-ranked exactly);
         ``"auto"`` is exact while ``n_train x width`` is below
         :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 50,000 samples of 960 floats).
+    spatial_grid : int or None, default=SPATIAL_GRID
+        Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
+        ``spatial_grid x spatial_grid`` (unit length with ``normalize="l2"``), and similar-sample
+        search compares those summaries for that layer instead of its clustering vector, so the
+        "low" weights find training samples that look alike (where their early layers respond).
+        Clustering, the surrogate and trust signals do not use them. ``None`` stores none.
     store : None or path, default=None
         Where the training vectors live: ``None`` keeps them in memory; a directory path writes
         them there while capturing (one raw file per layer) and memory-maps them, so the
@@ -126,7 +135,8 @@ class ActivationClustering:
         self, model, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
-        output: Optional[Callable] = None, search="auto", store=None, store_dtype="float32",
+        output: Optional[Callable] = None, search="auto", spatial_grid=SPATIAL_GRID, store=None,
+        store_dtype="float32",
     ):
         self.model = model
         self.layers = layers
@@ -145,6 +155,7 @@ class ActivationClustering:
         self.label_key = label_key
         self.output = output
         self.search = search
+        self.spatial_grid = spatial_grid
         self.store = store
         self.store_dtype = store_dtype
 
@@ -186,7 +197,7 @@ class ActivationClustering:
         # Vectors go to the store while capturing; leaving this block by an error removes them.
         with StoreWriter(self.store, self.store_dtype, batches.n_samples) as writer:
             logits_pred, dnn_proba, labels, n_classes, spec = _passes.capture(
-                adapter, batches, _passes.hooked(reducers, self.normalize), writer,
+                adapter, batches, _passes.hooked(reducers, self.normalize, self.spatial_grid), writer,
                 keep_proba=self.clustering == "distill", progress=self.progress)
             vectors = writer.finish()
             state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,
@@ -243,6 +254,7 @@ class ActivationClustering:
             train_score=surrogate.scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
                                          labels, weights, layers),
             fit_info=info, random_state=self.random_state,
+            spatial_grid=self.spatial_grid if any(k.endswith(SUMMARY_SUFFIX) for k in vectors) else None,
         )
 
     def _batches(self, X, y=None) -> Batches:
@@ -264,7 +276,7 @@ class ActivationClustering:
 
         learn = isinstance(self.layer_weights, str)  # "fit", checked in validate_params
         fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
-        result = refine(vectors, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
+        result = refine({l: vectors[l] for l in layers}, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
                         smoothing=self.smoothing, targets=targets, random_state=self.random_state,
                         progress=self.progress)
         for l in layers:

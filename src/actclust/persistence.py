@@ -31,7 +31,7 @@ import numpy as np
 from .clustering import make_clustering
 from .exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError, RunExistsError
 from .reduction import make_reducer
-from .state import FittedState, InputSpec
+from .state import SUMMARY_SUFFIX, FittedState, InputSpec
 from .store import MANIFEST as STORE_MANIFEST, VectorStore
 
 __all__ = ["load", "model_fingerprint", "read_manifest", "FORMAT_VERSION"]
@@ -136,6 +136,9 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
             arrays[f"{layer}/clustering/{k}"] = v
         for k, v in state.reducers[layer].state_dict().items():
             arrays[f"{layer}/reducer/{k}"] = v
+    summaries = [key for key in state.train_vectors if key not in state.layers]  # retrieval-only summaries
+    if not on_disk:
+        arrays.update({f"{key}/train_vectors": state.train_vectors[key] for key in summaries})
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "actclust_version": __version__,
@@ -150,6 +153,7 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
             "clustering": {l: c.name for l, c in state.clusterings.items()},
             "n_clusters": {l: c.n_clusters for l, c in state.clusterings.items()},
             "train_score": state.train_score, "fit_info": state.fit_info,
+            "spatial_grid": state.spatial_grid, "summaries": summaries,
             # A store on disk is linked into the run's store/ folder, not copied into the arrays.
             "store": {"dtype": state.train_vectors.dtype, "widths": state.train_vectors.widths} if on_disk else None,
         }),
@@ -338,7 +342,7 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
     store = None
     if s.get("store") is not None:  # memory-mapped, not read: only its manifest and file sizes are checked
         store = VectorStore.open(path / "store")
-        if store.n_samples != n or store.widths != {l: int(s["store"]["widths"][l]) for l in layers}:
+        if store.n_samples != n or store.widths != {k: int(w) for k, w in s["store"]["widths"].items()}:
             raise InvalidSaveError(f"The vector store in {path / 'store'} holds {store.n_samples} samples of widths "
                                    f"{store.widths}; the run says {n} of {s['store']['widths']}.")
     for l in layers:
@@ -364,6 +368,12 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         if t < 0:
             raise InvalidSaveError(f"The saved temperature of layer {l!r} is negative.")
         reducers[l], clusterings[l], posteriors[l], temperatures[l] = reducer, clustering, post, t
+    for key in s.get("summaries") or []:
+        if str(key).split(SUMMARY_SUFFIX)[0] not in layers or not str(key).endswith(SUMMARY_SUFFIX):
+            raise InvalidSaveError(f"The saved run names a spatial summary {key!r} of no fitted layer.")
+        vectors[key] = store[key] if store is not None else arr(f"{key}/train_vectors")
+        if vectors[key].ndim != 2 or len(vectors[key]) != n:
+            raise InvalidSaveError(f"The saved summaries {key!r} have shape {vectors[key].shape}; expected ({n}, d).")
     return FittedState(
         layers=layers, n_classes=n_classes, input_spec=InputSpec.from_dict(s["input_spec"]),
         normalize=s["normalize"], posterior=str(s["posterior"]), reducers=reducers, clusterings=clusterings,
@@ -371,7 +381,7 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         train_vectors=store if store is not None else VectorStore(vectors),
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
-        random_state=int(s["random_state"]),
+        random_state=int(s["random_state"]), spatial_grid=s.get("spatial_grid"),
     )
 
 

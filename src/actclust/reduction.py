@@ -253,6 +253,19 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
 NORMALIZE_NAMES = ("l2", None)
 
 
+def spatial_summary(grid: int, how):
+    """Retrieval only: a ``(N, C, H, W)`` map average-pooled to ``grid x grid`` and flattened (then
+    scaled to unit length with ``how="l2"``); ``None`` for maps of another rank (no layout to keep)."""
+    import torch.nn.functional as F
+
+    def summarize(t, mask=None):
+        if t.dim() != 4:
+            return None
+        v = F.adaptive_avg_pool2d(t.float(), grid).flatten(1)
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12) if how == "l2" else v
+    return summarize
+
+
 def normalized(reducer: Reducer, how):
     """Wrap ``reducer`` so that its vectors are scaled to unit length (``how="l2"``) or left as is.
 

@@ -345,9 +345,9 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, met
     ``"approximate"`` or ``"auto"``); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    width = sum(v.shape[1] for v in state.train_vectors.values())
-    method = resolve_search(method, state.n_samples, width)
-    idx, dist, shares = _index(state, method, progress).search(query.vectors, k, weights, progress)
+    index = _index(state, method, progress)
+    part = {l: query.vectors[state.retrieval_key(l)] for l in state.layers}
+    idx, dist, shares = index.search(part, k, weights, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
 
 
@@ -355,19 +355,21 @@ def layer_neighbours(state: FittedState, layer: str, vectors: np.ndarray, k: int
                      exclude=None, progress: bool = False):
     """The ``k`` training rows nearest ``vectors`` in one layer alone, by ``method``, leaving out the rows
     where the boolean mask ``exclude`` is true: ``(ids (n, k), squared distances (n, k))``, nearest first."""
-    width = sum(v.shape[1] for v in state.train_vectors.values())
-    index = _index(state, resolve_search(method, state.n_samples, width), progress)
+    index = _index(state, method, progress, space="clustering")
     w = (np.array(state.layers) == layer).astype(np.float64)
     idx, dist, _ = index.search({layer: vectors}, k, w, exclude=exclude)
     return idx, dist.astype(np.float64) * index.scales[state.layers.index(layer)]
 
 
-def _index(state: FittedState, method: str, progress: bool = False) -> Index:
-    """The exact or approximate index of a fitted state, built on first use and cached with it."""
+def _index(state: FittedState, method: str, progress: bool = False, space: str = "retrieval") -> Index:
+    """The exact or approximate index of a fitted state over its retrieval vectors (spatial summaries
+    where stored) or its clustering vectors, built on first use and cached with it."""
+    vectors = {l: state.train_vectors[state.retrieval_key(l) if space == "retrieval" else l] for l in state.layers}
+    method = resolve_search(method, state.n_samples, sum(v.shape[1] for v in vectors.values()))
     cache = state.cache.setdefault("retrieval", {})
-    if "scales" not in cache:
-        cache["scales"] = layer_scales(state.train_vectors)
-    if method not in cache:
-        cache[method] = (Index(state.train_vectors, cache["scales"], progress) if method == "exact"
-                         else ApproximateIndex(state.train_vectors, cache["scales"], state.random_state, progress))
-    return cache[method]
+    if (space, "scales") not in cache:
+        cache[space, "scales"] = layer_scales(vectors)
+    if (space, method) not in cache:
+        cache[space, method] = (Index(vectors, cache[space, "scales"], progress) if method == "exact"
+                                else ApproximateIndex(vectors, cache[space, "scales"], state.random_state, progress))
+    return cache[space, method]

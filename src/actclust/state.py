@@ -17,7 +17,10 @@ import numpy as np
 from . import surrogate
 from .exceptions import DataError
 
-__all__ = ["FittedState", "InputSpec", "Query"]
+__all__ = ["FittedState", "InputSpec", "Query", "SUMMARY_SUFFIX"]
+
+#: Store key of a layer's retrieval-only spatial summary: ``"conv1" + SUMMARY_SUFFIX``.
+SUMMARY_SUFFIX = ":grid"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Query:
     dnn_pred: np.ndarray  # (n,)
     dnn_proba: np.ndarray  # (n, C) softmax of the logits
     distances: dict  # layer -> (n, n_clusters)
-    vectors: Optional[dict]  # layer -> (n, d)
+    vectors: Optional[dict]  # layer -> (n, d), and layer + SUMMARY_SUFFIX -> its spatial summary
     labels: Optional[np.ndarray]
 
     @property
@@ -127,11 +130,15 @@ class FittedState:
         Soft-assignment temperature of each layer (0 = hard; learned by ``distill``).
     posteriors : dict of layer -> ndarray (n_clusters, n_classes)
     weights : ndarray (n_layers,), non-negative, summing to 1
-    train_vectors : dict of layer -> ndarray (n_samples, d)
+    train_vectors : VectorStore
+        ``layer -> (n_samples, d)`` clustering vectors, and ``layer + SUMMARY_SUFFIX`` -> the
+        retrieval-only spatial summary of the conv layers that have one (``spatial_grid``).
     train_predictions : ndarray (n_samples,)
     train_labels : ndarray (n_samples,) or None
     train_score, fit_info : dict
     random_state : int
+    spatial_grid : int or None
+        Grid of the retrieval-only spatial summaries (``None``: none were stored).
     cache : dict
         Results derived from this state on demand (search indexes, trust calibration); they go
         with the state, so a new fit never sees an old fit's caches.
@@ -153,11 +160,17 @@ class FittedState:
     train_score: dict
     fit_info: dict
     random_state: int
+    spatial_grid: Optional[int] = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_samples(self) -> int:
         return len(self.train_predictions)
+
+    def retrieval_key(self, layer: str) -> str:
+        """The store key similar-sample search reads for ``layer``: its spatial summary if it has one."""
+        key = layer + SUMMARY_SUFFIX
+        return key if key in self.train_vectors else layer
 
     def layer_probas(self, distances: dict) -> np.ndarray:
         """Per-layer class distributions ``(L, n, C)`` from squared distances to the centres."""

@@ -203,7 +203,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     from .retrieval import resolve_search
 
     n = state.n_samples
-    method = resolve_search(search, n, sum(v.shape[1] for v in state.train_vectors.values()))
+    method = resolve_search(search, n, sum(state.train_vectors[l].shape[1] for l in state.layers))
     key = (int(k), float(fraction), layer_weights, method)
     cached = state.cache.get("trust")
     if cached is not None and cached.key == key:

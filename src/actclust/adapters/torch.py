@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._data import batch_len
+from ..state import SUMMARY_SUFFIX
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
 from .base import ModelAdapter, Runner
 
@@ -278,7 +279,13 @@ class _TorchRunner(Runner):
         if not self._checked:
             self._checked = True
             self._check_token_maps()
-        kept = {name: t for name, t in self._out.items() if t is not None}  # fitting reducers keep nothing
+        kept = {}  # fitting reducers keep nothing; a reducer may return (vectors, retrieval summary or None)
+        for name, t in self._out.items():
+            main, extra = t if isinstance(t, tuple) else (t, None)
+            if main is not None:
+                kept[name] = main
+            if extra is not None:
+                kept[name + SUMMARY_SUFFIX] = extra
         out = {name: t.reshape(t.shape[0], -1).float().cpu().numpy() for name, t in kept.items()}
         logits = logits.detach().float().cpu().numpy()
         # Checked here, not in the hooks: a data-dependent branch in a hook breaks torch.compile's graph.
