@@ -83,7 +83,8 @@ def layer_vectors(model: TinyCNN, x, spatial_grid=None) -> dict:
     computed here from the modules directly (float64), as an oracle independent of the capture code.
     With ``spatial_grid=g``, the conv layer gives instead its retrieval summary: the map averaged
     over a g x g grid of cells, cell i spanning rows floor(i H / g) to ceil((i + 1) H / g) (the
-    definition of adaptive average pooling), flattened, unit length."""
+    definition of adaptive average pooling), flattened, not normalised (4 channels x 16 cells:
+    no wider than 64 values, so not projected)."""
     with torch.no_grad():
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))
         conv = model.conv(t)
@@ -100,7 +101,7 @@ def layer_vectors(model: TinyCNN, x, spatial_grid=None) -> dict:
                                                 2).reshape(len(m), -1))
     for name, v in (("conv", conv_vector), ("fc1", fc1), ("fc2", fc2)):
         v = v.double().numpy()
-        out[name] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        out[name] = v if name == "conv" and spatial_grid is not None else v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
 

@@ -86,3 +86,33 @@ def test_bad_reducer_names(spec, match):
 def test_grid_on_5d_map():
     with pytest.raises(ValueError, match="needs maps of shape"):
         make_reducer("grid:2")(torch.randn(2, 3, 2, 2, 2))
+
+
+# the retrieval summaries' projection: fixed signs +-1/8, balanced, different per seed, and it keeps
+# pairwise distances (Johnson-Lindenstrauss): ratios near 1 on random vectors
+def test_sign_projection_keeps_distances():
+    from actclust.reduction import SUMMARY_DIMS, sign_projection
+
+    p = sign_projection(1536, 7)
+    assert p.shape == (1536, SUMMARY_DIMS)
+    assert set(p.unique().tolist()) == {-0.125, 0.125}
+    assert 0.45 < float((p > 0).float().mean()) < 0.55
+    assert torch.equal(p, sign_projection(1536, 7)) and not torch.equal(p, sign_projection(1536, 8))
+    x = torch.randn(100, 1536, generator=torch.Generator().manual_seed(0))
+    d0, d1 = torch.cdist(x, x), torch.cdist(x @ p, x @ p)
+    off = ~torch.eye(100, dtype=torch.bool)
+    ratio = d1[off] / d0[off]
+    assert 0.9 < float(ratio.mean()) < 1.1 and float(ratio.std()) < 0.15
+
+
+# a conv map is pooled to the grid, and projected to SUMMARY_DIMS values only when wider
+def test_spatial_summary_widths():
+    from actclust.reduction import SUMMARY_DIMS, spatial_summary
+
+    summarize = spatial_summary(4, seed=3)
+    narrow = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = summarize(narrow)
+    assert out.shape == (2, 48)
+    assert torch.allclose(out[0, 0], narrow[0, 0, :2, :2].mean())  # first channel, first cell
+    assert summarize(torch.randn(2, 32, 8, 8)).shape == (2, SUMMARY_DIMS)
+    assert summarize(torch.randn(2, 5)) is None  # dense output: no layout to keep

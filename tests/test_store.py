@@ -147,3 +147,13 @@ def test_streaming_keeps_resident_memory_flat(tmp_path):
         peak = max(peak, rss())
     assert peak - before < 64 * 2**20, (peak - before) / 2**20
     np.testing.assert_allclose(total, np.asarray(store["a"][:, 0], np.float64).sum(), rtol=1e-4)
+
+
+# float16 cannot hold values beyond 65504: refused with what to use instead, nothing left behind
+def test_float16_overflow_refused(tmp_path):
+    from actclust import DataError
+
+    with pytest.raises(DataError, match=r"Layer 'a' has values beyond float16's range \(65504\); use store_dtype='float32'"):
+        with StoreWriter(tmp_path / "s", "float16") as w:
+            w.add({"a": np.array([[1.0, 1e6]])})
+    assert list((tmp_path / "s").iterdir()) == []

@@ -7,6 +7,7 @@ shape the explainer was fitted on) and every batch's inputs for NaN, naming the 
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -67,20 +68,22 @@ def run(adapter: ModelAdapter, batches: Batches, reducers: dict, *, desc: str, p
             yield batch, logits, out, first
 
 
-def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None) -> dict:
+def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, random_state: int = 0) -> dict:
     """Each layer's reducer, normalised; with ``spatial_grid``, the layers (all, or ``spatial_layers``)
-    also return a retrieval-only spatial summary (``None`` for maps without a layout)."""
+    also return a retrieval-only spatial summary (``None`` for maps without a layout), projected
+    with a seed drawn from ``random_state`` and the layer's name."""
     out = {l: normalized(r, normalize) for l, r in reducers.items()}
     if spatial_grid is None:
         return out
-    summary = spatial_summary(spatial_grid, normalize)
 
-    def both(reduce):
+    def both(reduce, layer):
+        summary = spatial_summary(spatial_grid, zlib.crc32(f"{random_state}/{layer}".encode()))
+
         def reduce_and_summarize(t, mask=None):
             return reduce(t, mask), summary(t, mask)
         reduce_and_summarize.over_tokens = getattr(reduce, "over_tokens", True)
         return reduce_and_summarize
-    return {l: both(f) if spatial_layers is None or l in spatial_layers else f for l, f in out.items()}
+    return {l: both(f, l) if spatial_layers is None or l in spatial_layers else f for l, f in out.items()}
 
 
 def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool):
@@ -126,7 +129,8 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
     """One pass over the inputs: the DNN's outputs and, per layer, distances to the centres (and vectors)."""
     col, has_y = Collector(batches.n_samples), []
     summaries = [l for l in state.layers if state.retrieval_key(l) != l]
-    reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries)
+    reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries,
+                      state.random_state)
     for batch, logits, out, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
                                      spec=state.input_spec):
         if logits.shape[1] != state.n_classes:

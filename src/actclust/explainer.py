@@ -83,12 +83,13 @@ class ActivationClustering:
         float16 whose probes are calibrated for recall@10 >= 0.97 (candidates re-ranked exactly);
         ``"auto"`` is exact while ``n_train x width`` is below
         :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 50,000 samples of 960 floats).
-    spatial_grid : int or None, default=SPATIAL_GRID
+    spatial_grid : int or None, default=4
         Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
-        ``spatial_grid x spatial_grid`` (unit length with ``normalize="l2"``), and similar-sample
-        search compares those summaries for that layer instead of its clustering vector, so the
-        "low" weights find training samples that look alike (where their early layers respond).
-        Clustering, the surrogate and trust signals do not use them. ``None`` stores none.
+        ``spatial_grid x spatial_grid`` (projected to 64 values when wider; see
+        :func:`actclust.reduction.spatial_summary`), and similar-sample search compares those
+        summaries for that layer instead of its clustering vector, so the "low" weights find
+        training samples that look alike (where their early layers respond). Clustering, the
+        surrogate and trust signals do not use them. ``None`` stores none.
     store : None or path, default=None
         Where the training vectors live: ``None`` keeps them in memory; a directory path writes
         them there while capturing (one raw file per layer) and memory-maps them, so the
@@ -197,7 +198,8 @@ class ActivationClustering:
         # Vectors go to the store while capturing; leaving this block by an error removes them.
         with StoreWriter(self.store, self.store_dtype, batches.n_samples) as writer:
             logits_pred, dnn_proba, labels, n_classes, spec = _passes.capture(
-                adapter, batches, _passes.hooked(reducers, self.normalize, self.spatial_grid), writer,
+                adapter, batches, _passes.hooked(reducers, self.normalize, self.spatial_grid,
+                                                 random_state=self.random_state), writer,
                 keep_proba=self.clustering == "distill", progress=self.progress)
             vectors = writer.finish()
             state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,

@@ -200,6 +200,8 @@ class StoreWriter:
             raise DataError(f"A batch gave different numbers of vectors per layer: {sizes}.")
         for l, v in vectors.items():
             v = np.ascontiguousarray(v, dtype=self.dtype)
+            if self.dtype == np.float16 and not np.isfinite(v).all():
+                raise DataError(f"Layer {l!r} has values beyond float16's range (65504); use store_dtype='float32'.")
             if self._widths.setdefault(l, v.shape[1]) != v.shape[1]:
                 raise DataError(f"Layer {l!r} gave {v.shape[1]} values per sample, {self._widths[l]} before: "
                                 "every sample must give the same width.")

@@ -147,12 +147,15 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         return pages.TemplateResponse(request, "study.html.j2", {"study": study})
 
     # ---------------------------------------------------------------- JSON API
+    # async: each runs its SQLite work (well under a millisecond, or one fsync) on the event loop.
+    # As sync handlers they ran in a pool of 40 threads, whose fight for the GIL with the loop
+    # cost more than the work itself (p50 ~0.4 s for 100 simultaneous new sessions).
     @app.post("/api/sessions")
-    def new_session(body: Optional[NewSession] = None):
+    async def new_session(body: Optional[NewSession] = None):
         return store.create_session(None if body is None else body.external_id)
 
     @app.get("/api/sessions/{session_id}/next")
-    def next_trial(session_id: str, authorization: Optional[str] = Header(default=None)):
+    async def next_trial(session_id: str, authorization: Optional[str] = Header(default=None)):
         session = store.authorise(session_id, _bearer(authorization))
         pending = store.next_trial(session)
         if pending is None:
@@ -170,12 +173,12 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         })
 
     @app.post("/api/sessions/{session_id}/responses")
-    def respond(session_id: str, body: Answer, authorization: Optional[str] = Header(default=None)):
+    async def respond(session_id: str, body: Answer, authorization: Optional[str] = Header(default=None)):
         session = store.authorise(session_id, _bearer(authorization))
         return store.record(session, body.trial_id, body.decision, body.confidence, body.label)
 
     @app.get("/api/health")
-    def health():
+    async def health():
         return {"ok": True}
 
     # ---------------------------------------------------------------- admin
