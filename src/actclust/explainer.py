@@ -7,6 +7,7 @@ import warnings
 from typing import Callable, Mapping, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import _passes, surrogate
 from ._data import Batches, check_label_range
@@ -225,7 +226,8 @@ class ActivationClustering:
             )
         targets = labels if self.posterior == "label" else logits_pred
 
-        clusterings = {l: self._cluster(l, n_clusters[l], vectors[l]) for l in layers}
+        clusterings = {l: self._cluster(l, n_clusters[l], vectors[l])
+                       for l in tqdm(layers, desc="clustering layers", disable=not self.progress, leave=False)}
         refined = (self._refine(layers, vectors, clusterings, dnn_proba, targets)
                    if self.clustering == "distill" else None)
         # A refined clustering holds its learned temperature (rescaled to its final centres).

@@ -118,7 +118,7 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     if trust:
         from .trust import trust_signals
 
-        signals = trust_signals(state, q)
+        signals = trust_signals(state, q, search=search)
     else:
         signals = None
     n, layer_names = q.n, state.layers

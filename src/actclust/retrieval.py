@@ -56,7 +56,9 @@ _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
 _ROWS = 8192  # training rows read per chunk by the exact search
 _PQ_DIMS = 8  # values per byte of product-quantised code
-_RERANKS = (8, 16, 32, 64)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
+_RERANKS = (8, 16, 32, 64)
+_MAX_LISTS = 1024  # 4 sqrt(n) lists up to n = 65,536; capped so training and filling stay minutes at 1M rows
+_COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
 
 
 @dataclass
@@ -239,8 +241,8 @@ class ApproximateIndex(Index):
     The index holds, per training row, ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ...]`` compressed to
     one byte per ``_PQ_DIMS`` values (product quantisation: about ``width / 8`` bytes per row
     plus its 8-byte id, against ``4 x width`` for the vectors), in ``nlist = 4 sqrt(n)`` lists (the
-    low end of faiss' ``4..16 sqrt(n)``); it is trained on at most ``max(39 nlist, 256 x 40)``
-    rows and filled by streaming the store. A query for weights ``w`` is the inner-product query
+    low end of faiss' ``4..16 sqrt(n)``), at most ``_MAX_LISTS``; it is trained on at most
+    ``max(39 nlist, 256 x 40)`` rows and filled by streaming the store. A query for weights ``w`` is the inner-product query
     of the module docstring. The ``n_candidates(k)`` best codes are re-ranked by their exact
     distances from the stored vectors. ``nprobe`` and the re-ranked share are calibrated per
     weight vector on first use: the fewest candidates, then the smallest power of two of lists
@@ -255,13 +257,14 @@ class ApproximateIndex(Index):
         n = self.n
         width = sum(v.shape[1] for v in train_vectors.values()) + len(self.layers)
         self.d = width + (-width % _PQ_DIMS)
-        self.nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+        self.nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39, _MAX_LISTS)))
         self.rng = np.random.default_rng(random_state)
         train = np.sort(self.rng.choice(n, min(n, max(39 * self.nlist, 256 * 40)), replace=False))
         self.quantizer = faiss.IndexFlatIP(self.d)  # faiss keeps a raw pointer: it must outlive the index
         bits = int(min(8, max(1, np.log2(max(len(train), 2)) - 1)))  # 8 bits (256 codes) from 512 rows on
         self.index = faiss.IndexIVFPQ(self.quantizer, self.d, self.nlist, self.d // _PQ_DIMS, bits,
                                       faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.niter = _COARSE_ITERATIONS
         self.index.train(self._rows(train))
         for start in tqdm(range(0, n, _ROWS), desc="building the approximate index", disable=not progress,
                           leave=False):
