@@ -4,11 +4,11 @@
 
 Makes a 40-item study from the digits demo run (``actclust demo``, then ``actclust study create``;
 cached in ``benchmarks/.cache/``), serves it with a real ``actclust study serve`` process on a
-loopback port, and runs ``--participants`` simulated participants at once (asyncio + httpx), each
-answering all 40 trials, waiting a random think time (uniform in [0, 2 x --think] seconds) before
-each answer. When ``--kill-at`` of all answers have been acknowledged, the server gets SIGKILL
+loopback port, and runs ``--participants`` simulated participants at once (asyncio + httpx),
+arriving at random within the first ``--arrive`` seconds, each answering all 40 trials and
+waiting a random think time (uniform in [0, 2 x --think] seconds) before each answer. When ``--kill-at`` of all answers have been acknowledged, the server gets SIGKILL
 and is started again on the same port; participants retry what failed (the same request, with
-back-off) and so resume where they were.
+jittered exponential back-off) and so resume where they were.
 
 Reports: answers sent (POST attempts not refused at connect), acknowledged (distinct answers the server confirmed
 with 200), stored (rows in the SQLite file afterwards), acknowledged but not stored, duplicate
@@ -108,8 +108,8 @@ def server_ms(response) -> float:
     return float(response.headers.get("server-timing", "app;dur=nan").split("dur=")[1])
 
 
-async def call(client, stats, kind, method, url, **kw):
-    """One request, retried with back-off until the server answers; a 4xx/5xx is a bug here: raised."""
+async def call(client, stats, kind, method, url, rng, **kw):
+    """One request, retried with jittered back-off until the server answers; a 4xx/5xx is a bug here: raised."""
     delay = 0.05
     while True:
         t0 = time.perf_counter()
@@ -117,8 +117,8 @@ async def call(client, stats, kind, method, url, **kw):
             r = await client.request(method, url, **kw)
         except httpx.TransportError:
             stats.failures += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(rng.uniform(0, delay))  # "full jitter": retries do not arrive in lockstep
+            delay = min(delay * 2, 2.0)
             continue
         if r.status_code != 200:
             raise SystemExit(f"{method} {url} -> {r.status_code}: {r.text}")
@@ -128,11 +128,12 @@ async def call(client, stats, kind, method, url, **kw):
         return r.json()
 
 
-async def participant(client, stats, rng, think):
-    s = await call(client, stats, "session", "POST", "/api/sessions", json={})
+async def participant(client, stats, rng, think, arrive):
+    await asyncio.sleep(rng.uniform(0, arrive))
+    s = await call(client, stats, "session", "POST", "/api/sessions", json={}, rng=rng)
     base, auth = f"/api/sessions/{s['session_id']}", {"Authorization": f"Bearer {s['token']}"}
     while True:
-        t = await call(client, stats, "next", "GET", base + "/next", headers=auth)
+        t = await call(client, stats, "next", "GET", base + "/next", headers=auth, rng=rng)
         if t.get("done"):
             return
         await asyncio.sleep(rng.uniform(0, 2 * think))
@@ -151,8 +152,8 @@ async def participant(client, stats, rng, think):
             else:
                 stats.sent += 1
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(rng.uniform(0, delay))
+            delay = min(delay * 2, 2.0)
         stats.latency["answer"].append(time.perf_counter() - t0)
         stats.timeline.append((t0, time.perf_counter() - t0))
         stats.server.append(server_ms(r))
@@ -175,7 +176,7 @@ async def main_async(args) -> dict:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
         rng = random.Random(0)
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(participant(client, stats, random.Random(rng.random()), args.think))
+        tasks = [asyncio.create_task(participant(client, stats, random.Random(rng.random()), args.think, args.arrive))
                  for _ in range(args.participants)]
         while len(stats.acked) < args.kill_at * total:
             await asyncio.sleep(0.01)
@@ -205,6 +206,7 @@ async def main_async(args) -> dict:
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "participants": args.participants, "trials_each": ITEMS, "think_s_mean": args.think,
+        "arrivals_within_s": args.arrive,
         "kill_after_acknowledged": acked_at_kill, "server_start_s": round(first_start, 2),
         "outage_s": round(outage, 2), "restart_s": round(restart, 2), "wall_s": round(wall, 1),
         "answers_sent": stats.sent, "answers_acknowledged": len(stats.acked), "answers_stored": len(rows),
@@ -226,6 +228,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--participants", type=int, default=100)
     p.add_argument("--think", type=float, default=1.0, help="mean think time before each answer, seconds")
+    p.add_argument("--arrive", type=float, default=5.0, help="participants arrive at random in the first ARRIVE s")
     p.add_argument("--kill-at", type=float, default=0.5, help="share of answers acknowledged before the kill")
     p.add_argument("--down", type=float, default=1.0, help="seconds the server stays down")
     p.add_argument("--out", default=str(RESULTS / "study_load.json"))
