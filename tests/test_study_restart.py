@@ -1,0 +1,59 @@
+"""A real ``actclust study serve`` process killed with SIGKILL and started again: every answer it
+acknowledged is kept, and the participant resumes at the answer due."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import make_study
+
+
+def _serve(folder, port):
+    proc = subprocess.Popen([sys.executable, "-m", "actclust.cli", "study", "serve", str(folder), "--port", str(port),
+                             "--admin-token", "adm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, study_source):
+    folder = make_study(tmp_path / "s", study_source, items=6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(folder, port)
+    try:
+        session = httpx.post(url + "/api/sessions", json={}).json()
+        auth = {"Authorization": f"Bearer {session['token']}"}
+        nxt = f"{url}/api/sessions/{session['session_id']}/next"
+        acked = []
+        for _ in range(3):
+            t = httpx.get(nxt, headers=auth).json()
+            r = httpx.post(f"{url}/api/sessions/{session['session_id']}/responses", headers=auth,
+                           json={"trial_id": t["trial_id"], "decision": "reject", "confidence": 3})
+            assert r.status_code == 200
+            acked.append(t["trial_id"])
+        due = httpx.get(nxt, headers=auth).json()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc = _serve(folder, port)
+        assert httpx.get(nxt, headers=auth).json() == due  # the same session and token, the same trial due
+        rows = httpx.get(url + "/admin/export.json", params={"token": "adm"}).json()["responses"]
+        assert [r["trial_id"] for r in rows] == acked
+    finally:
+        proc.terminate()
+        proc.wait(10)
