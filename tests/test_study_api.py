@@ -210,3 +210,23 @@ def test_csv_formula_neutralised(client):
     row = next(csv.DictReader(client.get("/admin/export.csv?token=admin-secret").text.splitlines()))
     assert row["external_id"] == "'=HYPERLINK(\"http://x\")"
     assert client.get("/admin/export.json?token=admin-secret").json()["responses"][0]["external_id"].startswith("=")
+
+
+# ids, tokens and completion codes come from the secrets module; the body of a new session is optional
+def test_tokens_from_secrets(client, monkeypatch):
+    import actclust.study.db as db
+
+    made = []
+
+    def fake(n):
+        made.append(n)
+        return f"secret-{len(made)}"
+
+    monkeypatch.setattr(db.secrets, "token_urlsafe", fake)
+    monkeypatch.setattr(db.secrets, "token_hex", lambda n: "c0de" * (n // 2))
+    s = client.post("/api/sessions").json()
+    assert (s["session_id"], s["token"]) == ("secret-1", "secret-2") and made == [16, 32]
+    auth = {"Authorization": "Bearer secret-2"}
+    while "trial_id" in (t := client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()):
+        _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=1)
+    assert t == {"done": True, "completion_code": "C0DEC0DE"}
