@@ -224,9 +224,9 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES) -> Fast
         rows = store.export()
         out = io.StringIO()
         if rows:
-            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+            table = csv.DictWriter(out, fieldnames=list(rows[0]))
+            table.writeheader()
+            table.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return PlainTextResponse(out.getvalue(), media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="responses.csv"'})
 
