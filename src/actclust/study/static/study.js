@@ -26,7 +26,10 @@
     if (s) headers.Authorization = "Bearer " + s.token;
     const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
     const data = await r.json().catch(() => ({}));
-    if (!r.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || r.status));
+    if (!r.ok) {
+      if (s && (r.status === 401 || r.status === 404)) localStorage.removeItem(KEY);  // a session of another study
+      throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || r.status));
+    }
     return data;
   }
 
