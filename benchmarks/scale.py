@@ -4,6 +4,7 @@
     python benchmarks/scale.py --quick               # 20k, 60k + Fashion-MNIST: a smoke run
     python benchmarks/scale.py --sizes 100000 --no-fashion
     python benchmarks/scale.py --fashion-only
+    python benchmarks/scale.py --size-timeout 900  # kill a size after 15 min, keep what it measured
 
 Synthetic part. A wide but cheap MLP ``64 -> 256 -> 512 -> 1024 -> 10`` (ReLU; the three hidden
 ReLU outputs ``h1, h2, h3`` are the clustered layers, 1,792 floats per sample) over a 64-d
@@ -19,10 +20,14 @@ and over 1,000 inputs; ``fit`` (time, ``ru_maxrss`` before and after, resident m
 every 2 ms); disk used by the store (a temporary directory under /tmp, removed at the end);
 ``similar()`` per 1,000 queries with ``search="approximate"`` and ``"exact"`` for the weights
 "low", "high", "equal" (the first call of each method, which builds its index, is timed apart),
-recall@10 of approximate against exact; ``trust()`` calibration time, time per 1,000 queries and
-misclassification AUROC of every signal (approximate; exact only up to ``--exact-trust-max``);
-``explain()`` per 1,000 queries; save and load of the run (time, size, memory). Every time is
-also given as a ratio to the forward pass of the same number of inputs in the same process.
+recall@10 of approximate against exact; approximate ``trust()``: calibration time, time per 1,000
+queries and misclassification AUROC of every signal on 3,000 held-out inputs; ``explain()`` per
+1,000 queries (``trust=False``, k=10); save and load of the run (time, size, memory); last, the
+slowest step, exact ``trust()`` as the AUROC reference (only up to ``--exact-trust-max``, 100k).
+Every time is also given as a ratio to the forward pass of the same number of inputs in the same
+process. Memory: ``ru_maxrss`` before and after ``fit``, and the peak of anonymous memory (resident
+minus file-backed pages: touched pages of a memory-mapped store count in RSS but can be dropped).
+``--size-timeout S`` kills a size's process after S seconds and keeps what it had measured.
 
 Fashion-MNIST part (a fresh process): the cached benchmark CNN, ``ActivationClustering`` with
 the library's default settings fitted on the 60,000 training images; explain throughput on the
@@ -296,8 +301,8 @@ def aurocs(signals: dict, right: np.ndarray) -> dict:
 class Stages:
     """Runs each stage guarded: an exception is recorded under ``errors[stage]`` and the run goes on."""
 
-    def __init__(self, result: dict):
-        self.result = result
+    def __init__(self, result: dict, partial: str | None = None):
+        self.result, self.partial = result, partial
         result.setdefault("errors", {})
         result.setdefault("stage_seconds", {})
 
@@ -313,6 +318,13 @@ class Stages:
         finally:
             self.result["stage_seconds"][name] = time.perf_counter() - t0
             gc.collect()
+            self.save()
+
+    def save(self) -> None:
+        """What is measured so far, for the parent to read if this process is killed (``--size-timeout``)."""
+        if self.partial:
+            with contextlib.suppress(Exception):
+                Path(self.partial).write_text(json.dumps(self.result, default=float))
 
 
 # ----------------------------------------------------------------------------- one size (fresh process)
@@ -323,7 +335,7 @@ def run_size(n: int, args) -> dict:
     model = teacher_model(args).to(device)
     mix = Mixture(args.seed, args.separation)
     result: dict = {"n": n, "device": str(device), "store_requested": args.store, "store_dtype": args.store_dtype}
-    stage = Stages(result)
+    stage = Stages(result, args.partial)
     bs = args.batch_size
 
     x, y = mix.sample("train", n)
@@ -339,8 +351,11 @@ def run_size(n: int, args) -> dict:
     result["forward_s"] = forward_seconds(model, x, bs, device)
     fwd1000 = best_forward(model, xq[:1000], bs, device, repeats=7) * 1000 / min(1000, len(xq))
     result["forward_1000_s"] = fwd1000
+    stage.save()
 
     tmp = Path(tempfile.mkdtemp(prefix="actclust-scale-", dir=args.tmp))
+    result["tmp_dir"] = str(tmp)  # the parent removes it if this process is killed
+    stage.save()
     store = None if args.store == "memory" else str(tmp / "store")
     result["store_used"] = "disk" if store and api["constructor"]["store"] else "memory"
     try:
@@ -380,6 +395,7 @@ def run_size(n: int, args) -> dict:
         measure_explain(ac, xq, args, api, result, stage, fwd1000)
         if not args.no_save:
             measure_save(ac, model, tmp, result, stage)
+        measure_trust(ac, xt, yt, n, args, api, result, stage, fwd1000, exact=True)
         result["maxrss_end_bytes"] = maxrss_bytes()
         result["tmp_disk_total"] = disk_usage(tmp)
     finally:
@@ -430,13 +446,17 @@ def measure_similar(ac, xq, args, api, result, stage, fwd1000):
         log(f"  recall@{args.k} approximate vs exact: {sim['recall_at_k']}")
 
 
-def measure_trust(ac, xt, yt, n, args, api, result, stage, fwd1000):
+def measure_trust(ac, xt, yt, n, args, api, result, stage, fwd1000, exact: bool = False):
+    """``exact=False``: approximate trust (or the library's only trust when ``trust(search=)`` is missing);
+    ``exact=True``: the exact reference, last of all, as it is the slowest step (up to ``--exact-trust-max``)."""
     if args.no_trust:
         return
     tr = result.setdefault("trust", {"queries": len(xt)})
     per = 1000 / len(xt)
     if api["trust_search"]:
-        methods = ["approximate"] + (["exact"] if n <= args.exact_trust_max else [])
+        methods = (["exact"] if n <= args.exact_trust_max else []) if exact else ["approximate"]
+    elif exact:
+        return
     else:
         # trust(search=) is not there yet: the library's one trust is exact (O(n^2) calibration),
         # run only where exact trust is (``--exact-trust-max``).
@@ -528,7 +548,7 @@ def run_fashion(args) -> dict:
     x_te_t = torch.from_numpy(x_te)
     out: dict = {"n_train": len(x_tr), "n_test": len(x_te_all), "n_explained": len(x_te), "layers": FASHION_LAYERS,
                  "explain_k": args.explain_k}
-    stage = Stages(out)
+    stage = Stages(out, args.partial)
     device = torch.device("cpu")
     forward_seconds(model, x_te_t[:4 * bs], bs, device)  # warm-up
     fwd = [forward_seconds(model, x_te_t, bs, device)]
@@ -602,22 +622,43 @@ def run_fashion(args) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 def child(flag: str, value, args, passthrough) -> dict:
-    """Run one part in a fresh process; its progress goes to stderr, its result as one JSON line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), flag, str(value), *passthrough]
+    """Run one part in a fresh process; its progress goes to stderr, its result as one JSON line.
+
+    After ``--size-timeout`` seconds the process is killed and what it had measured is kept
+    (each stage writes it to a temporary file), marked with ``error``.
+    """
+    fd, partial = tempfile.mkstemp(prefix="actclust-scale-partial-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, str(value), f"--partial={partial}", *passthrough]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-    line = next((l for l in proc.stdout.splitlines()[::-1] if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        why = "killed (SIGKILL: out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-        log(f"{flag} {value}: failed, {why}")
-        return {"error": why, "wall_s": time.perf_counter() - t0}
-    res = json.loads(line[len("RESULT "):])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=args.size_timeout)
+        why = None
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, _ = proc.communicate()
+        why = f"killed after --size-timeout={args.size_timeout} s"
+    line = next((l for l in stdout.splitlines()[::-1] if l.startswith("RESULT ")), None)
+    try:
+        if why is None and proc.returncode == 0 and line is not None:
+            res = json.loads(line[len("RESULT "):])
+        else:
+            why = why or ("killed (SIGKILL: out of memory?)" if proc.returncode in (-9, 137)
+                          else f"exit code {proc.returncode}")
+            log(f"{flag} {value}: failed, {why}; keeping what it had measured")
+            text = Path(partial).read_text()
+            res = {**(json.loads(text) if text.strip() else {}), "error": why}
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    if res.get("tmp_dir") and Path(res["tmp_dir"]).exists():  # left by a killed process
+        shutil.rmtree(res["tmp_dir"], ignore_errors=True)
     res["wall_s"] = time.perf_counter() - t0
     return res
 
 
 def bars(sizes: list, fashion: dict | None) -> dict:
-    by_n = {r["n"]: r for r in sizes if "error" not in r}
+    by_n = {r["n"]: r for r in sizes if "fit_s" in r}  # partial results (a killed process) count too
     out = {}
     lo, hi = 100_000, 1_000_000
 
@@ -667,7 +708,7 @@ def bars(sizes: list, fashion: dict | None) -> dict:
         "credibility AUROC approximate - exact = {:+.4f}{}".format(diff["credibility"], (
             "; stacked_trust {:+.4f}".format(diff["stacked_trust"])) if "stacked_trust" in diff else "")
         if diff and "credibility" in diff else "approximate and exact trust at 100k not both measured")
-    if fashion and "error" not in fashion and "explain" in fashion:
+    if fashion and "explain" in fashion:
         row = fashion["explain"].get("default", {})
         r = row.get("capture_excluded_over_forward")
         fid = fashion.get("fidelity")
@@ -700,24 +741,24 @@ def print_tables(sizes, fashion, bar_results, api):
           "| load: time, RSS added |")
     print("|---|---|---|---|---|---|---|---|")
     for r in sizes:
-        if "error" in r:
-            print(f"| {r.get('n')} | failed: {r['error']} | | | | | | |")
+        if "fit_s" not in r:
+            print(f"| {r.get('n')} | failed: {r.get('error') or r.get('errors')} | | | | | | |")
             continue
         store = r.get("store_disk") or {}
         run = r.get("save", {}).get("run_disk") or {}
         sv = r.get("save", {})
-        print(f"| {r['n']:,} | {_f(r.get('fit_over_forward'))} | {_f(r.get('maxrss_after_fit_bytes', 0) / MiB, '{:.0f}')} MiB "
+        print(f"| {r['n']:,}{' (partial: ' + r['error'] + ')' if 'error' in r else ''} | {_f(r.get('fit_over_forward'))} | {_f(r.get('maxrss_after_fit_bytes', 0) / MiB, '{:.0f}')} MiB "
               f"| {_f(r.get('fit_peak_added_bytes', 0) / MiB, '{:.0f}')} MiB "
               f"| {_f(r.get('fit_peak_anon_added_bytes', 0) / MiB, '{:.0f}')} MiB "
               f"| {_f(store.get('allocated_bytes', 0) / MiB, '{:.0f}') + ' MiB' if store else r.get('store_used')} "
               f"| {_f(run.get('allocated_bytes', 0) / MiB, '{:.0f}') + ' MiB' if run else ''} "
-              f"| {_f(sv.get('load_s'), '{:.2f}')} s, {_f(sv.get('load_peak_added_bytes', 0) / MiB, '{:.0f}')} MiB |")
+              + (f"| {sv['load_s']:.2f} s, {sv.get('load_peak_added_bytes', 0) / MiB:.0f} MiB |" if "load_s" in sv else "| |"))
     print("\nPer 1,000 queries: seconds (and x forward of 1,000 inputs, same process).\n")
     print("| n | similar approx. low / high / equal | similar exact low / high / equal | recall@10 low / high / equal "
           "| trust approx. (calibration) | trust exact (calibration) | credibility AUROC approx. / exact | explain |")
     print("|---|---|---|---|---|---|---|---|")
     for r in sizes:
-        if "error" in r:
+        if "fit_s" not in r:
             continue
         sim, tr, ex = r.get("similar", {}), r.get("trust", {}), r.get("explain", {})
 
@@ -738,13 +779,13 @@ def print_tables(sizes, fashion, bar_results, api):
               f"| {' / '.join(f'{rec[p]:.3f}' for p in PRESETS if p in rec)} | {trusts('approximate')} "
               f"| {trusts(exact_key)} | {_f(au.get('approximate', {}).get('credibility'), '{:.4f}')} / "
               f"{_f(au.get(exact_key, {}).get('credibility'), '{:.4f}')} "
-              f"| {_f(ex.get('s_per_1000'), '{:.2f}')} ({_f(ex.get('over_forward_1000'), '{:.0f}')}x) |")
+              + (f"| {ex['s_per_1000']:.2f} ({ex['over_forward_1000']:.0f}x) |" if "s_per_1000" in ex else "| |"))
     if fashion:
         print(f"\n### Fashion-MNIST (default settings, 60,000 training images, {fashion.get('n_explained', 0):,} "
               "test inputs explained)\n")
         if "error" in fashion:
-            print(f"failed: {fashion['error']}")
-        else:
+            print(f"failed or partial: {fashion['error']}\n")
+        if "fidelity" in fashion:
             print(f"test fidelity {_f(fashion.get('fidelity'), '{:.4f}')} (before issue 9: {FASHION_FIDELITY_REF}); "
                   f"capture pass {_f(fashion.get('capture_over_forward'))}x forward; pixel distance low "
                   f"{_f(fashion.get('pixel_distance', {}).get('low'), '{:.3f}')} vs high "
@@ -795,7 +836,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-clusters", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=1024, help="fit and the forward baseline (synthetic part)")
     ap.add_argument("--queries", type=int, default=1000, help="held-out similar/explain queries")
-    ap.add_argument("--trust-queries", type=int, default=5000,
+    ap.add_argument("--trust-queries", type=int, default=3000,
                     help="held-out trust queries (AUROC over about 10%% DNN errors); times are per 1,000")
     ap.add_argument("--k", type=int, default=10, help="neighbours for similar() and recall@k")
     ap.add_argument("--explain-k", type=int, default=10, help="k of explain() (similar samples and exemplars)")
@@ -816,10 +857,17 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-samples", type=int, default=20_000)
     ap.add_argument("--teacher-epochs", type=int, default=1)
     ap.add_argument("--tmp", default="/tmp", help="where the temporary store and saved runs go")
+    ap.add_argument("--size-timeout", type=float, help="kill a size's (or Fashion-MNIST's) process after this many "
+                    "seconds, keeping what it had measured")
     ap.add_argument("--out", help="JSON path (default results/scale.json, results/scale_quick.json with --quick)")
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size in this process
     ap.add_argument("--fashion-part", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--partial", help=argparse.SUPPRESS)  # where a child keeps what it has measured so far
     args = ap.parse_args(argv)
+    if args.size or args.fashion_part:  # SIGTERM unwinds (temporary store removed) instead of dying at once
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.fashion_test is None:
         args.fashion_test = 2000 if args.quick else 10_000
     if args.size:
@@ -836,7 +884,7 @@ def main(argv=None) -> int:
     api = api_support()
     log(f"sizes {sizes}, Fashion-MNIST {'yes' if args.fashion else 'no'}; unavailable API parameters: "
         f"{missing_params(api) or 'none'}")
-    skip = {"sizes", "quick", "fashion", "fashion_only", "out", "size", "fashion_part"}
+    skip = {"sizes", "quick", "fashion", "fashion_only", "out", "size", "fashion_part", "partial", "size_timeout"}
     passthrough = []
     for k, v in vars(args).items():
         if k in skip:
@@ -862,7 +910,7 @@ def main(argv=None) -> int:
         log("Fashion-MNIST (fresh process)")
         fashion = child("--fashion-part", 1, args, passthrough)
         log(f"Fashion-MNIST done in {fashion['wall_s']:.0f} s")
-    good = [r for r in results if "error" not in r]
+    good = [r for r in results if "fit_s" in r]
     ratios = {}
     if len(good) >= 2:
         a, b = good[0], good[-1]
@@ -877,8 +925,8 @@ def main(argv=None) -> int:
     bar_results = bars(results, fashion)
     print_tables(results, fashion, bar_results, api)
     result = {
-        "benchmark": "scale", "machine": machine_info(), "settings": {k: v for k, v in vars(args).items()
-                                                                        if k not in ("size", "fashion_part")},
+        "benchmark": "scale", "machine": machine_info(), "settings": {
+            k: v for k, v in vars(args).items() if k not in ("size", "fashion_part", "partial")},
         "sizes": sizes,
         "synthetic": {"model": "WideMLP 64-256-512-1024-10 (ReLU)", "layers": LAYERS, "widths": list(WIDTHS),
                       "data": f"Gaussian mixture, {N_COMPONENTS} components in {D_IN}-d (component % 10 = class), "
