@@ -100,7 +100,7 @@ class Stats:
         self.duplicate_acks = 0  # a retried answer the server already had: acknowledged as a duplicate
         self.latency = {"next": [], "answer": [], "session": []}
         self.failures = 0  # requests that got no answer (server down): retried
-        self.timeline: list = []  # (start, latency) of every successful request
+        self.timeline: list = []  # (start, latency, kind) of every successful request
         self.server: list = []  # the server's own time for each (its Server-Timing header), ms
 
 
@@ -123,7 +123,7 @@ async def call(client, stats, kind, method, url, rng, **kw):
         if r.status_code != 200:
             raise SystemExit(f"{method} {url} -> {r.status_code}: {r.text}")
         stats.latency[kind].append(time.perf_counter() - t0)
-        stats.timeline.append((t0, time.perf_counter() - t0))
+        stats.timeline.append((t0, time.perf_counter() - t0, kind))
         stats.server.append(server_ms(r))
         return r.json()
 
@@ -155,7 +155,7 @@ async def participant(client, stats, rng, think, arrive):
             await asyncio.sleep(rng.uniform(0, delay))
             delay = min(delay * 2, 2.0)
         stats.latency["answer"].append(time.perf_counter() - t0)
-        stats.timeline.append((t0, time.perf_counter() - t0))
+        stats.timeline.append((t0, time.perf_counter() - t0, "answer"))
         stats.server.append(server_ms(r))
         if r.status_code != 200:
             raise SystemExit(f"POST answer -> {r.status_code}: {r.text}")
@@ -189,8 +189,10 @@ async def main_async(args) -> dict:
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     server.stop()
-    when = np.asarray([t for t, _ in stats.timeline]) - t0
-    took = np.asarray([d for _, d in stats.timeline]) * 1000
+    when = np.asarray([t for t, _, _ in stats.timeline]) - t0
+    took = np.asarray([d for _, d, _ in stats.timeline]) * 1000
+    slowest = [[stats.timeline[i][2], round(float(when[i]), 2), round(float(took[i]), 1), stats.server[i]]
+               for i in np.argsort(-took)[:10]]  # kind, start (s), latency (ms), the app's own time (ms)
     windows = [{"from_s": a, "n": int(m.sum()), "p95_ms": round(float(np.percentile(took[m], 95)), 1)}
                for a in range(0, int(when.max()) + 1, 5) if (m := (when >= a) & (when < a + 5)).any()]
     db = sqlite3.connect(study / "responses.sqlite")
@@ -217,7 +219,7 @@ async def main_async(args) -> dict:
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "server_time_ms": {"p50": round(float(np.nanpercentile(stats.server, 50)), 2),
                            "p95": round(float(np.nanpercentile(stats.server, 95)), 2)},
-        "kill_at_s": round(down - t0, 1), "p95_by_5s_window": windows,
+        "kill_at_s": round(down - t0, 1), "p95_by_5s_window": windows, "slowest_10": slowest,
         "latency_ms": {k: {"n": int(len(v)), "p50": round(float(np.percentile(v, 50)), 1),
                            "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(v.max()), 1)}
                        for k, v in {"all": both, "next": lat["next"], "answer": lat["answer"]}.items() if len(v)},
