@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from actclust import ParameterError
-from actclust.retrieval import (AUTO_EXACT_FLOATS, ApproximateIndex, Index, layer_scales, layer_weights,
+from actclust.retrieval import (AUTO_EXACT_FLOATS, ApproximateIndex, Index, layer_stats, layer_weights,
                                 resolve_search)
 
 
@@ -25,7 +25,7 @@ def test_approximate_recall_against_exact():
     both = _clustered_vectors(20500)  # queries from the same distribution, not in the index
     train = {l: v[:20000] for l, v in both.items()}
     queries = {l: v[20000:] for l, v in both.items()}
-    scales = layer_scales(train)
+    scales = layer_stats(train)
     exact, approx = Index(train, scales), ApproximateIndex(train, scales, random_state=0)
     assert all(p <= approx.nlist for p, _ in approx.settings.values())
     layers = list(train)
@@ -60,7 +60,8 @@ def test_search_parameter(model, data):
 
 # "auto" is exact below the measured break-even size and approximate above it
 def test_auto_threshold():
-    assert resolve_search("auto", 60_000, 234) == "exact"  # Fashion-MNIST's 4 mean-reduced layers
+    assert resolve_search("auto", 1_797, 300) == "exact"  # scikit-learn's digits
+    assert resolve_search("auto", 60_000, 266) == "approximate"  # Fashion-MNIST: summaries and 'mean' vectors
     assert resolve_search("auto", 1_281_167, 3840) == "approximate"  # ImageNet, ResNet-50 'mean'
     assert resolve_search("auto", AUTO_EXACT_FLOATS // 100, 100) == "approximate"
     assert resolve_search("exact", 10**9, 10**3) == "exact"

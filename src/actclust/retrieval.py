@@ -43,22 +43,23 @@ if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no impor
     from .state import FittedState, Query
 
 __all__ = ["Neighbours", "layer_weights", "check_args", "search", "check_search", "resolve_search", "WEIGHT_PRESETS",
-           "SEARCH_NAMES", "AUTO_EXACT_FLOATS", "layer_neighbours"]
+           "SEARCH_NAMES", "AUTO_EXACT_FLOATS", "layer_neighbours", "layer_stats", "layer_scales"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
 SEARCH_NAMES = ("auto", "exact", "approximate")
-#: ``search="auto"`` searches exactly while ``n_train x width`` is below this: about 50,000 training
-#: samples of 960 floats, where exact and IVF-fp16 search cost the same (benchmarks/explore_ann.py).
-AUTO_EXACT_FLOATS = 48_000_000
+#: ``search="auto"`` searches exactly while ``n_train x width`` is below this: about 15,000 training
+#: samples of 266 floats, where exact and approximate search cost the same per query on Fashion-MNIST
+#: (5,000 / 15,000 / 60,000 samples: approximate / exact time 1.6 / 0.9 / 0.55).
+AUTO_EXACT_FLOATS = 4_000_000
 _CALIBRATION_QUERIES = 300
 _TARGET_RECALL = 0.97
 _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
 _ROWS = 8192  # training rows read per chunk by the exact search
-_PQ_DIMS = 8  # values per byte of product-quantised code
 _RERANKS = (8, 16, 32, 64)
 _MAX_LISTS = 1024  # 4 sqrt(n) lists up to n = 65,536; capped so training and filling stay minutes at 1M rows
-_COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
+_COARSE_ITERATIONS = 10
+_PQ_DIMS = 8  # rows are padded to a multiple of this many values  # k-means iterations of the lists' centres (faiss' default 25)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
 
 
 @dataclass
@@ -108,9 +109,9 @@ def layer_weights(weights, layers: list) -> np.ndarray:
     return w / w.sum()
 
 
-def layer_scales(train_vectors: Mapping) -> dict:
-    """Mean squared distance between two training samples, per layer: ``2 * sum of variances``
-    (streamed in float64 over the stored vectors)."""
+def layer_stats(train_vectors: Mapping) -> dict:
+    """Per layer ``(mean vector, scale)``: the scale is the mean squared distance between two
+    training samples, ``2 * sum of variances`` (streamed in float64 over the stored vectors)."""
     out = {}
     for l, v in train_vectors.items():
         total, total_sq = np.zeros(v.shape[1]), np.zeros(v.shape[1])
@@ -119,31 +120,40 @@ def layer_scales(train_vectors: Mapping) -> dict:
             total += x.sum(0)
             total_sq += (x * x).sum(0)
         n = max(len(v), 1)
-        out[l] = max(2.0 * float((total_sq / n - (total / n) ** 2).clip(0).sum()), 1e-12)
+        out[l] = (total / n, max(2.0 * float((total_sq / n - (total / n) ** 2).clip(0).sum()), 1e-12))
     return out
+
+
+def layer_scales(train_vectors: Mapping) -> dict:
+    """The scale of :func:`layer_stats` alone, per layer."""
+    return {l: s for l, (_, s) in layer_stats(train_vectors).items()}
 
 
 class Index:
     """Exact search: one pass over the stored vectors per call, scoring every row for any weights.
 
     Nothing is copied: each layer's rows are read from the store in chunks (memory-mapped when
-    the store is on disk) and scored by ``sum_l (w_l / s_l) (2 v_l(x) . v_l(t) - ||v_l(t)||^2)``,
-    the part of ``-D(x, t)`` that depends on ``t``; only the squared norms (``n`` floats per layer)
-    are kept, and layers of weight 0 are not read. The top ``k`` are then re-ranked by their
-    distances from the layer terms.
+    the store is on disk), centred on the layer's mean ``m_l`` (distances do not change; the
+    inner products and norms below become small, so float32 and compressed codes resolve
+    neighbours), and scored by ``sum_l (w_l / s_l) (2 u_l(x) . u_l(t) - ||u_l(t)||^2)`` with
+    ``u = v - m``, the part of ``-D(x, t)`` that depends on ``t``; only the squared norms (``n``
+    floats per layer) are kept, and layers of weight 0 are not read. The top ``k`` are then
+    re-ranked by their distances from the layer terms.
     """
 
-    def __init__(self, train_vectors: Mapping, scales: dict, progress: bool = False):
+    def __init__(self, train_vectors: Mapping, stats: dict, progress: bool = False):
         self.layers = list(train_vectors)
         self.train_vectors = train_vectors
-        self.scales = np.array([scales[l] for l in self.layers], dtype=np.float64)
+        self.means = {l: stats[l][0].astype(np.float32) for l in self.layers}
+        self.scales = np.array([stats[l][1] for l in self.layers], dtype=np.float64)
         self.n = len(train_vectors[self.layers[0]])
-        self.sq_norms = {l: np.concatenate([np.einsum("ij,ij->i", x, x) for _, x in iter_rows(v, _ROWS)]
-                                           or [np.zeros(0, np.float32)])
-                         for l, v in tqdm(train_vectors.items(), desc="indexing training vectors",
-                                          disable=not progress, leave=False)}
+        self.sq_norms = {}
+        for l in tqdm(self.layers, desc="indexing training vectors", disable=not progress, leave=False):
+            parts = [np.einsum("ij,ij->i", x - self.means[l], x - self.means[l])
+                     for _, x in iter_rows(train_vectors[l], _ROWS)]
+            self.sq_norms[l] = np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def n_candidates(self, k: int) -> int:
+    def n_candidates(self, k: int, weights=None) -> int:
         return k
 
     def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
@@ -175,11 +185,11 @@ class Index:
         return [heap.I for heap in heaps]
 
     def _rows(self, which, layers=None) -> np.ndarray:
-        """Index rows ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ...]`` of some training rows (all layers:
+        """Index rows ``[u_l / sqrt(s_l) ..., ||u_l||^2 / s_l ...]`` of some training rows (all layers:
         zero-padded to ``self.d`` columns)."""
         layers = self.layers if layers is None else layers
         scales = [self.scales[self.layers.index(l)] for l in layers]
-        blocks = [np.asarray(self.train_vectors[l][which], np.float32) / np.float32(np.sqrt(s))
+        blocks = [(np.asarray(self.train_vectors[l][which], np.float32) - self.means[l]) / np.float32(np.sqrt(s))
                   for l, s in zip(layers, scales)]
         norms = [(self.sq_norms[l][which] / np.float32(s))[:, None] for l, s in zip(layers, scales)]
         _release(self.train_vectors)
@@ -191,7 +201,7 @@ class Index:
         b = len(next(iter(part.values())))
         w = [weights[self.layers.index(l)] for l in layers]
         scales = [self.scales[self.layers.index(l)] for l in layers]
-        q = [part[l] * np.float32(2 * wl / np.sqrt(s)) if wl > 0 else
+        q = [(part[l] - self.means[l]) * np.float32(2 * wl / np.sqrt(s)) if wl > 0 else
              np.zeros((b, self.train_vectors[l].shape[1]), np.float32) for l, wl, s in zip(layers, w, scales)]
         return self._pad(np.hstack(q + [np.tile(-np.asarray(w, np.float32), (b, 1))]), layers)
 
@@ -207,7 +217,7 @@ class Index:
         dist = np.empty((n, k), dtype=np.float32)
         shares = np.empty((n, k, len(self.layers)), dtype=np.float32)
         width = max(v.shape[1] for v in self.train_vectors.values())
-        chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (self.n_candidates(k) * width)))
+        chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (self.n_candidates(k, weights) * width)))
         factors = weights / self.scales
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
@@ -250,10 +260,10 @@ class ApproximateIndex(Index):
     with recall >= ``_TARGET_RECALL`` after re-ranking (``recall`` keeps what was reached).
     """
 
-    def __init__(self, train_vectors: Mapping, scales: dict, random_state: int = 0, progress: bool = False):
+    def __init__(self, train_vectors: Mapping, stats: dict, random_state: int = 0, progress: bool = False):
         import faiss
 
-        super().__init__(train_vectors, scales, progress)
+        super().__init__(train_vectors, stats, progress)
         n = self.n
         width = sum(v.shape[1] for v in train_vectors.values()) + len(self.layers)
         self.d = width + (-width % _PQ_DIMS)
@@ -261,9 +271,9 @@ class ApproximateIndex(Index):
         self.rng = np.random.default_rng(random_state)
         train = np.sort(self.rng.choice(n, min(n, max(39 * self.nlist, 256 * 40)), replace=False))
         self.quantizer = faiss.IndexFlatIP(self.d)  # faiss keeps a raw pointer: it must outlive the index
-        bits = int(min(8, max(1, np.log2(max(len(train), 2)) - 1)))  # 8 bits (256 codes) from 512 rows on
-        self.index = faiss.IndexIVFPQ(self.quantizer, self.d, self.nlist, self.d // _PQ_DIMS, bits,
-                                      faiss.METRIC_INNER_PRODUCT)
+        # 8-bit scalar codes (one byte per value, its range per dimension learned on the sample)
+        self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, self.d, self.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                   faiss.METRIC_INNER_PRODUCT)
         self.index.cp.niter = _COARSE_ITERATIONS
         self.index.train(self._rows(train))
         for start in tqdm(range(0, n, _ROWS), desc="building the approximate index", disable=not progress,
@@ -274,7 +284,8 @@ class ApproximateIndex(Index):
 
     def n_candidates(self, k: int, weights=None) -> int:
         rerank = _RERANKS[-1] if weights is None else self._settings(weights)[1]
-        return min(self.n, k + (rerank - 1) * min(k, 10))
+        # calibrated on the 10 nearest; deeper searches (trust's 200) re-rank as many extra as 10 would
+        return min(self.n, k + (rerank - 1) * k if k <= 10 else max(k, 10 * rerank))
 
     def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
         import faiss
@@ -356,23 +367,25 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, met
 
 def layer_neighbours(state: FittedState, layer: str, vectors: np.ndarray, k: int, *, method: str = "auto",
                      exclude=None, progress: bool = False):
-    """The ``k`` training rows nearest ``vectors`` in one layer alone, by ``method``, leaving out the rows
-    where the boolean mask ``exclude`` is true: ``(ids (n, k), squared distances (n, k))``, nearest first."""
-    index = _index(state, method, progress, space="clustering")
-    w = (np.array(state.layers) == layer).astype(np.float64)
-    idx, dist, _ = index.search({layer: vectors}, k, w, exclude=exclude)
-    return idx, dist.astype(np.float64) * index.scales[state.layers.index(layer)]
+    """The ``k`` training rows nearest ``vectors`` in one layer alone (its clustering vectors), by
+    ``method``, leaving out the rows where the boolean mask ``exclude`` is true: ``(ids (n, k),
+    squared distances (n, k))``, nearest first. Each layer has its own index (built on first use)."""
+    index = _index(state, method, progress, space=layer)
+    idx, dist, _ = index.search({layer: vectors}, k, np.ones(1), exclude=exclude)
+    return idx, dist.astype(np.float64) * index.scales[0]
 
 
 def _index(state: FittedState, method: str, progress: bool = False, space: str = "retrieval") -> Index:
-    """The exact or approximate index of a fitted state over its retrieval vectors (spatial summaries
-    where stored) or its clustering vectors, built on first use and cached with it."""
-    vectors = {l: state.train_vectors[state.retrieval_key(l) if space == "retrieval" else l] for l in state.layers}
+    """The exact or approximate index of a fitted state, built on first use and cached with it:
+    over every layer's retrieval vectors (spatial summaries where stored) for ``space="retrieval"``,
+    or over one layer's clustering vectors for ``space=layer``."""
+    vectors = ({l: state.train_vectors[state.retrieval_key(l)] for l in state.layers} if space == "retrieval"
+               else {space: state.train_vectors[state.check_layer(space)]})
     method = resolve_search(method, state.n_samples, sum(v.shape[1] for v in vectors.values()))
     cache = state.cache.setdefault("retrieval", {})
-    if (space, "scales") not in cache:
-        cache[space, "scales"] = layer_scales(vectors)
+    if (space, "stats") not in cache:
+        cache[space, "stats"] = layer_stats(vectors)
     if (space, method) not in cache:
-        cache[space, method] = (Index(vectors, cache[space, "scales"], progress) if method == "exact"
-                                else ApproximateIndex(vectors, cache[space, "scales"], state.random_state, progress))
+        cache[space, method] = (Index(vectors, cache[space, "stats"], progress) if method == "exact"
+                                else ApproximateIndex(vectors, cache[space, "stats"], state.random_state, progress))
     return cache[space, method]

@@ -167,7 +167,7 @@ class _Calibration:
 
     key: tuple
     weights: np.ndarray  # (n_layers,) summing to 1
-    method: str  # "exact" or "approximate" neighbour search
+    method: str  # "auto", "exact" or "approximate" neighbour search
     is_cal: np.ndarray  # (n_train,) True for the calibration rows, left out of every search
     labels: np.ndarray  # (n_train,) class of each training row (labels, else the DNN's predictions)
     cal_alpha: np.ndarray  # sorted nonconformity of the calibration samples for their own label
@@ -200,10 +200,10 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     if layer_weights not in ("surrogate", "equal"):
         raise ParameterError("The 'layer_weights' parameter of trust_signals must be one of ['surrogate', 'equal']. "
                          f"Got {layer_weights!r} instead.")
-    from .retrieval import resolve_search
+    from .retrieval import check_search
 
     n = state.n_samples
-    method = resolve_search(search, n, sum(state.train_vectors[l].shape[1] for l in state.layers))
+    method = check_search(search)  # "auto" resolves per layer, by its width
     key = (int(k), float(fraction), layer_weights, method)
     cached = state.cache.get("trust")
     if cached is not None and cached.key == key:
