@@ -157,3 +157,17 @@ def test_float16_overflow_refused(tmp_path):
         with StoreWriter(tmp_path / "s", "float16") as w:
             w.add({"a": np.array([[1.0, 1e6]])})
     assert list((tmp_path / "s").iterdir()) == []
+
+
+# before the capture, fit logs what the vectors will take and where (n x sum of widths x bytes)
+def test_fit_logs_store_estimate(model, data, tmp_path, caplog):
+    import logging
+
+    x, y = data
+    with caplog.at_level(logging.INFO, logger="actclust"):
+        _fit(model, x, y, store=tmp_path / "v", store_dtype="float16", spatial_grid=None)
+    width = sum(ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=4, progress=False, spatial_grid=None)
+                .fit(x, y).state_.train_vectors.widths.values())
+    message = [r.getMessage() for r in caplog.records if r.name == "actclust"][0]
+    assert f"storing {width} float16 values per sample (3 layers) for {len(x)} samples on disk in" in message
+    assert message.endswith(f": {len(x) * width * 2 / 1024:.1f} KiB")
