@@ -233,10 +233,13 @@ class ActivationClustering:
         # A refined clustering holds its learned temperature (rescaled to its final centres).
         temperatures = {l: float(clusterings[l].temperature_ if refined is not None else self.temperature)
                         for l in layers}
-        assign = {l: clusterings[l].soft_assign(vectors[l], temperatures[l]) for l in layers}
+        # Hard assignment keeps cluster ids (O(n)), not one-hot rows (O(n x n_clusters)).
+        assign = {l: clusterings[l].predict(vectors[l]) if temperatures[l] <= 0
+                  else clusterings[l].soft_assign(vectors[l], temperatures[l]) for l in layers}
         t3 = time.perf_counter()
-        weights = refined.weights if refined is not None else self._fit_weights(layers, assign, targets, n_classes)
-        posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing) for l in layers}
+        weights = refined.weights if refined is not None else self._fit_weights(layers, assign, targets, n_classes, n_clusters)
+        posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing, n_clusters[l])
+                      for l in layers}
         t4 = time.perf_counter()
         info = dict(
             seconds_reducer_fit=t1 - t0, seconds_capture=t2 - t1, seconds_clustering=t3 - t2,
@@ -255,7 +258,8 @@ class ActivationClustering:
             posteriors=posteriors, weights=weights / weights.sum(), train_vectors=vectors,
             train_predictions=logits_pred, train_labels=labels,
             # In-sample scores from the assignments already at hand: no second pass over the data.
-            train_score=surrogate.scores(logits_pred, np.stack([assign[l] @ posteriors[l] for l in layers]),
+            train_score=surrogate.scores(logits_pred, np.stack([surrogate.layer_proba(assign[l], posteriors[l])
+                                                                for l in layers]),
                                          labels, weights, layers),
             fit_info=info, random_state=self.random_state,
             spatial_grid=self.spatial_grid if any(k.endswith(SUMMARY_SUFFIX) for k in vectors) else None,
@@ -287,7 +291,7 @@ class ActivationClustering:
             clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
         return result
 
-    def _fit_weights(self, layers, assign, targets, n_classes) -> np.ndarray:
+    def _fit_weights(self, layers, assign, targets, n_classes, n_clusters=None) -> np.ndarray:
         lw = self.layer_weights
         if lw is None:
             return np.full(len(layers), 1.0 / len(layers))
@@ -297,7 +301,8 @@ class ActivationClustering:
             n_val = max(1, int(round(self.validation_fraction * len(targets))))
             val, train = order[:n_val], order[n_val:]
             probas = np.stack([
-                assign[l][val] @ surrogate.fit_posteriors(assign[l][train], targets[train], n_classes, self.smoothing)
+                surrogate.layer_proba(assign[l][val], surrogate.fit_posteriors(
+                    assign[l][train], targets[train], n_classes, self.smoothing, n_clusters[l]))
                 for l in layers
             ])
             return surrogate.fidelity_weights(probas, targets[val], random_state=self.random_state)

@@ -14,21 +14,34 @@ import numpy as np
 __all__ = ["fit_posteriors", "combine", "learn_weights", "fidelity_weights", "scores"]
 
 
-def fit_posteriors(assign: np.ndarray, targets: np.ndarray, n_classes: int, smoothing: float) -> np.ndarray:
-    """Posteriors ``(n_clusters, n_classes)`` from assignments ``(n, n_clusters)`` and targets ``(n,)``.
+def fit_posteriors(assign: np.ndarray, targets: np.ndarray, n_classes: int, smoothing: float,
+                   n_clusters: int | None = None) -> np.ndarray:
+    """Posteriors ``(n_clusters, n_classes)`` from assignments and targets ``(n,)``.
 
-    Counts are smoothed toward the layer's overall target distribution with weight
-    ``smoothing`` (in samples), so an empty or tiny cluster falls back to the class prior
-    instead of to an arbitrary class.
+    ``assign`` is ``(n, n_clusters)`` (soft), or ``(n,)`` cluster ids for hard assignment (then
+    ``n_clusters`` is needed; memory ``O(n)`` instead of ``O(n x n_clusters)``). Counts are
+    smoothed toward the layer's overall target distribution with weight ``smoothing`` (in
+    samples), so an empty or tiny cluster falls back to the class prior instead of to an
+    arbitrary class.
     """
-    onehot = np.zeros((len(targets), n_classes), dtype=np.float64)
-    onehot[np.arange(len(targets)), targets] = 1.0
-    counts = assign.astype(np.float64).T @ onehot
-    prior = onehot.mean(0)
+    targets = np.asarray(targets)
+    if assign.ndim == 1:
+        counts = np.bincount(assign.astype(np.int64) * n_classes + targets,
+                             minlength=n_clusters * n_classes).reshape(n_clusters, n_classes).astype(np.float64)
+    else:
+        onehot = np.zeros((len(targets), n_classes), dtype=np.float64)
+        onehot[np.arange(len(targets)), targets] = 1.0
+        counts = assign.astype(np.float64).T @ onehot
+    prior = np.bincount(targets, minlength=n_classes) / max(len(targets), 1)
     post = (counts + smoothing * prior) / (counts.sum(1, keepdims=True) + smoothing)
     empty = counts.sum(1) == 0
     post[empty] = prior  # also covers smoothing == 0
     return post.astype(np.float32)
+
+
+def layer_proba(assign: np.ndarray, posteriors: np.ndarray) -> np.ndarray:
+    """A layer's class distributions ``(n, C)`` from soft ``(n, k)`` or hard ``(n,)`` assignments."""
+    return posteriors[assign] if assign.ndim == 1 else assign @ posteriors
 
 
 def combine(layer_probas: np.ndarray, weights: np.ndarray) -> np.ndarray:
