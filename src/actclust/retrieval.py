@@ -227,10 +227,8 @@ class Index:
             i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
             # Distances from the layer terms: exact (no cancellation between large inner products
             # for near neighbours), split by layer at once; candidates re-ranked by them.
-            per = np.stack([
-                ((part[l][:, None, :] - self.train_vectors[l][i].astype(np.float32)) ** 2).sum(2) * np.float32(f)
-                if f > 0 else np.zeros(i.shape, np.float32) for l, f in zip(self.layers, factors)
-            ], 2)
+            per = np.stack([_sq_dist(part[l], self.train_vectors[l][i]) * np.float32(f)
+                            if f > 0 else np.zeros(i.shape, np.float32) for l, f in zip(self.layers, factors)], 2)
             _release(self.train_vectors)
             order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
             i, per = np.take_along_axis(i, order, 1), np.take_along_axis(per, order[..., None], 1)
@@ -238,6 +236,13 @@ class Index:
             idx[start:start + len(i)], dist[start:start + len(i)] = i, total[..., 0]
             shares[start:start + len(i)] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return idx, dist, shares
+
+
+def _sq_dist(q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared distances ``(b, c)`` from each query ``(b, d)`` to its candidates' rows ``(b, c, d)``."""
+    diff = rows.astype(np.float32, copy=False)
+    diff -= q[:, None, :]  # rows is a fresh gather: subtracting in place saves a temporary
+    return np.einsum("bcd,bcd->bc", diff, diff)
 
 
 def _release(store) -> None:
