@@ -171,3 +171,26 @@ def test_fit_logs_store_estimate(model, data, tmp_path, caplog):
     message = [r.getMessage() for r in caplog.records if r.name == "actclust"][0]
     assert f"storing {width} float16 values per sample (3 layers) for {len(x)} samples on disk in" in message
     assert message.endswith(f": {len(x) * width * 2 / 1024:.1f} KiB")
+
+
+# gathering rows of a memory-mapped store in blocks gives exactly X[rows], any index shape, and
+# does not leave the file's pages resident (each touched row maps its neighbourhood)
+def test_take_from_disk_store(tmp_path):
+    from actclust.store import take
+
+    def rss_file():
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("RssFile:")).split()[1]) * 1024
+
+    rng = np.random.default_rng(1)
+    with StoreWriter(tmp_path / "s") as w:
+        for _ in range(20):
+            w.add({"a": rng.standard_normal((4096, 1024), dtype=np.float32)})  # 320 MiB
+        store = w.finish()
+    x = store["a"]
+    rows = np.sort(rng.choice(len(x), 6000, replace=False))
+    before = rss_file()
+    got = take(x, rows)
+    assert rss_file() - before < 48 * 2**20
+    np.testing.assert_array_equal(got, np.asarray(x)[rows])
+    np.testing.assert_array_equal(take(x, rows[:12].reshape(3, 4)), np.asarray(x)[rows[:12].reshape(3, 4)])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .clustering import KMeans, register
 from .exceptions import DistillWarning, ParameterError
-from .store import release
+from .store import take
 
 __all__ = ["DistillKMeans", "DistillResult", "DistillWarning", "refine"]
 
@@ -181,13 +181,11 @@ def _refine(layers, vectors, clusterings, proba, y, n_classes, w0, learn_weights
     val = np.sort(val[: max(1, opt["max_samples"] // 4)])
 
     def tensors(idx):
-        return ([torch.from_numpy(np.ascontiguousarray(vectors[l][idx], dtype=np.float32)) for l in layers],
+        return ([torch.from_numpy(take(vectors[l], idx)) for l in layers],
                 torch.from_numpy(proba[idx]), torch.from_numpy(y[idx]))
 
     xs_tr, p_tr, y_tr = tensors(train)
     xs_val, p_val, _y_val = tensors(val)
-    for l in layers:  # memory-mapped vectors: hand the gathered pages back
-        release(vectors[l])
     onehot = torch.nn.functional.one_hot(y_tr, n_classes).float()
     prior = onehot.mean(0)
     scales = torch.tensor([c.scale_ for c in (clusterings[l] for l in layers)], dtype=torch.float32)

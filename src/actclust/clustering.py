@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .exceptions import ParameterError
-from .store import iter_rows, release
+from .store import iter_rows, take
 
 __all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
 
@@ -121,8 +121,7 @@ class KMeans(Clustering):
         # that itself), so only that sample is read into memory: X may be a memory-mapped store.
         n_train = min(len(X), self.n_clusters * _POINTS_PER_CENTRE)
         rows = np.sort(np.random.default_rng(self.random_state).choice(len(X), n_train, replace=False))
-        train = np.ascontiguousarray(X[rows] if n_train < len(X) else X, dtype=np.float32)
-        release(X)  # a memory-mapped X: the gathered pages go back to the OS
+        train = np.ascontiguousarray(take(X, rows) if n_train < len(X) else X, dtype=np.float32)
         best = None
         for run in range(self.n_init):
             seed = self.random_state + run

@@ -25,6 +25,20 @@ __all__ = ["ActivationClustering", "SPATIAL_GRID"]
 SPATIAL_GRID = 4
 
 
+def _train_score(dnn, assign, posteriors, labels, weights, layers) -> dict:
+    """:func:`surrogate.scores` on the training data from the fit's assignments, in chunks of rows
+    (memory ``O(chunk x layers x classes)``, not ``O(n x layers x classes)``)."""
+    combined, per_layer = np.empty(len(dnn), np.int64), np.empty((len(layers), len(dnn)), np.int64)
+    for s in range(0, len(dnn), _SCORE_CHUNK):
+        probas = np.stack([surrogate.layer_proba(assign[l][s:s + _SCORE_CHUNK], posteriors[l]) for l in layers])
+        combined[s:s + _SCORE_CHUNK] = surrogate.combine(probas, weights).argmax(1)
+        per_layer[:, s:s + _SCORE_CHUNK] = probas.argmax(2)
+    return surrogate.scores_from_predictions(dnn, combined, per_layer, labels, layers)
+
+
+_SCORE_CHUNK = 65536
+
+
 class ActivationClustering:
     """Explain a classifier by clustering the activations of some of its layers.
 
@@ -258,9 +272,7 @@ class ActivationClustering:
             posteriors=posteriors, weights=weights / weights.sum(), train_vectors=vectors,
             train_predictions=logits_pred, train_labels=labels,
             # In-sample scores from the assignments already at hand: no second pass over the data.
-            train_score=surrogate.scores(logits_pred, np.stack([surrogate.layer_proba(assign[l], posteriors[l])
-                                                                for l in layers]),
-                                         labels, weights, layers),
+            train_score=_train_score(logits_pred, assign, posteriors, labels, weights, layers),
             fit_info=info, random_state=self.random_state,
             spatial_grid=self.spatial_grid if any(k.endswith(SUMMARY_SUFFIX) for k in vectors) else None,
         )

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .exceptions import ParameterError
-from .store import iter_rows, release
+from .store import iter_rows, release, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
@@ -189,7 +189,7 @@ class Index:
         zero-padded to ``self.d`` columns)."""
         layers = self.layers if layers is None else layers
         scales = [self.scales[self.layers.index(l)] for l in layers]
-        blocks = [(np.asarray(self.train_vectors[l][which], np.float32) - self.means[l]) / np.float32(np.sqrt(s))
+        blocks = [(_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(s))
                   for l, s in zip(layers, scales)]
         norms = [(self.sq_norms[l][which] / np.float32(s))[:, None] for l, s in zip(layers, scales)]
         _release(self.train_vectors)
@@ -227,7 +227,7 @@ class Index:
             i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
             # Distances from the layer terms: exact (no cancellation between large inner products
             # for near neighbours), split by layer at once; candidates re-ranked by them.
-            per = np.stack([_sq_dist(part[l], self.train_vectors[l][i]) * np.float32(f)
+            per = np.stack([_sq_dist(part[l], take(self.train_vectors[l], i)) * np.float32(f)
                             if f > 0 else np.zeros(i.shape, np.float32) for l, f in zip(self.layers, factors)], 2)
             _release(self.train_vectors)
             order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
@@ -238,10 +238,15 @@ class Index:
         return idx, dist, shares
 
 
+def _take(v, which) -> np.ndarray:
+    """Rows of ``v`` by slice (read in order) or by index (gathered in blocks: :func:`take`)."""
+    return np.asarray(v[which], np.float32) if isinstance(which, slice) else take(v, which)
+
+
 def _sq_dist(q: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Squared distances ``(b, c)`` from each query ``(b, d)`` to its candidates' rows ``(b, c, d)``."""
-    diff = rows.astype(np.float32, copy=False)
-    diff -= q[:, None, :]  # rows is a fresh gather: subtracting in place saves a temporary
+    diff = rows  # a fresh float32 gather: subtracting in place saves a temporary
+    diff -= q[:, None, :]
     return np.einsum("bcd,bcd->bc", diff, diff)
 
 
@@ -308,7 +313,7 @@ class ApproximateIndex(Index):
         key = tuple(np.round(np.asarray(weights, np.float64), 12))
         if key not in self.settings:
             w = np.asarray(weights, np.float64)
-            queries = {l: np.asarray(self.train_vectors[l][self.held], np.float32) for l in self.layers}
+            queries = {l: take(self.train_vectors[l], self.held) for l in self.layers}
             k = min(11, self.n)  # each held-out row finds itself: it is left out of both sides
             truth = Index.candidates(self, queries, k, [w])[0]
             for rerank in _RERANKS:

@@ -99,11 +99,16 @@ def fidelity_weights(layer_probas: np.ndarray, targets: np.ndarray, n_candidates
 
 def scores(dnn, probas, labels, weights, layers) -> dict:
     """Fidelity and accuracy, combined and per layer, from layer distributions ``(L, n, C)``."""
+    return scores_from_predictions(dnn, combine(probas, weights).argmax(1), probas.argmax(2), labels, layers)
+
+
+def scores_from_predictions(dnn, combined, per_layer, labels, layers) -> dict:
+    """:func:`scores` from the surrogate's predicted classes: combined ``(n,)``, per layer ``(L, n)``."""
     def rates(pred):
         return {"fidelity": float((pred == dnn).mean()),
                 "accuracy": None if labels is None else float((pred == labels).mean())}
 
-    result = {"n": int(len(dnn)), **rates(combine(probas, weights).argmax(1)),
+    result = {"n": int(len(dnn)), **rates(combined),
               "dnn_accuracy": None if labels is None else float((dnn == labels).mean())}
-    result["per_layer"] = {l: rates(probas[i].argmax(1)) for i, l in enumerate(layers)}
+    result["per_layer"] = {l: rates(per_layer[i]) for i, l in enumerate(layers)}
     return result

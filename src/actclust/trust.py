@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import surrogate
 from .exceptions import ParameterError
+from .store import take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from .state import FittedState, Query
@@ -231,7 +232,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, None)
     cal_kth, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, [], []
     for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
-        v_cal = state.train_vectors[l][cal].astype(np.float32)
+        v_cal = take(state.train_vectors[l], cal)
         counts, kth, vr = _neighbour_stats(calibration.finder(state, l), labels, v_cal, k, n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (k - counts[rows, labels[cal]])
