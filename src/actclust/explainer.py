@@ -94,10 +94,11 @@ class ActivationClustering:
         ``output(model_output) -> logits`` when the logits are not the output, its ``.logits``,
         its ``["logits"]`` or its first element.
     search : {"auto", "exact", "approximate"}, default="auto"
-        How similar training samples are searched: exactly, or with a faiss IVF index stored as
-        float16 whose probes are calibrated for recall@10 >= 0.97 (candidates re-ranked exactly);
+        How neighbours are searched, for similar samples and trust signals: exactly (one pass
+        over the stored vectors per call), or with a faiss IVF index of 8-bit codes whose
+        candidates are re-ranked exactly, calibrated per weighting for recall@10 >= 0.97;
         ``"auto"`` is exact while ``n_train x width`` is below
-        :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 50,000 samples of 960 floats).
+        :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 15,000 samples of 266 floats).
     spatial_grid : int or None, default=4
         Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
         ``spatial_grid x spatial_grid`` (projected to 64 values when wider; see
