@@ -288,3 +288,27 @@ def test_exit_codes(user_folder, capsys):
 def test_console_script():
     r = subprocess.run([sys.executable, "-m", "actclust.cli", "fit"], capture_output=True, text=True)
     assert r.returncode == 2 and "required" in r.stderr
+
+
+# --store writes the vectors to a directory outside the run; the run links them and scores the same;
+# a --store inside --out is refused before anything is fitted
+def test_fit_with_store(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from conftest import TinyCNN
+
+    save_file(TinyCNN().state_dict(), str(tmp_path / "w.safetensors"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 60))
+    base = ["fit", "conftest:TinyCNN", "--weights", str(tmp_path / "w.safetensors"), "--data", str(tmp_path / "d.npz"),
+            "--layers", "conv,fc1", "--n-clusters", "3", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "run"), "--store", str(tmp_path / "vectors"),
+                        "--store-dtype", "float16"]) == 0
+    assert (tmp_path / "vectors" / "store.json").is_file() and (tmp_path / "run" / "store" / "store.json").is_file()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["params"]["store_dtype"] == "float16" and manifest["state"]["store"]["dtype"] == "float16"
+    assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "run2"), "--store", str(tmp_path / "run2" / "v")]) == 2
+    assert "--store " + str(tmp_path / "run2" / "v") + " is inside --out" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()

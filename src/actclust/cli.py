@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--clustering", default="kmeans", choices=["kmeans", "distill", "idec"],
                    help="kmeans, distill (refined toward the DNN: most faithful) or idec (the paper's)")
     f.add_argument("--batch-size", type=_int_at_least(1), default=256, help="inputs per forward pass")
+    f.add_argument("--store", help="directory the training vectors are written to while capturing and read back "
+                                   "memory-mapped, for training sets whose vectors do not fit in memory (outside "
+                                   "--out; the saved run links to its files); without it they stay in memory")
+    f.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                   help="precision of the stored training vectors (float16 halves memory and disk)")
     f.add_argument("--out", required=True, help="directory of the saved run")
     _common(f)
     f.set_defaults(func=_fit)
@@ -213,6 +218,9 @@ def _fit(args) -> int:
     _check_reducer(args.reducer)
     weights = _layer_weights(args.layer_weights, layers)
     check_writable(args.out, args.overwrite, flag=OVERWRITE_FLAG)
+    if args.store and Path(args.out).resolve() in [Path(args.store).resolve(), *Path(args.store).resolve().parents]:
+        raise ParameterError(f"--store {args.store} is inside --out {args.out}; give a directory outside the run "
+                             "(the saved run links to the store's files).")
     model = _build_model(args.model, args.weights)
     _check_layers(layers, model, args.model)
     x, y = _load_data(args.data, "train")
@@ -229,7 +237,7 @@ def _fit(args) -> int:
     ac = ActivationClustering(
         model, layers, n_clusters=args.n_clusters,
         reducer=args.reducer, posterior=args.posterior, layer_weights=weights, clustering=args.clustering,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, store=args.store, store_dtype=args.store_dtype,
         progress=not args.quiet,
     )
     ac.fit(x, y)
