@@ -3,36 +3,22 @@
 Skipped where Chromium or Playwright is missing, except under CI (``CI=true``), which installs both.
 """
 
-import shutil
-
 import numpy as np
 import pytest
 
 from actclust import report
 
-from conftest import in_ci
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _browser():
-    if CHROMIUM is None:
-        pytest.fail("CI must install chromium") if in_ci() else pytest.skip("no chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
-    return sync_playwright
+from conftest import chromium_playwright
 
 
 # every image of the report decodes in Chromium, the page raises no console error, it works offline
 @pytest.mark.slow
 def test_report_renders_in_chromium(fitted, data, tmp_path):
-    sync_playwright = _browser()
+    chromium, sync_playwright = chromium_playwright()
     x, y = data
     path = report(fitted, x, y, train=x, out=tmp_path / "r.html", n_correct=3, n_wrong=3)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
             errors, requests = [], []
@@ -108,11 +94,11 @@ _OVERLAPS_JS = """() => {
 # a tabular report reads cleanly at a wide, a middle and a phone width: sample tables never overlap
 # each other or a class-mix bar, cells stay in their tables, class-mix numbers sit beside their bars
 def test_tabular_report_layout_in_chromium(tmp_path):
-    sync_playwright = _browser()
+    chromium, sync_playwright = chromium_playwright()
     path = _tabular_report(tmp_path)
     found = {}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page()
             requests = []
