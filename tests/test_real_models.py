@@ -258,3 +258,41 @@ def test_hugging_face_wrapped_and_compiled(bert):
     assert not counters["graph_break"]
     assert np.array_equal(cm.cluster_paths(x), plain.cluster_paths(x))
     torch._dynamo.reset()
+
+
+# the vector store on disk and the spatial summaries on models unlike the demo CNN: a BatchNorm
+# ResNet (conv summaries projected to 64 values), the same wrapped in DataParallel, a Hugging Face
+# model fed dict batches with attention masks (token maps: no summary), and a pandas table. Each
+# gives what the in-memory fit gives, saves, reloads memory-mapped, and finds the same neighbours.
+@pytest.mark.parametrize("case", ["resnet", "dataparallel", "bert", "pandas"])
+def test_disk_store_on_real_models(case, resnet, images, bert, tmp_path):
+    if case in ("resnet", "dataparallel"):
+        model = resnet if case == "resnet" else nn.DataParallel(resnet)
+        layers, kw, x, y = RESNET_LAYERS, {}, images, None
+    elif case == "bert":
+        model, ids, mask, y_all = bert
+        layers, kw = list(BERT_REDUCERS), {"reducer": BERT_REDUCERS}
+        x, y = {"input_ids": ids[:300], "attention_mask": mask[:300]}, y_all[:300]
+    else:
+        pd = pytest.importorskip("pandas")
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        x = pd.DataFrame(np.random.default_rng(0).standard_normal((150, 4)).astype(np.float32),
+                         columns=["age", "bmi", "bp", "s1"])
+        layers, kw, y = ["1", "2"], {}, None
+    mem = ActivationClustering(model, layers, n_clusters=4, progress=False, **kw).fit(x, y)
+    disk = ActivationClustering(model, layers, n_clusters=4, progress=False, store=tmp_path / "v", **kw).fit(x, y)
+    summaries = [k for k in disk.state_.train_vectors if k.endswith(":grid")]
+    assert summaries == ([f"{l}:grid" for l in ["layer1", "layer2", "layer4"]] if case in ("resnet", "dataparallel")
+                         else [])
+    assert all(disk.train_vectors_[k].shape[1] == 64 for k in summaries)  # 8+ channels x 16 cells, projected
+    assert np.array_equal(disk.predict(x), mem.predict(x))
+    near = disk.similar(x, k=3, search="exact").indices
+    assert np.array_equal(near, mem.similar(x, k=3, search="exact").indices)
+    disk.save(tmp_path / "run")
+    back = _strict_load(tmp_path / "run", model)
+    assert back.state_.train_vectors.on_disk
+    assert np.array_equal(back.predict(x), disk.predict(x))
+    assert np.array_equal(back.similar(x, k=3, search="exact").indices, near)
+    signals = back.trust(x, n_neighbors=5, calibration_fraction=0.2)
+    assert np.isfinite(signals["credibility"]).all()

@@ -194,3 +194,11 @@ def test_take_from_disk_store(tmp_path):
     assert rss_file() - before < 48 * 2**20
     np.testing.assert_array_equal(got, np.asarray(x)[rows])
     np.testing.assert_array_equal(take(x, rows[:12].reshape(3, 4)), np.asarray(x)[rows[:12].reshape(3, 4)])
+
+
+# a bad spatial_grid is refused before any pass, naming the parameter and the value
+@pytest.mark.parametrize("bad", [0, 2.5, True, "4"])
+def test_spatial_grid_checked(model, data, bad):
+    with pytest.raises(ParameterError, match=r"'spatial_grid' parameter of ActivationClustering must be None or an "
+                                             r"int >= 1\. Got .* instead"):
+        _fit(model, *data, spatial_grid=bad)
