@@ -745,7 +745,7 @@ def _f(v, fmt="{:.2f}"):
 
 def print_tables(sizes, fashion, bar_results, api):
     print("\n### Synthetic MLP (64-256-512-1024-10, layers h1/h2/h3 = 1,792 floats per sample)\n")
-    print("| n | fit / forward | peak RSS after fit | added by fit | anonymous added by fit | store on disk | saved run "
+    print("| n | fit / forward | resident at fit's peak | added by fit | anonymous added by fit | store on disk | saved run "
           "| load: time, RSS added |")
     print("|---|---|---|---|---|---|---|---|")
     for r in sizes:
@@ -755,8 +755,8 @@ def print_tables(sizes, fashion, bar_results, api):
         store = r.get("store_disk") or {}
         run = r.get("save", {}).get("run_disk") or {}
         sv = r.get("save", {})
-        print(f"| {r['n']:,}{' (partial: ' + r['error'] + ')' if 'error' in r else ''} | {_f(r.get('fit_over_forward'))} | {_f(r.get('maxrss_after_fit_bytes', 0) / MiB, '{:.0f}')} MiB "
-              f"| {_f(r.get('fit_peak_added_bytes', 0) / MiB, '{:.0f}')} MiB "
+        print(f"| {r['n']:,}{' (partial: ' + r['error'] + ')' if 'error' in r else ''} | {_f(r.get('fit_over_forward'))} | {_f((r.get('rss_before_fit_bytes', 0) + r.get('fit_peak_added_sampled_bytes', 0)) / MiB, '{:.0f}')} MiB "
+              f"| {_f(r.get('fit_peak_added_sampled_bytes', 0) / MiB, '{:.0f}')} MiB "
               f"| {_f(r.get('fit_peak_anon_added_bytes', 0) / MiB, '{:.0f}')} MiB "
               f"| {_f(store.get('allocated_bytes', 0) / MiB, '{:.0f}') + ' MiB' if store else r.get('store_used')} "
               f"| {_f(run.get('allocated_bytes', 0) / MiB, '{:.0f}') + ' MiB' if run else ''} "

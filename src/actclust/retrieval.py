@@ -56,10 +56,10 @@ _TARGET_RECALL = 0.97
 _QUERY_CHUNK = 4096
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
 _ROWS = 8192  # training rows read per chunk by the exact search
-_RERANKS = (8, 16, 32, 64)
+_RERANKS = (8, 16, 32, 64)  # candidates re-ranked exactly: k + (rerank - 1) * k for k <= 10
 _MAX_LISTS = 1024  # 4 sqrt(n) lists up to n = 65,536; capped so training and filling stay minutes at 1M rows
-_COARSE_ITERATIONS = 10
-_PQ_DIMS = 8  # rows are padded to a multiple of this many values  # k-means iterations of the lists' centres (faiss' default 25)  # candidates re-ranked exactly: k + (rerank - 1) * min(k, 10)
+_COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)
+_PAD = 8  # index rows are zero-padded to a multiple of this many values
 
 
 @dataclass
@@ -147,6 +147,7 @@ class Index:
         self.means = {l: stats[l][0].astype(np.float32) for l in self.layers}
         self.scales = np.array([stats[l][1] for l in self.layers], dtype=np.float64)
         self.n = len(train_vectors[self.layers[0]])
+        self.d = None  # the padded width of full rows, where an index stores them (ApproximateIndex)
         self.sq_norms = {}
         for l in tqdm(self.layers, desc="indexing training vectors", disable=not progress, leave=False):
             parts = [np.einsum("ij,ij->i", x - self.means[l], x - self.means[l])
@@ -206,7 +207,7 @@ class Index:
         return self._pad(np.hstack(q + [np.tile(-np.asarray(w, np.float32), (b, 1))]), layers)
 
     def _pad(self, rows: np.ndarray, layers) -> np.ndarray:
-        width = getattr(self, "d", rows.shape[1]) if len(layers) == len(self.layers) else rows.shape[1]
+        width = self.d if self.d is not None and len(layers) == len(self.layers) else rows.shape[1]
         return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), width - rows.shape[1]), np.float32)]))
 
     def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False, exclude=None):
@@ -256,18 +257,19 @@ def _release(store) -> None:
 
 
 class ApproximateIndex(Index):
-    """Approximate search: faiss IVF with product-quantised codes, candidates re-ranked exactly.
+    """Approximate search: faiss IVF with 8-bit scalar codes, candidates re-ranked exactly.
 
-    The index holds, per training row, ``[v_l / sqrt(s_l) ..., ||v_l||^2 / s_l ...]`` compressed to
-    one byte per ``_PQ_DIMS`` values (product quantisation: about ``width / 8`` bytes per row
-    plus its 8-byte id, against ``4 x width`` for the vectors), in ``nlist = 4 sqrt(n)`` lists (the
-    low end of faiss' ``4..16 sqrt(n)``), at most ``_MAX_LISTS``; it is trained on at most
-    ``max(39 nlist, 256 x 40)`` rows and filled by streaming the store. A query for weights ``w`` is the inner-product query
-    of the module docstring. The ``n_candidates(k)`` best codes are re-ranked by their exact
-    distances from the stored vectors. ``nprobe`` and the re-ranked share are calibrated per
-    weight vector on first use: the fewest candidates, then the smallest power of two of lists
-    probed, for which the exact top-10 of ``_CALIBRATION_QUERIES`` held-out training rows is found
-    with recall >= ``_TARGET_RECALL`` after re-ranking (``recall`` keeps what was reached).
+    The index holds, per training row, the rows of :meth:`Index._rows` (``[u_l / sqrt(s_l) ...,
+    ||u_l||^2 / s_l ...]``, centred) as one byte per value (faiss ``IndexIVFScalarQuantizer``,
+    ``QT_8bit``: a quarter of float32) plus an 8-byte id, in ``nlist = 4 sqrt(n)`` lists (the low
+    end of faiss' ``4..16 sqrt(n)``), at most ``_MAX_LISTS``; it is trained on at most
+    ``max(39 nlist, 256 x 40)`` rows and filled by streaming the store. A query for weights ``w``
+    is the inner-product query of :meth:`Index._query`. The ``n_candidates(k)`` best codes are
+    re-ranked by their exact distances from the stored vectors. ``nprobe`` and the re-ranked share
+    are calibrated per weight vector on first use: the fewest candidates, then the smallest power
+    of two of lists probed, for which the exact top-10 of ``_CALIBRATION_QUERIES`` held-out
+    training rows is found with recall >= ``_TARGET_RECALL`` after re-ranking (``recall`` keeps
+    what was reached).
     """
 
     def __init__(self, train_vectors: Mapping, stats: dict, random_state: int = 0, progress: bool = False):
@@ -276,7 +278,7 @@ class ApproximateIndex(Index):
         super().__init__(train_vectors, stats, progress)
         n = self.n
         width = sum(v.shape[1] for v in train_vectors.values()) + len(self.layers)
-        self.d = width + (-width % _PQ_DIMS)
+        self.d = width + (-width % _PAD)
         self.nlist = int(max(1, min(round(4 * np.sqrt(n)), n // 39, _MAX_LISTS)))
         self.rng = np.random.default_rng(random_state)
         train = np.sort(self.rng.choice(n, min(n, max(39 * self.nlist, 256 * 40)), replace=False))

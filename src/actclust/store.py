@@ -140,11 +140,6 @@ class VectorStore(Mapping):
         """Float32 copies of some rows of a layer (any order, repeats allowed)."""
         return take(self._arrays[layer], index)
 
-    def release(self) -> None:
-        """Hand the pages of the memory maps back to the OS (the data stays in the files)."""
-        for a in self._arrays.values():
-            release(a)
-
     @classmethod
     def open(cls, directory) -> "VectorStore":
         """Memory-map the store in ``directory`` (read-only); checks its manifest and file sizes."""

@@ -7,8 +7,9 @@ cluster path agree with the DNN. The **neighbour** ones follow deep k-nearest-ne
 and a conformal p-value, calibrated on a held-out part of the training data, says how unusual
 the votes are. One **stacked** signal combines both kinds with a logistic regression fitted on
 the same calibration part to tell the DNN's right predictions from its wrong ones. Neighbours are
-searched per layer through the similar-sample index of :mod:`actclust.retrieval` (weights on one
-layer; exact or approximate by ``search``, with the calibration rows left out), in batches:
+searched per layer, each layer with its own index over its clustering vectors
+(:func:`actclust.retrieval.layer_neighbours`: exact or approximate by ``search``, the calibration
+rows left out), in batches:
 memory ``O(batch x max(k, 200))``, never ``O(test x train)``, and no copy of the training vectors.
 
 The calibration (:func:`calibrate`) is built on first use from the fitted state's training
