@@ -225,3 +225,17 @@ def chromium_playwright():
     except ImportError:
         pytest.fail("CI must install playwright") if in_ci() else pytest.skip("no playwright")
     return chromium, sync_playwright
+
+
+def require_ray():
+    """The ``ray`` module, for a test of the Ray engine; call it first in the test (or fixture).
+
+    Skipped where Ray Data is missing, except under CI (:func:`in_ci`), whose test extra installs
+    it (``actclust[ray]``): there it fails.
+    """
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        pytest.fail("CI must install ray[data] (the test extra's actclust[ray])") if in_ci() else pytest.skip("no ray")
+    return ray

@@ -7,6 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ._ray import check_options
 from .clustering import make_clustering
 from .exceptions import ParameterError
 from .reduction import NORMALIZE_NAMES
@@ -14,6 +15,7 @@ from .retrieval import check_search
 from .store import check_store
 
 POSTERIORS = ("prediction", "label")
+ENGINES = ("local", "ray")
 
 
 def validate_params(ac, adapter) -> list:
@@ -77,6 +79,10 @@ def validate_params(ac, adapter) -> list:
     make_clustering(ac.clustering, 2)
     check_search(ac.search)
     check_store(ac.store, ac.store_dtype)
+    if ac.engine not in ENGINES:
+        raise ParameterError(f"The 'engine' parameter of ActivationClustering must be one of {list(ENGINES)}. "
+                             f"Got {ac.engine!r} instead.")
+    check_options(ac.ray_options)
     g = ac.spatial_grid
     if g is not None and (not isinstance(g, numbers.Integral) or isinstance(g, bool) or g < 1):
         raise ParameterError(f"The 'spatial_grid' parameter of ActivationClustering must be None or an int >= 1. "

@@ -86,11 +86,14 @@ def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, ra
     return {l: both(f, l) if spatial_layers is None or l in spatial_layers else f for l, f in out.items()}
 
 
-def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool):
+def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool,
+            spec: Optional[InputSpec] = None):
     """The capture pass of ``fit``: vectors into ``writer``; predictions, softmax (when
-    ``keep_proba``), labels, class count and input spec returned."""
-    col, has_y, width, spec = Collector(batches.n_samples), [], [], None
-    for batch, logits, out, spec in run(adapter, batches, reducers, desc="capturing activations", progress=progress):
+    ``keep_proba``), labels, class count and input spec returned. With ``spec`` (a part of the data
+    whose first rows the caller has seen), the inputs must match it."""
+    col, has_y, width = Collector(batches.n_samples), [], []
+    for batch, logits, out, spec in run(adapter, batches, reducers, desc="capturing activations", progress=progress,
+                                        spec=spec):
         if width and logits.shape[1] != width[0]:
             raise DataError(f"The model output {logits.shape[1]} classes on {batch.where}, {width[0]} before.")
         if not width:

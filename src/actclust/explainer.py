@@ -115,6 +115,19 @@ class ActivationClustering:
     store_dtype : {"float32", "float16"}, default="float32"
         Precision of the stored training vectors; ``"float16"`` halves memory and disk (the
         clustering and distances are computed in float32 either way).
+    engine : {"local", "ray"}, default="local"
+        Where ``fit``'s pass of the model runs: in this process, or with ``"ray"`` on a Ray cluster
+        (``pip install "actclust[ray]"``): Ray Data ``map_batches`` on a pool of actors that each load
+        the model once (:mod:`actclust._ray`). ``fit`` then also takes a ``ray.data.Dataset``; the
+        vectors come back to this process's store by sample position, and the rest of ``fit`` is
+        the local code. Any method that runs the model takes a ``ray.data.Dataset`` whatever the
+        engine, and runs it on Ray.
+    ray_options : dict, optional
+        For Ray passes: ``concurrency`` (actors; default one per GPU, else one per ``num_cpus`` CPUs of
+        the cluster), ``num_cpus`` per actor (1), ``num_gpus`` per actor (default 1 when the cluster
+        has GPUs, else 0), ``columns`` (which columns of a ``ray.data.Dataset`` are the model's
+        inputs; by default every column but the label, see the README). ``batch_size`` is the
+        estimator's.
 
     Attributes
     ----------
@@ -153,7 +166,7 @@ class ActivationClustering:
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
         output: Optional[Callable] = None, search="auto", spatial_grid=SPATIAL_GRID, store=None,
-        store_dtype="float32",
+        store_dtype="float32", engine="local", ray_options=None,
     ):
         self.model = model
         self.layers = layers
@@ -175,6 +188,8 @@ class ActivationClustering:
         self.spatial_grid = spatial_grid
         self.store = store
         self.store_dtype = store_dtype
+        self.engine = engine
+        self.ray_options = ray_options
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "ActivationClustering":
@@ -187,6 +202,7 @@ class ActivationClustering:
         ----------
         X : ndarray, Tensor, DataFrame, dict of arrays, Dataset or DataLoader
             Training inputs, in a fixed order; see ``label_key`` for batches that carry labels.
+            With ``engine="ray"`` also a ``ray.data.Dataset``.
         y : array-like of int, optional
             True labels; required for ``posterior="label"`` unless ``X`` yields them.
         """
@@ -195,6 +211,8 @@ class ActivationClustering:
         n_clusters = per_layer(self.n_clusters, "n_clusters", layers, adapter.canonical)
         reducers = {l: make_reducer(s, self.random_state) for l, s in
                     per_layer(self.reducer, "reducer", layers, adapter.canonical).items()}
+        if self.engine == "ray":
+            return self._fit_ray(adapter, layers, n_clusters, reducers, X, y)
         batches = self._batches(X, y)
         for name, k in n_clusters.items():
             if batches.n_samples is not None and k > batches.n_samples:
@@ -222,6 +240,26 @@ class ActivationClustering:
                                 spec, times=(t0, t1, time.perf_counter()))
             writer.commit()
         self.state_ = state  # the one assignment of what fit learned
+        return self
+
+    def _fit_ray(self, adapter, layers, n_clusters, reducers, X, y) -> "ActivationClustering":
+        """``fit`` with the capture pass on Ray (:mod:`actclust._ray`); the rest is the local code."""
+        from . import _ray
+
+        t0 = time.perf_counter()
+        run = _ray.Pass(self, adapter, X, y, reducers=reducers)
+        too_many = {l: k for l, k in n_clusters.items() if k > run.n}
+        if too_many:
+            raise ParameterError(f"n_clusters {too_many} exceed the {run.n} samples to cluster.")
+        with StoreWriter(self.store, self.store_dtype, run.n) as writer:
+            logits_pred, dnn_proba, labels, n_classes, spec = _ray.capture(
+                run, adapter, reducers, writer, keep_proba=self.clustering == "distill")
+            vectors = writer.finish()
+            state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,
+                                spec, times=(t0, t0, time.perf_counter()))
+            state.fit_info["engine"] = run.info  # actors, batches, batches that arrived out of order
+            writer.commit()
+        self.state_ = state
         return self
 
     def _learn(self, layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes, spec,
@@ -279,6 +317,11 @@ class ActivationClustering:
         )
 
     def _batches(self, X, y=None) -> Batches:
+        from ._ray import is_dataset
+
+        if is_dataset(X):
+            raise DataError("X is a ray.data.Dataset: fit it with engine='ray' (the other methods take one "
+                            "whatever the engine).")
         return Batches(X, batch_size=self.batch_size, y=y, name="X", label_key=self.label_key)
 
     def _cluster(self, layer: str, k: int, vectors: np.ndarray):
@@ -331,7 +374,11 @@ class ActivationClustering:
         take the fitted :attr:`state_` and such a :class:`~actclust.state.Query`; ``vectors=True``
         also keeps each layer's reduced vectors (needed by similar-sample search and trust).
         """
+        from . import _ray
+
         state = self._state()
+        if _ray.is_dataset(X):
+            return _ray.query(state, self, adapt(self.model, self.output), X, y, keep_vectors=vectors)
         return _passes.query(state, adapt(self.model, self.output), self._batches(X, y),
                              keep_vectors=vectors, progress=self.progress)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .exceptions import DataError, InvalidSaveError, ParameterError
 
-__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take", "release"]
+__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take", "release", "runs"]
 
 STORE_DTYPES = ("float32", "float16")
 MANIFEST = "store.json"
@@ -78,6 +78,13 @@ def take(X, rows) -> np.ndarray:
         out[start:start + _TAKE] = X[flat[start:start + _TAKE]]
         release(X)
     return out.reshape(rows.shape + (X.shape[1],))
+
+
+def runs(rows: np.ndarray) -> list:
+    """``(a, b)`` slices of ``rows`` over which the positions are consecutive (``rows[a:b]`` = ``r..r+b-a-1``)."""
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    edges = [0, *cuts.tolist(), len(rows)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def release(X) -> None:
@@ -192,6 +199,7 @@ class StoreWriter:
         self.directory = None if directory is None else Path(directory)
         self._collector = Collector(n_samples) if directory is None else None
         self._files, self._widths, self.n = {}, {}, 0
+        self._expected, self._seen = n_samples, None  # positions filled so far, when added by position
         self._partial = None
         if self.directory is not None:
             _check_directory(self.directory)
@@ -205,11 +213,15 @@ class StoreWriter:
         if kind is not None:
             self.abort()
 
-    def add(self, vectors: dict) -> None:
-        """Append one batch: ``layer -> (b, d)`` arrays with the same ``b``."""
+    def add(self, vectors: dict, rows: Optional[np.ndarray] = None) -> None:
+        """Add one batch: ``layer -> (b, d)`` arrays with the same ``b``, appended, or at sample
+        positions ``rows`` (any order; needs ``n_samples``): batches of a distributed pass arrive in
+        the order their workers finish, and each lands at its samples' rows all the same."""
         sizes = {len(v) for v in vectors.values()}
         if len(sizes) > 1:
             raise DataError(f"A batch gave different numbers of vectors per layer: {sizes}.")
+        if rows is not None:
+            rows = self._check_rows(rows, sizes)
         for l, v in vectors.items():
             v = np.ascontiguousarray(v, dtype=self.dtype)
             if self.dtype == np.float16 and not np.isfinite(v).all():
@@ -218,15 +230,39 @@ class StoreWriter:
                 raise DataError(f"Layer {l!r} gave {v.shape[1]} values per sample, {self._widths[l]} before: "
                                 "every sample must give the same width.")
             if self._collector is not None:
-                self._collector.add(l, v)
+                self._collector.add(l, v) if rows is None else self._collector.put(l, v, rows)
             else:
                 if l not in self._files:
                     self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb")
-                self._files[l].write(memoryview(v).cast("B"))
+                if rows is None:
+                    self._files[l].write(memoryview(v).cast("B"))
+                else:
+                    row_bytes = v.shape[1] * self.dtype.itemsize
+                    for a, b in runs(rows):  # positioned writes: the file grows to n rows as batches land
+                        os.pwrite(self._files[l].fileno(), memoryview(v[a:b]).cast("B"), int(rows[a]) * row_bytes)
         self.n += sizes.pop() if sizes else 0
+
+    def _check_rows(self, rows, sizes) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._expected is None:
+            raise DataError("Vectors added by sample position need the number of samples (n_samples) up front.")
+        if sizes and len(rows) != next(iter(sizes)):
+            raise DataError(f"A batch gave {len(rows)} sample positions for {next(iter(sizes))} vectors.")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self._expected):
+            raise DataError(f"A batch gave sample positions outside 0..{self._expected - 1}.")
+        if self._seen is None:
+            self._seen = np.zeros(self._expected, dtype=bool)
+        if self._seen[rows].any() or len(np.unique(rows)) != len(rows):
+            raise DataError(f"Sample row {int(rows[self._seen[rows]][0]) if self._seen[rows].any() else int(rows[0])} "
+                            "was given twice.")
+        self._seen[rows] = True
+        return rows
 
     def finish(self) -> VectorStore:
         """The store of everything added; on disk it stays hidden until :meth:`commit`."""
+        if self._seen is not None and not self._seen.all():
+            missing = np.flatnonzero(~self._seen)
+            raise DataError(f"{len(missing)} of {self._expected} samples never arrived (first: row {missing[0]}).")
         if self._collector is not None:
             return VectorStore({l: self._collector.get(l) for l in self._widths})
         for f in self._files.values():
@@ -292,6 +328,14 @@ class Collector:
         index[axis] = slice(pos, pos + size)
         self._buffers[key][tuple(index)] = array
         self._pos[key] = pos + size
+
+    def put(self, key, array: np.ndarray, rows: np.ndarray) -> None:
+        """Place ``array``'s rows at sample positions ``rows`` (needs ``n_samples``; any order)."""
+        if key not in self._buffers:
+            self._buffers[key] = np.empty((self.n,) + array.shape[1:], dtype=array.dtype)
+            self._pos[key] = 0
+        self._buffers[key][rows] = array
+        self._pos[key] += len(rows)
 
     def get(self, key) -> np.ndarray:
         if self.n is None:
