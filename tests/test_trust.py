@@ -74,15 +74,21 @@ class _Oracle:
     The split is the documented one: a permutation drawn from ``random_state``, calibration first.
     """
 
-    def __init__(self, x, labels, centers, knn_weights=TINY_WEIGHTS, k=5, fraction=0.5, random_state=0):
+    def __init__(self, x, labels, centers, knn_weights=TINY_WEIGHTS, k=5, fraction=0.5, random_state=0,
+                 held_out=None):
         n = len(x)
-        order = np.random.default_rng(random_state).permutation(n)
-        n_cal = round(fraction * n)
-        self.cal, self.ref = order[:n_cal], order[n_cal:]
         self.v, self.labels, self.pred = _vectors(x), np.asarray(labels), _dnn(x)
         self.centers = {l: np.asarray(c, dtype=np.float64) for l, c in centers.items()}
         self.w, self.k = np.asarray(knn_weights, dtype=np.float64), k  # of the neighbour signals
-        self.v_cal = {l: v[self.cal] for l, v in self.v.items()}
+        if held_out is None:  # trust's own split: a permutation drawn from random_state, calibration first
+            order = np.random.default_rng(random_state).permutation(n)
+            n_cal = round(fraction * n)
+            self.cal, self.ref = order[:n_cal], order[n_cal:]
+            self.v_cal = {l: v[self.cal] for l, v in self.v.items()}
+            self.cal_labels, self.cal_pred = self.labels[self.cal], self.pred[self.cal]
+        else:  # held-out (x_val, y_val): every training vector is a neighbour
+            self.ref = np.arange(n)
+            self.v_cal, self.cal_labels, self.cal_pred = _vectors(held_out[0]), np.asarray(held_out[1]), _dnn(held_out[0])
 
     def _neighbours(self, l, v):
         """Squared distances to the reference vectors of layer l, nearest first, and their labels."""
@@ -96,7 +102,7 @@ class _Oracle:
                    for w, l in zip(self.w, TINY))
 
     def credibility(self, vectors, cls):
-        cal_alpha = self.alpha(self.v_cal, self.labels[self.cal])
+        cal_alpha = self.alpha(self.v_cal, self.cal_labels)
         return (cal_alpha[None, :] >= self.alpha(vectors, cls)[:, None] - 1e-9).mean(1)
 
     def _kth(self, l, v):
@@ -105,6 +111,13 @@ class _Oracle:
     def knn_typicality(self, vectors):
         return sum(w * (self._kth(l, self.v_cal[l])[None, :] >= self._kth(l, vectors[l])[:, None]).mean(1)
                    for w, l in zip(self.w, TINY))
+
+    def ood_typicality(self, vectors):
+        """Equal-weight mean over layers of the share of calibration samples at least as far from
+        their nearest reference vector as the input."""
+        near = {l: self._neighbours(l, v)[0][:, 0] for l, v in vectors.items()}
+        return sum((self._neighbours(l, self.v_cal[l])[0][:, 0][None, :] >= near[l][:, None]).mean(1)
+                   for l in TINY) / len(TINY)
 
     def _nearest(self, l, v):
         d = ((v[:, None, :] - self.centers[l][None]) ** 2).sum(2)
@@ -156,6 +169,8 @@ class _Oracle:
         cred = np.stack([self.credibility(v, np.full(len(pred), c)) for c in range(3)], 1)
         return {
             "dnn_prediction": pred,
+            "dnn_confidence": _softmax(x)[rows, pred],
+            "ood_typicality": self.ood_typicality(v),
             "surrogate_prediction": comb.argmax(1),
             "surrogate_confidence": comb.max(1),
             "surrogate_dnn_agreement": comb[rows, pred],
@@ -165,6 +180,12 @@ class _Oracle:
             "knn_typicality": self.knn_typicality(v),
             "cluster_typicality": self.cluster_typicality(v),
         }
+
+
+def _softmax(x):
+    z = _vectors(x)["b"] @ W_HEAD.T
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def _check_signals(got, expected):
@@ -204,28 +225,89 @@ def test_neighbour_labels_are_labels_or_predictions(tiny):
 # stacked_trust is the documented logistic regression, refitted here on features computed by brute
 # force for the calibration samples (none taken from the library's outputs)
 def test_stacked_trust_matches_brute_force(tiny):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     x, y, xq = tiny
     ac = _tiny_ac().fit(x, y)
     got = ac.trust(xq, **TINY_KW)
     o = _Oracle(x, y, {l: ac.clusterings_[l].centers_ for l in TINY})
-    cal_pred = o.pred[o.cal]
-    right = cal_pred == y[o.cal]
-    assert min(right.sum(), (~right).sum()) >= 10  # the fixture's calibration split can fit it
-
-    def features(vectors, pred):
-        rows = np.arange(len(pred))
-        agreement = np.tensordot(TINY_WEIGHTS, o.layer_probas(vectors), 1)[rows, pred]
-        return o.stack_features(vectors, pred, agreement, o.credibility(vectors, pred))
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
-    model.fit(features(o.v_cal, cal_pred), right)
-    expected = model.predict_proba(features(_vectors(xq), _dnn(xq)))[:, 1]
+    expected = _stacked_by_brute_force(o, xq, confidence=None)
     np.testing.assert_allclose(got["stacked_trust"], expected, atol=1e-4)
     assert expected.max() - expected.min() > 0.3  # the signal is not a constant on this fixture
+
+
+def _stacked_by_brute_force(o, xq, confidence):
+    """The documented logistic regression on brute-force features; with ``confidence`` (the
+    held-out inputs), log(1 - the DNN's softmax probability of its class, capped at 1 - 1e-6) is last."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    right = o.cal_pred == o.cal_labels
+    assert min(right.sum(), (~right).sum()) >= 10  # the fixture's calibration split can fit it
+
+    def features(vectors, pred, x=None):
+        rows = np.arange(len(pred))
+        agreement = np.tensordot(TINY_WEIGHTS, o.layer_probas(vectors), 1)[rows, pred]
+        f = o.stack_features(vectors, pred, agreement, o.credibility(vectors, pred))
+        return f if x is None else np.column_stack([f, np.log(1 - np.minimum(_softmax(x)[rows, pred], 1 - 1e-6))])
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    model.fit(features(o.v_cal, o.cal_pred, confidence), o.cal_labels == o.cal_pred)
+    return model.predict_proba(features(_vectors(xq), _dnn(xq), None if confidence is None else xq))[:, 1]
+
+
+# calibration=ac.query(x_val, y_val, vectors=True): held-out samples calibrate, every training
+# vector is a neighbour, and stacked_trust adds the DNN's confidence; all by brute force
+def test_held_out_calibration_matches_brute_force(tiny):
+    x, y, xq = tiny
+    rng = np.random.default_rng(5)
+    x_val = rng.standard_normal((40, 2)).astype(np.float32)
+    y_val = np.where(rng.random(40) < 0.5, _dnn(x_val), (_dnn(x_val) + 1) % 3)
+    ac = _tiny_ac().fit(x, y)
+    got = ac.trust(xq, n_neighbors=5, calibration=ac.query(x_val, y_val, vectors=True))
+    o = _Oracle(x, y, {l: ac.clusterings_[l].centers_ for l in TINY}, held_out=(x_val, y_val))
+    _check_signals(got, o.signals(xq))
+    np.testing.assert_allclose(got["stacked_trust"], _stacked_by_brute_force(o, xq, confidence=x_val), atol=1e-4)
+    own = ac.trust(xq, **TINY_KW)  # the cache holds one calibration: switching back rebuilds trust's own
+    assert not np.allclose(own["credibility"], got["credibility"])
+
+
+# without true labels trust says which signals are missing or measure agreement, in a warning and
+# in every Explanation; the DNN's confidence is there either way
+def test_unlabeled_trust_warns_and_explanations_say_so(tiny):
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x)
+    with pytest.warns(actclust.TrustWarning, match=r"stacked_trust is unavailable: .* needs true labels .*"
+                                                   r"credibility and dknn_prediction count neighbours by the DNN's own"):
+        got = ac.trust(xq, **TINY_KW)
+    assert "stacked_trust" not in got and "dnn_confidence" in got
+    es = trust_mod_explain(ac, xq)  # the same calibration, cached: said once, kept in every explanation
+    assert "needs true labels" in es[0].trust_notes[0] and "not correctness" in es[-1].trust_notes[1]
+    assert actclust.Explanation.from_json(es[0].to_json()).trust_notes == es[0].trust_notes
+    with pytest.warns(actclust.TrustWarning, match=r"holds 0 DNN errors and 30 right predictions; it needs at least 10"):
+        _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)
+    # labels on held-out data give an unlabeled fit its stacked_trust
+    rng = np.random.default_rng(5)
+    x_val = rng.standard_normal((40, 2)).astype(np.float32)
+    y_val = np.where(rng.random(40) < 0.5, _dnn(x_val), (_dnn(x_val) + 1) % 3)
+    assert "stacked_trust" in ac.trust(xq, n_neighbors=5, calibration=ac.query(x_val, y_val, vectors=True))
+
+
+def trust_mod_explain(ac, xq):
+    from actclust.explanation import explain
+
+    return explain(ac.state_, ac.query(xq, vectors=True), k=3, trust=TINY_KW)  # trust_signals' options
+
+
+def test_held_out_calibration_refused(tiny):
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    with pytest.raises(ValueError, match=r"calibration query needs the reduced vectors: make it with "
+                                         r"ac.query\(X_val, y_val, vectors=True\)"):
+        ac.trust(xq, calibration=ac.query(x, y))
+    with pytest.raises(ValueError, match=f"calibration query has 5 samples; at least MIN_CALIBRATION={MIN_CALIBRATION}"):
+        ac.trust(xq, calibration=ac.query(x[:5], y[:5], vectors=True))
+    with pytest.raises(ValueError, match=r"n_neighbors=100 needs at least 100 training samples; the fit had 60"):
+        ac.trust(xq, n_neighbors=100, calibration=ac.query(x, y, vectors=True))
 
 
 # inputs unlike the training data get low k-NN and cluster typicality

@@ -13,7 +13,7 @@ from .concepts import Concept
 from .exceptions import (ActClustError, ActClustWarning, CaptureError, ConvergenceWarning, DataError,
                          DataNotFoundError, DataWarning, DistillWarning, IDECTrainingError, IDECWarning,
                          InvalidSaveError, ModelImportError, ModelMismatchWarning, NotFittedError, ParameterError,
-                         RenderWarning, RunExistsError, UnsupportedModelError)
+                         RenderWarning, RunExistsError, TrustWarning, UnsupportedModelError)
 from .explainer import ActivationClustering
 from .explanation import Explanation
 from .persistence import load, model_fingerprint
@@ -30,6 +30,6 @@ __all__ = [
     "ActClustError", "ParameterError", "NotFittedError", "CaptureError", "UnsupportedModelError", "DataError",
     "InvalidSaveError", "RunExistsError", "DataNotFoundError", "ModelImportError", "IDECTrainingError",
     "ActClustWarning", "ModelMismatchWarning", "ConvergenceWarning", "DistillWarning", "IDECWarning",
-    "RenderWarning", "DataWarning",
+    "RenderWarning", "DataWarning", "TrustWarning",
     "__version__",
 ]

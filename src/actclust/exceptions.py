@@ -28,6 +28,7 @@ __all__ = [
     "IDECTrainingError",
     "RenderWarning",
     "DataWarning",
+    "TrustWarning",
 ]
 
 
@@ -97,6 +98,10 @@ class IDECTrainingError(ActClustError, RuntimeError):
 
 class RenderWarning(ActClustWarning):
     """The report could not draw an input and shows a placeholder instead."""
+
+
+class TrustWarning(ActClustWarning):
+    """Some trust signals are unavailable or not calibrated against true labels."""
 
 
 class DataWarning(ActClustWarning):

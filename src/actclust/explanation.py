@@ -21,6 +21,7 @@ An :class:`Explanation` serialises to JSON with this schema (``"schema": "actclu
       "similar": {"low": [{"index": int, "distance": float, "prediction": int, "label": int | null}],
                   "high": [...]},         # see actclust.retrieval for the weights
       "trust": {str: float} | null,       # trust signals, when computed
+      "trust_notes": [str] | null,        # which trust signals are unavailable or uncalibrated, and why
       "meta": {"actclust_version": str, "model_class": str, "layers": [str]} | null
     }
 
@@ -67,6 +68,7 @@ class Explanation:
     class_names: Optional[list] = None
     trust: Optional[dict] = None
     meta: Optional[dict] = None
+    trust_notes: Optional[list] = None
     schema: str = field(default=SCHEMA)
 
     def class_name(self, c: int) -> str:
@@ -111,16 +113,20 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     paths = q.paths
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0)] for l in state.layers}
     near = {p: find(state, q, *check_args(state, k, p), method=search) for p in ("low", "high")}
+    options = {}
+    if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}
+        options, trust = trust, True
     if trust is None:  # by default, whenever the training set is large enough to calibrate them
         from .trust import calibration_possible
 
         trust = calibration_possible(state)
+    signals, notes = None, None
     if trust:
-        from .trust import trust_signals
+        from .trust import calibrate
+        from .trust import signals as trust_signals
 
-        signals = trust_signals(state, q, search=search)
-    else:
-        signals = None
+        cal = calibrate(state, **{"search": search, **options})
+        signals, notes = trust_signals(state, cal, q), list(cal.notes) or None
     n, layer_names = q.n, state.layers
     # Everything is converted to Python lists in bulk: per-element conversion would dominate.
     mix = probas.transpose(1, 0, 2).tolist()  # (n, L, C)
@@ -146,6 +152,7 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
                        "prior": prior_list},
             layers=layers, similar={p: rows[i] for p, rows in sims.items()}, class_names=names,
             trust=None if trust_rows is None else trust_rows[i], meta=None if meta is None else dict(meta),
+            trust_notes=None if notes is None else list(notes),
         ))
     return out
 

@@ -48,8 +48,10 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         ``n_wrong`` it got wrong (with no labels: where the surrogate agrees / disagrees with it).
     k, n_exemplars, n_edge : int
         Similar samples per card, exemplars and edge samples per concept.
-    trust : bool or None
-        Show trust signals on the cards; ``None`` when the training set can calibrate them.
+    trust : bool, dict or None
+        Show trust signals on the cards; ``None`` when the training set can calibrate them; a
+        dict passes options to :func:`actclust.trust.trust_signals`, such as held-out data to
+        calibrate on: ``{"calibration": ac.query(X_val, y_val, vectors=True)}``.
 
     Returns
     -------
