@@ -216,6 +216,18 @@ def test_ray_data_errors(ray_cluster, images):
         _fit(Marked(), x, engine="ray", reducer={"conv": "pca:2", "fc1": "mean", "fc2": "mean"})
     with pytest.raises(DataError, match=r"X is a ray.data.Dataset: fit it with engine='ray'"):
         _fit(Marked(), ray_cluster.data.from_numpy(x))
+    with pytest.raises(DataError, match=r"ray_options\['columns'\] names \['image'\], which are not columns"):
+        _fit(Marked(), ds, engine="ray", ray_options={"columns": ["image"]})
+    with pytest.raises(ParameterError, match=r"so label_key must name a column, or be 'auto' or None. Got 1"):
+        _fit(Marked(), ds, engine="ray", label_key=1)
+    with pytest.raises(DataError, match=r"y has 3 labels but X has 64 rows"):
+        _fit(Marked(), ds, y[:3], engine="ray", ray_options={"columns": "img"})
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.from_numpy(x[:10]))
+    with pytest.raises(DataError, match=r"engine='ray' needs data whose length is known"):
+        _fit(Marked(), Stream(), engine="ray")
 
 
 # parameters are checked before any work, whether or not Ray is installed
@@ -236,3 +248,32 @@ def test_missing_ray_is_explained(monkeypatch):
     with pytest.raises(ParameterError, match=r'engine=.ray. needs Ray Data.*pip install "actclust\[ray\]"'):
         _fit(TinyCNN(), x, engine="ray")
     assert _fit(TinyCNN(), x).n_samples_fit_ == 40
+
+
+# vectors added by sample position, in any order, land at their rows, in memory and on disk; a row
+# given twice, a row missing, a position out of range or an unknown length is an error
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_store_writer_by_position(tmp_path, on_disk):
+    from actclust.store import StoreWriter
+
+    v = np.arange(20, dtype=np.float32).reshape(10, 2)
+    directory = tmp_path / "store" if on_disk else None
+    with StoreWriter(directory, "float32", 10) as w:
+        for rows in ([6, 7, 8, 9], [0, 1, 3], [2, 4, 5]):  # the last batch is not consecutive
+            w.add({"a": v[rows]}, rows=np.array(rows))
+        store = w.finish()
+        np.testing.assert_array_equal(np.asarray(store["a"]), v)
+        w.commit()
+    assert store.on_disk == on_disk
+    with StoreWriter(directory, "float32", 10) as w:
+        w.add({"a": v[:4]}, rows=np.arange(4))
+        with pytest.raises(DataError, match=r"Sample row 2 was given twice"):
+            w.add({"a": v[2:3]}, rows=np.array([2]))
+        with pytest.raises(DataError, match=r"sample positions outside 0..9"):
+            w.add({"a": v[:1]}, rows=np.array([10]))
+        with pytest.raises(DataError, match=r"gave 2 sample positions for 1 vectors"):
+            w.add({"a": v[:1]}, rows=np.array([5, 6]))
+        with pytest.raises(DataError, match=r"6 of 10 samples never arrived \(first: row 4\)"):
+            w.finish()
+    with pytest.raises(DataError, match=r"need the number of samples"):
+        StoreWriter(None, "float32", None).add({"a": v}, rows=np.arange(10))

@@ -304,7 +304,7 @@ class Pass:
                                 "pass a ray.data.Dataset or a map-style Dataset.")
             self.n = batches.n_samples
             shared = X.detach().cpu().numpy() if type(X).__name__ == "Tensor" else X  # NumPy: zero-copy in the store
-            self.source = _Memory(shared, y, ac.label_key, self.name)
+            self.source = _Memory(shared, None if y is None else np.asarray(y), ac.label_key, self.name)
             inputs, feature_names = next(iter(batches)).inputs, batches.feature_names
             # Blocks of whole local batches, already in the object store: no task upstream of the actors
             # (a task would wait for a CPU that the actors hold).
@@ -341,10 +341,10 @@ class Pass:
         self.info = {"name": "ray", "actors": size, "num_gpus_per_actor": num_gpus, "batches": 0, "out_of_order": 0}
         highest = -1
         bar = tqdm(total=self.n, desc=desc, disable=not self.ac.progress, leave=False)
-        ctx = out.context
-        saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+        ctx = out.context  # a copy made with self.ds, which is ours: the user's context is left alone
         ctx.enable_progress_bars = False  # ours, on the driver, counts the samples written
-        ctx.execution_options.preserve_order = False
+        ctx.print_on_execution_start = self.ac.progress
+        ctx.execution_options.preserve_order = False  # rows carry their positions
         try:
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = batch[ROW]
@@ -358,7 +358,6 @@ class Pass:
         except Exception as e:  # a worker's error, wrapped by Ray: name the batch and the worker's error
             raise _worker_error(e) from e
         finally:
-            ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
             bar.close()
             del ref
 

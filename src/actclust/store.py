@@ -252,9 +252,10 @@ class StoreWriter:
             raise DataError(f"A batch gave sample positions outside 0..{self._expected - 1}.")
         if self._seen is None:
             self._seen = np.zeros(self._expected, dtype=bool)
-        if self._seen[rows].any() or len(np.unique(rows)) != len(rows):
-            raise DataError(f"Sample row {int(rows[self._seen[rows]][0]) if self._seen[rows].any() else int(rows[0])} "
-                            "was given twice.")
+        again = rows[self._seen[rows]]
+        if len(again) or len(np.unique(rows)) != len(rows):
+            row = int(again[0]) if len(again) else int(np.flatnonzero(np.bincount(rows) > 1)[0])
+            raise DataError(f"Sample row {row} was given twice.")
         self._seen[rows] = True
         return rows
 
