@@ -1,33 +1,35 @@
-"""Trust signals on the Fashion-MNIST CNN against maximum softmax probability and Trust Score.
+"""Trust signals on Fashion-MNIST CNNs against published baselines, over several trainings.
 
-    python benchmarks/trust.py [--clustering kmeans|distill|idec]
+    python benchmarks/trust.py [--seeds 3] [--clustering kmeans|distill|idec]
 
-Fits ``ActivationClustering(model, conv1..fc2, n_clusters=15, layer_weights="fit")`` on the
-60,000 training images (true labels given, so the neighbour signals use them) and computes
-``actclust.trust.trust_signals`` on:
+For each seed s in 0..seeds-1 a CNN (``actclust.models.fashion_cnn``, 6 epochs, seed s) is
+trained on 54,000 Fashion-MNIST training images (cached under ``benchmarks/.cache``; the
+SHA-256 of its weights goes into the JSON, so a rerun can tell whether it used the same network).
+The other 6,000 training images, the same for every seed and never seen by the network, are the
+**calibration split**: every choice of every signal, ours and the baselines', is made on it.
 
-* the 10,000 test images: AUROC of each signal for telling the DNN's right predictions (high)
-  from its wrong ones (low);
-* out-of-distribution inputs, each against the 10,000 test images (in-distribution high):
-  scikit-learn's 1,797 digits (0..16 scaled to [0, 1], bilinearly upscaled from 8x8 to 28x28,
-  the same [0, 1] pixel scale as Fashion-MNIST), and the test images with Gaussian noise of
-  sigma 0.1 and 0.5, clipped to [0, 1];
-* cluster-path metrics on the test images.
+``ActivationClustering(model, conv1..fc2, n_clusters=15, layer_weights="fit")`` is fitted on the
+54,000 with their labels; its trust signals are calibrated on the calibration split
+(``ac.trust(x, calibration=ac.query(x_cal, y_cal, vectors=True))``) and, for comparison, on
+trust's own split of the training images (``ac.trust(x)``). AUROCs:
 
-Baselines, from their papers' definitions:
+* misclassification: the DNN's right test predictions (high) against its wrong ones (low);
+* out-of-distribution, each against the 10,000 test images: scikit-learn's digits upscaled to
+  28x28 (far), the test images with Gaussian noise of sigma 0.1 (near) and 0.5, clipped to [0, 1].
 
-* MSP (Hendrycks & Gimpel 2017): the DNN's largest softmax probability.
-* Trust Score (Jiang et al. 2018): per class, the training points of that class whose distance
-  to their 10th nearest same-class neighbour is within the (1 - alpha) quantile (the
-  alpha-high-density set); score = distance to the nearest such set of another class over the
-  distance to the set of the predicted class. It uses the same reference/calibration split of
-  the training data as our signals; alpha is chosen from {0, 0.05, 0.1, 0.25, 0.5} by
-  misclassification AUROC on the calibration split (not on test). Features: the explainer's own
-  vectors (mean-pooled, L2-normalised) of fc1, of fc2 and of all four layers concatenated (the
-  same layers and data as ours), and the raw penultimate features (relu3 output, unnormalised)
-  and raw logits, as in the paper.
+Baselines (``actclust.baselines``), each at its published strength, settings chosen by
+misclassification AUROC on the calibration split: maximum softmax probability; energy
+(``logsumexp`` of the logits); Mahalanobis distance to class means with a shared covariance on
+the penultimate features (relu3); Trust Score with the reference scoring, k in {1, 2, 5, 10},
+alpha in {0, 0.05, 0.1}, on the penultimate features, the logits, or the explainer's own
+vectors of fc1, fc2 or all four layers; deep k-NN credibility with equal layers and the
+published k = 75. Per seed, the gain of our best signal over the best baseline (the best on
+*test*, the strictest comparison) with a 95% bootstrap interval over test inputs.
 
-Writes ``benchmarks/results/trust.json`` and prints one table.
+Without labels: the same explainer fitted without ``y`` and calibrated without labels: which
+signals it gives and warns about, and its best signal against max-softmax.
+
+Writes ``benchmarks/results/trust.json`` (``--out``) and prints the tables.
 """
 
 from __future__ import annotations
@@ -36,239 +38,217 @@ import argparse
 import json
 import platform
 import time
+import warnings
 
 import numpy as np
 import torch
-from _common import RESULTS, fashion_cnn, forward_seconds
+from _common import RESULTS, forward_seconds
+from explore_trust import LAYERS, eval_sets, raw_features, sha256, split, trained_cnn
 from sklearn.metrics import roc_auc_score
 
 from actclust import ActivationClustering
+from actclust.baselines import Mahalanobis, TrustScore, energy, max_softmax
 from actclust.datasets import load_fashion_mnist
 
-LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 BATCH = 256
-SIGNALS = ["surrogate_confidence", "surrogate_dnn_agreement", "layer_agreement", "credibility",
-           "knn_typicality", "cluster_typicality", "stacked_trust"]
-NEIGHBOUR = ["credibility", "knn_typicality", "cluster_typicality"]
-ALPHAS = (0.0, 0.05, 0.1, 0.25, 0.5)
+SIGNALS = ["stacked_trust", "credibility", "surrogate_dnn_agreement", "surrogate_confidence", "layer_agreement",
+           "knn_typicality", "cluster_typicality", "ood_typicality", "dnn_confidence"]
+OOD_SETS = ("digits", "noise0.1", "noise0.5")
+TS_K, TS_ALPHA = (1, 2, 5, 10), (0.0, 0.05, 0.1)
 
 
-class TrustScore:
-    """Jiang et al. (2018), Algorithm 1 and 2: alpha-high-density sets per class, then a ratio."""
-
-    def __init__(self, k: int = 10):
-        self.k = k
-
-    def fit(self, X, y, n_classes):
-        import faiss
-
-        self.X, self.y, self.n_classes = np.ascontiguousarray(X, dtype=np.float32), y, n_classes
-        self.radius = np.empty(len(X))
-        for c in range(n_classes):
-            idx = np.flatnonzero(y == c)
-            index = faiss.IndexFlatL2(X.shape[1])
-            index.add(self.X[idx])
-            d, _ = index.search(self.X[idx], self.k + 1)  # the point itself comes first
-            self.radius[idx] = np.sqrt(np.maximum(d[:, -1], 0))
-        return self
-
-    def set_alpha(self, alpha: float):
-        import faiss
-
-        self.indexes = []
-        for c in range(self.n_classes):
-            idx = np.flatnonzero(self.y == c)
-            keep = idx[self.radius[idx] <= np.quantile(self.radius[idx], 1 - alpha)]
-            index = faiss.IndexFlatL2(self.X.shape[1])
-            index.add(self.X[keep])
-            self.indexes.append(index)
-        return self
-
-    def score(self, X, pred):
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        d = np.sqrt(np.maximum(np.stack([ix.search(X, 1)[0][:, 0] for ix in self.indexes], 1), 0))
-        rows = np.arange(len(X))
-        d_pred = d[rows, pred]
-        d[rows, pred] = np.inf
-        return d.min(1) / np.maximum(d_pred, 1e-12)
-
-
-def raw_features(model, x, batch=1024):
-    """Penultimate features (relu3 output) and logits of ``x``, unnormalised."""
-    feats = []
-    handle = model.relu3.register_forward_hook(lambda m, i, o: feats.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            logits = torch.cat([model(b) for b in torch.as_tensor(x).split(batch)])
-    finally:
-        handle.remove()
-    return torch.cat(feats).numpy(), logits.numpy()
-
-
-def upscaled_digits():
-    from sklearn.datasets import load_digits
-
-    d = torch.as_tensor(load_digits().images / 16.0, dtype=torch.float32)[:, None]
-    return torch.nn.functional.interpolate(d, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1).numpy()
-
-
-def noisy(x, sigma, seed):
-    rng = np.random.default_rng(seed)
-    return np.clip(x + rng.normal(0, sigma, x.shape).astype(np.float32), 0, 1)
-
-
-def auroc(positive_high, negative_low):
+def auroc(high, low):
     """AUROC of a score that should be higher on the first set than on the second."""
-    s = np.concatenate([positive_high, negative_low])
-    return float(roc_auc_score(np.r_[np.ones(len(positive_high)), np.zeros(len(negative_low))], s))
+    return float(roc_auc_score(np.r_[np.ones(len(high)), np.zeros(len(low))], np.r_[high, low]))
 
 
-def path_metrics(paths, targets):
-    """Distinct paths and weighted path purity: share of inputs in their path's majority class."""
-    _, inverse = np.unique(paths, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    n_paths = int(inverse.max()) + 1
-    counts = np.zeros((n_paths, int(targets.max()) + 1))
-    np.add.at(counts, (inverse, targets), 1)
-    return n_paths, float(counts.max(1).sum() / len(paths))
+def mis_auroc(score, right):
+    return auroc(score[right], score[~right])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clustering", default="kmeans", help="kmeans | distill | idec, passed to ActivationClustering")
-    ap.add_argument("--out", default=str(RESULTS / "trust.json"))
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    model = fashion_cnn()
-    x_tr, y_tr, x_te, y_te = load_fashion_mnist()
-    sets = {"test": x_te, "digits": upscaled_digits(), "noise0.1": noisy(x_te, 0.1, 1), "noise0.5": noisy(x_te, 0.5, 2)}
-    forward_seconds(model, torch.from_numpy(x_te[:1024]), BATCH)  # warm-up
-
-    t0 = time.perf_counter()
-    ac = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights="fit", clustering=args.clustering,
-                              batch_size=BATCH, progress=False).fit(x_tr, y_tr)
-    t1 = time.perf_counter()
-    ac.trust(x_te[:10])  # builds and caches the calibration
-    t2 = time.perf_counter()
-    sig = {name: ac.trust(x) for name, x in sets.items()}
-    # This machine is shared: time trust and a plain forward pass back to back, twice, keep the minima.
-    fwd_runs, trust_runs = [], []
-    for _ in range(2):
-        fwd_runs.append(forward_seconds(model, torch.from_numpy(x_te), BATCH))
-        t3 = time.perf_counter()
-        ac.trust(x_te)
-        trust_runs.append(time.perf_counter() - t3)
-    fwd, t_trust_test = min(fwd_runs), min(trust_runs)
-    # Deep k-NN as published: layers weighed equally in the neighbour signals.
-    for name, x in sets.items():
-        equal = ac.trust(x, layer_weights="equal")
-        sig[name].update({f"{s} (equal layers)": equal[s] for s in NEIGHBOUR})
-
-    # Baselines on the same split: reference (neighbours) and calibration (tuning alpha).
-    n_cal = round(0.1 * len(x_tr))
-    order = np.random.default_rng(ac.random_state).permutation(len(x_tr))
-    cal, ref = order[:n_cal], order[n_cal:]
-    feats = {"explainer fc1": lambda v: v["fc1"], "explainer fc2": lambda v: v["fc2"],
-             "explainer all 4 layers": lambda v: np.concatenate([v[l] for l in LAYERS], 1)}
-    train_feats = {k: f(ac.train_vectors_) for k, f in feats.items()}
-    set_feats = {name: {k: f(ac.query(x, vectors=True).vectors) for k, f in feats.items()} for name, x in sets.items()}
-    raw_tr, raw = raw_features(model, x_tr), {name: raw_features(model, x) for name, x in sets.items()}
-    for k, i in (("raw penultimate (relu3)", 0), ("raw logits (fc2)", 1)):
-        train_feats[k] = raw_tr[i]
-        for name in sets:
-            set_feats[name][k] = raw[name][i]
-    msp = {name: torch.softmax(torch.as_tensor(v[1]), 1).max(1).values.numpy().astype(np.float64)
-           for name, v in raw.items()}
-    pred = {name: s["dnn_prediction"] for name, s in sig.items()}
-    cal_pred = ac.train_predictions_[cal]
-    cal_right = cal_pred == y_tr[cal]
-    ours = SIGNALS + [f"{s} (equal layers)" for s in NEIGHBOUR]
-    scores = {name: {s: sig[name][s] for s in ours} for name in sets}
-    for name in sets:
-        scores[name]["MSP (baseline)"] = msp[name]
-    ts_alpha = {}
-    for k in train_feats:
-        ts = TrustScore().fit(train_feats[k][ref], y_tr[ref], 10)
-        best = max(ALPHAS, key=lambda a: auroc(*_split(ts.set_alpha(a).score(train_feats[k][cal], cal_pred), cal_right)))
-        ts.set_alpha(best)
-        ts_alpha[k] = best
-        for name in sets:
-            scores[name][f"Trust Score {k} (baseline)"] = ts.score(set_feats[name][k], pred[name])
-
-    right = pred["test"] == y_te
-    rows = {}
-    for s in scores["test"]:
-        te = scores["test"][s]
-        rows[s] = {"misclassification": auroc(*_split(te, right)),
-                   **{f"ood_{name}": auroc(te, scores[name][s]) for name in ("digits", "noise0.1", "noise0.5")}}
-
-    q_te, q_noise = ac.query(x_te), ac.query(sets["noise0.1"])
-    p_te, p_noise = q_te.paths, q_noise.paths
-    n_paths, purity_pred = path_metrics(p_te, q_te.dnn_pred)
-    _, purity_label = path_metrics(p_te, y_te)
-    n_paths_tr, purity_tr = path_metrics(np.stack([ac.clusterings_[l].predict(ac.train_vectors_[l]) for l in LAYERS], 1),
-                                         ac.train_predictions_)
-    paths = {"n_distinct_paths_test": n_paths, "n_distinct_paths_train": n_paths_tr,
-             "weighted_purity_dnn_prediction_test": purity_pred, "weighted_purity_true_label_test": purity_label,
-             "weighted_purity_dnn_prediction_train": purity_tr,
-             "path_agreement_noise0.1": float((p_te == p_noise).all(1).mean()),
-             "layer_agreement_noise0.1": {l: float((p_te[:, i] == p_noise[:, i]).mean()) for i, l in enumerate(LAYERS)}}
-
-    best_ours = max(ours, key=lambda s: rows[s]["misclassification"])
-    best_base = max((s for s in rows if "baseline" in s), key=lambda s: rows[s]["misclassification"])
-    gain_ci = {base: _bootstrap_gain(scores["test"][best_ours], scores["test"][base], right)
-               for base in (best_base, "MSP (baseline)")}
-    result = {
-        "clustering": args.clustering, "dnn_test_accuracy": float(right.mean()), "n_test_errors": int((~right).sum()),
-        "dnn_accuracy_noise": {n: float((pred[n] == y_te).mean()) for n in ("noise0.1", "noise0.5")},
-        "fidelity_test": float((sig["test"]["surrogate_prediction"] == pred["test"]).mean()),
-        "auroc": rows, "trust_score_alpha": ts_alpha, "cluster_paths": paths,
-        "best_ours_misclassification": [best_ours, rows[best_ours]["misclassification"]],
-        "best_baseline_misclassification": [best_base, rows[best_base]["misclassification"]],
-        "bootstrap_gain_95ci": gain_ci,
-        "seconds": {"fit": t1 - t0, "calibration": t2 - t1, "trust_test_10k": t_trust_test, "forward_test_10k": fwd},
-        "trust_over_forward": t_trust_test / fwd, "calibration_over_forward": (t2 - t1) / fwd,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-                    "torch": torch.__version__},
-    }
-    print(f"clustering={args.clustering}  DNN test accuracy {right.mean():.4f} ({(~right).sum()} errors), "
-          f"surrogate fidelity {result['fidelity_test']:.4f}; DNN accuracy with noise 0.1 / 0.5: "
-          f"{result['dnn_accuracy_noise']['noise0.1']:.4f} / {result['dnn_accuracy_noise']['noise0.5']:.4f}")
-    print("| signal | misclassification | OOD digits | OOD noise 0.1 | OOD noise 0.5 |")
-    print("|---|---|---|---|---|")
-    for s, r in rows.items():
-        label = s.replace("(baseline)", f"(baseline, alpha={ts_alpha[s[12:-11]]})") if s.startswith("Trust Score") else s
-        print(f"| {label} | {r['misclassification']:.4f} | {r['ood_digits']:.4f} | {r['ood_noise0.1']:.4f} | "
-              f"{r['ood_noise0.5']:.4f} |")
-    print(f"cluster paths (test): {n_paths} distinct (train {n_paths_tr}); weighted purity {purity_pred:.4f} "
-          f"(DNN prediction), {purity_label:.4f} (true label); identical path under noise 0.1: "
-          f"{paths['path_agreement_noise0.1']:.4f}; per layer {paths['layer_agreement_noise0.1']}")
-    print(f"trust on 10k test: {t_trust_test:.1f} s = {result['trust_over_forward']:.2f}x a forward pass ({fwd:.1f} s); "
-          f"calibration {t2 - t1:.1f} s; fit {t1 - t0:.1f} s")
-    gap = rows[best_ours]["misclassification"] - rows[best_base]["misclassification"]
-    print(f"misclassification: best ours {best_ours} {rows[best_ours]['misclassification']:.4f}, best baseline "
-          f"{best_base} {rows[best_base]['misclassification']:.4f}: {gap:+.4f} (bar +0.02)")
-    for base, (lo, hi) in gain_ci.items():
-        print(f"  bootstrap 95% interval of the AUROC gain of {best_ours} over {base}: [{lo:+.4f}, {hi:+.4f}]")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    return 0
-
-
-def _bootstrap_gain(ours, base, right, n_boot: int = 1000, seed: int = 0):
+def bootstrap_gain(ours, base, right, n_boot: int = 1000, seed: int = 0):
     """95% interval of AUROC(ours) - AUROC(base) for misclassification, resampling test inputs."""
     rng = np.random.default_rng(seed)
     gains = []
     for _ in range(n_boot):
         i = rng.integers(0, len(right), len(right))
-        gains.append(auroc(*_split(ours[i], right[i])) - auroc(*_split(base[i], right[i])))
+        gains.append(mis_auroc(ours[i], right[i]) - mis_auroc(base[i], right[i]))
     lo, hi = np.percentile(gains, [2.5, 97.5])
     return float(lo), float(hi)
 
 
-def _split(score, right):
-    return score[right], score[~right]
+def run_seed(seed: int, clustering: str) -> dict:
+    x_tr, y_tr, x_te, y_te = load_fashion_mnist()
+    fit_idx, cal_idx = split()
+    x_fit, y_fit = x_tr[fit_idx], y_tr[fit_idx]
+    model, wpath = trained_cnn(seed, x_fit, y_fit)
+    sets = eval_sets(x_tr, x_te)  # cal, test, digits, noise0.1, noise0.5
+    y_cal = y_tr[cal_idx]
+    forward_seconds(model, torch.from_numpy(x_te[:1024]), BATCH)  # warm-up
+    t0 = time.perf_counter()
+    ac = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights="fit", clustering=clustering,
+                              batch_size=BATCH, progress=False).fit(x_fit, y_fit)
+    t_fit = time.perf_counter() - t0
+    q_cal = ac.query(sets["cal"], y_cal, vectors=True)
+    t0 = time.perf_counter()
+    ac.trust(x_te[:10], calibration=q_cal)  # builds and caches the calibration
+    t_cal = time.perf_counter() - t0
+    queries = {name: ac.query(x, vectors=True) for name, x in sets.items() if name != "cal"}
+    from actclust.trust import trust_signals
+
+    ours = {name: trust_signals(ac.state_, q, calibration=q_cal) for name, q in queries.items()}
+    own_split = {name: trust_signals(ac.state_, q) for name, q in queries.items()}
+    fwd = forward_seconds(model, torch.from_numpy(x_te), BATCH)
+    t0 = time.perf_counter()
+    trust_signals(ac.state_, queries["test"], calibration=q_cal)
+    t_trust = time.perf_counter() - t0
+
+    pred = {name: q.dnn_pred for name, q in queries.items()}
+    cal_pred = q_cal.dnn_pred
+    right, cal_right = pred["test"] == y_te, cal_pred == y_cal
+    scores = {name: {s: ours[name][s] for s in SIGNALS if s in ours[name]} for name in queries}
+    for name in queries:
+        scores[name].update({f"{s} (trust's own split)": own_split[name][s] for s in ("stacked_trust", "credibility")})
+
+    # ---- baselines, settings chosen on the calibration split
+    raw = {name: raw_features(model, x) for name, x in sets.items()}
+    pen_fit, _ = raw_features(model, x_fit)
+    baseline, chosen = {name: {} for name in queries}, {}
+    for name in queries:
+        baseline[name]["max-softmax"] = max_softmax(raw[name][1])
+        baseline[name]["energy"] = energy(raw[name][1])
+    maha = Mahalanobis().fit(pen_fit, y_fit)
+    for name in queries:
+        baseline[name]["Mahalanobis (penultimate)"] = maha.score(raw[name][0])
+    vec = {"explainer fc1": lambda v: v["fc1"], "explainer fc2": lambda v: v["fc2"],
+           "explainer 4 layers": lambda v: np.concatenate([v[l] for l in LAYERS], 1)}
+    feats = {"penultimate": (pen_fit, {n: raw[n][0] for n in sets}),
+             "logits": (raw_features(model, x_fit)[1], {n: raw[n][1] for n in sets})}
+    for k, f in vec.items():
+        feats[k] = (f(ac.train_vectors_), {n: f(q.vectors) for n, q in [("cal", q_cal), *queries.items()]})
+    best_cal, best_ts = -1.0, None
+    for fname, (train_f, set_f) in feats.items():
+        for alpha in TS_ALPHA:  # the alpha-filtered sets do not depend on k: one search serves every k
+            ts = TrustScore(k=max(TS_K), alpha=alpha).fit(train_f, y_fit)
+            for k, score in _trust_scores_by_k(ts, set_f["cal"], cal_pred).items():
+                a = mis_auroc(score, cal_right)
+                if a > best_cal:
+                    best_cal, best_ts = a, (fname, k, alpha)
+    fname, k, alpha = best_ts
+    ts = TrustScore(k=k, alpha=alpha).fit(feats[fname][0], y_fit)
+    chosen["Trust Score"] = {"features": fname, "k": k, "alpha": alpha, "calibration_auroc": best_cal}
+    for name in queries:
+        baseline[name]["Trust Score"] = ts.score(feats[fname][1][name], pred[name])
+    # Trust Score k=2 (the reference default) on the same features, for the record
+    ts2 = TrustScore(k=2).fit(feats[fname][0], y_fit)
+    for name in queries:
+        baseline[name]["Trust Score k=2, alpha=0"] = ts2.score(feats[fname][1][name], pred[name])
+    for name, q in queries.items():
+        baseline[name]["deep k-NN credibility (equal layers, k=75)"] = trust_signals(
+            ac.state_, q, n_neighbors=75, layer_weights="equal", calibration=q_cal)["credibility"]
+
+    rows = {}
+    for group, table in (("ours", scores), ("baseline", baseline)):
+        for s in table["test"]:
+            rows[s] = {"group": group, "misclassification": mis_auroc(table["test"][s], right),
+                       **{f"ood_{n}": auroc(table["test"][s], table[n][s]) for n in OOD_SETS}}
+    best_base = max((s for s in rows if rows[s]["group"] == "baseline"), key=lambda s: rows[s]["misclassification"])
+    best_ours = "stacked_trust"  # designated in advance (benchmarks/explore_trust.py), not picked on test
+    gain = rows[best_ours]["misclassification"] - rows[best_base]["misclassification"]
+    ci = bootstrap_gain(scores["test"][best_ours], baseline["test"][best_base], right)
+    near_ours = max((s for s in rows if rows[s]["group"] == "ours"), key=lambda s: rows[s]["ood_noise0.1"])
+
+    # ---- without labels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ac_nl = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights=None, clustering=clustering,
+                                     batch_size=BATCH, progress=False).fit(x_fit)
+        nl = trust_signals(ac_nl.state_, ac_nl.query(x_te, vectors=True), calibration=ac_nl.query(sets["cal"],
+                                                                                                    vectors=True))
+    unlabeled = {s: mis_auroc(v, right) for s, v in nl.items() if not s.endswith("_prediction")}
+    return {
+        "seed": seed, "weights_sha256": sha256(wpath), "dnn_test_accuracy": float(right.mean()),
+        "n_test_errors": int((~right).sum()), "n_calibration_errors": int((~cal_right).sum()),
+        "fidelity_test": float((ours["test"]["surrogate_prediction"] == pred["test"]).mean()),
+        "auroc": rows, "baseline_settings": chosen, "best_baseline": best_base, "best_ours": best_ours,
+        "gain_over_best_baseline": gain, "gain_95ci": ci, "best_near_ood": near_ours,
+        "unlabeled": {"misclassification_auroc": unlabeled,
+                      "max_softmax": rows["max-softmax"]["misclassification"],
+                      "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught})},
+        "seconds": {"fit": t_fit, "calibration": t_cal, "trust_test_10k": t_trust, "forward_test_10k": fwd},
+        "trust_over_forward": t_trust / fwd, "calibration_over_forward": t_cal / fwd,
+    }
+
+
+def _trust_scores_by_k(ts: TrustScore, X, pred) -> dict:
+    """``TrustScore(k).score(X, pred)`` for every k in TS_K from one search of depth max(TS_K) of
+    ``ts``'s fitted per-class sets (the same sets for every k)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    d = np.sqrt(np.maximum(np.stack([ix.search(X, max(TS_K))[0] for ix in ts.indexes_], 1), 0))  # (n, C, K)
+    rows, out = np.arange(len(X)), {}
+    for k in TS_K:
+        dk = d[:, :, k - 1].astype(np.float64)
+        d_pred = dk[rows, pred].copy()
+        dk[rows, pred] = np.inf
+        out[k] = dk.min(1) / (d_pred + 1e-12)
+    return out
+
+
+def summary(runs: list) -> dict:
+    names = list(runs[0]["auroc"])
+    cols = ["misclassification"] + [f"ood_{n}" for n in OOD_SETS]
+    out = {}
+    for s in names:
+        out[s] = {c: {"mean": float(np.mean([r["auroc"][s][c] for r in runs])),
+                      "min": float(np.min([r["auroc"][s][c] for r in runs])),
+                      "max": float(np.max([r["auroc"][s][c] for r in runs]))} for c in cols}
+        out[s]["group"] = runs[0]["auroc"][s]["group"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3, help="train and measure seeds 0..N-1")
+    ap.add_argument("--clustering", default="kmeans", help="kmeans | distill | idec, passed to ActivationClustering")
+    ap.add_argument("--out", default=str(RESULTS / "trust.json"))
+    args = ap.parse_args(argv)
+    runs = []
+    for seed in range(args.seeds):
+        runs.append(run_seed(seed, args.clustering))
+        r = runs[-1]
+        print(f"seed {seed}: DNN test accuracy {r['dnn_test_accuracy']:.4f} ({r['n_test_errors']} errors; "
+              f"{r['n_calibration_errors']} on the calibration split), fidelity {r['fidelity_test']:.4f}, "
+              f"weights sha256 {r['weights_sha256'][:16]}", flush=True)
+        print(f"  {r['best_ours']} {r['auroc'][r['best_ours']]['misclassification']:.4f} vs best baseline "
+              f"{r['best_baseline']} {r['auroc'][r['best_baseline']]['misclassification']:.4f}: "
+              f"{r['gain_over_best_baseline']:+.4f}, 95% interval [{r['gain_95ci'][0]:+.4f}, {r['gain_95ci'][1]:+.4f}]; "
+              f"Trust Score chosen: {r['baseline_settings']['Trust Score']}", flush=True)
+    table = summary(runs)
+    print(f"\nAUROC, mean over {len(runs)} seeds [min, max]  (clustering={args.clustering})")
+    print("| signal | misclassification | OOD digits | OOD noise 0.1 | OOD noise 0.5 |")
+    print("|---|---|---|---|---|")
+    for s, v in table.items():
+        label = s + (" (baseline)" if v["group"] == "baseline" else "")
+        print(f"| {label} | " + " | ".join(f"{v[c]['mean']:.4f} [{v[c]['min']:.4f}, {v[c]['max']:.4f}]"
+                                            for c in ("misclassification", "ood_digits", "ood_noise0.1",
+                                                      "ood_noise0.5")) + " |")
+    print("\n| seed | best baseline (test) | its AUROC | stacked_trust | gain | 95% interval | best near-OOD (ours) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['seed']} | {r['best_baseline']} | {r['auroc'][r['best_baseline']]['misclassification']:.4f} | "
+              f"{r['auroc']['stacked_trust']['misclassification']:.4f} | {r['gain_over_best_baseline']:+.4f} | "
+              f"[{r['gain_95ci'][0]:+.4f}, {r['gain_95ci'][1]:+.4f}] | {r['best_near_ood']} "
+              f"{r['auroc'][r['best_near_ood']]['ood_noise0.1']:.4f} |")
+    print("\nwithout labels (misclassification AUROC): " + "; ".join(
+        f"seed {r['seed']}: best {max(r['unlabeled']['misclassification_auroc'].items(), key=lambda kv: kv[1])} "
+        f"vs max-softmax {r['unlabeled']['max_softmax']:.4f}" for r in runs))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"clustering": args.clustering, "seeds": runs, "summary": table,
+                   "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                               "torch": torch.__version__}}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -113,11 +113,17 @@ class _Oracle:
                    for w, l in zip(self.w, TINY))
 
     def ood_typicality(self, vectors):
-        """Equal-weight mean over layers of the share of calibration samples at least as far from
-        their nearest reference vector as the input."""
-        near = {l: self._neighbours(l, v)[0][:, 0] for l, v in vectors.items()}
-        return sum((self._neighbours(l, self.v_cal[l])[0][:, 0][None, :] >= near[l][:, None]).mean(1)
-                   for l in TINY) / len(TINY)
+        """Fisher's combination (chi-squared, 2L degrees of freedom) of each layer's share of
+        calibration samples at least as far from their nearest reference vector as the input,
+        a share of 0 counted as 1 / (n_cal + 1)."""
+        from scipy.stats import chi2
+
+        stat = 0
+        for l in TINY:
+            cal_near = self._neighbours(l, self.v_cal[l])[0][:, 0]
+            p = (cal_near[None, :] >= self._neighbours(l, vectors[l])[0][:, 0][:, None]).mean(1)
+            stat = stat - 2 * np.log(np.maximum(p, 1 / (len(cal_near) + 1)))
+        return chi2.sf(stat, 2 * len(TINY))
 
     def _nearest(self, l, v):
         d = ((v[:, None, :] - self.centers[l][None]) ** 2).sum(2)
@@ -209,6 +215,7 @@ def test_signals_match_brute_force(tiny, layer_weights, w):
     # the fixture exercises what it should: credibility takes several values, far inputs look atypical
     assert len(np.unique(got["credibility"])) >= 4
     assert got["knn_typicality"][-3:].max() == 0 and got["cluster_typicality"][-3:].max() == 0
+    assert got["ood_typicality"][-3:].max() < 0.01 < np.median(got["ood_typicality"][:25])
 
 
 # the neighbours' labels are the true labels when fit had them, else the DNN's predictions
