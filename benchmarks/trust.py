@@ -1,6 +1,6 @@
 """Trust signals on Fashion-MNIST CNNs against published baselines, over several trainings.
 
-    python benchmarks/trust.py [--seeds 3] [--clustering kmeans|distill|idec]
+    python benchmarks/trust.py [--seeds 3] [--clustering kmeans|distill|idec] [--layers conv1,conv2,fc1,fc2]
 
 For each seed s in 0..seeds-1 a CNN (``actclust.models.fashion_cnn``, 6 epochs, seed s) is
 trained on 54,000 Fashion-MNIST training images (cached under ``benchmarks/.cache``; the
@@ -77,7 +77,7 @@ def bootstrap_gain(ours, base, right, n_boot: int = 1000, seed: int = 0):
     return float(lo), float(hi)
 
 
-def run_seed(seed: int, clustering: str) -> dict:
+def run_seed(seed: int, clustering: str, layers=LAYERS) -> dict:
     x_tr, y_tr, x_te, y_te = load_fashion_mnist()
     fit_idx, cal_idx = split()
     x_fit, y_fit = x_tr[fit_idx], y_tr[fit_idx]
@@ -86,7 +86,7 @@ def run_seed(seed: int, clustering: str) -> dict:
     y_cal = y_tr[cal_idx]
     forward_seconds(model, torch.from_numpy(x_te[:1024]), BATCH)  # warm-up
     t0 = time.perf_counter()
-    ac = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights="fit", clustering=clustering,
+    ac = ActivationClustering(model, layers, n_clusters=15, layer_weights="fit", clustering=clustering,
                               batch_size=BATCH, progress=False).fit(x_fit, y_fit)
     t_fit = time.perf_counter() - t0
     q_cal = ac.query(sets["cal"], y_cal, vectors=True)
@@ -120,8 +120,8 @@ def run_seed(seed: int, clustering: str) -> dict:
     maha = Mahalanobis().fit(pen_fit, y_fit)
     for name in queries:
         baseline[name]["Mahalanobis (penultimate)"] = maha.score(raw[name][0])
-    vec = {"explainer fc1": lambda v: v["fc1"], "explainer fc2": lambda v: v["fc2"],
-           "explainer 4 layers": lambda v: np.concatenate([v[l] for l in LAYERS], 1)}
+    vec = {f"explainer {layers[-2]}": lambda v: v[layers[-2]], f"explainer {layers[-1]}": lambda v: v[layers[-1]],
+           "explainer all layers": lambda v: np.concatenate([v[l] for l in layers], 1)}
     feats = {"penultimate": (pen_fit, {n: raw[n][0] for n in sets}),
              "logits": (raw_features(model, x_fit)[1], {n: raw[n][1] for n in sets})}
     for k, f in vec.items():
@@ -161,7 +161,7 @@ def run_seed(seed: int, clustering: str) -> dict:
     # ---- without labels
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ac_nl = ActivationClustering(model, LAYERS, n_clusters=15, layer_weights=None, clustering=clustering,
+        ac_nl = ActivationClustering(model, layers, n_clusters=15, layer_weights=None, clustering=clustering,
                                      batch_size=BATCH, progress=False).fit(x_fit)
         nl = trust_signals(ac_nl.state_, ac_nl.query(x_te, vectors=True), calibration=ac_nl.query(sets["cal"],
                                                                                                     vectors=True))
@@ -210,11 +210,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="train and measure seeds 0..N-1")
     ap.add_argument("--clustering", default="kmeans", help="kmeans | distill | idec, passed to ActivationClustering")
+    ap.add_argument("--layers", default=",".join(LAYERS),
+                    help="layers to explain (default conv1,conv2,fc1,fc2; relu1,relu2,relu3,fc2 hooks after the ReLUs)")
     ap.add_argument("--out", default=str(RESULTS / "trust.json"))
     args = ap.parse_args(argv)
+    layers = args.layers.split(",")
     runs = []
     for seed in range(args.seeds):
-        runs.append(run_seed(seed, args.clustering))
+        runs.append(run_seed(seed, args.clustering, layers))
         r = runs[-1]
         print(f"seed {seed}: DNN test accuracy {r['dnn_test_accuracy']:.4f} ({r['n_test_errors']} errors; "
               f"{r['n_calibration_errors']} on the calibration split), fidelity {r['fidelity_test']:.4f}, "
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
               f"{r['gain_over_best_baseline']:+.4f}, 95% interval [{r['gain_95ci'][0]:+.4f}, {r['gain_95ci'][1]:+.4f}]; "
               f"Trust Score chosen: {r['baseline_settings']['Trust Score']}", flush=True)
     table = summary(runs)
-    print(f"\nAUROC, mean over {len(runs)} seeds [min, max]  (clustering={args.clustering})")
+    print(f"\nAUROC, mean over {len(runs)} seeds [min, max]  (clustering={args.clustering}, layers={layers})")
     print("| signal | misclassification | OOD digits | OOD noise 0.1 | OOD noise 0.5 |")
     print("|---|---|---|---|---|")
     for s, v in table.items():
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
         f"vs max-softmax {r['unlabeled']['max_softmax']:.4f}" for r in runs))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"clustering": args.clustering, "seeds": runs, "summary": table,
+        json.dump({"clustering": args.clustering, "layers": layers, "seeds": runs, "summary": table,
                    "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                                "torch": torch.__version__}}, f, indent=2)
     print(f"wrote {args.out}")
