@@ -312,3 +312,25 @@ def test_fit_with_store(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "run2"), "--store", str(tmp_path / "run2" / "v")]) == 2
     assert "--store " + str(tmp_path / "run2" / "v") + " is inside --out" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+
+
+# actclust's own warnings print as one line naming the command (no source path); others as Python's
+def test_warnings_print_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    from actclust import TrustWarning
+    from actclust import cli
+
+    def noisy(args):
+        warnings.warn("Trust signals: stacked_trust is unavailable", TrustWarning)
+        warnings.warn("something else", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_layers", noisy)
+    before = warnings.showwarning
+    with pytest.warns(UserWarning, match="something else") as caught:  # handed on as before
+        assert cli.main(["layers", "x:y"]) == 0
+    err = capsys.readouterr().err
+    assert err == "actclust layers: warning: Trust signals: stacked_trust is unavailable\n"
+    assert [w.category for w in caught] == [UserWarning]
+    assert warnings.showwarning is before  # restored

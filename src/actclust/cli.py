@@ -16,6 +16,7 @@ import importlib
 import os
 import shlex
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -37,10 +38,21 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .exceptions import ActClustError
+    from .exceptions import ActClustError, ActClustWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """actclust's own warnings as one line naming the command, not a source location."""
+        if issubclass(category, ActClustWarning):
+            _warn(args, str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning after the command
+            warnings.showwarning = show
+            return args.func(args)
     except ActClustError as e:  # every error actclust raises on purpose; anything else is a bug: traceback
         print(f"actclust {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
