@@ -274,6 +274,11 @@ def test_held_out_calibration_matches_brute_force(tiny):
     o = _Oracle(x, y, {l: ac.clusterings_[l].centers_ for l in TINY}, held_out=(x_val, y_val))
     _check_signals(got, o.signals(xq))
     np.testing.assert_allclose(got["stacked_trust"], _stacked_by_brute_force(o, xq, confidence=x_val), atol=1e-4)
+    pair = ac.trust(xq, n_neighbors=5, calibration=(x_val, y_val))  # the inputs themselves, queried by trust
+    for k in got:
+        np.testing.assert_array_equal(pair[k], got[k], err_msg=k)
+    with pytest.warns(actclust.TrustWarning, match="needs true labels"):  # inputs alone: no labels
+        assert "stacked_trust" not in ac.trust(xq, n_neighbors=5, calibration=x_val)
     own = ac.trust(xq, **TINY_KW)  # the cache holds one calibration: switching back rebuilds trust's own
     assert not np.allclose(own["credibility"], got["credibility"])
 

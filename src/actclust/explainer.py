@@ -485,10 +485,20 @@ class ActivationClustering:
                        meta=self.provenance(), search=method)
 
     def trust(self, X, **options) -> dict:
-        """Per-input trust signals; see :func:`actclust.trust.trust_signals` for ``options``."""
+        """Per-input trust signals; see :func:`actclust.trust.trust_signals` for ``options``.
+
+        ``calibration`` may also be held-out inputs ``X_val`` or a pair ``(X_val, y_val)`` (a pair
+        is read as inputs and labels; a model of tuple inputs passes ``((a, b), y_val)`` or a
+        query), queried here; ``y_val`` makes ``stacked_trust`` available.
+        """
+        from .state import Query
         from .trust import calibrate, signals
 
         state = self._state()
+        held_out = options.get("calibration")
+        if held_out is not None and not isinstance(held_out, Query):
+            x_val, y_val = held_out if isinstance(held_out, tuple) and len(held_out) == 2 else (held_out, None)
+            options = {**options, "calibration": self.query(x_val, y_val, vectors=True)}
         cal = calibrate(state, progress=self.progress, **{"search": self.search, **options})  # before the pass
         return signals(state, cal, self.query(X, vectors=True))
 
