@@ -112,7 +112,7 @@ def run_seed(seed: int, clustering: str, layers=LAYERS) -> dict:
 
     # ---- baselines, settings chosen on the calibration split
     raw = {name: raw_features(model, x) for name, x in sets.items()}
-    pen_fit, _ = raw_features(model, x_fit)
+    pen_fit, logits_fit = raw_features(model, x_fit)
     baseline, chosen = {name: {} for name in queries}, {}
     for name in queries:
         baseline[name]["max-softmax"] = max_softmax(raw[name][1])
@@ -123,7 +123,7 @@ def run_seed(seed: int, clustering: str, layers=LAYERS) -> dict:
     vec = {f"explainer {layers[-2]}": lambda v: v[layers[-2]], f"explainer {layers[-1]}": lambda v: v[layers[-1]],
            "explainer all layers": lambda v: np.concatenate([v[l] for l in layers], 1)}
     feats = {"penultimate": (pen_fit, {n: raw[n][0] for n in sets}),
-             "logits": (raw_features(model, x_fit)[1], {n: raw[n][1] for n in sets})}
+             "logits": (logits_fit, {n: raw[n][1] for n in sets})}
     for k, f in vec.items():
         feats[k] = (f(ac.train_vectors_), {n: f(q.vectors) for n, q in [("cal", q_cal), *queries.items()]})
     best_cal, best_ts = -1.0, None

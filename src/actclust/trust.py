@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+from scipy.stats import chi2
 from tqdm.auto import tqdm
 
 from . import surrogate
@@ -166,8 +167,6 @@ def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
         log_p_nearest += np.log(np.maximum(_pvalue(cal.cal_nearest[l], vr[2]), 1 / (n_cal + 1)))
         clu_typ += w * _pvalue(cal.cal_ratio[l], _spread_ratio(q.distances[l], cal.spread[l]))
     pvalues = _pvalue(cal.cal_alpha, _ties(alpha).ravel()).reshape(n, n_classes)
-    from scipy.stats import chi2
-
     ood_typ = chi2.sf(-2 * log_p_nearest, 2 * len(state.layers))  # Fisher's combination of the layers' p-values
     confidence = q.dnn_proba[rows, pred].astype(np.float64)
     stacked = {}
