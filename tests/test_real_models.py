@@ -296,3 +296,41 @@ def test_disk_store_on_real_models(case, resnet, images, bert, tmp_path):
     assert np.array_equal(back.similar(x, k=3, search="exact").indices, near)
     signals = back.trust(x, n_neighbors=5, calibration_fraction=0.2)
     assert np.isfinite(signals["credibility"]).all()
+
+
+# trust calibrated on held-out data, on models unlike the demo CNN: dict batches with attention
+# masks, a BatchNorm ResNet in DataParallel, a pandas table; the same signals after save and load
+@pytest.mark.parametrize("case", ["bert", "resnet-dataparallel", "pandas"])
+def test_held_out_trust_on_real_models(case, resnet, images, bert, tmp_path):
+    if case == "bert":
+        model, ids, mask, y = bert
+        data = {"input_ids": ids, "attention_mask": mask}
+        x_fit, x_val, x_q = ({k: v[a:b] for k, v in data.items()} for a, b in ((0, 600), (600, 760), (760, 800)))
+        y_fit, y_val = y[:600].numpy(), y[600:760].numpy()
+        layers, kw = list(BERT_REDUCERS), {"reducer": BERT_REDUCERS}
+    elif case == "resnet-dataparallel":
+        model, layers, kw = torch.nn.DataParallel(resnet), ["module.layer1", "module.layer4", "module.fc"], {}
+        y_all = resnet(torch.from_numpy(images)).argmax(1).numpy()
+        y_all[::4] = (y_all[::4] + 1) % 10  # labels the network gets wrong a quarter of the time
+        x_fit, x_val, x_q, y_fit, y_val = images[:100], images[100:140], images[140:], y_all[:100], y_all[100:140]
+    else:
+        import pandas as pd
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 3)).eval()
+        x = np.random.default_rng(1).standard_normal((400, 4)).astype(np.float32)
+        df = pd.DataFrame(x, columns=["age", "bmi", "bp", "s1"])
+        y_all = np.where(np.random.default_rng(2).random(400) < 0.7, model(torch.from_numpy(x)).argmax(1).numpy(),
+                         np.random.default_rng(3).integers(0, 3, 400))
+        x_fit, x_val, x_q, y_fit, y_val = df[:300], df[300:380], df[380:], y_all[:300], y_all[300:380]
+        layers, kw = ["1", "3"], {}
+    ac = ActivationClustering(model, layers, n_clusters=3, progress=False, **kw).fit(x_fit, y_fit)
+    got = ac.trust(x_q, n_neighbors=5, calibration=(x_val, y_val))
+    assert "stacked_trust" in got and all(np.isfinite(v).all() for v in got.values())
+    assert got["ood_typicality"].min() >= 0 and got["ood_typicality"].max() <= 1
+    ac.save(tmp_path / "run")
+    back = _strict_load(tmp_path / "run", model.module if case == "resnet-dataparallel" else model)
+    again = back.trust(x_q, n_neighbors=5, calibration=(x_val, y_val))
+    for k in got:
+        np.testing.assert_allclose(again[k], got[k], err_msg=k)
