@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from _common import RESULTS, fashion_cnn
 
 from actclust.datasets import load_fashion_mnist
-from actclust.retrieval import layer_scales, layer_weights
+from actclust.analysis.retrieval import layer_scales, layer_weights
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 CONV = ["conv1", "conv2"]

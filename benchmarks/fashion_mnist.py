@@ -199,7 +199,7 @@ def _similar_quality(ac, x_tr, x_te, n_quality: int = 2000, k: int = 10) -> dict
 
 def _throughput(ac, model, x_te, with_trust: bool, k: int = 10) -> dict:
     """Explaining all test inputs, against one plain forward pass over them (same run)."""
-    from actclust.retrieval import check_args, search
+    from actclust.analysis.retrieval import check_args, search
 
     x_te_t = torch.from_numpy(x_te)
     times = {"forward": forward_seconds(model, x_te_t, BATCH)}

@@ -219,7 +219,7 @@ def accepts(fn, name: str) -> bool:
 
 def api_support() -> dict:
     """Which parameters of the issue-9 contract the installed library has."""
-    from actclust import trust as trust_mod
+    from actclust.analysis import trust as trust_mod
 
     ctor = ("store", "store_dtype", "search", "progress", "batch_size", "n_clusters")
     trust_search = accepts(ActivationClustering.trust, "search") or accepts(trust_mod.calibrate, "search")
@@ -569,7 +569,7 @@ def run_fashion(args) -> dict:
         q = ac.query(x_te, vectors=True)
         out["capture_s"] = time.perf_counter() - t0
     methods = ["default", "exact", "approximate"] if api["explain_search"] else ["default"]
-    from actclust import explanation as explanation_mod
+    from actclust.analysis import explanation as explanation_mod
 
     for method in methods:
         kw = call_kwargs(ac.explain, k=args.explain_k, trust=False, search=None if method == "default" else method)

@@ -47,7 +47,7 @@ from explore_trust import LAYERS, eval_sets, raw_features, sha256, split, traine
 from sklearn.metrics import roc_auc_score
 
 from actclust import ActivationClustering
-from actclust.baselines import Mahalanobis, TrustScore, energy, max_softmax
+from actclust.analysis.baselines import Mahalanobis, TrustScore, energy, max_softmax
 from actclust.datasets import load_fashion_mnist
 
 BATCH = 256
@@ -94,7 +94,7 @@ def run_seed(seed: int, clustering: str, layers=LAYERS) -> dict:
     ac.trust(x_te[:10], calibration=q_cal)  # builds and caches the calibration
     t_cal = time.perf_counter() - t0
     queries = {name: ac.query(x, vectors=True) for name, x in sets.items() if name != "cal"}
-    from actclust.trust import trust_signals
+    from actclust.analysis.trust import trust_signals
 
     ours = {name: trust_signals(ac.state_, q, calibration=q_cal) for name, q in queries.items()}
     own_split = {name: trust_signals(ac.state_, q) for name, q in queries.items()}

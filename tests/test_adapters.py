@@ -6,7 +6,7 @@ from torch import nn
 import actclust
 from actclust import ActivationClustering, CaptureError, list_layers
 from actclust import TorchAdapter
-from actclust.reduction import make_reducer
+from actclust.capture.reduction import make_reducer
 
 from conftest import LAYERS, TinyCNN, hook_count
 

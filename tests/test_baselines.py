@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from actclust.baselines import Mahalanobis, TrustScore, energy, max_softmax
+from actclust.analysis.baselines import Mahalanobis, TrustScore, energy, max_softmax
 
 # 1-D fixture, distances by hand: class 0 at 0, 1, 2; class 1 at 10, 12.
 X = np.array([[0.0], [1.0], [2.0], [10.0], [12.0]])

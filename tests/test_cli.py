@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actclust.cli import _parser, main
+from actclust.cli.commands import _parser, main
 
 # Python parameter wording that must never reach a CLI user: the CLI speaks in options.
 PYTHON_WORDING = ("overwrite=True", "parameter of ActivationClustering", "list_layers(model)", "posterior='label'",
@@ -319,7 +319,7 @@ def test_warnings_print_as_one_line(monkeypatch, capsys):
     import warnings
 
     from actclust import TrustWarning
-    from actclust import cli
+    from actclust.cli import commands as cli
 
     def noisy(args):
         warnings.warn("Trust signals: stacked_trust is unavailable", TrustWarning)

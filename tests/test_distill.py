@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import sq_distances
 
-from actclust import surrogate
-from actclust._distill import DistillKMeans, DistillResult, DistillWarning, refine
+from actclust.analysis import surrogate
+from actclust.clustering.distill import DistillKMeans, DistillResult, DistillWarning, refine
 from actclust.clustering import KMeans, make_clustering
 
 

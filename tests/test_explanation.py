@@ -8,7 +8,7 @@ from conftest import LAYERS
 
 import actclust
 from actclust import ActivationClustering
-from actclust.explanation import SCHEMA, Explanation
+from actclust.analysis.explanation import SCHEMA, Explanation
 
 
 # one explanation per input, consistent with predict_proba, the DNN, the cluster paths, the

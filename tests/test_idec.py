@@ -5,7 +5,7 @@ import pytest
 
 from conftest import sq_distances
 
-from actclust._idec import IDEC, IDECTrainingError, IDECWarning
+from actclust.clustering.idec import IDEC, IDECTrainingError, IDECWarning
 from actclust.clustering import make_clustering
 
 FAST = {"pretrain_epochs": 2, "max_iter": 60, "update_interval": 20, "tol": 0.05, "max_samples": 1000}

@@ -230,7 +230,7 @@ def test_token_map_with_channel_reducer_warns(bert):
 
 # without the mask, a plain mean over tokens would move with padding: the masked mean is what fixes it
 def test_masked_mean_is_needed(bert):
-    from actclust.reduction import make_reducer
+    from actclust.capture.reduction import make_reducer
 
     model, ids, mask, _ = bert
     t = torch.randn(4, 10, 5)

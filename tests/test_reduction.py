@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from actclust.reduction import make_reducer, normalized
+from actclust.capture.reduction import make_reducer, normalized
 
 T = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
 
@@ -91,7 +91,7 @@ def test_grid_on_5d_map():
 # the retrieval summaries' projection: fixed signs +-1/8, balanced, different per seed, and it keeps
 # pairwise distances (Johnson-Lindenstrauss): ratios near 1 on random vectors
 def test_sign_projection_keeps_distances():
-    from actclust.reduction import SUMMARY_DIMS, sign_projection
+    from actclust.capture.reduction import SUMMARY_DIMS, sign_projection
 
     p = sign_projection(1536, 7)
     assert p.shape == (1536, SUMMARY_DIMS)
@@ -107,7 +107,7 @@ def test_sign_projection_keeps_distances():
 
 # a conv map is pooled to the grid, and projected to SUMMARY_DIMS values only when wider
 def test_spatial_summary_widths():
-    from actclust.reduction import SUMMARY_DIMS, spatial_summary
+    from actclust.capture.reduction import SUMMARY_DIMS, spatial_summary
 
     summarize = spatial_summary(4, seed=3)
     narrow = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)

@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from actclust._render import Renderer, png_data_uri
+from actclust.views.render import Renderer, png_data_uri
 
 
 def _decode_png(uri: str) -> np.ndarray:

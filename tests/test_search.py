@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from actclust import ParameterError
-from actclust.retrieval import (AUTO_EXACT_FLOATS, ApproximateIndex, Index, layer_stats, layer_weights,
+from actclust.analysis.retrieval import (AUTO_EXACT_FLOATS, ApproximateIndex, Index, layer_stats, layer_weights,
                                 resolve_search)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from actclust.cli import main
+from actclust.cli.commands import main
 from actclust.exceptions import DataNotFoundError, ParameterError
 from actclust.study.analyze import METRICS, analyze_rows, analyze_study
 from actclust.study.db import Store

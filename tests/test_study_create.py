@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actclust.cli import main
+from actclust.cli.commands import main
 from actclust.exceptions import DataError, InvalidSaveError, ParameterError, RunExistsError
 from actclust.study import load_study
 

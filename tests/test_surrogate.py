@@ -1,6 +1,6 @@
 import numpy as np
 
-from actclust import surrogate
+from actclust.analysis import surrogate
 
 
 # posteriors are per-cluster class mixes smoothed toward the class prior; an empty cluster is the prior

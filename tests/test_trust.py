@@ -6,8 +6,8 @@ from torch import nn
 
 import actclust
 from actclust import ActivationClustering, NotFittedError
-from actclust import trust as trust_mod
-from actclust.trust import MIN_CALIBRATION, calibration_possible, trust_signals
+from actclust.analysis import trust as trust_mod
+from actclust.analysis.trust import MIN_CALIBRATION, calibration_possible, trust_signals
 
 KW = {"n_neighbors": 5, "calibration_fraction": 0.25}
 
@@ -305,7 +305,7 @@ def test_unlabeled_trust_warns_and_explanations_say_so(tiny):
 
 
 def trust_mod_explain(ac, xq):
-    from actclust.explanation import explain
+    from actclust.analysis.explanation import explain
 
     return explain(ac.state_, ac.query(xq, vectors=True), k=3, trust=TINY_KW)  # trust_signals' options
 

@@ -20,6 +20,7 @@ __all__ = [
     "RunExistsError",
     "DataNotFoundError",
     "ModelImportError",
+    "MissingDependencyError",
     "ActClustWarning",
     "ModelMismatchWarning",
     "ConvergenceWarning",
@@ -70,6 +71,10 @@ class DataNotFoundError(ActClustError, FileNotFoundError):
 
 class ModelImportError(ActClustError, ImportError):
     """The command line could not import the model factory it was given."""
+
+
+class MissingDependencyError(ActClustError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra to install."""
 
 
 class ActClustWarning(UserWarning):

@@ -9,17 +9,18 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _passes, surrogate
-from ._data import Batches, check_label_range
-from ._params import per_layer, validate_params
+from .capture import passes as _passes
+from .analysis import surrogate
+from .capture.data import Batches, check_label_range
+from .validation import per_layer, validate_params
 from .adapters import adapt
-from .clustering import make_clustering
+from .clustering.base import make_clustering
 from .exceptions import ActClustWarning, ConvergenceWarning, DataError, NotFittedError, ParameterError
-from .reduction import make_reducer
+from .capture.reduction import make_reducer
 from .state import SUMMARY_SUFFIX, FittedState, Query
-from .store import StoreWriter
+from .store.vectors import StoreWriter
 
-__all__ = ["ActivationClustering", "SPATIAL_GRID"]
+__all__ = ["ActivationClustering", "load", "SPATIAL_GRID"]
 
 #: Default ``spatial_grid``: chosen on Fashion-MNIST by ``benchmarks/explore_low.py``.
 SPATIAL_GRID = 4
@@ -57,7 +58,7 @@ class ActivationClustering:
         How a layer's ``(N, C, ...)`` map becomes one vector per sample: ``"mean"``, ``"max"``,
         ``"grid:g"``, ``"pca:d"``, ``"random:d"``; for transformer token maps ``(N, T, D)``
         ``"token_mean"`` (mean over the tokens the attention mask keeps) or ``"token_first"``
-        (see :mod:`actclust.reduction`), or a dict ``layer -> reducer``. Dense ``(N, F)`` outputs
+        (see :mod:`actclust.capture.reduction`), or a dict ``layer -> reducer``. Dense ``(N, F)`` outputs
         pass through.
     normalize : {"l2", None}, default="l2"
         Scale each reduced vector to unit length before clustering (cluster by direction).
@@ -77,8 +78,8 @@ class ActivationClustering:
         ``"kmeans"``: k-means per layer. ``"distill"``: k-means, then centres, per-layer
         temperatures and (with ``layer_weights="fit"``) layer weights refined jointly by gradient
         descent so the surrogate matches the DNN's predicted distribution, with a k-means term
-        that keeps clusters compact (:mod:`actclust._distill`). ``"idec"``: the paper's deep
-        embedded clustering (:mod:`actclust._idec`).
+        that keeps clusters compact (:mod:`actclust.clustering.distill`). ``"idec"``: the paper's deep
+        embedded clustering (:mod:`actclust.clustering.idec`).
     validation_fraction : float, default=0.2
         Share of the training data held out to learn ``layer_weights="fit"``.
     batch_size : int, default=256
@@ -98,11 +99,11 @@ class ActivationClustering:
         over the stored vectors per call), or with a faiss IVF index of 8-bit codes whose
         candidates are re-ranked exactly, calibrated per weighting for recall@10 >= 0.97;
         ``"auto"`` is exact while ``n_train x width`` is below
-        :data:`actclust.retrieval.AUTO_EXACT_FLOATS` (about 15,000 samples of 266 floats).
+        :data:`actclust.analysis.retrieval.AUTO_EXACT_FLOATS` (about 15,000 samples of 266 floats).
     spatial_grid : int or None, default=4
         Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
         ``spatial_grid x spatial_grid`` (projected to 64 values when wider; see
-        :func:`actclust.reduction.spatial_summary`), and similar-sample search compares those
+        :func:`actclust.capture.reduction.spatial_summary`), and similar-sample search compares those
         summaries for that layer instead of its clustering vector, so the "low" weights find
         training samples that look alike (where their early layers respond). Clustering, the
         surrogate and trust signals do not use them. ``None`` stores none.
@@ -118,7 +119,7 @@ class ActivationClustering:
     engine : {"local", "ray"}, default="local"
         Where ``fit``'s pass of the model runs: in this process, or with ``"ray"`` on a Ray cluster
         (``pip install "actclust[ray]"``): Ray Data ``map_batches`` on a pool of actors that each load
-        the model once (:mod:`actclust._ray`). ``fit`` then also takes a ``ray.data.Dataset``; the
+        the model once (:mod:`actclust.engines.ray`). ``fit`` then also takes a ``ray.data.Dataset``; the
         vectors come back to this process's store by sample position, and the rest of ``fit`` is
         the local code. Any method that runs the model takes a ``ray.data.Dataset`` whatever the
         engine, and runs it on Ray.
@@ -243,8 +244,8 @@ class ActivationClustering:
         return self
 
     def _fit_ray(self, adapter, layers, n_clusters, reducers, X, y) -> "ActivationClustering":
-        """``fit`` with the capture pass on Ray (:mod:`actclust._ray`); the rest is the local code."""
-        from . import _ray
+        """``fit`` with the capture pass on Ray (:mod:`actclust.engines.ray`); the rest is the local code."""
+        from .engines import ray as _ray
 
         t0 = time.perf_counter()
         run = _ray.Pass(self, adapter, X, y, reducers=reducers)
@@ -317,7 +318,7 @@ class ActivationClustering:
         )
 
     def _batches(self, X, y=None) -> Batches:
-        from ._ray import is_dataset
+        from .engines.ray import is_dataset
 
         if is_dataset(X):
             raise DataError("X is a ray.data.Dataset: fit it with engine='ray' (the other methods take one "
@@ -336,7 +337,7 @@ class ActivationClustering:
 
     def _refine(self, layers, vectors, clusterings, dnn_proba, targets):
         """``clustering="distill"``: refine centres, temperatures (and weights) toward the DNN."""
-        from ._distill import refine
+        from .clustering.distill import refine
 
         learn = isinstance(self.layer_weights, str)  # "fit", checked in validate_params
         fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
@@ -370,11 +371,11 @@ class ActivationClustering:
     def query(self, X, y=None, *, vectors: bool = False) -> Query:
         """One pass of the model over ``X``: the DNN's outputs and each layer's distances to the centres.
 
-        The analyses (:mod:`actclust.retrieval`, :mod:`actclust.trust`, :mod:`actclust.explanation`)
+        The analyses (:mod:`actclust.analysis.retrieval`, :mod:`actclust.analysis.trust`, :mod:`actclust.analysis.explanation`)
         take the fitted :attr:`state_` and such a :class:`~actclust.state.Query`; ``vectors=True``
         also keeps each layer's reduced vectors (needed by similar-sample search and trust).
         """
-        from . import _ray
+        from .engines import ray as _ray
 
         state = self._state()
         if _ray.is_dataset(X):
@@ -440,7 +441,7 @@ class ActivationClustering:
             Per-layer weights of the distance; ``"low"`` favours early layers (looks alike),
             ``"high"`` late ones (means alike). Each layer's distances are first divided by the
             mean squared distance between two training samples in that layer, so layers are
-            comparable; see :mod:`actclust.retrieval` for the exact definitions.
+            comparable; see :mod:`actclust.analysis.retrieval` for the exact definitions.
         search : {"auto", "exact", "approximate"}, optional
             Overrides the estimator's ``search`` for this call (e.g. to check an approximate
             answer against the exact one).
@@ -451,7 +452,7 @@ class ActivationClustering:
             ``indices`` (n, k) into the training data, ``distances`` (n, k), ``layer_shares``
             (n, k, n_layers): each layer's share of each distance.
         """
-        from . import retrieval
+        from .analysis import retrieval
 
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
@@ -459,24 +460,24 @@ class ActivationClustering:
         return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
-        """One :class:`~actclust.concepts.Concept` per cluster of ``layer``: its size, class mix,
+        """One :class:`~actclust.analysis.concepts.Concept` per cluster of ``layer``: its size, class mix,
         purity, the ``k`` training samples nearest its centre and the ``n_edge`` furthest ones."""
-        from .concepts import concepts
+        from .analysis.concepts import concepts
 
         state = self._state()
         layer = adapt(self.model, self.output).canonical(layer) if isinstance(layer, str) else layer
         return concepts(state, layer, k, n_edge)
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
-        """One :class:`~actclust.explanation.Explanation` per input of ``X``.
+        """One :class:`~actclust.analysis.explanation.Explanation` per input of ``X``.
 
         ``k`` similar training samples are given under "low" and "high" weights, and ``k``
         exemplars of each cluster on the input's path. ``trust=True`` adds the trust signals
         (:meth:`trust`); the default ``None`` adds them when the training set is large enough
         to calibrate them, ``False`` never. ``search`` overrides the estimator's for this call.
         """
-        from . import retrieval
-        from .explanation import check_class_names, explain
+        from .analysis import retrieval
+        from .analysis.explanation import check_class_names, explain
 
         state = self._state()
         check_class_names(state, class_names)
@@ -485,14 +486,14 @@ class ActivationClustering:
                        meta=self.provenance(), search=method)
 
     def trust(self, X, **options) -> dict:
-        """Per-input trust signals; see :func:`actclust.trust.trust_signals` for ``options``.
+        """Per-input trust signals; see :func:`actclust.analysis.trust.trust_signals` for ``options``.
 
         ``calibration`` may also be held-out inputs ``X_val`` or a pair ``(X_val, y_val)`` (a pair
         is read as inputs and labels; a model of tuple inputs passes ``((a, b), y_val)`` or a
         query), queried here; ``y_val`` makes ``stacked_trust`` available.
         """
         from .state import Query
-        from .trust import calibrate, signals
+        from .analysis.trust import calibrate, signals
 
         state = self._state()
         held_out = options.get("calibration")
@@ -504,7 +505,7 @@ class ActivationClustering:
 
     def provenance(self) -> dict:
         """What an explanation of this explainer records about where it came from (Alibi's ``meta``)."""
-        from . import __version__
+        from ._version import __version__
 
         return {"actclust_version": __version__, "model_class": adapt(self.model, self.output).model_class,
                 "layers": list(self._state().layers)}
@@ -515,13 +516,41 @@ class ActivationClustering:
         An existing run at ``path`` is replaced only with ``overwrite=True``; a directory that
         holds anything else is never written into. ``metadata`` is kept in the manifest.
         """
-        from .persistence import save
+        from .io.persistence import params_of, save
 
-        save(self, path, overwrite=overwrite, metadata=metadata)
+        save(self.state_, params_of(self), adapt(self.model, self.output), path, custom_output=self.output is not None,
+             overwrite=overwrite, metadata=metadata)
 
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
+
+
+def load(path, model, *, output=None, progress: bool = True) -> ActivationClustering:
+    """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
+
+    ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
+    A run fitted with ``output=`` needs the same function again. Raises
+    :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save, and warns
+    with :class:`ModelMismatchWarning` when ``model``'s weights differ from the fitted model's.
+    Loading parses JSON and safetensors only: it runs no code from the run's folder.
+    """
+    from .exceptions import InvalidSaveError
+    from .io.persistence import check_model, read_run
+
+    state, params, manifest = read_run(path)
+    if manifest.get("custom_output") and output is None:
+        raise ParameterError(
+            f"The run at {path} was fitted with a custom output= function; pass the same one: "
+            "actclust.load(path, model, output=...)."
+        )
+    try:
+        ac = ActivationClustering(model, progress=progress, output=output, **params)
+    except TypeError as e:
+        raise InvalidSaveError(f"The saved run at {path} has parameters this actclust does not know ({e}).") from None
+    check_model(state, manifest, adapt(model, output), path)
+    ac.state_ = state
+    return ac
 
 
 def _fitted(name: str, doc: str):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import surrogate
+from .analysis import surrogate
 from .exceptions import DataError
 
 __all__ = ["FittedState", "InputSpec", "Query", "SUMMARY_SUFFIX"]

@@ -1,17 +1,23 @@
-"""Model adapters: what actclust needs from a model, per framework (PyTorch today)."""
+"""Model adapters: what actclust needs from a model, per framework.
+
+:func:`adapt` picks the adapter for a model without importing a framework the model does not
+come from: a framework is only looked at when it is already imported (the model is one of its
+objects), or when a path names its file format.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 from ..exceptions import UnsupportedModelError
 from .base import ModelAdapter, Runner
 
-__all__ = ["ModelAdapter", "Runner", "TorchAdapter", "adapt"]
+__all__ = ["ModelAdapter", "Runner", "TorchAdapter", "adapt", "list_layers", "model_fingerprint"]
 
 
 def __getattr__(name):
-    if name == "TorchAdapter":  # imported on use, so that `actclust.adapters.base` needs no torch
+    if name == "TorchAdapter":  # imported on use: the adapters' seam needs no framework
         from .torch import TorchAdapter
 
         return TorchAdapter
@@ -24,10 +30,7 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
         if output is not None:
             raise UnsupportedModelError("output= applies to a model, not to a ModelAdapter; give it to the adapter.")
         return model
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
+    torch = sys.modules.get("torch")  # a torch model means torch is imported already
     if torch is not None and isinstance(model, (torch.nn.Module, torch.jit.ScriptFunction)):
         from .torch import TorchAdapter
 
@@ -35,3 +38,19 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
     raise UnsupportedModelError(
         f"actclust explains torch.nn.Module classifiers (or a ModelAdapter); got {type(model).__name__}."
     )
+
+
+def list_layers(model, sample=None):
+    """Names of the model's layers usable as ``layers``; with ``sample``, their output shapes."""
+    from .torch import list_layers as torch_list_layers
+
+    return torch_list_layers(model, sample)
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 over the names, dtypes, shapes and values of the model's weights.
+
+    Wrappers (DataParallel, ``torch.compile``) are looked through, so a wrapped and an
+    unwrapped copy of one network have the same fingerprint.
+    """
+    return adapt(model).fingerprint()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._data import batch_len
+from ..capture.data import batch_len
 from ..state import SUMMARY_SUFFIX
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
 from .base import ModelAdapter, Runner

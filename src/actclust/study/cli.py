@@ -23,7 +23,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 def add_parser(sub, formatter_class) -> None:
     """Add the ``study`` command, with its three subcommands, to the main parser's subparsers ``sub``."""
-    from ..cli import _int_at_least as _at_least  # the main CLI's option type, worded the same
+    from ..cli.common import int_at_least as _at_least  # the main CLI's option type, worded the same
 
     study = sub.add_parser("study", help="run a user study of the explanations: create, serve, analyze",
                            description="Measure whether the explanations raise warranted trust: create a study "
@@ -91,7 +91,7 @@ def _help(parser) -> int:
 
 
 def _create(args) -> int:
-    from ..cli import _load_data, _load_run
+    from ..cli.inputs import load_data as _load_data, load_run as _load_run
     from ..datasets import DATASETS, FASHION_MNIST_CLASSES
     from .create import create_study
 

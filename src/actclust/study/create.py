@@ -60,8 +60,8 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     Path
         The study folder.
     """
-    from .._data import length, rows, take
-    from .._render import Renderer
+    from ..capture.data import length, rows, take
+    from ..views.render import Renderer
 
     state = ac.state_
     conditions = _check(items, wrong_share, conditions, design, seed, k)

@@ -8,7 +8,7 @@ and a conformal p-value, calibrated on a held-out part of the training data, say
 the votes are. One **stacked** signal combines both kinds with a logistic regression fitted on
 the same calibration part to tell the DNN's right predictions from its wrong ones. Neighbours are
 searched per layer, each layer with its own index over its clustering vectors
-(:func:`actclust.retrieval.layer_neighbours`: exact or approximate by ``search``, the calibration
+(:func:`actclust.analysis.retrieval.layer_neighbours`: exact or approximate by ``search``, the calibration
 rows left out), in batches:
 memory ``O(batch x max(k, 200))``, never ``O(test x train)``, and no copy of the training vectors.
 
@@ -34,11 +34,11 @@ from scipy.stats import chi2
 from tqdm.auto import tqdm
 
 from . import surrogate
-from .exceptions import ParameterError, TrustWarning
-from .store import take
+from ..exceptions import ParameterError, TrustWarning
+from ..store.vectors import take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
-    from .state import FittedState, Query
+    from ..state import FittedState, Query
 
 __all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
 
@@ -73,7 +73,7 @@ def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, ca
         On the Fashion-MNIST benchmark the surrogate's weights (learned for fidelity, nearly
         zero on ``conv1``) lift the misclassification AUROC of ``credibility`` by 0.026.
     search : {"auto", "exact", "approximate"}, default="auto"
-        How the neighbours are searched (see :func:`actclust.retrieval.search`).
+        How the neighbours are searched (see :func:`actclust.analysis.retrieval.search`).
     calibration : Query, optional
         Held-out data to calibrate on instead of a split of the training vectors: a query with
         vectors and, for ``stacked_trust``, true labels, ``ac.query(X_val, y_val, vectors=True)``.

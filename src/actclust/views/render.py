@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .exceptions import DataError, RenderWarning
+from ..exceptions import DataError, RenderWarning
 
 _MAX_FEATURES = 12
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._data import Batch, Batches, Collector, check_label_range
-from .adapters import ModelAdapter
-from .exceptions import DataError
+from .data import Batch, Batches, Collector, check_label_range
+from ..adapters import ModelAdapter
+from ..exceptions import DataError
 from .reduction import normalized, spatial_summary
-from .state import FittedState, InputSpec, Query
-from .store import StoreWriter, estimate
+from ..state import FittedState, InputSpec, Query
+from ..store.vectors import StoreWriter, estimate
 
 _log = logging.getLogger("actclust")
 

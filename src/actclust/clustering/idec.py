@@ -20,8 +20,8 @@ import warnings
 
 import numpy as np
 
-from .clustering import _CHUNK, Clustering, KMeans, register
-from .exceptions import IDECTrainingError, IDECWarning, ParameterError
+from .base import _CHUNK, Clustering, KMeans, register
+from ..exceptions import IDECTrainingError, IDECWarning, ParameterError
 
 __all__ = ["IDEC", "IDECTrainingError", "IDECWarning"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .exceptions import ParameterError
-from .store import iter_rows, take
+from ..exceptions import ParameterError
+from ..store.vectors import iter_rows, take
 
 __all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
 
@@ -165,9 +165,9 @@ register("kmeans")(KMeans)
 def make_clustering(name, n_clusters: int, random_state: int = 0) -> Clustering:
     """Build a fresh clustering method by its registered name (``"kmeans"``, ``"distill"``, ``"idec"``).
 
-    ``"idec"`` is the paper's deep embedded clustering (:class:`actclust._idec.IDEC`);
-    ``"distill"`` a :class:`actclust._distill.DistillKMeans`, plain k-means per layer whose joint
-    refinement toward the DNN (:func:`actclust._distill.refine`, run by the explainer) it then holds.
+    ``"idec"`` is the paper's deep embedded clustering (:class:`actclust.clustering.idec.IDEC`);
+    ``"distill"`` a :class:`actclust.clustering.distill.DistillKMeans`, plain k-means per layer whose joint
+    refinement toward the DNN (:func:`actclust.clustering.distill.refine`, run by the explainer) it then holds.
     """
     cls = CLUSTERINGS.get(name) if isinstance(name, str) else None
     if cls is None:

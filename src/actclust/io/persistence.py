@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .clustering import make_clustering
-from .exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError, RunExistsError
-from .reduction import make_reducer
-from .state import SUMMARY_SUFFIX, FittedState, InputSpec
-from .store import MANIFEST as STORE_MANIFEST, VectorStore
+from ..clustering.base import make_clustering
+from ..exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError, RunExistsError
+from ..capture.reduction import make_reducer
+from ..state import SUMMARY_SUFFIX, FittedState, InputSpec
+from ..store.vectors import MANIFEST as STORE_MANIFEST, VectorStore
 
-__all__ = ["load", "model_fingerprint", "read_manifest", "FORMAT_VERSION"]
+__all__ = ["save", "read_run", "check_model", "read_manifest", "check_writable", "FORMAT_VERSION"]
 
 FORMAT = "actclust-run"
 FORMAT_VERSION = 2
@@ -43,17 +43,6 @@ _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(arrays|manifest|store)-[0-9a-f]{32}\.tmp$")
 _RUNTIME = ("model", "progress", "output")  # parameters that are not part of a saved run
 _TOL = 1e-4
-
-
-def model_fingerprint(model) -> str:
-    """SHA-256 over the names, dtypes, shapes and values of the model's weights and buffers.
-
-    Wrappers (DataParallel, ``torch.compile``) are looked through, so a wrapped and an
-    unwrapped copy of one network have the same fingerprint.
-    """
-    from .adapters import adapt
-
-    return adapt(model).fingerprint()
 
 
 def _jsonable(value):
@@ -93,10 +82,12 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
         )
 
 
-def _params(ac) -> dict:
+def params_of(estimator) -> dict:
     """Every parameter of the estimator's signature, except the model and run-time options."""
-    names = [p for p in inspect.signature(type(ac).__init__).parameters if p != "self" and p not in _RUNTIME]
-    params = {p: os.fspath(v) if isinstance(v, os.PathLike) else v for p, v in ((p, getattr(ac, p)) for p in names)}
+    names = [p for p in inspect.signature(type(estimator).__init__).parameters
+             if p != "self" and p not in _RUNTIME]
+    params = {p: os.fspath(v) if isinstance(v, os.PathLike) else v
+              for p, v in ((p, getattr(estimator, p)) for p in names)}
     return _jsonable({p: list(v) if p == "layers" else v for p, v in params.items()})
 
 
@@ -105,24 +96,23 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> Path:
-    """Write ``ac`` (fitted) to directory ``path`` atomically; returns the path.
+def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool = False,
+         overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Write a fitted ``state`` (with the estimator's ``params`` and the model's ``adapter``) to
+    directory ``path`` atomically; returns the path.
 
     ``metadata`` (JSON-serialisable) is stored as is in the manifest, e.g. how to rebuild the model.
     """
     from safetensors.numpy import save_file
 
-    from . import __version__
-    from .adapters import adapt
+    from .._version import __version__
 
-    state: FittedState = ac.state_
     path = Path(path)
     check_writable(path, overwrite)
     for layer, r in state.reducers.items():
-        if type(r).__module__ != "actclust.reduction":
+        if type(r).__module__ != "actclust.capture.reduction":
             raise ParameterError(
                 f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
-    adapter = adapt(ac.model, ac.output)
     arrays = {"weights": state.weights.astype(np.float64), "train_predictions": state.train_predictions}
     on_disk = getattr(state.train_vectors, "on_disk", False)
     if state.train_labels is not None:
@@ -143,8 +133,8 @@ def save(ac, path, *, overwrite: bool = False, metadata: dict | None = None) -> 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "actclust_version": __version__,
         "model_class": adapter.model_class, "model_fingerprint": adapter.fingerprint(),
-        "custom_output": ac.output is not None,
-        "params": _params(ac),
+        "custom_output": bool(custom_output),
+        "params": params,
         "state": _jsonable({
             "layers": state.layers, "n_classes": state.n_classes, "input_spec": state.input_spec.to_dict(),
             "normalize": state.normalize, "posterior": state.posterior, "random_state": state.random_state,
@@ -259,27 +249,16 @@ def read_manifest(path) -> dict:
     return m
 
 
-def load(path, model, *, output=None, progress: bool = True):
-    """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
+def read_run(path) -> tuple:
+    """``(state, params, manifest)`` of the run saved at ``path``, every file checked; nothing executed.
 
-    ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
-    A run fitted with ``output=`` needs the same function again. Raises
-    :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save, and warns
-    with :class:`ModelMismatchWarning` when ``model``'s weights differ from the fitted model's.
+    Raises :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from .adapters import adapt
-    from .explainer import ActivationClustering
-
     path = Path(path)
     m = read_manifest(path)
-    if m.get("custom_output") and output is None:
-        raise ParameterError(
-            f"The run at {path} was fitted with a custom output= function; pass the same one: "
-            "actclust.load(path, model, output=...)."
-        )
     arrays_name = m.get("arrays_file")
     if not isinstance(arrays_name, str) or not _ARRAYS_RE.match(arrays_name):
         raise InvalidSaveError(f"{path / MANIFEST} names an invalid array file {arrays_name!r}.")
@@ -296,24 +275,26 @@ def load(path, model, *, output=None, progress: bool = True):
         raise InvalidSaveError(f"{arrays_path} cannot be read as safetensors: {e}") from None
     try:
         state = _state(m["state"], arrays, path)
-        ac = ActivationClustering(model, progress=progress, output=output, **m["params"])
+        params = dict(m["params"])
     except InvalidSaveError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
-    adapter = adapt(model, output)
+    return state, params, m
+
+
+def check_model(state: FittedState, manifest: dict, adapter, path) -> None:
+    """Refuse a model without the run's layers; warn when its weights differ from the fitted model's."""
     missing = [l for l in state.layers if adapter.canonical(l) not in set(adapter.layer_names())]
     if missing:
         raise InvalidSaveError(f"The model has no layers {missing}, which the run at {path} was fitted on; "
-                               f"is it the model of class {m.get('model_class')}?")
-    if adapter.fingerprint() != m.get("model_fingerprint"):
+                               f"is it the model of class {manifest.get('model_class')}?")
+    if adapter.fingerprint() != manifest.get("model_fingerprint"):
         warnings.warn(
             f"The model's parameters differ from those of the model the run at {path} was fitted with "
-            f"({m.get('model_class')}); predictions and explanations may not describe this model.",
-            ModelMismatchWarning, stacklevel=2,
+            f"({manifest.get('model_class')}); predictions and explanations may not describe this model.",
+            ModelMismatchWarning, stacklevel=3,
         )
-    ac.state_ = state
-    return ac
 
 
 def _state(s: dict, arrays: dict, path: Path) -> FittedState:

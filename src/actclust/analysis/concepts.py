@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .exceptions import ParameterError
+from ..exceptions import ParameterError
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
-    from .state import FittedState
+    from ..state import FittedState
 
 __all__ = ["Concept", "concepts"]
 

@@ -1,4 +1,4 @@
-"""Published trust and out-of-distribution scores, as baselines for :mod:`actclust.trust`.
+"""Published trust and out-of-distribution scores, as baselines for :mod:`actclust.analysis.trust`.
 
 Each takes features or logits the caller computed (NumPy arrays; no model, no torch), and returns
 a score where **higher means more trustworthy** (or more in-distribution), like actclust's own:
@@ -14,7 +14,7 @@ a score where **higher means more trustworthy** (or more in-distribution), like 
   authors' code and in alibi; the paper's text describes ``k=1``).
 
 Deep k-nearest-neighbours credibility (Papernot & McDaniel 2018) is
-:func:`actclust.trust.trust_signals` with ``layer_weights="equal"``.
+:func:`actclust.analysis.trust.trust_signals` with ``layer_weights="equal"``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from .exceptions import DataError, ParameterError
+from ..exceptions import DataError, ParameterError
 
 __all__ = ["max_softmax", "energy", "Mahalanobis", "TrustScore"]
 

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .exceptions import DataError, InvalidSaveError, ParameterError
+from ..exceptions import DataError, InvalidSaveError, ParameterError
 
 __all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take", "release", "runs"]
 

@@ -7,12 +7,12 @@ from typing import Mapping
 
 import numpy as np
 
-from ._ray import check_options
-from .clustering import make_clustering
+from .engines.ray import check_options
+from .clustering.base import make_clustering
 from .exceptions import ParameterError
-from .reduction import NORMALIZE_NAMES
-from .retrieval import check_search
-from .store import check_store
+from .capture.reduction import NORMALIZE_NAMES
+from .analysis.retrieval import check_search
+from .store.vectors import check_store
 
 POSTERIORS = ("prediction", "label")
 ENGINES = ("local", "ray")

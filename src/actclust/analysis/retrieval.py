@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from .exceptions import ParameterError
-from .store import iter_rows, release, take
+from ..exceptions import ParameterError
+from ..store.vectors import iter_rows, release, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
-    from .state import FittedState, Query
+    from ..state import FittedState, Query
 
 __all__ = ["Neighbours", "layer_weights", "check_args", "search", "check_search", "resolve_search", "WEIGHT_PRESETS",
            "SEARCH_NAMES", "AUTO_EXACT_FLOATS", "layer_neighbours", "layer_stats", "layer_scales"]
@@ -71,7 +71,7 @@ class Neighbours:
     indices : ndarray of shape (n, k)
         Positions in the training data ``fit`` saw, nearest first.
     distances : ndarray of shape (n, k)
-        Combined scaled squared distances ``D`` (see :mod:`actclust.retrieval`).
+        Combined scaled squared distances ``D`` (see :mod:`actclust.analysis.retrieval`).
     layer_shares : ndarray of shape (n, k, n_layers)
         Each layer's share of each distance (rows sum to 1; 0 where the distance is 0).
     weights : ndarray of shape (n_layers,)

@@ -19,7 +19,7 @@ An :class:`Explanation` serialises to JSON with this schema (``"schema": "actclu
          "exemplars": [int]}              # training samples nearest that cluster's centre
       ],
       "similar": {"low": [{"index": int, "distance": float, "prediction": int, "label": int | null}],
-                  "high": [...]},         # see actclust.retrieval for the weights
+                  "high": [...]},         # see actclust.analysis.retrieval for the weights
       "trust": {str: float} | null,       # trust signals, when computed
       "trust_notes": [str] | null,        # which trust signals are unavailable or uncalibrated, and why
       "meta": {"actclust_version": str, "model_class": str, "layers": [str]} | null
@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from .concepts import concepts
-from .exceptions import ParameterError
+from ..exceptions import ParameterError
 from .retrieval import check_args
 from .retrieval import search as find
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
-    from .state import FittedState, Query
+    from ..state import FittedState, Query
 
 __all__ = ["Explanation", "explain", "SCHEMA"]
 
@@ -56,7 +56,7 @@ class Explanation:
     """Why the DNN decided as it did on one input, in terms of clusters and training samples.
 
     Build with :meth:`ActivationClustering.explain`; read the fields, or serialise with
-    :meth:`to_dict` / :meth:`to_json` (schema in :mod:`actclust.explanation`).
+    :meth:`to_dict` / :meth:`to_json` (schema in :mod:`actclust.analysis.explanation`).
     """
 
     index: int

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
-from .exceptions import DataError, ParameterError
-from .store import Collector  # noqa: F401  (the passes gather their outputs with it)
+from ..exceptions import DataError, ParameterError
+from ..store.vectors import Collector  # noqa: F401  (the passes gather their outputs with it)
 
 LABEL_NAMES = ("labels", "label")  # dict keys taken as the label with label_key="auto" (Hugging Face's)
 

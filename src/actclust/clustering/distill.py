@@ -11,7 +11,7 @@ over the centres, a per-layer assignment temperature (relative to ``scale_``, as
 
 The posterior keeps its meaning: it is never a free parameter but, at every step, the soft-count
 class mix ``normalise(A_l^T Y + smoothing * prior)`` of the targets ``Y`` (the DNN's predicted
-classes, one-hot, as :func:`actclust.surrogate.fit_posteriors` computes it after fitting) over the
+classes, one-hot, as :func:`actclust.analysis.surrogate.fit_posteriors` computes it after fitting) over the
 samples assigned to each cluster. The k-means term keeps the clusters compact, so they remain
 groups of similar activations one can look at. Early stopping watches the loss on a held-out part.
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from .clustering import KMeans, register
-from .exceptions import DistillWarning, ParameterError
-from .store import take
+from .base import KMeans, register
+from ..exceptions import DistillWarning, ParameterError
+from ..store.vectors import take
 
 __all__ = ["DistillKMeans", "DistillResult", "DistillWarning", "refine"]
 

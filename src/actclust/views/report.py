@@ -1,7 +1,7 @@
 """A self-contained HTML report: summary, concept gallery and explanation cards.
 
-The report reads only public results (scores, :class:`~actclust.concepts.Concept` and
-:class:`~actclust.explanation.Explanation` objects); images are inlined as PNG data, so the one
+The report reads only public results (scores, :class:`~actclust.analysis.concepts.Concept` and
+:class:`~actclust.analysis.explanation.Explanation` objects); images are inlined as PNG data, so the one
 file opens from disk with no network access.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._data import length, rows, take
-from ._render import Renderer
-from .exceptions import DataError, ParameterError, RunExistsError
+from ..capture.data import length, rows, take
+from .render import Renderer
+from ..exceptions import DataError, ParameterError, RunExistsError
 
 __all__ = ["report"]
 
@@ -41,7 +41,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         The training inputs ``fit`` saw, in the same order, to show similar samples and concept
         exemplars; without it they appear as their training indices.
     render, mean, std, feature_names
-        How inputs are drawn; see :class:`actclust._render.Renderer`. A ``render`` that raises
+        How inputs are drawn; see :class:`actclust.views.render.Renderer`. A ``render`` that raises
         gives a visible placeholder naming the input, and a warning; the report still completes.
     indices : sequence of int, optional
         Inputs of ``X`` to explain. By default ``n_correct`` inputs the DNN got right and
@@ -50,7 +50,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         Similar samples per card, exemplars and edge samples per concept.
     trust : bool, dict or None
         Show trust signals on the cards; ``None`` when the training set can calibrate them; a
-        dict passes options to :func:`actclust.trust.trust_signals`, such as held-out data to
+        dict passes options to :func:`actclust.analysis.trust.trust_signals`, such as held-out data to
         calibrate on: ``{"calibration": ac.query(X_val, y_val, vectors=True)}``.
 
     Returns
@@ -60,9 +60,9 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    from .concepts import concepts
-    from .explanation import check_class_names, explain
-    from .surrogate import combine, scores
+    from ..analysis.concepts import concepts
+    from ..analysis.explanation import check_class_names, explain
+    from ..analysis.surrogate import combine, scores
 
     state = ac.state_
     out = Path(out)
@@ -104,7 +104,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         samples = {i: {"kind": "text", "text": f"#{i}"} for i in shown}
     else:
         samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, rows(train, shown, label_key=ac.label_key, name="train"))}
-    env = Environment(loader=PackageLoader("actclust", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, ac=ac, state=state, scores=summary, names=names, colors=[_color(c) for c in range(state.n_classes)],
         gallery=gallery, cards=cards, how=how, train_sample=samples.__getitem__, has_train=train is not None,

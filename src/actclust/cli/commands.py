@@ -12,9 +12,6 @@ parameter names: options the library would reject are checked here first, in CLI
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import shlex
 import sys
 import warnings
 import time
@@ -22,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exceptions import DataNotFoundError, ModelImportError, ParameterError, RunExistsError
+from ..exceptions import ParameterError, RunExistsError
+from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, say, warn
+from .inputs import build_model, check_layers, load_data, load_run
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
@@ -38,14 +37,14 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .exceptions import ActClustError, ActClustWarning
+    from ..exceptions import ActClustError, ActClustWarning
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         """actclust's own warnings as one line naming the command, not a source location."""
         if issubclass(category, ActClustWarning):
-            _warn(args, str(message))
+            warn(args, str(message))
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -61,53 +60,25 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" after each option's help, except where there is nothing to show.
-
-    A flag's default (off) and an unset option (whose help says in words what happens) would read
-    "(default: False)" / "(default: None)", which says nothing to a user.
-    """
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _int_at_least(low: int, why: str = ""):
-    """An argparse ``type`` for integers >= ``low``; the error is worded for the option it checks."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}{why}; got {value}")
-        return value
-
-    return parse
-
-
 _MODEL_HELP = ("the callable that builds your nn.Module, as package.module:callable (e.g. mymodule:build for "
                "a function build() in mymodule.py in the current folder)")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actclust", description="Explain a PyTorch classifier by clustering its activations.")
-    from . import __version__
+    from .._version import __version__
 
     p.add_argument("--version", action="version", version=f"actclust {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", help="run 'actclust COMMAND --help' for its options")
-    clusters = _int_at_least(2, " (one cluster per layer explains nothing)")
+    clusters = int_at_least(2, " (one cluster per layer explains nothing)")
 
     def command(name, help):
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
     d = command("demo", "train a small CNN on scikit-learn's digits, fit and score the surrogate")
     d.add_argument("--out", default=DEMO_OUT,
                    help="directory of the saved run (default: %(default)s, replaced on each demo run)")
-    d.add_argument("--epochs", type=_int_at_least(1), default=15, help="training epochs of the small CNN")
+    d.add_argument("--epochs", type=int_at_least(1), default=15, help="training epochs of the small CNN")
     d.add_argument("--n-clusters", type=clusters, default=15, help="clusters per layer")
     _common(d)
     d.set_defaults(func=_demo)
@@ -131,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: equal weights)")
     f.add_argument("--clustering", default="kmeans", choices=["kmeans", "distill", "idec"],
                    help="kmeans, distill (refined toward the DNN: most faithful) or idec (the paper's)")
-    f.add_argument("--batch-size", type=_int_at_least(1), default=256, help="inputs per forward pass")
+    f.add_argument("--batch-size", type=int_at_least(1), default=256, help="inputs per forward pass")
     f.add_argument("--store", help="directory the training vectors are written to while capturing and read back "
                                    "memory-mapped, for training sets whose vectors do not fit in memory (outside "
                                    "--out; the saved run links to its files); without it they stay in memory")
@@ -159,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--train", help="an .npz whose x is the training data the run was fitted on, to show similar "
                                    "training samples (default for an .npz --data: samples shown by index)")
     r.add_argument("--out", default="report.html", help="HTML file to write")
-    r.add_argument("--n-correct", type=_int_at_least(0), default=4, help="inputs the DNN got right to explain")
-    r.add_argument("--n-wrong", type=_int_at_least(0), default=4, help="inputs the DNN got wrong to explain")
+    r.add_argument("--n-correct", type=int_at_least(0), default=4, help="inputs the DNN got right to explain")
+    r.add_argument("--n-wrong", type=int_at_least(0), default=4, help="inputs the DNN got wrong to explain")
     r.add_argument("--model", help="the model callable as package.module:callable "
                                    "(default: the one the run was fitted with)")
     r.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
@@ -171,9 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     lay = command("layers", "list the layer names of a model (the names --layers takes)")
     lay.add_argument("model", help=_MODEL_HELP)
     lay.set_defaults(func=_layers)
-    from .study.cli import add_parser as add_study
+    from ..study.cli import add_parser as add_study
 
-    add_study(sub, _HelpFormatter)
+    add_study(sub, HelpFormatter)
     return p
 
 
@@ -187,10 +158,10 @@ def _common(p, overwrite=True):
 def _demo(args) -> int:
     import torch
 
-    from . import ActivationClustering
-    from .datasets import load_digits
-    from .models import accuracy, digits_cnn, train_classifier
-    from .persistence import check_writable
+    from .. import ActivationClustering
+    from ..datasets import load_digits
+    from ..models import accuracy, digits_cnn, train_classifier
+    from ..io.persistence import check_writable
 
     out = Path(args.out)
     # The default folder belongs to the demo: each demo run replaces it, and says so.
@@ -200,17 +171,17 @@ def _demo(args) -> int:
     x_tr, y_tr, x_te, y_te = load_digits()
     t0 = time.perf_counter()
     model = train_classifier(digits_cnn(), x_tr, y_tr, epochs=args.epochs, batch_size=32, progress=not args.quiet)
-    _say(args, f"trained a small CNN on {len(x_tr)} digits in {time.perf_counter() - t0:.1f} s; "
+    say(args, f"trained a small CNN on {len(x_tr)} digits in {time.perf_counter() - t0:.1f} s; "
                f"test accuracy {accuracy(model, x_te, y_te):.3f}")
     ac = ActivationClustering(model, DEMO_LAYERS, n_clusters=args.n_clusters, progress=not args.quiet)
     t0 = time.perf_counter()
     ac.fit(x_tr, y_tr)
-    _say(args, f"fitted the surrogate over {', '.join(DEMO_LAYERS)} in {time.perf_counter() - t0:.1f} s")
+    say(args, f"fitted the surrogate over {', '.join(DEMO_LAYERS)} in {time.perf_counter() - t0:.1f} s")
     print(format_scores(ac.score(x_te, y_te), ac))
     if overwrite and (out / "manifest.json").exists():
-        _say(args, f"replacing the previous run in {out}/")
+        say(args, f"replacing the previous run in {out}/")
     _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model, "digits")
-    from .report import report
+    from ..views.report import report
 
     path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits",
                   overwrite=True)  # the run folder was just (re)written by this demo
@@ -219,23 +190,23 @@ def _demo(args) -> int:
 
 
 def _fit(args) -> int:
-    from . import ActivationClustering
-    from .persistence import check_writable
+    from .. import ActivationClustering
+    from ..io.persistence import check_writable
 
     # Every option is checked here, in option terms, before the model is built and the long fit
     # starts; the library would otherwise answer in its Python parameter names.
     layers = [l.strip() for l in args.layers.split(",") if l.strip()]
     if not layers:
-        raise ParameterError(f"--layers must name at least one module; list them with: {_command('layers', args.model)}")
+        raise ParameterError(f"--layers must name at least one module; list them with: {command('layers', args.model)}")
     _check_reducer(args.reducer)
     weights = _layer_weights(args.layer_weights, layers)
     check_writable(args.out, args.overwrite, flag=OVERWRITE_FLAG)
     if args.store and Path(args.out).resolve() in [Path(args.store).resolve(), *Path(args.store).resolve().parents]:
         raise ParameterError(f"--store {args.store} is inside --out {args.out}; give a directory outside the run "
                              "(the saved run links to the store's files).")
-    model = _build_model(args.model, args.weights)
-    _check_layers(layers, model, args.model)
-    x, y = _load_data(args.data, "train")
+    model = build_model(args.model, args.weights)
+    check_layers(layers, model, args.model)
+    x, y = load_data(args.data, "train")
     if args.n_clusters > len(x):
         raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
                          f"use at most {len(x)}.")
@@ -243,7 +214,7 @@ def _fit(args) -> int:
         raise ParameterError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
                          "add y to the .npz, or use --posterior prediction.")
     if not args.weights:  # said once the inputs are known good, just before the long fit
-        _warn(args, f"no --weights given: {args.model} is used with the weights it gives the model (untrained, "
+        warn(args, f"no --weights given: {args.model} is used with the weights it gives the model (untrained, "
                     "unless it loads trained ones itself). To explain your trained model, save its state dict, e.g. "
                     "torch.save(model.state_dict(), 'model.pt'), and add --weights model.pt.")
     ac = ActivationClustering(
@@ -262,31 +233,31 @@ def _fit(args) -> int:
 def _score(args) -> int:
     import json
 
-    ac = _load_run(args)
-    x, y = _load_data(args.data, "test")
+    ac = load_run(args)
+    x, y = load_data(args.data, "test")
     scores = ac.score(x, y)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores, ac, title=f"on {args.data}"))
     return EXIT_OK
 
 
 def _report(args) -> int:
-    from .datasets import DATASETS, FASHION_MNIST_CLASSES
-    from .report import report
+    from ..datasets import DATASETS, FASHION_MNIST_CLASSES
+    from ..views.report import report
 
     out = Path(args.out)
     if out.is_dir():
         raise RunExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}.")
     if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
         raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
-    ac = _load_run(args)
-    x, y = _load_data(args.data, "test")
+    ac = load_run(args)
+    x, y = load_data(args.data, "test")
     if args.train:
-        train, source = _load_data(args.train, "train")[0], f"--train {args.train}"
+        train, source = load_data(args.train, "train")[0], f"--train {args.train}"
     elif args.data in DATASETS:
-        train, source = _load_data(args.data, "train")[0], f"the {args.data} training split"
+        train, source = load_data(args.data, "train")[0], f"the {args.data} training split"
     else:
         train = None
-        _say(args, "no --train given: training samples are shown by their index; to show them, add --train "
+        say(args, "no --train given: training samples are shown by their index; to show them, add --train "
                    "with the .npz the run was fitted on")
     if train is not None and len(train) != ac.n_samples_fit_:
         raise ParameterError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
@@ -302,34 +273,16 @@ def _report(args) -> int:
 
 
 def _layers(args) -> int:
-    from . import list_layers
+    from .. import list_layers
 
-    for name in list_layers(_build_model(args.model, None)):
+    for name in list_layers(build_model(args.model, None)):
         print(name)
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- helpers
-OVERWRITE_FLAG = "add --overwrite"  # how the CLI replaces a run or a report, in its messages
-
-
-def _command(*words: str) -> str:
-    """A command line a user can paste into a shell."""
-    return shlex.join(["actclust", *map(str, words)])
-
-
-def _say(args, message: str) -> None:
-    if not args.quiet:
-        print(message, file=sys.stderr)
-
-
-def _warn(args, message: str) -> None:
-    """A warning the user must see: on stderr, also with --quiet (which silences progress only)."""
-    print(f"actclust {args.command}: warning: {message}", file=sys.stderr)
-
-
 def _check_reducer(spec: str) -> None:
-    from .reduction import make_reducer
+    from ..capture.reduction import make_reducer
 
     try:
         make_reducer(spec)
@@ -354,131 +307,13 @@ def _layer_weights(text, layers: list):
     return weights
 
 
-def _check_layers(layers: list, model, spec: str) -> None:
-    from .adapters import adapt
-
-    adapt(model).resolve(layers, what="--layers", how_to_list=f"List the valid names with: {_command('layers', spec)}")
-
-
-def _load_run(args):
-    from .persistence import load, read_manifest
-
-    meta = read_manifest(args.run).get("metadata", {})
-    spec = args.model or meta.get("model")
-    if not spec:
-        raise ParameterError(f"The run at {args.run} does not say how to build its model; add --model with the "
-                         "callable that builds it, as package.module:callable.")
-    weights = args.weights or meta.get("weights")
-    if weights and not Path(weights).is_absolute() and not args.weights:
-        weights = str(Path(args.run) / weights)
-    return load(args.run, _build_model(spec, weights), progress=not args.quiet)
-
-
 def _save(ac, out: Path, overwrite: bool, metadata: dict, model, data: str) -> None:
     ac.save(out, overwrite=overwrite, metadata=metadata)
     if model is not None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    print(f"saved the run to {out}/; score it again with: {_command('score', out, '--data', data)}")
-
-
-def _import_factory(spec: str):
-    """The callable named by ``package.module:callable``, importable from the current folder as with ``python -m``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ParameterError(f"The model must be given as 'package.module:callable' (e.g. mymodule:build); got {spec!r}.")
-    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-        file = Path(module_name)
-        raise ParameterError(f"The model must be given as 'package.module:callable', a module name, not a file path; "
-                         f"got {spec!r}. Run actclust in {file.parent} and give {file.stem}:{attr}.")
-    cwd = os.getcwd()
-    # A console script's sys.path starts with its bin folder, not the current one; add the
-    # current folder first, as `python -m` does, so mymodule.py here is found.
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ModelImportError(
-                f"Cannot import the model module {module_name!r}: no module {e.name!r} in the current folder "
-                f"({cwd}) nor among the installed packages. Give the model as 'package.module:callable', "
-                "importable from the folder you run actclust in (e.g. mymodule:build for mymodule.py there)."
-            ) from None
-        raise ModelImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
-    try:
-        factory = getattr(module, attr)
-    except AttributeError:
-        raise ModelImportError(f"Module {module_name!r} has no attribute {attr!r}.") from None
-    if not callable(factory):
-        raise ParameterError(f"{spec} is a {type(factory).__name__}, not a callable that returns the model.")
-    return factory
-
-
-def _build_model(spec: str, weights):
-    import torch
-
-    factory = _import_factory(spec)
-    if isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
-        raise ParameterError(f"{spec} is a model instance; give a function or class that builds the model instead.")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise ParameterError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise DataNotFoundError(f"Weights file {path} not found.")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
-            raise ParameterError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
-                             "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
-        if not isinstance(state, dict):
-            raise ParameterError(f"{path} holds a {type(state).__name__}, not a state dict; save "
-                             "model.state_dict() rather than the model.")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ParameterError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
-    return model.eval()
-
-
-def _load_data(spec: str, split: str):
-    import zipfile
-
-    from .datasets import DATASETS, load_dataset
-
-    if spec in DATASETS:
-        x_tr, y_tr, x_te, y_te = load_dataset(spec)
-        return (x_tr, y_tr) if split == "train" else (x_te, y_te)
-    path = Path(spec)
-    if path.suffix != ".npz":
-        raise ParameterError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")
-    if not path.is_file():
-        raise DataNotFoundError(f"Data file {path} not found.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files if name in ("x", "y")}
-            files = sorted(data.files)
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # TypeError: a lone .npy, not an archive
-        # numpy's own message names its Python arguments (allow_pickle=); pickled data is refused
-        raise ParameterError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
-                         "not loaded, so a data file cannot run code); write it with numpy.savez(path, x=x, y=y).") from None
-    if "x" not in arrays:
-        raise ParameterError(f"{path} has no array named 'x' (it has {files}).")
-    x, y = arrays["x"], arrays.get("y")
-    if x.ndim == 0 or len(x) == 0:
-        raise ParameterError(f"The array x in {path} holds no samples.")
-    if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise ParameterError(f"The array y in {path} must hold one label per sample of x ({len(x)}); "
-                         f"it has shape {y.shape}.")
-    return x, y
+    print(f"saved the run to {out}/; score it again with: {command('score', out, '--data', data)}")
 
 
 def format_scores(scores: dict, ac, title: str = "on the test data") -> str:

@@ -1,7 +1,7 @@
 """The Ray engine (``engine="ray"``): the capture and query passes as Ray Data ``map_batches`` on actors.
 
 Each actor gets the model once (its constructor argument, put in Ray's object store once) and runs
-today's passes (:func:`actclust._passes.capture` and :func:`actclust._passes.query`, with the
+today's passes (:func:`actclust.capture.passes.capture` and :func:`actclust.capture.passes.query`, with the
 adapter's hooks and reducers) on the rows of each Ray batch. Every row carries its sample position
 (:data:`ROW`), so the driver writes each returned batch at its samples' rows of the
 :class:`~actclust.store.StoreWriter` whatever order the actors finish in; everything after the
@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from .exceptions import ActClustError, CaptureError, DataError, ParameterError
+from ..exceptions import ActClustError, CaptureError, DataError, ParameterError
 
 __all__ = ["ROW", "RAY_OPTIONS", "Pass", "check_options", "is_dataset", "capture", "query", "require_ray"]
 
@@ -99,7 +99,7 @@ class _Memory:
     name: str
 
     def read(self, batch: dict, part: np.ndarray, start: int, stop: int):
-        from ._data import Batches, take
+        from ..capture.data import Batches, take
 
         data = self.data
         if type(data).__name__ == "DataLoader":  # keep the loader's collate_fn (padding, tokenising)
@@ -129,7 +129,7 @@ class _Columns:
     def read(self, batch: dict, part: np.ndarray, start: int, stop: int):
         import torch
 
-        from ._data import _tensor, as_labels, split_item
+        from ..capture.data import _tensor, as_labels, split_item
 
         labels = None if self.label is None else as_labels(np.asarray(batch[self.label][part]))
         if self.form == "item":
@@ -198,7 +198,7 @@ class _Worker:
         import ray
         import torch
 
-        from .adapters import adapt
+        from ..adapters import adapt
 
         p = ray.get(payload[0]) if isinstance(payload, (list, tuple)) else payload
         self.p = p
@@ -209,9 +209,9 @@ class _Worker:
         self.adapter = adapt(model, p["output"])
 
     def __call__(self, batch: dict) -> dict:
-        from . import _passes
-        from ._data import Batch
-        from .store import StoreWriter
+        from ..capture import passes as _passes
+        from ..capture.data import Batch
+        from ..store.vectors import StoreWriter
 
         p = self.p
         rows = np.asarray(batch[ROW], dtype=np.int64)
@@ -245,7 +245,7 @@ class _Worker:
 
 def _local_batches(rows: np.ndarray, batch_size: int) -> list:
     """``(a, b)`` slices of sorted positions that are consecutive and within one local batch."""
-    from .store import runs
+    from ..store.vectors import runs
 
     cuts = np.flatnonzero(np.diff(rows // batch_size) != 0) + 1
     edges = [0, *cuts.tolist(), len(rows)]
@@ -253,10 +253,10 @@ def _local_batches(rows: np.ndarray, batch_size: int) -> list:
 
 
 class _Parts:
-    """A list of :class:`~actclust._data.Batch`, iterated as the local passes iterate ``Batches``."""
+    """A list of :class:`~actclust.capture.data.Batch`, iterated as the local passes iterate ``Batches``."""
 
     def __init__(self, parts: list, name: str, feature_names):
-        from ._data import batch_len
+        from ..capture.data import batch_len
 
         self.parts, self.name, self.feature_names = parts, name, feature_names
         self.n_samples = sum(batch_len(b.inputs) for b in parts)
@@ -274,8 +274,8 @@ class Pass:
     """
 
     def __init__(self, ac, adapter, X, y, spec=None, reducers=None):
-        from ._data import Batches
-        from ._passes import spec_of
+        from ..capture.data import Batches
+        from ..capture.passes import spec_of
 
         fitted = [l for l, r in (reducers or {}).items() if r.needs_fit]
         if fitted:
@@ -366,7 +366,7 @@ def _worker_error(e: Exception) -> Exception:
     """The actclust error a worker raised (it names the rows and the model's error), as the same
     class, or a :class:`CaptureError` carrying Ray's message. Ray Data hands the driver a
     ``UserCodeException`` whose text holds the worker's traceback, not the exception itself."""
-    from . import exceptions
+    from .. import exceptions
 
     seen, todo = set(), [e]
     while todo:
@@ -452,9 +452,9 @@ _count, _number = _remote(_count_rows), _remote(_add_positions)
 # ---------------------------------------------------------------------------- the passes
 def capture(run: Pass, adapter, reducers: dict, writer, *, keep_proba: bool):
     """The capture pass of ``fit`` on Ray: vectors into ``writer`` by sample position; returns what
-    :func:`actclust._passes.capture` returns. ``run.info`` then holds the engine's facts for ``fit_info``."""
-    from ._data import Collector
-    from ._passes import _announce
+    :func:`actclust.capture.passes.capture` returns. ``run.info`` then holds the engine's facts for ``fit_info``."""
+    from ..capture.data import Collector
+    from ..capture.passes import _announce
 
     ac = run.ac
     col, classes, has_y = Collector(run.n), set(), []
@@ -481,9 +481,9 @@ def capture(run: Pass, adapter, reducers: dict, writer, *, keep_proba: bool):
 
 def query(state, ac, adapter, X, y, *, keep_vectors: bool):
     """A query pass on Ray over a ``ray.data.Dataset``: the same :class:`~actclust.state.Query` as locally."""
-    from ._data import Collector
-    from .state import Query
-    from .store import VectorStore
+    from ..capture.data import Collector
+    from ..state import Query
+    from ..store.vectors import VectorStore
 
     run = Pass(ac, adapter, X, y, spec=state.input_spec)
     # The actors need the centres and reducers, not the training vectors: zero rows of each width.

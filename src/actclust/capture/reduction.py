@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .exceptions import DataError, ParameterError
+from ..exceptions import DataError, ParameterError
 
 __all__ = ["Reducer", "make_reducer", "REDUCER_NAMES", "NORMALIZE_NAMES", "normalized"]
 

@@ -1,0 +1,5 @@
+"""The ``actclust`` command line."""
+
+from .commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Reading and writing runs: :mod:`.persistence` (save and load, no pickle)."""
