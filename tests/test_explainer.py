@@ -189,7 +189,7 @@ def test_per_layer_clusters_and_temperature(mixed_model, data):
 
 # every bad input gets a clear error; afterwards no hook is left and the explainer still fits
 @pytest.mark.parametrize("kwargs, fit_args, match", [
-    ({"n_clusters": 1}, {}, r"'n_clusters' parameter .* int >= 2.*got 1"),
+    ({"n_clusters": 1}, {}, r"'n_clusters' parameter .* an int >= 2 or a dict of them \(one per layer\). Got 1 instead"),
     ({"n_clusters": 500}, {}, "n_clusters for layer 'conv' is 500, more than the 120 samples"),
     ({"n_clusters": {"conv": 3}}, {}, r"'n_clusters' dict .* missing \['fc1', 'fc2'\]"),
     ({"posterior": "label"}, {}, "posterior='label' needs the true labels"),
@@ -203,7 +203,9 @@ def test_per_layer_clusters_and_temperature(mixed_model, data):
     ({"reducer": "avg"}, {}, "'reducer' parameter .* Got 'avg'"),
     ({"normalize": "l1"}, {}, "'normalize' parameter .* Got 'l1'"),
     ({"temperature": -1}, {}, "'temperature' parameter .* >= 0"),
-    ({"batch_size": 0}, {}, "'batch_size' parameter .* positive int"),
+    ({"batch_size": 0}, {}, "'batch_size' parameter .* an int >= 1. Got 0 instead"),
+    ({"random_state": -1}, {}, r"'random_state' parameter .* an int in \[0, 4294967295\]. Got -1 instead"),
+    ({"random_state": 2**40}, {}, r"'random_state' parameter .* Got 1099511627776 instead"),
     ({"clustering": "dec"}, {}, "'clustering' parameter"),
 ])
 def test_bad_input_then_still_fits(model, data, kwargs, fit_args, match):
@@ -221,7 +223,8 @@ def test_bad_input_then_still_fits(model, data, kwargs, fit_args, match):
 # an empty data set and non-array data are rejected
 @pytest.mark.parametrize("x, match", [
     (np.zeros((0, 1, 6, 6), dtype=np.float32), "X is empty"),
-    ([[1, 2]], "must be a NumPy array, a torch Tensor, a pandas DataFrame, a dict of arrays, a Dataset or a DataLoader; got list"),
+    ([[1, 2]], r"must be an array \(NumPy or a framework's tensor\), a pandas DataFrame, a dict of arrays or a dataset; "
+               r"got a list. Convert it with np.asarray first"),
 ])
 def test_bad_data(model, x, match):
     with pytest.raises(ValueError, match=match):
@@ -308,7 +311,7 @@ def test_distill_end_to_end(mixed_model, data, tmp_path, layer_weights):
 def test_clustering_warnings_name_the_layer(model, data, monkeypatch):
     import warnings
 
-    import actclust.explainer as ex
+    import actclust.fitting as ex
     from actclust.clustering import KMeans
 
     class Grumpy(KMeans):

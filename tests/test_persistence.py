@@ -90,7 +90,7 @@ def test_no_pickle(fitted, model, data, tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names[0].startswith("arrays-") and names[1] == "manifest.json" and len(names) == 2
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["state"]["layers"] == LAYERS and m["state"]["reducers"]["conv"] == "pca:3"
+    assert m["format_version"] == 3 and m["state"]["layers"] == LAYERS and m["state"]["reducers"]["conv"] == "pca:3"
     raw = _arrays(tmp_path / "run").read_bytes()
     header = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then a JSON header
     assert set(json.loads(raw[8:8 + header])) >= {"weights", "conv/posteriors"}
@@ -191,8 +191,8 @@ import sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 from conftest import TinyCNN, LAYERS
 import actclust
-x = np.random.default_rng(0).standard_normal((3000, 1, 6, 6)).astype(np.float32)
-ac = actclust.ActivationClustering(TinyCNN().eval(), LAYERS, n_clusters=4, reducer="random:512", progress=False).fit(x)
+x = np.random.default_rng(0).standard_normal((12000, 1, 6, 6)).astype(np.float32)
+ac = actclust.ActivationClustering(TinyCNN().eval(), LAYERS, n_clusters=4, reducer="random:128", progress=False).fit(x)
 print("ready", flush=True)
 while True:
     ac.save({run!r}, overwrite=True)

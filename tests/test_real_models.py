@@ -220,12 +220,29 @@ def test_padding_invariance(bert):
     assert np.array_equal(q2.paths, q1.paths)
 
 
-# a token layer reduced as if it were a conv map warns, saying which reducer to use
-def test_token_map_with_channel_reducer_warns(bert):
+# defaults on a BERT classifier: token layers are read as tokens and pooled over the real ones (the old
+# default "mean" reduced over the hidden size, so vectors moved with padding and a longer batch failed)
+def test_bert_defaults(bert):
+    import dataclasses
+
     model, ids, mask, _ = bert
-    ac = ActivationClustering(model, ["bert.encoder.layer.0", "classifier"], n_clusters=3, progress=False)
+    layers = ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler", "classifier"]
+    x = {"input_ids": ids[:300], "attention_mask": mask[:300]}
+    ac = ActivationClustering(model, layers, n_clusters=3, progress=False).fit(x)
+    assert ac.state_.layouts == dict(zip(layers, ["tokens"] * 3 + ["dense"] * 2))
+    pad = torch.zeros(100, 9, dtype=torch.int64)
+    q1 = ac.query({"input_ids": ids[600:700], "attention_mask": mask[600:700]}, vectors=True)
+    q2 = ac.query({"input_ids": torch.cat([ids[600:700], pad], 1), "attention_mask": torch.cat([mask[600:700], pad], 1)},
+                  vectors=True)
+    for l in layers:
+        np.testing.assert_allclose(q2.vectors[l], q1.vectors[l], atol=1e-5)
+    shown = actclust.list_layers(model, {"input_ids": ids[:2], "attention_mask": mask[:2]})
+    assert shown["bert.encoder.layer.0"].reduction == "mean over the tokens the attention mask keeps"
+    assert shown["classifier"].reduction == "as is (dense)"
+    # a run saved before layouts were recorded reads token maps channels-first, as it was fitted: that warns
+    ac.state_ = dataclasses.replace(ac.state_, layouts={l: "channels_first" for l in layers})
     with pytest.warns(actclust.DataWarning, match=r"'bert.encoder.layer.0' outputs token vectors .*reducer='token_mean'"):
-        ac.fit({"input_ids": ids[:100], "attention_mask": mask[:100]})
+        ac.query(x)
 
 
 # without the mask, a plain mean over tokens would move with padding: the masked mean is what fixes it

@@ -1,40 +1,94 @@
+"""Reducers, written once for every framework: the same map gives the same vector as a NumPy array and
+as a PyTorch tensor, channels-first or channels-last."""
+
 import numpy as np
 import pytest
 import torch
 
-from actclust.capture.reduction import make_reducer, normalized
+from actclust import DataError
+from actclust.capture.arrays import NUMPY
+from actclust.capture.reduction import describe, make_reducer, normalized
 
 T = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+A = T.numpy()
+FRAMEWORKS = [pytest.param(lambda a: torch.from_numpy(np.ascontiguousarray(a)), id="torch"),
+              pytest.param(lambda a: np.ascontiguousarray(a), id="numpy")]
 
 
-# mean and max pool every axis after the channel axis
-def test_mean_and_max():
-    assert torch.equal(make_reducer("mean")(T), T.mean((2, 3)))
-    assert torch.equal(make_reducer("max")(T), T.amax((2, 3)))
+def _np(v):
+    return v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+# mean and max pool every axis after the channel axis, in either framework
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_mean_and_max(to):
+    np.testing.assert_allclose(_np(make_reducer("mean")(to(A))), A.mean((2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(_np(make_reducer("auto")(to(A))), A.mean((2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(_np(make_reducer("max")(to(A))), A.max((2, 3)), rtol=1e-6)
+    assert isinstance(make_reducer("mean")(to(A)), type(to(A)))  # computed where the map is
 
 
 # grid:g average-pools to g x g and flattens channel-major (the default g is 2)
-def test_grid():
-    blocks = T.numpy().reshape(2, 3, 2, 2, 2, 2).mean((3, 5))  # (n, channel, row block, column block)
-    np.testing.assert_allclose(make_reducer("grid:2")(T).numpy(), blocks.reshape(2, 12), rtol=1e-6)
-    np.testing.assert_allclose(make_reducer("grid")(T).numpy(), blocks.reshape(2, 12), rtol=1e-6)
-    np.testing.assert_allclose(make_reducer("grid:1")(T).numpy(), T.numpy().mean((2, 3)), rtol=1e-6)
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_grid(to):
+    blocks = A.reshape(2, 3, 2, 2, 2, 2).mean((3, 5))  # (n, channel, row block, column block)
+    np.testing.assert_allclose(_np(make_reducer("grid:2")(to(A))), blocks.reshape(2, 12), rtol=1e-6)
+    np.testing.assert_allclose(_np(make_reducer("grid")(to(A))), blocks.reshape(2, 12), rtol=1e-6)
+    np.testing.assert_allclose(_np(make_reducer("grid:1")(to(A))), A.mean((2, 3)), rtol=1e-6)
+
+
+# NumPy's adaptive pooling has PyTorch's bins, also where the map does not divide evenly
+@pytest.mark.parametrize("shape, g", [((2, 3, 7, 5), 3), ((2, 2, 9, 9), 4), ((3, 4, 11), 4)])
+def test_numpy_pooling_equals_torch(shape, g):
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = (torch.nn.functional.adaptive_avg_pool2d if len(shape) == 4 else torch.nn.functional.adaptive_avg_pool1d)(
+        torch.from_numpy(a), g).numpy()
+    np.testing.assert_allclose(NUMPY.adaptive_avg_pool(a, g), ref, rtol=1e-5, atol=1e-6)
+
+
+# a channels-last map (Keras) gives the vector of the same map channels-first (PyTorch, ONNX), for every reducer
+@pytest.mark.parametrize("spec", ["auto", "mean", "max", "grid:2", "random:5"])
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_channels_last_equals_channels_first(spec, to):
+    r = make_reducer(spec, random_state=1)
+    first = r(to(A), layout="channels_first")
+    last = r(to(np.moveaxis(A, 1, -1)), layout="channels_last")
+    np.testing.assert_allclose(_np(last), _np(first), rtol=1e-5, atol=1e-4)
+
+
+# a token map (N, T, D) is pooled over the tokens the mask keeps: padding does not move the vector
+@pytest.mark.parametrize("spec", ["auto", "mean", "max", "token_mean"])
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_tokens_pool_over_real_tokens(spec, to):
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((4, 6, 5)).astype(np.float32)
+    mask = np.ones((4, 6), np.int64)
+    padded = np.concatenate([t, rng.standard_normal((4, 3, 5)).astype(np.float32)], 1)
+    pmask = np.concatenate([mask, np.zeros((4, 3), np.int64)], 1)
+    r = make_reducer(spec)
+    a = r(to(t), to(mask), layout="tokens")
+    b = r(to(padded), to(pmask), layout="tokens")
+    np.testing.assert_allclose(_np(b), _np(a), rtol=1e-6)
+    expected = t.max(1) if spec == "max" else t.mean(1)
+    np.testing.assert_allclose(_np(a), expected, rtol=1e-5)
 
 
 # dense (N, F) outputs pass through every pooling reducer unchanged
-@pytest.mark.parametrize("spec", ["mean", "max", "grid:3"])
+@pytest.mark.parametrize("spec", ["auto", "mean", "max", "grid:3"])
 def test_dense_passes_through(spec):
     x = torch.randn(5, 7)
     assert make_reducer(spec)(x) is x
 
 
-# random:d is a fixed linear projection to d values: same seed, same result; another seed, another
+# random:d is a fixed linear projection to d values: same seed, same result; another seed, another;
+# the same in NumPy and PyTorch
 def test_random_projection_is_seeded():
     a, b = make_reducer("random:5", random_state=1), make_reducer("random:5", random_state=1)
     assert a(T).shape == (2, 5) and torch.equal(a(T), b(T))
     assert not torch.allclose(a(T), make_reducer("random:5", random_state=2)(T))
     torch.testing.assert_close(a(T[:1] + 2 * T[1:]), a(T[:1]) + 2 * a(T[1:]), rtol=1e-4, atol=1e-3)
     assert not torch.allclose(a(T)[0], a(T)[1])  # it reads the input
+    np.testing.assert_allclose(a(A), a(T).numpy(), rtol=1e-5)
 
 
 # pca:d fitted in a streaming way matches a batch PCA of the flattened maps (up to sign)
@@ -51,6 +105,7 @@ def test_streaming_pca_matches_batch_pca():
     ref = PCA(3).fit_transform(x.flatten(1).numpy())
     for j in range(3):
         assert abs(np.corrcoef(ours[:, j], ref[:, j])[0, 1]) > 0.99
+    np.testing.assert_allclose(r(x.numpy()), ours, rtol=1e-4, atol=1e-4)
 
 
 # pca:d with fewer samples than d says how many it needs
@@ -62,12 +117,13 @@ def test_pca_too_few_samples():
 
 
 # l2 normalisation divides each reduced vector by its length and leaves zero vectors at zero
-def test_l2_normalized():
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_l2_normalized(to):
     f = normalized(make_reducer("mean"), "l2")
-    out = f(torch.cat([T, torch.zeros(1, 3, 4, 4)]))
-    mean = T.numpy().mean((2, 3))
-    np.testing.assert_allclose(out[:2].numpy(), mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-6)
-    assert torch.equal(out[2], torch.zeros(3))
+    out = _np(f(to(np.concatenate([A, np.zeros((1, 3, 4, 4), np.float32)]))))
+    mean = A.mean((2, 3))
+    np.testing.assert_allclose(out[:2], mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-6)
+    assert np.array_equal(out[2], np.zeros(3))
 
 
 # unknown or malformed reducer names get the parameter, the choices and the value
@@ -88,31 +144,61 @@ def test_grid_on_5d_map():
         make_reducer("grid:2")(torch.randn(2, 3, 2, 2, 2))
 
 
-# the retrieval summaries' projection: fixed signs +-1/8, balanced, different per seed, and it keeps
-# pairwise distances (Johnson-Lindenstrauss): ratios near 1 on random vectors
+# a size larger than the map is refused before it costs memory (grid:1000 on an 8x8 map once took 22 GB)
+@pytest.mark.parametrize("spec, match", [
+    ("grid:1000", r"'grid:1000' pools to a 1000-cell grid, more than the map's 8x8 positions; use grid:g with g <= 8"),
+    ("grid:9", r"more than the map's 8x8 positions"),
+    ("random:512", r"'random:512' projects to 512 values, but the map has only 192; use random:d with d < 192"),
+])
+def test_sizes_larger_than_the_map(spec, match):
+    with pytest.raises(DataError, match=match):
+        make_reducer(spec)(np.zeros((2, 3, 8, 8), np.float32))
+    r = make_reducer("pca:512")
+    with pytest.raises(DataError, match=r"'pca:512' projects to 512 values, but the map has only 192"):
+        r.partial_fit(np.zeros((2, 3, 8, 8), np.float32))
+
+
+# the retrieval summaries' projection: fixed signs +-1/8, balanced, different per seed, the same in NumPy
+# and PyTorch, and it keeps pairwise distances (Johnson-Lindenstrauss): ratios near 1 on random vectors
 def test_sign_projection_keeps_distances():
     from actclust.capture.reduction import SUMMARY_DIMS, sign_projection
 
     p = sign_projection(1536, 7)
     assert p.shape == (1536, SUMMARY_DIMS)
-    assert set(p.unique().tolist()) == {-0.125, 0.125}
-    assert 0.45 < float((p > 0).float().mean()) < 0.55
-    assert torch.equal(p, sign_projection(1536, 7)) and not torch.equal(p, sign_projection(1536, 8))
-    x = torch.randn(100, 1536, generator=torch.Generator().manual_seed(0))
-    d0, d1 = torch.cdist(x, x), torch.cdist(x @ p, x @ p)
-    off = ~torch.eye(100, dtype=torch.bool)
+    assert set(np.unique(p).tolist()) == {-0.125, 0.125}
+    assert 0.45 < float((p > 0).mean()) < 0.55
+    assert np.array_equal(p, sign_projection(1536, 7)) and not np.array_equal(p, sign_projection(1536, 8))
+    assert np.array_equal(sign_projection(1536, 7, torch.zeros(1)).numpy(), p)
+    x = np.random.default_rng(0).standard_normal((100, 1536))
+    d0 = np.linalg.norm(x[:, None] - x[None], axis=2)
+    y = x @ p
+    d1 = np.linalg.norm(y[:, None] - y[None], axis=2)
+    off = ~np.eye(100, dtype=bool)
     ratio = d1[off] / d0[off]
     assert 0.9 < float(ratio.mean()) < 1.1 and float(ratio.std()) < 0.15
 
 
 # a conv map is pooled to the grid, and projected to SUMMARY_DIMS values only when wider
-def test_spatial_summary_widths():
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_spatial_summary_widths(to):
     from actclust.capture.reduction import SUMMARY_DIMS, spatial_summary
 
     summarize = spatial_summary(4, seed=3)
-    narrow = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    out = summarize(narrow)
+    narrow = np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8)
+    out = _np(summarize(to(narrow)))
     assert out.shape == (2, 48)
-    assert torch.allclose(out[0, 0], narrow[0, 0, :2, :2].mean())  # first channel, first cell
-    assert summarize(torch.randn(2, 32, 8, 8)).shape == (2, SUMMARY_DIMS)
-    assert summarize(torch.randn(2, 5)) is None  # dense output: no layout to keep
+    assert np.allclose(out[0, 0], narrow[0, 0, :2, :2].mean())  # first channel, first cell
+    wide = np.random.default_rng(0).standard_normal((2, 32, 8, 8)).astype(np.float32)
+    assert summarize(to(wide)).shape == (2, SUMMARY_DIMS)
+    np.testing.assert_allclose(_np(summarize(to(np.moveaxis(wide, 1, -1)), layout="channels_last")),
+                               _np(summarize(to(wide))), rtol=1e-5, atol=1e-5)
+    assert summarize(to(np.zeros((2, 5), np.float32))) is None  # dense output: no layout to keep
+    assert summarize(to(np.zeros((2, 3, 2, 2), np.float32))).shape == (2, 12)  # smaller than the grid: its own size
+
+
+# what list_layers shows for each layout
+def test_describe():
+    r = make_reducer("auto")
+    assert describe(r, "dense", (8, 10)) == "as is (dense)"
+    assert describe(r, "channels_last", (8, 5, 5, 3)) == "mean over height and width (channels-last)"
+    assert describe(r, "tokens", (8, 12, 16)) == "mean over the tokens the attention mask keeps"

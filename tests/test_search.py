@@ -53,7 +53,7 @@ def test_search_parameter(model, data):
     assert np.array_equal(ac.similar(x[:20], k=5).indices, exact.indices)  # "auto" on 120 samples: exact
     with pytest.raises(ParameterError, match=r"'search' parameter must be one of \['auto', 'exact', 'approximate'\]"):
         ac.similar(x[:2], search="fast")
-    with pytest.raises(ParameterError, match=r"'search' parameter must be one of"):
+    with pytest.raises(ParameterError, match=r"'search' parameter of ActivationClustering must be one of"):
         ActivationClustering(model, ["fc1"], search="ivf", progress=False).fit(x)
     es = ac.explain(x[:3], k=3, trust=False, search="approximate")
     assert len(es[0].similar["low"]) == 3

@@ -61,7 +61,9 @@ def test_failed_fit_leaves_no_partial_store(model, data, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("clustering failed")
 
-    monkeypatch.setattr(ActivationClustering, "_learn", boom)
+    import actclust.fitting
+
+    monkeypatch.setattr(actclust.fitting, "learn", boom)
     with pytest.raises(RuntimeError, match="clustering failed"):
         ac.fit(x[::-1].copy(), y[::-1].copy())
     assert {f: (store / f).read_bytes() for f in os.listdir(store)} == before  # no .partial-* left
@@ -85,9 +87,9 @@ def test_store_directory_checks(model, data, tmp_path):
         _fit(model, x, y, store=other)
     with pytest.raises(ParameterError, match=r"is a file; give a directory"):
         _fit(model, x, y, store=other / "cat.jpg")
-    with pytest.raises(ParameterError, match=r"'store_dtype' parameter must be one of \['float32', 'float16'\]"):
+    with pytest.raises(ParameterError, match=r"'store_dtype' parameter of ActivationClustering must be one of \['float32', 'float16'\]"):
         _fit(model, x, y, store_dtype="int8")
-    with pytest.raises(ParameterError, match=r"'store' parameter must be None \(in memory\) or a directory path"):
+    with pytest.raises(ParameterError, match=r"'store' parameter of ActivationClustering must be None \(in memory\) or a directory path"):
         _fit(model, x, y, store=3)
 
 

@@ -1,24 +1,20 @@
-"""``ActivationClustering``: distil a PyTorch classifier into a clustering surrogate."""
+"""``ActivationClustering``: distil a classifier into a clustering surrogate (the estimator facade).
+
+The estimator stores its parameters; ``fit`` checks them (:mod:`actclust.validation`) and runs the
+pipeline (:mod:`actclust.fitting`); the methods run one pass of the model (:meth:`query`) and hand
+it to the analyses (:mod:`actclust.analysis`) with the fitted state.
+"""
 
 from __future__ import annotations
 
-import time
-import warnings
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .capture import passes as _passes
-from .analysis import surrogate
-from .capture.data import Batches, check_label_range
-from .validation import per_layer, validate_params
 from .adapters import adapt
-from .clustering.base import make_clustering
-from .exceptions import ActClustWarning, ConvergenceWarning, DataError, NotFittedError, ParameterError
-from .capture.reduction import make_reducer
-from .state import SUMMARY_SUFFIX, FittedState, Query
-from .store.vectors import StoreWriter
+from .analysis import surrogate
+from .exceptions import NotFittedError, ParameterError
+from .state import FittedState, Query
 
 __all__ = ["ActivationClustering", "load", "SPATIAL_GRID"]
 
@@ -26,40 +22,29 @@ __all__ = ["ActivationClustering", "load", "SPATIAL_GRID"]
 SPATIAL_GRID = 4
 
 
-def _train_score(dnn, assign, posteriors, labels, weights, layers) -> dict:
-    """:func:`surrogate.scores` on the training data from the fit's assignments, in chunks of rows
-    (memory ``O(chunk x layers x classes)``, not ``O(n x layers x classes)``)."""
-    combined, per_layer = np.empty(len(dnn), np.int64), np.empty((len(layers), len(dnn)), np.int64)
-    for s in range(0, len(dnn), _SCORE_CHUNK):
-        probas = np.stack([surrogate.layer_proba(assign[l][s:s + _SCORE_CHUNK], posteriors[l]) for l in layers])
-        combined[s:s + _SCORE_CHUNK] = surrogate.combine(probas, weights).argmax(1)
-        per_layer[:, s:s + _SCORE_CHUNK] = probas.argmax(2)
-    return surrogate.scores_from_predictions(dnn, combined, per_layer, labels, layers)
-
-
-_SCORE_CHUNK = 65536
-
-
 class ActivationClustering:
     """Explain a classifier by clustering the activations of some of its layers.
 
     Parameters
     ----------
-    model : torch.nn.Module or ModelAdapter
-        A trained classifier. It is called as ``model(x)`` on tensor batches, ``model(*x)`` on
-        tuples and ``model(**x)`` on dict batches (Hugging Face); wrappers (``DataParallel``,
-        ``torch.compile``) are looked through. TorchScript modules cannot be hooked.
+    model : torch.nn.Module, keras.Model, ONNX model or ModelAdapter
+        A trained classifier. A PyTorch module is called as ``model(x)`` on tensor batches,
+        ``model(*x)`` on tuples and ``model(**x)`` on dict batches (Hugging Face); wrappers
+        (``DataParallel``, ``torch.compile``) are looked through. A Keras 3 model (any backend) or
+        an ONNX model (a path, bytes or ``onnx.ModelProto``, run with onnxruntime) works the same
+        way; see :mod:`actclust.adapters`.
     layers : list of str
         ``named_modules()`` names of the layers to cluster; see :func:`actclust.list_layers`.
         Names with a wrapper's prefix (``module.``, ``_orig_mod.``) are accepted.
     n_clusters : int or dict, default=15
         Clusters per layer (at least 2), or a dict ``layer -> int``.
-    reducer : str, Reducer or dict, default="mean"
-        How a layer's ``(N, C, ...)`` map becomes one vector per sample: ``"mean"``, ``"max"``,
-        ``"grid:g"``, ``"pca:d"``, ``"random:d"``; for transformer token maps ``(N, T, D)``
-        ``"token_mean"`` (mean over the tokens the attention mask keeps) or ``"token_first"``
-        (see :mod:`actclust.capture.reduction`), or a dict ``layer -> reducer``. Dense ``(N, F)`` outputs
-        pass through.
+    reducer : str, Reducer or dict, default="auto"
+        How a layer's output becomes one vector per sample. ``"auto"`` reads the layout the model
+        gives it: conv maps (channels-first or channels-last) are averaged over space, transformer
+        token maps ``(N, T, D)`` over the tokens the attention mask keeps, dense ``(N, F)`` outputs
+        pass through; ``actclust.list_layers(model, x)`` shows the choice per layer. Others:
+        ``"mean"``, ``"max"``, ``"grid:g"``, ``"pca:d"``, ``"random:d"``, ``"token_mean"``,
+        ``"token_first"`` (see :mod:`actclust.capture.reduction`), or a dict ``layer -> reducer``.
     normalize : {"l2", None}, default="l2"
         Scale each reduced vector to unit length before clustering (cluster by direction).
     posterior : {"prediction", "label"}, default="prediction"
@@ -163,7 +148,7 @@ class ActivationClustering:
     """
 
     def __init__(
-        self, model, layers, *, n_clusters=15, reducer="mean", normalize="l2", posterior="prediction",
+        self, model, layers, *, n_clusters=15, reducer="auto", normalize="l2", posterior="prediction",
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
         output: Optional[Callable] = None, search="auto", spatial_grid=SPATIAL_GRID, store=None,
@@ -197,175 +182,33 @@ class ActivationClustering:
         """Capture the layers on ``X``, cluster them and build the surrogate.
 
         Everything learned is assigned at the end, as :attr:`state_`: a fit that fails leaves the
-        explainer as it was.
+        explainer as it was. The pipeline is :func:`actclust.fitting.fit`.
 
         Parameters
         ----------
-        X : ndarray, Tensor, DataFrame, dict of arrays, Dataset or DataLoader
+        X : array, DataFrame, dict of arrays, dataset or a framework's data loader
             Training inputs, in a fixed order; see ``label_key`` for batches that carry labels.
             With ``engine="ray"`` also a ``ray.data.Dataset``.
         y : array-like of int, optional
-            True labels; required for ``posterior="label"`` unless ``X`` yields them.
+            True labels; required for ``posterior="label"`` unless ``X`` yields them (if both are
+            given, they must agree).
         """
-        adapter = adapt(self.model, self.output)
-        layers = validate_params(self, adapter)
-        n_clusters = per_layer(self.n_clusters, "n_clusters", layers, adapter.canonical)
-        reducers = {l: make_reducer(s, self.random_state) for l, s in
-                    per_layer(self.reducer, "reducer", layers, adapter.canonical).items()}
-        if self.engine == "ray":
-            return self._fit_ray(adapter, layers, n_clusters, reducers, X, y)
-        batches = self._batches(X, y)
-        for name, k in n_clusters.items():
-            if batches.n_samples is not None and k > batches.n_samples:
-                raise ParameterError(
-                    f"n_clusters for layer {name!r} is {k}, more than the {batches.n_samples} "
-                    "samples to cluster; use at most as many clusters as samples."
-                )
-        t0 = time.perf_counter()
-        fitted = [l for l, r in reducers.items() if r.needs_fit]
-        if fitted:
-            for _ in _passes.run(adapter, batches, {l: reducers[l].partial_fit for l in fitted},
-                                 desc="fitting reducers", progress=self.progress):
-                pass
-            for l in fitted:
-                reducers[l].finish_fit()
-        t1 = time.perf_counter()
-        # Vectors go to the store while capturing; leaving this block by an error removes them.
-        with StoreWriter(self.store, self.store_dtype, batches.n_samples) as writer:
-            logits_pred, dnn_proba, labels, n_classes, spec = _passes.capture(
-                adapter, batches, _passes.hooked(reducers, self.normalize, self.spatial_grid,
-                                                 random_state=self.random_state), writer,
-                keep_proba=self.clustering == "distill", progress=self.progress)
-            vectors = writer.finish()
-            state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,
-                                spec, times=(t0, t1, time.perf_counter()))
-            writer.commit()
-        self.state_ = state  # the one assignment of what fit learned
+        from . import fitting
+        from .validation import validate
+
+        adapter = self._adapter()
+        self.state_ = fitting.fit(adapter, validate(self, adapter), X, y)  # the one assignment of what fit learned
         return self
 
-    def _fit_ray(self, adapter, layers, n_clusters, reducers, X, y) -> "ActivationClustering":
-        """``fit`` with the capture pass on Ray (:mod:`actclust.engines.ray`); the rest is the local code."""
-        from .engines import ray as _ray
+    def _adapter(self):
+        return adapt(self.model, self.output)
 
-        t0 = time.perf_counter()
-        run = _ray.Pass(self, adapter, X, y, reducers=reducers)
-        too_many = {l: k for l, k in n_clusters.items() if k > run.n}
-        if too_many:
-            raise ParameterError(f"n_clusters {too_many} exceed the {run.n} samples to cluster.")
-        with StoreWriter(self.store, self.store_dtype, run.n) as writer:
-            logits_pred, dnn_proba, labels, n_classes, spec = _ray.capture(
-                run, adapter, reducers, writer, keep_proba=self.clustering == "distill")
-            vectors = writer.finish()
-            state = self._learn(layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes,
-                                spec, times=(t0, t0, time.perf_counter()))
-            state.fit_info["engine"] = run.info  # actors, batches, batches that arrived out of order
-            writer.commit()
-        self.state_ = state
-        return self
+    def _batches(self, X, y=None):
+        from .fitting import batches
+        from .validation import check
 
-    def _learn(self, layers, n_clusters, reducers, vectors, logits_pred, dnn_proba, labels, n_classes, spec,
-               times) -> FittedState:
-        """Cluster the captured vectors and build the surrogate: the :class:`FittedState` of a fit."""
-        t0, t1, t2 = times
-        n = len(logits_pred)
-        too_many = {l: k for l, k in n_clusters.items() if k > n}
-        if too_many:
-            raise ParameterError(f"n_clusters {too_many} exceed the {n} samples to cluster.")
-        if labels is not None:
-            check_label_range(labels, n_classes)
-        if self.posterior == "label" and labels is None:
-            raise DataError(
-                "posterior='label' needs the true labels: pass y to fit, or data that yields "
-                "(input, label) pairs. Or use posterior='prediction'."
-            )
-        targets = labels if self.posterior == "label" else logits_pred
-
-        clusterings = {l: self._cluster(l, n_clusters[l], vectors[l])
-                       for l in tqdm(layers, desc="clustering layers", disable=not self.progress, leave=False)}
-        refined = (self._refine(layers, vectors, clusterings, dnn_proba, targets)
-                   if self.clustering == "distill" else None)
-        # A refined clustering holds its learned temperature (rescaled to its final centres).
-        temperatures = {l: float(clusterings[l].temperature_ if refined is not None else self.temperature)
-                        for l in layers}
-        # Hard assignment keeps cluster ids (O(n)), not one-hot rows (O(n x n_clusters)).
-        assign = {l: clusterings[l].predict(vectors[l]) if temperatures[l] <= 0
-                  else clusterings[l].soft_assign(vectors[l], temperatures[l]) for l in layers}
-        t3 = time.perf_counter()
-        weights = refined.weights if refined is not None else self._fit_weights(layers, assign, targets, n_classes, n_clusters)
-        posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, self.smoothing, n_clusters[l])
-                      for l in layers}
-        t4 = time.perf_counter()
-        info = dict(
-            seconds_reducer_fit=t1 - t0, seconds_capture=t2 - t1, seconds_clustering=t3 - t2,
-            seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
-            empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
-            store={"dtype": vectors.dtype, "on_disk": vectors.on_disk, "bytes": vectors.nbytes},
-        )
-        if refined is not None:
-            info["distill"] = {"loss_history": refined.loss_history, "spread_ratio": refined.spread_ratio,
-                               "converged": refined.converged, "seconds": refined.seconds,
-                               "temperatures": temperatures}
-        weights = np.asarray(weights, dtype=np.float64)
-        return FittedState(
-            layers=layers, n_classes=n_classes, input_spec=spec, normalize=self.normalize,
-            posterior=self.posterior, reducers=reducers, clusterings=clusterings, temperatures=temperatures,
-            posteriors=posteriors, weights=weights / weights.sum(), train_vectors=vectors,
-            train_predictions=logits_pred, train_labels=labels,
-            # In-sample scores from the assignments already at hand: no second pass over the data.
-            train_score=_train_score(logits_pred, assign, posteriors, labels, weights, layers),
-            fit_info=info, random_state=self.random_state,
-            spatial_grid=self.spatial_grid if any(k.endswith(SUMMARY_SUFFIX) for k in vectors) else None,
-        )
-
-    def _batches(self, X, y=None) -> Batches:
-        from .engines.ray import is_dataset
-
-        if is_dataset(X):
-            raise DataError("X is a ray.data.Dataset: fit it with engine='ray' (the other methods take one "
-                            "whatever the engine).")
-        return Batches(X, batch_size=self.batch_size, y=y, name="X", label_key=self.label_key)
-
-    def _cluster(self, layer: str, k: int, vectors: np.ndarray):
-        """Fit one layer's clustering; its warnings (e.g. no convergence) name the layer."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            clustering = make_clustering(self.clustering, k, self.random_state).fit(vectors)
-        for w in caught:
-            category = w.category if issubclass(w.category, ActClustWarning) else ConvergenceWarning
-            warnings.warn(f"layer {layer!r}: {w.message}", category, stacklevel=3)
-        return clustering
-
-    def _refine(self, layers, vectors, clusterings, dnn_proba, targets):
-        """``clustering="distill"``: refine centres, temperatures (and weights) toward the DNN."""
-        from .clustering.distill import refine
-
-        learn = isinstance(self.layer_weights, str)  # "fit", checked in validate_params
-        fixed = None if self.layer_weights is None or learn else self._fit_weights(layers, None, None, None)
-        result = refine({l: vectors[l] for l in layers}, clusterings, dnn_proba, learn_weights=learn, weights=fixed,
-                        smoothing=self.smoothing, targets=targets, random_state=self.random_state,
-                        progress=self.progress)
-        for l in layers:
-            clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
-        return result
-
-    def _fit_weights(self, layers, assign, targets, n_classes, n_clusters=None) -> np.ndarray:
-        lw = self.layer_weights
-        if lw is None:
-            return np.full(len(layers), 1.0 / len(layers))
-        if isinstance(lw, str):  # "fit", checked in validate_params
-            rng = np.random.default_rng(self.random_state)
-            order = rng.permutation(len(targets))
-            n_val = max(1, int(round(self.validation_fraction * len(targets))))
-            val, train = order[:n_val], order[n_val:]
-            probas = np.stack([
-                surrogate.layer_proba(assign[l][val], surrogate.fit_posteriors(
-                    assign[l][train], targets[train], n_classes, self.smoothing, n_clusters[l]))
-                for l in layers
-            ])
-            return surrogate.fidelity_weights(probas, targets[val], random_state=self.random_state)
-        w = np.asarray(list(per_layer(lw, "layer_weights", layers, adapt(self.model).canonical).values())
-                       if isinstance(lw, Mapping) else lw, dtype=np.float64)
-        return w / w.sum()
+        check(type(self).__name__, {"batch_size": self.batch_size, "label_key": self.label_key})
+        return batches(self, X, y)
 
     # ------------------------------------------------------------------ passes
     def query(self, X, y=None, *, vectors: bool = False) -> Query:
@@ -375,13 +218,14 @@ class ActivationClustering:
         take the fitted :attr:`state_` and such a :class:`~actclust.state.Query`; ``vectors=True``
         also keeps each layer's reduced vectors (needed by similar-sample search and trust).
         """
-        from .engines import ray as _ray
+        from .capture import passes
+        from .engines import ray
 
         state = self._state()
-        if _ray.is_dataset(X):
-            return _ray.query(state, self, adapt(self.model, self.output), X, y, keep_vectors=vectors)
-        return _passes.query(state, adapt(self.model, self.output), self._batches(X, y),
-                             keep_vectors=vectors, progress=self.progress)
+        if ray.is_dataset(X):
+            return ray.query(state, ray.RayConfig.of(self), self._adapter(), X, y, keep_vectors=vectors)
+        return passes.query(state, self._adapter(), self._batches(X, y), keep_vectors=vectors,
+                            progress=self.progress)
 
     @property
     def state_(self) -> FittedState:

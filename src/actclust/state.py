@@ -139,6 +139,12 @@ class FittedState:
     random_state : int
     spatial_grid : int or None
         Grid of the retrieval-only spatial summaries (``None``: none were stored).
+    layouts : dict of layer -> str, or None
+        How each layer's output was read (:data:`actclust.capture.reduction.LAYOUTS`); queries read
+        it the same way. ``None`` (a state built by hand): the adapter says, as at fit time.
+    input_stats : dict or None
+        Per-channel statistics of the training inputs (:mod:`actclust.capture.stats`), which the
+        analyses compare new inputs with.
     cache : dict
         Results derived from this state on demand (search indexes, trust calibration); they go
         with the state, so a new fit never sees an old fit's caches.
@@ -161,6 +167,8 @@ class FittedState:
     fit_info: dict
     random_state: int
     spatial_grid: Optional[int] = None
+    layouts: Optional[dict] = None
+    input_stats: Optional[dict] = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -11,9 +11,9 @@ import sys
 from typing import Callable, Optional
 
 from ..exceptions import UnsupportedModelError
-from .base import ModelAdapter, Runner
+from .base import LayerInfo, ModelAdapter, Runner
 
-__all__ = ["ModelAdapter", "Runner", "TorchAdapter", "adapt", "list_layers", "model_fingerprint"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "TorchAdapter", "adapt", "list_layers", "model_fingerprint"]
 
 
 def __getattr__(name):
@@ -40,11 +40,23 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
     )
 
 
-def list_layers(model, sample=None):
-    """Names of the model's layers usable as ``layers``; with ``sample``, their output shapes."""
-    from .torch import list_layers as torch_list_layers
+def list_layers(model, sample=None, *, reducer="auto"):
+    """Names of the model's layers usable as ``layers``, in the model's order.
 
-    return torch_list_layers(model, sample)
+    Parameters
+    ----------
+    model : torch.nn.Module, keras.Model, ONNX model (path, bytes, ModelProto) or ModelAdapter
+    sample : array, tuple or dict of arrays, optional
+        A batch of inputs. When given, one forward pass is run and the result maps each layer
+        that ran to a :class:`~actclust.adapters.base.LayerInfo`: its output shape (batch axis
+        first; it compares equal to the shape tuple), its ``layout`` and the ``reduction``
+        ``reducer`` applies to it (what ``reducer="auto"`` chooses, by default).
+
+    Returns
+    -------
+    list of str, or dict of str to LayerInfo
+    """
+    return adapt(model).list_layers(sample, reducer)
 
 
 def model_fingerprint(model) -> str:

@@ -10,17 +10,41 @@ from __future__ import annotations
 
 import abc
 import difflib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..exceptions import ParameterError
 
-__all__ = ["ModelAdapter", "Runner", "unknown_layer_error"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error"]
+
+
+class LayerInfo(tuple):
+    """A layer's output shape (it compares equal to the shape tuple), with how actclust reads it:
+    ``layout`` (see :data:`actclust.capture.reduction.LAYOUTS`) and ``reduction`` in words."""
+
+    def __new__(cls, shape, layout: str, reduction: str):
+        self = super().__new__(cls, tuple(int(s) if s is not None else None for s in shape))
+        self.layout, self.reduction = layout, reduction
+        return self
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        return f"{tuple(self)} {self.layout.replace('_', '-')}: {self.reduction}"
 
 
 class Runner(abc.ABC):
-    """Runs the model on batches with layer capture switched on (a context manager)."""
+    """Runs the model on batches with layer capture switched on (a context manager).
+
+    ``layouts`` maps each captured layer to the layout its output was read with (see
+    :data:`actclust.capture.reduction.LAYOUTS`), filled in as layers are first seen; a runner
+    made with fixed ``layouts`` (a fitted run's) reads every output that way.
+    """
+
+    layouts: dict
 
     @abc.abstractmethod
     def run(self, inputs, where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -38,6 +62,12 @@ class Runner(abc.ABC):
 
 class ModelAdapter(abc.ABC):
     """What actclust needs from a trained classifier, whatever its framework."""
+
+    #: Name of the framework (``"torch"``, ``"keras"``, ``"onnx"``), saved with a run.
+    framework = "abstract"
+    #: Axis of the channels in the model's image inputs (1 for ``(N, C, H, W)``, -1 for ``(N, H, W, C)``),
+    #: for the per-channel statistics of the inputs.
+    input_channel_axis = 1
 
     @property
     @abc.abstractmethod
@@ -77,8 +107,40 @@ class ModelAdapter(abc.ABC):
         return name
 
     @abc.abstractmethod
-    def runner(self, reducers: Mapping[str, Callable]) -> Runner:
-        """A context manager that captures ``reducers``' layers (canonical names) while running."""
+    def runner(self, reducers: Mapping[str, Callable], layouts: Optional[Mapping[str, str]] = None) -> Runner:
+        """A context manager that captures ``reducers``' layers (canonical names) while running.
+
+        Each reducer is called as ``reducer(t, mask, layout=..., ops=...)`` on the layer's output
+        ``t`` (in the framework's arrays, where it is computed), with the batch's attention mask
+        (or None), the layer's layout (``layouts[layer]``, else :meth:`layout`) and the
+        framework's :class:`~actclust.capture.arrays.Ops`; it returns an ``(N, d)`` array, or a
+        pair ``(vectors, summary or None)``.
+        """
+
+    def layout(self, layer: str, rank: int, masked: bool) -> str:
+        """How ``layer``'s output of ``rank`` axes is read: ``"dense"`` for ``(N, F)``, else (by
+        default) a channels-first map. Adapters that know better say so (channels-last Keras maps,
+        transformer token maps)."""
+        return "dense" if rank <= 2 else "channels_first"
+
+    def list_layers(self, sample=None, reducer="auto"):
+        """Every layer name; with a batch ``sample``, ``{name: LayerInfo}`` for the layers that ran on it:
+        their output shape (batch axis first), layout, and what ``reducer`` does to them."""
+        if sample is None:
+            return self.layer_names()
+        from ..capture.reduction import describe, make_reducer
+
+        r = make_reducer(reducer)
+        masked = isinstance(sample, Mapping) and "attention_mask" in sample
+        out = {}
+        for name, shape in self.output_shapes(sample).items():
+            layout = self.layout(name, len(shape), masked)
+            out[name] = LayerInfo(shape, layout, describe(r, layout, shape))
+        return out
+
+    def output_shapes(self, sample) -> dict:
+        """``{layer: output shape}`` of one forward pass on ``sample``, for the layers that ran."""
+        raise NotImplementedError
 
     def check_inputs(self, inputs, name: str) -> None:
         """Refuse, before the first forward pass, inputs the model cannot take (nothing by default)."""

@@ -18,15 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
-from ..state import SUMMARY_SUFFIX
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
+from ..state import SUMMARY_SUFFIX
 from .base import ModelAdapter, Runner
+from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 MASK_KEY = "attention_mask"
+#: Modules whose 3-axis outputs are channels-first maps ``(N, C, L)``; any other module's are token maps.
+_CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,
+                      nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -54,6 +59,10 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 class TorchAdapter(ModelAdapter):
     """A PyTorch ``nn.Module`` classifier, possibly wrapped by DataParallel or ``torch.compile``.
 
+    Layouts: outputs of 4 or 5 axes are channels-first maps; of 3 axes, channels-first ``(N, C, L)``
+    for 1-D convolutions, norms and pools (or a container ending in one), token maps ``(N, T, D)``
+    otherwise (transformer layers, linear layers on sequences).
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -64,6 +73,8 @@ class TorchAdapter(ModelAdapter):
         output itself when it is a tensor, else its ``.logits``, its ``["logits"]`` or its first
         element (a tuple).
     """
+
+    framework = "torch"
 
     def __init__(self, model: nn.Module, output: Optional[Callable] = None):
         if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
@@ -89,6 +100,17 @@ class TorchAdapter(ModelAdapter):
     @property
     def model_class(self) -> str:
         return f"{type(self.inner).__module__}.{type(self.inner).__qualname__}"
+
+    def layout(self, layer: str, rank: int, masked: bool) -> str:
+        if rank <= 2:
+            return "dense"
+        if rank >= 4:
+            return "channels_first"
+        module = self.modules().get(layer)
+        leaves = [m for m in module.modules() if not list(m.children())] if module is not None else []
+        last = leaves[-1] if leaves else module
+        return "channels_first" if isinstance(module, _CHANNELS_FIRST_1D) or isinstance(last, _CHANNELS_FIRST_1D) \
+            else "tokens"
 
     def modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.inner.named_modules() if n}
@@ -128,16 +150,17 @@ class TorchAdapter(ModelAdapter):
         values, or integers for a model with no embedding layer. Dict and tuple inputs (token ids,
         masks) and flat rows go to the model as given; its own error is then wrapped with context.
         """
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 3:
+        if isinstance(inputs, (Mapping, tuple, list)) or len(inputs.shape) < 3:
             return
-        if inputs.dtype == torch.uint8:
+        dtype = dtype_name(inputs)
+        if dtype == "uint8":
             raise DataError(
                 f"{name} holds uint8 values (raw image bytes?): convert to float and normalise as in "
                 "training, e.g. x.astype('float32') / 255."
             )
-        if not inputs.is_floating_point() and inputs.dtype != torch.bool and not self.takes_ids():
+        if not is_floating(inputs) and dtype != "bool" and not self.takes_ids():
             raise DataError(
-                f"{name} holds {str(inputs.dtype).replace('torch.', '')} values but the model has no embedding "
+                f"{name} holds {dtype} values but the model has no embedding "
                 "layer that takes integer ids: convert the inputs to float (as in training)."
             )
 
@@ -172,11 +195,39 @@ class TorchAdapter(ModelAdapter):
         _check_logits(out, n, self.output is not None)
         return out
 
-    def runner(self, reducers: Mapping[str, Callable]) -> "_TorchRunner":
-        return _TorchRunner(self, reducers)
+    def output_shapes(self, sample) -> dict:
+        """Output shapes of every module that ran on ``sample`` (hooks removed, modes restored after)."""
+        names = self.layer_names()
+        shapes: dict[str, tuple] = {}
+        modules = self.modules()
+
+        def record(name):
+            def hook(module, args, output):
+                t = _first_tensor(output)
+                if t is not None:
+                    shapes.setdefault(name, tuple(t.shape))
+            return hook
+
+        handles = [modules[n].register_forward_hook(record(n)) for n in names]
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.call(sample if isinstance(sample, (Mapping, tuple, list, np.ndarray)) else torch.as_tensor(sample))
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes.items():
+                m.training = training
+        return {n: shapes[n] for n in names if n in shapes}
+
+    def runner(self, reducers: Mapping[str, Callable], layouts: Optional[Mapping[str, str]] = None) -> "_TorchRunner":
+        return _TorchRunner(self, reducers, layouts)
 
 
 def _to(obj, device, dtype):
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj if obj.flags.writeable else obj.copy())
     if isinstance(obj, torch.Tensor):
         if device.type == "cuda" and obj.device.type == "cpu" and not obj.is_pinned():
             obj = obj.pin_memory()  # page-locked, so the copy below is asynchronous
@@ -203,8 +254,10 @@ def _first_tensor(output):
 class _TorchRunner(Runner):
     """Forward hooks on the captured layers, the model in eval mode; both undone on exit."""
 
-    def __init__(self, adapter: TorchAdapter, reducers: Mapping[str, Callable]):
+    def __init__(self, adapter: TorchAdapter, reducers: Mapping[str, Callable], layouts=None):
         self.adapter = adapter
+        self.fixed = dict(layouts) if layouts else None
+        self.layouts: dict = dict(layouts) if layouts else {}
         self.reducers = dict(reducers)
         modules = adapter.modules()
         self.modules = {name: modules[name] for name in self.reducers}
@@ -252,12 +305,14 @@ class _TorchRunner(Runner):
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
             self._shapes[name] = t.shape
-            self._out[name] = reduce(t.detach(), self._mask)
+            # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
+            layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, self._mask is not None)
+            self._out[name] = reduce(t.detach(), self._mask, layout=layout, ops=OPS)
         return hook
 
     def run(self, inputs, where: str = "a batch"):
         mask = inputs.get(MASK_KEY) if isinstance(inputs, Mapping) else None
-        self._mask = None if mask is None else mask.to(self.adapter.device, non_blocking=True)
+        self._mask = None if mask is None else _to(mask, self.adapter.device, None)
         n = batch_len(inputs)
         logits = self._forward(self.adapter.model if not self._eager else self.adapter.inner, inputs, where, n)
         missing = [name for name in self.reducers if name not in self._out]
@@ -278,6 +333,9 @@ class _TorchRunner(Runner):
             )
         if not self._checked:
             self._checked = True
+            if not self.fixed:
+                self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None)
+                                for name, shape in self._shapes.items()}
             self._check_token_maps()
         kept = {}  # fitting reducers keep nothing; a reducer may return (vectors, retrieval summary or None)
         for name, t in self._out.items():
@@ -286,7 +344,7 @@ class _TorchRunner(Runner):
                 kept[name] = main
             if extra is not None:
                 kept[name + SUMMARY_SUFFIX] = extra
-        out = {name: t.reshape(t.shape[0], -1).float().cpu().numpy() for name, t in kept.items()}
+        out = {name: OPS.to_host(t) for name, t in kept.items()}
         logits = logits.detach().float().cpu().numpy()
         # Checked here, not in the hooks: a data-dependent branch in a hook breaks torch.compile's graph.
         for name in kept:  # execution order: the first layer that went bad is named
@@ -295,16 +353,18 @@ class _TorchRunner(Runner):
         return logits, out
 
     def _check_token_maps(self) -> None:
-        """Warn when a token map (N, T, D) of a masked batch goes through a reducer of conv maps."""
+        """Warn when a token map (N, T, D) of a masked batch is read as a channels-first map (a run saved
+        before layouts were recorded), so padding changes its vectors."""
         if self._mask is None:
             return
         for name, shape in self._shapes.items():
             reducer = self.reducers[name]
-            if len(shape) == 3 and tuple(shape[:2]) == tuple(self._mask.shape) and not getattr(reducer, "over_tokens", True):
+            if (len(shape) == 3 and tuple(shape[:2]) == tuple(self._mask.shape) and self.layouts.get(name) != "tokens"
+                    and not getattr(reducer, "over_tokens", True)):
                 warnings.warn(
-                    f"Layer {name!r} outputs token vectors {tuple(shape)} (N, T, D) but its reducer treats axis 1 "
-                    "as channels, so padding changes the vectors: use reducer='token_mean' (mean over real "
-                    "tokens) or 'token_first' for this layer.", DataWarning, stacklevel=4)
+                    f"Layer {name!r} outputs token vectors {tuple(shape)} (N, T, D) but is read as a channels-first "
+                    "map, so padding changes the vectors: use reducer='token_mean' (mean over real tokens) or "
+                    "'token_first' for this layer.", DataWarning, stacklevel=4)
 
     def _forward(self, module, inputs, where: str, n: int):
         self._out, self._shapes = {}, {}
@@ -333,7 +393,7 @@ def _check_finite(a: np.ndarray, what: str, where: str) -> None:
 def describe(inputs) -> str:
     """``shape (256, 784), float32`` / ``input_ids (8, 12) int64, ...`` for messages."""
     def one(t):
-        return f"shape {tuple(t.shape)}, {str(t.dtype).replace('torch.', '')}"
+        return f"shape {tuple(t.shape)}, {dtype_name(t)}"
     if isinstance(inputs, Mapping):
         return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
     if isinstance(inputs, (tuple, list)):
@@ -359,45 +419,5 @@ def _check_logits(logits, n: int, custom: bool) -> None:
 
 
 def list_layers(model: nn.Module, sample=None):
-    """Names of the model's sub-modules usable as ``layers``, in ``named_modules()`` order.
-
-    Wrappers (DataParallel, ``torch.compile``) are looked through, so the names are those of
-    the wrapped model.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    sample : tensor, ndarray, tuple or dict, optional
-        A batch of inputs. When given, one forward pass is run and the result maps each name
-        to its output shape (with the batch axis), for the modules that ran.
-
-    Returns
-    -------
-    list of str, or dict of str to tuple
-    """
-    adapter = TorchAdapter(model)
-    names = adapter.layer_names()
-    if sample is None:
-        return names
-    shapes: dict[str, tuple] = {}
-    modules = adapter.modules()
-
-    def record(name):
-        def hook(module, args, output):
-            t = _first_tensor(output)
-            if t is not None:
-                shapes.setdefault(name, tuple(t.shape))
-        return hook
-
-    handles = [modules[n].register_forward_hook(record(n)) for n in names]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            adapter.call(sample if isinstance(sample, (Mapping, tuple, list)) else torch.as_tensor(sample))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return {n: shapes[n] for n in names if n in shapes}
+    """Names of the model's sub-modules usable as ``layers``; see :func:`actclust.list_layers`."""
+    return TorchAdapter(model).list_layers(sample)

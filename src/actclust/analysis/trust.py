@@ -242,7 +242,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
                          f"Got {layer_weights!r} instead.")
     from .retrieval import check_search
 
-    n = state.n_samples
+
     method = check_search(search)  # "auto" resolves per layer, by its width
     split = _held_out(state, calibration, k) if calibration is not None else _split(state, fraction, k)
     key = (int(k), float(fraction), layer_weights, method, split.digest)

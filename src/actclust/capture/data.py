@@ -1,34 +1,43 @@
-"""Turn what a user passes as data into a stream of ``(inputs, labels)`` batches.
+"""Turn what a user passes as data into a stream of ``(inputs, labels)`` batches, for any framework.
 
-Accepted: a NumPy array, torch tensor or pandas ``DataFrame``/``Series`` of inputs (first axis
-= samples); a dict of such arrays (model inputs by keyword, e.g. ``input_ids`` and
-``attention_mask``); a map-style ``Dataset`` or a ``DataLoader`` whose items are an input, a
-tuple of tensors or a dict of tensors. Which element of a tuple or dict item is the label is
-said by ``label_key`` (see :func:`split_item`). Order must be fixed, since every result lines
-up with the samples by position: a ``DataLoader`` must read its dataset in order.
+Accepted: an array of inputs (NumPy, a PyTorch or JAX tensor: first axis = samples), a pandas
+``DataFrame``/``Series``; a dict of such arrays (model inputs by keyword, e.g. ``input_ids`` and
+``attention_mask``); a map-style dataset (anything with ``__len__`` and ``__getitem__`` whose
+items are an input, a tuple or a dict); and the loaders of the frameworks, handled by their
+adapters without this module importing them (PyTorch's ``Dataset``/``DataLoader``; Keras's
+``PyDataset`` and ``tf.data``). Which element of a tuple or dict item is the label is said by
+``label_key`` (see :func:`split_item`); labels given both in the batches and as ``y=`` must agree.
+Order must be fixed, since every result lines up with the samples by position.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
-import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from ..exceptions import DataError, ParameterError
-from ..store.vectors import Collector  # noqa: F401  (the passes gather their outputs with it)
+from .arrays import dtype_name, is_array, is_integer, stack, take_rows, to_numpy
+
+__all__ = ["Batch", "Batches", "batch_len", "length", "take", "rows", "split_item", "as_labels", "check_label_range",
+           "LABEL_NAMES", "numeric", "collate", "Source"]
 
 LABEL_NAMES = ("labels", "label")  # dict keys taken as the label with label_key="auto" (Hugging Face's)
+#: Loaders of a framework, by the top-level module of their type: ``module:function`` returning a
+#: :class:`Source` for the object, or None when it is not one of that framework's loaders.
+_LOADERS = {"torch": "actclust.adapters.torch_data:source", "keras": "actclust.adapters.keras_data:source",
+            "tensorflow": "actclust.adapters.keras_data:source"}
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: the model's inputs (tensor, tuple or dict of tensors), labels, first row's position."""
+    """One batch: the model's inputs (an array, tuple or dict of arrays), labels, first row's position."""
 
     inputs: object
-    labels: Optional[torch.Tensor]
+    labels: Optional[np.ndarray]
     start: int
 
     @property
@@ -44,6 +53,75 @@ def batch_len(inputs) -> int:
     return int(inputs.shape[0])
 
 
+class Source:
+    """Batches as a loader yields them (array, tuple or dict items, labels not split off), and the
+    number of samples when known. Framework adapters subclass it for their loaders."""
+
+    n_samples: Optional[int] = None
+
+    def __iter__(self) -> Iterator:
+        raise NotImplementedError
+
+    def take(self, idx: np.ndarray):
+        """The samples at ``idx``, as data :class:`Batches` accepts."""
+        raise NotImplementedError
+
+
+class _MapSource(Source):
+    """A map-style dataset without a framework: items collated into batches of ``batch_size``."""
+
+    def __init__(self, data, batch_size: int):
+        self.data, self.batch_size, self.n_samples = data, batch_size, len(data)
+
+    def __iter__(self):
+        for start in range(0, self.n_samples, self.batch_size):
+            yield collate([self.data[i] for i in range(start, min(start + self.batch_size, self.n_samples))])
+
+    def take(self, idx):
+        return _Subset(self.data, np.asarray(idx, dtype=np.int64))
+
+
+class _Subset:
+    def __init__(self, data, idx):
+        self.data, self.idx = data, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.data[int(self.idx[i])]
+
+
+def collate(items: list):
+    """A batch from per-sample items: arrays stacked, tuples and dicts element-wise, numbers as arrays."""
+    first = items[0]
+    if isinstance(first, Mapping):
+        return {k: collate([it[k] for it in items]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(collate([it[j] for it in items]) for j in range(len(first)))
+    if is_array(first):
+        return stack(items)
+    try:
+        out = np.asarray(items)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"The items of the dataset cannot be stacked into a batch ({e}).") from None
+    if out.dtype == object:
+        raise DataError(f"The items of the dataset hold {type(first).__name__} values that are not arrays or numbers.")
+    return out
+
+
+def _loader_source(data, batch_size: int, name: str) -> Optional[Source]:
+    """The :class:`Source` of a framework's loader (imported only when ``data`` is one of its objects)."""
+    for cls in type(data).__mro__:
+        root = cls.__module__.split(".", 1)[0]
+        if root in _LOADERS and root in sys.modules:
+            module, _, fn = _LOADERS[root].partition(":")
+            source = getattr(importlib.import_module(module), fn)(data, batch_size, name)
+            if source is not None:
+                return source
+    return None
+
+
 class Batches:
     """A re-iterable stream of :class:`Batch` with a known length where possible."""
 
@@ -54,31 +132,30 @@ class Batches:
         self.feature_names: Optional[list] = None
         self._y = None if y is None else as_labels(y)
         data = self._from_pandas(data)
-        if isinstance(data, np.ndarray):
-            data = _tensor(data, name)
-        self._tensor = self._columns = self._loader = None
-        if isinstance(data, torch.Tensor):
-            if data.ndim == 0:
-                raise DataError(f"{name} must have a first axis of samples; got a scalar.")
-            self._tensor, self.n_samples = data, data.shape[0]
-        elif isinstance(data, Mapping):
+        self._array = self._columns = self._source = None
+        if isinstance(data, (list, tuple, str, bytes)):
+            raise DataError(
+                f"{name} must be an array (NumPy or a framework's tensor), a pandas DataFrame, a dict of arrays or a "
+                f"dataset; got a {type(data).__name__}." + (" Convert it with np.asarray first."
+                                                               if isinstance(data, (list, tuple)) else ""))
+        if isinstance(data, Mapping):
             self._columns = _columns(data, name)
             self.n_samples = batch_len(self._columns)
-        elif isinstance(data, DataLoader):
-            _check_order(data, name)
-            self._loader = data
-            self.n_samples = _safe_len(data.dataset)
-        elif isinstance(data, Dataset) or (
-            hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, str))
-        ):
-            self._loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-            self.n_samples = _safe_len(data)  # None for an IterableDataset: collected as it comes
+        elif is_array(data):
+            self._array = numeric(data, name)
+            if len(self._array.shape) == 0:
+                raise DataError(f"{name} must have a first axis of samples; got a scalar.")
+            self.n_samples = int(self._array.shape[0])
         else:
-            raise DataError(
-                f"{name} must be a NumPy array, a torch Tensor, a pandas DataFrame, a dict of arrays, a "
-                f"Dataset or a DataLoader; got {type(data).__name__}."
-                + (" Convert it with np.asarray first." if isinstance(data, (list, tuple)) else "")
-            )
+            self._source = _loader_source(data, batch_size, name)
+            if self._source is None:
+                if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+                    raise DataError(
+                        f"{name} must be an array (NumPy or a framework's tensor), a pandas DataFrame, a dict of arrays, "
+                        f"a dataset (with __len__ and __getitem__) or a framework's data loader; got {type(data).__name__}."
+                    )
+                self._source = _MapSource(data, batch_size)
+            self.n_samples = self._source.n_samples  # None for a stream without a length: collected as it comes
         if self.n_samples == 0:
             raise DataError(f"{name} is empty: it holds no samples.")
         if self._y is not None and self.n_samples is not None and len(self._y) != self.n_samples:
@@ -102,31 +179,43 @@ class Batches:
                 "as in training) or drop them before passing the table."
             )
         self.feature_names = [str(c) for c in frame.columns]
-        values = frame.to_numpy(dtype=np.float32, na_value=np.nan)
-        return values
+        return np.array(frame.to_numpy(dtype=np.float32, na_value=np.nan))  # our own, writable copy
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._tensor is not None or self._columns is not None:
+        if self._array is not None or self._columns is not None:
             for start in range(0, self.n_samples, self.batch_size):
                 stop = min(start + self.batch_size, self.n_samples)
-                if self._tensor is not None:
-                    inputs = self._tensor[start:stop]
+                if self._array is not None:
+                    inputs = self._array[start:stop]
                 else:
                     inputs = {k: v[start:stop] for k, v in self._columns.items()}
                 yield Batch(inputs, self._labels(start, stop), start)
             return
         start = 0
-        for item in self._loader:
+        for item in self._source:
             inputs, y = split_item(item, self.label_key, self.name)
             stop = start + batch_len(inputs)
+            if y is not None:
+                y = as_labels(y, f"the labels in the batches of {self.name}")
             if self._y is not None:
-                y = self._labels(start, stop)
+                given = self._labels(start, stop)
+                if y is not None and not np.array_equal(y, given):
+                    row = int(np.flatnonzero(y != given)[0])
+                    raise DataError(
+                        f"The labels in the batches of {self.name} differ from y= at row {start + row} (the batch says "
+                        f"{int(y[row])}, y says {int(given[row])}); give the labels one way only (y=, or in the batches, "
+                        "with label_key), or make them agree."
+                    )
+                y = given
             yield Batch(inputs, y, start)
             start = stop
         if start == 0:
             raise DataError(f"{self.name} is empty: it holds no samples.")
+        if self._y is not None and start != len(self._y):
+            raise DataError(f"y has {len(self._y)} labels but {self.name} yields {start} samples; "
+                            "they must have the same length.")
 
-    def _labels(self, start: int, stop: int) -> Optional[torch.Tensor]:
+    def _labels(self, start: int, stop: int) -> Optional[np.ndarray]:
         if self._y is None:
             return None
         if stop > len(self._y):
@@ -139,26 +228,29 @@ class Batches:
 
 def length(data) -> int:
     """Number of samples in any accepted form of data (a DataLoader: its dataset's)."""
-    if isinstance(data, DataLoader):
-        return len(data.dataset)
     if isinstance(data, Mapping):
         return len(next(iter(data.values())))
+    if is_array(data):
+        return int(data.shape[0])
+    source = _loader_source(data, 1, "data")
+    if source is not None and source.n_samples is not None:
+        return source.n_samples
     return len(data)
 
 
 def take(data, idx):
     """The samples at positions ``idx``, in the same form as ``data`` where it has one."""
     idx = np.asarray(idx, dtype=np.int64)
-    if isinstance(data, np.ndarray):
-        return data[idx]
-    if isinstance(data, torch.Tensor):
-        return data[torch.from_numpy(idx)]
     if type(data).__module__.startswith("pandas") and hasattr(data, "iloc"):
         return data.iloc[idx]
     if isinstance(data, Mapping):
         return {k: take(v, idx) for k, v in data.items()}
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    return torch.utils.data.Subset(dataset, idx.tolist())
+    if is_array(data):
+        return take_rows(data, idx)
+    source = _loader_source(data, 1, "data")
+    if source is not None:
+        return source.take(idx)
+    return _Subset(data, idx)
 
 
 def rows(data, idx, *, label_key="auto", name: str = "X") -> list:
@@ -174,18 +266,24 @@ def rows(data, idx, *, label_key="auto", name: str = "X") -> list:
 
 def _unbatch(inputs) -> list:
     if isinstance(inputs, Mapping):
-        cols = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+        cols = {k: to_numpy(v) for k, v in inputs.items()}
         return [{k: v[i] for k, v in cols.items()} for i in range(batch_len(inputs))]
     if isinstance(inputs, (tuple, list)):
-        cols = [v.detach().cpu().numpy() for v in inputs]
+        cols = [to_numpy(v) for v in inputs]
         return [tuple(v[i] for v in cols) for i in range(batch_len(inputs))]
-    return list(inputs.detach().cpu().numpy())
+    return list(to_numpy(inputs))
 
 
-def _tensor(a: np.ndarray, name: str) -> torch.Tensor:
-    if a.dtype == object or a.dtype.kind in "USV":
-        raise DataError(f"{name} holds {a.dtype} values; pass numbers (an array of a numeric dtype).")
-    return torch.from_numpy(np.ascontiguousarray(a))
+def numeric(a, name: str):
+    """``a`` as a batchable array: NumPy arrays checked for numbers (and copied once if read-only, so
+    no framework warns about writing into them); other frameworks' tensors as they are."""
+    if isinstance(a, np.ndarray) or not is_array(a):
+        a = np.asarray(a)
+        if a.dtype == object or a.dtype.kind in "USV":
+            raise DataError(f"{name} holds {a.dtype} values; pass numbers (an array of a numeric dtype).")
+        if not a.flags.writeable or not a.flags.c_contiguous:
+            a = np.array(a)
+    return a
 
 
 def _columns(data: Mapping, name: str) -> dict:
@@ -195,50 +293,25 @@ def _columns(data: Mapping, name: str) -> dict:
                         "{'input_ids': ..., 'attention_mask': ...}.")
     cols = {}
     for key, value in data.items():
-        t = value if isinstance(value, torch.Tensor) else _tensor(np.asarray(value), f"{name}[{key!r}]")
-        if t.ndim == 0:
+        t = numeric(value, f"{name}[{key!r}]")
+        if len(t.shape) == 0:
             raise DataError(f"{name}[{key!r}] must have a first axis of samples; got a scalar.")
         cols[str(key)] = t
-    lengths = {k: v.shape[0] for k, v in cols.items()}
+    lengths = {k: int(v.shape[0]) for k, v in cols.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"The arrays of {name} differ in length: {lengths}; each must hold one row per sample.")
     return cols
 
 
-def _check_order(loader: DataLoader, name: str) -> None:
-    """Refuse loaders that do not read their dataset in order: results would not line up."""
-    if isinstance(loader.dataset, IterableDataset):
-        return  # its own order; nothing to check
-    bs = loader.batch_sampler
-    sampler = loader.sampler if bs is None else getattr(bs, "sampler", None)
-    if bs is not None and type(bs) is not BatchSampler:
-        raise DataError(
-            f"The DataLoader passed as {name} uses a custom batch_sampler ({type(bs).__name__}); actclust "
-            "lines results up with samples by position, so it needs the dataset read in order: pass "
-            "DataLoader(dataset, batch_size=..., shuffle=False)."
-        )
-    if type(sampler) is not SequentialSampler:
-        raise DataError(
-            f"The DataLoader passed as {name} draws its samples with a {type(sampler).__name__}; actclust "
-            "lines results up with samples by position, so it needs them in order: pass "
-            "DataLoader(dataset, shuffle=False) (for a subset, torch.utils.data.Subset(dataset, indices))."
-        )
-    if bs is not None and bs.drop_last and len(loader.dataset) % bs.batch_size:
-        raise DataError(
-            f"The DataLoader passed as {name} has drop_last=True and would skip the last "
-            f"{len(loader.dataset) % bs.batch_size} samples; pass drop_last=False."
-        )
-
-
 def split_item(item, label_key, name: str = "X"):
-    """Split one batch from a DataLoader into the model's inputs and the labels.
+    """Split one batch from a loader into the model's inputs and the labels.
 
     ``label_key``: ``"auto"`` takes ``(input, label)`` pairs whose second element is a 1-D
-    integer tensor, and the ``"labels"`` (or ``"label"``) entry of a dict; a tuple of three or
-    more tensors must say which is the label. ``None``: every element goes to the model. An int
+    integer array, and the ``"labels"`` (or ``"label"``) entry of a dict; a tuple of three or
+    more arrays must say which is the label. ``None``: every element goes to the model. An int
     (tuples) or a str (dicts): that element is the label, the others go to the model.
     """
-    if isinstance(item, torch.Tensor):
+    if is_array(item):
         return item, None
     if isinstance(item, Mapping):
         item = dict(item)
@@ -251,13 +324,13 @@ def split_item(item, label_key, name: str = "X"):
         if key is not None and key not in item:
             raise DataError(f"label_key={key!r} is not a key of the batches of {name}; they have {sorted(item)}.")
         label = item.pop(key) if key is not None else None
-        _all_tensors(item.values(), name)
+        _all_arrays(item.values(), name)
         if not item:
             raise DataError(f"The batches of {name} hold only the label {key!r}: no input is left for the model.")
         return item, label
     if isinstance(item, (tuple, list)) and item:
         parts = list(item)
-        _all_tensors(parts, name)
+        _all_arrays(parts, name)
         if label_key == "auto":
             if len(parts) == 1:
                 return parts[0], None
@@ -265,7 +338,7 @@ def split_item(item, label_key, name: str = "X"):
                 return parts[0], parts[1]
             raise DataError(
                 f"The batches of {name} are tuples of {len(parts)} tensors ("
-                + ", ".join(f"{str(p.dtype).replace('torch.', '')} {tuple(p.shape)}" for p in parts)
+                + ", ".join(f"{dtype_name(p)} {tuple(p.shape)}" for p in parts)
                 + "); say which one is the label with label_key=<its position>, or label_key=None if "
                 "there is none: the other elements are passed to the model as positional inputs."
             )
@@ -286,26 +359,33 @@ def split_item(item, label_key, name: str = "X"):
     )
 
 
-def _all_tensors(parts, name: str) -> None:
+def _all_arrays(parts, name: str) -> None:
     for p in parts:
-        if not isinstance(p, torch.Tensor):
+        if not is_array(p):
             raise DataError(f"The batches of {name} must hold tensors; found a {type(p).__name__}.")
 
 
-def _looks_like_labels(t: torch.Tensor, n: int) -> bool:
-    return t.ndim == 1 and t.shape[0] == n and not t.is_floating_point() and t.dtype != torch.bool
+def _looks_like_labels(t, n: int) -> bool:
+    return len(t.shape) == 1 and int(t.shape[0]) == n and is_integer(t)
 
 
-def as_labels(y) -> torch.Tensor:
-    y = torch.from_numpy(np.ascontiguousarray(np.asarray(y))) if not isinstance(y, torch.Tensor) else y
-    if y.ndim != 1:
-        raise DataError(f"y must be a 1-D sequence of class indices; got shape {tuple(y.shape)}.")
-    if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise DataError("y must hold integer class indices; got non-integer values.")
-    elif y.dtype == torch.bool or y.is_complex():
-        raise DataError(f"y must hold integer class indices; got dtype {y.dtype}.")
-    return y.long()
+def as_labels(y, what: str = "y") -> np.ndarray:
+    """``y`` as a 1-D int64 NumPy array of class indices; text labels are refused, saying how to encode them."""
+    a = to_numpy(y) if is_array(y) else np.asarray(y)
+    if a.ndim != 1:
+        raise DataError(f"{what} must be a 1-D sequence of class indices; got shape {tuple(a.shape)}.")
+    if a.dtype == object or a.dtype.kind in "USV":
+        examples = ", ".join(repr(str(v)) for v in list(dict.fromkeys(a.tolist()))[:3])
+        raise DataError(
+            f"{what} holds text labels ({examples}, ...); the model's classes are indices 0..n_classes-1: map each "
+            "label to the index of the model's output it stands for (e.g. with the class list used in training)."
+        )
+    if a.dtype.kind == "f":
+        if not np.array_equal(a, np.round(a)):
+            raise DataError(f"{what} must hold integer class indices; got non-integer values.")
+    elif a.dtype.kind not in "iu":
+        raise DataError(f"{what} must hold integer class indices; got dtype {a.dtype}.")
+    return a.astype(np.int64)
 
 
 def check_label_range(labels: np.ndarray, n_classes: int) -> None:
@@ -317,9 +397,3 @@ def check_label_range(labels: np.ndarray, n_classes: int) -> None:
             f"{n_classes} classes, so labels must be in 0..{n_classes - 1}."
         )
 
-
-def _safe_len(dataset) -> Optional[int]:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None

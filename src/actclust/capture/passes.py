@@ -1,32 +1,38 @@
 """Passes of the model over data: the capture pass of ``fit`` and the query pass of every analysis.
 
 Each pass checks the first batch before the model runs (dtype, and at query time the form and
-shape the explainer was fitted on) and every batch's inputs for NaN, naming the row.
+shape the explainer was fitted on) and every batch's inputs for NaN, naming the row. The
+capture pass also records each layer's layout (as the adapter reads it) and per-channel
+statistics of the inputs; a query pass compares its inputs with those and warns when they depart.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Batches, Collector, check_label_range
-from ..adapters import ModelAdapter
-from ..exceptions import DataError
-from .reduction import normalized, spatial_summary
+from ..exceptions import DataError, DataWarning
 from ..state import FittedState, InputSpec, Query
-from ..store.vectors import StoreWriter, estimate
+from ..store import Collector, StoreWriter, estimate
+from .arrays import dtype_name, nonfinite_rows
+from .data import Batch, Batches, check_label_range
+from .reduction import normalized, spatial_summary
+from .stats import InputStats
+
+__all__ = ["Captured", "spec_of", "run", "hooked", "capture", "query", "announce"]
 
 _log = logging.getLogger("actclust")
 
 
 def spec_of(inputs, feature_names=None) -> InputSpec:
     def part(key, t):
-        return (key, tuple(int(s) for s in t.shape[1:]), str(t.dtype).replace("torch.", ""))
+        return (key, tuple(int(s) for s in t.shape[1:]), dtype_name(t))
 
     if isinstance(inputs, Mapping):
         return InputSpec("dict", tuple(part(k, v) for k, v in inputs.items()))
@@ -39,24 +45,24 @@ def _check_finite(batch: Batch, name: str) -> None:
     parts = batch.inputs.items() if isinstance(batch.inputs, Mapping) else (
         enumerate(batch.inputs) if isinstance(batch.inputs, (tuple, list)) else [(None, batch.inputs)])
     for key, t in parts:
-        if t.is_floating_point():
-            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-            if bool(bad.any()):
-                rows = torch.nonzero(bad).flatten().tolist()
-                label = name if key is None else f"{name}[{key!r}]"
-                raise DataError(
-                    f"{label} has NaN or infinite values at row {batch.start + rows[0]}"
-                    + (f" (and {len(rows) - 1} more rows in rows {batch.where})" if len(rows) > 1 else "")
-                    + "; remove or impute them."
-                )
+        rows = nonfinite_rows(t)
+        if len(rows):
+            label = name if key is None else f"{name}[{key!r}]"
+            raise DataError(
+                f"{label} has NaN or infinite values at row {batch.start + int(rows[0])}"
+                + (f" (and {len(rows) - 1} more rows in rows {batch.where})" if len(rows) > 1 else "")
+                + "; remove or impute them."
+            )
 
 
-def run(adapter: ModelAdapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
-        spec: Optional[InputSpec] = None) -> Iterator[tuple[Batch, np.ndarray, dict, InputSpec]]:
-    """Yield ``(batch, logits, {layer: vectors}, spec of the first batch)`` with the layers captured."""
+def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
+        spec: Optional[InputSpec] = None, layouts: Optional[dict] = None,
+        stats: Optional[InputStats] = None) -> Iterator[tuple[Batch, np.ndarray, dict, InputSpec, dict]]:
+    """Yield ``(batch, logits, {layer: vectors}, spec of the first batch, {layer: layout})`` with the
+    layers captured; ``layouts`` fixes how each layer's output is read (else the adapter says)."""
     total = None if batches.n_samples is None else -(-batches.n_samples // batches.batch_size)
     first = None
-    with adapter.runner(reducers) as runner:
+    with adapter.runner(reducers, layouts=layouts) as runner:
         for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
             if first is None:
                 first = spec_of(batch.inputs, batches.feature_names)
@@ -64,40 +70,70 @@ def run(adapter: ModelAdapter, batches: Batches, reducers: dict, *, desc: str, p
                     spec.check(first, batches.name)
                 adapter.check_inputs(batch.inputs, batches.name)
             _check_finite(batch, batches.name)
+            if stats is not None:
+                stats.add(batch.inputs)
             logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
-            yield batch, logits, out, first
+            yield batch, logits, out, first, runner.layouts
 
 
 def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, random_state: int = 0) -> dict:
-    """Each layer's reducer, normalised; with ``spatial_grid``, the layers (all, or ``spatial_layers``)
-    also return a retrieval-only spatial summary (``None`` for maps without a layout), projected
-    with a seed drawn from ``random_state`` and the layer's name."""
-    out = {l: normalized(r, normalize) for l, r in reducers.items()}
-    if spatial_grid is None:
-        return out
+    """Each layer's reducer, normalised, as the runners call it: ``f(t, mask, layout=, ops=)``; with
+    ``spatial_grid``, the layers (all, or ``spatial_layers``) also return a retrieval-only spatial
+    summary (``None`` for maps without a 2-D layout), projected with a seed drawn from
+    ``random_state`` and the layer's name. A reducer's data error names its layer."""
+    out = {}
+    for layer, reducer in reducers.items():
+        reduce = normalized(reducer, normalize)
+        if spatial_grid is not None and (spatial_layers is None or layer in spatial_layers):
+            reduce = _with_summary(reduce, spatial_summary(spatial_grid, zlib.crc32(f"{random_state}/{layer}".encode())))
+        out[layer] = _naming(reduce, layer)
+    return out
 
-    def both(reduce, layer):
-        summary = spatial_summary(spatial_grid, zlib.crc32(f"{random_state}/{layer}".encode()))
 
-        def reduce_and_summarize(t, mask=None):
-            return reduce(t, mask), summary(t, mask)
-        reduce_and_summarize.over_tokens = getattr(reduce, "over_tokens", True)
-        return reduce_and_summarize
-    return {l: both(f, l) if spatial_layers is None or l in spatial_layers else f for l, f in out.items()}
+def _with_summary(reduce, summary):
+    def reduce_and_summarize(t, mask=None, *, layout=None, ops=None):
+        return reduce(t, mask, layout=layout, ops=ops), summary(t, mask, layout=layout, ops=ops)
+    reduce_and_summarize.over_tokens = getattr(reduce, "over_tokens", True)
+    return reduce_and_summarize
+
+
+def _naming(reduce, layer: str):
+    def reduce_layer(t, mask=None, *, layout=None, ops=None):
+        try:
+            return reduce(t, mask, layout=layout, ops=ops)
+        except DataError as e:
+            raise DataError(f"Layer {layer!r}: {e}") from None
+    reduce_layer.over_tokens = getattr(reduce, "over_tokens", True)
+    return reduce_layer
+
+
+@dataclass
+class Captured:
+    """What the capture pass of ``fit`` returns besides the vectors it wrote."""
+
+    predictions: np.ndarray
+    proba: Optional[np.ndarray]  # the softmax, only when asked for
+    labels: Optional[np.ndarray]
+    n_classes: int
+    spec: InputSpec
+    layouts: dict
+    input_stats: dict
 
 
 def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, keep_proba: bool, progress: bool,
-            spec: Optional[InputSpec] = None):
-    """The capture pass of ``fit``: vectors into ``writer``; predictions, softmax (when
-    ``keep_proba``), labels, class count and input spec returned. With ``spec`` (a part of the data
-    whose first rows the caller has seen), the inputs must match it."""
+            spec: Optional[InputSpec] = None, layouts: Optional[dict] = None) -> Captured:
+    """The capture pass of ``fit``: vectors into ``writer``; predictions, softmax (when ``keep_proba``),
+    labels, class count, input spec, layouts and input statistics returned. With ``spec`` (a part of
+    the data whose first rows the caller has seen), the inputs must match it."""
     col, has_y, width = Collector(batches.n_samples), [], []
-    for batch, logits, out, spec in run(adapter, batches, reducers, desc="capturing activations", progress=progress,
-                                        spec=spec):
+    stats = InputStats(adapter.input_channel_axis, n_samples=batches.n_samples)
+    seen_layouts: dict = {}
+    for batch, logits, out, spec, seen_layouts in run(adapter, batches, reducers, desc="capturing activations",
+                                                      progress=progress, spec=spec, layouts=layouts, stats=stats):
         if width and logits.shape[1] != width[0]:
             raise DataError(f"The model output {logits.shape[1]} classes on {batch.where}, {width[0]} before.")
         if not width:
-            _announce(batches.n_samples, {l: v.shape[1] for l, v in out.items()}, writer, progress)
+            announce(batches.n_samples, {l: v.shape[1] for l, v in out.items()}, writer, progress)
         width.append(logits.shape[1])
         col.add("pred", logits.argmax(1))
         if keep_proba:
@@ -105,12 +141,13 @@ def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, k
         writer.add(out)
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
-            col.add("y", batch.labels.numpy().astype(np.int64))
+            col.add("y", batch.labels)
     labels = col.get("y") if all(has_y) else None
-    return col.get("pred"), col.get("proba") if keep_proba else None, labels, width[0], spec
+    return Captured(col.get("pred"), col.get("proba") if keep_proba else None, labels, width[0], spec,
+                    dict(seen_layouts), stats.to_dict())
 
 
-def _announce(n, widths: dict, writer: StoreWriter, progress: bool) -> None:
+def announce(n, widths: dict, writer: StoreWriter, progress: bool) -> None:
     """Log, before the long part of a fit, the memory or disk its vectors will take."""
     where = f"on disk in {writer.directory}" if writer.directory is not None else "in memory"
     size = "unknown (the data has no length)" if n is None else _bytes(estimate(n, widths, writer.dtype.name))
@@ -134,8 +171,9 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
     summaries = [l for l in state.layers if state.retrieval_key(l) != l]
     reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries,
                       state.random_state)
-    for batch, logits, out, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
-                                     spec=state.input_spec):
+    stats = InputStats(adapter.input_channel_axis, reference=state.input_stats or None, n_samples=batches.n_samples)
+    for batch, logits, out, _, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
+                                        spec=state.input_spec, layouts=state.layouts, stats=stats):
         if logits.shape[1] != state.n_classes:
             raise DataError(f"The model outputs {logits.shape[1]} classes; it was fitted with {state.n_classes}.")
         col.add("dnn_pred", logits.argmax(1))
@@ -154,9 +192,11 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
                     col.add(("vectors", state.retrieval_key(l)), out[state.retrieval_key(l)])
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
-            y = batch.labels.numpy().astype(np.int64)
-            check_label_range(y, state.n_classes)
-            col.add("y", y)
+            check_label_range(batch.labels, state.n_classes)
+            col.add("y", batch.labels)
+    departure = stats.departure(batches.name)
+    if departure:
+        warnings.warn(departure, DataWarning, stacklevel=4)
     return Query(
         dnn_pred=col.get("dnn_pred"), dnn_proba=col.get("dnn_proba"),
         distances={l: col.get(("distances", l)) for l in state.layers},

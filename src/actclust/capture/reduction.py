@@ -1,22 +1,29 @@
 """Reducers: turn one layer's activation map into one vector per sample.
 
-A reducer runs inside the forward hook, on the model's device, so only the reduced
-``(N, d)`` tensor ever leaves the hook: memory does not grow with the size of the maps.
-Activations of shape ``(N, F)`` (dense layers) pass through unchanged, except through a
-projection (``"pca:d"``, ``"random:d"``) when ``F > d``.
+A reducer runs where the activations are (inside a PyTorch forward hook, on the model's device;
+on the host for Keras and ONNX outputs), through the :class:`~actclust.capture.arrays.Ops` of
+their framework, so only the reduced ``(N, d)`` array leaves: memory does not grow with the
+size of the maps. It is written once for every framework.
 
-Reducers are named by strings: ``"mean"`` and ``"max"`` pool over every axis after the
-channel axis; ``"grid:g"`` average-pools a ``(N, C, H, W)`` or ``(N, C, L)`` map to a ``g x g``
-(or ``g``) grid and flattens it; ``"pca:d"`` projects the flattened map on its first ``d``
-principal components, fitted in a streaming way (one extra pass over the data);
-``"random:d"`` projects it with a fixed Gaussian random matrix (no extra pass).
+**Layouts.** The adapter says what each layer outputs (:data:`LAYOUTS`): ``"dense"`` ``(N, F)``;
+``"channels_first"`` maps ``(N, C, *spatial)`` (PyTorch and ONNX convolutions);
+``"channels_last"`` maps ``(N, *spatial, C)`` (Keras); ``"tokens"`` ``(N, T, D)`` (transformers,
+with the batch's attention mask). A map is first read channels-first (a channels-last map is
+transposed), so **the same map gives the same vector in every framework**, flattened maps
+included; token maps are read as ``(N, D, T)`` and pooled over the tokens the mask keeps.
 
-Token maps ``(N, T, D)`` of a transformer (sequence axis second, features last) need their own
-reducers, which honour the attention mask of dict batches (``batch["attention_mask"]``):
-``"token_mean"`` averages the features over the real tokens only, ``"token_first"`` takes the
-first token (``[CLS]``). Padding an input with more masked tokens leaves its vector unchanged.
+Reducers are named by strings: ``"auto"`` (the default) pools what has a layout and passes
+dense outputs through: the mean over the spatial axes of a map, the mean over the real tokens of
+a token map. ``"mean"`` and ``"max"`` pool the same axes; ``"grid:g"`` average-pools a 2-D map to
+``g x g`` (a 1-D map or token map to ``g``) and flattens it; ``"pca:d"`` projects the flattened
+map on its first ``d`` principal components, fitted in a streaming way (one extra pass);
+``"random:d"`` projects it with a fixed Gaussian random matrix; ``"token_mean"`` and
+``"token_first"`` read any ``(N, T, D)`` output as tokens (the mean over the real tokens, or the
+first, ``[CLS]``). Dense ``(N, F)`` outputs pass through the pooling reducers unchanged. A size
+larger than the map (``grid:1000`` on an 8x8 map, ``random:512`` of 288 values) is refused.
+
+Runs saved before layouts existed read every map channels-first, as they were fitted.
 """
-
 
 from __future__ import annotations
 
@@ -25,40 +32,55 @@ import re
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..exceptions import DataError, ParameterError
+from .arrays import Ops, ops_for
 
-__all__ = ["Reducer", "make_reducer", "REDUCER_NAMES", "NORMALIZE_NAMES", "normalized"]
+__all__ = ["Reducer", "make_reducer", "REDUCER_NAMES", "NORMALIZE_NAMES", "LAYOUTS", "normalized",
+           "spatial_summary", "sign_projection", "SUMMARY_DIMS", "describe"]
 
-REDUCER_NAMES = ("mean", "max", "grid:g", "pca:d", "random:d", "token_mean", "token_first")
+REDUCER_NAMES = ("auto", "mean", "max", "grid:g", "pca:d", "random:d", "token_mean", "token_first")
+LAYOUTS = ("dense", "channels_first", "channels_last", "tokens")
+#: Layout of every map of a run saved before layouts were recorded.
+LEGACY_LAYOUT = "channels_first"
+
+
+def canonical(t, layout: Optional[str], ops: Ops):
+    """``t`` channels-first: a channels-last map transposed, a token map read as ``(N, D, T)``."""
+    if t.ndim <= 2 or layout in (None, "channels_first", "dense"):
+        return t
+    if layout in ("channels_last", "tokens"):
+        return ops.moveaxis(t, -1, 1)
+    raise ParameterError(f"Unknown layout {layout!r}; the layouts are {list(LAYOUTS)}.")
 
 
 class Reducer:
-    """Base reducer: maps an ``(N, ...)`` activation tensor to ``(N, d)``.
+    """Base reducer: maps an ``(N, ...)`` activation array to ``(N, d)``.
 
-    Subclasses that learn something from the data set ``needs_fit = True`` and implement
-    :meth:`partial_fit` and :meth:`finish_fit`; their learned arrays go through
-    :meth:`state_dict` / :meth:`load_state_dict` for saving.
+    Called as ``reducer(t, mask=None, layout=None, ops=None)``: ``mask`` is the batch's attention
+    mask ``(N, T)`` when it has one, ``layout`` one of :data:`LAYOUTS` (``None``: channels-first),
+    ``ops`` the framework's operations (found from ``t`` when not given). Subclasses that learn
+    from the data set ``needs_fit = True`` and implement :meth:`partial_fit` and
+    :meth:`finish_fit`; their learned arrays go through :meth:`state_dict` /
+    :meth:`load_state_dict` for saving.
     """
 
     needs_fit = False
-    over_tokens = False  # whether it reads (N, T, D) maps as tokens (and honours the mask)
+    over_tokens = False  # whether any (N, T, D) output is read as tokens, whatever its layout
 
     def __init__(self, spec: str):
         self.spec = spec
 
-    def __call__(self, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reduce ``t``; ``mask`` is the batch's attention mask ``(N, T)`` when it has one."""
+    def __call__(self, t, mask=None, *, layout: Optional[str] = None, ops: Optional[Ops] = None):
         if t.ndim == 2:
             return t
-        return self._reduce(t)
+        ops = ops or ops_for(t)
+        return self._reduce(canonical(t, layout, ops), mask if layout == "tokens" else None, ops)
 
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, t, mask, ops: Ops):
         raise NotImplementedError
 
-    def partial_fit(self, t: torch.Tensor, mask=None) -> None:  # pragma: no cover - only fitted reducers
+    def partial_fit(self, t, mask=None, *, layout=None, ops=None) -> None:  # pragma: no cover - fitted reducers
         pass
 
     def finish_fit(self) -> None:  # pragma: no cover - only fitted reducers
@@ -75,39 +97,39 @@ class Reducer:
 
 
 class _Mean(Reducer):
-    def _reduce(self, t):
-        return t.flatten(2).mean(2)
+    """``mean`` and ``auto``: the mean over every axis after the channels (the real tokens of a token map)."""
+
+    def _reduce(self, t, mask, ops):
+        return ops.mean_last(ops.flatten(t, 2), mask)
 
 
 class _Max(Reducer):
-    def _reduce(self, t):
-        return t.flatten(2).amax(2)
+    def _reduce(self, t, mask, ops):
+        return ops.amax_last(ops.flatten(t, 2), mask)
 
 
 class _Tokens(Reducer):
-    """``(N, T, D)`` token maps: mean over the real tokens (``token_mean``) or the first token."""
+    """``token_mean`` / ``token_first``: any ``(N, T, D)`` output read as tokens."""
 
     over_tokens = True
 
-    def __call__(self, t, mask=None):
+    def __call__(self, t, mask=None, *, layout=None, ops=None):
         if t.ndim == 2:
             return t
         if t.ndim != 3:
             raise DataError(
                 f"The reducer {self.spec!r} needs token maps of shape (N, T, D); got shape {tuple(t.shape)}. "
-                "Use 'mean', 'max' or 'grid:g' for convolutional maps."
+                "Use 'auto', 'mean', 'max' or 'grid:g' for convolutional maps."
             )
+        ops = ops or ops_for(t)
         if self.spec == "token_first":
             return t[:, 0]
-        if mask is None:
-            return t.mean(1)
-        if mask.shape != t.shape[:2]:
+        if mask is not None and tuple(mask.shape) != tuple(t.shape[:2]):
             raise DataError(
                 f"The attention mask has shape {tuple(mask.shape)} but the token map has shape "
                 f"{tuple(t.shape)}: the reducer {self.spec!r} needs (N, T) to match."
             )
-        m = mask.to(t.dtype).unsqueeze(2)
-        return (t * m).sum(1) / m.sum(1).clamp_min(1)
+        return ops.mean_last(ops.moveaxis(t, 1, 2), mask)
 
 
 class _Grid(Reducer):
@@ -115,15 +137,19 @@ class _Grid(Reducer):
         super().__init__(spec)
         self.g = g
 
-    def _reduce(self, t):
-        if t.ndim == 4:
-            return F.adaptive_avg_pool2d(t, self.g).flatten(1)
-        if t.ndim == 3:
-            return F.adaptive_avg_pool1d(t, self.g).flatten(1)
-        raise DataError(
-            f"The reducer {self.spec!r} needs maps of shape (N, C, H, W) or (N, C, L); "
-            f"got shape {tuple(t.shape)}. Use 'mean', 'max', 'pca:d' or 'random:d' instead."
-        )
+    def _reduce(self, t, mask, ops):
+        if t.ndim not in (3, 4):
+            raise DataError(
+                f"The reducer {self.spec!r} needs maps of shape (N, C, H, W) or (N, C, L); "
+                f"got shape {tuple(t.shape)}. Use 'mean', 'max', 'pca:d' or 'random:d' instead."
+            )
+        spatial = tuple(int(s) for s in t.shape[2:])
+        if self.g > min(spatial):
+            raise DataError(
+                f"The reducer {self.spec!r} pools to a {self.g}-cell grid, more than the map's "
+                f"{'x'.join(map(str, spatial))} positions; use grid:g with g <= {min(spatial)}, or 'mean'."
+            )
+        return ops.flatten(ops.adaptive_avg_pool(t, self.g), 1)
 
 
 class _Projection(Reducer):
@@ -133,23 +159,33 @@ class _Projection(Reducer):
         super().__init__(spec)
         self.d = d
         self.random_state = random_state
-        self.mean_: Optional[torch.Tensor] = None
-        self.matrix_: Optional[torch.Tensor] = None  # (D, d)
+        self.mean_: Optional[np.ndarray] = None
+        self.matrix_: Optional[np.ndarray] = None  # (D, d), on the host; copies per device in _on
+        self._on: dict = {}
 
-    def __call__(self, t, mask=None):
-        flat = t.flatten(1)
-        if flat.shape[1] <= self.d and t.ndim == 2:
-            return flat
+    def __call__(self, t, mask=None, *, layout=None, ops=None):
+        ops = ops or ops_for(t)
+        flat = ops.flatten(canonical(t, layout, ops), 1)
+        width = int(flat.shape[1])
+        if width <= self.d:
+            if t.ndim == 2:
+                return flat
+            raise DataError(
+                f"The reducer {self.spec!r} projects to {self.d} values, but the map has only {width}; use "
+                f"{self.spec.split(':')[0]}:d with d < {width}, or 'auto'."
+            )
         if self.matrix_ is None:
-            self._init_matrix(flat.shape[1])
-        if self.matrix_.shape[0] != flat.shape[1]:
+            self._init_matrix(width)
+        if self.matrix_.shape[0] != width:
             raise DataError(
                 f"The reducer {self.spec!r} was fitted on maps of {self.matrix_.shape[0]} values "
-                f"per sample but got {flat.shape[1]}."
+                f"per sample but got {width}."
             )
-        self.matrix_ = self.matrix_.to(flat.device, flat.dtype)
-        mean = self.mean_.to(flat.device, flat.dtype)
-        return (flat - mean) @ self.matrix_
+        key = (ops.name, str(getattr(flat, "device", "cpu")), str(flat.dtype))
+        if key not in self._on:
+            self._on[key] = (ops.asarray_like(self.mean_, flat), ops.asarray_like(self.matrix_, flat))
+        mean, matrix = self._on[key]
+        return (flat - mean) @ matrix
 
     def _init_matrix(self, n_features: int) -> None:
         raise ParameterError(f"The reducer {self.spec!r} must be fitted before use.")
@@ -157,19 +193,27 @@ class _Projection(Reducer):
     def state_dict(self):
         if self.matrix_ is None:
             return {}
-        return {"mean": self.mean_.cpu().float().numpy(), "matrix": self.matrix_.cpu().float().numpy()}
+        return {"mean": np.asarray(self.mean_, np.float32), "matrix": np.asarray(self.matrix_, np.float32)}
 
     def load_state_dict(self, state):
         if state:
-            self.mean_ = torch.from_numpy(np.array(state["mean"]))
-            self.matrix_ = torch.from_numpy(np.array(state["matrix"]))
+            self.mean_ = np.array(state["mean"], dtype=np.float32)
+            self.matrix_ = np.array(state["matrix"], dtype=np.float32)
+            self._on = {}
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new._on = {}
+        new.mean_ = None if self.mean_ is None else self.mean_.copy()
+        new.matrix_ = None if self.matrix_ is None else self.matrix_.copy()
+        return new
 
 
 class _RandomProjection(_Projection):
     def _init_matrix(self, n_features):
-        gen = torch.Generator().manual_seed(self.random_state)
-        self.matrix_ = torch.randn(n_features, self.d, generator=gen) / self.d**0.5
-        self.mean_ = torch.zeros(n_features)
+        rng = np.random.default_rng(self.random_state)
+        self.matrix_ = (rng.standard_normal((n_features, self.d)) / self.d ** 0.5).astype(np.float32)
+        self.mean_ = np.zeros(n_features, np.float32)
 
 
 class _PCA(_Projection):
@@ -183,11 +227,17 @@ class _PCA(_Projection):
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 
-    def partial_fit(self, t, mask=None):
+    def partial_fit(self, t, mask=None, *, layout=None, ops=None):
         from sklearn.decomposition import IncrementalPCA
 
-        flat = t.detach().flatten(1).float().cpu().numpy()
+        ops = ops or ops_for(t)
+        flat = ops.to_host(ops.flatten(canonical(t, layout, ops), 1))
         if self._ipca is None:
+            if flat.shape[1] <= self.d and t.ndim > 2:
+                raise DataError(
+                    f"The reducer {self.spec!r} projects to {self.d} values, but the map has only {flat.shape[1]}; "
+                    f"use pca:d with d < {flat.shape[1]}, or 'auto'."
+                )
             self._ipca = IncrementalPCA(n_components=min(self.d, flat.shape[1]))
         self._pending.append(flat)
         self._n_pending += flat.shape[0]
@@ -209,12 +259,17 @@ class _PCA(_Projection):
                 f"The reducer {self.spec!r} needs at least {self._ipca.n_components} samples to fit; "
                 f"got {self._n_pending}."
             )
-        self.mean_ = torch.from_numpy(self._ipca.mean_.astype(np.float32))
-        self.matrix_ = torch.from_numpy(self._ipca.components_.T.astype(np.float32).copy())
-        self._ipca, self._pending = None, []
+        self.mean_ = self._ipca.mean_.astype(np.float32)
+        self.matrix_ = np.ascontiguousarray(self._ipca.components_.T.astype(np.float32))
+        self._ipca, self._pending, self._on = None, [], {}
+
+    def __deepcopy__(self, memo):
+        new = super().__deepcopy__(memo)
+        new._ipca, new._pending, new._n_pending = None, [], 0
+        return new
 
 
-_PATTERN = re.compile(r"^(mean|max|grid|pca|random|token_mean|token_first)(?::(\d+))?$")
+_PATTERN = re.compile(r"^(auto|mean|max|grid|pca|random|token_mean|token_first)(?::(\d+))?$")
 _DEFAULT_ARG = {"grid": 2}
 
 
@@ -233,21 +288,35 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
             f"(g and d positive integers), or a Reducer. Got {spec!r} instead."
         )
     name, arg = m.group(1), m.group(2)
-    if name in ("mean", "max", "token_mean", "token_first"):
+    if name in ("auto", "mean", "max", "token_mean", "token_first"):
         if arg is not None:
             raise ParameterError(f"The reducer {name!r} takes no argument. Got {spec!r} instead.")
-        return {"mean": _Mean, "max": _Max}.get(name, _Tokens)(name)
+        return {"auto": _Mean, "mean": _Mean, "max": _Max}.get(name, _Tokens)(name)
     if arg is None and name not in _DEFAULT_ARG:
         raise ParameterError(f"The reducer {name!r} needs a dimension, e.g. '{name}:32'. Got {spec!r}.")
     n = int(arg) if arg is not None else _DEFAULT_ARG[name]
     if n < 1:
         raise ParameterError(f"The reducer {spec!r} needs a positive integer after ':'.")
-    canonical = f"{name}:{n}"
+    canonical_name = f"{name}:{n}"
     if name == "grid":
-        return _Grid(canonical, n)
+        return _Grid(canonical_name, n)
     if name == "pca":
-        return _PCA(canonical, n, random_state)
-    return _RandomProjection(canonical, n, random_state)
+        return _PCA(canonical_name, n, random_state)
+    return _RandomProjection(canonical_name, n, random_state)
+
+
+def describe(reducer: Reducer, layout: Optional[str], shape: tuple) -> str:
+    """What ``reducer`` does to an output of ``shape`` and ``layout``, in words (``list_layers`` shows it)."""
+    if len(shape) <= 2:
+        return "as is (dense)"
+    spec = reducer.spec if isinstance(reducer, Reducer) else str(reducer)
+    if spec in ("auto", "mean", "max"):
+        how = "mean" if spec != "max" else "max"
+        if layout == "tokens":
+            return f"{how} over the tokens the attention mask keeps"
+        axes = {4: "height and width", 3: "length", 5: "depth, height and width"}.get(len(shape), "the spatial axes")
+        return f"{how} over {axes} ({layout or LEGACY_LAYOUT.replace('_', '-')})".replace("_", "-")
+    return f"{spec} ({(layout or LEGACY_LAYOUT).replace('_', '-')})"
 
 
 NORMALIZE_NAMES = ("l2", None)
@@ -258,40 +327,35 @@ SUMMARY_DIMS = 64
 
 
 def spatial_summary(grid: int, seed: int):
-    """Retrieval only: a ``(N, C, H, W)`` map average-pooled to ``grid x grid``, flattened, and, when
+    """Retrieval only: a 2-D map average-pooled to ``grid x grid`` (channels-first), flattened, and, when
     wider than :data:`SUMMARY_DIMS`, projected to that many values by the fixed random sign matrix
     of :func:`sign_projection` (which keeps distances up to small relative errors); ``None`` for
-    maps of another rank (no layout to keep). Not normalised: on Fashion-MNIST raw summaries found
-    "low" neighbours closer in pixels than unit-length ones (4.500 vs 4.621, ``benchmarks/explore_low.py``).
+    outputs of another rank or a token layout (no 2-D layout to keep). Not normalised: on
+    Fashion-MNIST raw summaries found "low" neighbours closer in pixels than unit-length ones
+    (4.500 vs 4.621, ``benchmarks/explore_low.py``). A map smaller than the grid is pooled to its own size.
     """
-    import torch.nn.functional as F
 
-    def summarize(t, mask=None):
-        if t.dim() != 4:
+    def summarize(t, mask=None, *, layout=None, ops=None):
+        if t.ndim != 4 or layout in ("tokens", "dense"):
             return None
-        v = F.adaptive_avg_pool2d(t.float(), grid).flatten(1)
-        return v if v.shape[1] <= SUMMARY_DIMS else v @ sign_projection(v.shape[1], seed, v.device)
+        ops = ops or ops_for(t)
+        c = canonical(ops.float32(t), layout, ops)
+        g = min(grid, int(c.shape[2]), int(c.shape[3]))
+        v = ops.flatten(ops.adaptive_avg_pool(c, g), 1)
+        width = int(v.shape[1])
+        return v if width <= SUMMARY_DIMS else v @ ops.sign_projection(width, seed, v)
     return summarize
 
 
-def sign_projection(width: int, seed: int, device=None):
+def sign_projection(width: int, seed: int, like=None):
     """A ``(width, SUMMARY_DIMS)`` matrix of ``+-1 / sqrt(SUMMARY_DIMS)``, signs from an integer hash of
-    ``(row, column, seed)``: the same on every device, and made of tensor operations only, so a
-    compiled model traces it into its graph (a random generator would break the graph)."""
-    import torch
-
-    i = torch.arange(width, device=device, dtype=torch.int64)[:, None]
-    j = torch.arange(SUMMARY_DIMS, device=device, dtype=torch.int64)[None, :]
-    x = (i * 40503 + j * 2654435 + (seed & _MASK31)) & _MASK31
-    for _ in range(3):  # products stay below 2**63: no overflow on any device
-        x = ((x ^ (x >> 15)) * 1597334677) & _MASK31
-    return (((x >> 11) & 1) * 2 - 1).float() / SUMMARY_DIMS ** 0.5
+    ``(row, column, seed)``: the same on every framework and device, and (in PyTorch) made of tensor
+    operations only, so a compiled model traces it into its graph. In ``like``'s framework
+    (NumPy by default)."""
+    return (ops_for(like) if like is not None else ops_for(np.empty(0))).sign_projection(width, seed, like)
 
 
-_MASK31 = 0x7FFFFFFF
-
-
-def normalized(reducer: Reducer, how):
+def normalized(reducer, how):
     """Wrap ``reducer`` so that its vectors are scaled to unit length (``how="l2"``) or left as is.
 
     Unit length makes k-means cluster by direction (cosine): which channels fire together,
@@ -301,10 +365,10 @@ def normalized(reducer: Reducer, how):
     if how is None:
         return reducer
 
-    def reduce_and_normalize(t, mask=None):
-        v = reducer(t, mask).flatten(1)
-        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def reduce_and_normalize(t, mask=None, *, layout=None, ops=None):
+        ops = ops or ops_for(t)
+        v = ops.flatten(reducer(t, mask, layout=layout, ops=ops), 1)
+        return ops.l2_normalize(v)
 
-    reduce_and_normalize.over_tokens = reducer.over_tokens
-
+    reduce_and_normalize.over_tokens = getattr(reducer, "over_tokens", True)
     return reduce_and_normalize

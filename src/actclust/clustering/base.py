@@ -27,6 +27,11 @@ class Clustering:
     """
 
     name = "base"
+    #: Modules a fit of this method needs beyond the core (a missing one is a MissingDependencyError naming its extra).
+    requires: tuple = ()
+    #: Whether the method also refines all layers' clusterings jointly toward the DNN after each is fitted
+    #: (then the class implements ``refine(vectors, clusterings, dnn_proba, ...)`` and needs the DNN's softmax).
+    refines = False
 
     def __init__(self, n_clusters: int, random_state: int = 0):
         self.n_clusters = n_clusters

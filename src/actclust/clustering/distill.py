@@ -121,8 +121,9 @@ def refine(vectors, clusterings, dnn_proba, *, learn_weights: bool, smoothing: f
         When the loss becomes non-finite (the best finite state is returned, or the k-means
         start) or the step budget ends while the held-out KL still improves.
     """
-    import torch
+    from ..deps import require
 
+    torch = require("torch", "clustering='distill'")
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise ParameterError(f"refine() got unknown options {unknown}; allowed: {sorted(_DEFAULTS)}.")
@@ -326,6 +327,17 @@ class DistillKMeans(KMeans):
     to this object's ``scale_`` (recomputed on the refined centres) and is saved in
     ``state_dict`` as a float64 array, like ``scale``.
     """
+
+    requires = ("torch",)
+    refines = True
+
+    @staticmethod
+    def refine(vectors, clusterings, dnn_proba, **options) -> "DistillResult":
+        """The joint refinement of every layer (:func:`refine`); each clustering then takes its result."""
+        result = refine(vectors, clusterings, dnn_proba, **options)
+        for l in vectors:
+            clusterings[l].set_refined(vectors[l], result.centers[l], result.temperatures[l])
+        return result
 
 
     def fit(self, X):

@@ -95,8 +95,12 @@ class IDEC(Clustering):
         self.n_threads = n_threads
 
     # ------------------------------------------------------------------ fitting
+    requires = ("torch",)
+
     def fit(self, X):
-        import torch
+        from ..deps import require
+
+        torch = require("torch", "clustering='idec'")
 
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or len(X) < self.n_clusters:

@@ -37,7 +37,9 @@ from ..store.vectors import MANIFEST as STORE_MANIFEST, VectorStore
 __all__ = ["save", "read_run", "check_model", "read_manifest", "check_writable", "FORMAT_VERSION"]
 
 FORMAT = "actclust-run"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Versions this actclust reads: 2 (before layouts and input statistics: every map read channels-first) and 3.
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(arrays|manifest|store)-[0-9a-f]{32}\.tmp$")
@@ -144,6 +146,7 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
             "n_clusters": {l: c.n_clusters for l, c in state.clusterings.items()},
             "train_score": state.train_score, "fit_info": state.fit_info,
             "spatial_grid": state.spatial_grid, "summaries": summaries,
+            "layouts": state.layouts, "input_stats": state.input_stats, "framework": adapter.framework,
             # A store on disk is linked into the run's store/ folder, not copied into the arrays.
             "store": {"dtype": state.train_vectors.dtype, "widths": state.train_vectors.widths} if on_disk else None,
         }),
@@ -236,10 +239,10 @@ def read_manifest(path) -> dict:
         raise InvalidSaveError(f"{manifest_path} is not valid JSON ({e}); the save is damaged.") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InvalidSaveError(f"{manifest_path} is not an actclust run manifest.")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READABLE_VERSIONS:
         raise InvalidSaveError(
-            f"{path} has format version {m.get('format_version')!r}; this actclust reads version "
-            f"{FORMAT_VERSION}. Fit and save the run again with this version."
+            f"{path} has format version {m.get('format_version')!r}; this actclust reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Fit and save the run again with this version."
         )
     if m.get("digest") != _digest(m):
         raise InvalidSaveError(
@@ -363,7 +366,18 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
         random_state=int(s["random_state"]), spatial_grid=s.get("spatial_grid"),
+        layouts=_layouts(s, layers), input_stats=s.get("input_stats") or None,
     )
+
+
+def _layouts(s: dict, layers: list) -> dict:
+    """Each layer's layout; a run saved before layouts were recorded read every map channels-first."""
+    from ..capture.reduction import LAYOUTS, LEGACY_LAYOUT
+
+    layouts = s.get("layouts") or {l: LEGACY_LAYOUT for l in layers}
+    if sorted(layouts) != sorted(layers) or any(v not in LAYOUTS for v in layouts.values()):
+        raise InvalidSaveError(f"The saved layouts {layouts} must give one of {list(LAYOUTS)} for each layer.")
+    return {l: str(layouts[l]) for l in layers}
 
 
 def _prefixed(arrays: dict, prefix: str) -> dict:
