@@ -239,3 +239,17 @@ def require_ray():
     except ImportError:
         pytest.fail("CI must install ray[data] (the test extra's actclust[ray])") if in_ci() else pytest.skip("no ray")
     return ray
+
+
+@pytest.fixture(scope="session")
+def trained_digits_cnn():
+    """A small CNN trained briefly on scikit-learn's digits (8x8): layers whose clusters mean something, so
+    fits of the same weights in two frameworks can be compared (on an untrained network a last-bit difference
+    can tip k-means++ into another local optimum). Returns (model, x_train, y_train, x_test, y_test)."""
+    from actclust.datasets import load_digits
+    from actclust.models import SmallCNN, train_classifier
+
+    x_tr, y_tr, x_te, y_te = load_digits()
+    model = train_classifier(SmallCNN(1, 10, 8, width=8, hidden=32), x_tr, y_tr, epochs=5, batch_size=64,
+                             progress=False).eval()
+    return model, x_tr, y_tr, x_te, y_te

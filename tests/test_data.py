@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
+import actclust
 from actclust import ActivationClustering, CaptureError, DataError, ParameterError
 
 from conftest import LAYERS, hook_count
@@ -172,3 +173,64 @@ def test_iterable_dataset(model, data):
     ac = ActivationClustering(model, LAYERS, n_clusters=3, batch_size=16, progress=False).fit(Stream())
     assert ac.n_samples_fit_ == 50
     assert np.array_equal(ac.predict(Stream()), ac.predict(data[0][:50]))
+
+
+# labels in the batches and y= together must agree; the first row that differs is named (they once
+# disagreed silently, y= winning: accuracy with label posteriors fell from 0.92 to 0.12)
+def test_batch_labels_and_y_must_agree(model, data):
+    x, y = data
+    ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    other = y.copy()
+    other[37] = (y[37] + 1) % 3
+    with pytest.raises(DataError, match=r"labels in the batches of X differ from y= at row 37 \(the batch says "
+                                        rf"{y[37]}, y says {other[37]}\); give the labels one way only"):
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(ds, other)
+    agree = ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(ds, y)
+    assert np.array_equal(agree.train_labels_, y)
+
+
+# text labels are refused with what to do, in fit and in score (they once gave a raw torch TypeError)
+def test_text_labels(model, data, fitted):
+    x, y = data
+    names = np.array(["cat", "dog", "bird"])[y]
+    with pytest.raises(DataError, match=r"y holds text labels \('\w+', '\w+', '\w+', ...\); the model's classes are "
+                                        r"indices 0..n_classes-1: map each label"):
+        fitted.score(x, names)
+    with pytest.raises(DataError, match=r"y holds text labels"):
+        ActivationClustering(model, LAYERS, n_clusters=2, progress=False).fit(x, list(names))
+
+
+# read-only arrays and pandas Series go through without any warning from the frameworks underneath
+def test_read_only_inputs_warn_nothing(data):
+    import warnings
+
+    x = data[0][:, 0, 0, :4].copy()
+    x.setflags(write=False)
+    y = pd.Series(data[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ac = ActivationClustering(_mlp(), ["0", "2"], n_clusters=3, progress=False).fit(x, y)
+        ac.score(x, y)
+        ac.score(pd.DataFrame(x), y)
+
+
+# data prepared unlike the training data (scaled to [0, 1] instead of standardised) gets one warning naming
+# the statistic; the training data itself, another split of it and a handful of inputs get none
+def test_inputs_unlike_the_training_data_warn(model):
+    import warnings
+
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 1, (600, 1, 6, 6)).astype(np.float32) ** 2  # "pixels" in [0, 1]
+    mean, std = raw[:400].mean(), raw[:400].std()
+    train, test = (raw[:400] - mean) / std, (raw[400:] - mean) / std
+    ac = ActivationClustering(model, LAYERS, n_clusters=3, progress=False).fit(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ac.score(test)
+        ac.score(train)
+        ac.predict(test[:5])
+    with pytest.warns(actclust.DataWarning, match=r"X has mean 0.33. and standard deviation 0.29., where the training "
+                                                  r"inputs had \S+ and 1. Were these inputs prepared as the training"):
+        ac.score(raw[400:])
+    with pytest.warns(actclust.DataWarning, match=r"of the values of X lie outside the training inputs' range"):
+        ac.score(-test)  # mean and spread as in training, but mirrored: skewed the other way

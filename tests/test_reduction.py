@@ -200,5 +200,6 @@ def test_spatial_summary_widths(to):
 def test_describe():
     r = make_reducer("auto")
     assert describe(r, "dense", (8, 10)) == "as is (dense)"
-    assert describe(r, "channels_last", (8, 5, 5, 3)) == "mean over height and width (channels-last)"
+    assert describe(r, "channels_last", (8, 5, 5, 3)) == "mean over height and width"
+    assert describe(make_reducer("grid:2"), "channels_first", (8, 3, 5, 5)) == "grid:2"
     assert describe(r, "tokens", (8, 12, 16)) == "mean over the tokens the attention mask keeps"

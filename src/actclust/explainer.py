@@ -201,7 +201,11 @@ class ActivationClustering:
         return self
 
     def _adapter(self):
-        return adapt(self.model, self.output)
+        """The adapter of ``model`` (made once per model and output: an ONNX or Keras file is read once)."""
+        cached = self.__dict__.get("_adapter_cache")
+        if cached is None or cached[0] is not self.model or cached[1] is not self.output:
+            cached = self.__dict__["_adapter_cache"] = (self.model, self.output, adapt(self.model, self.output))
+        return cached[2]
 
     def _batches(self, X, y=None):
         from .fitting import batches
@@ -309,7 +313,7 @@ class ActivationClustering:
         from .analysis.concepts import concepts
 
         state = self._state()
-        layer = adapt(self.model, self.output).canonical(layer) if isinstance(layer, str) else layer
+        layer = self._adapter().canonical(layer) if isinstance(layer, str) else layer
         return concepts(state, layer, k, n_edge)
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
@@ -351,7 +355,7 @@ class ActivationClustering:
         """What an explanation of this explainer records about where it came from (Alibi's ``meta``)."""
         from ._version import __version__
 
-        return {"actclust_version": __version__, "model_class": adapt(self.model, self.output).model_class,
+        return {"actclust_version": __version__, "model_class": self._adapter().model_class,
                 "layers": list(self._state().layers)}
 
     def save(self, path, *, overwrite: bool = False, metadata: Optional[dict] = None) -> None:
@@ -362,7 +366,7 @@ class ActivationClustering:
         """
         from .io.persistence import params_of, save
 
-        save(self.state_, params_of(self), adapt(self.model, self.output), path, custom_output=self.output is not None,
+        save(self.state_, params_of(self), self._adapter(), path, custom_output=self.output is not None,
              overwrite=overwrite, metadata=metadata)
 
     def __repr__(self) -> str:

@@ -152,6 +152,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
         fit_info=info, random_state=config.random_state,
         spatial_grid=config.spatial_grid if any(k.endswith(SUMMARY_SUFFIX) for k in vectors) else None,
         layouts={l: captured.layouts.get(l, "dense") for l in layers}, input_stats=captured.input_stats,
+        summary_seeds=passes.summary_seeds(layers, config.random_state),
     )
 
 

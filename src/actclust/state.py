@@ -142,6 +142,8 @@ class FittedState:
     layouts : dict of layer -> str, or None
         How each layer's output was read (:data:`actclust.capture.reduction.LAYOUTS`); queries read
         it the same way. ``None`` (a state built by hand): the adapter says, as at fit time.
+    summary_seeds : dict of layer -> int, or None
+        Seeds of the spatial summaries' projections (``None``: drawn from each layer's position).
     input_stats : dict or None
         Per-channel statistics of the training inputs (:mod:`actclust.capture.stats`), which the
         analyses compare new inputs with.
@@ -169,6 +171,7 @@ class FittedState:
     spatial_grid: Optional[int] = None
     layouts: Optional[dict] = None
     input_stats: Optional[dict] = None
+    summary_seeds: Optional[dict] = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property

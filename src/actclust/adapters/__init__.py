@@ -7,13 +7,16 @@ objects), or when a path names its file format.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..exceptions import UnsupportedModelError
 from .base import LayerInfo, ModelAdapter, Runner
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "TorchAdapter", "adapt", "list_layers", "model_fingerprint"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "TorchAdapter", "OnnxAdapter", "adapt", "list_layers",
+           "model_fingerprint"]
 
 
 def __getattr__(name):
@@ -21,7 +24,36 @@ def __getattr__(name):
         from .torch import TorchAdapter
 
         return TorchAdapter
+    if name == "OnnxAdapter":
+        from .onnx import OnnxAdapter
+
+        return OnnxAdapter
     raise AttributeError(name)
+
+
+def _from_path(path: Path, output):
+    """The adapter of a model file: ``.onnx`` (or bytes); a TorchScript file or a TensorFlow SavedModel
+    is refused, saying how to export it."""
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            raise UnsupportedModelError(
+                f"{path} is a TensorFlow SavedModel, which actclust does not run: export it to ONNX, e.g. "
+                f"python -m tf2onnx.convert --saved-model {path} --output model.onnx, and give model.onnx.")
+        raise UnsupportedModelError(f"{path} is a folder, not a model file (.onnx or .keras).")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth", ".ts", ".torchscript", ".jit"):
+        raise UnsupportedModelError(
+            f"{path} is a PyTorch file: loading it would run its code (pickle) and a TorchScript module calls no "
+            "hooks. Build your nn.Module in Python and load its state dict, or export it to ONNX "
+            "(torch.onnx.export) and give the .onnx file.")
+    if suffix in (".h5", ".pb"):
+        raise UnsupportedModelError(f"{path} is a TensorFlow/Keras 2 file: save it as .keras (Keras 3) or export it "
+                                    "to ONNX with tf2onnx.")
+    if suffix == ".onnx" or not suffix:
+        from .onnx import OnnxAdapter
+
+        return OnnxAdapter(path, output)
+    raise UnsupportedModelError(f"{path}: actclust reads .onnx and .keras model files; got a {suffix} file.")
 
 
 def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
@@ -35,8 +67,16 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
         from .torch import TorchAdapter
 
         return TorchAdapter(model, output)
+    onnx = sys.modules.get("onnx")
+    if isinstance(model, (bytes, bytearray)) or (onnx is not None and isinstance(model, onnx.ModelProto)):
+        from .onnx import OnnxAdapter
+
+        return OnnxAdapter(model, output)
+    if isinstance(model, (str, os.PathLike)):
+        return _from_path(Path(os.fspath(model)), output)
     raise UnsupportedModelError(
-        f"actclust explains torch.nn.Module classifiers (or a ModelAdapter); got {type(model).__name__}."
+        "actclust explains a torch.nn.Module, a Keras 3 model, an ONNX model (a path, bytes or onnx.ModelProto) or "
+        f"a ModelAdapter; got {type(model).__name__}."
     )
 
 

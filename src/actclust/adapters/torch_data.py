@@ -14,7 +14,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from ..capture.data import Source
 from ..exceptions import DataError
 
-__all__ = ["source", "TorchSource"]
+__all__ = ["source", "TorchSource", "rows_of"]
+
+
+def rows_of(loader: DataLoader, start: int, stop: int) -> DataLoader:
+    """The samples ``start:stop`` of ``loader``'s dataset as one batch, with the loader's own collate_fn."""
+    return DataLoader(Subset(loader.dataset, list(range(start, stop))), batch_size=stop - start,
+                      collate_fn=loader.collate_fn)
 
 
 class TorchSource(Source):

@@ -25,7 +25,7 @@ from .data import Batch, Batches, check_label_range
 from .reduction import normalized, spatial_summary
 from .stats import InputStats
 
-__all__ = ["Captured", "spec_of", "run", "hooked", "capture", "query", "announce"]
+__all__ = ["Captured", "spec_of", "run", "hooked", "summary_seeds", "capture", "query", "announce"]
 
 _log = logging.getLogger("actclust")
 
@@ -76,16 +76,25 @@ def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
             yield batch, logits, out, first, runner.layouts
 
 
-def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, random_state: int = 0) -> dict:
+def summary_seeds(layers, random_state: int, *, by_name: bool = False) -> dict:
+    """The seed of each layer's spatial-summary projection: drawn from ``random_state`` and the layer's
+    position, so the same network gives the same summaries whatever its framework calls the layer
+    (runs saved before format 3 drew it from the layer's name: ``by_name``)."""
+    return {l: zlib.crc32(f"{random_state}/{l if by_name else i}".encode()) for i, l in enumerate(layers)}
+
+
+def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, random_state: int = 0,
+           seeds: Optional[dict] = None) -> dict:
     """Each layer's reducer, normalised, as the runners call it: ``f(t, mask, layout=, ops=)``; with
     ``spatial_grid``, the layers (all, or ``spatial_layers``) also return a retrieval-only spatial
-    summary (``None`` for maps without a 2-D layout), projected with a seed drawn from
-    ``random_state`` and the layer's name. A reducer's data error names its layer."""
+    summary (``None`` for maps without a 2-D layout), projected with the layer's seed (``seeds``, by
+    default :func:`summary_seeds` of ``reducers``' layers in order). A reducer's data error names its layer."""
+    seeds = seeds or summary_seeds(list(reducers), random_state)
     out = {}
     for layer, reducer in reducers.items():
         reduce = normalized(reducer, normalize)
         if spatial_grid is not None and (spatial_layers is None or layer in spatial_layers):
-            reduce = _with_summary(reduce, spatial_summary(spatial_grid, zlib.crc32(f"{random_state}/{layer}".encode())))
+            reduce = _with_summary(reduce, spatial_summary(spatial_grid, seeds[layer]))
         out[layer] = _naming(reduce, layer)
     return out
 
@@ -170,7 +179,7 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
     col, has_y = Collector(batches.n_samples), []
     summaries = [l for l in state.layers if state.retrieval_key(l) != l]
     reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries,
-                      state.random_state)
+                      state.random_state, seeds=state.summary_seeds)
     stats = InputStats(adapter.input_channel_axis, reference=state.input_stats or None, n_samples=batches.n_samples)
     for batch, logits, out, _, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
                                         spec=state.input_spec, layouts=state.layouts, stats=stats):

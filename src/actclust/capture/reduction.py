@@ -315,8 +315,8 @@ def describe(reducer: Reducer, layout: Optional[str], shape: tuple) -> str:
         if layout == "tokens":
             return f"{how} over the tokens the attention mask keeps"
         axes = {4: "height and width", 3: "length", 5: "depth, height and width"}.get(len(shape), "the spatial axes")
-        return f"{how} over {axes} ({layout or LEGACY_LAYOUT.replace('_', '-')})".replace("_", "-")
-    return f"{spec} ({(layout or LEGACY_LAYOUT).replace('_', '-')})"
+        return f"{how} over {axes}"
+    return spec
 
 
 NORMALIZE_NAMES = ("l2", None)

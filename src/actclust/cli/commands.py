@@ -60,12 +60,15 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
-_MODEL_HELP = ("the callable that builds your nn.Module, as package.module:callable (e.g. mymodule:build for "
-               "a function build() in mymodule.py in the current folder)")
+_MODEL_HELP = ("your model: an .onnx or .keras file, or the callable that builds it, as package.module:callable "
+               "(e.g. mymodule:build for a function build() in mymodule.py in the current folder)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="actclust", description="Explain a PyTorch classifier by clustering its activations.")
+    from ..datasets import PREPARATION
+
+    p = argparse.ArgumentParser(prog="actclust", description="Explain a trained classifier (PyTorch, Keras, ONNX) by "
+                                "clustering the activations of its layers.", epilog=f"Data: {PREPARATION}.")
     from .._version import __version__
 
     p.add_argument("--version", action="version", version=f"actclust {__version__}")
@@ -87,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("model", help=_MODEL_HELP)
     f.add_argument("--weights", help="state dict of your trained model (.safetensors, or .pt loaded with "
                                      "weights_only); without it the model keeps the weights its callable gives it")
-    f.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (training split), or an .npz with x "
+    f.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (training split; pixels in [0, 1], see "
+                                                 "'actclust --help'), or an .npz with x "
                                                  "(and optional y) to fit on")
     f.add_argument("--layers", required=True,
                    help="comma-separated module names; list them with: actclust layers MODEL")
@@ -114,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = command("score", "fidelity and accuracy of a saved run on data")
     s.add_argument("run", help="directory of a saved run")
-    s.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (test split), or an .npz with x (and y)")
+    s.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (test split; pixels in [0, 1]), or an .npz "
+                                                 "with x (and y) prepared as the training inputs were")
     s.add_argument("--model", help="the model callable as package.module:callable "
                                    "(default: the one the run was fitted with)")
     s.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
@@ -156,8 +161,9 @@ def _common(p, overwrite=True):
 
 # ---------------------------------------------------------------------------- commands
 def _demo(args) -> int:
-    import torch
+    from ..deps import require
 
+    torch = require("torch", "actclust demo (it trains a small PyTorch CNN)")
     from .. import ActivationClustering
     from ..datasets import load_digits
     from ..models import accuracy, digits_cnn, train_classifier
@@ -273,9 +279,15 @@ def _report(args) -> int:
 
 
 def _layers(args) -> int:
-    from .. import list_layers
+    from ..adapters import adapt
 
-    for name in list_layers(build_model(args.model, None)):
+    adapter = adapt(build_model(args.model, None))
+    describe = getattr(adapter, "describe", None)
+    if describe is not None:  # ONNX: tensor names with the operator that makes them and the inferred shape
+        for name, op, shape in describe():
+            print(f"{name}\t{op}\t{'?' if shape is None else tuple('N' if i == 0 else d for i, d in enumerate(shape))}")
+        return EXIT_OK
+    for name in adapter.layer_names():
         print(name)
     return EXIT_OK
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exceptions import DataNotFoundError, ModelImportError, ParameterError
+from ..exceptions import DataNotFoundError, ModelImportError, ParameterError, UnsupportedModelError
 from .common import command
 
 __all__ = ["check_layers", "load_run", "import_factory", "build_model", "load_data"]
@@ -69,37 +69,68 @@ def import_factory(spec: str):
     return factory
 
 
-def build_model(spec: str, weights):
-    import torch
+#: Model files the commands take directly, instead of a ``package.module:callable``.
+MODEL_FILES = (".onnx", ".keras")
 
+
+def is_model_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in MODEL_FILES
+
+
+def build_model(spec: str, weights):
+    """The model named on the command line: an ``.onnx`` or ``.keras`` file (loaded by its adapter), or
+    what ``package.module:callable`` returns (a PyTorch module gets ``--weights``, a state dict)."""
+    from ..adapters import adapt
+
+    if is_model_file(spec):
+        if weights:
+            raise ParameterError(f"--weights is for a model built by package.module:callable; {spec} holds its own "
+                                 "weights.")
+        if not Path(spec).is_file():
+            raise DataNotFoundError(f"Model file {spec} not found.")
+        return adapt(spec)  # read once; the estimator takes the adapter
     factory = import_factory(spec)
-    if isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
         raise ParameterError(f"{spec} is a model instance; give a function or class that builds the model instead.")
     model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise ParameterError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    try:
+        adapter = adapt(model)
+    except UnsupportedModelError:
+        raise ParameterError(f"{spec} returned a {type(model).__name__}, not a model actclust can run (a torch.nn.Module, "
+                             "a Keras model or an ONNX model).") from None
+    if adapter.framework != "torch":
+        if weights:
+            raise ParameterError(f"--weights loads a PyTorch state dict; {spec} builds a {adapter.framework} model, which "
+                                 "holds its own weights.")
+        return adapter
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise DataNotFoundError(f"Weights file {path} not found.")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
-            raise ParameterError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
-                             "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
-        if not isinstance(state, dict):
-            raise ParameterError(f"{path} holds a {type(state).__name__}, not a state dict; save "
-                             "model.state_dict() rather than the model.")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ParameterError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
+        _load_state_dict(model, Path(weights), spec)
     return model.eval()
+
+
+def _load_state_dict(model, path: Path, spec: str) -> None:
+    torch = sys.modules["torch"]  # the model is a torch.nn.Module: torch is imported
+
+    if not path.is_file():
+        raise DataNotFoundError(f"Weights file {path} not found.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
+        raise ParameterError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
+                             "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
+    if not isinstance(state, dict):
+        raise ParameterError(f"{path} holds a {type(state).__name__}, not a state dict; save "
+                             "model.state_dict() rather than the model.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ParameterError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
 
 
 def load_data(spec: str, split: str):

@@ -15,7 +15,8 @@ from ..store.vectors import iter_rows, take
 
 __all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
 
-_CHUNK = 8192
+#: Rows per chunk when distances are computed over a (possibly memory-mapped) array.
+CHUNK = 8192
 
 
 class Clustering:
@@ -46,7 +47,7 @@ class Clustering:
         c_sq = (c * c).sum(1)[None, :]
         out = np.empty((len(X), len(c)), dtype=np.float32)
         # Temporaries stay O(chunk x d), not O(n x d); a memory-mapped X (store on disk) is read in chunks.
-        for start, x in iter_rows(X, _CHUNK):
+        for start, x in iter_rows(X, CHUNK):
             x = self._to_space(x)
             d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
             out[start:start + len(x)] = np.maximum(d, 0.0)

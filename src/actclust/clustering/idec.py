@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from .base import _CHUNK, Clustering, KMeans, register
+from .base import CHUNK, Clustering, KMeans, register
 from ..exceptions import IDECTrainingError, IDECWarning, ParameterError
 
 __all__ = ["IDEC", "IDECTrainingError", "IDECWarning"]
@@ -245,13 +245,13 @@ class IDEC(Clustering):
         """Embedding ``(n, embed_dim)`` of vectors ``X``, computed in chunks."""
         X = np.asarray(X, dtype=np.float32)
         out = np.empty((len(X), self._weights[-1][0].shape[0]), dtype=np.float32)
-        for start in range(0, len(X), _CHUNK):
-            h = self._standardise(X[start:start + _CHUNK])
+        for start in range(0, len(X), CHUNK):
+            h = self._standardise(X[start:start + CHUNK])
             for i, (w, b) in enumerate(self._weights):
                 h = h @ w.T + b
                 if i < len(self._weights) - 1:
                     np.maximum(h, 0.0, out=h)
-            out[start:start + _CHUNK] = h
+            out[start:start + CHUNK] = h
         return out
 
     # Distances (Clustering.distances, chunked) are measured in the embedding.

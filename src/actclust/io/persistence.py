@@ -147,6 +147,7 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
             "train_score": state.train_score, "fit_info": state.fit_info,
             "spatial_grid": state.spatial_grid, "summaries": summaries,
             "layouts": state.layouts, "input_stats": state.input_stats, "framework": adapter.framework,
+            "summary_seeds": state.summary_seeds,
             # A store on disk is linked into the run's store/ folder, not copied into the arrays.
             "store": {"dtype": state.train_vectors.dtype, "widths": state.train_vectors.widths} if on_disk else None,
         }),
@@ -367,7 +368,20 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
         random_state=int(s["random_state"]), spatial_grid=s.get("spatial_grid"),
         layouts=_layouts(s, layers), input_stats=s.get("input_stats") or None,
+        summary_seeds=_seeds(s, layers),
     )
+
+
+def _seeds(s: dict, layers: list) -> dict:
+    """The spatial summaries' seeds; runs saved before format 3 drew them from the layers' names."""
+    from ..capture.passes import summary_seeds
+
+    seeds = s.get("summary_seeds")
+    if seeds is None:
+        return summary_seeds(layers, int(s["random_state"]), by_name=True)
+    if sorted(seeds) != sorted(layers) or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds.values()):
+        raise InvalidSaveError(f"The saved summary seeds {seeds} must give an int for each layer.")
+    return {l: int(seeds[l]) for l in layers}
 
 
 def _layouts(s: dict, layers: list) -> dict:

@@ -32,10 +32,9 @@ class Memory:
 
         data = self.data
         if type(data).__name__ == "DataLoader":  # keep the loader's collate_fn (padding, tokenising)
-            from torch.utils.data import DataLoader, Subset
+            from ...adapters.torch_data import rows_of
 
-            data = DataLoader(Subset(data.dataset, list(range(start, stop))), batch_size=stop - start,
-                              collate_fn=data.collate_fn)
+            data = rows_of(data, start, stop)
         else:
             data = take(data, np.arange(start, stop))
         y = None if self.y is None else np.array(self.y[start:stop])  # a copy: the shared one is read-only

@@ -1,0 +1,414 @@
+"""The ONNX adapter: any model exported to ONNX (PyTorch, TensorFlow via tf2onnx, scikit-learn via
+skl2onnx...) run with onnxruntime, no framework needed.
+
+ONNX has no hooks and no autograd; a forward-only method needs neither. Layers are the graph's
+**tensors** (node outputs), named as in the graph; a node's name also resolves to its first
+output. The chosen tensors are added as extra outputs of one copy of the graph, run by one
+onnxruntime session per set of layers (the model is not kept once per layer); the user's model
+is not changed. Each tensor's layout is read from the operators that produce it: the outputs of
+convolutions, pools and normalisations (through element-wise operators after them) are
+channels-first ``(N, C, H, W)``, as ONNX defines them; a ``Transpose`` to ``(0, 2, 3, 1)``
+(tf2onnx's way back to TensorFlow's layout) makes a map channels-last; other 3-axis tensors are
+token maps ``(N, T, D)``.
+
+Inputs: one array for a model of one input; a dict by input name (or a tuple in the graph's order)
+for several. Floating inputs are cast to the input's element type; integer inputs to a float
+input are refused. A model whose batch axis is fixed (exported without a dynamic axis) is run in
+slices of that size. The execution providers are onnxruntime's: CUDA first when available, or
+``providers=``. The fingerprint is a SHA-256 over the initializers (names, types, shapes, bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..capture.arrays import NUMPY, dtype_name, is_floating, to_numpy
+from ..capture.data import batch_len
+from ..deps import require
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
+from ..state import SUMMARY_SUFFIX
+from .base import ModelAdapter, Runner
+
+__all__ = ["OnnxAdapter", "load_onnx"]
+
+MASK_KEYS = ("attention_mask",)
+#: Operators whose output maps are channels-first (ONNX's convention for them).
+_CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool",
+                       "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "BatchNormalization",
+                       "InstanceNormalization", "LRN", "MaxRoiPool", "DepthToSpace", "SpaceToDepth"}
+#: Operators that keep their input's layout (followed back to find it).
+_KEEP_LAYOUT_OPS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
+                    "Tanh", "Softplus", "Softsign", "Clip", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp",
+                    "Log", "Abs", "Neg", "Identity", "Dropout", "Cast", "Mish", "Gelu", "Erf", "Max", "Min", "Sum",
+                    "Mean", "Where", "QuantizeLinear", "DequantizeLinear", "Pad", "Resize", "Upsample"}
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
+
+
+def load_onnx(model):
+    """An ``onnx.ModelProto`` from a path, bytes or a ModelProto; a clear error for anything else."""
+    onnx = require("onnx", "explaining an ONNX model")
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            return onnx.load_model_from_string(bytes(model))
+        except Exception as e:  # the protobuf decoder's errors vary by version
+            raise UnsupportedModelError(f"The bytes given as the model are not an ONNX model ({type(e).__name__}: {e}).") from None
+    path = Path(os.fspath(model))
+    if not path.is_file():
+        raise UnsupportedModelError(f"No ONNX model at {path}: the file does not exist.")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:200]}); export your model with "
+            "torch.onnx.export, tf2onnx or skl2onnx.") from None
+    if not proto.graph.node:
+        raise UnsupportedModelError(f"{path} is not an ONNX model: it holds no graph.")
+    return proto
+
+
+class OnnxAdapter(ModelAdapter):
+    """An ONNX classifier run with onnxruntime.
+
+    Parameters
+    ----------
+    model : path, bytes or onnx.ModelProto
+    output : callable, optional
+        ``output(outputs) -> logits (N, n_classes)`` where ``outputs`` is the dict of the graph's
+        outputs by name; by default the first floating ``(N, C)`` output (``C >= 2``). Probabilities
+        (rows in [0, 1] summing to 1, as skl2onnx's ``probabilities``) are taken as their logarithm,
+        which the softmax turns back into them: the DNN's predictions and confidence are unchanged.
+    providers : list of str, optional
+        onnxruntime execution providers; default CUDA then CPU where CUDA is available, else CPU.
+    """
+
+    framework = "onnx"
+
+    def __init__(self, model, output: Optional[Callable] = None, providers: Optional[Sequence[str]] = None):
+        self.ort = require("onnxruntime", "explaining an ONNX model")
+        self.onnx = require("onnx", "explaining an ONNX model")
+        self.proto = load_onnx(model)
+        self.source = None if isinstance(model, (bytes, bytearray, self.onnx.ModelProto)) else os.fspath(model)
+        if output is not None and not callable(output):
+            raise UnsupportedModelError(f"output must be a callable that returns the logits; got {output!r}.")
+        self.output = output
+        available = self.ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise UnsupportedModelError(f"onnxruntime has no execution provider {missing}; available: {available}.")
+        self.providers = list(providers)
+        self._graph()
+        self._sessions: dict = {}
+
+    # ---------------------------------------------------------------- the graph
+    def _graph(self) -> None:
+        g = self.proto.graph
+        try:
+            inferred = self.onnx.shape_inference.infer_shapes(self.proto, strict_mode=False).graph
+        except Exception:  # shape inference is a help, not a requirement
+            inferred = g
+        self.types = {}  # tensor -> (elem_type, shape with None for unknown dims)
+        for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+            t = vi.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
+            self.types[vi.name] = (t.elem_type, dims)
+        initializers = {i.name for i in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in initializers]
+        self.outputs = [o.name for o in g.output]
+        self.producer = {}
+        constant = set(initializers)
+        names, node_names = [], {}
+        for node in g.node:
+            if node.op_type == "Constant" or (node.input and all(i in constant or not i for i in node.input)):
+                constant.update(o for o in node.output if o)
+                continue
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+                    elem = self.types.get(o, (None, None))[0]
+                    if elem in (None, 0) or elem in _FLOAT_TYPES:
+                        names.append(o)
+            if node.name and node.output and node.output[0]:
+                node_names[node.name] = node.output[0]
+        self.names = names
+        self.node_names = {k: v for k, v in node_names.items() if k not in set(names)}
+
+    @property
+    def model_class(self) -> str:
+        g = self.proto.graph
+        producer = self.proto.producer_name or "unknown producer"
+        return f"onnx:{g.name or (Path(self.source).stem if self.source else 'model')} ({producer})"
+
+    def layer_names(self) -> list[str]:
+        return list(self.names)
+
+    def canonical(self, name: str) -> str:
+        return self.node_names.get(name, name)
+
+    def layout(self, layer: str, rank: int, masked: bool) -> str:
+        if rank <= 2:
+            return "dense"
+        seen, todo = set(), [layer]
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            node = self.producer.get(t)
+            if node is None:
+                if t in self.inputs:
+                    return self._input_layout(t, rank)
+                continue
+            if node.op_type in _CHANNELS_FIRST_OPS:
+                return "channels_first"
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm == [0, 2, 3, 1] or perm == [0, 2, 1]:
+                    return "channels_last"
+                if perm == [0, 3, 1, 2] or (perm == [0, 2, 1] and rank == 3):
+                    return "channels_first"
+                return "tokens" if rank == 3 else "channels_first"
+            if node.op_type in _KEEP_LAYOUT_OPS:
+                todo.extend(i for i in node.input if i and i in self.producer or i in self.inputs)
+                continue
+            break  # MatMul, Gemm, attention, normalisation over the last axis...: not a conv map
+        return "tokens" if rank == 3 else "channels_first"
+
+    def _input_layout(self, name: str, rank: int) -> str:
+        dims = self.types.get(name, (None, None))[1] or ()
+        if rank == 4 and len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
+            return "channels_last"
+        return "channels_first" if rank >= 4 else "tokens"
+
+    @property
+    def input_channel_axis(self) -> int:
+        first = self.inputs[0] if self.inputs else None
+        dims = self.types.get(first, (None, None))[1] or ()
+        return -1 if len(dims) == 4 and self._input_layout(first, 4) == "channels_last" else 1
+
+    # ---------------------------------------------------------------- inputs
+    def feeds(self, inputs) -> dict:
+        """The session's inputs by name, cast to the graph's element types."""
+        if isinstance(inputs, Mapping):
+            unknown = [k for k in inputs if k not in self.inputs]
+            missing = [k for k in self.inputs if k not in inputs]
+            if unknown or missing:
+                raise DataError(f"The ONNX model's inputs are {self.inputs}; the batch has {sorted(inputs)} "
+                                f"(missing {missing}, unknown {unknown}).")
+            named = dict(inputs)
+        elif isinstance(inputs, (tuple, list)):
+            if len(inputs) != len(self.inputs):
+                raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}; the batch has {len(inputs)}.")
+            named = dict(zip(self.inputs, inputs))
+        else:
+            if len(self.inputs) != 1:
+                raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}: pass a dict of arrays "
+                                "by input name.")
+            named = {self.inputs[0]: inputs}
+        out = {}
+        for name, value in named.items():
+            a = np.ascontiguousarray(to_numpy(value))
+            elem = self.types.get(name, (None, None))[0]
+            if elem in _FLOAT_TYPES:
+                a = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
+            elif elem:
+                a = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
+            out[name] = a
+        return out
+
+    def check_inputs(self, inputs, name: str) -> None:
+        """Refuse, before any work, inputs the graph cannot take: integers or bytes for a float input,
+        another rank, or another size on a fixed axis."""
+        named = inputs if isinstance(inputs, Mapping) else (
+            dict(zip(self.inputs, inputs)) if isinstance(inputs, (tuple, list)) else {self.inputs[0]: inputs})
+        for key, value in named.items():
+            if key not in self.types:
+                continue
+            elem, dims = self.types[key]
+            label = name if len(self.inputs) == 1 else f"{name}[{key!r}]"
+            if elem in _FLOAT_TYPES and not is_floating(value):
+                if dtype_name(value) == "uint8":
+                    raise DataError(f"{label} holds uint8 values (raw image bytes?) but the model's input {key!r} is "
+                                    "floating: convert to float and normalise as in training, e.g. x.astype('float32') / 255.")
+                raise DataError(f"{label} holds {dtype_name(value)} values but the model's input {key!r} is floating: "
+                                "convert the inputs to float (as in training).")
+            if dims is None:
+                continue
+            shape = tuple(value.shape)
+            if len(shape) != len(dims):
+                raise DataError(f"{label} has {len(shape)} axes {shape} but the model's input {key!r} has {len(dims)} "
+                                f"({_dims(dims)}): pass inputs of that shape.")
+            bad = [i for i, (d, s) in enumerate(zip(dims, shape)) if i > 0 and d and d != s]
+            if bad:
+                raise DataError(f"{label} has shape {shape} but the model's input {key!r} is {_dims(dims)}: axis "
+                                f"{bad[0]} must be {dims[bad[0]]}.")
+
+    def fingerprint(self) -> str:
+        from onnx import numpy_helper
+
+        h = hashlib.sha256()
+        for init in sorted(self.proto.graph.initializer, key=lambda i: i.name):
+            a = numpy_helper.to_array(init, base_dir=str(Path(self.source).parent) if self.source else "")
+            h.update(f"{init.name}|{a.dtype}|{tuple(a.shape)}|".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    # ---------------------------------------------------------------- running
+    def session(self, layers: Sequence[str]):
+        """One onnxruntime session whose outputs are the graph's and ``layers`` (cached per set of layers)."""
+        key = tuple(sorted(layers))
+        if key not in self._sessions:
+            proto = self.onnx.ModelProto()
+            proto.CopyFrom(self.proto)  # the user's model is not changed
+            have = {o.name for o in proto.graph.output}
+            for name in layers:
+                if name not in have:
+                    elem = self.types.get(name, (None, None))[0] or self.onnx.TensorProto.FLOAT
+                    proto.graph.output.append(self.onnx.helper.make_tensor_value_info(name, elem, None))
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3
+            try:
+                session = self.ort.InferenceSession(proto.SerializeToString(), options, providers=self.providers)
+            except Exception as e:
+                raise UnsupportedModelError(f"onnxruntime cannot run the model with outputs {list(layers)}: {e}") from None
+            self._sessions = {key: session}  # one session at a time: the model is held once
+        return self._sessions[key]
+
+    def batch_limit(self) -> Optional[int]:
+        """The fixed batch size of a model exported without a dynamic batch axis, else None."""
+        dims = [self.types.get(i, (None, None))[1] for i in self.inputs]
+        fixed = {d[0] for d in dims if d and d[0]}
+        return min(fixed) if fixed else None
+
+    def forward(self, inputs, layers: Sequence[str], where: str):
+        """``(outputs by name, {layer: array})`` of one batch, in slices for a fixed batch size."""
+        session = self.session(layers)
+        names = self.outputs + [l for l in layers if l not in self.outputs]
+        feeds = self.feeds(inputs)
+        n = batch_len(inputs)
+        step = self.batch_limit() or n
+        parts = []
+        try:
+            for s in range(0, n, step):
+                part = {k: v[s:s + step] for k, v in feeds.items()}
+                if len(next(iter(part.values()))) < step and self.batch_limit():
+                    pad = step - len(next(iter(part.values())))
+                    part = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in part.items()}
+                parts.append(session.run(names, part))
+        except ActClustError:
+            raise
+        except Exception as e:
+            raise CaptureError(
+                f"The model raised {type(e).__name__} on {where} ({_describe(feeds)}): {str(e)[:500]} -- check that "
+                "the inputs have the shape, dtype and scaling the model was trained on."
+            ) from e
+        values = [np.concatenate([p[i] for p in parts])[:n] if len(parts) > 1 else parts[0][i] for i in range(len(names))]
+        out = dict(zip(names, values))
+        return {k: out[k] for k in self.outputs}, {l: out[l] for l in layers}
+
+    def logits(self, outputs: dict, n: int) -> np.ndarray:
+        if self.output is not None:
+            value = self.output(outputs)
+        else:
+            value = next((v for v in outputs.values() if isinstance(v, np.ndarray) and v.ndim == 2
+                          and v.shape[0] == n and v.shape[1] >= 2 and v.dtype.kind == "f"), None)
+            if value is None:
+                raise CaptureError(
+                    f"The model's outputs {[(k, getattr(v, 'shape', type(v).__name__)) for k, v in outputs.items()]} hold no "
+                    f"floating (N, n_classes) logits for a batch of {n}; pass output=<function of the outputs by name "
+                    "that returns the logits> (skl2onnx classifiers: convert with options={'zipmap': False}).")
+        value = np.asarray(value)
+        if value.ndim != 2 or value.shape[0] != n or value.shape[1] < 2 or value.dtype.kind != "f":
+            raise CaptureError("The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
+                               f"of {n} it returned shape {value.shape}, dtype {value.dtype}.")
+        value = value.astype(np.float32)
+        if np.all(value >= 0) and np.all(value <= 1) and np.allclose(value.sum(1), 1, atol=1e-4):
+            value = np.log(np.maximum(value, 1e-30))  # probabilities: the softmax of their log is themselves
+        return value
+
+    def output_shapes(self, sample) -> dict:
+        outputs, values = self.forward(sample, self.names, "the sample")
+        return {k: tuple(v.shape) for k, v in values.items()}
+
+    def list_layers(self, sample=None, reducer="auto"):
+        """Tensor names; with ``sample``, as :meth:`ModelAdapter.list_layers`, each LayerInfo also naming
+        the operator that produces it (``info.op``)."""
+        out = super().list_layers(sample, reducer)
+        if sample is None:
+            return out
+        for name, info in out.items():
+            info.op = self.producer[name].op_type if name in self.producer else "input"
+        return out
+
+    def describe(self) -> list:
+        """``(tensor, op type, inferred shape)`` of every layer, without running the model."""
+        return [(n, self.producer[n].op_type, self.types.get(n, (None, None))[1]) for n in self.names]
+
+    def runner(self, reducers, layouts=None) -> "_OnnxRunner":
+        return _OnnxRunner(self, reducers, layouts)
+
+
+class _OnnxRunner(Runner):
+    def __init__(self, adapter: OnnxAdapter, reducers, layouts=None):
+        self.adapter, self.reducers = adapter, dict(reducers)
+        self.fixed = dict(layouts) if layouts else None
+        self.layouts: dict = dict(layouts) if layouts else {}
+        self._warned = False
+
+    def __enter__(self):
+        self.adapter.session(list(self.reducers))  # fails here, before any batch, if the graph cannot run
+        return self
+
+    def run(self, inputs, where: str = "a batch"):
+        n = batch_len(inputs)
+        if self.adapter.batch_limit() and self.adapter.batch_limit() != n and not self._warned:
+            self._warned = True
+            warnings.warn(f"The ONNX model has a fixed batch size of {self.adapter.batch_limit()}: batches are run in "
+                          "slices of that size. Export it with a dynamic batch axis to run whole batches.",
+                          ActClustWarning, stacklevel=3)
+        outputs, values = self.adapter.forward(inputs, list(self.reducers), where)
+        logits = self.adapter.logits(outputs, n)
+        mask = next((np.asarray(to_numpy(inputs[k])) for k in MASK_KEYS if isinstance(inputs, Mapping) and k in inputs), None)
+        out = {}
+        for name, reduce in self.reducers.items():
+            t = np.asarray(values[name])
+            if t.ndim == 0 or t.shape[0] != n:
+                raise CaptureError(
+                    f"Layer {name!r} gives an output of shape {t.shape}, which is not one row per input (the batch has "
+                    f"{n}): choose a tensor computed per input (actclust.list_layers(model, x) shows the shapes).")
+            if t.dtype.kind != "f":
+                raise CaptureError(f"Layer {name!r} gives {t.dtype} values; choose a floating tensor.")
+            layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
+            self.layouts.setdefault(name, layout)
+            result = reduce(t.astype(np.float32, copy=False), mask, layout=layout, ops=NUMPY)
+            main, extra = result if isinstance(result, tuple) else (result, None)
+            if main is not None:
+                out[name] = NUMPY.to_host(main)
+            if extra is not None:
+                out[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
+        for name, v in out.items():
+            bad = np.flatnonzero(~np.isfinite(v).all(1))
+            if len(bad):
+                raise CaptureError(f"The activations of layer {name!r} contain NaN or infinite values at row {bad[0]} of "
+                                   f"{where}; check the model and those inputs.")
+        bad = np.flatnonzero(~np.isfinite(logits).all(1))
+        if len(bad):
+            raise CaptureError(f"The model's output contain NaN or infinite values at row {bad[0]} of {where}.")
+        return logits, out
+
+
+def _dims(dims) -> str:
+    return "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
+
+
+def _describe(feeds: dict) -> str:
+    return ", ".join(f"{k}: shape {v.shape}, {v.dtype}" for k, v in feeds.items())

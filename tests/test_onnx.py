@@ -1,0 +1,229 @@
+"""ONNX models through onnxruntime: the same results as the PyTorch network they were exported from,
+the graph's tensors as layers, several inputs, fixed batch sizes, scikit-learn's probabilities, and
+clear errors for what cannot run."""
+
+import numpy as np
+import onnx
+import pytest
+import skl2onnx
+import torch
+from torch import nn
+
+import actclust
+from actclust import ActivationClustering, CaptureError, DataError, ParameterError, UnsupportedModelError
+from actclust.adapters import adapt
+
+from conftest import TinyCNN
+
+TORCH_TO_ONNX = {"conv": "/conv/Conv_output_0", "fc1": "/fc1/Gemm_output_0", "fc2": "logits"}
+
+
+def _export(model, path, example, names=("x",), dynamic=True, outputs=("logits",)):
+    axes = {n: {0: "N"} for n in (*names, *outputs)} if dynamic else None
+    torch.onnx.export(model, example, str(path), input_names=list(names), output_names=list(outputs),
+                      dynamic_axes=axes, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The conftest's mixed-prediction TinyCNN, exported with a dynamic batch axis, and data."""
+    model = TinyCNN(seed=3, bias=False).eval()
+    path = _export(model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", (torch.randn(2, 1, 6, 6),))
+    x = np.random.default_rng(0).standard_normal((400, 1, 6, 6)).astype(np.float32)
+    return model, path, x
+
+
+def _cos(a, b):
+    """Cosine of each pair of rows; two zero rows (an input that gives zero activations) count as equal."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-9) & (nb < 1e-9)
+    return np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-300))
+
+
+# the exported network gives the PyTorch run's vectors (cosine >= 0.9999), clusters (agreement >= 0.99),
+# fidelity (within 0.002) and neighbours
+def test_same_results_as_pytorch(trained_digits_cnn, tmp_path):
+    model, x_tr, _, x_te, _ = trained_digits_cnn
+    path = _export(model, tmp_path / "digits.onnx", (torch.from_numpy(x_tr[:2]),))
+    names = {"conv1": "/conv1/Conv_output_0", "conv2": "/conv2/Conv_output_0", "fc1": "/fc1/Gemm_output_0",
+             "fc2": "logits"}
+    a = ActivationClustering(model, list(names), n_clusters=10, progress=False).fit(x_tr)
+    b = ActivationClustering(str(path), list(names.values()), n_clusters=10, progress=False).fit(x_tr)
+    for l, o in names.items():
+        assert _cos(a.train_vectors_[l], b.train_vectors_[o]).min() >= 0.9999, l
+    assert (a.cluster_paths(x_te) == b.cluster_paths(x_te)).mean() >= 0.99
+    assert abs(a.score(x_te)["fidelity"] - b.score(x_te)["fidelity"]) <= 0.002
+    agree = np.mean([len(set(i) & set(j)) / 10 for i, j in zip(a.similar(x_te[:50]).indices, b.similar(x_te[:50]).indices)])
+    assert agree >= 0.99
+
+
+# a path, the file's bytes and an onnx.ModelProto are the same model, with the same fingerprint; the
+# user's ModelProto is not changed by adding layer outputs
+def test_path_bytes_and_proto(exported):
+    _, path, x = exported
+    proto = onnx.load(str(path))
+    n_outputs = len(proto.graph.output)
+    fps = {adapt(m).fingerprint() for m in (str(path), path.read_bytes(), proto)}
+    preds = [ActivationClustering(m, ["/fc1/Gemm_output_0"], n_clusters=3, progress=False).fit(x[:60]).predict(x[:20])
+             for m in (path, path.read_bytes(), proto)]
+    assert len(fps) == 1 and all(np.array_equal(p, preds[0]) for p in preds)
+    assert len(proto.graph.output) == n_outputs
+
+
+# layer names are the graph's tensors; a node's name resolves to its output; an unknown name gets the
+# closest ones; list_layers shows shapes, layouts and what produces each tensor
+def test_layer_names(exported):
+    _, path, x = exported
+    names = actclust.list_layers(str(path))
+    assert names[:3] == ["/conv/Conv_output_0", "/relu/Relu_output_0", "/pool/AveragePool_output_0"]
+    info = actclust.list_layers(str(path), x[:4])
+    assert info["/conv/Conv_output_0"] == (4, 4, 6, 6) and info["/conv/Conv_output_0"].layout == "channels_first"
+    assert info["/conv/Conv_output_0"].op == "Conv" and info["logits"].reduction == "as is (dense)"
+    ac = ActivationClustering(str(path), ["/conv/Conv", "logits"], n_clusters=3, progress=False).fit(x[:60])
+    assert ac.layers_ == ["/conv/Conv_output_0", "logits"]
+    with pytest.raises(ParameterError, match=r"Unknown layer '/conv/Conv_out'.*Did you mean '/conv/Conv_output_0'"):
+        ActivationClustering(str(path), ["/conv/Conv_out"], progress=False).fit(x[:60])
+
+
+# saved and loaded with the same file; the model file is all a run needs
+def test_save_load_report(exported, tmp_path):
+    _, path, x = exported
+    ac = ActivationClustering(str(path), list(TORCH_TO_ONNX.values()), n_clusters=4, progress=False).fit(x[:200])
+    ac.save(tmp_path / "run")
+    back = actclust.load(tmp_path / "run", str(path), progress=False)
+    assert np.array_equal(back.predict(x[200:]), ac.predict(x[200:]))
+    e = back.explain(x[200:202], trust=False)
+    assert e[0].meta["model_class"].startswith("onnx:")
+    html = actclust.report(back, x[200:260], train=x[:200], out=tmp_path / "r.html", n_correct=1, n_wrong=1,
+                           trust=False).read_text()
+    assert "<img" in html
+
+
+# two inputs fed by name (dict) or in the graph's order (tuple)
+def test_several_inputs(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fa, self.out = nn.Linear(3, 4), nn.Linear(6, 3)
+
+        def forward(self, a, b):
+            return self.out(torch.cat([torch.relu(self.fa(a)), b], 1))
+
+    model = Two().eval()
+    path = _export(model, tmp_path / "two.onnx", (torch.randn(2, 3), torch.randn(2, 2)), names=("a", "b"))
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((80, 3)).astype(np.float32), rng.standard_normal((80, 2)).astype(np.float32)
+    layers = ["/fa/Gemm_output_0", "logits"]
+    by_name = ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit({"a": a, "b": b})
+    with torch.no_grad():
+        direct = model(torch.from_numpy(a), torch.from_numpy(b)).argmax(1).numpy()
+    assert np.array_equal(by_name.train_predictions_, direct)
+    with pytest.raises(DataError, match=r"The ONNX model's inputs are \['a', 'b'\]; the batch has \['a', 'c'\]"):
+        ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit({"a": a, "c": b})
+
+
+# a model exported without a dynamic batch axis runs in slices of its batch size, with a warning
+def test_fixed_batch_size(exported, tmp_path):
+    model, _, x = exported
+    path = _export(model, tmp_path / "fixed.onnx", (torch.randn(8, 1, 6, 6),), dynamic=False)
+    with pytest.warns(actclust.ActClustWarning, match="fixed batch size of 8: batches are run in slices"):
+        ac = ActivationClustering(str(path), ["/fc1/Gemm_output_0", "logits"], n_clusters=3, batch_size=50,
+                                  progress=False).fit(x[:100])
+    with torch.no_grad():
+        assert np.array_equal(ac.train_predictions_, model(torch.from_numpy(x[:100])).argmax(1).numpy())
+
+
+# a scikit-learn classifier converted with skl2onnx: its probabilities are read as the model's output
+def test_scikit_learn_probabilities():
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_iris
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_iris(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    clf = MLPClassifier((16,), max_iter=600, random_state=0).fit(x, y)
+    proto = skl2onnx.convert_sklearn(clf, initial_types=[("x", FloatTensorType([None, 4]))],
+                                     options={id(clf): {"zipmap": False}})
+    names = actclust.list_layers(proto)
+    hidden = next(n for n in names if adapt(proto).producer[n].op_type == "Relu")
+    ac = ActivationClustering(proto, [hidden], n_clusters=4, progress=False).fit(x, y)
+    assert np.array_equal(ac.train_predictions_, clf.predict(x))
+    q = ac.query(x[:5])
+    np.testing.assert_allclose(q.dnn_proba, clf.predict_proba(x[:5]), atol=1e-5)  # softmax(log p) = p
+
+
+# a map transposed to channels-last (as tf2onnx exports TensorFlow models) is read channels-last
+def test_channels_last_tensor(tmp_path):
+    class NHWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.head = nn.Conv2d(1, 5, 3, padding=1), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x).permute(0, 2, 3, 1))  # (N, H, W, C)
+            return self.head(h.mean((1, 2)))
+
+    model = NHWC().eval()
+    path = _export(model, tmp_path / "nhwc.onnx", (torch.randn(2, 1, 6, 6),))
+    relu = next(n for n in actclust.list_layers(str(path)) if adapt(str(path)).producer[n].op_type == "Relu")
+    x = np.random.default_rng(0).standard_normal((50, 1, 6, 6)).astype(np.float32)
+    assert actclust.list_layers(str(path), x[:2])[relu].layout == "channels_last"
+    ac = ActivationClustering(str(path), [relu], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        expected = torch.relu(model.conv(torch.from_numpy(x))).mean((2, 3)).numpy()
+    np.testing.assert_allclose(ac.train_vectors_[relu], expected, rtol=1e-5, atol=1e-6)
+
+
+# what cannot run gets a clear error before any work
+def test_bad_models(tmp_path, exported):
+    _, path, x = exported
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a model")
+    with pytest.raises(UnsupportedModelError, match=r"junk.onnx is not an ONNX model .*torch.onnx.export, tf2onnx or skl2onnx"):
+        ActivationClustering(str(junk), ["a"]).fit(x)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match=r"is a TensorFlow SavedModel.*tf2onnx.convert --saved-model"):
+        ActivationClustering(str(saved), ["a"]).fit(x)
+    script = tmp_path / "model.pt"
+    script.write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match=r"model.pt is a PyTorch file.*export it to ONNX"):
+        ActivationClustering(str(script), ["a"]).fit(x)
+    with pytest.raises(UnsupportedModelError, match=r"No ONNX model at .*missing.onnx: the file does not exist"):
+        adapt(str(tmp_path / "missing.onnx"))
+
+
+# inputs the graph cannot take are refused before the model runs, naming what to change
+@pytest.mark.parametrize("make, match", [
+    (lambda x: (np.clip(x, 0, 1) * 255).astype(np.uint8), r"uint8 values \(raw image bytes\?\) but the model's input 'x' is floating"),
+    (lambda x: x.astype(np.int64), r"int64 values but the model's input 'x' is floating: convert the inputs to float"),
+    (lambda x: x.reshape(len(x), -1), r"X has 2 axes \(60, 36\) but the model's input 'x' has 4 \(\(N, 1, 6, 6\)\)"),
+    (lambda x: x[:, :, :5, :5].copy(), r"X has shape \(60, 1, 5, 5\) but the model's input 'x' is \(N, 1, 6, 6\): axis 2 must be 6"),
+])
+def test_bad_inputs(exported, make, match):
+    _, path, x = exported
+    with pytest.raises(DataError, match=match):
+        ActivationClustering(str(path), ["logits"], n_clusters=2, progress=False).fit(make(x[:60]))
+
+
+# a tensor that is not one row per input cannot be a layer
+def test_layer_not_per_sample(tmp_path):
+    class BatchMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x - x.mean(0, keepdim=True))
+
+    path = _export(BatchMean().eval(), tmp_path / "bm.onnx", (torch.randn(3, 4),))
+    mean = next(n for n in actclust.list_layers(str(path)) if adapt(str(path)).producer[n].op_type == "ReduceMean")
+    x = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+    with pytest.raises(CaptureError, match=rf"Layer '{mean}' gives an output of shape \(1, 4\), which is not one row per input"):
+        ActivationClustering(str(path), [mean], n_clusters=2, progress=False).fit(x)
