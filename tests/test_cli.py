@@ -73,9 +73,9 @@ def test_demo_then_score(tmp_path, monkeypatch, capsys):
 
 
 # a demo into an explicit folder holding a run stops before training and names the option
-def test_demo_explicit_out_needs_overwrite_flag(tmp_path, capsys):
-    (tmp_path / "manifest.json").write_text("{}")
-    assert main(["demo", "--quiet", "--out", str(tmp_path), "--epochs", "1"]) == 2
+def test_demo_explicit_out_needs_overwrite_flag(tmp_path, fitted, capsys):
+    fitted.save(tmp_path / "run")
+    assert main(["demo", "--quiet", "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "add --overwrite to replace it" in err and "overwrite=True" not in err
 
@@ -304,7 +304,8 @@ def test_fit_with_store(tmp_path, capsys):
             "--layers", "conv,fc1", "--n-clusters", "3", "--quiet"]
     assert main(base + ["--out", str(tmp_path / "run"), "--store", str(tmp_path / "vectors"),
                         "--store-dtype", "float16"]) == 0
-    assert (tmp_path / "vectors" / "store.json").is_file() and (tmp_path / "run" / "store" / "store.json").is_file()
+    assert len(list((tmp_path / "vectors").glob("gen-*/store.json"))) == 1
+    assert len(list((tmp_path / "run").glob("store-*/store.json"))) == 1
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["params"]["store_dtype"] == "float16" and manifest["state"]["store"]["dtype"] == "float16"
     assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0

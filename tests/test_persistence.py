@@ -90,7 +90,7 @@ def test_no_pickle(fitted, model, data, tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names[0].startswith("arrays-") and names[1] == "manifest.json" and len(names) == 2
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["state"]["layers"] == LAYERS and m["state"]["reducers"]["conv"] == "pca:3"
+    assert m["format_version"] == 3 and m["state"]["layers"] == LAYERS and m["state"]["reducers"]["conv"] == "pca:3"
     raw = _arrays(tmp_path / "run").read_bytes()
     header = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then a JSON header
     assert set(json.loads(raw[8:8 + header])) >= {"weights", "conv/posteriors"}
@@ -207,15 +207,15 @@ def test_killed_save_leaves_no_temp_behind(fitted, model, data, tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 60
-        while not any(p.name.startswith(".arrays-") for p in run.glob(".*")):
+        while not any(p.name.endswith(".actclust-tmp") and any(p.iterdir()) for p in run.glob(".save.*")):
             assert time.monotonic() < deadline, "no temporary file seen while saving"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-    assert any(p.name.endswith(".tmp") for p in run.iterdir())  # what a killed save leaves
+    assert any(p.name.endswith(".actclust-tmp") for p in run.iterdir())  # what a killed save leaves
     fitted.save(run, overwrite=True)
-    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert not any(p.name.startswith(".") for p in run.iterdir())
     assert np.array_equal(actclust.load(run, model, progress=False).predict(data[0]), fitted.predict(data[0]))
 
 
