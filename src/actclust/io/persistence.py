@@ -321,7 +321,7 @@ def _commit(stage: Path, path: Path, manifest: dict, arrays: dict, store, files:
             if name in keep and _real_dir(target):
                 continue  # the current run's store of the same content: hard links to the same files
             if _real_dir(target):  # a killed save's copy: replaced whole
-                os.replace(target, stage / "replaced")
+                atomic.publish(target, stage / "replaced")
             atomic.publish(source, target)
             placed.append(target)
         atomic.publish(stage / MANIFEST, path / MANIFEST)  # the commit

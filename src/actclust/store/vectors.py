@@ -281,14 +281,15 @@ class StoreWriter:
         self.n += sizes.pop() if sizes else 0
 
     def _write(self, l, v: np.ndarray, rows) -> None:
-        if l not in self._files:
-            self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb")
+        if l not in self._files:  # unbuffered: nothing left to flush (and fail) when an error closes it
+            self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb", buffering=0)
             self._hashes[l] = hashlib.sha256()
         data = memoryview(v).cast("B")
         if rows is None:
             if self._hashes[l] is not None:
                 self._hashes[l].update(data)
-            self._files[l].write(data)
+            while len(data):
+                data = data[self._files[l].write(data):]
         else:
             self._hashes[l] = None  # rows land out of order: the file is hashed once complete
             row_bytes = v.shape[1] * self.dtype.itemsize
@@ -321,7 +322,6 @@ class StoreWriter:
             return VectorStore({l: self._collector.get(l) for l in self._widths})
         with atomic.guard("write the vector store", self.directory):
             for f in self._files.values():
-                f.flush()
                 os.fsync(f.fileno())
                 f.close()
             layers = []
@@ -349,7 +349,10 @@ class StoreWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass  # the folder goes below whatever its files hold
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial = None
