@@ -365,10 +365,11 @@ def _prune(path: Path, manifest: dict, old) -> None:
     keep = run_files(manifest)
     stale = run_files(old) if old is not None else set()
     for name in os.listdir(path):
-        if name in keep or not (name in stale or _leftover(name)):
-            continue
+        if name in keep or atomic.is_temp(name) or not (name in stale or _leftover(name)):
+            continue  # temporary entries: atomic.clean, which leaves a live writer's alone
         target = path / name
         shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
+    atomic.clean(path)
     atomic.fsync_dir(path)
 
 
