@@ -669,3 +669,153 @@ def test_one_atomic_helper():
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         assert not calls & banned, (module, calls & banned)
         assert "atomic" in {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}, module
+
+
+# ---------------------------------------------------------------------------- the refusals, each with its message
+# recorded models and weights the CLI refuses, each saying why and what to add
+@pytest.mark.parametrize("metadata, extra, match", [
+    ({"model": "nowhere_module:build"}, ["--trust-run-model"],
+     "--trust-run-model: the module 'nowhere_module' that the run at run records is neither in the current folder"),
+    ({"model": "no-colon"}, ["--trust-run-model"], "records its model as 'no-colon', not as 'package.module:callable'"),
+    ({"model": "conftest:TinyCNN", "weights": "missing.safetensors"}, ["--model", "conftest:TinyCNN"],
+     "The weights file run/missing.safetensors that the run at run records is missing; add --weights"),
+    ({"model": "conftest:TinyCNN", "weights": "sub"}, ["--model", "conftest:TinyCNN"],
+     "The weights run/sub that the run at run records are not a regular file in the run"),
+    ({"model": "conftest:TinyCNN", "weights": "w.pt"}, ["--model", "conftest:TinyCNN"],
+     "records the weights 'w.pt', which are not a .safetensors file; a run's files are read as JSON and safetensors"),
+])
+def test_cli_run_refusals(fitted, npz, cwd, capsys, metadata, extra, match):
+    fitted.save(cwd / "run", metadata=metadata)
+    (cwd / "run" / "sub").mkdir()
+    (cwd / "run" / "w.pt").write_bytes(b"\x80\x04pickle")
+    assert main(["score", "run", "--data", str(npz), "--quiet", *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+# weights the run records are checked against their SHA-256 in the manifest
+def test_cli_recorded_weights_checked(fitted, npz, cwd, capsys):
+    from actclust.adapters import adapt
+    from actclust.io import persistence
+    from actclust.cli.commands import _weights_bytes
+
+    data = _weights_bytes(fitted.model)
+    name = persistence.hashed_name("model.safetensors", data)
+    persistence.save(fitted.state_, persistence.params_of(fitted), adapt(fitted.model), cwd / "run",
+                     metadata={"model": "conftest:TinyCNN", "weights": name}, files={name: data})
+    assert main(["score", "run", "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN"]) == 0
+    raw = bytearray((cwd / "run" / name).read_bytes())
+    raw[-1] ^= 1
+    (cwd / "run" / name).write_bytes(raw)
+    assert main(["score", "run", "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN"]) == 2
+    assert f"run/{name} does not match its SHA-256 in the run's manifest" in capsys.readouterr().err
+
+
+# links and devices in a run folder are refused: a link could point anywhere (/dev/zero, /etc/...)
+def test_links_in_a_run_refused(model, data, tmp_path):
+    from actclust.io.persistence import _digest
+
+    ac = _fit(model, *data, store=tmp_path / "vectors")
+    run = tmp_path / "run"
+    ac.save(run)
+    manifest = run / "manifest.json"
+    good = manifest.read_text()
+    manifest.unlink()
+    manifest.symlink_to("/dev/zero")
+    with pytest.raises(InvalidSaveError, match="manifest.json is not a regular file of at most 64 MiB"):
+        actclust.load(run, model)
+    manifest.unlink()
+    manifest.write_text(good)
+    (arrays,) = run.glob("arrays-*")
+    os.rename(arrays, tmp_path / "elsewhere")
+    arrays.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InvalidSaveError, match=r"The array file .* is not a regular file \(a link or a device"):
+        actclust.load(run, model)
+    arrays.unlink()
+    os.rename(tmp_path / "elsewhere", arrays)
+    (store,) = run.glob("store-*")
+    layer = store / "layer-1.bin"
+    os.rename(layer, tmp_path / "layer")
+    layer.symlink_to(tmp_path / "layer")
+    with pytest.raises(InvalidSaveError, match=r"The stored vector file .*layer-1.bin is missing or not a regular file"):
+        actclust.load(run, model)
+    with pytest.raises(InvalidSaveError, match=r"lacks 'layer-1.bin' \(layer 'conv:grid'\), or it is not a regular file"):
+        actclust.store.VectorStore.open(store)
+    os.rename(store, tmp_path / "store")
+    store.symlink_to(tmp_path / "store")
+    with pytest.raises(InvalidSaveError, match=r"The vector store folder .* of the saved run is missing or is a link"):
+        actclust.load(run, model)
+    m = json.loads(good)
+    m["state"]["store"]["dir"] = "../vectors"
+    m["digest"] = _digest(m)
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(InvalidSaveError, match=r"manifest.json describes its vector store wrongly \('../vectors'\)"):
+        actclust.load(run, model)
+
+
+# files kept with a run: plain names, bytes or None; nothing of the run's own
+@pytest.mark.parametrize("files, match", [
+    (["report.html"], "files must be a dict of file name -> bytes"),
+    ({"../x": b""}, r"Cannot keep a file named '../x' with the run"),
+    ({"manifest.json": b""}, r"Cannot keep a file named 'manifest.json'"),
+    ({"arrays-0123456789abcdef.safetensors": b""}, r"Cannot keep a file named 'arrays-0123456789abcdef"),
+    ({"notes.txt": "text"}, r"files\['notes.txt'\] must be bytes or None. Got str"),
+])
+def test_files_kept_with_a_run_checked(fitted, tmp_path, files, match):
+    from actclust.adapters import adapt
+    from actclust.io import persistence
+
+    with pytest.raises(ParameterError, match=match):
+        persistence.save(fitted.state_, persistence.params_of(fitted), adapt(fitted.model), tmp_path / "run",
+                         files=files)
+    assert not (tmp_path / "run").exists()
+
+
+# a parameter that is not JSON is refused before anything is written; permissions become ours too
+def test_unsaveable_parameter_and_permission(fitted, tmp_path, monkeypatch):
+    import pathlib
+
+    fitted.ray_options = {"columns": {"x"}}
+    with pytest.raises(ParameterError, match=r"Cannot save the run: a parameter or fitted value is not JSON"):
+        fitted.save(tmp_path / "run")
+    fitted.ray_options = None
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", denied)
+    with pytest.raises(StoragePermissionError, match=r"Could not save the run to .*Permission denied.*choose a folder "
+                                                     r"you may write to"):
+        fitted.save(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# across file systems the run copies the store (hard links fail); a store file changed in place
+# since fit is caught while copying
+def test_store_copied_across_file_systems(model, data, tmp_path, monkeypatch):
+    ac = _fit(model, *data, store=tmp_path / "vectors")
+    expected = ac.similar(data[0][:20], k=3, search="exact").indices
+
+    def exdev(*a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", exdev)
+    ac.save(tmp_path / "run")
+    (copied,) = (tmp_path / "run").glob("store-*/layer-0.bin")
+    assert not os.path.samefile(copied, ac.state_.train_vectors.directory / "layer-0.bin")
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    np.testing.assert_array_equal(loaded.similar(data[0][:20], k=3, search="exact").indices, expected)
+    with open(ac.state_.train_vectors.directory / "layer-1.bin", "r+b") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(InvalidSaveError, match=r"The stored vectors of layer 'conv:grid' .* changed after fit"):
+        ac.save(tmp_path / "run2")
+    assert list((tmp_path / "run2").iterdir()) == []
+
+
+# study analyze --html refuses a directory, naming the file to give
+def test_study_analyze_html_directory(tmp_path, study_source, capsys):
+    from conftest import make_study
+
+    folder = make_study(tmp_path / "s", study_source, conditions=["none"])
+    (tmp_path / "out").mkdir()
+    assert main(["study", "analyze", str(folder), "--html", str(tmp_path / "out")]) == 2
+    assert f"--html {tmp_path / 'out'} is a directory; give the HTML file to write" in capsys.readouterr().err
