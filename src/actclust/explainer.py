@@ -111,8 +111,9 @@ class ActivationClustering:
         Where the training vectors live: ``None`` keeps them in memory; a directory path writes
         them there while capturing (one raw file per layer) and memory-maps them, so the
         resident memory of ``fit``, ``explain`` and ``trust`` does not grow with the training set
-        (see :mod:`actclust.store`). Each fit replaces the store in that directory. They take
-        ``n_samples x sum of layer widths x bytes`` (logged before the capture).
+        (see :mod:`actclust.store`). Each fit writes its own generation in that directory and
+        keeps it while the explainer lives, so fits sharing a directory never change each other's
+        vectors. They take ``n_samples x sum of layer widths x bytes`` (logged before the capture).
     store_dtype : {"float32", "float16"}, default="float32"
         Precision of the stored training vectors; ``"float16"`` halves memory and disk (the
         clustering and distances are computed in float32 either way).

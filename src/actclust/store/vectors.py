@@ -345,7 +345,10 @@ class StoreWriter:
             atomic.publish(self._partial, generation)  # open memory maps follow the folder
         self._partial = None
         self._store.directory, self._store.hold, self._hold = generation, self._hold, None
-        clean_store(self.directory)
+        try:
+            clean_store(self.directory)
+        except OSError:  # the fit succeeded; what could not be removed now goes at the next fit
+            pass
 
     def abort(self) -> None:
         for f in self._files.values():
