@@ -207,15 +207,15 @@ def test_killed_save_leaves_no_temp_behind(fitted, model, data, tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 60
-        while not any(p.name.startswith(".arrays-") for p in run.glob(".*")):
+        while not any(p.name.endswith(".actclust-tmp") and any(p.iterdir()) for p in run.glob(".save.*")):
             assert time.monotonic() < deadline, "no temporary file seen while saving"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-    assert any(p.name.endswith(".tmp") for p in run.iterdir())  # what a killed save leaves
+    assert any(p.name.endswith(".actclust-tmp") for p in run.iterdir())  # what a killed save leaves
     fitted.save(run, overwrite=True)
-    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert not any(p.name.startswith(".") for p in run.iterdir())
     assert np.array_equal(actclust.load(run, model, progress=False).predict(data[0]), fitted.predict(data[0]))
 
 

@@ -22,9 +22,11 @@ def test_disk_store_identical_to_memory(model, data, tmp_path):
     mem = _fit(model, x, y)
     disk = _fit(model, x, y, store=tmp_path / "vectors")
     assert disk.state_.train_vectors.on_disk and not mem.state_.train_vectors.on_disk
-    # three layers and the conv layer's spatial summary
-    assert sorted(os.listdir(tmp_path / "vectors")) == ["layer-0.bin", "layer-1.bin", "layer-2.bin", "layer-3.bin",
-                                                        "store.json"]
+    # one generation: three layers and the conv layer's spatial summary
+    (gen,) = os.listdir(tmp_path / "vectors")
+    assert gen.startswith("gen-") and disk.state_.train_vectors.directory == tmp_path / "vectors" / gen
+    assert sorted(os.listdir(tmp_path / "vectors" / gen)) == ["layer-0.bin", "layer-1.bin", "layer-2.bin",
+                                                              "layer-3.bin", "store.json"]
     for l in mem.layers_:
         np.testing.assert_array_equal(np.asarray(disk.train_vectors_[l]), mem.train_vectors_[l])
         np.testing.assert_array_equal(disk.clusterings_[l].centers_, mem.clusterings_[l].centers_)
@@ -43,7 +45,7 @@ def test_float16_store(model, data, tmp_path):
     x, y = data
     full = _fit(model, x, y, store=tmp_path / "a")
     half = _fit(model, x, y, store=tmp_path / "b", store_dtype="float16")
-    size = lambda p: sum(f.stat().st_size for f in p.glob("*.bin"))  # noqa: E731
+    size = lambda p: sum(f.stat().st_size for f in p.glob("gen-*/*.bin"))  # noqa: E731
     assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
     widths = full.state_.train_vectors.widths
     assert size(tmp_path / "a") == estimate(len(x), widths, "float32")
@@ -56,7 +58,7 @@ def test_failed_fit_leaves_no_partial_store(model, data, tmp_path, monkeypatch):
     x, y = data
     store = tmp_path / "vectors"
     ac = _fit(model, x, y, store=store)
-    before = {f: (store / f).read_bytes() for f in os.listdir(store)}
+    before = {str(f.relative_to(store)): f.read_bytes() for f in store.rglob("*") if f.is_file()}
 
     def boom(*a, **k):
         raise RuntimeError("clustering failed")
@@ -66,7 +68,7 @@ def test_failed_fit_leaves_no_partial_store(model, data, tmp_path, monkeypatch):
     monkeypatch.setattr(actclust.fitting, "learn", boom)
     with pytest.raises(RuntimeError, match="clustering failed"):
         ac.fit(x[::-1].copy(), y[::-1].copy())
-    assert {f: (store / f).read_bytes() for f in os.listdir(store)} == before  # no .partial-* left
+    assert {str(f.relative_to(store)): f.read_bytes() for f in store.rglob("*") if f.is_file()} == before  # no partial
     fresh = tmp_path / "new"
     with pytest.raises(RuntimeError, match="clustering failed"):
         _fit(model, x, y, store=fresh)
@@ -77,9 +79,11 @@ def test_failed_fit_leaves_no_partial_store(model, data, tmp_path, monkeypatch):
 def test_store_directory_checks(model, data, tmp_path):
     x, y = data
     store = tmp_path / "vectors"
-    (store / ".partial-999999999-abc123").mkdir(parents=True)  # no such process
+    killed = store / f".gen.{'0' * 32}.actclust-tmp"  # a killed fit's generation: nobody holds it
+    killed.mkdir(parents=True)
+    (killed / "layer-0.bin").write_bytes(b"x" * 100)
     _fit(model, x, y, store=store)
-    assert ".partial-999999999-abc123" not in os.listdir(store)
+    assert killed.name not in os.listdir(store)
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"x")
@@ -98,20 +102,23 @@ def test_save_and_load_disk_store(model, data, tmp_path):
     x, y = data
     ac = _fit(model, x, y, store=tmp_path / "vectors", store_dtype="float16")
     ac.save(tmp_path / "run")
-    assert (tmp_path / "run" / "store" / "store.json").is_file()
+    (run_store,) = (tmp_path / "run").glob("store-*")
+    assert (run_store / "store.json").is_file()
     from safetensors.numpy import load_file
 
     arrays = load_file(str(next((tmp_path / "run").glob("arrays-*.safetensors"))))
     assert not [k for k in arrays if k.endswith("train_vectors")]
-    for f in (tmp_path / "vectors").glob("*.bin"):  # hard links: the same file, not a copy
-        assert os.path.samefile(f, tmp_path / "run" / "store" / f.name)
+    for f in (tmp_path / "vectors").glob("gen-*/*.bin"):  # hard links: the same file, not a copy
+        assert os.path.samefile(f, run_store / f.name)
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert loaded.state_.train_vectors.on_disk and loaded.state_.train_vectors.dtype == "float16"
     np.testing.assert_array_equal(loaded.similar(x[:10], k=3).indices, ac.similar(x[:10], k=3).indices)
-    with open(tmp_path / "run" / "store" / "layer-1.bin", "ab") as f:  # damage the store
+    with open(run_store / "layer-1.bin", "ab") as f:  # damage the store
         f.write(b"\0" * 8)
-    with pytest.raises(InvalidSaveError, match=r"layer-1.bin holds \d+ bytes; the store's manifest says"):
+    with pytest.raises(InvalidSaveError, match=r"layer-1.bin does not match its SHA-256 in manifest.json"):
         actclust.load(tmp_path / "run", model, progress=False)
+    with pytest.raises(InvalidSaveError, match=r"layer-1.bin holds \d+ bytes; the store's manifest says"):
+        actclust.load(tmp_path / "run", model, progress=False, verify=False)
 
 
 # the writer refuses batches whose width changes, and an unknown store is refused on open

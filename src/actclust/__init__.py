@@ -27,7 +27,7 @@ _PUBLIC = {
 _EXCEPTIONS = (
     "ActClustError", "ParameterError", "NotFittedError", "CaptureError", "UnsupportedModelError", "DataError",
     "InvalidSaveError", "RunExistsError", "DataNotFoundError", "ModelImportError", "IDECTrainingError",
-    "MissingDependencyError",
+    "MissingDependencyError", "StorageError", "DiskFullError", "StoragePermissionError",
     "ActClustWarning", "ModelMismatchWarning", "ConvergenceWarning", "DistillWarning", "IDECWarning",
     "RenderWarning", "DataWarning", "TrustWarning",
 )

@@ -21,6 +21,9 @@ __all__ = [
     "DataNotFoundError",
     "ModelImportError",
     "MissingDependencyError",
+    "StorageError",
+    "DiskFullError",
+    "StoragePermissionError",
     "ActClustWarning",
     "ModelMismatchWarning",
     "ConvergenceWarning",
@@ -75,6 +78,21 @@ class ModelImportError(ActClustError, ImportError):
 
 class MissingDependencyError(ActClustError, ImportError):
     """An optional dependency a feature needs is not installed; the message names the extra to install."""
+
+
+class StorageError(ActClustError, OSError):
+    """Reading or writing a file failed for a reason of the system (no such folder, a path that is
+    not a folder, an I/O error); the message names the path and what to do. Nothing partial is
+    left behind. ``errno`` and ``filename`` are those of the original error, its ``__cause__``."""
+
+
+class DiskFullError(StorageError):
+    """The disk (or the quota) ran out of space while actclust wrote a file; nothing partial is
+    left behind. Free space, or write to another disk."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """actclust may not create, write or replace a file (permissions, a read-only file system)."""
 
 
 class ActClustWarning(UserWarning):

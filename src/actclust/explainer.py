@@ -96,8 +96,9 @@ class ActivationClustering:
         Where the training vectors live: ``None`` keeps them in memory; a directory path writes
         them there while capturing (one raw file per layer) and memory-maps them, so the
         resident memory of ``fit``, ``explain`` and ``trust`` does not grow with the training set
-        (see :mod:`actclust.store`). Each fit replaces the store in that directory. They take
-        ``n_samples x sum of layer widths x bytes`` (logged before the capture).
+        (see :mod:`actclust.store`). Each fit writes its own generation in that directory and
+        keeps it while the explainer lives, so fits sharing a directory never change each other's
+        vectors. They take ``n_samples x sum of layer widths x bytes`` (logged before the capture).
     store_dtype : {"float32", "float16"}, default="float32"
         Precision of the stored training vectors; ``"float16"`` halves memory and disk (the
         clustering and distances are computed in float32 either way).
@@ -366,7 +367,7 @@ class ActivationClustering:
         """
         from .io.persistence import params_of, save
 
-        save(self.state_, params_of(self), self._adapter(), path, custom_output=self.output is not None,
+        save(self._state(), params_of(self), self._adapter(), path, custom_output=self.output is not None,
              overwrite=overwrite, metadata=metadata)
 
     def __repr__(self) -> str:
@@ -374,19 +375,21 @@ class ActivationClustering:
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
 
 
-def load(path, model, *, output=None, progress: bool = True) -> ActivationClustering:
+def load(path, model, *, output=None, progress: bool = True, verify: bool = True) -> ActivationClustering:
     """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
 
     ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
     A run fitted with ``output=`` needs the same function again. Raises
     :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save, and warns
     with :class:`ModelMismatchWarning` when ``model``'s weights differ from the fitted model's.
-    Loading parses JSON and safetensors only: it runs no code from the run's folder.
+    Loading parses JSON and safetensors only: it runs no code from the run's folder (see
+    ``docs/security.md``). ``verify`` checks every file of the run against its SHA-256 in one
+    streaming pass (a progress bar on large stores); ``verify=False`` skips it for runs you trust.
     """
     from .exceptions import InvalidSaveError
     from .io.persistence import check_model, read_run
 
-    state, params, manifest = read_run(path)
+    state, params, manifest = read_run(path, verify=verify, progress=progress)
     if manifest.get("custom_output") and output is None:
         raise ParameterError(
             f"The run at {path} was fitted with a custom output= function; pass the same one: "

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..exceptions import ParameterError, RunExistsError
-from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, say, warn
-from .inputs import build_model, check_layers, load_data, load_run
+from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, run_model_options, say, warn
+from .inputs import build_model, check_layers, is_model_file, load_data, load_run
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
@@ -120,9 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="directory of a saved run")
     s.add_argument("--data", required=True, help="'digits', 'fashion-mnist' (test split; pixels in [0, 1]), or an .npz "
                                                  "with x (and y) prepared as the training inputs were")
-    s.add_argument("--model", help="the model callable as package.module:callable "
-                                   "(default: the one the run was fitted with)")
-    s.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
+    run_model_options(s)
     s.add_argument("--json", action="store_true", help="print the scores as JSON")
     _common(s, overwrite=False)
     s.set_defaults(func=_score)
@@ -137,9 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report.html", help="HTML file to write")
     r.add_argument("--n-correct", type=int_at_least(0), default=4, help="inputs the DNN got right to explain")
     r.add_argument("--n-wrong", type=int_at_least(0), default=4, help="inputs the DNN got wrong to explain")
-    r.add_argument("--model", help="the model callable as package.module:callable "
-                                   "(default: the one the run was fitted with)")
-    r.add_argument("--weights", help="state dict for the model (default: the one the run was fitted with)")
+    run_model_options(r)
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(r, overwrite=False)
     r.set_defaults(func=_report)
@@ -170,7 +166,8 @@ def _demo(args) -> int:
     from ..io.persistence import check_writable
 
     out = Path(args.out)
-    # The default folder belongs to the demo: each demo run replaces it, and says so.
+    # The default folder belongs to the demo: each demo run replaces the run it wrote there (and
+    # only that: a folder holding anything else is refused, as for --overwrite).
     overwrite = args.overwrite or args.out == DEMO_OUT
     check_writable(out, overwrite, flag=OVERWRITE_FLAG)  # before training, not after
     torch.manual_seed(0)
@@ -186,11 +183,12 @@ def _demo(args) -> int:
     print(format_scores(ac.score(x_te, y_te), ac))
     if overwrite and (out / "manifest.json").exists():
         say(args, f"replacing the previous run in {out}/")
-    _save(ac, out, overwrite, {"model": "actclust.models:digits_cnn", "weights": "model.safetensors"}, model, "digits")
+    # report.html is recorded as the run's own file, so the next demo may replace it, and only it
+    _save(ac, out, overwrite, "actclust.models:digits_cnn", model, "digits", also=("report.html",))
     from ..views.report import report
 
     path = report(ac, x_te, y_te, out=out / "report.html", train=x_tr, title="actclust demo: a small CNN on digits",
-                  overwrite=True)  # the run folder was just (re)written by this demo
+                  overwrite=True)  # the run folder was just (re)written by this demo, and it owns report.html
     print(f"wrote the HTML report {path}: open it in a browser")
     return EXIT_OK
 
@@ -231,8 +229,7 @@ def _fit(args) -> int:
     )
     ac.fit(x, y)
     print(format_scores(ac.train_score_, ac, title="on the training data (in-sample)"))
-    weights_path = str(Path(args.weights).resolve()) if args.weights else None
-    _save(ac, Path(args.out), args.overwrite, {"model": args.model, "weights": weights_path}, None, args.data)
+    _save(ac, Path(args.out), args.overwrite, args.model, model, args.data)
     return EXIT_OK
 
 
@@ -319,13 +316,44 @@ def _layer_weights(text, layers: list):
     return weights
 
 
-def _save(ac, out: Path, overwrite: bool, metadata: dict, model, data: str) -> None:
-    ac.save(out, overwrite=overwrite, metadata=metadata)
-    if model is not None:
-        from safetensors.torch import save_file
+def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) -> None:
+    """Save the run with the model inside it, named by its hash (a PyTorch model's weights as safetensors,
+    an ONNX or Keras model's file as it is): the run is whole by itself, and a later command reads no
+    model file from outside it. ``also`` names files the command writes into the run afterwards (the
+    demo's report), recorded as the run's own."""
+    from ..adapters import adapt
+    from ..io.persistence import hashed_name, params_of, save
 
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    print(f"saved the run to {out}/; score it again with: {command('score', out, '--data', data)}")
+    adapter = adapt(ac.model, ac.output)
+    if adapter.framework == "torch":
+        content = _weights_bytes(adapter.inner)
+        name = hashed_name("model.safetensors", content)
+        metadata = {"model": spec, "weights": name}
+    else:  # the file the user gave: ONNX is data; a recorded .keras needs opt-in to load (see cli/inputs.py)
+        content = Path(spec).read_bytes() if is_model_file(spec) else None
+        if content is None:
+            raise ParameterError(f"{spec} builds a {adapter.framework} model that actclust cannot keep in the run; save it "
+                                 "as a .onnx or .keras file and give that file.")
+        name = hashed_name("model" + Path(spec).suffix.lower(), content)
+        metadata = {"model": name}
+    save(ac.state_, params_of(ac), adapter, out, overwrite=overwrite, metadata=metadata,
+         files={name: content, **{f: None for f in also}})
+    from .inputs import TRUSTED_MODELS
+
+    own = spec in TRUSTED_MODELS or metadata["model"].endswith(".onnx")  # a run's own record is not imported
+    model_option = () if own else ("--model", spec)
+    print(f"saved the run to {out}/; score it again with: {command('score', out, '--data', data, *model_option)}")
+
+
+def _weights_bytes(model) -> bytes:
+    """The model's state dict in safetensors format (tensors copied, so tied weights save too)."""
+    from safetensors.torch import save as to_bytes
+
+    torch = sys.modules["torch"]  # the model is a torch.nn.Module: torch is imported
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    return to_bytes(state)
 
 
 def format_scores(scores: dict, ac, title: str = "on the test data") -> str:

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn"]
+__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,6 +35,16 @@ def int_at_least(low: int, why: str = ""):
         return value
 
     return parse
+
+
+def run_model_options(p) -> None:
+    """--model, --weights and --trust-run-model, for the commands that load a saved run."""
+    p.add_argument("--model", help="the model callable as package.module:callable, imported as by 'fit' (default: the "
+                                   "one the run records, if it is one of actclust's own builders; see --trust-run-model)")
+    p.add_argument("--weights", help="state dict for the model (default: the weights file inside the run)")
+    p.add_argument("--trust-run-model", action="store_true",
+                   help="import and run the model callable the run records even when it is not one of actclust's "
+                        "own (it says which files first; never from inside the run folder). Only for runs you trust")
 
 
 OVERWRITE_FLAG = "add --overwrite"  # how the CLI replaces a run or a report, in its messages

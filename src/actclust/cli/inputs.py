@@ -1,18 +1,40 @@
-"""What the commands read: built-in data sets and .npz files, models named by the user, saved runs."""
+"""What the commands read: built-in data sets and .npz files, models named by the user, saved runs.
+
+A saved run records how to rebuild its model (``metadata.model``, ``metadata.weights``), but a run
+folder may come from anyone, so the commands treat that record as data, not as instructions (see
+``docs/security.md``): they build a recorded model only when it is one of actclust's own builders
+(:data:`TRUSTED_MODELS`, imported from the installed package, the current folder and the run
+folder never searched), when the user names it (``--model``), or when the user opts in
+(``--trust-run-model``, which says what it will import first and never imports from the run
+folder). Recorded weights are read only from inside the run folder, only as safetensors, checked
+against their SHA-256 in the manifest. A run fitted on an ONNX file keeps a copy of it
+(``model-<hash>.onnx``): an ONNX graph is data (onnxruntime runs its operators, no Python), so it is
+loaded by default, from inside the run, checked by its SHA-256. A recorded ``.keras`` file is not:
+Keras deserialisation has had ways around its safe mode, so it needs ``--model`` or ``--trust-run-model``.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
+import stat
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..exceptions import DataNotFoundError, ModelImportError, ParameterError, UnsupportedModelError
+from ..exceptions import DataNotFoundError, InvalidSaveError, ModelImportError, ParameterError, UnsupportedModelError
 from .common import command
 
-__all__ = ["check_layers", "load_run", "import_factory", "build_model", "load_data"]
+__all__ = ["check_layers", "load_run", "import_factory", "build_model", "load_data", "TRUSTED_MODELS",
+           "recorded_weights", "recorded_file", "locate_module", "MODEL_FILES", "is_model_file"]
+
+#: Model files the commands take directly, instead of a ``package.module:callable``.
+MODEL_FILES = (".onnx", ".keras")
+
+#: Model builders shipped with actclust: a run that records one of them is rebuilt without opt-in;
+#: they are our code, imported from the installed package, not anything the run folder holds.
+TRUSTED_MODELS = ("actclust.models:digits_cnn", "actclust.models:fashion_cnn", "actclust.models:resnet18")
 
 
 def check_layers(layers: list, model, spec: str) -> None:
@@ -22,18 +44,145 @@ def check_layers(layers: list, model, spec: str) -> None:
 
 
 def load_run(args):
+    """The saved run at ``args.run`` bound to its model, built as the module's docstring says."""
     from ..explainer import load
     from ..io.persistence import read_manifest
 
-    meta = read_manifest(args.run).get("metadata", {})
-    spec = args.model or meta.get("model")
-    if not spec:
-        raise ParameterError(f"The run at {args.run} does not say how to build its model; add --model with the "
-                         "callable that builds it, as package.module:callable.")
-    weights = args.weights or meta.get("weights")
-    if weights and not Path(weights).is_absolute() and not args.weights:
-        weights = str(Path(args.run) / weights)
-    return load(args.run, build_model(spec, weights), progress=not args.quiet)
+    run = Path(args.run)
+    manifest = read_manifest(run)
+    meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+    weights = args.weights or recorded_weights(run, manifest)
+    if args.model:  # named by the user: imported as `actclust fit` does
+        return load(run, build_model(args.model, weights), progress=not args.quiet)
+    spec = meta.get("model")
+    if not isinstance(spec, str) or not spec:
+        raise ParameterError(f"The run at {run} does not say how to build its model; add --model with the "
+                             "callable that builds it, as package.module:callable.")
+    if spec.endswith(".onnx"):  # a graph kept in the run: data, read from inside the run only
+        return load(run, build_model(str(recorded_file(run, manifest, "model", (".onnx",))), None),
+                    progress=not args.quiet)
+    if spec.endswith(".keras") and getattr(args, "trust_run_model", False):
+        return load(run, build_model(str(recorded_file(run, manifest, "model", (".keras",))), None),
+                    progress=not args.quiet)
+    if spec.endswith(".keras"):
+        raise ModelImportError(
+            f"The run at {run} records its model as the Keras file {spec!r}; loading a .keras file can run code its "
+            "author chose, so actclust does not load one a run folder holds unless you ask: add --model with your own "
+            "copy of the model, or add --trust-run-model.")
+    if spec in TRUSTED_MODELS:
+        factory = _trusted_factory(spec)
+    elif getattr(args, "trust_run_model", False):
+        factory = _opted_in_factory(spec, run, args)
+    else:
+        raise ModelImportError(
+            f"The run at {run} records its model as {spec!r}, which is not one of actclust's own model builders. "
+            "actclust does not import code a run folder names (a folder someone sends you could name its own code). "
+            f"If you trust it, name the model yourself: add --model {spec} (imported as 'actclust fit' does, from the "
+            "current folder or the installed packages), or add --trust-run-model."
+        )
+    return load(run, _build(factory, spec, weights), progress=not args.quiet)
+
+
+def _trusted_factory(spec: str):
+    """One of :data:`TRUSTED_MODELS`, from the installed actclust: ``actclust`` is already imported,
+    so its submodules are found through its own ``__path__``, never through ``sys.path``."""
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _opted_in_factory(spec: str, run: Path, args):
+    """``--trust-run-model``: say what will run, refuse code inside the run folder, then import."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ParameterError(f"The run at {run} records its model as {spec!r}, not as 'package.module:callable'.")
+    origins = locate_module(module_name, [os.getcwd(), *[p for p in sys.path if p]])
+    if not origins:
+        raise ModelImportError(f"--trust-run-model: the module {module_name!r} that the run at {run} records is "
+                               f"neither in the current folder ({os.getcwd()}) nor among the installed packages.")
+    inside = [o for o in origins if _is_within(o, run)]
+    if inside:
+        raise ModelImportError(f"The run at {run} records its model as {spec!r}, whose code lies inside the run folder "
+                               f"({inside[0]}); actclust never imports code from a run folder, even with "
+                               "--trust-run-model. Copy the module elsewhere after reading it, and add --model.")
+    print(f"actclust {args.command}: --trust-run-model: importing {module_name!r} (running "
+          f"{', '.join(str(o) for o in origins)}) and calling {attr}(), as recorded in the run at {run}",
+          file=sys.stderr)
+    return import_factory(spec)
+
+
+def locate_module(module_name: str, search: list) -> list:
+    """The files that importing ``module_name`` would run (its packages' ``__init__`` files and the
+    module), found without running anything; ``[]`` when it is not found. Modules already imported
+    give their own file."""
+    from importlib.machinery import PathFinder
+
+    parts, origins, path = module_name.split("."), [], list(search)
+    for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
+        if name in sys.modules:
+            module = sys.modules[name]
+            origin, path = getattr(module, "__file__", None), list(getattr(module, "__path__", []) or [])
+        else:
+            spec = PathFinder.find_spec(name, path)
+            if spec is None:
+                return []
+            origin, path = spec.origin, list(spec.submodule_search_locations or [])
+        if origin and origin not in ("built-in", "frozen", "namespace"):
+            origins.append(Path(origin))
+        else:
+            origins.extend(Path(p) for p in path)  # a namespace package: its folders
+    return origins
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def recorded_weights(run: Path, manifest: dict):
+    """The weights file the run records, or None (see :func:`recorded_file`)."""
+    return recorded_file(run, manifest, "weights", (".safetensors",))
+
+
+def recorded_file(run: Path, manifest: dict, key: str, suffixes: tuple):
+    """The file the run records under ``metadata[key]``, or None: a relative path inside the run folder
+    (no ``..``, no link on the way, a regular file ending in one of ``suffixes``), checked against its
+    SHA-256 when the manifest records one."""
+    from ..io import atomic
+
+    meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+    recorded = meta.get(key)
+    if recorded is None:
+        return None
+    what = "weights" if key == "weights" else "model"
+    own = f"; add --{what} with a {what} file of your own to use one."
+    rel = Path(recorded) if isinstance(recorded, str) and recorded else None
+    if rel is None or rel.is_absolute() or ".." in rel.parts or rel.drive:
+        raise InvalidSaveError(f"The run at {run} records its {what} as {recorded!r}, which is not a path inside the run "
+                               "folder; actclust reads the files a run records only from inside it" + own)
+    here = run
+    for part in rel.parts:
+        here = here / part
+        if here.is_symlink():
+            raise InvalidSaveError(f"The {what} {recorded!r} that the run at {run} records pass through the link "
+                                   f"{here}, which could point out of the run folder; actclust does not follow it" + own)
+    path = run / rel
+    if not path.exists():
+        raise DataNotFoundError(f"The {what} file {path} that the run at {run} records is missing" + own)
+    if not stat.S_ISREG(path.lstat().st_mode) or not _is_within(path, run):
+        raise InvalidSaveError(f"The {what} {path} that the run at {run} records are not a regular file in the run" + own)
+    if path.suffix not in suffixes:
+        raise InvalidSaveError(f"The run at {run} records the {what} {recorded!r}, which are not a {' or '.join(suffixes)} "
+                               "file; a run's files are read as JSON, safetensors and ONNX only (a .pt file is a pickle)"
+                               + own)
+    expected = (manifest.get("files") or {}).get(recorded) if isinstance(manifest.get("files"), dict) else None
+    if expected is not None and atomic.sha256_file(path) != expected:
+        raise InvalidSaveError(f"{path} does not match its SHA-256 in the run's manifest: the {what} file was changed "
+                               "after saving. Restore it, or fit and save again" + own)
+    return path
 
 
 def import_factory(spec: str):
@@ -69,17 +218,13 @@ def import_factory(spec: str):
     return factory
 
 
-#: Model files the commands take directly, instead of a ``package.module:callable``.
-MODEL_FILES = (".onnx", ".keras")
-
-
 def is_model_file(spec: str) -> bool:
     return Path(spec).suffix.lower() in MODEL_FILES
 
 
 def build_model(spec: str, weights):
-    """The model named on the command line: an ``.onnx`` or ``.keras`` file (loaded by its adapter), or
-    what ``package.module:callable`` returns (a PyTorch module gets ``--weights``, a state dict)."""
+    """The model named on the command line: an ``.onnx`` or ``.keras`` file (read by its adapter), or what
+    ``package.module:callable`` returns, with ``weights`` (a path to a PyTorch state dict) loaded into it."""
     from ..adapters import adapt
 
     if is_model_file(spec):
@@ -89,7 +234,12 @@ def build_model(spec: str, weights):
         if not Path(spec).is_file():
             raise DataNotFoundError(f"Model file {spec} not found.")
         return adapt(spec)  # read once; the estimator takes the adapter
-    factory = import_factory(spec)
+    return _build(import_factory(spec), spec, weights)
+
+
+def _build(factory, spec: str, weights):
+    from ..adapters import adapt
+
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
         raise ParameterError(f"{spec} is a model instance; give a function or class that builds the model instead.")

@@ -1,17 +1,26 @@
 """Save and load fitted explainers without pickle.
 
-A run is a directory holding ``manifest.json`` and one ``arrays-<hash>.safetensors`` file. The
-manifest holds the format version, the estimator's parameters (every parameter of its
-signature), the fitted state's scalars (layers, classes, input spec, reducers, clusterings), a
-fingerprint of the model's weights, the SHA-256 of the array file, and a ``digest``: the SHA-256
-of everything else in the manifest, so that an edit of any value that affects results is caught
-at load. Loaded arrays are validated (shapes, finite values, weights that sum to 1). Loading
-parses JSON and safetensors only, so a file cannot run code.
+A run is a folder holding ``manifest.json``, one ``arrays-<hash>.safetensors`` file, with
+``store=`` a ``store-<hash>/`` folder of the vector store's files (hard links to the fit's
+generation), and the files the caller asked to keep with it (``files=``: the CLI's model weights
+``model-<hash>.safetensors``, the demo's ``report.html``). The manifest holds the format version,
+the estimator's parameters (every parameter of its signature), the fitted state's scalars
+(layers, classes, input spec, reducers, clusterings), a fingerprint of the model's weights, the
+SHA-256 of the array file, of ``store.json`` and of every stored vector file, and a ``digest``:
+the SHA-256 of everything else in the manifest, so that an edit of any value that affects results
+is caught at load. :func:`read_run` checks every file against its SHA-256 in one streaming pass
+(``verify=False`` skips it), then validates the arrays (shapes, finite values, weights that sum to
+1). Loading parses JSON and safetensors only, so a file cannot run code; the digest is unkeyed, so
+it catches accidents and damage, not a forger (see ``docs/security.md``).
 
-Writes are atomic: the array file is written under a temporary name and renamed, then the
-manifest is swapped in with ``os.replace``; a crash at any point leaves the previous save whole.
-Temporary files are removed when a save fails, and those left by a killed save are removed by
-the next save to the same directory. One process should save to a directory at a time.
+Writes are atomic (:mod:`actclust.io.atomic`): every file is first written into a temporary folder
+of ours inside the run folder, then renamed into place: the content-addressed entries first, which
+the current manifest does not name, then the manifest (the commit), then files with fixed names;
+so a crash or a kill at any point leaves the previous save, or the new one, whole. The leftovers of
+a killed save are ours by name and removed by the next save. Saves into one folder take turns
+(an ``flock`` on the folder). A folder is written into only if it is empty, holds only such
+leftovers, or holds an actclust run (recognised by its manifest, not by a file name) of nothing
+but its own files, and then only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import json
 import os
 import re
 import shutil
-import uuid
+import stat
 import warnings
 from pathlib import Path
 
@@ -33,18 +42,32 @@ from ..exceptions import InvalidSaveError, ModelMismatchWarning, ParameterError,
 from ..capture.reduction import make_reducer
 from ..state import SUMMARY_SUFFIX, FittedState, InputSpec
 from ..store.vectors import MANIFEST as STORE_MANIFEST, VectorStore
+from . import atomic
+from .tensorfile import write_arrays
 
-__all__ = ["save", "read_run", "check_model", "read_manifest", "check_writable", "FORMAT_VERSION"]
+__all__ = ["save", "read_run", "check_model", "read_manifest", "check_writable", "hashed_name", "run_files",
+           "FORMAT_VERSION", "VERIFY_BAR_BYTES"]
 
 FORMAT = "actclust-run"
+#: 3: the store's files and store.json in the digest, attached files, no store/ folder; layouts, input
+#: statistics and summary seeds recorded.
 FORMAT_VERSION = 3
-#: Versions this actclust reads: 2 (before layouts and input statistics: every map read channels-first) and 3.
+#: Versions this actclust reads: 2 (every map read channels-first; only runs without a vector store,
+#: whose one array file is pinned by its SHA-256) and 3.
 READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
-_TEMP_RE = re.compile(r"^\.(arrays|manifest|store)-[0-9a-f]{32}\.tmp$")
+_STORE_RE = re.compile(r"^store-[0-9a-f]{16}$")
+_STORE_FILE_RE = re.compile(r"^(store\.json|layer-\d+\.bin)$")
+# a file that carries its content's hash in its name (model weights): the current manifest cannot name
+# a file of the same name and other content, so it is put in place before the manifest
+_HASHED_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{16}\.safetensors$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_MANIFEST = 64 << 20  # a manifest is a few KiB; a larger file is not one of ours
 _RUNTIME = ("model", "progress", "output")  # parameters that are not part of a saved run
 _TOL = 1e-4
+#: Stores at least this large show a progress bar while their files are verified at load.
+VERIFY_BAR_BYTES = 256 << 20
 
 
 def _jsonable(value):
@@ -57,31 +80,106 @@ def _jsonable(value):
     return value
 
 
-def _own_leftovers(path: Path) -> list:
-    """Files a failed or killed save of ours may leave behind in ``path``."""
-    return [p for p in path.iterdir() if _TEMP_RE.match(p.name) or _ARRAYS_RE.match(p.name)]
+def hashed_name(name: str, data: bytes) -> str:
+    """``model.safetensors`` -> ``model-<16 hex of data's SHA-256>.safetensors``: a name for ``files=``
+    that is put in place before the manifest."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}{dot}{suffix}"
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _parse(path: Path):
+    """The manifest of the run at ``path`` if it is one of ours with an intact digest, else None."""
+    f = path / MANIFEST
+    if not _regular(f) or f.stat().st_size > _MAX_MANIFEST:
+        return None
+    try:
+        m = json.loads(f.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("digest") != _digest(m):
+        return None
+    return m
+
+
+def run_files(manifest: dict) -> set:
+    """The names of the entries of a run folder that belong to the run of ``manifest``."""
+    names = {MANIFEST}
+    if isinstance(manifest.get("arrays_file"), str):
+        names.add(manifest["arrays_file"])
+    store = (manifest.get("state") or {}).get("store") if isinstance(manifest.get("state"), dict) else None
+    if isinstance(store, dict):
+        names.add(store.get("dir", "store"))  # format 2 kept its store in store/
+    if isinstance(manifest.get("files"), dict):
+        names.update(str(n) for n in manifest["files"])
+    weights = (manifest.get("metadata") or {}).get("weights") if isinstance(manifest.get("metadata"), dict) else None
+    if isinstance(weights, str) and _NAME_RE.match(weights):  # format 2: the CLI's weights beside the run
+        names.add(weights)
+    return {n for n in names if isinstance(n, str) and _NAME_RE.match(n)}
+
+
+def _leftover(name: str) -> bool:
+    """An entry a killed or failed save of ours may leave in a folder without a (new) manifest."""
+    return atomic.is_temp(name) or bool(_ARRAYS_RE.match(name) or _STORE_RE.match(name) or _HASHED_RE.match(name))
 
 
 def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") -> None:
-    """Raise :class:`RunExistsError` unless a run may be saved at ``path`` (callers check before long work).
+    """Raise unless a run may be saved at ``path`` (callers check before long work).
 
-    ``flag`` says how the caller replaces a run (the CLI passes ``"add --overwrite"``).
+    Allowed: a new or empty folder, one holding only leftovers of our saves, or, with
+    ``overwrite``, an actclust run recognised by its manifest (format and digest) that holds only
+    its own files. ``flag`` says how the caller replaces a run (the CLI passes ``"add --overwrite"``).
     """
-    path = Path(path)
+    path = _path(path)
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"Cannot save to {path}: it is a file, not a directory.")
     if not path.is_dir():
         return
-    if (path / MANIFEST).exists():
-        if not overwrite:
-            raise RunExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
+    with atomic.guard("read the folder", path):
+        names = sorted(os.listdir(path))
+    manifest = _parse(path) if MANIFEST in names else None
+    if MANIFEST in names and manifest is None:
+        raise RunExistsError(
+            f"Cannot save to {path}: its {MANIFEST} is not the manifest of an actclust run (or was changed after "
+            "saving), so the folder is not replaced, even when asked to. Choose a new or empty directory."
+        )
+    if manifest is None:
+        others = [n for n in names if not _leftover(n)]
+        if others:
+            raise RunExistsError(
+                f"Cannot save to {path}: the directory holds other files ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}). Choose a new or empty directory."
+            )
         return
-    others = sorted(p.name for p in path.iterdir() if p not in _own_leftovers(path))
+    if not overwrite:
+        raise RunExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
+    own = run_files(manifest)
+    others = [n for n in names if n not in own and not _leftover(n)]
     if others:
         raise RunExistsError(
-            f"Cannot save to {path}: the directory holds other files ({', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}). Choose a new or empty directory."
+            f"Cannot replace the run at {path}: the folder also holds files that are not part of the run "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which would be left mixed with the new "
+            "run. Move them away, or save to a new directory."
         )
+
+
+def _path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ParameterError(f"The run's path must be a directory path (a str or os.PathLike). Got {path!r} instead.")
+    return Path(path)
 
 
 def params_of(estimator) -> dict:
@@ -98,40 +196,73 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _check_files(files) -> dict:
+    if files is None:
+        return {}
+    if not isinstance(files, dict):
+        raise ParameterError(f"files must be a dict of file name -> bytes (or None). Got {type(files).__name__}.")
+    for name, data in files.items():
+        if (not isinstance(name, str) or not _NAME_RE.match(name) or name == MANIFEST or _ARRAYS_RE.match(name)
+                or _STORE_RE.match(name) or atomic.is_temp(name)):
+            raise ParameterError(f"Cannot keep a file named {name!r} with the run: give a plain file name "
+                                 "(letters, digits, '.', '_', '-'), not one of the run's own.")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ParameterError(f"files[{name!r}] must be bytes or None. Got {type(data).__name__}.")
+    return files
+
+
+def _check_metadata(metadata) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ParameterError(f"metadata must be a dict (kept as JSON in the manifest). Got {type(metadata).__name__}.")
+    value = _jsonable(metadata)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ParameterError(f"metadata must hold only JSON values (str, finite numbers, bool, None, lists and dicts "
+                             f"of them): {e}. Convert the other values, e.g. to str.") from None
+    return value
+
+
 def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool = False,
-         overwrite: bool = False, metadata: dict | None = None) -> Path:
+         overwrite: bool = False, metadata: dict | None = None, files: dict | None = None) -> Path:
     """Write a fitted ``state`` (with the estimator's ``params`` and the model's ``adapter``) to
     directory ``path`` atomically; returns the path.
 
-    ``metadata`` (JSON-serialisable) is stored as is in the manifest, e.g. how to rebuild the model.
+    ``metadata`` (JSON values) is stored as is in the manifest, e.g. how to rebuild the model.
+    ``files`` (name -> bytes) are kept with the run and their SHA-256 recorded; a name made by
+    :func:`hashed_name` is put in place before the manifest, any other after it. A value ``None``
+    records a file the caller writes into the run after the save (the demo's report), so that a
+    later overwrite knows the run owns it. Raises :class:`RunExistsError` (see
+    :func:`check_writable`), :class:`ParameterError` and, for a system error (a full disk, no
+    permission, no such folder), a :class:`StorageError` subclass; nothing partial is left behind.
     """
-    from safetensors.numpy import save_file
-
     from .._version import __version__
 
-    path = Path(path)
+    path = _path(path)
+    metadata, files = _check_metadata(metadata), _check_files(files)
     check_writable(path, overwrite)
     for layer, r in state.reducers.items():
         if type(r).__module__ != "actclust.capture.reduction":
             raise ParameterError(
                 f"Cannot save the custom reducer {r!r} of layer {layer!r}; only built-in reducers are saved.")
     arrays = {"weights": state.weights.astype(np.float64), "train_predictions": state.train_predictions}
-    on_disk = getattr(state.train_vectors, "on_disk", False)
+    store = state.train_vectors if getattr(state.train_vectors, "on_disk", False) else None
     if state.train_labels is not None:
         arrays["train_labels"] = state.train_labels
     for layer in state.layers:
         arrays[f"{layer}/posteriors"] = state.posteriors[layer]
         arrays[f"{layer}/temperature"] = np.array([state.temperatures[layer]], dtype=np.float64)
-        if not on_disk:
+        if store is None:
             arrays[f"{layer}/train_vectors"] = state.train_vectors[layer]
         for k, v in state.clusterings[layer].state_dict().items():
             arrays[f"{layer}/clustering/{k}"] = v
         for k, v in state.reducers[layer].state_dict().items():
             arrays[f"{layer}/reducer/{k}"] = v
     summaries = [key for key in state.train_vectors if key not in state.layers]  # retrieval-only summaries
-    if not on_disk:
+    if store is None:
         arrays.update({f"{key}/train_vectors": state.train_vectors[key] for key in summaries})
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "actclust_version": __version__,
         "model_class": adapter.model_class, "model_fingerprint": adapter.fingerprint(),
@@ -148,95 +279,119 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
             "spatial_grid": state.spatial_grid, "summaries": summaries,
             "layouts": state.layouts, "input_stats": state.input_stats, "framework": adapter.framework,
             "summary_seeds": state.summary_seeds,
-            # A store on disk is linked into the run's store/ folder, not copied into the arrays.
-            "store": {"dtype": state.train_vectors.dtype, "widths": state.train_vectors.widths} if on_disk else None,
+            "store": None,
         }),
-        "metadata": _jsonable(metadata or {}),
+        "metadata": metadata,
     }
-    json.dumps(manifest)  # fails here, before anything is written, if metadata is not JSON
-
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.iterdir():  # temporary files of a killed earlier save
-        if _TEMP_RE.match(stale.name):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    tmp = path / f".arrays-{uuid.uuid4().hex}.tmp"
-    tmp_manifest = path / f".manifest-{uuid.uuid4().hex}.tmp"
-    arrays_path, replaced = None, False
     try:
-        save_file(arrays, str(tmp))
-        digest = _sha256(tmp)
-        _fsync(tmp)
-        arrays_path = path / f"arrays-{digest[:16]}.safetensors"
-        replaced = arrays_path.exists()
-        os.replace(tmp, arrays_path)
-        if on_disk:
-            _link_store(state.train_vectors.directory, path)
-        manifest.update(arrays_file=arrays_path.name, arrays_sha256=digest)
-        manifest["digest"] = _digest(manifest)
-        tmp_manifest.write_text(json.dumps(manifest, indent=2))
-        _fsync(tmp_manifest)
-        mode = 0o666 & ~_umask()
-        for f in (arrays_path, tmp_manifest):
-            os.chmod(f, mode)  # the same permissions for both files, as for any file the user creates
-        os.replace(tmp_manifest, path / MANIFEST)
-        _fsync(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
-        if on_disk and not (path / MANIFEST).exists():
-            shutil.rmtree(path / "store", ignore_errors=True)
-        if arrays_path is not None and not replaced and _referenced(path) != arrays_path.name:
-            arrays_path.unlink(missing_ok=True)
-        raise
-    for old in path.glob("arrays-*.safetensors"):
-        if old.name != arrays_path.name:
-            old.unlink()
+        json.dumps(manifest, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ParameterError(f"Cannot save the run: a parameter or fitted value is not JSON ({e}).") from None
+
+    with atomic.guard("save the run to", path):
+        path.mkdir(parents=True, exist_ok=True)
+        turn = atomic.Hold(path)  # saves into one folder take turns
+        try:
+            check_writable(path, overwrite)  # again: another save may have finished meanwhile
+            old = _parse(path)
+            atomic.clean(path)  # the temporary folders of killed saves
+            with atomic.temp_dir(path, "save") as stage:
+                _commit(stage, path, manifest, arrays, store, files, old)
+            _prune(path, manifest, old)
+        finally:
+            turn.release()
     return path
 
 
-def _link_store(source: Path, path: Path) -> None:
-    """Put the store's files in ``path/store`` as hard links (copies across file systems), atomically."""
-    tmp = path / f".store-{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
+def _commit(stage: Path, path: Path, manifest: dict, arrays: dict, store, files: dict, old) -> None:
+    """Write everything into ``stage``, then put it in place: hashed entries, manifest, named files."""
+    digest = atomic.write_into(stage / "arrays", lambda write: write_arrays(arrays, write))
+    manifest.update(arrays_file=f"arrays-{digest[:16]}.safetensors", arrays_sha256=digest)
+    early = [(stage / "arrays", manifest["arrays_file"])]
+    if store is not None:
+        manifest["state"]["store"] = _stage_store(store, stage / "store")
+        early.append((stage / "store", manifest["state"]["store"]["dir"]))
+    recorded, late = {}, []
+    for name, data in files.items():
+        recorded[name] = None if data is None else atomic.write_into(stage / name, bytes(data))
+        if data is not None:  # a name carrying its content's hash cannot be a file of the current run
+            hashed = _HASHED_RE.match(name) and name.split(".")[0].endswith("-" + recorded[name][:16])
+            (early if hashed else late).append((stage / name, name))
+    manifest["files"] = recorded
+    manifest["digest"] = _digest(manifest)
+    atomic.write_into(stage / MANIFEST, json.dumps(manifest, indent=2))
+    keep = run_files(old) if old is not None else set()
+    placed = []
     try:
-        for f in source.iterdir():
-            if f.name == STORE_MANIFEST or f.name.endswith(".bin"):
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
-        old = path / f".store-{uuid.uuid4().hex}.tmp"
-        if (path / "store").exists():
-            os.replace(path / "store", old)
-        os.replace(tmp, path / "store")
-        shutil.rmtree(old, ignore_errors=True)
+        for source, name in early:
+            target = path / name
+            if name in keep and _real_dir(target):
+                continue  # the current run's store of the same content: hard links to the same files
+            if _real_dir(target):  # a killed save's copy: replaced whole
+                atomic.publish(target, stage / "replaced")
+            atomic.publish(source, target)
+            placed.append(target)
+        atomic.publish(stage / MANIFEST, path / MANIFEST)  # the commit
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for target in placed:
+            if target.name not in keep:
+                shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
         raise
+    for source, name in late:
+        atomic.publish(source, path / name)
 
 
-def _referenced(path: Path):
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("arrays_file")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _stage_store(store: VectorStore, into: Path) -> dict:
+    """The store's files in ``into``: hard links to the fit's generation (copies across file systems,
+    or written from the explainer's own memory maps if its generation is gone); their hashes."""
+    into.mkdir()
+    files = dict(store.files)
+    atomic.write_into(into / STORE_MANIFEST, store.manifest_bytes)
+    for layer, name in store.layer_files.items():
+        source = store.directory / name
+        try:
+            os.link(source, into / name)
+            continue
+        except OSError:
+            pass
+        got = atomic.write_into(into / name, lambda write, a=store[layer]: _write_rows(a, write))
+        if got != files[name]:
+            raise InvalidSaveError(f"The stored vectors of layer {layer!r} ({source}) changed after fit: their SHA-256 "
+                                   "no longer matches. Fit again.")
+    return {"dir": f"store-{files[STORE_MANIFEST][:16]}", "dtype": store.dtype, "widths": store.widths,
+            "sha256": files}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_rows(a: np.ndarray, write, rows: int = 65536) -> None:
+    for s in range(0, len(a), rows):
+        write(memoryview(np.ascontiguousarray(a[s:s + rows])).cast("B"))
+
+
+def _prune(path: Path, manifest: dict, old) -> None:
+    """Remove what no longer belongs to the run: the previous save's entries and our leftovers."""
+    keep = run_files(manifest)
+    stale = run_files(old) if old is not None else set()
+    for name in os.listdir(path):
+        if name in keep or atomic.is_temp(name) or not (name in stale or _leftover(name)):
+            continue  # temporary entries: atomic.clean, which leaves a live writer's alone
+        target = path / name
+        shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
+    atomic.clean(path)
+    atomic.fsync_dir(path)
 
 
 def read_manifest(path) -> dict:
     """The parsed, integrity-checked ``manifest.json`` of a saved run (no arrays loaded, nothing executed)."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    if not manifest_path.exists():
         raise InvalidSaveError(f"No saved run at {path}: {MANIFEST} is missing.")
+    if not _regular(manifest_path) or manifest_path.stat().st_size > _MAX_MANIFEST:
+        raise InvalidSaveError(f"{manifest_path} is not a regular file of at most {_MAX_MANIFEST >> 20} MiB (a link "
+                               "or a device is refused): not an actclust run manifest.")
     try:
-        m = json.loads(manifest_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        m = json.loads(manifest_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidSaveError(f"{manifest_path} is not valid JSON ({e}); the save is damaged.") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InvalidSaveError(f"{manifest_path} is not an actclust run manifest.")
@@ -253,10 +408,14 @@ def read_manifest(path) -> dict:
     return m
 
 
-def read_run(path) -> tuple:
+def read_run(path, *, verify: bool = True, progress: bool = True) -> tuple:
     """``(state, params, manifest)`` of the run saved at ``path``, every file checked; nothing executed.
 
-    Raises :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save.
+    With ``verify`` (default) the array file and every file of the vector store are checked
+    against their SHA-256 in the manifest, in one streaming pass (a progress bar from
+    :data:`VERIFY_BAR_BYTES`, when ``progress``); ``verify=False`` skips that pass for runs you
+    trust (sizes, ``store.json`` and the manifest's digest are still checked). Raises
+    :class:`InvalidSaveError` for a missing, truncated, tampered or inconsistent save.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -267,15 +426,18 @@ def read_run(path) -> tuple:
     if not isinstance(arrays_name, str) or not _ARRAYS_RE.match(arrays_name):
         raise InvalidSaveError(f"{path / MANIFEST} names an invalid array file {arrays_name!r}.")
     arrays_path = path / arrays_name
-    if not arrays_path.is_file():
+    if not arrays_path.exists():
         raise InvalidSaveError(f"The array file {arrays_path} of the saved run is missing.")
-    if _sha256(arrays_path) != m["arrays_sha256"]:
-        raise InvalidSaveError(
-            f"{arrays_path} does not match the checksum in {MANIFEST}: the save is truncated or was modified."
-        )
+    if not _regular(arrays_path):
+        raise InvalidSaveError(f"The array file {arrays_path} is not a regular file (a link or a device is refused).")
     try:
-        arrays = load_file(str(arrays_path))
-    except (SafetensorError, OSError, ValueError) as e:
+        store_dir, store_files = _store_files(m, path)
+        if verify:
+            _verify([(arrays_path, m["arrays_sha256"])] + [(store_dir / f, h) for f, h in store_files.items()],
+                    progress)
+        with atomic.guard("read the run", arrays_path):
+            arrays = load_file(str(arrays_path))
+    except SafetensorError as e:
         raise InvalidSaveError(f"{arrays_path} cannot be read as safetensors: {e}") from None
     try:
         state = _state(m["state"], arrays, path)
@@ -285,6 +447,47 @@ def read_run(path) -> tuple:
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
     return state, params, m
+
+
+def _store_files(m: dict, path: Path) -> tuple:
+    """``(folder, {file: SHA-256})`` of the run's vector store (``(None, {})`` without one), names checked."""
+    info = m.get("state", {}).get("store") if isinstance(m.get("state"), dict) else None
+    if info is None:
+        return None, {}
+    if m.get("format_version") == 2:
+        raise InvalidSaveError(
+            f"The run at {path} was saved by an earlier actclust with its vectors in a store folder whose files carry no "
+            "checksums (and which a later fit into the same store folder could have changed); fit and save it again.")
+    name, files = info.get("dir") if isinstance(info, dict) else None, info.get("sha256") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not _STORE_RE.match(name) or not isinstance(files, dict) or STORE_MANIFEST not in files \
+            or not all(isinstance(f, str) and _STORE_FILE_RE.match(f) and isinstance(h, str) for f, h in files.items()):
+        raise InvalidSaveError(f"{path / MANIFEST} describes its vector store wrongly ({name!r}).")
+    if not _real_dir(path / name):
+        raise InvalidSaveError(f"The vector store folder {path / name} of the saved run is missing or is a link.")
+    for f in files:
+        if not _regular(path / name / f):
+            raise InvalidSaveError(f"The stored vector file {path / name / f} is missing or not a regular file "
+                                   "(a link or a device is refused).")
+    return path / name, files
+
+
+def _verify(files: list, progress: bool) -> None:
+    """Check each ``(file, SHA-256)`` in one streaming pass over them all (1 MiB reads, one buffer)."""
+    from tqdm.auto import tqdm
+
+    total = sum(f.stat().st_size for f, _ in files)
+    buffer = bytearray(1 << 20)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying the run's files", leave=False,
+              disable=not progress or total < VERIFY_BAR_BYTES) as bar:
+        for f, expected in files:
+            with atomic.guard("read the run", f):
+                got = atomic.sha256_file(f, bar.update, buffer)
+            if got != expected:
+                raise InvalidSaveError(
+                    f"{f} does not match its SHA-256 in {MANIFEST}: the save is truncated or was modified after "
+                    "saving (or the disk damaged it). Restore the file or fit and save again; "
+                    "load(..., verify=False) skips this check for runs you trust."
+                )
 
 
 def check_model(state: FittedState, manifest: dict, adapter, path) -> None:
@@ -325,10 +528,14 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
     labels = arr("train_labels", (n,), integer=True) if "train_labels" in arrays else None
     reducers, clusterings, posteriors, temperatures, vectors = {}, {}, {}, {}, {}
     store = None
-    if s.get("store") is not None:  # memory-mapped, not read: only its manifest and file sizes are checked
-        store = VectorStore.open(path / "store")
+    if s.get("store") is not None:  # memory-mapped; its contents were checked by read_run's verify pass
+        where = path / s["store"]["dir"]
+        store = VectorStore.open(where)
+        if store.files != s["store"]["sha256"]:  # store.json's own hash: checked even without verify
+            raise InvalidSaveError(f"{where / STORE_MANIFEST} does not match its SHA-256 in {MANIFEST}: the store's "
+                                   "manifest was changed after saving. Restore it, or fit and save again.")
         if store.n_samples != n or store.widths != {k: int(w) for k, w in s["store"]["widths"].items()}:
-            raise InvalidSaveError(f"The vector store in {path / 'store'} holds {store.n_samples} samples of widths "
+            raise InvalidSaveError(f"The vector store in {where} holds {store.n_samples} samples of widths "
                                    f"{store.widths}; the run says {n} of {s['store']['widths']}.")
     for l in layers:
         k = int(s["n_clusters"][l])
@@ -396,21 +603,3 @@ def _layouts(s: dict, layers: list) -> dict:
 
 def _prefixed(arrays: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)

@@ -5,8 +5,22 @@ raw file of ``n x d`` values (``store_dtype``: float32 or float16) written while
 so capturing never holds the vectors in memory, and read back through a memory map: pages come
 from the operating system's file cache when touched, and the streaming passes (:meth:`chunks`)
 and searches hand them back (:meth:`release`), so a process's resident memory does not grow with
-``n``. ``store.json`` in the directory says which file holds which layer; it is written last, so a
-directory without it holds no store (an interrupted fit leaves none behind).
+``n``.
+
+**Generations.** Each fit into a store folder writes its own *generation*, a subfolder
+``gen-<32 hex>`` holding ``layer-<i>.bin`` files and ``store.json`` (which file holds which layer,
+and each file's SHA-256, computed while writing). It is written as a hidden temporary folder of
+ours (:mod:`actclust.io.atomic`) and renamed into place when the fit succeeds, so an interrupted
+fit leaves no generation. Files of a committed generation are never written again: a second fit
+into the folder, in this process or another, writes a new generation, so a fitted explainer (and
+a run saved from it, which hard-links the files) keeps exactly the vectors it was fitted on.
+
+**Clean-up rule.** The fitted store holds an exclusive ``flock`` on its generation for as long as
+it lives (the kernel drops it when the process ends). Each fit, once its own generation is
+committed, removes every other generation that no live store holds, the temporary folders of
+killed fits, and the files of the earlier single-generation layout. A folder therefore holds at
+most one generation per live explainer fitted into it, plus the one being written. Saved runs
+are unaffected: their hard links keep the files' contents.
 
 Disk and memory needed: ``n x sum(d_l) x bytes`` (4 for float32, 2 for float16), see :func:`estimate`.
 This module needs NumPy only.
@@ -14,11 +28,13 @@ This module needs NumPy only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,16 +43,19 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..exceptions import DataError, InvalidSaveError, ParameterError
+from ..io import atomic
 
-__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take", "release", "runs"]
+__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take",
+           "release", "runs", "clean_store", "generations"]
 
 STORE_DTYPES = ("float32", "float16")
 MANIFEST = "store.json"
-FORMAT = 1
+FORMAT = 2  # 2: one generation per fit, each file's SHA-256 in store.json
 CHUNK = 8192
 _TAKE = 512  # rows gathered between two hand-backs of a memory map's pages
 _FILE_RE = re.compile(r"^layer-\d+\.bin$")
-_PARTIAL_RE = re.compile(r"^\.partial-(\d+)-[0-9a-f]+$")
+_GEN_RE = re.compile(r"^gen-[0-9a-f]{32}$")
+_GEN_STEM = "gen"  # temporary name of a generation being written: .gen.<hex>.actclust-tmp
 
 
 def check_store(store, store_dtype) -> None:
@@ -104,11 +123,21 @@ def _mmap_of(X):
 
 
 class VectorStore(Mapping):
-    """The training vectors of every layer, in memory or memory-mapped from a directory."""
+    """The training vectors of every layer, in memory or memory-mapped from a directory.
 
-    def __init__(self, arrays: dict, directory: Optional[Path] = None):
+    On disk, ``directory`` is the folder of the files (a generation, or a run's store folder),
+    ``files`` maps each file name (``store.json`` included) to its SHA-256, and ``hold`` (a
+    store a fit just wrote) keeps its generation from being cleaned up while this object lives.
+    """
+
+    def __init__(self, arrays: dict, directory: Optional[Path] = None, files: Optional[dict] = None,
+                 layer_files: Optional[dict] = None, manifest_bytes: bytes = b""):
         self._arrays = arrays
         self.directory = directory
+        self.files = dict(files or {})  # file name -> SHA-256, store.json included
+        self.layer_files = dict(layer_files or {})  # layer -> file name
+        self.manifest_bytes = manifest_bytes  # store.json as written, to save it even if its folder is gone
+        self.hold = None
 
     def __getitem__(self, layer) -> np.ndarray:
         return self._arrays[layer]
@@ -149,15 +178,18 @@ class VectorStore(Mapping):
 
     @classmethod
     def open(cls, directory) -> "VectorStore":
-        """Memory-map the store in ``directory`` (read-only); checks its manifest and file sizes."""
+        """Memory-map the store in ``directory`` (read-only); checks its manifest and file sizes
+        (not the contents: a run's loader checks those against its digest)."""
         directory = Path(directory)
-        manifest = _read_manifest(directory)
+        manifest, raw = _read_manifest(directory)
         n, dtype = int(manifest["n_samples"]), np.dtype(manifest["dtype"])
-        arrays = {}
+        arrays, files, layer_files = {}, {MANIFEST: hashlib.sha256(raw).hexdigest()}, {}
         for entry in manifest["layers"]:
             layer, file, width = entry["name"], directory / entry["file"], int(entry["width"])
-            if not _FILE_RE.match(entry["file"]) or not file.is_file():
-                raise InvalidSaveError(f"The vector store at {directory} lacks {entry['file']!r} (layer {layer!r}).")
+            if not _FILE_RE.match(entry["file"]) or not _regular(file):
+                raise InvalidSaveError(f"The vector store at {directory} lacks {entry['file']!r} (layer {layer!r}), "
+                                       "or it is not a regular file (a link out of the folder is refused).")
+            files[entry["file"]], layer_files[layer] = str(entry.get("sha256")), entry["file"]
             expected = n * width * dtype.itemsize
             if file.stat().st_size != expected:
                 raise InvalidSaveError(f"{file} holds {file.stat().st_size} bytes; the store's manifest says "
@@ -168,43 +200,55 @@ class VectorStore(Mapping):
             with open(file, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             arrays[layer] = np.frombuffer(mm, dtype=dtype).reshape(n, width)
-        return cls(arrays, directory)
+        return cls(arrays, directory, files, layer_files, raw)
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise InvalidSaveError(f"No vector store at {directory}: {MANIFEST} is missing (an interrupted fit "
-                               "leaves none). Fit again.")
+def _regular(path: Path) -> bool:
+    """A regular file, not a link (a link could point anywhere, e.g. out of a run folder), not a device."""
     try:
-        m = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _read_manifest(directory: Path) -> tuple:
+    """``(manifest, its bytes)`` of the store in ``directory``."""
+    path = directory / MANIFEST
+    if not _regular(path):
+        raise InvalidSaveError(f"No vector store at {directory}: {MANIFEST} is missing (an interrupted fit "
+                               "leaves none) or is not a regular file. Fit again.")
+    raw = path.read_bytes()
+    try:
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidSaveError(f"{path} is not valid JSON ({e}); the store is damaged.") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("dtype") not in STORE_DTYPES:
-        raise InvalidSaveError(f"{path} is not an actclust vector store manifest.")
-    return m
+        raise InvalidSaveError(f"{path} is not an actclust vector store manifest of format {FORMAT}.")
+    return m, raw
 
 
 class StoreWriter:
     """Collects the vectors of a capture pass, batch by batch, into a :class:`VectorStore`.
 
     Use it as a context manager: leaving the block with an exception removes everything written.
-    On disk, files go to a hidden ``.partial-<pid>-<id>`` folder inside ``directory`` and move in
-    place when :meth:`finish` succeeds, replacing an earlier store there (memory maps of that
-    earlier store stay valid: its files are unlinked, not overwritten).
+    On disk, files go to a new generation of ``directory``: a hidden temporary folder of ours,
+    renamed to ``gen-<id>`` by :meth:`commit`, which then cleans up the generations no live store
+    holds (see the module's clean-up rule). Earlier generations are never written to.
     """
 
     def __init__(self, directory, dtype: str = "float32", n_samples: Optional[int] = None):
         self.dtype = np.dtype(dtype)
         self.directory = None if directory is None else Path(directory)
         self._collector = Collector(n_samples) if directory is None else None
-        self._files, self._widths, self.n = {}, {}, 0
+        self._files, self._widths, self._hashes, self.n = {}, {}, {}, 0
         self._expected, self._seen = n_samples, None  # positions filled so far, when added by position
-        self._partial = None
+        self._partial = self._hold = None
         if self.directory is not None:
-            _check_directory(self.directory)
-            self._partial = self.directory / f".partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            self._partial.mkdir(parents=True)
+            with atomic.guard("create the vector store in", self.directory):
+                _check_directory(self.directory)
+                self.directory.mkdir(parents=True, exist_ok=True)
+                clean_store(self.directory)  # before writing: a killed fit's bytes make room for this one
+                self._partial, self._hold = atomic.make_temp_dir(self.directory, _GEN_STEM)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -232,15 +276,25 @@ class StoreWriter:
             if self._collector is not None:
                 self._collector.add(l, v) if rows is None else self._collector.put(l, v, rows)
             else:
-                if l not in self._files:
-                    self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb")
-                if rows is None:
-                    self._files[l].write(memoryview(v).cast("B"))
-                else:
-                    row_bytes = v.shape[1] * self.dtype.itemsize
-                    for a, b in runs(rows):  # positioned writes: the file grows to n rows as batches land
-                        os.pwrite(self._files[l].fileno(), memoryview(v[a:b]).cast("B"), int(rows[a]) * row_bytes)
+                with atomic.guard("write the vector store", self.directory):
+                    self._write(l, v, rows)
         self.n += sizes.pop() if sizes else 0
+
+    def _write(self, l, v: np.ndarray, rows) -> None:
+        if l not in self._files:  # unbuffered: nothing left to flush (and fail) when an error closes it
+            self._files[l] = open(self._partial / f"layer-{len(self._files)}.bin", "wb", buffering=0)
+            self._hashes[l] = hashlib.sha256()
+        data = memoryview(v).cast("B")
+        if rows is None:
+            if self._hashes[l] is not None:
+                self._hashes[l].update(data)
+            while len(data):
+                data = data[self._files[l].write(data):]
+        else:
+            self._hashes[l] = None  # rows land out of order: the file is hashed once complete
+            row_bytes = v.shape[1] * self.dtype.itemsize
+            for a, b in runs(rows):  # positioned writes: the file grows to n rows as batches land
+                os.pwrite(self._files[l].fileno(), memoryview(v[a:b]).cast("B"), int(rows[a]) * row_bytes)
 
     def _check_rows(self, rows, sizes) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -266,36 +320,76 @@ class StoreWriter:
             raise DataError(f"{len(missing)} of {self._expected} samples never arrived (first: row {missing[0]}).")
         if self._collector is not None:
             return VectorStore({l: self._collector.get(l) for l in self._widths})
-        for f in self._files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        manifest = {"format": FORMAT, "dtype": self.dtype.name, "n_samples": self.n,
-                    "layers": [{"name": l, "file": Path(self._files[l].name).name, "width": self._widths[l]}
-                               for l in self._widths]}
-        (self._partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        with atomic.guard("write the vector store", self.directory):
+            for f in self._files.values():
+                os.fsync(f.fileno())
+                f.close()
+            layers = []
+            for l in self._widths:
+                path = Path(self._files[l].name)
+                h = self._hashes[l]
+                layers.append({"name": l, "file": path.name, "width": self._widths[l],
+                               "sha256": h.hexdigest() if h is not None else atomic.sha256_file(path)})
+            manifest = {"format": FORMAT, "dtype": self.dtype.name, "n_samples": self.n, "layers": layers}
+            atomic.write_into(self._partial / MANIFEST, json.dumps(manifest, indent=1))
         self._store = VectorStore.open(self._partial)
         return self._store
 
     def commit(self) -> None:
-        """Move a finished disk store in place of the directory's earlier store (manifest last)."""
+        """Rename the finished generation into place, keep it held by the store, and clean up the
+        generations nobody holds."""
         if self._partial is None:
             return
-        for name in [MANIFEST] + sorted(p.name for p in self.directory.iterdir() if _FILE_RE.match(p.name)):
-            (self.directory / name).unlink(missing_ok=True)  # the earlier store: its open memory maps stay valid
-        for f in self._files.values():
-            name = Path(f.name).name
-            os.replace(self._partial / name, self.directory / name)
-        os.replace(self._partial / MANIFEST, self.directory / MANIFEST)
-        self._partial.rmdir()
+        generation = self.directory / f"gen-{uuid.uuid4().hex}"
+        with atomic.guard("commit the vector store", generation):
+            atomic.publish(self._partial, generation)  # open memory maps follow the folder
         self._partial = None
-        self._store.directory = self.directory
+        self._store.directory, self._store.hold, self._hold = generation, self._hold, None
+        try:
+            clean_store(self.directory)
+        except OSError:  # the fit succeeded; what could not be removed now goes at the next fit
+            pass
 
     def abort(self) -> None:
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass  # the folder goes below whatever its files hold
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
+            self._partial = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
+
+
+def generations(directory) -> list:
+    """The committed generation folders of the store folder ``directory``, oldest name first."""
+    directory = Path(directory)
+    return sorted(p for p in directory.iterdir() if _GEN_RE.match(p.name) and p.is_dir()) if directory.is_dir() else []
+
+
+def clean_store(directory) -> int:
+    """Apply the clean-up rule to the store folder ``directory``: remove every generation no live
+    store holds, the temporary folders of killed fits and the files of the earlier single-generation
+    layout; returns the bytes freed."""
+    directory = Path(directory)
+    freed = atomic.clean(directory)
+    for gen in generations(directory):
+        hold = atomic.Hold.attempt(gen)
+        if hold is None:
+            continue  # a live explainer's vectors
+        try:
+            freed += sum(f.stat().st_size for f in gen.iterdir())
+            shutil.rmtree(gen, ignore_errors=True)
+        finally:
+            hold.release()
+    for p in directory.iterdir():  # the layout before generations: one store at the top level
+        if (p.name == MANIFEST or _FILE_RE.match(p.name)) and _regular(p):
+            freed += p.stat().st_size
+            p.unlink(missing_ok=True)
+    return freed
 
 
 class Collector:
@@ -348,31 +442,15 @@ class Collector:
 
 
 def _check_directory(directory: Path) -> None:
-    """Refuse a path that is a file or a folder holding anything but a store; clear dead partial writes."""
+    """Refuse a path that is a file or a folder holding anything but store generations."""
     if directory.exists() and not directory.is_dir():
         raise ParameterError(f"store={str(directory)!r} is a file; give a directory for the vector store.")
     if not directory.exists():
         return
     foreign = [p.name for p in directory.iterdir()
-               if p.name != MANIFEST and not _FILE_RE.match(p.name) and not _PARTIAL_RE.match(p.name)]
+               if not (_GEN_RE.match(p.name) or atomic.is_temp(p.name) or p.name == MANIFEST or _FILE_RE.match(p.name))]
     if foreign:
         raise ParameterError(
             f"store={str(directory)!r} holds files that are not an actclust vector store ({sorted(foreign)[:3]}); "
             "give an empty or new directory, or one an earlier fit used as its store."
         )
-    for p in directory.iterdir():
-        m = _PARTIAL_RE.match(p.name)
-        if m and not _alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)  # left by a fit that was killed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -24,6 +24,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 def add_parser(sub, formatter_class) -> None:
     """Add the ``study`` command, with its three subcommands, to the main parser's subparsers ``sub``."""
     from ..cli.common import int_at_least as _at_least  # the main CLI's option type, worded the same
+    from ..cli.common import run_model_options
 
     study = sub.add_parser("study", help="run a user study of the explanations: create, serve, analyze",
                            description="Measure whether the explanations raise warranted trust: create a study "
@@ -54,8 +55,7 @@ def add_parser(sub, formatter_class) -> None:
     c.add_argument("--attention-checks", type=_at_least(0), default=0,
                    help="extra trials that ask to reject with confidence 4; analyze leaves out who fails one")
     c.add_argument("--seed", type=int, default=0, help="seed of the item choice and of the trial orders")
-    c.add_argument("--model", help="the model callable as package.module:callable (default: the run's)")
-    c.add_argument("--weights", help="state dict for the model (default: the run's)")
+    run_model_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace a study (without responses) at --out")
     c.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     c.set_defaults(func=_create)
@@ -78,6 +78,8 @@ def add_parser(sub, formatter_class) -> None:
     a.add_argument("study", help="study folder")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
     a.add_argument("--html", help="also write an HTML page with plots to this file")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --html file (never one of the study's own files)")
     a.add_argument("--n-boot", type=_at_least(1), default=2000, help="bootstrap replicates")
     a.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     a.add_argument("--keep-inattentive", action="store_true",
@@ -157,17 +159,35 @@ def _serve(args) -> int:
 
 
 def _analyze(args) -> int:
+    from ..io import atomic
     from .analyze import analyze_study, render_html
     from .folder import load_study
 
+    if args.html:  # checked before the work: a file is replaced only with --overwrite, the study's own never
+        _check_html(Path(args.html), Path(args.study), args.overwrite)
     result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed,
                            exclude_inattentive=not args.keep_inattentive)
     if args.html:
         path = Path(args.html)
-        path.write_text(render_html(result, load_study(args.study)), encoding="utf-8")
+        atomic.write(path, render_html(result, load_study(args.study)), what="analysis page")
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_analysis(result))
     return EXIT_OK
+
+
+def _check_html(path: Path, study: Path, overwrite: bool) -> None:
+    from ..exceptions import RunExistsError
+    from .folder import DB_FILE, STUDY_FILE
+
+    own = {(study / name).resolve() for name in (STUDY_FILE, DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm",
+                                                 f"{DB_FILE}-journal")}
+    if path.resolve() in own:
+        raise RunExistsError(f"--html {path} is a file of the study itself ({path.name}); it is never replaced. "
+                             "Give another file, e.g. --html analysis.html.")
+    if path.is_dir():
+        raise RunExistsError(f"--html {path} is a directory; give the HTML file to write, e.g. {path / 'analysis.html'}.")
+    if path.exists() and not overwrite:
+        raise RunExistsError(f"{path} already exists; add --overwrite to replace it.")
 
 
 def format_analysis(result: dict) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import numbers
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from ..capture.data import length, rows, take
 from .render import Renderer
 from ..exceptions import DataError, ParameterError, RunExistsError
+from ..io import atomic
 
 __all__ = ["report"]
 
@@ -112,10 +112,9 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)
+    with atomic.guard("create the folder of the report", out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write(out, html, what="report")
     return out
 
 

@@ -1,0 +1,113 @@
+"""io.atomic (one atomic-write helper), io.tensorfile (our safetensors writer) and load's verify pass."""
+
+import errno
+import hashlib
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import actclust
+from actclust import DiskFullError, StorageError, StoragePermissionError
+from actclust.io import atomic
+from actclust.io.tensorfile import DTYPES, write_arrays
+
+
+# what we write in safetensors format, the safetensors package reads back: every dtype, 0-d, empty,
+# big-endian and strided arrays
+def test_tensorfile_round_trip(tmp_path):
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    arrays = {f"a/{d}": (rng.standard_normal((3, 4)) * 10).astype(d) for d in DTYPES}
+    arrays.update(scalar=np.float64(3.5), empty=np.zeros((0, 5), np.float32),
+                  big_endian=np.arange(6, dtype=">i4").reshape(2, 3),
+                  strided=np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2])
+    digest = atomic.write_into(tmp_path / "a.safetensors", lambda write: write_arrays(arrays, write))
+    assert digest == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    back = load_file(str(tmp_path / "a.safetensors"))
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        assert back[k].shape == v.shape and np.array_equal(back[k], v), k
+    with pytest.raises(actclust.ParameterError, match=r"Cannot save array 'c' of dtype complex128"):
+        write_arrays({"c": np.zeros(2, complex)}, lambda b: None)
+
+
+# a write replaces the file whole, with the user's permissions, and leaves no temporary entry
+def test_write_is_atomic_and_clean(tmp_path):
+    target = tmp_path / "page.html"
+    atomic.write(target, "one")
+    atomic.write(target, b"two")
+    assert target.read_text() == "two" and os.listdir(tmp_path) == ["page.html"]
+    assert stat.S_IMODE(target.stat().st_mode) == atomic.file_mode()
+
+    def fails(write):
+        write(b"half of it")
+        raise RuntimeError("the renderer broke")
+
+    with pytest.raises(RuntimeError, match="the renderer broke"):
+        atomic.write(target, fails)
+    assert target.read_text() == "two" and os.listdir(tmp_path) == ["page.html"]
+
+
+# clean-up removes a killed writer's entries (nobody holds them) and only those: a live writer's
+# entry (held, here by this process) and files that merely look alike stay
+def test_clean_removes_only_dead_entries_of_ours(tmp_path):
+    dead = atomic.temp_path(tmp_path, "report.html")
+    dead.write_bytes(b"x" * 1000)
+    live, hold = atomic.make_temp_dir(tmp_path, "save")
+    (live / "arrays").write_bytes(b"y" * 10)
+    lookalikes = [tmp_path / ".tmpAbC123", tmp_path / ".report.html.tmp", tmp_path / "notes.actclust-tmp"]
+    for f in lookalikes:
+        f.write_text("not ours")
+    assert atomic.clean(tmp_path) == 1000
+    assert not dead.exists() and (live / "arrays").exists() and all(f.exists() for f in lookalikes)
+    hold.release()
+    assert atomic.clean(tmp_path) == 10 and not live.exists()
+
+
+# the report writer removes a leftover of an earlier, killed write of the same report
+def test_report_write_removes_killed_leftover(fitted, data, tmp_path):
+    leftover = atomic.temp_path(tmp_path, "report.html")
+    leftover.write_text("half a report")
+    actclust.report(fitted, data[0][:20], data[1][:20], out=tmp_path / "report.html", n_correct=1, n_wrong=1)
+    assert sorted(os.listdir(tmp_path)) == ["report.html"]
+
+
+# OSErrors become ActClustErrors that derive from the built-in a user expects and say what to do
+@pytest.mark.parametrize("code, cls, match", [
+    (errno.ENOSPC, DiskFullError, r"the disk is full \(boom\).*free space on that disk"),
+    (errno.EDQUOT, DiskFullError, r"the disk is full"),
+    (errno.EACCES, StoragePermissionError, r"choose a folder you may write to"),
+    (errno.EROFS, StoragePermissionError, r"choose a folder you may write to"),
+    (errno.ENOENT, StorageError, r"check that the folder exists"),
+    (errno.EIO, StorageError, r"check the disk and the path"),
+])
+def test_storage_errors(code, cls, match):
+    with pytest.raises(cls, match=r"Could not write the thing /x/y: .*" + match) as info:
+        with atomic.guard("write the thing", "/x/y"):
+            raise OSError(code, "boom")
+    assert isinstance(info.value, OSError) and info.value.errno == code
+    assert isinstance(info.value, PermissionError) == (cls is StoragePermissionError)
+
+
+# verify reads every file once; a progress bar shows for stores above VERIFY_BAR_BYTES
+def test_verify_progress_bar(model, data, tmp_path, monkeypatch, capsys):
+    from actclust.io import persistence
+
+    x, y = data
+    actclust.ActivationClustering(model, ["conv", "fc1"], n_clusters=3, progress=False,
+                                  store=tmp_path / "v").fit(x, y).save(tmp_path / "run")
+    actclust.load(tmp_path / "run", model)
+    assert "verifying the run's files" not in capsys.readouterr().err
+    monkeypatch.setattr(persistence, "VERIFY_BAR_BYTES", 0)
+    read = []
+    real = atomic.sha256_file
+    monkeypatch.setattr(atomic, "sha256_file", lambda path, *a, **k: read.append(path.name) or real(path, *a, **k))
+    actclust.load(tmp_path / "run", model)
+    assert "verifying the run's files" in capsys.readouterr().err
+    assert sorted(read) == sorted({p.name for p in (tmp_path / "run").rglob("*") if p.is_file()} - {"manifest.json"})
+    read.clear()
+    actclust.load(tmp_path / "run", model, verify=False)
+    assert read == []
