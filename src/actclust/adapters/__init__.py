@@ -2,18 +2,19 @@
 
 :func:`adapt` picks the adapter for a model without importing a framework the model does not
 come from: a framework is only looked at when it is already imported (the model is one of its
-objects), or when a path names its file format.
+objects), or when a path names its file format (``.keras``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
-from ..exceptions import UnsupportedModelError
+from ..exceptions import DataNotFoundError, UnsupportedModelError
 from .base import LayerInfo, ModelAdapter, Runner
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "TorchAdapter", "adapt", "list_layers", "model_fingerprint"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "TorchAdapter", "KerasAdapter", "adapt", "list_layers", "model_fingerprint"]
 
 
 def __getattr__(name):
@@ -21,11 +22,22 @@ def __getattr__(name):
         from .torch import TorchAdapter
 
         return TorchAdapter
+    if name == "KerasAdapter":
+        from .keras import KerasAdapter
+
+        return KerasAdapter
     raise AttributeError(name)
 
 
 def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
-    """The adapter for ``model``: an adapter given as is, or a PyTorch module wrapped in one."""
+    """The adapter for ``model``: an adapter given as is, or a PyTorch module or Keras model wrapped in one.
+
+    A path to a ``.keras`` file (str or PathLike) is loaded with ``keras.saving.load_model(path,
+    safe_mode=True)``: that deserialises only Keras's own configuration (JSON) and weights, and
+    refuses the Python code a ``Lambda`` layer would carry. Custom layers must be registered with
+    ``keras.saving.register_keras_serializable`` before loading (or load the model yourself and pass
+    it). The loaded model is kept for the next call on the same unchanged file.
+    """
     if isinstance(model, ModelAdapter):
         if output is not None:
             raise UnsupportedModelError("output= applies to a model, not to a ModelAdapter; give it to the adapter.")
@@ -35,9 +47,50 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
         from .torch import TorchAdapter
 
         return TorchAdapter(model, output)
+    keras = sys.modules.get("keras")  # likewise for a Keras model
+    if keras is not None and isinstance(model, keras.Model):
+        from .keras import KerasAdapter
+
+        return KerasAdapter(model, output)
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "saved_model.pb")):
+        raise UnsupportedModelError(
+            f"{os.fspath(model)} is a TensorFlow SavedModel: it keeps a traced graph, not the Keras layers, so no "
+            "layer can be captured. Load the original Keras model and save it as .keras (model.save('m.keras')), "
+            "or export it to ONNX (tf2onnx) and explain the .onnx file."
+        )
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".keras"):
+        from .keras import KerasAdapter
+
+        return KerasAdapter(_load_keras(os.fspath(model)), output)
     raise UnsupportedModelError(
-        f"actclust explains torch.nn.Module classifiers (or a ModelAdapter); got {type(model).__name__}."
+        "actclust explains torch.nn.Module classifiers, Keras 3 models (or a .keras file) and ModelAdapters; "
+        f"got {type(model).__name__}."
     )
+
+
+_LOADED: dict = {}  # (path, mtime, size) -> keras model: a path given to every call is loaded once
+
+
+def _load_keras(path: str):
+    from .keras import import_keras
+
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"No Keras model file at {path}.")
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _LOADED:
+        keras = import_keras()
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"Keras could not load {path} ({type(e).__name__}: {e}). A model with custom layers needs them "
+                "registered with keras.saving.register_keras_serializable before loading; or load it yourself "
+                "and pass the model."
+            ) from e
+        _LOADED.clear()  # one file at a time: a model is not kept once another is used
+        _LOADED[key] = model
+    return _LOADED[key]
 
 
 def list_layers(model, sample=None, *, reducer="auto"):
