@@ -49,9 +49,10 @@ def import_keras():
         try:
             import keras  # noqa: F401
         except ImportError as e:
-            if getattr(e, "name", None) in _BACKENDS:
+            backend = (getattr(e, "name", None) or "").split(".")[0]
+            if backend in _BACKENDS:
                 raise MissingDependencyError(
-                    f"Keras is set to use the {e.name} backend, which is not installed ({e}); install it, or set "
+                    f"Keras is set to use the {backend} backend, which is not installed ({e}); install it, or set "
                     "KERAS_BACKEND to an installed backend (jax, torch or tensorflow) before importing keras."
                 ) from None
     return require("keras", "explaining a Keras model")
@@ -219,7 +220,7 @@ class KerasAdapter(ModelAdapter):
         return list(self.model.inputs)
 
     def _input_names(self) -> list[str]:
-        struct = self.model.input
+        struct = _inputs_of(self.model)
         if isinstance(struct, Mapping):
             return [str(k) for k in struct]
         return [t.name for t in self._inputs()]
@@ -230,7 +231,7 @@ class KerasAdapter(ModelAdapter):
 
     def _feed(self, inputs):
         """``inputs`` in the structure of ``model.input`` (a dict by input name, a list, or one array)."""
-        struct = self.model.input
+        struct = _inputs_of(self.model)
         if isinstance(inputs, Mapping):
             inputs = {k: v for k, v in inputs.items()}
             if isinstance(struct, Mapping):
@@ -412,7 +413,7 @@ class _Extractor:
     def __init__(self, model, paths: list, layers: Mapping, prefix: str = ""):
         keras = sys.modules["keras"]
         self.model = model
-        self.struct = model.output if prefix == "" else None
+        self.struct = _outputs_of(model) if prefix == "" else None
         own = {l.name: l for l in _own_layers(model)}
         tensors, self.taps, self.children = [], [], []
         if self.struct is not None:
@@ -465,7 +466,15 @@ class _Extractor:
 
 def _inputs_of(model):
     """The model's input structure (one tensor, a list or a dict), as it was built."""
-    struct = model.input
+    struct = model.inputs if isinstance(model, sys.modules["keras"].Sequential) else model.input
+    if isinstance(struct, (list, tuple)) and len(struct) == 1:
+        return struct[0]
+    return struct
+
+
+def _outputs_of(model):
+    """The model's output structure (one tensor, a list or a dict), as it was built."""
+    struct = model.outputs if isinstance(model, sys.modules["keras"].Sequential) else model.output
     if isinstance(struct, (list, tuple)) and len(struct) == 1:
         return struct[0]
     return struct
