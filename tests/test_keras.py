@@ -407,3 +407,59 @@ def test_missing_backend():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "Keras is set to use the tensorflow backend, which is not installed" in out.stdout, out.stderr[-2000:]
     assert "set KERAS_BACKEND to an installed backend" in out.stdout
+
+
+# ---------------------------------------------------------------------------- same results across frameworks
+@pytest.fixture(scope="module")
+def ported():
+    """The suite's PyTorch TinyCNN (mixed predictions) and its Keras port with the same weights."""
+    import keras_port
+
+    net = TinyCNN(seed=3, bias=False).eval()
+    return net, keras_port.port(net), keras_port.inputs()
+
+
+def cosines(a, b):
+    """Row-wise cosine similarity; 1 where both rows are zero (a dead ReLU gives the same zero vector in both)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-12) & (nb < 1e-12)
+    return np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-300))
+
+
+# the Keras port gives the PyTorch run's vectors (cosine >= 0.9999), cluster paths (>= 0.99) and fidelity (0.002)
+def test_same_results_as_pytorch(ported):
+    net, model, (x_t, x_k) = ported
+    fit = dict(n_clusters=4, progress=False, random_state=0)
+    ac_t = ActivationClustering(net, LAYERS, **fit).fit(x_t[:480])
+    ac_k = ActivationClustering(model, LAYERS, **fit).fit(x_k[:480])
+    for layer in LAYERS:
+        assert cosines(ac_t.train_vectors_[layer], ac_k.train_vectors_[layer]).min() >= 0.9999, layer
+    from actclust.state import SUMMARY_SUFFIX
+
+    np.testing.assert_allclose(ac_k.train_vectors_["conv" + SUMMARY_SUFFIX], ac_t.train_vectors_["conv" + SUMMARY_SUFFIX],
+                               atol=1e-5)  # the spatial summary of a channels-last map is the channels-first one's
+    paths_t, paths_k = ac_t.cluster_paths(x_t[480:]), ac_k.cluster_paths(x_k[480:])
+    assert (paths_t == paths_k).all(1).mean() >= 0.99
+    assert (ac_t.state_.train_predictions == ac_k.state_.train_predictions).all()
+    assert abs(ac_t.score(x_t[480:])["fidelity"] - ac_k.score(x_k[480:])["fidelity"]) <= 0.002
+    assert len(np.unique(ac_t.state_.train_predictions)) == 3  # a model whose fidelity can tell right from wrong
+
+
+# Keras's PyTorch backend (in a subprocess) gives the JAX backend's logits, vectors and fingerprint
+def test_torch_backend_matches_jax(ported):
+    import keras_port
+
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(HERE / "keras_port.py")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["backend"] == "torch"
+    assert got["adapter"] == "KerasAdapter"  # a keras.Model is also a torch.nn.Module on this backend
+    net, model, _ = ported
+    logits, vectors = keras_port.keras_vectors(model, keras_port.inputs(64)[1])
+    np.testing.assert_allclose(np.array(got["logits"]), logits, atol=1e-5)
+    for layer in keras_port.LAYERS:
+        assert cosines(got["vectors"][layer], vectors[layer]).min() >= 0.9999, layer
+    assert got["fingerprint"] == actclust.model_fingerprint(model)

@@ -42,16 +42,17 @@ def adapt(model, output: Optional[Callable] = None) -> ModelAdapter:
         if output is not None:
             raise UnsupportedModelError("output= applies to a model, not to a ModelAdapter; give it to the adapter.")
         return model
-    torch = sys.modules.get("torch")  # a torch model means torch is imported already
-    if torch is not None and isinstance(model, (torch.nn.Module, torch.jit.ScriptFunction)):
-        from .torch import TorchAdapter
-
-        return TorchAdapter(model, output)
-    keras = sys.modules.get("keras")  # likewise for a Keras model
+    keras = sys.modules.get("keras")  # a Keras model means keras is imported already
+    # First: on Keras's PyTorch backend a keras.Model is also a torch.nn.Module.
     if keras is not None and isinstance(model, keras.Model):
         from .keras import KerasAdapter
 
         return KerasAdapter(model, output)
+    torch = sys.modules.get("torch")  # likewise for a torch model
+    if torch is not None and isinstance(model, (torch.nn.Module, torch.jit.ScriptFunction)):
+        from .torch import TorchAdapter
+
+        return TorchAdapter(model, output)
     if isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "saved_model.pb")):
         raise UnsupportedModelError(
             f"{os.fspath(model)} is a TensorFlow SavedModel: it keeps a traced graph, not the Keras layers, so no "
