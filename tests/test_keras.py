@@ -463,3 +463,88 @@ def test_torch_backend_matches_jax(ported):
     for layer in keras_port.LAYERS:
         assert cosines(got["vectors"][layer], vectors[layer]).min() >= 0.9999, layer
     assert got["fingerprint"] == actclust.model_fingerprint(model)
+
+
+# ---------------------------------------------------------------------------- the remaining refusals
+# the adapter's own arguments: a keras.Model and a callable output=
+def test_adapter_arguments():
+    with pytest.raises(UnsupportedModelError, match="The model must be a keras.Model; got object"):
+        KerasAdapter(object())
+    with pytest.raises(UnsupportedModelError, match="output must be a callable that returns the logits; got 3"):
+        KerasAdapter(cnn(), output=3)
+
+
+# inputs given as a tuple must give one array per model input
+def test_tuple_inputs():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    model = keras.Model([a, b], layers.Dense(3, name="out")(layers.Concatenate(name="cat")([a, b])))
+    x = (np.ones((4, 3), np.float32), np.ones((4, 2), np.float32))
+    assert actclust.list_layers(model, x)["cat"] == (4, 5)
+    with pytest.raises(DataError, match=r"X gives 1 inputs but the model takes 2 \(\['a', 'b'\]\)"):
+        KerasAdapter(model).check_inputs(x[:1], "X")
+
+
+# an output= that returns no array, or integers, is refused saying what is expected
+def test_bad_custom_output(images):
+    x = images[0][:4]
+    with pytest.raises(CaptureError, match=r"output= returned a list; actclust looks for the logits as an array"):
+        capture(cnn(), x, ["fc1"], output=lambda out: [out])
+    with pytest.raises(CaptureError, match="must return floating-point logits; got dtype int64"):
+        capture(cnn(), x, ["fc1"], output=lambda out: np.tile(out.argmax(1)[:, None], 2).astype(np.int64))
+
+
+# a nested model first called in another model has its layers' outputs there: refused, saying why
+def test_layer_first_called_in_another_model():
+    inner_in = keras.Input((4,))
+    block = keras.Model(inner_in, layers.Dense(4, name="d")(inner_in), name="block")
+    a_in, b_in = keras.Input((4,)), keras.Input((4,))
+    keras.Model(a_in, block(a_in), name="first")
+    second = keras.Model(b_in, layers.Dense(2, name="out")(block(b_in)), name="second")
+    assert capture(second, np.ones((3, 4), np.float32), ["out"])[1]["out"].shape == (3, 2)
+    with pytest.raises(UnsupportedModelError, match="of 'second' cannot be reached from its inputs .*first called in "
+                                                    "another model has it there"):
+        capture(second, np.ones((3, 4), np.float32), ["block/d"])
+
+
+# Keras loaders that cannot be read as ordered batches of samples are refused with what to do
+def test_pydataset_refusals(images):
+    from actclust.capture.data import Batches
+    from actclust.adapters.keras_data import source
+
+    x, y = images
+
+    class Endless(keras.utils.PyDataset):
+        num_batches = None
+
+        def __getitem__(self, i):
+            return x[:10]
+
+    class Four(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return x[:10], y[:10], y[:10], y[:10]
+
+    class Pairs(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return x[:10], y[:10]
+
+    class Clash(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": x[:10], "labels": x[:10]}, y[:10]
+
+    with pytest.raises(DataError, match=r"The PyDataset passed as X has no length"):
+        list(Batches(Endless(), batch_size=10))
+    with pytest.raises(DataError, match=r"tuples of 4 elements; Keras's convention is x, \(x, y\) or \(x, y, sample_weight\)"):
+        list(Batches(Four(), batch_size=10))
+    with pytest.raises(DataError, match="have an input named 'labels' and labels; rename that input"):
+        list(Batches(Clash(), batch_size=10))
+    with pytest.raises(DataError, match="X holds 10 samples; sample 12 was asked for"):
+        source(Pairs(), 10, "X").take([3, 12])

@@ -368,7 +368,7 @@ class KerasAdapter(ModelAdapter):
             sample = np.asarray(sample)
         self.check_inputs(sample, "sample")
         outputs, taps = _call(self._extractor(self._layers), self._feed(sample), "sample")
-        return {p: tuple(int(s) for s in taps[p].shape) for p in self._layers if taps.get(p) is not None}
+        return {p: tuple(int(s) for s in taps[p].shape) for p in self._layers if p in taps}
 
     def runner(self, reducers: Mapping[str, Callable], layouts: Optional[Mapping[str, str]] = None) -> "_KerasRunner":
         return _KerasRunner(self, reducers, layouts)
@@ -423,12 +423,12 @@ class _Extractor:
             rest = path[len(prefix):]
             if "/" not in rest:
                 self.taps.append((path, len(tensors)))
-                tensors.append(self._tensor(own[rest], path, _node_output))
+                tensors.append(_node_output(own[rest]))
         nested = dict.fromkeys(p[len(prefix):].split("/", 1)[0] for p in paths if "/" in p[len(prefix):])
         for name in nested:
             sub = prefix + name + "/"
             inner = [p for p in paths if p.startswith(sub)]
-            feed = self._tensor(own[name], prefix + name, _node_input)
+            feed = _node_input(own[name])
             self.children.append((len(tensors), len(keras.tree.flatten(feed)), feed,
                                   _Extractor(own[name], inner, layers, sub)))
             tensors.extend(keras.tree.flatten(feed))
@@ -436,18 +436,10 @@ class _Extractor:
             self.fe = keras.Model(_inputs_of(model), tensors, name=f"actclust_{model.name}")
         except ValueError as e:
             raise UnsupportedModelError(
-                f"The outputs of the captured layers of {model.name!r} cannot be reached from its inputs ({e}); a "
-                "layer first called in another model is captured at that first call. Build the model with its own "
-                "layers (or export it to ONNX)."
-            ) from e
-
-    @staticmethod
-    def _tensor(layer, path, which):
-        try:
-            return which(layer)
-        except (AttributeError, ValueError, RuntimeError) as e:
-            raise UnsupportedModelError(
-                f"The layer {path!r} has no output in the model's graph ({e}); choose a layer the model calls."
+                f"The outputs of the captured layers of {model.name!r} cannot be reached from its inputs ({e}): a "
+                "layer's output in Keras is that of its first call, and a layer or nested model first called in "
+                "another model has it there. Capture other layers, or build this model with layers of its own (or "
+                "export it to ONNX)."
             ) from e
 
     def __call__(self, feed) -> tuple:
@@ -493,7 +485,7 @@ def _call(extractor: _Extractor, feed, where: str):
             outputs, taps = extractor(feed)
         to_np = keras.ops.convert_to_numpy
         outputs = keras.tree.map_structure(to_np, outputs) if outputs is not None else None
-        return outputs, {p: (to_np(t) if t is not None else None) for p, t in taps.items()}
+        return outputs, {p: to_np(t) for p, t in taps.items()}
     except ActClustError:
         raise
     except Exception as e:
@@ -522,9 +514,7 @@ class _KerasRunner(Runner):
         logits = self.adapter.logits(outputs, n)
         kept = {}
         for name, reduce in self.reducers.items():
-            t = taps.get(name)
-            if t is None:
-                raise CaptureError(f"The layer {name!r} returned no array; choose a layer whose output is a tensor.")
+            t = taps[name]
             if t.ndim == 0 or t.shape[0] != n:
                 raise CaptureError(
                     f"The layer {name!r} output shape {tuple(t.shape)} for a batch of {n}: not one row per sample. "

@@ -45,10 +45,13 @@ class KerasSource(Source):
 
     def _raw(self):
         if self.kind == "PyDataset":
-            n = self.data.num_batches
+            try:
+                n = self.data.num_batches
+            except NotImplementedError:  # neither __len__ nor num_batches
+                n = None
             if n is None:
-                raise DataError(f"The PyDataset passed as {self.name} has no length (num_batches is None); actclust "
-                                "needs a finite, ordered dataset.")
+                raise DataError(f"The PyDataset passed as {self.name} has no length (no __len__, and num_batches is not "
+                                "a number); actclust needs a finite dataset read in order.")
             for i in range(n):
                 yield self.data[i]
         else:
