@@ -67,6 +67,11 @@ def images():
     return rng.standard_normal((120, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, 120)
 
 
+def to_np(t):
+    """A backend tensor as NumPy (detached on Keras's PyTorch backend)."""
+    return keras.ops.convert_to_numpy(t)
+
+
 def capture(model, x, layers_, reducer="auto", **kw):
     adapter = KerasAdapter(model, **kw)
     with adapter.runner({l: make_reducer(reducer) for l in adapter.resolve(layers_)}) as runner:
@@ -92,7 +97,7 @@ def test_capture_equals_manual_forward(images, sequential):
     model = cnn(sequential=sequential)
     x = images[0][:10]
     logits, out = capture(model, x, ["conv", "bn", "fc1", "fc2"])
-    conv = np.asarray(model.get_layer("conv")(x))
+    conv = to_np(model.get_layer("conv")(x))
     g = model.get_layer("bn")
     bn = (conv - 0.3) / np.sqrt(2.0 + g.epsilon) * g.gamma.numpy() + g.beta.numpy()
     np.testing.assert_allclose(out["conv"], conv.mean((1, 2)), atol=1e-5)
@@ -122,7 +127,7 @@ def test_channels_first_layers():
     assert [a.layout(n, 4, False) for n in ("c", "r")] == ["channels_first", "channels_first"]
     x = np.random.default_rng(0).standard_normal((3, 2, 5, 5)).astype(np.float32)
     _, out = capture(model, x, ["r"])
-    r = np.maximum(np.asarray(model.get_layer("c")(x)), 0)
+    r = np.maximum(to_np(model.get_layer("c")(x)), 0)
     np.testing.assert_allclose(out["r"], r.mean((2, 3)), atol=1e-5)
 
 
@@ -138,7 +143,7 @@ def test_token_maps_use_the_padding_mask():
          "padding_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}
     assert KerasAdapter(model).layout("proj", 3, True) == "tokens"
     _, out = capture(model, x, ["proj"])
-    h = np.asarray(keras.Model(model.input, model.get_layer("proj").output)(x))
+    h = to_np(keras.Model(model.input, model.get_layer("proj").output)(x))
     np.testing.assert_allclose(out["proj"][0], h[0, :3].mean(0), atol=1e-5)
     np.testing.assert_allclose(out["proj"][1], h[1].mean(0), atol=1e-5)
 
@@ -152,8 +157,8 @@ def test_nested_model(images):
     before = snapshot(model)
     x = images[0][:10]
     _, out = capture(model, x, ["block/relu_b", "conv_a", "block"])
-    conv_a = np.asarray(model.get_layer("conv_a")(x))
-    relu_b = np.maximum(np.asarray(model.get_layer("block").get_layer("conv_b")(conv_a)), 0)
+    conv_a = to_np(model.get_layer("conv_a")(x))
+    relu_b = np.maximum(to_np(model.get_layer("block").get_layer("conv_b")(conv_a)), 0)
     np.testing.assert_allclose(out["block/relu_b"], relu_b.mean((1, 2)), atol=1e-5)
     np.testing.assert_allclose(out["block"], out["block/relu_b"], atol=1e-6)
     assert actclust.list_layers(model, x)["block/conv_b"] == (10, 6, 6, 4)
