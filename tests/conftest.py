@@ -1,6 +1,9 @@
 import os
 from pathlib import Path
 
+# Keras reads its backend once, when first imported: JAX, whichever test imports keras first.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import numpy as np
 import pytest
 import torch
