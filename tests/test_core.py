@@ -20,7 +20,7 @@ SRC = Path(actclust.__file__).parent
 FRAMEWORKS = ("torch", "keras", "tensorflow", "jax", "onnx", "onnxruntime", "transformers")
 #: Modules that must run without any framework: the analysis, persistence, report, study and store
 #: layers, and the core that fits and queries through an adapter.
-CORE = ("analysis", "io", "views", "study", "store", "capture", "state.py", "fitting.py", "validation.py",
+CORE = ("analysis", "io", "views", "study", "store", "capture", "compute", "state.py", "fitting.py", "validation.py",
         "explainer.py", "exceptions.py", "deps.py", "datasets.py", "cli", "clustering", "engines")
 
 _BLOCK = """
@@ -75,7 +75,7 @@ def test_onnx_end_to_end_without_torch(onnx_model, tmp_path):
         skipped = []
         for m in pkgutil.walk_packages(actclust.__path__, "actclust."):
             if m.name.endswith("__main__") or m.name in ("actclust.models", "actclust.adapters.torch", "actclust.adapters.torch_ops",
-                          "actclust.adapters.torch_data", "actclust.adapters.keras", "actclust.adapters.keras_data"):
+                          "actclust.adapters.torch_data", "actclust.adapters.torch_compute", "actclust.adapters.keras", "actclust.adapters.keras_data"):
                 continue  # a framework's own adapter (and the demo's networks) need it
             importlib.import_module(m.name)
         folder = {str(onnx_model)!r}

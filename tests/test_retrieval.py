@@ -59,7 +59,7 @@ def test_training_sample_finds_itself(fitted, data):
 
 # small query chunks give the same answer as one chunk (memory is O(chunk), results unchanged)
 def test_chunked_search_is_identical(model, data, monkeypatch):
-    import actclust.analysis.retrieval as r
+    import actclust.analysis.indexes as r
 
     def fresh():  # a new fit: nothing built before the patch is reused
         return actclust.ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(*data)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from actclust import ParameterError
-from actclust.analysis.retrieval import (AUTO_EXACT_FLOATS, ApproximateIndex, Index, layer_stats, layer_weights,
+from actclust.analysis.retrieval import (AUTO_EXACT_ROWS, ApproximateIndex, Index, layer_stats, layer_weights,
                                 resolve_search)
 
 
@@ -59,10 +59,12 @@ def test_search_parameter(model, data):
     assert len(es[0].similar["low"]) == 3
 
 
-# "auto" is exact below the measured break-even size and approximate above it
+# "auto" is exact below the measured break-even size and approximate above it, on the host
 def test_auto_threshold():
     assert resolve_search("auto", 1_797, 300) == "exact"  # scikit-learn's digits
     assert resolve_search("auto", 60_000, 266) == "approximate"  # Fashion-MNIST: summaries and 'mean' vectors
+    assert resolve_search("auto", 54_000, 32) == "approximate"  # trust's search of one narrow layer
     assert resolve_search("auto", 1_281_167, 3840) == "approximate"  # ImageNet, ResNet-50 'mean'
-    assert resolve_search("auto", AUTO_EXACT_FLOATS // 100, 100) == "approximate"
+    assert resolve_search("auto", AUTO_EXACT_ROWS, 1) == "approximate"
+    assert resolve_search("auto", AUTO_EXACT_ROWS - 1, 10**4) == "exact"
     assert resolve_search("exact", 10**9, 10**3) == "exact"

@@ -33,6 +33,7 @@ __all__ = [
     "RenderWarning",
     "DataWarning",
     "TrustWarning",
+    "DeviceMemoryWarning",
 ]
 
 
@@ -129,3 +130,7 @@ class TrustWarning(ActClustWarning):
 
 class DataWarning(ActClustWarning):
     """Data was accepted but probably not as the user meant (e.g. token maps reduced over features)."""
+
+
+class DeviceMemoryWarning(ActClustWarning):
+    """The device ran out of memory; the work goes on in smaller chunks (said once per backend)."""

@@ -7,6 +7,7 @@ it to the analyses (:mod:`actclust.analysis`) with the fitted state.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -81,10 +82,11 @@ class ActivationClustering:
         its ``["logits"]`` or its first element.
     search : {"auto", "exact", "approximate"}, default="auto"
         How neighbours are searched, for similar samples and trust signals: exactly (one pass
-        over the stored vectors per call), or with a faiss IVF index of 8-bit codes whose
-        candidates are re-ranked exactly, calibrated per weighting for recall@10 >= 0.97;
-        ``"auto"`` is exact while ``n_train x width`` is below
-        :data:`actclust.analysis.retrieval.AUTO_EXACT_FLOATS` (about 15,000 samples of 266 floats).
+        over the stored vectors per call), or with a faiss IVF index (float32 codes, or 8-bit codes
+        re-ranked exactly for large sets) calibrated per weighting for recall@10 >= 0.97, saved
+        with the run; ``"auto"`` is exact below
+        :data:`actclust.analysis.retrieval.AUTO_EXACT_ROWS` (2,000) training samples, and on a GPU
+        (``device``), where exact search by matrix products is the faster.
     spatial_grid : int or None, default=4
         Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
         ``spatial_grid x spatial_grid`` (projected to 64 values when wider; see
@@ -153,7 +155,7 @@ class ActivationClustering:
         layer_weights=None, temperature=0.0, smoothing=1.0, clustering="kmeans",
         validation_fraction=0.2, batch_size=256, random_state=0, progress=True, label_key="auto",
         output: Optional[Callable] = None, search="auto", spatial_grid=SPATIAL_GRID, store=None,
-        store_dtype="float32", engine="local", ray_options=None,
+        store_dtype="float32", engine="local", ray_options=None, device=None,
     ):
         self.model = model
         self.layers = layers
@@ -177,6 +179,7 @@ class ActivationClustering:
         self.store_dtype = store_dtype
         self.engine = engine
         self.ray_options = ray_options
+        self.device = device
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> "ActivationClustering":
@@ -198,7 +201,8 @@ class ActivationClustering:
         from .validation import validate
 
         adapter = self._adapter()
-        self.state_ = fitting.fit(adapter, validate(self, adapter), X, y)  # the one assignment of what fit learned
+        config = validate(self, adapter)
+        self.state_ = fitting.fit(adapter, config, X, y, self._backend())  # the one assignment of what fit learned
         return self
 
     def _adapter(self):
@@ -206,6 +210,17 @@ class ActivationClustering:
         cached = self.__dict__.get("_adapter_cache")
         if cached is None or cached[0] is not self.model or cached[1] is not self.output:
             cached = self.__dict__["_adapter_cache"] = (self.model, self.output, adapt(self.model, self.output))
+        return cached[2]
+
+    def _backend(self):
+        """The compute backend of ``device`` (:func:`actclust.compute.backend_for`), made once per device and model."""
+        from .compute import backend_for
+
+        cached = self.__dict__.get("_backend_cache")
+        adapter = self._adapter()
+        if cached is None or cached[0] is not self.device or cached[1] is not adapter:
+            cached = self.__dict__["_backend_cache"] = (self.device, adapter,
+                                                        backend_for(self.device, getattr(adapter, "device", None)))
         return cached[2]
 
     def _batches(self, X, y=None):
@@ -306,7 +321,9 @@ class ActivationClustering:
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
         method = retrieval.check_search(self.search if search is None else search)
-        return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress)
+        backend = self._backend()
+        return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress,
+                                backend=backend)
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
         """One :class:`~actclust.analysis.concepts.Concept` per cluster of ``layer``: its size, class mix,
@@ -315,7 +332,7 @@ class ActivationClustering:
 
         state = self._state()
         layer = self._adapter().canonical(layer) if isinstance(layer, str) else layer
-        return concepts(state, layer, k, n_edge)
+        return concepts(state, layer, k, n_edge, backend=self._backend())
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
         """One :class:`~actclust.analysis.explanation.Explanation` per input of ``X``.
@@ -331,8 +348,9 @@ class ActivationClustering:
         state = self._state()
         check_class_names(state, class_names)
         method = retrieval.check_search(self.search if search is None else search)
+        backend = self._backend()
         return explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
-                       meta=self.provenance(), search=method)
+                       meta=self.provenance(), search=method, backend=backend)
 
     def trust(self, X, **options) -> dict:
         """Per-input trust signals; see :func:`actclust.analysis.trust.trust_signals` for ``options``.
@@ -349,8 +367,9 @@ class ActivationClustering:
         if held_out is not None and not isinstance(held_out, Query):
             x_val, y_val = held_out if isinstance(held_out, tuple) and len(held_out) == 2 else (held_out, None)
             options = {**options, "calibration": self.query(x_val, y_val, vectors=True)}
-        cal = calibrate(state, progress=self.progress, **{"search": self.search, **options})  # before the pass
-        return signals(state, cal, self.query(X, vectors=True))
+        cal = calibrate(state, progress=self.progress, backend=self._backend(),
+                        **{"search": self.search, **options})  # before the pass
+        return signals(state, cal, self.query(X, vectors=True), self._backend())
 
     def provenance(self) -> dict:
         """What an explanation of this explainer records about where it came from (Alibi's ``meta``)."""
@@ -363,19 +382,23 @@ class ActivationClustering:
         """Save the fitted explainer to directory ``path`` atomically; see :func:`actclust.load`.
 
         An existing run at ``path`` is replaced only with ``overwrite=True``; a directory that
-        holds anything else is never written into. ``metadata`` is kept in the manifest.
+        holds anything else is never written into. ``metadata`` is kept in the manifest. The
+        approximate search indexes built so far are kept with the run (checked by SHA-256 and
+        memory-mapped at load, not rebuilt).
         """
+        from .analysis.retrieval import saved_index_files
         from .io.persistence import params_of, save
 
-        save(self._state(), params_of(self), self._adapter(), path, custom_output=self.output is not None,
-             overwrite=overwrite, metadata=metadata)
+        state = self._state()
+        save(state, params_of(self), self._adapter(), path, custom_output=self.output is not None,
+             overwrite=overwrite, metadata=metadata, files=saved_index_files(state))
 
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
 
 
-def load(path, model, *, output=None, progress: bool = True, verify: bool = True) -> ActivationClustering:
+def load(path, model, *, output=None, progress: bool = True, verify: bool = True, device=None) -> ActivationClustering:
     """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
 
     ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
@@ -385,18 +408,22 @@ def load(path, model, *, output=None, progress: bool = True, verify: bool = True
     Loading parses JSON and safetensors only: it runs no code from the run's folder (see
     ``docs/security.md``). ``verify`` checks every file of the run against its SHA-256 in one
     streaming pass (a progress bar on large stores); ``verify=False`` skips it for runs you trust.
+    ``device`` is where the analyses compute (see :class:`ActivationClustering`; by default the model's
+    device): a run fitted on a GPU loads and answers on a machine without one.
     """
+    from .analysis.retrieval import attach_saved_indexes
     from .exceptions import InvalidSaveError
-    from .io.persistence import check_model, read_run
+    from .io.persistence import INDEX_FILE_RE, attached, check_model, read_run
 
     state, params, manifest = read_run(path, verify=verify, progress=progress)
+    attach_saved_indexes(state, path, attached(manifest, Path(path), INDEX_FILE_RE))
     if manifest.get("custom_output") and output is None:
         raise ParameterError(
             f"The run at {path} was fitted with a custom output= function; pass the same one: "
             "actclust.load(path, model, output=...)."
         )
     try:
-        ac = ActivationClustering(model, progress=progress, output=output, **params)
+        ac = ActivationClustering(model, progress=progress, output=output, device=device, **params)
     except TypeError as e:
         raise InvalidSaveError(f"The saved run at {path} has parameters this actclust does not know ({e}).") from None
     check_model(state, manifest, adapt(model, output), path)

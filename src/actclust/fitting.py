@@ -11,6 +11,7 @@ is the same code.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 
@@ -21,6 +22,7 @@ from .analysis import surrogate
 from .capture import passes
 from .capture.data import Batches, check_label_range
 from .clustering import CLUSTERINGS, make_clustering
+from .compute import HOST, backend_for
 from .deps import require
 from .exceptions import ActClustWarning, ConvergenceWarning, DataError, ParameterError
 from .state import SUMMARY_SUFFIX, FittedState
@@ -42,13 +44,15 @@ def batches(config: FitConfig, X, y=None, name: str = "X") -> Batches:
     return Batches(X, batch_size=config.batch_size, y=y, name=name, label_key=config.label_key)
 
 
-def fit(adapter, config: FitConfig, X, y=None) -> FittedState:
-    """Fit ``config`` on the model of ``adapter`` and the data ``X`` (``y``): the fitted state."""
+def fit(adapter, config: FitConfig, X, y=None, backend=None) -> FittedState:
+    """Fit ``config`` on the model of ``adapter`` and the data ``X`` (``y``): the fitted state. ``backend``
+    (:mod:`actclust.compute`) computes the clusterings; by default that of ``config.device``."""
     method = CLUSTERINGS[config.clustering]
     for module in method.requires:
         require(module, f"clustering={config.clustering!r}")
+    backend = backend or backend_for(config.device, getattr(adapter, "device", None))
     if config.engine == "ray":
-        return _fit_ray(adapter, config, X, y, method)
+        return _fit_ray(adapter, config, X, y, method, backend)
     data = batches(config, X, y)
     _check_cluster_counts(config, data.n_samples)
     t0 = time.perf_counter()
@@ -67,12 +71,12 @@ def fit(adapter, config: FitConfig, X, y=None) -> FittedState:
                                          random_state=config.random_state),
             writer, keep_proba=method.refines, progress=config.progress)
         vectors = writer.finish()
-        state = learn(config, method, vectors, captured, times=(t0, t1, time.perf_counter()))
+        state = learn(config, method, vectors, captured, times=(t0, t1, time.perf_counter()), backend=backend)
         writer.commit()
     return state
 
 
-def _fit_ray(adapter, config: FitConfig, X, y, method) -> FittedState:
+def _fit_ray(adapter, config: FitConfig, X, y, method, backend) -> FittedState:
     """``fit`` with the capture pass on Ray (:mod:`actclust.engines.ray`); the rest is the local code."""
     from .engines import ray
 
@@ -82,7 +86,7 @@ def _fit_ray(adapter, config: FitConfig, X, y, method) -> FittedState:
     with StoreWriter(config.store, config.store_dtype, run.n) as writer:
         captured = ray.capture(run, adapter, config.reducers, writer, keep_proba=method.refines)
         vectors = writer.finish()
-        state = learn(config, method, vectors, captured, times=(t0, t0, time.perf_counter()))
+        state = learn(config, method, vectors, captured, times=(t0, t0, time.perf_counter()), backend=backend)
         state.fit_info["engine"] = run.info  # actors, batches, batches that arrived out of order
         writer.commit()
     return state
@@ -97,8 +101,10 @@ def _check_cluster_counts(config: FitConfig, n) -> None:
             )
 
 
-def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times) -> FittedState:
-    """Cluster the captured vectors and build the surrogate: the :class:`FittedState` of a fit."""
+def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times, backend=None) -> FittedState:
+    """Cluster the captured vectors and build the surrogate: the :class:`FittedState` of a fit. The
+    clusterings and assignments are computed by ``backend`` (:mod:`actclust.compute`; the host by default)."""
+    backend = backend or HOST
     t0, t1, t2 = times
     layers, labels, n_classes = config.layers, captured.labels, captured.n_classes
     predictions = captured.predictions
@@ -113,7 +119,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
         )
     targets = labels if config.posterior == "label" else predictions
 
-    clusterings = {l: _cluster(config, l, vectors[l])
+    clusterings = {l: _cluster(config, l, vectors[l], backend)
                    for l in tqdm(layers, desc="clustering layers", disable=not config.progress, leave=False)}
     refined = None
     if method.refines:
@@ -125,8 +131,8 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
     # A refined clustering holds its learned temperature (rescaled to its final centres).
     temperatures = {l: float(clusterings[l].temperature_ if refined is not None else config.temperature) for l in layers}
     # Hard assignment keeps cluster ids (O(n)), not one-hot rows (O(n x n_clusters)).
-    assign = {l: clusterings[l].predict(vectors[l]) if temperatures[l] <= 0
-              else clusterings[l].soft_assign(vectors[l], temperatures[l]) for l in layers}
+    assign = {l: clusterings[l].predict(vectors[l], backend) if temperatures[l] <= 0
+              else clusterings[l].soft_assign(vectors[l], temperatures[l], backend) for l in layers}
     t3 = time.perf_counter()
     weights = refined.weights if refined is not None else _weights(config, assign, targets, n_classes)
     posteriors = {l: surrogate.fit_posteriors(assign[l], targets, n_classes, config.smoothing, config.n_clusters[l])
@@ -137,6 +143,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
         seconds_surrogate=t4 - t3, seconds_total=t4 - t0,
         empty_clusters={l: int((c.cluster_sizes_ == 0).sum()) for l, c in clusterings.items()},
         store={"dtype": vectors.dtype, "on_disk": vectors.on_disk, "bytes": vectors.nbytes},
+        device=backend.device,
     )
     if refined is not None:
         info["distill"] = {"loss_history": refined.loss_history, "spread_ratio": refined.spread_ratio,
@@ -156,11 +163,14 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
     )
 
 
-def _cluster(config: FitConfig, layer: str, vectors: np.ndarray):
+def _cluster(config: FitConfig, layer: str, vectors: np.ndarray, backend):
     """Fit one layer's clustering; its warnings (e.g. no convergence) name the layer."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clustering = make_clustering(config.clustering, config.n_clusters[layer], config.random_state).fit(vectors)
+        clustering = make_clustering(config.clustering, config.n_clusters[layer], config.random_state)
+        # A registered clustering written before backends existed takes fit(X) alone.
+        takes_backend = "backend" in inspect.signature(clustering.fit).parameters
+        clustering = clustering.fit(vectors, backend) if takes_backend else clustering.fit(vectors)
     for w in caught:
         category = w.category if issubclass(w.category, ActClustWarning) else ConvergenceWarning
         warnings.warn(f"layer {layer!r}: {w.message}", category, stacklevel=4)

@@ -147,7 +147,14 @@ CONSTRAINTS: dict[str, list] = {
     "store_dtype": [Options(("float32", "float16"))],
     "engine": [Options(ENGINES)],
     "ray_options": [Options((None,)), Kind(lambda v: isinstance(v, dict), "a dict")],
+    "device": [Kind(lambda v: _device_form(v), "")],  # the message from actclust.compute, see check
 }
+
+
+def _device_form(value) -> bool:
+    from .compute import check_device
+
+    return check_device(value)
 
 
 def _clustering_known(name) -> bool:
@@ -168,6 +175,10 @@ def check(owner: str, params: Mapping[str, Any], constraints: Mapping[str, list]
             from .clustering import CLUSTERINGS
 
             allowed = f"one of {list(CLUSTERINGS)}"
+        elif name == "device":
+            from .compute import DEVICE_TEXT
+
+            allowed = DEVICE_TEXT
         else:
             texts = [str(c) for c in forms]
             allowed = ", ".join(texts[:-1]) + f" or {texts[-1]}" if len(texts) > 1 else texts[0]
@@ -216,6 +227,7 @@ class FitConfig:
     store_dtype: str
     engine: str
     ray_options: Optional[dict]
+    device: Any = None  # None (the model's device), a device name or torch.device, or a compute Backend
 
 
 def validate(estimator, adapter) -> FitConfig:
@@ -248,5 +260,5 @@ def validate(estimator, adapter) -> FitConfig:
         validation_fraction=float(estimator.validation_fraction), batch_size=int(estimator.batch_size),
         random_state=int(estimator.random_state), progress=bool(estimator.progress), label_key=estimator.label_key,
         spatial_grid=estimator.spatial_grid, store=estimator.store, store_dtype=estimator.store_dtype,
-        engine=estimator.engine, ray_options=estimator.ray_options,
+        engine=estimator.engine, ray_options=estimator.ray_options, device=getattr(estimator, "device", None),
     )

@@ -51,15 +51,31 @@ class TorchOps(Ops):
         return torch.from_numpy(np.ascontiguousarray(a)).to(like.device, dtype)
 
     def sign_projection(self, width, seed, like=None):
-        from ..capture.reduction import SUMMARY_DIMS
-
         device = None if like is None else like.device
-        i = torch.arange(width, device=device, dtype=torch.int64)[:, None]
-        j = torch.arange(SUMMARY_DIMS, device=device, dtype=torch.int64)[None, :]
-        return sign_bits(i, j, seed, torch).float() / SUMMARY_DIMS ** 0.5
+        if torch.compiler.is_compiling():  # traced into the compiled graph: tensor operations, no cache
+            return _signs(width, seed, device)
+        # Hashing width x 64 integers took a third of a capture pass on Fashion-MNIST when redone per batch.
+        key = (width, seed, str(device))
+        if key not in _SIGNS:
+            if len(_SIGNS) >= 64:
+                _SIGNS.clear()
+            _SIGNS[key] = _signs(width, seed, device)
+        return _SIGNS[key]
 
     def to_host(self, t):
         return t.reshape(t.shape[0], -1).float().cpu().numpy()
+
+
+#: Sign projections made so far, by (width, seed, device).
+_SIGNS: dict = {}
+
+
+def _signs(width, seed, device):
+    from ..capture.reduction import SUMMARY_DIMS
+
+    i = torch.arange(width, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(SUMMARY_DIMS, device=device, dtype=torch.int64)[None, :]
+    return sign_bits(i, j, seed, torch).float() / SUMMARY_DIMS ** 0.5
 
 
 OPS = TorchOps()

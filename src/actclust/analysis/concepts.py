@@ -56,15 +56,16 @@ class Concept:
         return asdict(self)
 
 
-def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3) -> list:
-    """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`."""
+def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3, backend=None) -> list:
+    """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`.
+    ``backend`` (:mod:`actclust.compute`) computes the training vectors' distances (the host by default)."""
     state.check_layer(layer)
     n = state.n_samples
     for name, value, low in (("k", k, 1), ("n_edge", n_edge, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= n:
             raise ParameterError(f"{name} must be an int between {low} and the {n} training samples. "
                                  f"Got {value!r} instead.")
-    assign, dist = train_assignments(state, layer)
+    assign, dist = train_assignments(state, layer, backend)
     clustering = state.clusterings[layer]
     out = []
     for c in range(clustering.n_clusters):
@@ -82,11 +83,11 @@ def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3) -> li
     return out
 
 
-def train_assignments(state: FittedState, layer: str):
+def train_assignments(state: FittedState, layer: str, backend=None):
     """Nearest cluster and squared distance to it of every training sample (cached with the state)."""
     cache = state.cache.setdefault("concepts", {})
     if layer not in cache:
-        d = state.clusterings[layer].distances(state.train_vectors[layer])
+        d = state.clusterings[layer].distances(state.train_vectors[layer], backend)
         assign = d.argmin(1)
         cache[layer] = (assign, d[np.arange(len(d)), assign])
     return cache[layer]

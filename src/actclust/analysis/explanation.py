@@ -41,7 +41,7 @@ import numpy as np
 from .concepts import concepts
 from ..exceptions import ParameterError
 from .retrieval import check_args
-from .retrieval import search as find
+from .retrieval import search_many as find
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -101,9 +101,10 @@ def check_class_names(state: FittedState, class_names) -> None:
 
 
 def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None,
-            search: str = "auto") -> list:
+            search: str = "auto", backend=None) -> list:
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
-    fitted ``state``; see :meth:`ActivationClustering.explain`."""
+    fitted ``state``; see :meth:`ActivationClustering.explain`. ``backend`` (:mod:`actclust.compute`)
+    computes the searches (the host by default)."""
     check_class_names(state, class_names)
     k = min(k, state.n_samples)
     probas = state.layer_probas(q.distances)  # (L, n, C)
@@ -111,8 +112,9 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     w = state.weights / state.weights.sum()
     prior = state.target_prior()
     paths = q.paths
-    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0)] for l in state.layers}
-    near = {p: find(state, q, *check_args(state, k, p), method=search) for p in ("low", "high")}
+    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, backend=backend)] for l in state.layers}
+    # "low" and "high" share one search (one pass over the store, or one set of candidates re-ranked for each)
+    near = find(state, q, k, {p: check_args(state, k, p)[1] for p in ("low", "high")}, method=search, backend=backend)
     options = {}
     if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}
         options, trust = trust, True
@@ -125,8 +127,8 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
         from .trust import calibrate
         from .trust import signals as trust_signals
 
-        cal = calibrate(state, **{"search": search, **options})
-        signals, notes = trust_signals(state, cal, q), list(cal.notes) or None
+        cal = calibrate(state, **{"search": search, "backend": backend, **options})
+        signals, notes = trust_signals(state, cal, q, backend), list(cal.notes) or None
     n, layer_names = q.n, state.layers
     # Everything is converted to Python lists in bulk: per-element conversion would dominate.
     mix = probas.transpose(1, 0, 2).tolist()  # (n, L, C)

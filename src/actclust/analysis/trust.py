@@ -53,7 +53,8 @@ _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``st
 
 
 def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
-                  layer_weights: str = "surrogate", search: str = "auto", calibration: Optional[Query] = None) -> dict:
+                  layer_weights: str = "surrogate", search: str = "auto", calibration: Optional[Query] = None,
+                  backend=None) -> dict:
     """Per-input trust signals of the DNN's predictions on the queried inputs.
 
     Parameters
@@ -81,6 +82,9 @@ def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, ca
         predict, its errors on its own training data are fewer and unlike them, and with it
         ``stacked_trust`` also weighs the DNN's confidence. Every training vector is then a
         neighbour; ``calibration_fraction`` is not used.
+    backend : actclust.compute.Backend, optional
+        Where the searches and distances compute (the host by default; ``ac.trust`` passes the
+        estimator's ``device``).
 
     Returns
     -------
@@ -141,12 +145,13 @@ def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, ca
         reference part fewer than ``n_neighbors``.
     """
     cal = calibrate(state, n_neighbors=n_neighbors, calibration_fraction=calibration_fraction,
-                    layer_weights=layer_weights, search=search, calibration=calibration)
+                    layer_weights=layer_weights, search=search, calibration=calibration, backend=backend)
     return signals(state, cal, query)
 
 
-def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
-    """:func:`trust_signals` with the calibration already built by :func:`calibrate`."""
+def signals(state: FittedState, cal: "_Calibration", q: Query, backend=None) -> dict:
+    """:func:`trust_signals` with the calibration already built by :func:`calibrate`; ``backend``
+    (:mod:`actclust.compute`) computes the searches (by default the calibration's)."""
     if q.vectors is None:
         raise ParameterError("trust signals need the reduced vectors: make the query with vectors=True.")
     n_neighbors = cal.key[0]
@@ -159,7 +164,8 @@ def signals(state: FittedState, cal: "_Calibration", q: Query) -> dict:
     alpha = np.zeros((n, n_classes))
     knn_typ, clu_typ, log_p_nearest, votes_ratios = np.zeros(n), np.zeros(n), np.zeros(n), []
     for w, l in zip(cal.weights, state.layers):
-        counts, kth, vr = _neighbour_stats(cal.finder(state, l), cal.labels, q.vectors[l], n_neighbors, n_classes, pred)
+        counts, kth, vr = _neighbour_stats(cal.finder(state, l, backend), cal.labels, q.vectors[l], n_neighbors,
+                                           n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (n_neighbors - counts)
         knn_typ += w * _pvalue(cal.cal_kth[l], kth)
@@ -214,23 +220,27 @@ class _Calibration:
     stack: object  # the fitted model of stacked_trust, or None
     stack_confidence: bool = False  # whether the stack takes the DNN's confidence (held-out calibration)
     notes: tuple = ()  # what is unavailable or uncalibrated, as said in the warning
+    backend: object = None  # where the searches compute (actclust.compute; None: the host)
 
-    def finder(self, state: FittedState, layer: str):
+    def finder(self, state: FittedState, layer: str, backend=None):
         """``find(vectors, depth) -> (squared distances, ids)`` among the reference rows of ``layer``."""
         from .retrieval import layer_neighbours
 
         n_ref = int((~self.is_cal).sum())
+        backend = backend or self.backend
 
         def find(v, depth):
-            idx, d = layer_neighbours(state, layer, v, min(depth, n_ref), method=self.method, exclude=self.is_cal)
+            idx, d = layer_neighbours(state, layer, v, min(depth, n_ref), method=self.method, exclude=self.is_cal,
+                                      backend=backend)
             return d, idx
         return find
 
 
 def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
               layer_weights: str = "surrogate", search: str = "auto", calibration: Optional[Query] = None,
-              progress: bool = False) -> _Calibration:
-    """The calibration of :func:`trust_signals` (parameters there), cached with the state."""
+              progress: bool = False, backend=None) -> _Calibration:
+    """The calibration of :func:`trust_signals` (parameters there), cached with the state; ``backend``
+    (:mod:`actclust.compute`) computes its searches and distances (the host by default)."""
     k, fraction = n_neighbors, calibration_fraction
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ParameterError(f"The 'n_neighbors' parameter of trust_signals must be a positive int. Got {k!r} instead.")
@@ -245,7 +255,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
 
     method = check_search(search)  # "auto" resolves per layer, by its width
     split = _held_out(state, calibration, k) if calibration is not None else _split(state, fraction, k)
-    key = (int(k), float(fraction), layer_weights, method, split.digest)
+    key = (int(k), float(fraction), layer_weights, method, split.digest, getattr(backend, "device", "cpu"))
     cached = state.cache.get("trust")
     if cached is not None and cached.key == key:
         return cached
@@ -255,7 +265,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(len(state.layers)), dtype=np.float64)
     weights = weights / weights.sum()
     alpha, alpha_pred, rows = np.zeros(n_cal), np.zeros(n_cal), np.arange(n_cal)
-    calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, {}, None)
+    calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, {}, None, False, (), backend)
     cal_kth, cal_nearest, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
     for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
         v_cal = split.vectors(l)
@@ -266,13 +276,13 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         cal_kth[l] = np.sort(kth)
         cal_nearest[l] = np.sort(vr[2])
         c = state.clusterings[l]
-        d_all = _nearest(c.distances(state.train_vectors[l]))  # streamed over the store
+        d_all = _nearest(c.distances(state.train_vectors[l], backend))  # streamed over the store
         ref = ~is_cal
         sums = np.bincount(d_all[1][ref], weights=d_all[0][ref], minlength=c.n_clusters)
         sizes = np.bincount(d_all[1][ref], minlength=c.n_clusters)
         # A cluster with no reference member takes the layer's overall scale.
         spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
-        d_cal = c.distances(v_cal)
+        d_cal = c.distances(v_cal, backend)
         cal_ratio[l] = np.sort(_spread_ratio(d_cal, spread[l]))
         probas.append(c.soft_assign_from_distances(d_cal, state.temperatures[l]) @ state.posteriors[l])
     cal_alpha, right, stack, notes = np.sort(_ties(alpha)), pred == cal_labels, None, []
@@ -295,7 +305,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     if notes:
         warnings.warn("Trust signals: " + "; ".join(notes) + ".", TrustWarning, stacklevel=3)
     state.cache["trust"] = _Calibration(key, weights, method, is_cal, labels, cal_alpha, cal_kth, cal_nearest, spread,
-                                        cal_ratio, stack, split.confidence is not None, tuple(notes))
+                                        cal_ratio, stack, split.confidence is not None, tuple(notes), backend)
     return state.cache["trust"]
 
 

@@ -160,6 +160,9 @@ def sign_bits(i, j, seed: int, xp):
 class NumpyOps(Ops):
     name = "numpy"
 
+    def __init__(self):
+        self._signs: dict = {}
+
     def float32(self, t):
         return np.asarray(t, dtype=np.float32)
 
@@ -204,9 +207,15 @@ class NumpyOps(Ops):
     def sign_projection(self, width, seed, like=None):
         from .reduction import SUMMARY_DIMS
 
-        i = np.arange(width, dtype=np.int64)[:, None]
-        j = np.arange(SUMMARY_DIMS, dtype=np.int64)[None, :]
-        return (sign_bits(i, j, seed, np) / SUMMARY_DIMS ** 0.5).astype(np.float32)
+        key = (width, seed)
+        if key not in self._signs:  # made once per width and seed, not per batch
+            if len(self._signs) >= 64:
+                self._signs.clear()
+            i = np.arange(width, dtype=np.int64)[:, None]
+            j = np.arange(SUMMARY_DIMS, dtype=np.int64)[None, :]
+            self._signs[key] = (sign_bits(i, j, seed, np) / SUMMARY_DIMS ** 0.5).astype(np.float32)
+            self._signs[key].setflags(write=False)
+        return self._signs[key]
 
     def to_host(self, t):
         return np.ascontiguousarray(np.asarray(t, dtype=np.float32).reshape(len(t), -1))

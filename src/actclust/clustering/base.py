@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compute import HOST
+from ..compute.host import CHUNK  # rows per chunk over a (possibly memory-mapped) array; IDEC reads it here
 from ..exceptions import ParameterError
-from ..store.vectors import iter_rows, take
+from ..store.vectors import take
 
-__all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS"]
-
-#: Rows per chunk when distances are computed over a (possibly memory-mapped) array.
-CHUNK = 8192
+__all__ = ["Clustering", "KMeans", "make_clustering", "register", "CLUSTERINGS", "CHUNK"]
 
 
 class Clustering:
@@ -38,20 +37,15 @@ class Clustering:
         self.n_clusters = n_clusters
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray) -> "Clustering":
+    def fit(self, X: np.ndarray, backend=None) -> "Clustering":
+        """Learn the clusters of ``X``; ``backend`` (:mod:`actclust.compute`) says where to compute, if the method can."""
         raise NotImplementedError
 
-    def distances(self, X: np.ndarray) -> np.ndarray:
-        """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre."""
-        c = self._space_centers()
-        c_sq = (c * c).sum(1)[None, :]
-        out = np.empty((len(X), len(c)), dtype=np.float32)
-        # Temporaries stay O(chunk x d), not O(n x d); a memory-mapped X (store on disk) is read in chunks.
-        for start, x in iter_rows(X, CHUNK):
-            x = self._to_space(x)
-            d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
-            out[start:start + len(x)] = np.maximum(d, 0.0)
-        return out
+    def distances(self, X: np.ndarray, backend=None) -> np.ndarray:
+        """Squared Euclidean distances ``(n, n_clusters)`` from each vector to each centre, computed by
+        ``backend`` (:mod:`actclust.compute`; the host by default) over ``X`` in chunks."""
+        transform = None if type(self)._to_space is Clustering._to_space else self._to_space
+        return (backend or HOST).sq_distances(X, self._space_centers(), transform)
 
     def _to_space(self, X: np.ndarray) -> np.ndarray:
         """Map vectors into the space where distances are measured (identity; IDEC embeds)."""
@@ -60,16 +54,16 @@ class Clustering:
     def _space_centers(self) -> np.ndarray:
         return self.centers_
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray, backend=None) -> np.ndarray:
         """Index of the nearest centre of each vector."""
-        return self.distances(X).argmin(1)
+        return self.distances(X, backend).argmin(1)
 
-    def soft_assign(self, X: np.ndarray, temperature: float) -> np.ndarray:
+    def soft_assign(self, X: np.ndarray, temperature: float, backend=None) -> np.ndarray:
         """Assignment probabilities ``(n, n_clusters)``: ``softmax(-d^2 / (temperature * scale_))``.
 
         ``temperature=0`` gives hard (one-hot) assignment, the limit of small temperatures.
         """
-        return self.soft_assign_from_distances(self.distances(X), temperature)
+        return self.soft_assign_from_distances(self.distances(X, backend), temperature)
 
     def soft_assign_from_distances(self, d: np.ndarray, temperature: float) -> np.ndarray:
         """:meth:`soft_assign` from squared distances already computed by :meth:`distances`."""
@@ -83,8 +77,8 @@ class Clustering:
         logits /= logits.sum(1, keepdims=True)
         return logits
 
-    def _finish(self, X: np.ndarray) -> None:
-        d = self.distances(X)
+    def _finish(self, X: np.ndarray, backend=None) -> None:
+        d = self.distances(X, backend)
         labels = d.argmin(1)
         self.scale_ = float(max(d[np.arange(len(d)), labels].mean(), 1e-12))
         self.cluster_sizes_ = np.bincount(labels, minlength=self.n_clusters)
@@ -119,10 +113,10 @@ class KMeans(Clustering):
         self.n_init = n_init
         self.max_iter = max_iter
 
-    def fit(self, X):
-        import faiss
-        from sklearn.cluster import kmeans_plusplus
-
+    def fit(self, X, backend=None):
+        """k-means of the ``(n, d)`` vectors ``X`` (a memory map too), computed by ``backend`` (the host's
+        scikit-learn seeding and faiss iterations by default; :mod:`actclust.compute`)."""
+        backend = backend or HOST
         # Lloyd iterations see at most _POINTS_PER_CENTRE points per centre (faiss would subsample to
         # that itself), so only that sample is read into memory: X may be a memory-mapped store.
         n_train = min(len(X), self.n_clusters * _POINTS_PER_CENTRE)
@@ -133,18 +127,12 @@ class KMeans(Clustering):
             seed = self.random_state + run
             rng = np.random.default_rng(seed)
             sample = train[rng.choice(len(train), min(len(train), _SEED_SAMPLE), replace=False)]
-            init, _ = kmeans_plusplus(sample, self.n_clusters, random_state=seed)
-            km = faiss.Kmeans(
-                X.shape[1], self.n_clusters, niter=self.max_iter, seed=seed, verbose=False,
-                # Lloyd iterations on at most 1024 points per centre (faiss' default is 256); no
-                # warning for small data: callers check n >= n_clusters.
-                max_points_per_centroid=_POINTS_PER_CENTRE, min_points_per_centroid=1,
-            )
-            km.train(train, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
-            if best is None or km.obj[-1] < best[0]:
-                best = (km.obj[-1], np.ascontiguousarray(km.centroids, dtype=np.float32))
+            init = backend.kmeans_plusplus(sample, self.n_clusters, seed)
+            centers, obj = backend.lloyd(train, init, self.max_iter, seed)
+            if best is None or obj < best[0]:
+                best = (obj, np.ascontiguousarray(centers, dtype=np.float32))
         self.centers_ = best[1]
-        self._finish(X)
+        self._finish(X, backend)
         return self
 
 

@@ -340,8 +340,8 @@ class DistillKMeans(KMeans):
         return result
 
 
-    def fit(self, X):
-        super().fit(X)
+    def fit(self, X, backend=None):
+        super().fit(X, backend)
         self.temperature_ = 0.0
         return self
 

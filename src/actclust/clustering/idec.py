@@ -97,7 +97,7 @@ class IDEC(Clustering):
     # ------------------------------------------------------------------ fitting
     requires = ("torch",)
 
-    def fit(self, X):
+    def fit(self, X, backend=None):  # trains with torch on the CPU whatever the backend (see the class)
         from ..deps import require
 
         torch = require("torch", "clustering='idec'")

@@ -46,7 +46,7 @@ from . import atomic
 from .tensorfile import write_arrays
 
 __all__ = ["save", "read_run", "check_model", "read_manifest", "check_writable", "hashed_name", "run_files",
-           "FORMAT_VERSION", "VERIFY_BAR_BYTES"]
+           "FORMAT_VERSION", "VERIFY_BAR_BYTES", "SHA_PLACEHOLDER", "INDEX_FILE_RE", "attached"]
 
 FORMAT = "actclust-run"
 #: 3: the store's files and store.json in the digest, attached files, no store/ folder; layouts, input
@@ -59,12 +59,16 @@ MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
 _STORE_RE = re.compile(r"^store-[0-9a-f]{16}$")
 _STORE_FILE_RE = re.compile(r"^(store\.json|layer-\d+\.bin)$")
-# a file that carries its content's hash in its name (model weights): the current manifest cannot name
-# a file of the same name and other content, so it is put in place before the manifest
-_HASHED_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{16}\.safetensors$")
+# a file that carries its content's hash in its name (model weights, search indexes): the current manifest
+# cannot name a file of the same name and other content, so it is put in place before the manifest
+_HASHED_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{16}\.(safetensors|faiss)$")
+#: In a name given to ``files=``, replaced by the first 16 hex digits of the file's SHA-256 once written.
+SHA_PLACEHOLDER = "{sha}"
+#: Attached search indexes (:mod:`actclust.analysis.indexes`): checked at load with the store's files.
+INDEX_FILE_RE = re.compile(r"^index_[A-Za-z0-9]+-[0-9a-f]{16}\.(faiss|safetensors)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_MANIFEST = 64 << 20  # a manifest is a few KiB; a larger file is not one of ours
-_RUNTIME = ("model", "progress", "output")  # parameters that are not part of a saved run
+_RUNTIME = ("model", "progress", "output", "device")  # parameters that are not part of a saved run
 _TOL = 1e-4
 #: Stores at least this large show a progress bar while their files are verified at load.
 VERIFY_BAR_BYTES = 256 << 20
@@ -202,12 +206,15 @@ def _check_files(files) -> dict:
     if not isinstance(files, dict):
         raise ParameterError(f"files must be a dict of file name -> bytes (or None). Got {type(files).__name__}.")
     for name, data in files.items():
-        if (not isinstance(name, str) or not _NAME_RE.match(name) or name == MANIFEST or _ARRAYS_RE.match(name)
-                or _STORE_RE.match(name) or atomic.is_temp(name)):
+        plain = name.replace(SHA_PLACEHOLDER, "0" * 16) if isinstance(name, str) else name
+        if (not isinstance(name, str) or not _NAME_RE.match(plain) or name == MANIFEST or _ARRAYS_RE.match(plain)
+                or _STORE_RE.match(plain) or atomic.is_temp(plain)
+                or (SHA_PLACEHOLDER in name and not _HASHED_RE.match(plain))):
             raise ParameterError(f"Cannot keep a file named {name!r} with the run: give a plain file name "
                                  "(letters, digits, '.', '_', '-'), not one of the run's own.")
-        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ParameterError(f"files[{name!r}] must be bytes or None. Got {type(data).__name__}.")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)) and not callable(data):
+            raise ParameterError(f"files[{name!r}] must be bytes, a function that streams them, or None. "
+                                 f"Got {type(data).__name__}.")
     return files
 
 
@@ -231,8 +238,10 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     directory ``path`` atomically; returns the path.
 
     ``metadata`` (JSON values) is stored as is in the manifest, e.g. how to rebuild the model.
-    ``files`` (name -> bytes) are kept with the run and their SHA-256 recorded; a name made by
-    :func:`hashed_name` is put in place before the manifest, any other after it. A value ``None``
+    ``files`` (name -> bytes, or ``fn(write)`` that streams them by calling ``write(buffer)``) are kept
+    with the run and their SHA-256 recorded; a name made by :func:`hashed_name`, or one holding
+    :data:`SHA_PLACEHOLDER` (replaced once the file is written: ``index_l0-{sha}.faiss``), is put in
+    place before the manifest, any other after it. A value ``None``
     records a file the caller writes into the run after the save (the demo's report), so that a
     later overwrite knows the run owns it. Raises :class:`RunExistsError` (see
     :func:`check_writable`), :class:`ParameterError` and, for a system error (a full disk, no
@@ -312,8 +321,14 @@ def _commit(stage: Path, path: Path, manifest: dict, arrays: dict, store, files:
         manifest["state"]["store"] = _stage_store(store, stage / "store")
         early.append((stage / "store", manifest["state"]["store"]["dir"]))
     recorded, late = {}, []
-    for name, data in files.items():
-        recorded[name] = None if data is None else atomic.write_into(stage / name, bytes(data))
+    for given, data in files.items():
+        name = given.replace(SHA_PLACEHOLDER, "pending")
+        sha = None if data is None else atomic.write_into(stage / name, data if callable(data) else bytes(data))
+        if SHA_PLACEHOLDER in given:
+            final = given.replace(SHA_PLACEHOLDER, sha[:16])
+            os.replace(stage / name, stage / final)
+            name = final
+        recorded[name] = sha
         if data is not None:  # a name carrying its content's hash cannot be a file of the current run
             hashed = _HASHED_RE.match(name) and name.split(".")[0].endswith("-" + recorded[name][:16])
             (early if hashed else late).append((stage / name, name))
@@ -432,9 +447,10 @@ def read_run(path, *, verify: bool = True, progress: bool = True) -> tuple:
         raise InvalidSaveError(f"The array file {arrays_path} is not a regular file (a link or a device is refused).")
     try:
         store_dir, store_files = _store_files(m, path)
+        index_files = attached(m, path, INDEX_FILE_RE)
         if verify:
-            _verify([(arrays_path, m["arrays_sha256"])] + [(store_dir / f, h) for f, h in store_files.items()],
-                    progress)
+            _verify([(arrays_path, m["arrays_sha256"])] + [(store_dir / f, h) for f, h in store_files.items()]
+                    + [(path / f, h) for f, h in index_files.items()], progress)
         with atomic.guard("read the run", arrays_path):
             arrays = load_file(str(arrays_path))
     except SafetensorError as e:
@@ -469,6 +485,21 @@ def _store_files(m: dict, path: Path) -> tuple:
             raise InvalidSaveError(f"The stored vector file {path / name / f} is missing or not a regular file "
                                    "(a link or a device is refused).")
     return path / name, files
+
+
+def attached(m: dict, path: Path, pattern=None) -> dict:
+    """``{name: SHA-256}`` of the files attached to the run of manifest ``m`` at ``path`` (those whose name
+    matches ``pattern``), each checked to be a regular file in the run folder."""
+    files = m.get("files") if isinstance(m.get("files"), dict) else {}
+    out = {}
+    for name, sha in files.items():
+        if not isinstance(name, str) or (pattern is not None and not pattern.match(name)):
+            continue
+        if not isinstance(sha, str) or not _regular(path / name):
+            raise InvalidSaveError(f"The attached file {path / name} of the saved run is missing or not a regular "
+                                   "file (a link or a device is refused).")
+        out[name] = sha
+    return out
 
 
 def _verify(files: list, progress: bool) -> None:

@@ -1,0 +1,219 @@
+"""The compute backend on a PyTorch device (:class:`actclust.compute.Backend`): the steps after the
+model's pass as tensor operations where the model runs.
+
+A PyTorch model on CUDA gets this backend by default (``device=None``: the model's device). It
+computes what :class:`actclust.compute.HostBackend` computes, the same way, so results agree within
+float32 rounding (tested on the CPU device against the host, where the same code runs):
+
+- squared distances to centres as ``||x||^2 - 2 x.c + ||c||^2``, rows streamed through the device in
+  chunks;
+- k-means++ seeding as scikit-learn's greedy variant, with its random draws taken from the same
+  NumPy generator (only the distances are computed on the device), then faiss' Lloyd iterations
+  (an empty cluster takes half of the largest by faiss' rule), assignment by chunked matrix products;
+- exact top-``k`` search by inner product: each chunk of rows times each chunk of queries, the
+  chunk's top ``k`` merged with the running best (``torch.topk`` over both). Rows that fit in
+  ``memory_fraction`` of the free device memory stay there between calls (``cache``); others are
+  streamed from the host on every call.
+
+A device out of memory halves the chunks and starts the step again (a :class:`DeviceMemoryWarning`
+once per backend); a step never returns a partial answer.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ..compute.base import Backend
+from ..exceptions import DeviceMemoryWarning
+from ..store.vectors import iter_rows
+
+__all__ = ["TorchBackend"]
+
+_EPS = 1.0 / 1024  # faiss' perturbation when an empty cluster takes half of another
+_MIN_CHUNK = 16
+
+
+class TorchBackend(Backend):
+    """The heavy steps on one PyTorch device.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    rows : int
+        Rows per chunk streamed to the device (distances, search).
+    block : int
+        Most scores computed at once in the search (queries x rows of one block), and so its memory.
+    memory_fraction : float
+        Share of the free device memory the search may keep the rows of its index in between calls.
+    """
+
+    name = "torch"
+    on_device = True
+
+    def __init__(self, device="cpu", *, rows: int = 65536, block: int = 1 << 26, memory_fraction: float = 0.5):
+        self.torch_device = torch.device(device)
+        self.device = str(self.torch_device)
+        self.rows, self.block, self.memory_fraction = int(rows), int(block), float(memory_fraction)
+        self._warned = False
+
+    # ------------------------------------------------------------------ out of memory
+    def _retry(self, step, *args):
+        """Run ``step(*args)``; on a device out of memory, halve the chunks and run it again."""
+        while True:
+            try:
+                return step(*args)
+            except torch.OutOfMemoryError:
+                if self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK:
+                    raise
+                self.rows, self.block = max(_MIN_CHUNK, self.rows // 2), max(_MIN_CHUNK * _MIN_CHUNK, self.block // 2)
+                if self.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"The device {self.device} ran out of memory; actclust goes on in smaller chunks "
+                                  f"({self.rows} rows, {self.block} scores at once).", DeviceMemoryWarning, stacklevel=4)
+
+    def _to(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if self.torch_device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.torch_device, non_blocking=True)
+
+    # ------------------------------------------------------------------ distances
+    def sq_distances(self, X, centers, transform=None):
+        return self._retry(self._sq_distances, X, centers, transform)
+
+    def _sq_distances(self, X, centers, transform):
+        c = self._to(centers)
+        c_sq = (c * c).sum(1)[None, :]
+        out = np.empty((len(X), len(c)), dtype=np.float32)
+        for start, x in iter_rows(X, self.rows):
+            x = self._to(transform(x) if transform is not None else x)
+            d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + c_sq
+            out[start:start + len(x)] = d.clamp_min_(0.0).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ k-means
+    def kmeans_plusplus(self, X, k, seed):
+        return self._retry(self._kmeans_plusplus, X, k, seed)
+
+    def _kmeans_plusplus(self, X, k, seed):
+        """scikit-learn's ``_kmeans_plusplus`` (greedy, ``2 + log k`` trials), its random draws from the same
+        ``RandomState(seed)`` on the host, distances (in float64, as scikit-learn upcasts float32) here."""
+        rs = np.random.RandomState(seed)
+        n = len(X)
+        x = self._to(X).double()
+        x_sq = (x * x).sum(1)
+        trials = 2 + int(np.log(k))
+        weight = np.ones(n, dtype=np.float32)
+        first = rs.choice(n, p=weight / weight.sum())
+        ids = [int(first)]
+
+        def dist(rows):  # (len(rows), n) squared distances, as scikit-learn's float32 result
+            c = x[rows]
+            return ((c * c).sum(1)[:, None] - 2.0 * (c @ x.T) + x_sq[None, :]).clamp_min_(0.0).float()
+
+        closest = dist(torch.tensor([first], device=self.torch_device))[0]
+        pot = float(closest.double().sum())
+        for _ in range(1, k):
+            rand = torch.from_numpy(rs.uniform(size=trials) * pot).to(self.torch_device)
+            cand = torch.searchsorted(torch.cumsum(closest.double(), 0), rand).clamp_max_(n - 1)
+            d = torch.minimum(closest[None, :], dist(cand))
+            pots = d.double().sum(1)
+            best = int(torch.argmin(pots))
+            pot, closest = float(pots[best]), d[best]
+            ids.append(int(cand[best]))
+        return np.ascontiguousarray(np.asarray(X, dtype=np.float32)[ids])
+
+    def lloyd(self, X, init, niter, seed):
+        return self._retry(self._lloyd, X, init, niter, seed)
+
+    def _lloyd(self, X, init, niter, seed):
+        """faiss' ``Clustering::train``: ``niter`` times assign (objective = sum of squared distances),
+        then each centre to the mean of its rows; an empty cluster takes a copy of a cluster drawn by
+        size, both moved by ``1 +- 1/1024`` in alternate coordinates."""
+        x = self._to(X)
+        c = self._to(init).clone()
+        k, n = len(c), len(x)
+        rng = np.random.default_rng(seed)
+        obj = 0.0
+        x_sq = (x * x).sum(1, keepdim=True)
+        for _ in range(niter):
+            assign = torch.empty(n, dtype=torch.int64, device=x.device)
+            obj = 0.0
+            c_sq = (c * c).sum(1)[None, :]
+            step = max(1, self.block // max(k, 1))
+            for s in range(0, n, step):
+                d = (x_sq[s:s + step] - 2.0 * (x[s:s + step] @ c.T) + c_sq).clamp_min_(0.0)
+                best, assign[s:s + step] = d.min(1)
+                obj += float(best.double().sum())
+            counts = torch.bincount(assign, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].to(c.dtype), torch.zeros_like(c))
+            sizes = counts.cpu().numpy().astype(np.float64)
+            for ci in np.flatnonzero(sizes == 0):
+                cj = 0
+                while rng.random() >= (sizes[cj] - 1.0) / max(n - k, 1):
+                    cj = (cj + 1) % k
+                sign = torch.where(torch.arange(c.shape[1], device=c.device) % 2 == 0, 1.0, -1.0)
+                c[ci] = c[cj] * (1 + _EPS * sign)
+                c[cj] = c[cj] * (1 - _EPS * sign)
+                sizes[ci] = sizes[cj] // 2
+                sizes[cj] -= sizes[ci]
+        return c.cpu().numpy(), obj
+
+    # ------------------------------------------------------------------ exact search
+    def top_inner_products(self, queries, rows, n, k, exclude=None, cache=None):
+        return self._retry(self._top, queries, rows, n, k, exclude, cache)
+
+    def _chunks(self, rows, n, cache):
+        """The index rows on the device, chunk by chunk: kept in ``cache`` when they fit."""
+        if cache is not None and cache.get("rows") is not None and cache.get("chunk") == self.rows:
+            yield from cache["rows"]
+            return
+        kept, keep = [], cache is not None and self._fits(n, rows)
+        for start in range(0, n, self.rows):
+            t = self._to(rows(start, min(start + self.rows, n)))
+            if keep:
+                kept.append((start, t))
+            yield start, t
+        if keep:
+            cache.update(rows=kept, chunk=self.rows)
+
+    def _fits(self, n, rows) -> bool:
+        width = rows(0, 1).shape[1]
+        if self.torch_device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.torch_device)
+        return n * width * 4 <= self.memory_fraction * free
+
+    def _top(self, queries, rows, n, k, exclude, cache):
+        k = min(k, n)
+        qs = [self._to(q) for q in queries]
+        b = len(qs[0])
+        best = [(torch.full((b, k), -torch.inf, device=self.torch_device),
+                 torch.full((b, k), -1, dtype=torch.int64, device=self.torch_device)) for _ in qs]
+        mask = None if exclude is None or not exclude.any() else torch.from_numpy(exclude).to(self.torch_device)
+        try:
+            for start, r in self._chunks(rows, n, cache):
+                ids = torch.arange(start, start + len(r), device=self.torch_device)
+                step = max(1, self.block // max(len(r), 1))
+                for j, q in enumerate(qs):
+                    for s in range(0, b, step):
+                        scores = q[s:s + step] @ r.T
+                        if mask is not None:
+                            scores.masked_fill_(mask[start:start + len(r)][None, :], -torch.inf)
+                        top = scores.topk(min(k, len(r)), dim=1)
+                        vals = torch.cat([best[j][0][s:s + step], top.values], 1)
+                        idx = torch.cat([best[j][1][s:s + step], ids[top.indices]], 1)
+                        keep = vals.topk(k, dim=1)
+                        best[j][0][s:s + step] = keep.values
+                        best[j][1][s:s + step] = torch.gather(idx, 1, keep.indices)
+        except torch.OutOfMemoryError:
+            if cache is not None:
+                cache.clear()  # streamed from the host from now on
+            raise
+        return [(torch.where(torch.isfinite(v), i, -1).cpu().numpy(), v.cpu().numpy()) for v, i in best]

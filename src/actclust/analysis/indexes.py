@@ -1,0 +1,501 @@
+"""Search indexes over the stored training vectors: exact (streamed) and approximate (faiss IVF).
+
+Both search the weighted distance of :mod:`actclust.analysis.retrieval` through one inner product:
+a training row is ``[u_1 / sqrt(s_1) ... u_L / sqrt(s_L), ||u_1||^2 / s_1 ... ||u_L||^2 / s_L]`` (``u_l``
+the layer's vector centred on its mean, ``s_l`` its scale), zero-padded to a multiple of 8 values,
+and the query for weights ``w`` is ``[2 w_l u_l(x) / sqrt(s_l) ..., -w_1 ... -w_L]``: the largest inner
+products are the smallest distances, for any weights, so one index serves every weighting.
+
+:class:`Index` (exact) reads the store once per call in chunks; its backend (:mod:`actclust.compute`)
+scores each chunk (faiss on the host, matrix products on a device, where the rows may stay).
+:class:`ApproximateIndex` is an IVF index whose lists are the Voronoi cells of k-means centres in the
+equal-weight space (``[u_l / sqrt(s_l)]``): each row goes to its nearest centre, and a query probes the
+lists whose centres are nearest *in its own weighting* (a centre is stored as a row, with its own
+squared norms, so the inner product with the query ranks centres exactly). Codes are float32 (exact
+scores) while the index holds at most :data:`FLAT_BYTES`, else 8-bit (a quarter), whose candidates are
+re-ranked by exact distances from the store. Lists grow with ``n`` (:func:`n_lists`); past
+:data:`HNSW_LISTS` the centres are found by an HNSW graph and trained by faiss' two-level k-means,
+so the work per query does not grow with the number of lists. The probes (and the re-ranked share)
+are calibrated per weighting on first use for recall@10 >= :data:`TARGET_RECALL`.
+
+An approximate index is saved with a run (:func:`index_files`: the faiss file and its parameters,
+attached to the run and checked by SHA-256 at load) and read back memory-mapped (:func:`load_index`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..compute import HOST
+from ..exceptions import InvalidSaveError
+from ..store.vectors import iter_rows, release, take
+
+__all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "FLAT_BYTES", "HNSW_LISTS",
+           "TARGET_RECALL"]
+
+_ROWS = 8192  # training rows per chunk of the exact search
+_PAD = 8  # index rows are zero-padded to a multiple of this many values
+_QUERY_CHUNK = 4096
+_GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
+_CALIBRATION_QUERIES = 300
+#: Recall@10 (after re-ranking) each weighting's probes are calibrated for.
+TARGET_RECALL = 0.97
+_RERANKS = (2, 4, 8, 16, 32, 64)  # 8-bit codes: candidates re-ranked exactly, k + (rerank - 1) * k for k <= 10
+#: An approximate index keeps float32 codes (exact scores, nothing re-ranked) while they take at most this.
+FLAT_BYTES = 1 << 30
+#: From this many lists on, the lists' centres are searched with an HNSW graph and trained in two levels.
+HNSW_LISTS = 4096
+_HNSW_M = 32
+_COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)
+_TRAIN_PER_LIST = 39  # faiss' fewest training rows per centre without a warning
+_MAX_TRAIN = 256 * 1024  # training rows at most (the two-level k-means reads them in memory)
+_FORMAT = "actclust.index/1"
+
+
+_LISTS_PER_ROOT = 4.0
+
+
+def n_lists(n: int) -> int:
+    """Lists of an approximate index of ``n`` rows: ``4 sqrt(n)`` (faiss' low end), at least 39 rows each."""
+    return int(max(1, min(round(_LISTS_PER_ROOT * np.sqrt(n)), n // _TRAIN_PER_LIST)))
+
+
+class Index:
+    """Exact search: one pass over the stored vectors per call, scoring every row for any weights.
+
+    Nothing is copied on the host: each layer's rows are read from the store in chunks (memory-mapped
+    when the store is on disk), centred and scaled, and scored by the backend (the host's faiss, or a
+    device that may keep them). The top ``k`` are re-ranked by their exact distances from the layer
+    terms (which also split each distance by layer); a search that needs no split (one layer, trust)
+    takes its distances from a device's scores directly.
+    """
+
+    def __init__(self, train_vectors: Mapping, stats: dict, progress: bool = False, backend=None):
+        self.layers = list(train_vectors)
+        self.train_vectors = train_vectors
+        self.means = {l: stats[l][0].astype(np.float32) for l in self.layers}
+        self.scales = np.array([stats[l][1] for l in self.layers], dtype=np.float64)
+        self.n = len(train_vectors[self.layers[0]])
+        self.d = None  # the padded width of full rows, where an index stores them (ApproximateIndex)
+        self.backend = backend or HOST
+        self.progress = progress
+        self._sq_norms: dict = {}
+        self._cache: dict = {}  # rows the backend keeps between calls, per set of layers read
+        self.scores_are_distances = self.backend.on_device  # float32 scores of centred rows: exact enough
+
+    def sq_norms(self, l) -> np.ndarray:
+        """``||u_l||^2`` of every training row of layer ``l`` (one pass over the store, on first use)."""
+        if l not in self._sq_norms:
+            parts = [np.einsum("ij,ij->i", x - self.means[l], x - self.means[l])
+                     for _, x in iter_rows(self.train_vectors[l], _ROWS)]
+            self._sq_norms[l] = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return self._sq_norms[l]
+
+    def n_candidates(self, k: int, weights=None) -> int:
+        return k
+
+    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
+        """``(ids (b, k), scores (b, k))`` of the ``k`` best rows of the queries ``part``, for each weight
+        vector in ``weights``; the store is read once per call, in chunks."""
+        used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
+        queries = [self._query(part, w, used) for w in weights]
+        for l in used:
+            self.sq_norms(l)
+        return self.backend.top_inner_products(queries, lambda a, b: self._rows(slice(a, b), used), self.n, k,
+                                               exclude, cache=self._cache.setdefault(tuple(used), {}))
+
+    def _rows(self, which, layers=None) -> np.ndarray:
+        """Index rows ``[u_l / sqrt(s_l) ..., ||u_l||^2 / s_l ...]`` of some training rows (all layers:
+        zero-padded to ``self.d`` columns)."""
+        layers = self.layers if layers is None else layers
+        scales = [self.scales[self.layers.index(l)] for l in layers]
+        blocks = [(_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(s))
+                  for l, s in zip(layers, scales)]
+        norms = [(self.sq_norms(l)[which] / np.float32(s))[:, None] for l, s in zip(layers, scales)]
+        _release(self.train_vectors)
+        return self._pad(np.hstack(blocks + norms), layers)
+
+    def _query(self, part: dict, weights, layers=None) -> np.ndarray:
+        """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
+        layers = self.layers if layers is None else layers
+        b = len(next(iter(part.values())))
+        w = [weights[self.layers.index(l)] for l in layers]
+        scales = [self.scales[self.layers.index(l)] for l in layers]
+        q = [(part[l] - self.means[l]) * np.float32(2 * wl / np.sqrt(s)) if wl > 0 else
+             np.zeros((b, self.train_vectors[l].shape[1]), np.float32) for l, wl, s in zip(layers, w, scales)]
+        return self._pad(np.hstack(q + [np.tile(-np.asarray(w, np.float32), (b, 1))]), layers)
+
+    def _pad(self, rows: np.ndarray, layers) -> np.ndarray:
+        full = self.d is not None and len(layers) == len(self.layers) and self.d >= rows.shape[1]
+        width = self.d if full else rows.shape[1]
+        return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), width - rows.shape[1]), np.float32)]))
+
+    def _constant(self, part: dict, weights) -> np.ndarray:
+        """``C(x) = sum_l w_l ||u_l(x)||^2 / s_l``: the distance is ``C(x)`` minus the score."""
+        return sum(np.float32(w / s) * np.einsum("ij,ij->i", part[l] - self.means[l], part[l] - self.means[l])
+                   for l, w, s in zip(self.layers, weights, self.scales) if w > 0)
+
+    def search(self, vectors: dict, k: int, weights: np.ndarray, progress: bool = False, exclude=None,
+               shares: bool = True):
+        """``(ids, distances, layer shares)`` of the ``k`` nearest training rows of each query; with
+        ``shares=False`` the shares are ``None``, and an index whose scores are exact distances (float32
+        codes, a device) reads no training row to find them."""
+        return self.search_many(vectors, k, [weights], progress, exclude, shares)[0]
+
+    def search_many(self, vectors: dict, k: int, weights: list, progress: bool = False, exclude=None,
+                    shares: bool = True) -> list:
+        """:meth:`search` for each weight vector of ``weights`` at once: the store is read once (exact),
+        or one candidate search serves them all and each re-ranks the same candidates exactly
+        (approximate: explain's "low" and "high"), their rows gathered once."""
+        weights = [np.asarray(w, np.float64) for w in weights]
+        n = len(next(iter(vectors.values())))
+        k = min(k, self.n)
+        outs = [(np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32),
+                 np.empty((n, k, len(self.layers)), dtype=np.float32) if shares else None) for _ in weights]
+        direct = not shares and self.scores_are_distances and len(weights) == 1
+        width = max(v.shape[1] for v in self.train_vectors.values())
+        m = self.n_candidates(k, weights[0] if len(weights) == 1 else weights)
+        chunk = _QUERY_CHUNK if direct else max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (m * width * len(weights))))
+        used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
+        starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
+                      leave=False)
+        for start in starts:  # memory O(chunk x candidates x d), never n x n_train
+            part = {l: np.asarray(v[start:start + chunk], np.float32) for l, v in vectors.items()}
+            found = self.candidates(part, k, weights, exclude)
+            rows: dict = {}  # per candidate set: each layer's squared distances, gathered once
+            for w, (i, scores), (idx, dist, out_shares) in zip(weights, found, outs):
+                b = len(i)
+                if direct:
+                    i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
+                    idx[start:start + b] = i[:, :k]
+                    dist[start:start + b] = np.maximum(self._constant(part, w)[:, None] - scores[:, :k], 0)
+                    continue
+                if id(i) not in rows:
+                    # Distances from the layer terms: exact (no cancellation between large inner products
+                    # for near neighbours), split by layer at once; candidates re-ranked by them.
+                    ids = np.where(i < 0, i.max(1, keepdims=True), i)
+                    rows[id(i)] = (ids, {l: _sq_dist(part[l], take(self.train_vectors[l], ids)) for l in used})
+                    _release(self.train_vectors)
+                ids, raw = rows[id(i)]
+                factors = w / self.scales
+                per = np.stack([raw[l] * np.float32(f) if f > 0 else np.zeros(ids.shape, np.float32)
+                                for l, f in zip(self.layers, factors)], 2)
+                order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
+                top, per = np.take_along_axis(ids, order, 1), np.take_along_axis(per, order[..., None], 1)
+                total = per.sum(2, keepdims=True)
+                idx[start:start + b], dist[start:start + b] = top, total[..., 0]
+                if shares:
+                    out_shares[start:start + b] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
+        return outs
+
+
+def _take(v, which) -> np.ndarray:
+    """Rows of ``v`` by slice (read in order) or by index (gathered in blocks: :func:`take`)."""
+    return np.asarray(v[which], np.float32) if isinstance(which, slice) else take(v, which)
+
+
+def _sq_dist(q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared distances ``(b, c)`` from each query ``(b, d)`` to its candidates' rows ``(b, c, d)``."""
+    diff = rows  # a fresh float32 gather: subtracting in place saves a temporary
+    diff -= q[:, None, :]
+    return np.einsum("bcd,bcd->bc", diff, diff)
+
+
+def _release(store) -> None:
+    for v in store.values():
+        release(v)
+
+
+class ApproximateIndex(Index):
+    """Approximate search: a faiss IVF index (see the module), candidates re-ranked exactly when its codes are 8-bit.
+
+    ``codes`` is ``"flat"`` (float32) or ``"sq8"`` (faiss ``QT_8bit``, one byte per value); ``"auto"``
+    keeps float32 while the codes take at most :data:`FLAT_BYTES`. ``settings`` holds, per weight vector,
+    ``(nprobe, rerank)`` and ``recall`` the recall@10 its calibration reached.
+    """
+
+    def __init__(self, train_vectors: Mapping, stats: dict, random_state: int = 0, progress: bool = False,
+                 codes: str = "auto", backend=None, *, index=None, saved: Optional[dict] = None):
+        super().__init__(train_vectors, stats, progress, HOST)
+        n = self.n
+        # One layer (trust's searches): plain L2 over the scaled rows, whose distances faiss computes from
+        # the differences (no cancellation for near neighbours); several: the inner product of the module.
+        self.metric = "l2" if len(self.layers) == 1 else "ip"
+        width = sum(v.shape[1] for v in train_vectors.values()) + (len(self.layers) if self.metric == "ip" else 0)
+        self.d = width + (-width % _PAD)
+        self.rng = np.random.default_rng(random_state)
+        if saved is not None:  # read back with a run: nothing is trained, filled or calibrated again
+            self.index, self.nlist, self.codes = index, int(index.nlist), saved["codes"]
+            self.metric = saved["metric"]
+            self.held = np.asarray(saved["held"], dtype=np.int64)
+            self.settings = {_from_json(w): (int(p), int(r)) for w, p, r in saved["settings"]}
+            self.recall = {_from_json(w): float(v) for w, v in saved["recall"]}
+            self.scores_are_distances = self.codes == "flat"
+            return
+        self.codes = codes if codes != "auto" else ("flat" if n * self.d * 4 <= FLAT_BYTES else "sq8")
+        self.scores_are_distances = self.codes == "flat"
+        self.nlist = n_lists(n)
+        self.index = self._build(progress)
+        self.held = np.sort(self.rng.choice(n, min(n, _CALIBRATION_QUERIES), replace=False))
+        self.settings, self.recall = {}, {}  # per weight vector: (nprobe, rerank), its calibration recall
+
+    def _build(self, progress: bool):
+        import faiss
+
+        train = np.sort(self.rng.choice(self.n, min(self.n, max(_TRAIN_PER_LIST * self.nlist, 256 * 40), _MAX_TRAIN),
+                                        replace=False))
+        rows = self._index_rows(train)
+        centres = self._centres(rows[:, :self._width()])
+        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if self.nlist >= HNSW_LISTS:
+            quantizer = faiss.IndexHNSWFlat(self.d, _HNSW_M, metric)
+        else:
+            quantizer = faiss.IndexFlat(self.d, metric)
+        quantizer.add(self._centre_rows(centres))
+        if self.codes == "flat":
+            index = faiss.IndexIVFFlat(quantizer, self.d, self.nlist, metric)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+        index.own_fields = True  # the index keeps (and frees) its quantizer
+        quantizer.this.disown()
+        index.train(rows)  # the lists' centres are in place: this trains the 8-bit codes' ranges only
+        equal = np.ones(len(self.layers))
+        for start in tqdm(range(0, self.n, _ROWS), desc="building the approximate index", disable=not progress,
+                          leave=False):
+            stop = min(start + _ROWS, self.n)
+            # Each row goes to its nearest centre in the equal-weight space: the centre of largest inner
+            # product with the row's equal-weight query (of smallest distance, for one layer).
+            block = self._index_rows(slice(start, stop))
+            if self.metric == "l2":
+                _, assign = index.quantizer.search(block, 1)
+            else:
+                part = {l: _take(self.train_vectors[l], slice(start, stop)) for l in self.layers}
+                _, assign = index.quantizer.search(self._query(part, equal), 1)
+            index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(np.ascontiguousarray(assign[:, 0])))
+        return index
+
+    def _width(self) -> int:
+        return sum(self.train_vectors[l].shape[1] for l in self.layers)
+
+    def _centres(self, x: np.ndarray) -> np.ndarray:
+        """k-means centres of the lists in the equal-weight space (faiss; two levels for many lists)."""
+        import faiss
+
+        x = np.ascontiguousarray(x)
+        seed = int(self.rng.integers(2 ** 31))
+        if self.nlist >= HNSW_LISTS:
+            from faiss.contrib.clustering import two_level_clustering
+
+            centres, _ = two_level_clustering(x, int(np.sqrt(self.nlist)), self.nlist,
+                                              clustering_niter=_COARSE_ITERATIONS, seed=seed,
+                                              niter=_COARSE_ITERATIONS, min_points_per_centroid=1)
+            return np.ascontiguousarray(centres, dtype=np.float32)
+        km = faiss.Kmeans(x.shape[1], self.nlist, niter=_COARSE_ITERATIONS, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=max(_TRAIN_PER_LIST, -(-len(x) // self.nlist)))
+        km.train(x)
+        return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+    def _index_rows(self, which) -> np.ndarray:
+        """The rows the faiss index holds: :meth:`Index._rows`, or for one layer ``u / sqrt(s)`` (padded)."""
+        if self.metric == "ip":
+            return self._rows(which)
+        l = self.layers[0]
+        rows = (_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(self.scales[0]))
+        _release(self.train_vectors)
+        return self._pad(rows, self.layers)
+
+    def _index_query(self, part: dict, weights) -> np.ndarray:
+        if self.metric == "ip":
+            return self._query(part, weights)
+        l = self.layers[0]
+        return self._pad((part[l] - self.means[l]) / np.float32(np.sqrt(self.scales[0])), self.layers)
+
+    def _constant(self, part: dict, weights) -> np.ndarray:
+        if self.metric == "ip":
+            return super()._constant(part, weights)
+        return np.zeros(len(next(iter(part.values()))), np.float32)  # scores are minus the distances
+
+    def _centre_rows(self, centres: np.ndarray) -> np.ndarray:
+        """Centres as index rows: their blocks and each block's own squared norm (so a query's inner
+        product with a centre ranks it by the query's weighted distance to it); for one layer, as they are."""
+        if self.metric == "l2":
+            return self._pad(centres, self.layers)
+        blocks, norms, s = [], [], 0
+        for l in self.layers:
+            b = centres[:, s:s + self.train_vectors[l].shape[1]]
+            s += b.shape[1]
+            blocks.append(b)
+            norms.append(np.einsum("ij,ij->i", b, b)[:, None])
+        return self._pad(np.hstack(blocks + norms), self.layers)
+
+    def n_candidates(self, k: int, weights=None) -> int:
+        """Candidates re-ranked exactly: ``k`` for float32 codes and one weighting; more for 8-bit codes or
+        a group of weightings (a list) sharing one search, as calibrated."""
+        group = isinstance(weights, list)
+        if self.codes == "flat" and not group:
+            return k
+        rerank = _RERANKS[-1] if weights is None else self._settings(weights)[1]
+        # calibrated on the 10 nearest; deeper searches (trust's 200) re-rank as many extra as 10 would
+        return min(self.n, k + (rerank - 1) * k if k <= 10 else max(k, 10 * rerank))
+
+    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
+        import faiss
+
+        out = []
+        keep = None
+        if exclude is not None and exclude.any():
+            bits = np.packbits(~exclude, bitorder="little")  # kept alive while the selector reads it
+            keep = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
+        if len(weights) > 1:  # one search for the group, by the mean of its weightings: shared candidates
+            group = [np.asarray(w, np.float64) for w in weights]
+            nprobe = self._settings(group)[0]
+            mean = np.mean([w / w.sum() for w in group], 0)
+            scores, ids = self._search_full(self._index_query(part, mean), self.n_candidates(k, group), nprobe, keep)
+            return [(ids, scores)] * len(group)
+        for w in weights:
+            scores, ids = self._search_full(self._index_query(part, w), self.n_candidates(k, w), self._settings(w)[0],
+                                            keep)
+            out.append((ids, -scores if self.metric == "l2" else scores))
+        return out
+
+    def _search_full(self, queries: np.ndarray, m: int, nprobe: int, keep) -> tuple:
+        """faiss' ``(scores, ids)`` of the ``m`` best rows of each query, probing ``nprobe`` lists, and more
+        (doubling) for the queries whose probed lists held fewer than ``m`` rows left in: a deep search
+        (trust's 200 neighbours) or one that leaves rows out must not come back short."""
+        # lists hold n / nlist rows on average: probe at least enough of them for twice m rows
+        nprobe = int(min(self.nlist, max(nprobe, np.ceil(2 * m * self.nlist / self.n))))
+        scores, ids = self.index.search(queries, m, params=_quantizer_params(nprobe, keep))
+        short = np.flatnonzero((ids < 0).any(1))
+        while len(short) and nprobe < self.nlist:
+            nprobe = min(2 * nprobe, self.nlist)
+            s, i = self.index.search(np.ascontiguousarray(queries[short]), m, params=_quantizer_params(nprobe, keep))
+            scores[short], ids[short] = s, i
+            short = short[(i < 0).any(1)]
+        return scores, ids
+
+    def _settings(self, weights) -> tuple:
+        """``(nprobe, rerank)`` for ``weights`` (or a group of weightings, a list, that share one search): the
+        cheapest reaching the target recall for each, calibrated once."""
+        group = isinstance(weights, list)
+        key = tuple(_key(w) for w in weights) if group else _key(weights)
+        if key not in self.settings:
+            ws = [np.asarray(w, np.float64) for w in weights] if group else [np.asarray(weights, np.float64)]
+            queries = {l: take(self.train_vectors[l], self.held) for l in self.layers}
+            k = min(11, self.n)  # each held-out row finds itself: it is left out of both sides
+            truth = [i for i, _ in Index.candidates(self, queries, k, ws)]
+            for rerank in (1,) if self.codes == "flat" and not group else _RERANKS:
+                nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth)
+                if recall >= TARGET_RECALL:
+                    break
+            self.recall[key] = recall
+        return self.settings[key]
+
+    def _probes(self, key, rerank, queries, k, w, truth) -> tuple:
+        """The fewest lists probed (doubling, then halving the last step) for which the calibration queries
+        reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``."""
+        ws = w if isinstance(w, list) else [w]
+
+        def recall_at(nprobe):  # the worst of the weightings
+            self.settings[key] = (nprobe, rerank)
+            return min(_recall(found[0], t, self.held) for found, t in zip(self.search_many(queries, k, ws), truth))
+
+        low, nprobe = 0, 1
+        recall = recall_at(nprobe)
+        while recall < TARGET_RECALL and nprobe < self.nlist:
+            low, nprobe = nprobe, min(2 * nprobe, self.nlist)
+            recall = recall_at(nprobe)
+        while recall >= TARGET_RECALL and nprobe - low > 1:  # the smallest in (low, nprobe] that still reaches it
+            mid = (low + nprobe) // 2
+            r = recall_at(mid)
+            if r >= TARGET_RECALL:
+                nprobe, recall = mid, r
+            else:
+                low = mid
+        self.settings[key] = (nprobe, rerank)
+        return nprobe, recall
+
+
+def _key(weights) -> tuple:
+    return tuple(np.round(np.asarray(weights, np.float64), 12).tolist())
+
+
+def _to_json(key: tuple) -> list:
+    """A settings key (a weighting, or a group of them) as JSON lists."""
+    return [list(w) for w in key] if key and isinstance(key[0], tuple) else list(key)
+
+
+def _from_json(value: list) -> tuple:
+    return tuple(tuple(float(x) for x in w) for w in value) if value and isinstance(value[0], list) \
+        else tuple(float(x) for x in value)
+
+
+def _quantizer_params(nprobe: int, selector=None):
+    """faiss search parameters: ``nprobe`` lists, an HNSW quantizer exploring at least twice as many."""
+    import faiss
+
+    inner = faiss.SearchParametersHNSW(efSearch=max(2 * nprobe, 64))
+    params = faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=inner)
+    params.inner = inner  # kept alive with the parameters
+    if selector is not None:
+        params.sel = selector
+        params.selector = selector
+    return params
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray) -> float:
+    """Mean share of each exact neighbour list found, each query's own row left out."""
+    shares = []
+    for a, b, o in zip(found, truth, own):
+        b = set(b.tolist()) - {int(o)}
+        shares.append(len((set(a.tolist()) - {int(o)}) & b) / max(len(b), 1))
+    return float(np.mean(shares))
+
+
+# ---------------------------------------------------------------------------- saved with a run
+def index_files(index: ApproximateIndex, token: str) -> dict:
+    """The files that keep ``index`` with a run (``files=`` of :func:`actclust.io.persistence.save`):
+    the faiss index, streamed, and its parameters (layers, codes, calibration) as safetensors."""
+    import faiss
+    from safetensors.numpy import save
+
+    def write_index(write):
+        faiss.write_index(index.index, faiss.PyCallbackIOWriter(lambda b: write(b) or len(b)))
+
+    meta = {"format": _FORMAT, "layers": index.layers, "n": index.n, "d": index.d, "codes": index.codes,
+            "metric": index.metric,
+            "widths": [int(index.train_vectors[l].shape[1]) for l in index.layers],
+            "settings": [[_to_json(w), p, r] for w, (p, r) in index.settings.items()],
+            "recall": [[_to_json(w), v] for w, v in index.recall.items()]}
+    arrays = {"held": index.held.astype(np.int64), "scales": index.scales.astype(np.float64),
+              **{f"mean/{j}": index.means[l] for j, l in enumerate(index.layers)}}
+    params = save(arrays, metadata={"actclust": json.dumps(meta)})
+    return {f"index_{token}-{{sha}}.faiss": write_index, f"index_{token}-{{sha}}.safetensors": params}
+
+
+def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
+    """An :class:`ApproximateIndex` saved by :func:`index_files`, its faiss file memory-mapped (not read
+    into memory, not rebuilt); its parameters are checked against ``train_vectors``."""
+    import faiss
+    from safetensors import safe_open
+
+    with safe_open(str(params_path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {}).get("actclust", "{}"))
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    layers = list(train_vectors)
+    widths = [int(train_vectors[l].shape[1]) for l in layers]
+    n = len(train_vectors[layers[0]])
+    if meta.get("format") != _FORMAT or meta.get("layers") != layers or meta.get("n") != n \
+            or meta.get("widths") != widths or meta.get("codes") not in ("flat", "sq8") \
+            or meta.get("metric") != ("l2" if len(layers) == 1 else "ip"):
+        raise InvalidSaveError(f"The saved search index {params_path} does not describe this run's vectors "
+                               f"({meta.get('layers')} of {meta.get('n')} rows; the run has {layers} of {n}).")
+    index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    if index.ntotal != n or index.d != meta.get("d"):
+        raise InvalidSaveError(f"The saved search index {faiss_path} holds {index.ntotal} rows of {index.d} values; "
+                               f"the run has {n} rows of {meta.get('d')}.")
+    stats = {l: (arrays[f"mean/{j}"], float(arrays["scales"][j])) for j, l in enumerate(layers)}
+    return ApproximateIndex(train_vectors, stats, index=index, saved={**meta, "held": arrays["held"]})

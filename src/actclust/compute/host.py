@@ -1,0 +1,74 @@
+"""The host backend: NumPy, scikit-learn's k-means++ and faiss on the CPU (what actclust always computed)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..store.vectors import iter_rows
+from .base import Backend
+
+__all__ = ["HostBackend", "CHUNK"]
+
+#: Rows per chunk when distances are computed over a (possibly memory-mapped) array.
+CHUNK = 8192
+#: Training rows per chunk of the exact search (each a temporary faiss index).
+ROWS = 8192
+
+
+class HostBackend(Backend):
+    """NumPy, scikit-learn and faiss on the CPU: memory ``O(chunk x d)`` for every step."""
+
+    name = "host"
+
+    def sq_distances(self, X, centers, transform=None):
+        c = np.ascontiguousarray(centers, dtype=np.float32)
+        c_sq = (c * c).sum(1)[None, :]
+        out = np.empty((len(X), len(c)), dtype=np.float32)
+        # Temporaries stay O(chunk x d), not O(n x d); a memory-mapped X (store on disk) is read in chunks.
+        for start, x in iter_rows(X, CHUNK):
+            x = transform(x) if transform is not None else x
+            d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ c.T) + c_sq
+            out[start:start + len(x)] = np.maximum(d, 0.0)
+        return out
+
+    def kmeans_plusplus(self, X, k, seed):
+        from sklearn.cluster import kmeans_plusplus
+
+        init, _ = kmeans_plusplus(X, k, random_state=seed)
+        return np.ascontiguousarray(init, dtype=np.float32)
+
+    def lloyd(self, X, init, niter, seed):
+        import faiss
+
+        km = faiss.Kmeans(
+            X.shape[1], len(init), niter=niter, seed=seed, verbose=False,
+            # Lloyd iterations on every row given (callers sample at most 1024 per centre; faiss' default
+            # would subsample to 256); no warning for small data: callers check n >= n_clusters.
+            max_points_per_centroid=max(1, -(-len(X) // len(init))), min_points_per_centroid=1,
+        )
+        km.train(np.ascontiguousarray(X, dtype=np.float32), init_centroids=np.ascontiguousarray(init, np.float32))
+        return np.ascontiguousarray(km.centroids, dtype=np.float32), float(km.obj[-1])
+
+    def top_inner_products(self, queries, rows: Callable, n, k, exclude=None, cache: Optional[dict] = None):
+        """Each chunk of ``ROWS`` rows becomes a temporary faiss ``IndexFlatIP`` that every query
+        searches; the chunks' results are merged (faiss ``ResultHeap``)."""
+        import faiss
+
+        b, k = len(queries[0]), min(k, n)
+        heaps = [faiss.ResultHeap(b, k, keep_max=True) for _ in queries]
+        for start in range(0, n, ROWS):
+            stop = min(start + ROWS, n)
+            index = faiss.IndexFlatIP(queries[0].shape[1])
+            index.add(rows(start, stop))
+            params = None
+            if exclude is not None and exclude[start:stop].any():
+                left_out = faiss.IDSelectorBatch(np.flatnonzero(exclude[start:stop]).astype(np.int64))
+                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(left_out))
+            for heap, q in zip(heaps, queries):
+                d, i = index.search(q, min(k, stop - start), params=params)
+                heap.add_result(d, np.where(i >= 0, i + start, -1))
+        for heap in heaps:
+            heap.finalize()
+        return [(heap.I, heap.D) for heap in heaps]
