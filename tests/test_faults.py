@@ -758,7 +758,7 @@ def test_links_in_a_run_refused(model, data, tmp_path):
     ({"../x": b""}, r"Cannot keep a file named '../x' with the run"),
     ({"manifest.json": b""}, r"Cannot keep a file named 'manifest.json'"),
     ({"arrays-0123456789abcdef.safetensors": b""}, r"Cannot keep a file named 'arrays-0123456789abcdef"),
-    ({"notes.txt": "text"}, r"files\['notes.txt'\] must be bytes or None. Got str"),
+    ({"notes.txt": "text"}, r"files\['notes.txt'\] must be bytes, a function that streams them, or None. Got str"),
 ])
 def test_files_kept_with_a_run_checked(fitted, tmp_path, files, match):
     from actclust.adapters import adapt

@@ -200,13 +200,18 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _fill(name: str, value: str) -> str:
+    """``name`` with :data:`SHA_PLACEHOLDER` filled in by ``value``."""
+    return value.join(name.split(SHA_PLACEHOLDER))
+
+
 def _check_files(files) -> dict:
     if files is None:
         return {}
     if not isinstance(files, dict):
         raise ParameterError(f"files must be a dict of file name -> bytes (or None). Got {type(files).__name__}.")
     for name, data in files.items():
-        plain = name.replace(SHA_PLACEHOLDER, "0" * 16) if isinstance(name, str) else name
+        plain = _fill(name, "0" * 16) if isinstance(name, str) else name
         if (not isinstance(name, str) or not _NAME_RE.match(plain) or name == MANIFEST or _ARRAYS_RE.match(plain)
                 or _STORE_RE.match(plain) or atomic.is_temp(plain)
                 or (SHA_PLACEHOLDER in name and not _HASHED_RE.match(plain))):
@@ -322,11 +327,11 @@ def _commit(stage: Path, path: Path, manifest: dict, arrays: dict, store, files:
         early.append((stage / "store", manifest["state"]["store"]["dir"]))
     recorded, late = {}, []
     for given, data in files.items():
-        name = given.replace(SHA_PLACEHOLDER, "pending")
+        name = _fill(given, "pending")
         sha = None if data is None else atomic.write_into(stage / name, data if callable(data) else bytes(data))
         if SHA_PLACEHOLDER in given:
-            final = given.replace(SHA_PLACEHOLDER, sha[:16])
-            os.replace(stage / name, stage / final)
+            final = _fill(given, sha[:16])
+            atomic.publish(stage / name, stage / final)
             name = final
         recorded[name] = sha
         if data is not None:  # a name carrying its content's hash cannot be a file of the current run
