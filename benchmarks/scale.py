@@ -394,7 +394,7 @@ def run_size(n: int, args) -> dict:
         measure_trust(ac, xt, yt, n, args, api, result, stage, fwd1000)
         measure_explain(ac, xq, args, api, result, stage, fwd1000)
         if not args.no_save:
-            measure_save(ac, model, tmp, result, stage)
+            measure_save(ac, model, tmp, result, stage, xq, args)
         measure_trust(ac, xt, yt, n, args, api, result, stage, fwd1000, exact=True)
         result["maxrss_end_bytes"] = maxrss_bytes()
         result["tmp_disk_total"] = disk_usage(tmp)
@@ -506,7 +506,7 @@ def measure_explain(ac, xq, args, api, result, stage, fwd1000):
     ex["peak_anon_added_bytes"] = mem.anon_peak - mem.anon_start
 
 
-def measure_save(ac, model, tmp, result, stage):
+def measure_save(ac, model, tmp, result, stage, xq=None, args=None):
     sv = result.setdefault("save", {})
     run = tmp / "run"
     save = getattr(actclust, "save", None)
@@ -530,6 +530,17 @@ def measure_save(ac, model, tmp, result, stage):
         sv["load_peak_added_bytes"] = mem.peak - before
         sv["load_peak_anon_added_bytes"] = mem.anon_peak - mem.anon_start
         sv["load_rss_added_bytes"] = rss_bytes() - before
+        if xq is not None and not args.no_similar:
+            # The approximate index saved with the run is memory-mapped, not rebuilt: the loaded run's
+            # first approximate search costs a search, and finds what the fitted run found.
+            t0 = time.perf_counter()
+            got = loaded.similar(xq[:10], k=args.k, weights="high", search="approximate").indices
+            sv["loaded_first_approximate_10_queries_s"] = time.perf_counter() - t0
+            want = ac.similar(xq[:10], k=args.k, weights="high", search="approximate").indices
+            sv["loaded_same_neighbours"] = bool(np.array_equal(np.asarray(got), np.asarray(want)))
+            log(f"  loaded run: first approximate search of 10 queries {sv['loaded_first_approximate_10_queries_s']:.2f} s"
+                f" (fitted run's index build: {result.get('similar', {}).get('index_build_s', {}).get('approximate')}),"
+                f" same neighbours {sv['loaded_same_neighbours']}")
         del loaded
 
 

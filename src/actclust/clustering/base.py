@@ -127,7 +127,7 @@ class KMeans(Clustering):
             seed = self.random_state + run
             rng = np.random.default_rng(seed)
             sample = train[rng.choice(len(train), min(len(train), _SEED_SAMPLE), replace=False)]
-            init = backend.kmeans_plusplus(sample, self.n_clusters, seed)
+            init = sample[backend.kmeans_plusplus(sample, self.n_clusters, seed)]
             centers, obj = backend.lloyd(train, init, self.max_iter, seed)
             if best is None or obj < best[0]:
                 best = (obj, np.ascontiguousarray(centers, dtype=np.float32))

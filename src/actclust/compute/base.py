@@ -26,7 +26,8 @@ class Backend:
         raise NotImplementedError
 
     def kmeans_plusplus(self, X: np.ndarray, k: int, seed: int) -> np.ndarray:
-        """``k`` initial centres of ``X`` by greedy k-means++ (scikit-learn's, with its random draws)."""
+        """The positions ``(k,)`` of the rows of ``X`` chosen as initial centres by greedy k-means++
+        (scikit-learn's, with its random draws)."""
         raise NotImplementedError
 
     def lloyd(self, X: np.ndarray, init: np.ndarray, niter: int, seed: int) -> tuple:

@@ -36,8 +36,8 @@ class HostBackend(Backend):
     def kmeans_plusplus(self, X, k, seed):
         from sklearn.cluster import kmeans_plusplus
 
-        init, _ = kmeans_plusplus(X, k, random_state=seed)
-        return np.ascontiguousarray(init, dtype=np.float32)
+        _, chosen = kmeans_plusplus(X, k, random_state=seed)
+        return np.asarray(chosen, dtype=np.int64)
 
     def lloyd(self, X, init, niter, seed):
         import faiss
