@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner
+from .base import ModelAdapter, Runner, check_finite, describe_inputs
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -308,7 +308,7 @@ class OnnxAdapter(ModelAdapter):
             raise
         except Exception as e:
             raise CaptureError(
-                f"The model raised {type(e).__name__} on {where} ({_describe(feeds)}): {str(e)[:500]} -- check that "
+                f"The model raised {type(e).__name__} on {where} ({describe_inputs(feeds)}): {str(e)[:500]} -- check that "
                 "the inputs have the shape, dtype and scaling the model was trained on."
             ) from e
         values = [np.concatenate([p[i] for p in parts])[:n] if len(parts) > 1 else parts[0][i] for i in range(len(names))]
@@ -396,19 +396,11 @@ class _OnnxRunner(Runner):
             if extra is not None:
                 out[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
         for name, v in out.items():
-            bad = np.flatnonzero(~np.isfinite(v).all(1))
-            if len(bad):
-                raise CaptureError(f"The activations of layer {name!r} contain NaN or infinite values at row {bad[0]} of "
-                                   f"{where}; check the model and those inputs.")
-        bad = np.flatnonzero(~np.isfinite(logits).all(1))
-        if len(bad):
-            raise CaptureError(f"The model's output contain NaN or infinite values at row {bad[0]} of {where}.")
+            check_finite(v, f"The activations of layer {name!r}", where)
+        check_finite(logits, "The model's output", where)
         return logits, out
 
 
 def _dims(dims) -> str:
     return "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
 
-
-def _describe(feeds: dict) -> str:
-    return ", ".join(f"{k}: shape {v.shape}, {v.dtype}" for k, v in feeds.items())
