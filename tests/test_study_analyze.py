@@ -330,5 +330,6 @@ def test_html_never_overwrites_study_files(tmp_path, study_source, capsys):
     assert main(base + ["--html", str(notes), "--overwrite"]) == 0 and "<svg" in notes.read_text()
     page = tmp_path / "a.html"
     assert main(base + ["--html", str(page)]) == 0 and main(base + ["--html", str(page)]) == 0  # its own page
-    assert main(base + ["--html", str(tmp_path)]) == 2 and "is a folder; --html takes a file name" in capsys.readouterr().err
+    assert main(base + ["--html", str(tmp_path)]) == 2
+    assert "is a folder; --html takes a file name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []  # no temporary left

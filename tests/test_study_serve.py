@@ -74,7 +74,8 @@ def test_max_participants_and_abandoned_sessions(tmp_path, study_source):
         (first, auth), _ = _session(client), _session(client)
         full = _session(client)[0]
         assert full.status_code == 403
-        assert full.json()["detail"] == "This study is full: it has the 2 participants it needs. Thank you for your interest."
+        assert full.json()["detail"] == ("This study is full: it has the 2 participants it needs. Thank you for your "
+                                         "interest.")
         assert "Places held now (completed, or active recently): 2 of 2" in client.get("/admin", headers=ADMIN).text
         clock.now += 300
         base = f"/api/sessions/{first.json()['session_id']}"

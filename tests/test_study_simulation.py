@@ -50,7 +50,8 @@ def test_recovers_one_stage_rates(tmp_path, study_source):
     with LiveStudyServer(folder, app={"sessions_per_address": 0}) as server, \
             httpx.Client(base_url=server.url, timeout=10) as http:
         sent = sum(_participant(http, truth, rng, _one_stage) for _ in range(48))
-        export = http.get("/admin/export.json", headers={"Authorization": f"Bearer {server.admin_token}"}).json()["responses"]
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        export = http.get("/admin/export.json", headers=admin).json()["responses"]
     assert sent == len(export) == 48 * 20
     assert len({(r["trial_id"], r["stage"]) for r in export}) == len(export)
     out = analyze_study(folder, n_boot=2000)

@@ -207,7 +207,8 @@ def test_no_wrong_items(tmp_path, capsys):
     path = _write(tmp_path / "t.csv", rows)
     assert main(["study", "analyze", "--trials", str(path), "--json", "--n-boot", "200"]) == 0
     similar = json.loads(capsys.readouterr().out)["conditions"]["similar"]
-    assert similar["over_reliance"] is None and similar["null_reasons"]["over_reliance"] == "no trial where the AI was wrong"
+    assert similar["over_reliance"] is None
+    assert similar["null_reasons"]["over_reliance"] == "no trial where the AI was wrong"
 
 
 # two-stage tables: final answers, derived decisions and AI correctness, complementarity; a contradiction is refused

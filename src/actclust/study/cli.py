@@ -318,7 +318,8 @@ def format_analysis(result: dict) -> str:
         lines.append(f"{name:<20} {g['n_participants']:>6} {g['n_responses']:>6}  "
                      + "  ".join(f"{_cell(g[m]):<24}" for m in metrics) + "  " + _cell(g["median_response_ms"], 0))
     if any(g[m] and g[m].get("note") for g in groups.values() for m in metrics):
-        lines.append(f"* from fewer than {MIN_BOOTSTRAP_PARTICIPANTS} participants: the interval is too narrow, or there is none")
+        lines.append(f"* from fewer than {MIN_BOOTSTRAP_PARTICIPANTS} participants: the interval is too narrow, or "
+                     "there is none")
     for name, c in (result.get("complementarity") or {}).items():
         if c:
             lines.append(f"complementarity {name}: team {_cell(c['team'])}, AI alone {_cell(c['ai'])}, human alone "

@@ -19,8 +19,8 @@ analysis cannot estimate it). Power is the share of ``simulations`` studies in w
 comparison with the reference is detected at ``alpha`` (no correction for several comparisons).
 
 The answer is the smallest number of participants per condition, from :data:`MIN_PARTICIPANTS`,
-whose simulated power reaches ``power`` (doubling, then bisection, on common random numbers: a study of ``n + 1`` participants
-adds one to the study of ``n``). With ``icc=0`` trials are independent and the two-proportion
+whose simulated power reaches ``power`` (doubling, then bisection, on common random numbers: a
+study of ``n + 1`` participants adds one to the study of ``n``). With ``icc=0`` trials are independent and the two-proportion
 sample size (Fleiss, no continuity correction) gives the same answer up to simulation error:
 ``closed_form`` reports it.
 """
@@ -190,9 +190,9 @@ def power_analysis(conditions, effect: float, baseline: float, items: int, *, de
     counted = items if metric == "accuracy" else int(round(items * wrong_share))
     m = counted // len(conditions) if design == "within" else counted
     if m < 1:
+        split = " (within subjects they are split)" if design == "within" else ""
         raise ParameterError(f"{items} items give {counted} {'wrong-AI ' if metric != 'accuracy' else ''}trials per "
-                             f"participant, {m} per condition{' (within subjects they are split)' if design == 'within' else ''}; "
-                             "raise items.")
+                             f"participant, {m} per condition{split}; raise items.")
     reference = "none" if "none" in conditions else conditions[0]
     others = [c for c in conditions if c != reference]
     rates = {c: float(baseline if c == reference else baseline + effect) for c in conditions}
@@ -229,9 +229,11 @@ def power_analysis(conditions, effect: float, baseline: float, items: int, *, de
         _check("extra_n", n, 2, 10 ** 6, integer=True)
         evaluate(int(n))
     curve = [{"n": n, "power": p, "ci": _mc_interval(p, simulations)} for n, p in sorted(found.items())]
+    outcome = "appropriate decision" if metric == "accuracy" else "acceptance of wrong predictions"
     result = {
         "design": design, "metric": metric, "conditions": conditions, "reference": reference, "rates": rates,
-        "baseline": baseline, "effect": effect, "items": items, "wrong_share": wrong_share if metric != "accuracy" else None,
+        "baseline": baseline, "effect": effect, "items": items,
+        "wrong_share": wrong_share if metric != "accuracy" else None,
         "trials_per_participant_per_condition": m, "icc": icc, "random_effect_sd": sd, "alpha": alpha,
         "target_power": power, "simulations": simulations, "seed": seed, "max_participants": max_participants,
         "min_participants": MIN_PARTICIPANTS, "participants_per_condition": n_needed,
@@ -242,8 +244,7 @@ def power_analysis(conditions, effect: float, baseline: float, items: int, *, de
         "curve": curve,
         "closed_form": closed_form(baseline, baseline + effect, m, alpha, power) if icc == 0 else None,
         "model": "participant random intercept on the logit scale (latent-scale ICC), binomial trials",
-        "test": f"logistic GEE of the {'appropriate decision' if metric == 'accuracy' else 'acceptance of wrong predictions'}"
-                f" on condition, exchangeable within participant, robust errors; two-sided Wald test at {alpha} "
+        "test": f"logistic GEE of the {outcome} on condition, exchangeable within participant, robust errors; two-sided Wald test at {alpha} "
                 f"against {reference!r} (every comparison must be detected)",
     }
     if n_needed is None:
