@@ -169,8 +169,8 @@ def test_study_help(capsys):
     assert main(["study"]) == 2 and "create" in capsys.readouterr().err
 
 
-# the server side imports no torch: actclust.study.app and .analyze load without it (the package's
-# own __init__ is bypassed, since it imports the torch-based estimator)
+# the server side imports no torch: serve, analyze (of a study or a trial table) and power load without it
+# (the package's own __init__ is bypassed, since it imports the torch-based estimator)
 def test_server_needs_no_torch():
     src = Path(__import__("actclust").__file__).parent
     code = f"""
@@ -178,6 +178,7 @@ import sys, types
 sys.modules["torch"] = None  # any import of torch now fails
 pkg = types.ModuleType("actclust"); pkg.__path__ = [{str(src)!r}]; sys.modules["actclust"] = pkg
 import actclust.study.app, actclust.study.analyze, actclust.study.cli, actclust.study.db
+import actclust.study.trials, actclust.study.power, actclust.study.output
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -132,6 +132,10 @@ def _rows(path: Path, fmt: str):
                                              for i, r in enumerate(frame.to_dict(orient="records")))
 
 
+class _Bad(Exception):
+    """A value that is not what its column holds; re-raised as a DataError naming the row and column."""
+
+
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
@@ -150,13 +154,13 @@ def _bool(v) -> bool:
         return True
     if s in _FALSE:
         return False
-    raise ValueError(f"must be 0/1, true/false or yes/no; got {v!r}")
+    raise _Bad(f"must be 0/1, true/false or yes/no; got {v!r}")
 
 
 def _decision(v) -> bool:
     s = str(v).strip().lower()
     if s not in ("accept", "reject"):
-        raise ValueError(f"must be 'accept' or 'reject'; got {v!r}")
+        raise _Bad(f"must be 'accept' or 'reject'; got {v!r}")
     return s == "accept"
 
 
@@ -164,9 +168,9 @@ def _confidence(v) -> int:
     try:
         c = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"must be an integer from 1 to 4; got {v!r}") from None
+        raise _Bad(f"must be an integer from 1 to 4; got {v!r}") from None
     if not c.is_integer() or not 1 <= c <= 4:
-        raise ValueError(f"must be an integer from 1 to 4; got {v!r} (out of range)")
+        raise _Bad(f"must be an integer from 1 to 4; got {v!r} (out of range)")
     return int(c)
 
 
@@ -174,9 +178,9 @@ def _ms(v) -> float:
     try:
         ms = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"must be a number of milliseconds; got {v!r}") from None
+        raise _Bad(f"must be a number of milliseconds; got {v!r}") from None
     if not math.isfinite(ms) or ms < 0:
-        raise ValueError(f"must be a number of milliseconds >= 0; got {v!r}")
+        raise _Bad(f"must be a number of milliseconds >= 0; got {v!r}")
     return ms
 
 
@@ -217,7 +221,7 @@ def read_trials(path, *, columns: Optional[dict] = None, design: str = "between"
                 return _text(v)
             try:
                 return convert(v)
-            except ValueError as e:
+            except _Bad as e:
                 raise DataError(f"{path}, {where}: {col(f)} {e}.") from None
         t = {"participant": get("participant", required=True), "condition": get("condition", required=True),
              "item": get("item"), "confidence": get("confidence", _confidence), "response_ms": get("response_ms", _ms),
