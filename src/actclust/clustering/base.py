@@ -158,11 +158,12 @@ def _coarse(x: np.ndarray) -> np.ndarray:
 
     k-means++ draws each seed with probability proportional to squared distances: a last-bit difference
     in the vectors (the same network in another framework, another summation order, a GPU) moves
-    those probabilities and, now and then, the draw, and Lloyd iterations from another seed can end
-    in another local optimum (measured: the Fashion CNN in Keras on JAX and in PyTorch, vectors equal
-    to 4e-7, clusters of one layer 0.26% apart; 94% of test inputs' paths agreed). Seeds chosen on
-    rounded values are the same unless a value lies on a rounding boundary; Lloyd's iterations then
-    run on the exact values from the exact rows chosen."""
+    those probabilities and, now and then, a draw, and Lloyd's iterations from another seed can end
+    in another local optimum. Measured on the Fashion CNN's 60,000 training images in PyTorch and in
+    Keras on JAX (vectors equal to 4e-6): with seeds chosen on the exact values conv1's clusters
+    agreed on 77.8% of the samples, with rounded values on 99.98% (the other layers 100% either way).
+    A rounded value can still straddle a rounding step, so this makes a different draw rarer, not
+    impossible. Seeds are then the exact rows chosen, and Lloyd's iterations run on exact values."""
     scale = float(np.abs(x).max()) if x.size else 0.0
     if not np.isfinite(scale) or scale == 0.0:
         return x
