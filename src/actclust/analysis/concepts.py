@@ -55,6 +55,12 @@ class Concept:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _repr_html_(self) -> str:
+        """A concept card for notebooks: :mod:`actclust.views.notebook`."""
+        from ..views.notebook import concept_html
+
+        return concept_html(self)
+
 
 def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3) -> list:
     """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`."""
