@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 
-__all__ = ["environment", "class_color", "PALETTE"]
+__all__ = ["environment", "class_color", "cluster_color", "PALETTE"]
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -21,6 +21,11 @@ def class_color(c: int) -> str:
     if c < len(PALETTE):
         return PALETTE[c]
     return f"hsl({(c * 137.508) % 360:.0f}, 55%, 55%)"
+
+
+def cluster_color(c: int) -> str:
+    """The colour of cluster ``c`` on a layer's map: golden-angle hues, apart from the class palette's."""
+    return f"hsl({(int(c) * 137.508 + 20) % 360:.0f}, 65%, 48%)"
 
 
 def _num(v, digits: int = 2) -> str:
@@ -52,5 +57,5 @@ def environment():
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_num, pct=_pct, argmax=_argmax, thousands=_thousands)
-    env.globals.update(color=class_color)
+    env.globals.update(color=class_color, cluster_color=cluster_color, zip=zip)
     return env
