@@ -101,7 +101,7 @@ def test_layer_page(tabular):
     for k in concepts:  # its card names its exemplars, nearest the centre first
         card = re.search(rf'<section class="concept" id="c{k.cluster}">(.*?)</section>', html, re.S).group(1)
         assert re.findall(r"training sample #(\d+)", card)[:3] == [str(i) for i in k.exemplars]
-    assert html.count("<circle") == 600 + 4  # every training vector (600 < 2,000 drawn) and the centres
+    assert html.count("h0") == 600 and html.count("<circle") == 4  # every training vector (600 < 2,000), the centres
     by_purity = client(ex).get("/layer/2?sort=purity").text
     purities = [float(p) for p in re.findall(r'<span class="purity">(\d+)%', by_purity)]
     assert purities == sorted(purities, reverse=True)

@@ -27,6 +27,7 @@ __all__ = ["Explorer", "NotFound", "PageCache", "FILTERS", "SORTS", "PAGE_SIZE"]
 PAGE_SIZE = 50  # test inputs per page of the input list
 MEMBERS_PER_PAGE = 48  # training samples per page of a cluster
 MAP_POINTS = 2000  # training vectors drawn on a layer's map
+MAP_SIZE = 360  # its width and height, in pixels
 FILTERS = {"all": "all test inputs", "right": "the DNN got right", "wrong": "the DNN got wrong",
            "flagged": "with a red trust signal", "disagree": "where the surrogate disagrees with the DNN"}
 SORTS = {"size": "size", "purity": "purity", "cluster": "cluster number"}
@@ -278,7 +279,6 @@ class Explorer:
         rows = np.sort(rng.choice(st.n_samples, min(MAP_POINTS, st.n_samples), replace=False))
         v = take(st.train_vectors[layer], rows).astype(np.float64)
         pts, cpts = (v - mid) @ basis, (centres - mid) @ basis
-        test = (np.asarray(self.q.vectors[layer][:MAP_POINTS], dtype=np.float64) - mid) @ basis
         both = np.vstack([pts, cpts])
         lo, hi = np.percentile(both, 0.5, 0), np.percentile(both, 99.5, 0)
         span = np.where(hi - lo > 0, hi - lo, 1.0)
@@ -286,9 +286,8 @@ class Explorer:
         def place(p):
             return np.clip((p - lo) / span, -0.02, 1.02)
 
-        return {"points": place(pts).tolist(), "clusters": self.layers[layer].assign[rows].tolist(),
-                "centres": place(cpts).tolist(), "test": place(test).tolist(),
-                "test_clusters": self.paths[:MAP_POINTS, st.layers.index(layer)].tolist(), "n": len(rows)}
+        return {"dots": _dots(place(pts), self.layers[layer].assign[rows]), "centres": place(cpts).tolist(),
+                "n": len(rows)}
 
     def _similar(self, i: int) -> dict:
         """Similar training samples of test input ``i`` under the "low" and "high" weights."""
@@ -340,6 +339,20 @@ class Explorer:
         counts = np.bincount(q.dnn_pred[differ] * c + self.sur_pred[differ], minlength=c * c).reshape(c, c)
         pairs = [(int(a), int(b), int(counts[a, b])) for a, b in zip(*np.nonzero(counts))]
         return sorted(pairs, key=lambda t: -t[2])
+
+
+def _dots(points: np.ndarray, clusters: np.ndarray, size: int = MAP_SIZE):
+    """The map's points as SVG: one path of round dots per cluster (a few elements, not one per point)."""
+    from markupsafe import Markup
+
+    from ..templating import cluster_color
+
+    xy = np.column_stack([size * points[:, 0], size * (1 - points[:, 1])])
+    parts = []
+    for c in np.unique(clusters):
+        d = "".join("M%.1f %.1fh0" % (x, y) for x, y in xy[clusters == c])
+        parts.append(f'<path class="dots" d="{d}" stroke="{cluster_color(int(c))}"/>')
+    return Markup("".join(parts))
 
 
 class _Timer:
