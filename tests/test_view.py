@@ -299,3 +299,19 @@ def test_cli_bad_input(tmp_path, capsys, images):
         assert main(["view", *argv, "--port", "0", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert re.search(message, err), err
+
+
+# the trust-chip thresholds of the last calibration are saved with the run and come back with it
+def test_thresholds_saved_in_the_run(tabular, tmp_path):
+    import actclust
+
+    ac = tabular[0]
+    ac.trust(tabular[2][:5])  # calibrates
+    saved = ac.state_.cache["trust_thresholds"]
+    ac.save(tmp_path / "run")
+    back = actclust.load(tmp_path / "run", ac.model, progress=False)
+    assert back.state_.cache["trust_thresholds"] == saved and saved["signals"]["ood_typicality"] > 0
+    assert "5% false-alarm rate on 60 samples" in back._repr_html_()
+    plain = ActivationClustering(ac.model, ["0", "2"], n_clusters=4, progress=False).fit(tabular[1])
+    plain.save(tmp_path / "plain")  # never calibrated: nothing saved
+    assert "trust_thresholds" not in actclust.load(tmp_path / "plain", ac.model, progress=False).state_.cache
