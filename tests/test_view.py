@@ -315,3 +315,21 @@ def test_thresholds_saved_in_the_run(tabular, tmp_path):
     plain = ActivationClustering(ac.model, ["0", "2"], n_clusters=4, progress=False).fit(tabular[1])
     plain.save(tmp_path / "plain")  # never calibrated: nothing saved
     assert "trust_thresholds" not in actclust.load(tmp_path / "plain", ac.model, progress=False).state_.cache
+
+
+# a port in use is said at once, before the model runs
+def test_cli_port_in_use(tmp_path, capsys, images):
+    import socket
+
+    from actclust.cli.commands import main
+
+    ac, _, xt, yt, _ = images
+    ac.save(tmp_path / "run", metadata={"model": "conftest:_study_model"})
+    np.savez(tmp_path / "test.npz", x=xt, y=yt)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", str(tmp_path / "run"), "--data", str(tmp_path / "test.npz"), "--port", str(port),
+                     "--quiet"]) == 2
+    assert f"Cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

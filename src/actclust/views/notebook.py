@@ -45,6 +45,10 @@ __all__ = ["Display", "Context", "ExplanationList", "ConceptList", "Scores", "HT
 
 #: How much of a large result is drawn; the rest is counted.
 LIMITS = {"explanations": 10, "queries": 10, "neighbours": 10, "concepts": 30, "exemplars": 4, "concept_samples": 6}
+#: Rows of the small tables of training samples beside a tabular input (the input's own table has 12).
+SMALL_TABLE_ROWS = 5
+#: Training samples per layer, and similar samples, beside a tabular input (tables take more room).
+TABULAR_SAMPLES = 2
 
 
 @dataclass
@@ -148,29 +152,19 @@ class Context:
     def draw_input(self, position: int, x, order=None) -> dict:
         return self.renderer(x, f"input {position}", order=order)
 
-    def train_sample(self, i: int, order=None) -> dict:
-        """Training sample ``i`` drawn (tables in ``order``), or its index when no training inputs are attached."""
+    def train_samples(self, indices, order=None, max_rows: int = 12) -> list:
+        """Training samples drawn (tables in ``order``, ``max_rows`` rows), fetched in one pass; their
+        indices when no training inputs are attached."""
         if not self.has_train:
-            return {"kind": "index", "index": int(i)}
-        key = (int(i), None if order is None else tuple(int(j) for j in order[:16]))
-        if key not in self._train:
-            from ..capture.data import rows
+            return [{"kind": "index", "index": int(i)} for i in indices]
+        from ..capture.data import rows
 
-            x = rows(self.display.train, [int(i)], label_key=self.label_key, name="train")[0]
-            self._train[key] = self.renderer(x, f"training sample {i}", order=order)
-        return self._train[key]
-
-    def train_samples(self, indices, order=None) -> list:
-        """Several training samples drawn, fetching the missing ones in one pass."""
-        if self.has_train:
-            from ..capture.data import rows
-
-            okey = None if order is None else tuple(int(j) for j in order[:16])
-            missing = sorted({int(i) for i in indices if (int(i), okey) not in self._train})
-            if missing:
-                for i, x in zip(missing, rows(self.display.train, missing, label_key=self.label_key, name="train")):
-                    self._train[(i, okey)] = self.renderer(x, f"training sample {i}", order=order)
-        return [self.train_sample(i, order) for i in indices]
+        okey = (None if order is None else tuple(int(j) for j in order[:16]), max_rows)
+        missing = sorted({int(i) for i in indices if (int(i), okey) not in self._train})
+        if missing:
+            for i, x in zip(missing, rows(self.display.train, missing, label_key=self.label_key, name="train")):
+                self._train[(i, okey)] = self.renderer(x, f"training sample {i}", order=order, max_rows=max_rows)
+        return [self._train[(int(i), okey)] for i in indices]
 
     def train_caption(self, i: int) -> tuple:
         """``(caption, tooltip)`` of training sample ``i``: the DNN's class, and its label when known."""
@@ -278,11 +272,13 @@ def _card(e, ctx: Optional[Context], x=None) -> dict:
         if ctx.renderer is not None and _is_row(x):
             order = ctx.order.of_input(x, last)
         picture = ctx.draw_input(e.index, x, order)
-    n_ex = LIMITS["exemplars"]
+    n_ex, n_sim, small = LIMITS["exemplars"], None, 12
+    if order is not None:  # a tabular input: fewer, smaller tables beside it
+        n_ex, n_sim, small = TABULAR_SAMPLES, 2 * TABULAR_SAMPLES, SMALL_TABLE_ROWS
     if ctx is not None:
         wanted = [i for lay in e.layers for i in lay["exemplars"][:n_ex]]
-        wanted += [s["index"] for p in e.similar.values() for s in p]
-        drawn = dict(zip(wanted, ctx.train_samples(wanted, order)))
+        wanted += [s["index"] for p in e.similar.values() for s in p[:n_sim]]
+        drawn = dict(zip(wanted, ctx.train_samples(wanted, order, small)))
 
         def sample(i):
             return drawn[i], *ctx.train_caption(i)
@@ -292,7 +288,7 @@ def _card(e, ctx: Optional[Context], x=None) -> dict:
     votes = [lay["vote"][pred] for lay in e.layers]
     similar = {p: [(*sample(s["index"])[:1], names[s["prediction"]], f"training sample #{s['index']} · DNN: "
                     f"{names[s['prediction']]}" + (f" · label: {names[s['label']]}" if s.get("label") is not None else "")
-                    + f" · distance {s['distance']:.3f}") for s in rows]
+                    + f" · distance {s['distance']:.3f}") for s in rows[:n_sim]]
                for p, rows in e.similar.items()}
     return {
         "e": e, "names": names, "pred": pred, "picture": picture,

@@ -63,8 +63,9 @@ class Renderer:
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
         self.failures: list = []
 
-    def __call__(self, x, what: str, order=None) -> dict:
-        """``x`` drawn (see the module's docstring); ``order``: feature indices of a table, first shown first."""
+    def __call__(self, x, what: str, order=None, max_rows: int = MAX_FEATURES) -> dict:
+        """``x`` drawn (see the module's docstring); ``order``: feature indices of a table, first shown
+        first; ``max_rows``: rows of a table (fewer for the small tables beside another)."""
         try:
             if self.render is not None:
                 return self._from_user(self.render(x))
@@ -74,7 +75,7 @@ class Renderer:
             x = np.asarray(x)
             if x.ndim == 1 and x.dtype.kind in "iub":  # token ids (an embedding's input)
                 return self._tokens(x, None)
-            return self._default(x, order)
+            return self._default(x, order, max_rows)
         except Exception as e:  # a report shows every input it can, and says which it could not
             message = f"could not render {what}: {type(e).__name__}: {e}"
             self.failures.append(message)
@@ -103,14 +104,14 @@ class Renderer:
                             "give one value, or one per feature")
         return x * std + mean
 
-    def _default(self, x: np.ndarray, order=None) -> dict:
+    def _default(self, x: np.ndarray, order=None, max_rows: int = MAX_FEATURES) -> dict:
         if x.ndim == 1:
             names = self.feature_names or [f"x{i}" for i in range(len(x))]
             if len(names) != len(x):
                 raise DataError(f"{len(names)} feature names for {len(x)} features")
             values = self.table_values(x)
             shown = np.arange(len(x)) if order is None else np.asarray(order, dtype=np.int64).reshape(-1)
-            shown = shown[:MAX_FEATURES]
+            shown = shown[:max_rows]
             rows = [(str(names[j]), _number(values[j])) for j in shown]
             return {"kind": "table", "rows": rows, "more": max(0, len(x) - len(rows))}
         if not _is_image(x):

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlencode
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .data import FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SORTS, Explorer, NotFound, PageCache
+from .data import FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SMALL_ROWS, SORTS, Explorer, NotFound, PageCache
 
 __all__ = ["make_app", "TOKEN_COOKIE"]
 
@@ -166,6 +166,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
 
             x = input_rows(ex.X, [i], label_key=ex.ac.label_key)[0]
             order = ex.input_order(i, x)
+            n_ex, rows = (2, SMALL_ROWS) if order is not None else (4, 12)  # tables take more room than pictures
             prior = st.target_prior()
             w = st.weights / st.weights.sum()
             layers = []
@@ -177,10 +178,10 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                                "vote": float(w[j] * (mix[pred] - prior[pred])),
                                "distance": float(q.distances[l][i, c] / st.clusterings[l].scale_),
                                "size": len(members), "purity": float(st.posteriors[l][c].max()),
-                               "exemplars": ex.train_samples(members[:4], order)})
+                               "exemplars": ex.train_samples(members[:n_ex], order, rows)})
             vmax = max([abs(lay["vote"]) for lay in layers] + [1e-6])
-            similar = {p: [(*ex.train_samples([t], order)[0], d) for t, d in rows]
-                       for p, rows in ex._similar(i).items()}
+            similar = {p: [(*ex.train_samples([t], order, rows)[0], d) for t, d in found]
+                       for p, found in ex._similar(i).items()}
             trust = None if ex.trust is None else {k: float(v[i]) for k, v in ex.trust.items()}
             return page("explorer_input.html.j2", i=i, x=x_drawn, label=None if q.labels is None else int(q.labels[i]),
                         pred=pred, confidence=float(q.dnn_proba[i, pred]), proba=ex.proba[i].tolist(),
@@ -207,8 +208,8 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             cards.sort(key=key)
             for c in cards:
                 order = ex.cluster_order(layer, c["cluster"])
-                c["exemplars_drawn"] = ex.train_samples(c["exemplars"], order)
-                c["edge_drawn"] = ex.train_samples(c["edge"], order)
+                c["exemplars_drawn"] = ex.train_samples(c["exemplars"], order, SMALL_ROWS)
+                c["edge_drawn"] = ex.train_samples(c["edge"], order, SMALL_ROWS)
             j = st.layers.index(layer)
             return page("explorer_layer.html.j2", layer=layer, cards=cards, sort=sort, sorts=SORTS,
                         map=ex.layer_map(layer), weight=float(st.weights[j]), k=k, tabular=tabular,
@@ -229,7 +230,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             p = _page_number(page_no, n_pages, f"/cluster/{quote(layer)}/{c}")
             shown = members[(p - 1) * MEMBERS_PER_PAGE:p * MEMBERS_PER_PAGE]
             order = ex.cluster_order(layer, c)
-            drawn = ex.train_samples(shown, order)
+            drawn = ex.train_samples(shown, order, SMALL_ROWS)
             dist = ex.layers[layer].dist[shown] / st.clusterings[layer].scale_
             j = st.layers.index(layer)
             tests = [int(t) for t in (ex.paths[:, j] == c).nonzero()[0]]

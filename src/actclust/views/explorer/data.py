@@ -25,6 +25,7 @@ from ...exceptions import DataError, ParameterError
 __all__ = ["Explorer", "NotFound", "PageCache", "FILTERS", "SORTS", "PAGE_SIZE"]
 
 PAGE_SIZE = 50  # test inputs per page of the input list
+SMALL_ROWS = 5  # rows of a training sample's table beside another (the input's own has 12)
 MEMBERS_PER_PAGE = 48  # training samples per page of a cluster
 MAP_POINTS = 2000  # training vectors drawn on a layer's map
 MAP_SIZE = 360  # its width and height, in pixels
@@ -209,8 +210,9 @@ class Explorer:
                            "/inputs", "the test inputs")
         return int(index)
 
-    def train_samples(self, indices, order=None) -> list:
-        """``[(drawn, caption, tooltip)]`` of training samples (their index without training inputs)."""
+    def train_samples(self, indices, order=None, max_rows: int = 12) -> list:
+        """``[(drawn, caption, tooltip)]`` of training samples (their index without training inputs);
+        tables in ``order``, ``max_rows`` rows."""
         from ...capture.data import rows
 
         indices = [int(i) for i in indices]
@@ -218,7 +220,7 @@ class Explorer:
         if self.train is None:
             drawn = [{"kind": "index", "index": i} for i in indices]
         else:
-            drawn = [self.renderer(x, f"training sample {i}", order=order)
+            drawn = [self.renderer(x, f"training sample {i}", order=order, max_rows=max_rows)
                      for i, x in zip(indices, rows(self.train, indices, label_key=self.ac.label_key, name="train"))]
         out = []
         for i, d in zip(indices, drawn):
