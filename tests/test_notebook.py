@@ -225,3 +225,32 @@ def test_token_inputs_as_tokens(data):
     ac.set_display()
     plain = ac.explain(inputs, trust=False)._repr_html_()
     assert "pass tokenizer= to show words" in plain and f'<span class="t">{int(ids[0, 1])}</span>' in plain
+
+
+# every long wait shows progress: the first explain's trust calibration, the first concepts' assignment pass,
+# the explorer's start; and a run's TrustWarning is said once, however often trust is calibrated again
+def test_progress_and_one_warning(capsys, monkeypatch):
+    import warnings
+
+    from actclust import TrustWarning
+    from actclust.views.explorer import Explorer
+
+    monkeypatch.setattr("actclust.store.vectors.CHUNK", 4)  # so that 600 samples are a "large" set
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 4)).astype(np.float32)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=True).fit(x)  # no labels: a TrustWarning
+    capsys.readouterr()
+    ac.concepts("2")
+    assert "assigning the training vectors of 2" in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ac.explain(x[:3])
+        err = capsys.readouterr().err
+        ac.explain(x[:3], search="exact")  # another calibration
+        ac.trust(x[:3], n_neighbors=20)  # and another
+    assert "calibrating trust" in err and "assigning the training vectors of 0" in err
+    assert sum(issubclass(w.category, TrustWarning) for w in caught) == 1
+    Explorer(ac, x[:20], progress=True)
+    assert "preparing the explorer" in capsys.readouterr().err

@@ -333,3 +333,22 @@ def test_cli_port_in_use(tmp_path, capsys, images):
         assert main(["view", str(tmp_path / "run"), "--data", str(tmp_path / "test.npz"), "--port", str(port),
                      "--quiet"]) == 2
     assert f"Cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# the views import no torch: a saved run can be shown where only the server side is installed
+def test_views_need_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__import__("actclust").__file__).parent
+    code = f"""
+import sys, types
+sys.modules["torch"] = None  # any import of torch now fails
+pkg = types.ModuleType("actclust"); pkg.__path__ = [{str(src)!r}]; sys.modules["actclust"] = pkg
+import actclust.views.notebook, actclust.views.features, actclust.views.render, actclust.views.templating
+import actclust.views.explorer.app, actclust.views.explorer.data
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -474,7 +474,7 @@ class ActivationClustering:
 
         state = self._state()
         layer = adapt(self.model, self.output).canonical(layer) if isinstance(layer, str) else layer
-        return ConceptList(concepts(state, layer, k, n_edge), context=self._display_context())
+        return ConceptList(concepts(state, layer, k, n_edge, progress=self.progress), context=self._display_context())
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
         """One :class:`~actclust.analysis.explanation.Explanation` per input of ``X``.

@@ -123,7 +123,7 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     w = state.weights / state.weights.sum()
     prior = state.target_prior()
     paths = q.paths
-    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0)] for l in state.layers}
+    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress)] for l in state.layers}
     near = {p: find(state, q, *check_args(state, k, p), method=search, progress=progress) for p in ("low", "high")}
     options = {}
     if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}

@@ -122,8 +122,12 @@ class Explorer:
         self.renderer = Renderer(render, mean=mean, std=std, tokenizer=tokenizer,
                                  feature_names=feature_names or state.input_spec.feature_names)
         self.progress, self.timings = progress, {}
-        timer = _Timer(self.timings)
+        if self.n_test == 0:
+            raise DataError("X holds no test inputs; give at least one.")
 
+        stages = tqdm(total=5 + bool(trust), desc="preparing the explorer", disable=not progress, leave=False,
+                      bar_format="{desc}: {n}/{total} stages {bar} {elapsed}")
+        timer = _Timer(self.timings, stages)
         with timer("query"):  # the one pass of the model
             self.q = ac.query(X, y, vectors=True)
         q = self.q
@@ -136,8 +140,7 @@ class Explorer:
             self.paths = q.paths
             self.scores = surrogate.scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
         with timer("layers"):
-            self.layers = {l: self._layer_index(l) for l in tqdm(state.layers, desc="assigning training vectors",
-                                                                 disable=not progress, leave=False)}
+            self.layers = {l: self._layer_index(l) for l in state.layers}
         with timer("feature_order"):
             self.order = self._feature_order(mean, std)
         self.trust, self.thresholds, self.trust_notes = None, None, []
@@ -145,14 +148,15 @@ class Explorer:
             with timer("trust"):
                 self._trust()
         with timer("search_index"):  # built (and calibrated per preset) before the first input page
-            self._similar(0)
+            self._similar(0, progress)
+        stages.close()
         self.flagged = self._flags()
 
     # ------------------------------------------------------------------ startup
     def _layer_index(self, layer: str) -> LayerIndex:
         from ...analysis.concepts import train_assignments
 
-        assign, dist = train_assignments(self.state, layer)
+        assign, dist = train_assignments(self.state, layer, self.progress)
         k = self.state.clusterings[layer].n_clusters
         order = np.lexsort((dist, assign))
         start = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=k))])
@@ -291,7 +295,7 @@ class Explorer:
         return {"dots": _dots(place(pts), self.layers[layer].assign[rows]), "centres": place(cpts).tolist(),
                 "n": len(rows)}
 
-    def _similar(self, i: int) -> dict:
+    def _similar(self, i: int, progress: bool = False) -> dict:
         """Similar training samples of test input ``i`` under the "low" and "high" weights."""
         from ...analysis import retrieval
         from ...state import Query
@@ -303,7 +307,7 @@ class Explorer:
         out = {}
         for preset in ("low", "high"):
             k, w = retrieval.check_args(st, min(self.k, st.n_samples), preset)
-            nb = retrieval.search(st, one, k, w, method=self.ac.search, progress=False)
+            nb = retrieval.search(st, one, k, w, method=self.ac.search, progress=progress)
             out[preset] = list(zip(nb.indices[0].tolist(), nb.distances[0].tolist()))
         return out
 
@@ -358,8 +362,14 @@ def _dots(points: np.ndarray, clusters: np.ndarray, size: int = MAP_SIZE):
 
 
 class _Timer:
-    def __init__(self, out: dict):
-        self.out = out
+    """Times each start stage into ``out``, and moves the stage bar with the stage's name."""
+
+    _NAMES = {"query": "one pass of the model over the test inputs", "surrogate": "the surrogate's predictions",
+              "layers": "the cluster of every training vector", "feature_order": "feature statistics",
+              "trust": "trust calibration and signals", "search_index": "the similar-sample search index"}
+
+    def __init__(self, out: dict, bar=None):
+        self.out, self.bar = out, bar
 
     def __call__(self, name: str):
         import contextlib
@@ -367,7 +377,11 @@ class _Timer:
 
         @contextlib.contextmanager
         def block():
+            if self.bar is not None:
+                self.bar.set_description(f"preparing the explorer: {self._NAMES.get(name, name)}")
             start = time.perf_counter()
             yield
             self.out[name] = time.perf_counter() - start
+            if self.bar is not None:
+                self.bar.update()
         return block()
