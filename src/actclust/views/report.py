@@ -94,7 +94,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
         picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
         explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta,
-                               search=ac.search)
+                               search=ac.search, progress=ac.progress)
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names, tokenizer=tokenizer)
     tabular = _tabular(state) and render is None
     order = _feature_order(state, train, mean, std, ac.label_key) if tabular else None
