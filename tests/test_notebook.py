@@ -254,3 +254,29 @@ def test_progress_and_one_warning(capsys, monkeypatch):
     assert sum(issubclass(w.category, TrustWarning) for w in caught) == 1
     Explorer(ac, x[:20], progress=True)
     assert "preparing the explorer" in capsys.readouterr().err
+
+
+# drawing problems are placeholders with a warning that says what to change
+def test_render_errors_are_clear():
+    from actclust import RenderWarning
+    from actclust.views.render import Renderer
+
+    with pytest.warns(RenderWarning, match="mean/std give 3/1 values for a row of 4 features; give one value, or one per"):
+        assert Renderer(mean=[0, 0, 0])(np.zeros(4, np.float32), "x")["kind"] == "error"
+    with pytest.warns(RenderWarning, match="tokenizer is a float; give a Hugging Face tokenizer, a function"):
+        Renderer(tokenizer=1.5)(np.arange(3), "x")
+    with pytest.warns(RenderWarning, match="the tokenizer gave 1 tokens for 3 ids"):
+        Renderer(tokenizer=lambda ids: ["one"])(np.arange(1, 4), "x")
+    tokens = Renderer(tokenizer={1: "a", 2: "b"})(np.array([1, 2, 7, 0, 0]), "x")
+    assert [t for t, _ in tokens["tokens"]] == ["a", "b", "[7]"] and tokens["hidden"] == 2  # trailing pad ids
+
+
+# neighbours made outside the explainer cannot be drawn with training inputs, and say so
+def test_show_needs_the_explainer(fitted, data):
+    from actclust.analysis import retrieval
+
+    nb = fitted.similar(data[0][:2], k=3)
+    bare = retrieval.Neighbours(nb.indices, nb.distances, nb.layer_shares, nb.weights)
+    assert "#" in bare._repr_html_()  # still a table, by index
+    with pytest.raises(ParameterError, match="These neighbours do not know their explainer; draw the results of"):
+        bare.show(train=data[0])

@@ -352,3 +352,31 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# no test inputs: a clear error, not an empty app
+def test_explorer_needs_inputs(tabular):
+    with pytest.raises(DataError, match="X holds no test inputs; give at least one"):
+        Explorer(tabular[0], np.zeros((0, 4), np.float32), trust=False, progress=False)
+
+
+# saved thresholds that were edited (and the digest recomputed) are refused at load
+def test_saved_thresholds_checked(tabular, tmp_path):
+    import json
+
+    import actclust
+    from actclust import InvalidSaveError
+    from actclust.io import persistence
+
+    ac = tabular[0]
+    ac.trust(tabular[2][:5])
+    ac.save(tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    for bad, message in ((dict(false_alarm_rate=2.0), "trust thresholds out of range"),
+                         (dict(signals="none"), "malformed trust thresholds")):
+        m = json.loads(path.read_text())
+        m["trust_thresholds"].update(bad)
+        m["digest"] = persistence._digest(m)
+        path.write_text(json.dumps(m))
+        with pytest.raises(InvalidSaveError, match=message):
+            actclust.load(tmp_path / "run", ac.model, progress=False)
