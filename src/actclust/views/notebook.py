@@ -269,7 +269,7 @@ def _card(e, ctx: Optional[Context], x=None) -> dict:
     picture = None
     if ctx is not None and x is not None:
         last = e.layers[-1]["cluster"] if e.layers else None
-        if ctx.renderer is not None and _is_row(x):
+        if _is_row(x):
             order = ctx.order.of_input(x, last)
         picture = ctx.draw_input(e.index, x, order)
     n_ex, n_sim, small = LIMITS["exemplars"], None, 12

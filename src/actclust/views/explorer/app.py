@@ -54,18 +54,18 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
     app.state.explorer, app.state.cache = explorer, cache
     ex = explorer
 
-    def page(template: str, status: int = 200, **values) -> HTMLResponse:
+    def render(template: str, status: int = 200, **values) -> HTMLResponse:
         html = env.get_template(template).render(ex=ex, title=ex.title, names=ex.names, quote=quote, **values)
         return HTMLResponse(html, status_code=status)
 
     @app.exception_handler(NotFound)
     async def not_found(request, exc: NotFound):
-        return page("explorer_error.html.j2", 404, heading="Not found", message=str(exc), back=exc.back,
+        return render("explorer_error.html.j2", 404, heading="Not found", message=str(exc), back=exc.back,
                     back_text=exc.back_text)
 
     @app.exception_handler(_Refused)
     async def refused(request, exc: _Refused):
-        response = page("explorer_error.html.j2", exc.status, heading="Token needed", message=str(exc), back=None,
+        response = render("explorer_error.html.j2", exc.status, heading="Token needed", message=str(exc), back=None,
                         back_text="")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
@@ -113,15 +113,15 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             flags = {}
             if ex.trust is not None and ex.thresholds:
                 flags = {k: int((ex.trust[k] < t).sum()) for k, t in ex.thresholds["signals"].items() if k in ex.trust}
-            return page("explorer_run.html.j2", per_layer=per_layer, s=ex.scores, pairs=ex.disagreement()[:20],
+            return render("explorer_run.html.j2", per_layer=per_layer, s=ex.scores, pairs=ex.disagreement()[:20],
                         flags=flags, n_flagged=int((ex.flagged > 0).sum()), model=ex.ac.provenance()["model_class"])
         return cached(request, authorization, ("run",), build)
 
     @app.get("/inputs", response_class=HTMLResponse)
-    def inputs_page(request: Request, show: str = "all", sort: str = "index", page_no: str = "1",
+    def inputs_page(request: Request, show: str = "all", sort: str = "index", page: str = "1",
                     dnn: Optional[str] = None, surrogate: Optional[str] = None,
                     authorization: Optional[str] = Header(default=None)):
-        page_no = request.query_params.get("page", page_no)
+        page_no = page
 
         def build():
             if show not in FILTERS:
@@ -148,7 +148,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                       "main": _main_trust(ex, int(i))} for i, d in zip(rows, drawn)]
             base = {"show": show, "sort": sort, **({"dnn": dnn} if dnn is not None else {}),
                     **({"surrogate": surrogate} if surrogate is not None else {})}
-            return page("explorer_inputs.html.j2", items=items, show=show, sort=sort, total=len(chosen), pg=p,
+            return render("explorer_inputs.html.j2", items=items, show=show, sort=sort, total=len(chosen), pg=p,
                         n_pages=n_pages, link=lambda **change: "/inputs?" + urlencode({**base, **change}),
                         urlencode=urlencode, filters=FILTERS, sorts=INPUT_SORTS,
                         classes=classes, has_labels=q.labels is not None)
@@ -183,7 +183,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             similar = {p: [(*ex.train_samples([t], order, rows)[0], d) for t, d in found]
                        for p, found in ex._similar(i).items()}
             trust = None if ex.trust is None else {k: float(v[i]) for k, v in ex.trust.items()}
-            return page("explorer_input.html.j2", i=i, x=x_drawn, label=None if q.labels is None else int(q.labels[i]),
+            return render("explorer_input.html.j2", i=i, x=x_drawn, label=None if q.labels is None else int(q.labels[i]),
                         pred=pred, confidence=float(q.dnn_proba[i, pred]), proba=ex.proba[i].tolist(),
                         sur=int(ex.sur_pred[i]), layers=layers, vmax=vmax, similar=similar, trust=trust,
                         thresholds=ex.thresholds, notes=ex.trust_notes, n_test=ex.n_test,
@@ -211,15 +211,15 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                 c["exemplars_drawn"] = ex.train_samples(c["exemplars"], order, SMALL_ROWS)
                 c["edge_drawn"] = ex.train_samples(c["edge"], order, SMALL_ROWS)
             j = st.layers.index(layer)
-            return page("explorer_layer.html.j2", layer=layer, cards=cards, sort=sort, sorts=SORTS,
+            return render("explorer_layer.html.j2", layer=layer, cards=cards, sort=sort, sorts=SORTS,
                         map=ex.layer_map(layer), weight=float(st.weights[j]), k=k, tabular=tabular,
                         fidelity=ex.scores["per_layer"][layer]["fidelity"])
         return cached(request, authorization, ("layer", layer, sort), build)
 
     @app.get("/cluster/{layer}/{cluster}", response_class=HTMLResponse)
-    def cluster_page(layer: str, cluster: str, request: Request, page_no: str = "1",
+    def cluster_page(layer: str, cluster: str, request: Request, page: str = "1",
                      authorization: Optional[str] = Header(default=None)):
-        page_no = request.query_params.get("page", page_no)
+        page_no = page
 
         def build():
             c = ex.check_cluster(layer, cluster)
@@ -239,7 +239,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             test_items = [{"i": t, "drawn": d, "dnn": int(q.dnn_pred[t]),
                            "wrong": q.labels is not None and q.labels[t] != q.dnn_pred[t]}
                           for t, d in zip(test_shown, ex.test_inputs(test_shown, [order] * len(test_shown)))]
-            return page("explorer_cluster.html.j2", layer=layer, c=c, concept=concept, members=list(zip(drawn, dist.tolist(), shown.tolist())),
+            return render("explorer_cluster.html.j2", layer=layer, c=c, concept=concept, members=list(zip(drawn, dist.tolist(), shown.tolist())),
                         pg=p, n_pages=n_pages, tests=test_items, n_tests=len(tests), posterior=st.posteriors[layer][c].tolist(),
                         first=(p - 1) * MEMBERS_PER_PAGE)
         return cached(request, authorization, ("cluster", layer, cluster, page_no), build)
