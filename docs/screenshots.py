@@ -55,7 +55,7 @@ def notebook_shots(browser, ac, x_tr, x_te, y_te, names):
         "notebook-similar": ("ac.similar(x_test[:3], k=8, weights='high')", ac.similar(x_te[:3], k=8, weights="high")._repr_html_()),
         "notebook-similar-table": ("ac.similar(x_test[:2], k=5)   # no training inputs attached",
                                    _without_train(ac, x_te)),
-        "notebook-concepts": ('ac.concepts("fc1", k=6)', ac.concepts("fc1", k=6)[:6]._repr_html_()),
+        "notebook-concepts": ('ac.concepts("fc1", k=5)[:6]', ac.concepts("fc1", k=5)[:6]._repr_html_()),
         "notebook-summary": ("ac; ac.score(x_test, y_test)", ac._repr_html_() + ac.score(x_te, y_te)._repr_html_()),
     }
     for name, (prompt, html) in shots.items():

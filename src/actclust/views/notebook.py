@@ -44,7 +44,7 @@ __all__ = ["Display", "Context", "ExplanationList", "ConceptList", "Scores", "HT
            "scores_html", "estimator_html"]
 
 #: How much of a large result is drawn; the rest is counted.
-LIMITS = {"explanations": 10, "queries": 10, "neighbours": 10, "concepts": 30, "exemplars": 4, "concept_samples": 6}
+LIMITS = {"explanations": 10, "queries": 10, "neighbours": 10, "concepts": 30, "exemplars": 4, "concept_samples": 5}
 #: Rows of the small tables of training samples beside a tabular input (the input's own table has 12).
 SMALL_TABLE_ROWS = 5
 #: Training samples per layer, and similar samples, beside a tabular input (tables take more room).
