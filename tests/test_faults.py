@@ -822,4 +822,4 @@ def test_study_analyze_html_directory(tmp_path, study_source, capsys):
     folder = make_study(tmp_path / "s", study_source, conditions=["none"])
     (tmp_path / "out").mkdir()
     assert main(["study", "analyze", str(folder), "--html", str(tmp_path / "out")]) == 2
-    assert f"--html {tmp_path / 'out'} is a directory; give the HTML file to write" in capsys.readouterr().err
+    assert f"{tmp_path / 'out'} is a folder; --html takes a file name" in capsys.readouterr().err

@@ -83,6 +83,18 @@ class Neighbours:
     layer_shares: np.ndarray
     weights: np.ndarray
 
+    def _repr_html_(self) -> str:
+        """A table (or, with training inputs, pictures) for notebooks: :mod:`actclust.views.notebook`."""
+        from ..views.notebook import neighbours_html
+
+        return neighbours_html(self)
+
+    def show(self, train=None, **display):
+        """Drawn with the training inputs ``train`` (and :func:`actclust.report`'s display options)."""
+        from ..views.notebook import HTML, show_neighbours
+
+        return HTML(show_neighbours(self, train=train, **display))
+
 
 def layer_weights(weights, layers: list) -> np.ndarray:
     """Resolve a preset name, list or dict into non-negative weights summing to 1."""

@@ -234,7 +234,7 @@ def _serve(args) -> int:
 
 def _analyze(args) -> int:
     from .analyze import analyze_study, render_html
-    from .output import study_files, write_page
+    from .output import check_page, study_files, write_page
 
     if (args.study is None) == (args.trials is None):
         raise ParameterError("Give a study folder or --trials TABLE (one of them): actclust study analyze STUDY, or "
@@ -245,12 +245,16 @@ def _analyze(args) -> int:
         if given:
             raise ParameterError(f"{', '.join(given)} describe a trial table (--trials); a study folder says its own "
                                  "design and columns.")
+        protected = study_files(args.study)
+        if args.html:  # before the analysis: a page that may not be written is refused first
+            check_page(args.html, overwrite=args.overwrite, protected=protected)
         result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed,
                                exclude_inattentive=not args.keep_inattentive, reference=args.reference)
-        protected = study_files(args.study)
     else:
         from .trials import analyze_table, parse_columns
 
+        if args.html:
+            check_page(args.html, overwrite=args.overwrite, protected=[Path(args.trials)])
         result = analyze_table(args.trials, columns=parse_columns(args.columns), design=args.design or "between",
                                two_stage=args.two_stage, reference=args.reference, n_boot=args.n_boot, seed=args.seed)
         protected = [Path(args.trials)]

@@ -16,7 +16,7 @@ from ..exceptions import ParameterError, RunExistsError
 from ..io import atomic
 from .folder import DB_FILE, STUDY_FILE
 
-__all__ = ["write_page", "study_files", "GENERATOR_MARK"]
+__all__ = ["write_page", "check_page", "study_files", "GENERATOR_MARK"]
 
 GENERATOR_MARK = '<meta name="generator" content="actclust study'  # the prefix of every page we write
 _SNIFF = 4096  # bytes read to recognise one of our pages
@@ -45,8 +45,8 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def write_page(path, text: str, *, overwrite: bool = False, protected=()) -> Path:
-    """Write ``text`` to ``path`` (see the module docstring); returns the path written."""
+def check_page(path, *, overwrite: bool = False, protected=()) -> Path:
+    """Raise unless a page may be written to ``path`` (see the module docstring); callers check before long work."""
     path = Path(path)
     for keep in protected:
         keep = Path(keep)
@@ -60,5 +60,11 @@ def write_page(path, text: str, *, overwrite: bool = False, protected=()) -> Pat
                              "replace it, or choose another file.")
     if not path.parent.is_dir():
         raise ParameterError(f"Cannot write {path}: its folder {path.parent} does not exist.")
+    return path
+
+
+def write_page(path, text: str, *, overwrite: bool = False, protected=()) -> Path:
+    """Write ``text`` to ``path`` (see the module docstring); returns the path written."""
+    path = check_page(path, overwrite=overwrite, protected=protected)
     atomic.write(path, text.encode("utf-8"), what="page")
     return path
