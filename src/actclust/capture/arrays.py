@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Ops", "NUMPY", "ops_for", "is_array", "is_torch", "dtype_name", "is_floating", "is_integer",
+__all__ = ["Ops", "NUMPY", "ops_for", "pool_matrix", "is_array", "is_torch", "dtype_name", "is_floating", "is_integer",
            "nonfinite_rows", "to_numpy", "take_rows", "stack"]
 
 
@@ -145,7 +145,7 @@ def _bins(size: int, g: int) -> list:
     return [((i * size) // g, -(-((i + 1) * size) // g)) for i in range(g)]
 
 
-def _pool_matrix(size: int, g: int) -> np.ndarray:
+def pool_matrix(size: int, g: int) -> np.ndarray:
     """``(size, g)``: column ``i`` averages the positions of PyTorch's adaptive-pooling bin ``i``."""
     m = np.zeros((size, g), np.float32)
     for i, (a, b) in enumerate(_bins(size, g)):
@@ -194,9 +194,9 @@ class NumpyOps(Ops):
         # Pooling is linear: each spatial axis is multiplied by a (size, g) matrix of bin weights (BLAS),
         # which also gives PyTorch's overlapping bins where the size does not divide by g.
         t = np.asarray(t, dtype=np.float32)
-        out = t @ _pool_matrix(t.shape[-1], g)  # (..., g) over the last axis
+        out = t @ pool_matrix(t.shape[-1], g)  # (..., g) over the last axis
         if t.ndim == 4:
-            out = np.swapaxes(np.swapaxes(out, 2, 3) @ _pool_matrix(t.shape[2], g), 2, 3)
+            out = np.swapaxes(np.swapaxes(out, 2, 3) @ pool_matrix(t.shape[2], g), 2, 3)
         return out
 
     def l2_normalize(self, v):
