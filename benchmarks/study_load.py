@@ -12,21 +12,33 @@ jittered exponential back-off) and so resume where they were.
 
 Reports: answers sent (POST attempts not refused at connect), acknowledged (distinct answers the server confirmed
 with 200), stored (rows in the SQLite file afterwards), acknowledged but not stored, duplicate
-rows, and p50/p95/max latency of the successful requests (GET next and POST answer). The bar:
-every acknowledged answer stored, 0 duplicates, p95 < 100 ms. Writes
-``benchmarks/results/study_load.json`` and prints one table.
+rows, and p50/p95/max latency of the successful requests (POST session, GET next and POST
+answer), with the load the machine was under (1-minute load average sampled every second, and
+the CPU seconds the server and this client used). The bar: every acknowledged answer stored, 0
+duplicates, p95 < 100 ms. Writes ``benchmarks/results/study_load.json`` (``--out``) and prints one
+table.
+
+Each simulated participant has its own HTTP client (connection), as each browser has its own.
+An earlier version shared one httpx client among all 100: httpcore 1.0's pool hands every
+waiting request the first idle connection, one wins and the others retry on the next free one
+(encode/httpcore#822), so in a burst some requests waited 5 s *in the client* before being sent
+while the server answered each in 1 ms; that, not the server, missed the bar with ``--arrive 0``.
+The server runs with ``--sessions-per-address 0``: every simulated participant comes from
+127.0.0.1, which the per-address limit would (rightly) stop after 20.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
 import signal
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -70,7 +82,7 @@ class Server:
     async def start(self) -> float:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "actclust.cli", "study", "serve", str(self.study),
-                                      "--port", str(self.port), "--admin-token", ADMIN],
+                                      "--port", str(self.port), "--admin-token", ADMIN, "--sessions-per-address", "0"],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
         async with httpx.AsyncClient() as c:
             while True:
@@ -83,7 +95,13 @@ class Server:
                     raise SystemExit(f"the server exited with {self.proc.returncode}; see {self.log}")
                 await asyncio.sleep(0.05)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the running server process (from /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
+        self.cpu_before_kill = self.cpu_seconds()
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
@@ -126,6 +144,13 @@ async def call(client, stats, kind, method, url, rng, **kw):
         stats.timeline.append((t0, time.perf_counter() - t0, kind))
         stats.server.append(server_ms(r))
         return r.json()
+
+
+async def sample_load(samples: list) -> None:
+    """The 1-minute load average, every second, until cancelled."""
+    while True:
+        samples.append(os.getloadavg()[0])
+        await asyncio.sleep(1.0)
 
 
 async def participant(client, stats, rng, think, arrive):
@@ -172,12 +197,19 @@ async def main_async(args) -> dict:
     first_start = await server.start()
     stats = Stats()
     total = args.participants * ITEMS
-    limits = httpx.Limits(max_connections=args.participants + 10, max_keepalive_connections=args.participants + 10)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
+    ctx = ssl.create_default_context()  # one for all clients: making one per client costs ~20 ms of CPU each
+    clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, verify=ctx)
+               for _ in range(args.participants)]
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
         rng = random.Random(0)
+        loads: list = []
+        sampler = asyncio.create_task(sample_load(loads))
+        own_cpu = time.process_time()
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(participant(client, stats, random.Random(rng.random()), args.think, args.arrive))
-                 for _ in range(args.participants)]
+                 for client in clients]
         while len(stats.acked) < args.kill_at * total:
             await asyncio.sleep(0.01)
         acked_at_kill = len(stats.acked)
@@ -188,6 +220,9 @@ async def main_async(args) -> dict:
         outage = time.perf_counter() - down
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
+        sampler.cancel()
+        server_cpu = server.cpu_before_kill + server.cpu_seconds()
+        client_cpu = time.process_time() - own_cpu
     server.stop()
     when = np.asarray([t for t, _, _ in stats.timeline]) - t0
     took = np.asarray([d for _, d, _ in stats.timeline]) * 1000
@@ -204,7 +239,7 @@ async def main_async(args) -> dict:
     stored = {(s, t, st): d for s, t, st, d in rows}
     lost = [k for k, d in stats.acked.items() if stored.get(k) != d]
     lat = {k: np.asarray(v) * 1000 for k, v in stats.latency.items()}
-    both = np.concatenate([lat["next"], lat["answer"] if len(lat["answer"]) else np.zeros(0)])
+    both = np.concatenate([lat["session"], lat["next"], lat["answer"]])
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "participants": args.participants, "trials_each": ITEMS, "think_s_mean": args.think,
@@ -216,13 +251,16 @@ async def main_async(args) -> dict:
         "sent_without_acknowledgement": stats.lost_acks,
         "retries_acknowledged_as_duplicate": stats.duplicate_acks, "requests_failed_and_retried": stats.failures,
         "sessions": sessions[0], "sessions_completed": sessions[1],
-        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_average_1min": {"before": round(load_before, 2), "during_mean": round(float(np.mean(loads)), 2),
+                              "during_max": round(float(np.max(loads)), 2), "after": round(os.getloadavg()[0], 2)},
+        "cpu_seconds": {"server": round(server_cpu, 1), "client": round(client_cpu, 1), "wall": round(wall, 1)},
         "server_time_ms": {"p50": round(float(np.nanpercentile(stats.server, 50)), 2),
                            "p95": round(float(np.nanpercentile(stats.server, 95)), 2)},
         "kill_at_s": round(down - t0, 1), "p95_by_5s_window": windows, "slowest_10": slowest,
         "latency_ms": {k: {"n": int(len(v)), "p50": round(float(np.percentile(v, 50)), 1),
                            "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(v.max()), 1)}
-                       for k, v in {"all": both, "next": lat["next"], "answer": lat["answer"]}.items() if len(v)},
+                       for k, v in {"all": both, "session": lat["session"], "next": lat["next"],
+                                    "answer": lat["answer"]}.items() if len(v)},
     }
 
 
@@ -244,8 +282,10 @@ def main() -> None:
     print(f"{r['participants']} participants x {r['trials_each']} trials, think {r['think_s_mean']} s mean, "
           f"{r['machine']['cpus']} CPUs; SIGKILL after {r['kill_after_acknowledged']} acknowledged, "
           f"down {r['outage_s']} s (restart {r['restart_s']} s); {r['wall_s']} s in all")
-    print(f"  load average (1 min) before/after: {r['load_average_1min']['before']} / "
-          f"{r['load_average_1min']['after']} on {r['machine']['cpus']} CPUs")
+    la, cpu = r["load_average_1min"], r["cpu_seconds"]
+    print(f"  load average (1 min) before {la['before']}, during {la['during_mean']} (max {la['during_max']}), after "
+          f"{la['after']} on {r['machine']['cpus']} CPUs; CPU seconds: server {cpu['server']}, client {cpu['client']} "
+          f"in {cpu['wall']} s")
     print(f"  {'answers sent':<34} {r['answers_sent']:>7}")
     print(f"  {'answers acknowledged (distinct)':<34} {r['answers_acknowledged']:>7}")
     print(f"  {'answers stored':<34} {r['answers_stored']:>7}")

@@ -172,7 +172,7 @@ def make_study(folder, source, **options) -> Path:
 class LiveStudyServer:
     """``actclust.study.app`` under uvicorn in a thread, on a loopback port the OS picked."""
 
-    def __init__(self, folder, admin_token: str = "admin-secret-token"):
+    def __init__(self, folder, admin_token: str = "admin-secret-token", **options):
         import socket
         import threading
 
@@ -186,7 +186,8 @@ class LiveStudyServer:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(make_app(folder, admin_token), log_level="warning", access_log=False)
+        app = make_app(folder, admin_token, **options.pop("app", {}))  # options: uvicorn's; app={...}: make_app's
+        config = uvicorn.Config(app, **{"log_level": "warning", "access_log": False, **options})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -57,7 +57,7 @@ def test_json_round_trip(fitted, data):
     assert back == e and back.class_name(1) == "b"
     d = json.loads(e.to_json())
     assert d["schema"] == SCHEMA and set(d) == {"schema", "index", "label", "class_names", "dnn", "surrogate",
-                                                "layers", "similar", "trust", "trust_notes", "meta"}
+                                                "layers", "similar", "trust", "trust_notes", "meta", "trust_thresholds"}
     assert d["meta"] == {"actclust_version": actclust.__version__, "model_class": "conftest.TinyCNN",
                          "layers": LAYERS}
     assert set(d["layers"][0]) == {"layer", "cluster", "weight", "class_mix", "vote", "distance", "exemplars"}

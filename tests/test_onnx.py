@@ -227,3 +227,38 @@ def test_layer_not_per_sample(tmp_path):
     x = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
     with pytest.raises(CaptureError, match=rf"Layer '{mean}' gives an output of shape \(1, 4\), which is not one row per input"):
         ActivationClustering(str(path), [mean], n_clusters=2, progress=False).fit(x)
+
+
+# the mean and the spatial summary computed inside the graph equal the shared reducers' on the host
+# (channels-first and channels-last maps), and only (N, C) vectors leave onnxruntime
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_reductions_in_the_graph(trained_digits_cnn, tmp_path, monkeypatch, layout):
+    from actclust.adapters.onnx import OnnxAdapter
+    from actclust.capture.passes import hooked
+
+    model, x_tr, _, x_te, _ = trained_digits_cnn
+    if layout == "channels_first":
+        path, layers, x = _export(model, tmp_path / "d.onnx", (torch.from_numpy(x_tr[:2]),)), \
+            ["/conv1/Conv_output_0", "/conv2/Conv_output_0", "logits"], x_tr[:300]
+    else:
+        class NHWC(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.conv, self.head = nn.Conv2d(1, 24, 3, padding=1), nn.Linear(24, 10)
+
+            def forward(self, x):
+                h = torch.relu(self.conv(x).permute(0, 2, 3, 1))
+                return self.head(h.mean((1, 2)))
+
+        path = _export(NHWC().eval(), tmp_path / "nhwc.onnx", (torch.randn(2, 1, 8, 8),))
+        layers, x = [next(n for n in actclust.list_layers(str(path)) if adapt(str(path)).producer[n].op_type == "Relu"),
+                     "logits"], x_tr[:300]
+    in_graph = ActivationClustering(str(path), layers, n_clusters=4, progress=False).fit(x)
+    runner = OnnxAdapter(str(path)).runner(
+        hooked({l: actclust.make_reducer("auto") for l in layers}, "l2", 4))
+    assert set(runner.reduced) == {layers[0]} | ({layers[1]} if layout == "channels_first" else set())
+    monkeypatch.setattr(OnnxAdapter, "reducible", lambda *a: False)
+    on_host = ActivationClustering(str(path), layers, n_clusters=4, progress=False).fit(x)
+    for key in on_host.train_vectors_:
+        np.testing.assert_allclose(in_graph.train_vectors_[key], on_host.train_vectors_[key], rtol=1e-4, atol=1e-5)

@@ -203,7 +203,8 @@ def test_hugging_face_dict_batches(bert, tmp_path):
     train = {"input_ids": ids[:600], "attention_mask": mask[:600]}
     html = actclust.report(back, test, y[600:], train=train, out=tmp_path / "r.html", n_correct=1, n_wrong=1,
                            trust=False).read_text()
-    assert 'title="input_ids">input_ids<' in html and 'title="attention_mask">attention_mask<' in html
+    # token inputs show as tokens with the padding hidden (issue 21), not as rows of ids and masks
+    assert html.count('<div class="tok">') == 2 and "padding token" in html and "attention_mask" not in html
 
 
 # more padding (masked tokens) leaves every layer's vector unchanged with token reducers

@@ -18,6 +18,9 @@ def client(tmp_path, study_source):
         yield c
 
 
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
 def _start(client, body=None):
     s = client.post("/api/sessions", json=body or {}).json()
     return s, {"Authorization": f"Bearer {s['token']}"}
@@ -74,7 +77,7 @@ def test_repeat_is_idempotent_or_409(client):
     other = _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=3)
     assert first.json()["duplicate"] is False and again.json()["duplicate"] is True
     assert other.status_code == 409 and "already answered differently" in other.json()["detail"]
-    rows = client.get("/admin/export.json?token=admin-secret").json()["responses"]
+    rows = client.get("/admin/export.json", headers=ADMIN).json()["responses"]
     assert len(rows) == 1 and rows[0]["decision"] == "reject"
 
 
@@ -111,7 +114,7 @@ def test_auth_and_ownership(client):
     r = client.post(f"/api/sessions/{b['session_id']}/responses", headers=auth_a,
                     json={"trial_id": tb["trial_id"], "decision": "accept", "confidence": 4})
     assert r.status_code == 401
-    assert client.get("/admin/export.json?token=admin-secret").json()["responses"] == []
+    assert client.get("/admin/export.json", headers=ADMIN).json()["responses"] == []
 
 
 # a participant cannot choose a condition: unknown fields are refused (422)
@@ -158,27 +161,41 @@ def test_body_limit(client):
     assert r.status_code == 413
 
 
-# admin pages and exports refuse requests without the admin token; with it, they work
-@pytest.mark.parametrize("path", ["/admin", "/admin/export.csv", "/admin/export.json", "/admin/analysis"])
+# admin exports refuse requests without the admin token, and a token in the address even when right
+# (addresses are written to access logs); with it in a Bearer header, they work
+@pytest.mark.parametrize("path", ["/admin/export.csv", "/admin/export.json", "/admin/analysis"])
 def test_admin_needs_token(client, path):
-    for url in (path, path + "?token=wrong"):
-        r = client.get(url)
-        assert r.status_code == 401 and "Admin pages need the admin token" in r.json()["detail"]
-    assert client.get(path, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
-    assert client.get(path + "?token=admin-secret").status_code == 200
-
-
-# the admin page sets a cookie so that its links work without the token in their address
-def test_admin_cookie(client):
     client.cookies.clear()
+    r = client.get(path)
+    assert r.status_code == 401 and "Admin pages need the admin token" in r.json()["detail"]
+    for url in (path + "?token=wrong", path + "?token=admin-secret"):
+        r = client.get(url, headers=ADMIN)
+        assert r.status_code == 401 and "not accepted in the address" in r.json()["detail"]
+    assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get(path, headers=ADMIN).status_code == 200
+
+
+# /admin without the token is a login form that POSTs the token (never in the address); logging in
+# sets an HttpOnly cookie for /admin that the admin links then use
+def test_admin_login(client):
+    client.cookies.clear()
+    page = client.get("/admin")
+    assert page.status_code == 401 and '<form method="post" action="/admin/login">' in page.text
     assert client.get("/admin/export.csv").status_code == 401
-    assert client.get("/admin?token=admin-secret").status_code == 200
+    wrong = client.post("/admin/login", data={"token": "nope"})
+    assert wrong.status_code == 401 and "Wrong admin token." in wrong.text
+    r = client.post("/admin/login", data={"token": "admin-secret"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/admin"
+    cookie = r.headers["set-cookie"]
+    assert "admin_token=admin-secret" in cookie and "HttpOnly" in cookie and "Path=/admin" in cookie
+    assert "secure" not in cookie.lower()  # plain http here; behind a TLS proxy it is Secure (test_study_proxy)
+    assert client.get("/admin").status_code == 200 and "Study progress" in client.get("/admin").text
     assert client.get("/admin/export.csv").status_code == 200
 
 
 # class names are escaped in every page the server renders, and sent as plain JSON strings
 def test_class_names_escaped(client):
-    page = client.get("/admin?token=admin-secret").text
+    page = client.get("/admin", headers=ADMIN).text
     assert XSS_CLASS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     s, auth = _start(client)
     t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
@@ -193,10 +210,10 @@ def test_progress_and_csv(client):
     s, auth = _start(client)
     t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
     _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2)
-    lines = client.get("/admin/export.csv?token=admin-secret").text.strip().splitlines()
+    lines = client.get("/admin/export.csv", headers=ADMIN).text.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("session_id,participant,external_id,assigned")
     assert ",decision,accept,2," in lines[1]
-    page = client.get("/admin?token=admin-secret").text
+    page = client.get("/admin", headers=ADMIN).text
     assert page.count("<td>1</td>") == 2  # one participant started, one answer stored
 
 
@@ -207,9 +224,9 @@ def test_csv_formula_neutralised(client):
     _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2)
     import csv
 
-    row = next(csv.DictReader(client.get("/admin/export.csv?token=admin-secret").text.splitlines()))
+    row = next(csv.DictReader(client.get("/admin/export.csv", headers=ADMIN).text.splitlines()))
     assert row["external_id"] == "'=HYPERLINK(\"http://x\")"
-    assert client.get("/admin/export.json?token=admin-secret").json()["responses"][0]["external_id"].startswith("=")
+    assert client.get("/admin/export.json", headers=ADMIN).json()["responses"][0]["external_id"].startswith("=")
 
 
 # ids, tokens and completion codes come from the secrets module; the body of a new session is optional

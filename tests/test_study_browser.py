@@ -66,7 +66,8 @@ def test_participant_completes_study(tmp_path, study_source, two_stage):
             assert page.locator("#code").text_content() == code
         finally:
             browser.close()
-        export = httpx.get(server.url + "/admin/export.json", params={"token": server.admin_token}).json()["responses"]
+        export = httpx.get(server.url + "/admin/export.json",
+                           headers={"Authorization": f"Bearer {server.admin_token}"}).json()["responses"]
     assert errors == [] and dialogs == [] and remote == []
     assert len(code) == 8
     got = [(r["stage"], r["label"] if r["stage"] == "initial" else r["decision"], r["confidence"]) for r in export]

@@ -115,8 +115,12 @@ def test_cli_create(tmp_path, study_source, capsys):
             "--model", "conftest:_study_model", "--train", str(tmp_path / "d.npz")]
     assert main(base + ["--out", str(tmp_path / "s"), "--items", "8", "--conditions", "none,full",
                         "--design", "within", "--two-stage", "--class-names", "x,y,z"]) == 0
-    assert "serve it with: actclust study serve" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "serve it with: actclust study serve" in printed
+    assert "  none: the prediction and its confidence, nothing else\n" in printed  # how each condition was built
+    assert "  full: similar (6 nearest training samples) + concepts + trust signals" in printed
     study = load_study(tmp_path / "s")
+    assert set(study.data["construction"]) == {"none", "full"}
     assert (study.conditions, study.design, study.two_stage, study.class_names) == (["none", "full"], "within", True,
                                                                                     ["x", "y", "z"])
     for extra, message in [(["--conditions", "none,magic"], "--conditions must be comma-separated names from"),
@@ -142,9 +146,10 @@ def test_cli_serve(tmp_path, study_source, monkeypatch, capsys, host, warns):
     assert main(["study", "serve", str(folder), "--host", host, "--port", "8123"]) == 0
     out, err = capsys.readouterr()
     assert ran["host"] == host and ran["port"] == 8123
-    assert "participants: http://" in out and ":8123/admin?token=" in out
-    token = out.split("token=")[1].strip()
-    assert len(token) >= 32
+    assert ran["proxy_headers"] is True and ran["forwarded_allow_ips"] == "127.0.0.1" and ran["access_log"] is False
+    assert "participants: http://" in out and ":8123/admin (log in with the admin token)" in out
+    token = out.split("admin token:")[1].split()[0]
+    assert len(token) >= 32 and "token=" not in out  # never in an address: addresses end up in access logs
     assert ("warning: listening on " + host + ", not on loopback" in err) == warns
 
 
@@ -156,7 +161,7 @@ def test_default_host(tmp_path, study_source, monkeypatch, capsys):
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
     assert main(["study", "serve", str(folder), "--admin-token", "t0k"]) == 0
-    assert ran["host"] == "127.0.0.1" and "admin?token=t0k" in capsys.readouterr().out
+    assert ran["host"] == "127.0.0.1" and "admin token:  t0k" in capsys.readouterr().out
 
 
 # 'actclust study' alone prints its help and exits 2
@@ -164,8 +169,8 @@ def test_study_help(capsys):
     assert main(["study"]) == 2 and "create" in capsys.readouterr().err
 
 
-# the server side imports no torch: actclust.study.app and .analyze load without it (the package's
-# own __init__ is bypassed, since it imports the torch-based estimator)
+# the server side imports no torch: serve, analyze (of a study or a trial table) and power load without it
+# (the package's own __init__ is bypassed, since it imports the torch-based estimator)
 def test_server_needs_no_torch():
     src = Path(__import__("actclust").__file__).parent
     code = f"""
@@ -173,7 +178,61 @@ import sys, types
 sys.modules["torch"] = None  # any import of torch now fails
 pkg = types.ModuleType("actclust"); pkg.__path__ = [{str(src)!r}]; sys.modules["actclust"] = pkg
 import actclust.study.app, actclust.study.analyze, actclust.study.cli, actclust.study.db
+import actclust.study.trials, actclust.study.power, actclust.study.output
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.fixture(scope="module")
+def rare_class_source():
+    """A TinyCNN explainer fitted on 400 inputs of which 4 are labelled class 2: the 100 training samples
+    nearest an input often hold none of them."""
+    from actclust import ActivationClustering
+
+    from conftest import LAYERS, TinyCNN
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 2, 400)
+    y[rng.choice(400, 4, replace=False)] = 2
+    return ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=4, progress=False).fit(x, y), x, y
+
+
+# issue 20: similar_multiclass searches each of the top-3 classes for its own nearest training samples, so every
+# group of every item is filled (filtering the 100 nearest by class, as before, left class 2 bare on most items)
+def test_similar_multiclass_every_group_filled(tmp_path, rare_class_source):
+    ac, x, y = rare_class_source
+    folder = make_study(tmp_path / "s", rare_class_source, items=12, conditions=["similar_multiclass"])
+    study = load_study(folder)
+    near = ac.similar(x[[it["row"] for it in study.items]], k=100, weights="high").indices
+    bare = sum(not any(y[t] == 2 for t in row) for row in near)
+    assert bare >= 3  # the old filter would have shown "class 2 (p%)" with no sample on these items
+    for it in study.items:
+        groups = study.explanation(it["id"], "similar_multiclass")["similar_multiclass"]
+        assert [g["class"] for g in groups] == list(np.argsort(-ac.query(x[[it["row"]]]).dnn_proba[0],
+                                                               kind="stable")[:3])
+        for g in groups:
+            assert len(g["samples"]) == 2 and all(s["label"] == g["class"] for s in g["samples"])
+
+
+# search_by_class is the exact per-class search: the k nearest of each class in the full exact ranking; -1
+# pads a class with fewer than k training samples
+def test_search_by_class_is_exact(rare_class_source):
+    from actclust.analysis.retrieval import layer_weights, search_by_class
+
+    ac, x, y = rare_class_source
+    state, w = ac.state_, layer_weights("high", ac.state_.layers)
+    classes = np.array([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    got = search_by_class(state, ac.query(x[:3], vectors=True), classes, 5, w)
+    full = ac.similar(x[:3], k=400, weights="high", search="exact").indices
+    for i in range(3):
+        for j, c in enumerate(classes[i]):
+            expected = [t for t in full[i] if y[t] == c][:5]
+            assert got[i, j, :len(expected)].tolist() == expected
+            assert (got[i, j, len(expected):] == -1).all() and len(expected) == (4 if c == 2 else 5)
+    from actclust.exceptions import ParameterError as PE
+
+    with pytest.raises(PE, match=r"classes must have one row of classes per input, shape \(3, m\). Got shape \(3,\)"):
+        search_by_class(state, ac.query(x[:3], vectors=True), np.array([0, 1, 2]), 5, w)

@@ -52,7 +52,7 @@ def test_kill_and_resume(tmp_path, study_source):
         proc.wait()
         proc = _serve(folder, port)
         assert httpx.get(nxt, headers=auth).json() == due  # the same session and token, the same trial due
-        rows = httpx.get(url + "/admin/export.json", params={"token": "adm"}).json()["responses"]
+        rows = httpx.get(url + "/admin/export.json", headers={"Authorization": "Bearer adm"}).json()["responses"]
         assert [r["trial_id"] for r in rows] == acked
     finally:
         proc.terminate()

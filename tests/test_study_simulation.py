@@ -47,9 +47,11 @@ def test_recovers_one_stage_rates(tmp_path, study_source):
     folder = make_study(tmp_path / "s", study_source, items=20, conditions=list(ONE_STAGE))
     truth = {it["id"]: it for it in json.loads((folder / "study.json").read_text())["items"]}
     rng = random.Random(0)
-    with LiveStudyServer(folder) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+    with LiveStudyServer(folder, app={"sessions_per_address": 0}) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as http:
         sent = sum(_participant(http, truth, rng, _one_stage) for _ in range(48))
-        export = http.get("/admin/export.json", params={"token": server.admin_token}).json()["responses"]
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        export = http.get("/admin/export.json", headers=admin).json()["responses"]
     assert sent == len(export) == 48 * 20
     assert len({(r["trial_id"], r["stage"]) for r in export}) == len(export)
     out = analyze_study(folder, n_boot=2000)
@@ -89,7 +91,8 @@ def test_recovers_rair_rsr(tmp_path, study_source):
     folder = make_study(tmp_path / "s", study_source, items=16, conditions=["none", "similar"], design="within",
                         two_stage=True)
     rng = random.Random(1)
-    with LiveStudyServer(folder) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+    with LiveStudyServer(folder, app={"sessions_per_address": 0}) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as http:
         for _ in range(24):  # each bot gets its own copy of the items, to remember its own answers
             truth = {it["id"]: dict(it) for it in json.loads((folder / "study.json").read_text())["items"]}
             assert _participant(http, truth, rng, _two_stage) == 32

@@ -290,9 +290,13 @@ class ActivationClustering:
             ``{"n": int, "fidelity": float, "accuracy": float or None, "dnn_accuracy": float or None,
             "per_layer": {layer: {"fidelity": float, "accuracy": float or None}}}``
         """
+        from .views.notebook import Scores  # a dict that also shows itself as a table in notebooks
+
         state = self._state()
         q = self.query(X, y)
-        return surrogate.scores(q.dnn_pred, state.layer_probas(q.distances), q.labels, state.weights, state.layers)
+        return Scores(surrogate.scores(q.dnn_pred, state.layer_probas(q.distances), q.labels, state.weights,
+                                       state.layers), weights=state.weights,
+                      n_clusters={l: c.n_clusters for l, c in state.clusterings.items()})
 
     def similar(self, X, k: int = 10, weights="equal", *, search=None):
         """The ``k`` training samples most similar to each input, by exact search over all layers.
@@ -321,18 +325,22 @@ class ActivationClustering:
         state = self._state()
         k, w = retrieval.check_args(state, k, weights)  # before the pass over X
         method = retrieval.check_search(self.search if search is None else search)
-        backend = self._backend()
-        return retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress,
-                                backend=backend)
+        nb = retrieval.search(state, self.query(X, vectors=True), k, w, method=method, progress=self.progress,
+                              backend=self._backend())
+        nb._context = self._display_context(X)  # what its notebook display draws with
+        return nb
 
     def concepts(self, layer: str, k: int = 10, n_edge: int = 3) -> list:
         """One :class:`~actclust.analysis.concepts.Concept` per cluster of ``layer``: its size, class mix,
         purity, the ``k`` training samples nearest its centre and the ``n_edge`` furthest ones."""
         from .analysis.concepts import concepts
 
+        from .views.notebook import ConceptList  # a list that also shows itself as cards in notebooks
+
         state = self._state()
         layer = self._adapter().canonical(layer) if isinstance(layer, str) else layer
-        return concepts(state, layer, k, n_edge, backend=self._backend())
+        return ConceptList(concepts(state, layer, k, n_edge, progress=self.progress, backend=self._backend()),
+                           context=self._display_context())
 
     def explain(self, X, y=None, *, k: int = 5, class_names=None, trust=None, search=None) -> list:
         """One :class:`~actclust.analysis.explanation.Explanation` per input of ``X``.
@@ -348,9 +356,11 @@ class ActivationClustering:
         state = self._state()
         check_class_names(state, class_names)
         method = retrieval.check_search(self.search if search is None else search)
-        backend = self._backend()
-        return explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
-                       meta=self.provenance(), search=method, backend=backend)
+        out = explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
+                      meta=self.provenance(), search=method, progress=self.progress, backend=self._backend())
+        from .views.notebook import ExplanationList  # a list that also shows itself in notebooks
+
+        return ExplanationList(out, context=self._display_context(X))
 
     def trust(self, X, **options) -> dict:
         """Per-input trust signals; see :func:`actclust.analysis.trust.trust_signals` for ``options``.
@@ -392,6 +402,32 @@ class ActivationClustering:
         state = self._state()
         save(state, params_of(self), self._adapter(), path, custom_output=self.output is not None,
              overwrite=overwrite, metadata=metadata, files=saved_index_files(state))
+
+    # ------------------------------------------------------------------ notebook display
+    def set_display(self, train=None, *, class_names=None, render=None, mean=None, std=None, feature_names=None,
+                    tokenizer=None) -> "ActivationClustering":
+        """How results draw themselves in notebooks (:mod:`actclust.views.notebook`); returns ``self``.
+
+        ``train`` (the training inputs ``fit`` saw, in order) lets explanations, similar samples and
+        concepts show training samples as pictures, tables or text instead of indices; the other
+        options are :func:`actclust.report`'s. Kept with this object only (not saved, not a parameter).
+        """
+        from .views.notebook import Display, check_display
+
+        self.__dict__["_display"] = check_display(self._state(), Display(
+            train=train, class_names=class_names, render=render, mean=mean, std=std, feature_names=feature_names,
+            tokenizer=tokenizer))
+        return self
+
+    def _display_context(self, inputs=None):
+        from .views.notebook import Context
+
+        return Context(self._state(), self.__dict__.get("_display"), inputs, self.label_key)
+
+    def _repr_html_(self) -> str:
+        from .views.notebook import estimator_html
+
+        return estimator_html(self)
 
     def __repr__(self) -> str:
         return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "

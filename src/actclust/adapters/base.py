@@ -14,9 +14,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..exceptions import ParameterError
+from ..capture.arrays import dtype_name
+from ..exceptions import CaptureError, ParameterError
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "describe_inputs"]
 
 
 class LayerInfo(tuple):
@@ -154,3 +155,25 @@ def unknown_layer_error(name, valid: Sequence[str], how_to_list: str) -> Paramet
     close = difflib.get_close_matches(str(name), list(valid), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ParameterError(f"Unknown layer {name!r}: the model has no sub-module of that name.{hint} {how_to_list}")
+
+
+def check_finite(a: np.ndarray, what: str, where: str) -> None:
+    """Raise :class:`CaptureError` naming the first row of ``a (N, d)`` with NaN or infinite values."""
+    bad = ~np.isfinite(a).all(1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise CaptureError(
+            f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
+            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
+        )
+
+
+def describe_inputs(inputs) -> str:
+    """``shape (256, 784), float32`` / ``input_ids: shape (8, 12), int64, ...`` for messages."""
+    def one(t):
+        return f"shape {tuple(t.shape)}, {dtype_name(t)}"
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(f"input {i}: {one(v)}" for i, v in enumerate(inputs))
+    return one(inputs)

@@ -34,7 +34,7 @@ from ..deps import require
 from ..exceptions import ActClustError, CaptureError, DataError, MissingDependencyError, ParameterError, \
     UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner
+from .base import ModelAdapter, Runner, check_finite, describe_inputs
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -490,7 +490,7 @@ def _call(extractor: _Extractor, feed, where: str):
         raise
     except Exception as e:
         raise CaptureError(
-            f"The model raised {type(e).__name__} on {where} ({describe(feed)}): {e} -- check that the inputs "
+            f"The model raised {type(e).__name__} on {where} ({describe_inputs(feed)}): {e} -- check that the inputs "
             "have the shape, dtype and scaling the model was trained on."
         ) from e
 
@@ -529,8 +529,8 @@ class _KerasRunner(Runner):
             if extra is not None:
                 kept[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
         for name, v in kept.items():
-            _check_finite(v, f"The activations of layer {name!r}", where)
-        _check_finite(logits, "The model's output", where)
+            check_finite(v, f"The activations of layer {name!r}", where)
+        check_finite(logits, "The model's output", where)
         return logits, kept
 
 
@@ -538,22 +538,3 @@ def _pair(r):
     return r if isinstance(r, tuple) else (r, None)
 
 
-def _check_finite(a: np.ndarray, what: str, where: str) -> None:
-    bad = ~np.isfinite(a).all(1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise CaptureError(
-            f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
-            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
-        )
-
-
-def describe(inputs) -> str:
-    """``shape (256, 28, 28, 1), float32`` / ``a: shape (8, 3), float32, ...`` for messages."""
-    def one(t):
-        return f"shape {tuple(t.shape)}, {dtype_name(t)}"
-    if isinstance(inputs, Mapping):
-        return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        return ", ".join(f"input {i}: {one(v)}" for i, v in enumerate(inputs))
-    return one(inputs)

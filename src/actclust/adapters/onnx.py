@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner
+from .base import ModelAdapter, Runner, check_finite, describe_inputs
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -263,17 +263,22 @@ class OnnxAdapter(ModelAdapter):
         return h.hexdigest()
 
     # ---------------------------------------------------------------- running
-    def session(self, layers: Sequence[str]):
-        """One onnxruntime session whose outputs are the graph's and ``layers`` (cached per set of layers)."""
-        key = tuple(sorted(layers))
+    def session(self, layers: Sequence[str], reduced: Optional[dict] = None):
+        """One onnxruntime session whose outputs are the graph's, ``layers`` (as they are) and, for the layers
+        in ``reduced`` (``{layer: (layout, summary grid and seed or None)}``), their mean over space and their
+        spatial summary computed in the graph (cached per set of outputs; one session at a time)."""
+        reduced = reduced or {}
+        key = (tuple(sorted(layers)), tuple(sorted((k, v[0], v[1]) for k, v in reduced.items())))
         if key not in self._sessions:
             proto = self.onnx.ModelProto()
             proto.CopyFrom(self.proto)  # the user's model is not changed
             have = {o.name for o in proto.graph.output}
             for name in layers:
-                if name not in have:
+                if name not in have and name not in reduced:
                     elem = self.types.get(name, (None, None))[0] or self.onnx.TensorProto.FLOAT
                     proto.graph.output.append(self.onnx.helper.make_tensor_value_info(name, elem, None))
+            for name, (layout, summary) in reduced.items():
+                self._add_reduction(proto.graph, name, layout, summary)
             options = self.ort.SessionOptions()
             options.log_severity_level = 3
             try:
@@ -283,16 +288,88 @@ class OnnxAdapter(ModelAdapter):
             self._sessions = {key: session}  # one session at a time: the model is held once
         return self._sessions[key]
 
+    def reducible(self, name: str, layout: str, plan: Optional[dict]) -> bool:
+        """Whether ``name``'s reduction (``plan``, see :func:`actclust.capture.passes.hooked`) can run inside the
+        graph: the mean of a float32 map over its spatial axes (``auto``/``mean``), and its spatial summary when
+        the map's height and width are known. Anything else is reduced on the host by the shared reducers."""
+        elem, dims = self.types.get(name, (None, None))
+        if not plan or plan.get("reducer") not in ("auto", "mean") or elem != 1 or not dims:
+            return False
+        if layout not in ("channels_first", "channels_last") or len(dims) not in (3, 4):
+            return False
+        return plan.get("summary") is None or (len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]))
+
+    def _add_reduction(self, graph, name: str, layout: str, summary) -> None:
+        """Nodes computing ``name + "::mean"`` (N, C) and, with ``summary``, ``name + "::grid"`` (the spatial
+        summary of :func:`actclust.capture.reduction.spatial_summary`) from the tensor ``name``."""
+        from ..capture.arrays import NUMPY, pool_matrix
+        from ..capture.reduction import SUMMARY_DIMS
+
+        helper, numpy_helper = self.onnx.helper, self.onnx.numpy_helper
+        dims = self.types[name][1]
+        rank = len(dims)
+        nodes, inits = [], []
+
+        def const(suffix, array):
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(array), f"{name}::{suffix}"))
+            return f"{name}::{suffix}"
+
+        x = name
+        if layout == "channels_last":  # read channels-first, as every reducer does
+            perm = [0, 3, 1, 2] if rank == 4 else [0, 2, 1]
+            nodes.append(helper.make_node("Transpose", [x], [f"{name}::cf"], perm=perm))
+            x = f"{name}::cf"
+            c_dims = (dims[0], dims[3], dims[1], dims[2]) if rank == 4 else (dims[0], dims[2], dims[1])
+        else:
+            c_dims = dims
+        axes = list(range(2, rank))
+        if self.opset >= 18:
+            nodes.append(helper.make_node("ReduceMean", [x, const("axes", np.array(axes, np.int64))], [f"{name}::mean"],
+                                          keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [x], [f"{name}::mean"], axes=axes, keepdims=0))
+        outputs = [f"{name}::mean"]
+        if summary is not None:
+            grid, seed = summary
+            h, w = c_dims[2], c_dims[3]
+            g = min(grid, h, w)
+            nodes += [helper.make_node("MatMul", [x, const("pool_w", pool_matrix(w, g))], [f"{name}::pw"]),
+                      helper.make_node("Transpose", [f"{name}::pw"], [f"{name}::pwt"], perm=[0, 1, 3, 2]),
+                      helper.make_node("MatMul", [f"{name}::pwt", const("pool_h", pool_matrix(h, g))], [f"{name}::ph"]),
+                      helper.make_node("Transpose", [f"{name}::ph"], [f"{name}::pooled"], perm=[0, 1, 3, 2]),
+                      helper.make_node("Flatten", [f"{name}::pooled"], [f"{name}::flat"], axis=1)]
+            width = int(c_dims[1]) * g * g if c_dims[1] else None
+            if width is None:
+                raise UnsupportedModelError(f"The channels of {name!r} are not known to the graph.")
+            if width > SUMMARY_DIMS:
+                nodes.append(helper.make_node("MatMul", [f"{name}::flat", const("sign", NUMPY.sign_projection(width, seed))],
+                                              [f"{name}::grid"]))
+            else:
+                nodes.append(helper.make_node("Identity", [f"{name}::flat"], [f"{name}::grid"]))
+            outputs.append(f"{name}::grid")
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+        for o in outputs:
+            graph.output.append(helper.make_tensor_value_info(o, 1, None))
+
+    @property
+    def opset(self) -> int:
+        return max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=13)
+
     def batch_limit(self) -> Optional[int]:
         """The fixed batch size of a model exported without a dynamic batch axis, else None."""
         dims = [self.types.get(i, (None, None))[1] for i in self.inputs]
         fixed = {d[0] for d in dims if d and d[0]}
         return min(fixed) if fixed else None
 
-    def forward(self, inputs, layers: Sequence[str], where: str):
-        """``(outputs by name, {layer: array})`` of one batch, in slices for a fixed batch size."""
-        session = self.session(layers)
-        names = self.outputs + [l for l in layers if l not in self.outputs]
+    def forward(self, inputs, layers: Sequence[str], where: str, reduced: Optional[dict] = None):
+        """``(outputs by name, {output: array})`` of one batch, in slices for a fixed batch size: the layers as
+        they are, and for those in ``reduced``, ``layer + "::mean"`` (and ``"::grid"``) instead."""
+        reduced = reduced or {}
+        session = self.session(layers, reduced)
+        wanted = [l for l in layers if l not in reduced]
+        wanted += [f"{l}::{s}" for l, (_, summary) in reduced.items() for s in (("mean", "grid") if summary else ("mean",))]
+        names = self.outputs + [l for l in wanted if l not in self.outputs]
         feeds = self.feeds(inputs)
         n = batch_len(inputs)
         step = self.batch_limit() or n
@@ -308,12 +385,12 @@ class OnnxAdapter(ModelAdapter):
             raise
         except Exception as e:
             raise CaptureError(
-                f"The model raised {type(e).__name__} on {where} ({_describe(feeds)}): {str(e)[:500]} -- check that "
+                f"The model raised {type(e).__name__} on {where} ({describe_inputs(feeds)}): {str(e)[:500]} -- check that "
                 "the inputs have the shape, dtype and scaling the model was trained on."
             ) from e
         values = [np.concatenate([p[i] for p in parts])[:n] if len(parts) > 1 else parts[0][i] for i in range(len(names))]
         out = dict(zip(names, values))
-        return {k: out[k] for k in self.outputs}, {l: out[l] for l in layers}
+        return {k: out[k] for k in self.outputs}, {l: out[l] for l in wanted}
 
     def logits(self, outputs: dict, n: int) -> np.ndarray:
         if self.output is not None:
@@ -336,7 +413,7 @@ class OnnxAdapter(ModelAdapter):
         return value
 
     def output_shapes(self, sample) -> dict:
-        outputs, values = self.forward(sample, self.names, "the sample")
+        _, values = self.forward(sample, self.names, "the sample")
         return {k: tuple(v.shape) for k, v in values.items()}
 
     def list_layers(self, sample=None, reducer="auto"):
@@ -358,14 +435,28 @@ class OnnxAdapter(ModelAdapter):
 
 
 class _OnnxRunner(Runner):
+    """Runs the graph with the layers as extra outputs; layers whose reduction the graph can compute
+    (see :meth:`OnnxAdapter.reducible`) are reduced inside it, so only ``(N, C)`` vectors leave onnxruntime."""
+
     def __init__(self, adapter: OnnxAdapter, reducers, layouts=None):
         self.adapter, self.reducers = adapter, dict(reducers)
         self.fixed = dict(layouts) if layouts else None
         self.layouts: dict = dict(layouts) if layouts else {}
         self._warned = False
+        self.reduced = {}
+        for name, reduce in self.reducers.items():
+            dims = adapter.types.get(name, (None, None))[1]
+            if not dims:
+                continue
+            layout = self.fixed[name] if self.fixed else adapter.layout(name, len(dims), False)
+            plan = getattr(reduce, "plan", None)
+            if adapter.reducible(name, layout, plan):
+                self.reduced[name] = (layout, plan["summary"])
+                self.layouts.setdefault(name, layout)
+        self.normalize = {name: getattr(self.reducers[name], "plan", {}).get("normalize") for name in self.reduced}
 
     def __enter__(self):
-        self.adapter.session(list(self.reducers))  # fails here, before any batch, if the graph cannot run
+        self.adapter.session(list(self.reducers), self.reduced)  # fails here, before any batch, if the graph cannot run
         return self
 
     def run(self, inputs, where: str = "a batch"):
@@ -375,11 +466,19 @@ class _OnnxRunner(Runner):
             warnings.warn(f"The ONNX model has a fixed batch size of {self.adapter.batch_limit()}: batches are run in "
                           "slices of that size. Export it with a dynamic batch axis to run whole batches.",
                           ActClustWarning, stacklevel=3)
-        outputs, values = self.adapter.forward(inputs, list(self.reducers), where)
+        outputs, values = self.adapter.forward(inputs, list(self.reducers), where, self.reduced)
         logits = self.adapter.logits(outputs, n)
         mask = next((np.asarray(to_numpy(inputs[k])) for k in MASK_KEYS if isinstance(inputs, Mapping) and k in inputs), None)
         out = {}
         for name, reduce in self.reducers.items():
+            if name in self.reduced:  # reduced in the graph: only the normalisation is left
+                v = np.asarray(values[f"{name}::mean"], dtype=np.float32)
+                if v.ndim != 2 or v.shape[0] != n:
+                    raise CaptureError(f"Layer {name!r} gives an output that is not one row per input (the batch has {n}).")
+                out[name] = NUMPY.l2_normalize(v) if self.normalize[name] == "l2" else np.ascontiguousarray(v)
+                if self.reduced[name][1] is not None:
+                    out[name + SUMMARY_SUFFIX] = np.ascontiguousarray(values[f"{name}::grid"], dtype=np.float32)
+                continue
             t = np.asarray(values[name])
             if t.ndim == 0 or t.shape[0] != n:
                 raise CaptureError(
@@ -396,19 +495,10 @@ class _OnnxRunner(Runner):
             if extra is not None:
                 out[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
         for name, v in out.items():
-            bad = np.flatnonzero(~np.isfinite(v).all(1))
-            if len(bad):
-                raise CaptureError(f"The activations of layer {name!r} contain NaN or infinite values at row {bad[0]} of "
-                                   f"{where}; check the model and those inputs.")
-        bad = np.flatnonzero(~np.isfinite(logits).all(1))
-        if len(bad):
-            raise CaptureError(f"The model's output contain NaN or infinite values at row {bad[0]} of {where}.")
+            check_finite(v, f"The activations of layer {name!r}", where)
+        check_finite(logits, "The model's output", where)
         return logits, out
 
 
 def _dims(dims) -> str:
     return "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
-
-
-def _describe(feeds: dict) -> str:
-    return ", ".join(f"{k}: shape {v.shape}, {v.dtype}" for k, v in feeds.items())

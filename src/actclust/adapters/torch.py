@@ -22,7 +22,7 @@ from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner
+from .base import ModelAdapter, Runner, check_finite, describe_inputs
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -348,8 +348,8 @@ class _TorchRunner(Runner):
         logits = logits.detach().float().cpu().numpy()
         # Checked here, not in the hooks: a data-dependent branch in a hook breaks torch.compile's graph.
         for name in kept:  # execution order: the first layer that went bad is named
-            _check_finite(out[name], f"The activations of layer {name!r}", where)
-        _check_finite(logits, "The model's output", where)
+            check_finite(out[name], f"The activations of layer {name!r}", where)
+        check_finite(logits, "The model's output", where)
         return logits, out
 
     def _check_token_maps(self) -> None:
@@ -375,30 +375,9 @@ class _TorchRunner(Runner):
             raise
         except Exception as e:
             raise CaptureError(
-                f"The model raised {type(e).__name__} on {where} ({describe(inputs)}): {e} -- check that "
+                f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {e} -- check that "
                 "the inputs have the shape, dtype and scaling the model was trained on."
             ) from e
-
-
-def _check_finite(a: np.ndarray, what: str, where: str) -> None:
-    bad = ~np.isfinite(a).all(1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise CaptureError(
-            f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
-            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
-        )
-
-
-def describe(inputs) -> str:
-    """``shape (256, 784), float32`` / ``input_ids (8, 12) int64, ...`` for messages."""
-    def one(t):
-        return f"shape {tuple(t.shape)}, {dtype_name(t)}"
-    if isinstance(inputs, Mapping):
-        return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        return ", ".join(f"input {i}: {one(v)}" for i, v in enumerate(inputs))
-    return one(inputs)
 
 
 def _check_logits(logits, n: int, custom: bool) -> None:

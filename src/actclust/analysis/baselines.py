@@ -114,6 +114,8 @@ class TrustScore:
     k_filter : int, default=10
         Neighbours defining the density radius of the filtering.
 
+    Notes
+    -----
     ``fit(X, y)`` builds the sets; ``score(X, pred)`` returns, per row, the distance to the
     closest class other than ``pred`` over the distance to class ``pred`` (``1e-12`` added to
     the denominator, as in the reference code).

@@ -55,8 +55,15 @@ class Concept:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _repr_html_(self) -> str:
+        """A concept card for notebooks: :mod:`actclust.views.notebook`."""
+        from ..views.notebook import concept_html
 
-def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3, backend=None) -> list:
+        return concept_html(self)
+
+
+def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3, progress: bool = False,
+             backend=None) -> list:
     """One :class:`Concept` per cluster of ``layer`` of a fitted state; see :meth:`ActivationClustering.concepts`.
     ``backend`` (:mod:`actclust.compute`) computes the training vectors' distances (the host by default)."""
     state.check_layer(layer)
@@ -65,7 +72,7 @@ def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3, backe
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= n:
             raise ParameterError(f"{name} must be an int between {low} and the {n} training samples. "
                                  f"Got {value!r} instead.")
-    assign, dist = train_assignments(state, layer, backend)
+    assign, dist = train_assignments(state, layer, progress, backend)
     clustering = state.clusterings[layer]
     out = []
     for c in range(clustering.n_clusters):
@@ -83,13 +90,25 @@ def concepts(state: FittedState, layer: str, k: int = 10, n_edge: int = 3, backe
     return out
 
 
-def train_assignments(state: FittedState, layer: str, backend=None):
-    """Nearest cluster and squared distance to it of every training sample (cached with the state)."""
+def train_assignments(state: FittedState, layer: str, progress: bool = False, backend=None):
+    """Nearest cluster and squared distance to it of every training sample (cached with the state),
+    streamed over the stored vectors in chunks (a progress bar with ``progress`` on large sets), the
+    distances computed by ``backend`` (:mod:`actclust.compute`; the host by default)."""
     cache = state.cache.setdefault("concepts", {})
     if layer not in cache:
-        d = state.clusterings[layer].distances(state.train_vectors[layer], backend)
-        assign = d.argmin(1)
-        cache[layer] = (assign, d[np.arange(len(d)), assign])
+        from tqdm.auto import tqdm
+
+        from ..store.vectors import CHUNK
+
+        vectors, clustering = state.train_vectors[layer], state.clusterings[layer]
+        n = len(vectors)
+        assign, dist = np.empty(n, np.int64), np.empty(n, np.float32)
+        for start in tqdm(range(0, n, 16 * CHUNK), desc=f"assigning the training vectors of {layer}",
+                          disable=not progress or n <= 16 * CHUNK, leave=False):
+            d = clustering.distances(vectors[start:start + 16 * CHUNK], backend)
+            assign[start:start + len(d)] = d.argmin(1)
+            dist[start:start + len(d)] = d[np.arange(len(d)), assign[start:start + len(d)]]
+        cache[layer] = (assign, dist)
     return cache[layer]
 
 

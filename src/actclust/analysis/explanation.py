@@ -22,6 +22,11 @@ An :class:`Explanation` serialises to JSON with this schema (``"schema": "actclu
                   "high": [...]},         # see actclust.analysis.retrieval for the weights
       "trust": {str: float} | null,       # trust signals, when computed
       "trust_notes": [str] | null,        # which trust signals are unavailable or uncalibrated, and why
+      "trust_thresholds": {"false_alarm_rate": float, "calibration": str, "n_calibration": int,
+                           "right_predictions_only": bool, "signals": {str: float}} | null,
+                                          # a signal below its threshold is flagged: at most that share
+                                          # of held-out inputs (right predictions, for the signals of
+                                          # correctness) fall below it (actclust.analysis.trust)
       "meta": {"actclust_version": str, "model_class": str, "layers": [str]} | null
     }
 
@@ -70,6 +75,13 @@ class Explanation:
     meta: Optional[dict] = None
     trust_notes: Optional[list] = None
     schema: str = field(default=SCHEMA)
+    trust_thresholds: Optional[dict] = None
+
+    def _repr_html_(self) -> str:
+        """A card for notebooks (Jupyter, VS Code, Colab): see :mod:`actclust.views.notebook`."""
+        from ..views.notebook import explanation_html
+
+        return explanation_html(self)
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if self.class_names else str(c)
@@ -101,7 +113,7 @@ def check_class_names(state: FittedState, class_names) -> None:
 
 
 def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None,
-            search: str = "auto", backend=None) -> list:
+            search: str = "auto", progress: bool = False, backend=None) -> list:
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
     fitted ``state``; see :meth:`ActivationClustering.explain`. ``backend`` (:mod:`actclust.compute`)
     computes the searches (the host by default)."""
@@ -112,9 +124,11 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     w = state.weights / state.weights.sum()
     prior = state.target_prior()
     paths = q.paths
-    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, backend=backend)] for l in state.layers}
+    exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress, backend=backend)]
+                 for l in state.layers}
     # "low" and "high" share one search (one pass over the store, or one set of candidates re-ranked for each)
-    near = find(state, q, k, {p: check_args(state, k, p)[1] for p in ("low", "high")}, method=search, backend=backend)
+    near = find(state, q, k, {p: check_args(state, k, p)[1] for p in ("low", "high")}, method=search,
+                progress=progress, backend=backend)
     options = {}
     if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}
         options, trust = trust, True
@@ -122,13 +136,13 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
         from .trust import calibration_possible
 
         trust = calibration_possible(state)
-    signals, notes = None, None
+    signals, notes, thresholds = None, None, None
     if trust:
         from .trust import calibrate
         from .trust import signals as trust_signals
 
-        cal = calibrate(state, **{"search": search, "backend": backend, **options})
-        signals, notes = trust_signals(state, cal, q, backend), list(cal.notes) or None
+        cal = calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
+        signals, notes, thresholds = trust_signals(state, cal, q, backend), list(cal.notes) or None, cal.thresholds
     n, layer_names = q.n, state.layers
     # Everything is converted to Python lists in bulk: per-element conversion would dominate.
     mix = probas.transpose(1, 0, 2).tolist()  # (n, L, C)
@@ -155,8 +169,13 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
             layers=layers, similar={p: rows[i] for p, rows in sims.items()}, class_names=names,
             trust=None if trust_rows is None else trust_rows[i], meta=None if meta is None else dict(meta),
             trust_notes=None if notes is None else list(notes),
+            trust_thresholds=None if thresholds is None else _copy(thresholds),
         ))
     return out
+
+
+def _copy(thresholds: dict) -> dict:
+    return {**thresholds, "signals": dict(thresholds["signals"])}
 
 
 def _samples(state: FittedState, nb) -> list:

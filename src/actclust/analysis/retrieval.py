@@ -43,9 +43,9 @@ from .indexes import ApproximateIndex, Index, index_files, load_index
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["Neighbours", "layer_weights", "check_args", "search", "check_search", "resolve_search", "WEIGHT_PRESETS",
-           "SEARCH_NAMES", "AUTO_EXACT_ROWS", "search_many", "layer_neighbours", "layer_stats", "layer_scales", "Index",
-           "ApproximateIndex", "saved_index_files", "attach_saved_indexes"]
+__all__ = ["Neighbours", "layer_weights", "check_args", "search", "search_by_class", "check_search", "resolve_search",
+           "WEIGHT_PRESETS", "SEARCH_NAMES", "AUTO_EXACT_ROWS", "search_many", "layer_neighbours", "layer_stats",
+           "layer_scales", "Index", "ApproximateIndex", "saved_index_files", "attach_saved_indexes"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
 SEARCH_NAMES = ("auto", "exact", "approximate")
@@ -77,6 +77,18 @@ class Neighbours:
     distances: np.ndarray
     layer_shares: np.ndarray
     weights: np.ndarray
+
+    def _repr_html_(self) -> str:
+        """A table (or, with training inputs, pictures) for notebooks: :mod:`actclust.views.notebook`."""
+        from ..views.notebook import neighbours_html
+
+        return neighbours_html(self)
+
+    def show(self, train=None, **display):
+        """Drawn with the training inputs ``train`` (and :func:`actclust.report`'s display options)."""
+        from ..views.notebook import HTML, show_neighbours
+
+        return HTML(show_neighbours(self, train=train, **display))
 
 
 def layer_weights(weights, layers: list) -> np.ndarray:
@@ -177,6 +189,37 @@ def search_many(state: FittedState, query: Query, k: int, weights: dict, *, meth
     found = index.search_many(part, k, list(weights.values()), progress)
     return {name: Neighbours(indices=i, distances=d, layer_shares=s, weights=w)
             for (name, w), (i, d, s) in zip(weights.items(), found)}
+
+
+def search_by_class(state: FittedState, query: Query, classes: np.ndarray, k: int, weights: np.ndarray, *,
+                    progress: bool = False, backend=None) -> np.ndarray:
+    """For input ``i`` and each class ``classes[i, j]``: the ``k`` training samples *of that class* nearest
+    the input, by the distance of :func:`search` (an exact search within each class, not a filter
+    of the overall nearest, which may hold no sample of a less likely class).
+
+    A training sample's class is its label where ``fit`` had labels, else the DNN's prediction
+    (as trust uses). Returns ids ``(n, m, k)``, nearest first, padded with -1 where a class has
+    fewer than ``k`` training samples.
+    """
+    if query.vectors is None:
+        raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
+    classes = np.asarray(classes)
+    if classes.ndim != 2 or len(classes) != query.n:
+        raise ParameterError(f"classes must have one row of classes per input, shape ({query.n}, m). "
+                             f"Got shape {classes.shape} instead.")
+    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    index = _index(state, "exact", progress, backend=backend)  # a filtered approximate search can miss a small class altogether
+    part = {l: np.asarray(query.vectors[state.retrieval_key(l)], np.float32) for l in state.layers}
+    out = np.full(classes.shape + (k,), -1, dtype=np.int64)
+    for c in np.unique(classes):
+        members = labels == c
+        rows, cols = np.nonzero(classes == c)
+        found = min(k, int(members.sum()))
+        if found == 0:
+            continue
+        idx, _, _ = index.search({l: v[rows] for l, v in part.items()}, found, weights, exclude=~members)
+        out[rows, cols, :found] = idx
+    return out
 
 
 def layer_neighbours(state: FittedState, layer: str, vectors: np.ndarray, k: int, *, method: str = "auto",

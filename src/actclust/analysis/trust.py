@@ -40,7 +40,8 @@ from ..store.vectors import take
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "calibrate", "calibration_possible", "signals", "trust_signals"]
+__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "calibrate", "calibration_possible", "signals",
+           "trust_signals"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
 MIN_CALIBRATION = 20
@@ -50,6 +51,15 @@ MAX_CALIBRATION = 10_000
 _BATCH = 4096
 _RATIO_NEIGHBORS = 200  # neighbours searched for the distance ratio of ``stacked_trust``
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
+#: Share of held-out inputs a trust chip may flag wrongly: each signal's threshold is the value that
+#: this share of the calibration samples falls below (the DNN's right predictions for the signals of
+#: correctness, every sample for those of typicality). See :func:`false_alarm_thresholds`.
+FALSE_ALARM_RATE = 0.05
+#: Signals that judge whether the DNN is right: a false alarm flags a right prediction.
+CORRECTNESS_SIGNALS = ("stacked_trust", "credibility", "dnn_confidence", "surrogate_dnn_agreement",
+                       "surrogate_confidence", "layer_agreement")
+#: Signals that judge whether the input is like the training data: a false alarm flags an ordinary input.
+TYPICALITY_SIGNALS = ("ood_typicality", "knn_typicality", "cluster_typicality")
 
 
 def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
@@ -221,6 +231,7 @@ class _Calibration:
     stack_confidence: bool = False  # whether the stack takes the DNN's confidence (held-out calibration)
     notes: tuple = ()  # what is unavailable or uncalibrated, as said in the warning
     backend: object = None  # where the searches compute (actclust.compute; None: the host)
+    thresholds: Optional[dict] = None  # false_alarm_thresholds() of the calibration samples
 
     def finder(self, state: FittedState, layer: str, backend=None):
         """``find(vectors, depth) -> (squared distances, ids)`` among the reference rows of ``layer``."""
@@ -267,6 +278,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     alpha, alpha_pred, rows = np.zeros(n_cal), np.zeros(n_cal), np.arange(n_cal)
     calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, {}, None, False, (), backend)
     cal_kth, cal_nearest, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
+    own = {"kth": {}, "ratio": {}, "paths": {}}  # the calibration samples' own values, for the thresholds
     for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
         v_cal = split.vectors(l)
         counts, kth, vr = _neighbour_stats(calibration.finder(state, l), labels, v_cal, k, n_classes, pred)
@@ -275,6 +287,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         alpha_pred += w * (k - counts[rows, pred])
         cal_kth[l] = np.sort(kth)
         cal_nearest[l] = np.sort(vr[2])
+        own["kth"][l] = kth
         c = state.clusterings[l]
         d_all = _nearest(c.distances(state.train_vectors[l], backend))  # streamed over the store
         ref = ~is_cal
@@ -283,7 +296,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         # A cluster with no reference member takes the layer's overall scale.
         spread[l] = np.where(sizes > 0, sums / np.maximum(sizes, 1), c.scale_).clip(1e-12)
         d_cal = c.distances(v_cal, backend)
-        cal_ratio[l] = np.sort(_spread_ratio(d_cal, spread[l]))
+        own["ratio"][l], own["paths"][l] = _spread_ratio(d_cal, spread[l]), d_cal.argmin(1)
+        cal_ratio[l] = np.sort(own["ratio"][l])
         probas.append(c.soft_assign_from_distances(d_cal, state.temperatures[l]) @ state.posteriors[l])
     cal_alpha, right, stack, notes = np.sort(_ties(alpha)), pred == cal_labels, None, []
     if not split.true_labels:
@@ -302,11 +316,57 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)), split.confidence)
         stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(features, right)
-    if notes:
-        warnings.warn("Trust signals: " + "; ".join(notes) + ".", TrustWarning, stacklevel=3)
-    state.cache["trust"] = _Calibration(key, weights, method, is_cal, labels, cal_alpha, cal_kth, cal_nearest, spread,
-                                        cal_ratio, stack, split.confidence is not None, tuple(notes), backend)
-    return state.cache["trust"]
+    message = "Trust signals: " + "; ".join(notes) + "."
+    said = state.cache.setdefault("trust_warned", set())
+    if notes and message not in said:  # once per fitted run, however often it is calibrated again
+        said.add(message)
+        warnings.warn(message, TrustWarning, stacklevel=3)
+    built = _Calibration(key, weights, method, is_cal, labels, cal_alpha, cal_kth, cal_nearest, spread,
+                         cal_ratio, stack, split.confidence is not None, tuple(notes), backend)
+    # The signals of the calibration samples themselves, from what was computed above (no search).
+    comb = surrogate.combine(np.stack(probas), state.weights)
+    own_signals = {
+        "credibility": _pvalue(cal_alpha, _ties(alpha_pred)),
+        "surrogate_confidence": comb.max(1).astype(np.float64),
+        "surrogate_dnn_agreement": comb[rows, pred].astype(np.float64),
+        "layer_agreement": np.stack([state.posteriors[l].argmax(1)[own["paths"][l]] == pred for l in state.layers],
+                                    1).astype(np.float64) @ (state.weights / state.weights.sum()),
+        "knn_typicality": sum(w * _pvalue(cal_kth[l], own["kth"][l]) for w, l in zip(weights, state.layers)),
+        "ood_typicality": chi2.sf(-2 * sum(np.log(np.maximum(_pvalue(cal_nearest[l], vr[2]), 1 / (n_cal + 1)))
+                                           for l, vr in zip(state.layers, votes_ratios)), 2 * len(state.layers)),
+        "cluster_typicality": sum(w * _pvalue(cal_ratio[l], own["ratio"][l]) for w, l in zip(weights, state.layers)),
+    }
+    if split.confidence is not None:
+        own_signals["dnn_confidence"] = split.confidence
+    if stack is not None:
+        own_signals["stacked_trust"] = stack.predict_proba(features)[:, 1]
+    built.thresholds = false_alarm_thresholds(own_signals, right if split.true_labels else None,
+                                              "a held-out split of the training data" if split.digest == "internal"
+                                              else "held-out data")
+    state.cache["trust"] = built
+    state.cache["trust_thresholds"] = built.thresholds
+    return built
+
+
+def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: str,
+                           rate: float = FALSE_ALARM_RATE) -> dict:
+    """Per signal, the value below which a trust chip turns red, from the signals of calibration samples.
+
+    A threshold ``t`` flags at most ``rate`` of the calibration samples (``value < t``): of the DNN's right
+    predictions for the signals in :data:`CORRECTNESS_SIGNALS` (of every sample without true labels),
+    of every sample for those in :data:`TYPICALITY_SIGNALS`. So on held-out data like the calibration
+    samples, about ``rate`` of ordinary inputs get a red chip, whatever the signal's scale.
+    """
+    out = {}
+    for name, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        if name in CORRECTNESS_SIGNALS and right is not None and right.any():
+            v = v[right]
+        v = np.sort(v[np.isfinite(v)])
+        if len(v):
+            out[name] = float(v[int(np.floor(rate * len(v)))])
+    return {"false_alarm_rate": rate, "calibration": source, "n_calibration": int(len(next(iter(values.values())))),
+            "right_predictions_only": right is not None, "signals": out}
 
 
 @dataclass

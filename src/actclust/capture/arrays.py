@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Ops", "NUMPY", "ops_for", "is_array", "is_torch", "dtype_name", "is_floating", "is_integer",
+__all__ = ["Ops", "NUMPY", "ops_for", "pool_matrix", "is_array", "is_torch", "dtype_name", "is_floating", "is_integer",
            "nonfinite_rows", "to_numpy", "take_rows", "stack"]
 
 
@@ -145,6 +145,14 @@ def _bins(size: int, g: int) -> list:
     return [((i * size) // g, -(-((i + 1) * size) // g)) for i in range(g)]
 
 
+def pool_matrix(size: int, g: int) -> np.ndarray:
+    """``(size, g)``: column ``i`` averages the positions of PyTorch's adaptive-pooling bin ``i``."""
+    m = np.zeros((size, g), np.float32)
+    for i, (a, b) in enumerate(_bins(size, g)):
+        m[a:b, i] = 1.0 / (b - a)
+    return m
+
+
 _MASK31 = 0x7FFFFFFF
 
 
@@ -186,16 +194,12 @@ class NumpyOps(Ops):
         return np.where(np.isfinite(out), out, 0).astype(t.dtype)
 
     def adaptive_avg_pool(self, t, g):
+        # Pooling is linear: each spatial axis is multiplied by a (size, g) matrix of bin weights (BLAS),
+        # which also gives PyTorch's overlapping bins where the size does not divide by g.
+        t = np.asarray(t, dtype=np.float32)
+        out = t @ pool_matrix(t.shape[-1], g)  # (..., g) over the last axis
         if t.ndim == 4:
-            rows, cols = _bins(t.shape[2], g), _bins(t.shape[3], g)
-            out = np.empty(t.shape[:2] + (g, g), dtype=t.dtype)
-            for i, (a, b) in enumerate(rows):
-                for j, (c, d) in enumerate(cols):
-                    out[:, :, i, j] = t[:, :, a:b, c:d].mean((2, 3))
-            return out
-        out = np.empty(t.shape[:2] + (g,), dtype=t.dtype)
-        for i, (a, b) in enumerate(_bins(t.shape[2], g)):
-            out[:, :, i] = t[:, :, a:b].mean(2)
+            out = np.swapaxes(np.swapaxes(out, 2, 3) @ pool_matrix(t.shape[2], g), 2, 3)
         return out
 
     def l2_normalize(self, v):

@@ -93,9 +93,13 @@ def hooked(reducers: dict, normalize, spatial_grid=None, spatial_layers=None, ra
     out = {}
     for layer, reducer in reducers.items():
         reduce = normalized(reducer, normalize)
-        if spatial_grid is not None and (spatial_layers is None or layer in spatial_layers):
+        summary = spatial_grid is not None and (spatial_layers is None or layer in spatial_layers)
+        if summary:
             reduce = _with_summary(reduce, spatial_summary(spatial_grid, seeds[layer]))
         out[layer] = _naming(reduce, layer)
+        # What it computes, for runners that can compute it themselves (an ONNX graph reduces in place):
+        out[layer].plan = {"reducer": getattr(reducer, "spec", None), "normalize": normalize,
+                           "summary": (spatial_grid, seeds[layer]) if summary else None}
     return out
 
 

@@ -1,5 +1,6 @@
-"""The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report``, ``layers`` and ``study``
-(``study create | serve | analyze``, in :mod:`actclust.study.cli`).
+"""The ``actclust`` command: ``demo``, ``fit``, ``score``, ``report``, ``layers``, ``study``
+(``study create | serve | analyze``, in :mod:`actclust.study.cli`) and ``view`` (the explorer, in
+:mod:`actclust.views.explorer.cli`).
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what to change); 1 an
 unexpected error (with its traceback); 130 interrupted with Ctrl-C. ``main`` returns the code
@@ -144,8 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("model", help=_MODEL_HELP)
     lay.set_defaults(func=_layers)
     from ..study.cli import add_parser as add_study
+    from ..views.explorer.cli import add_parser as add_view
 
     add_study(sub, HelpFormatter)
+    add_view(sub, HelpFormatter)
     return p
 
 

@@ -127,7 +127,7 @@ class KMeans(Clustering):
             seed = self.random_state + run
             rng = np.random.default_rng(seed)
             sample = train[rng.choice(len(train), min(len(train), _SEED_SAMPLE), replace=False)]
-            init = sample[backend.kmeans_plusplus(sample, self.n_clusters, seed)]
+            init = sample[backend.kmeans_plusplus(_coarse(sample), self.n_clusters, seed)]
             centers, obj = backend.lloyd(train, init, self.max_iter, seed)
             if best is None or obj < best[0]:
                 best = (obj, np.ascontiguousarray(centers, dtype=np.float32))
@@ -137,6 +137,24 @@ class KMeans(Clustering):
 
 
 _SEED_SAMPLE = 20_000  # k-means++ seeding is O(n k d log k); a sample seeds as well.
+_SEED_LEVELS = 2 ** 10  # k-means++ chooses its seeds on values rounded to this many steps of the largest
+
+
+def _coarse(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to ``1 / _SEED_LEVELS`` of its largest absolute value, for choosing k-means++ seeds.
+
+    k-means++ draws each seed with probability proportional to squared distances: a last-bit difference
+    in the vectors (the same network in another framework, another summation order, a GPU) moves
+    those probabilities and, now and then, a draw, and Lloyd's iterations from another seed can end
+    in another local optimum. Measured on the Fashion CNN's 60,000 training images in PyTorch and in
+    Keras on JAX (vectors equal to 4e-6): with seeds chosen on the exact values conv1's clusters
+    agreed on 77.8% of the samples, with rounded values on 99.98% (the other layers 100% either way).
+    A rounded value can still straddle a rounding step, so this makes a different draw rarer, not
+    impossible. Seeds are then the exact rows chosen, and Lloyd's iterations run on exact values."""
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    if not np.isfinite(scale) or scale == 0.0:
+        return x
+    return (np.round(x * (_SEED_LEVELS / scale)) * (scale / _SEED_LEVELS)).astype(np.float32)
 _POINTS_PER_CENTRE = 1024
 #: Clustering methods by name; each module registers its own with :func:`register`.
 CLUSTERINGS: dict = {}

@@ -1,7 +1,7 @@
-"""``actclust study create | serve | analyze``: the command-line side of :mod:`actclust.study`.
+"""``actclust study create | serve | analyze | power``: the command-line side of :mod:`actclust.study`.
 
-Registered by :func:`add_parser` from the main parser of :mod:`actclust.cli`; ``serve`` and
-``analyze`` read the study folder only (no model, no torch of their own).
+Registered by :func:`add_parser` from the main parser of :mod:`actclust.cli`; ``serve``,
+``analyze`` and ``power`` need no model and no torch of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..exceptions import ParameterError
+from .limits import ABANDON_AFTER_S, ADDRESS_WINDOW_S, SESSIONS_PER_ADDRESS
 from .folder import CONDITIONS
 
 __all__ = ["add_parser"]
@@ -26,7 +27,7 @@ def add_parser(sub, formatter_class) -> None:
     from ..cli.common import int_at_least as _at_least  # the main CLI's option type, worded the same
     from ..cli.common import run_model_options
 
-    study = sub.add_parser("study", help="run a user study of the explanations: create, serve, analyze",
+    study = sub.add_parser("study", help="run a user study of the explanations: create, serve, analyze, power",
                            description="Measure whether the explanations raise warranted trust: create a study "
                                        "from a saved run, serve it to participants, analyze the responses.",
                            formatter_class=formatter_class)
@@ -61,30 +62,94 @@ def add_parser(sub, formatter_class) -> None:
     c.set_defaults(func=_create)
 
     s = steps.add_parser("serve", help="serve a study folder to participants (prints the addresses)",
-                         description="Serve the study: participant pages, JSON API and admin pages.",
+                         description="Serve the study: participant pages, JSON API and admin pages. The study folder "
+                                     "is checked first: a damaged or edited one is refused before anyone takes part.",
                          formatter_class=formatter_class)
     s.add_argument("study", help="study folder made by 'actclust study create'")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the study")
     s.add_argument("--port", type=int, default=8765, help="port to listen on")
     s.add_argument("--admin-token", default=None,
                    help="token of the admin pages (default: $ACTCLUST_STUDY_ADMIN_TOKEN, else a new random one)")
+    s.add_argument("--max-participants", type=_at_least(1), default=None,
+                   help="refuse new sessions (403) once this many hold a place: completed, or active within "
+                        "--abandon-after (default: no cap)")
+    s.add_argument("--abandon-after", type=_at_least(1), default=ABANDON_AFTER_S // 60,
+                   help="minutes without an answer after which a session no longer holds a place nor counts in the "
+                        "balance of conditions")
+    s.add_argument("--sessions-per-address", type=_at_least(0), default=SESSIONS_PER_ADDRESS,
+                   help="new sessions one client address may start per --address-window (0: no limit); behind a "
+                        "proxy, the address it forwards")
+    s.add_argument("--address-window", type=_at_least(1), default=ADDRESS_WINDOW_S // 60,
+                   help="minutes over which --sessions-per-address counts")
+    s.add_argument("--forwarded-allow-ips", default="127.0.0.1",
+                   help="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto headers are "
+                        "trusted ('*': any; trust only your proxy)")
+    s.add_argument("--public-url", default=None,
+                   help="the address participants use, e.g. https://study.example.org behind a TLS proxy "
+                        "(printed instead of http://HOST:PORT)")
+    s.add_argument("--access-log", action="store_true",
+                   help="log every request (method, path, status); no address carries a secret")
     s.set_defaults(func=_serve)
 
     a = steps.add_parser("analyze", help="reliance metrics with participant-bootstrap intervals",
-                         description="Per condition and overall: accuracy, reliance and (two-stage) RAIR/RSR with "
-                                     "95%% intervals resampling participants, differences from 'none', and a "
-                                     "participant-clustered logistic regression.",
+                         description="Per condition and overall: accuracy, reliance, (two-stage) RAIR/RSR and "
+                                     "complementarity, response times, with 95%% intervals resampling participants, "
+                                     "differences from the reference condition, and a participant-clustered logistic "
+                                     "regression. Of a study folder's responses, or of any platform's trial table "
+                                     "(--trials).",
                          formatter_class=formatter_class)
-    a.add_argument("study", help="study folder")
+    a.add_argument("study", nargs="?", help="study folder (or give --trials instead)")
+    a.add_argument("--trials", help="a trial table instead of a study folder: .csv, .tsv, .jsonl or .parquet, one row "
+                                    "per answer with participant, condition, ai_correct, decision [, confidence, item, "
+                                    "response_ms; two-stage: true_label, ai_label, initial_label, final_label]")
+    a.add_argument("--columns", help="with --trials: the table's names for these fields, e.g. "
+                                     "participant=UID,condition=Method,ai_correct=AIRight")
+    a.add_argument("--design", choices=["between", "within"], default=None,
+                   help="with --trials: one condition per participant (between; the default) or several (within)")
+    a.add_argument("--two-stage", action="store_true",
+                   help="with --trials: each trial has the participant's own answer before the advice")
+    a.add_argument("--reference", help="the condition the others are compared with (default: 'none' if present)")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
     a.add_argument("--html", help="also write an HTML page with plots to this file")
     a.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --html file (never one of the study's own files)")
-    a.add_argument("--n-boot", type=_at_least(1), default=2000, help="bootstrap replicates")
+                   help="let --html replace a file that is not a page actclust wrote (never the study's own files "
+                        "nor the trial table)")
+    a.add_argument("--n-boot", type=_at_least(100, " for 95%% intervals"), default=2000, help="bootstrap replicates")
     a.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     a.add_argument("--keep-inattentive", action="store_true",
                    help="keep the participants who failed an attention check (their checks still do not count)")
     a.set_defaults(func=_analyze)
+
+    w = steps.add_parser("power", help="participants needed per condition, by simulating the analysis",
+                         description="How many participants per condition detect a difference in appropriate "
+                                     "decisions (or over-reliance) between conditions, by simulating studies with a "
+                                     "participant random effect and analysing each with the study's regression "
+                                     "(logistic GEE, robust errors).",
+                         formatter_class=formatter_class)
+    w.add_argument("--conditions", required=True, help="comma-separated conditions; the reference is 'none' if "
+                                                       "present, else the first")
+    w.add_argument("--effect", type=float, required=True,
+                   help="difference in the metric's rate between each other condition and the reference (e.g. 0.05)")
+    w.add_argument("--baseline", type=float, required=True, help="the metric's rate in the reference condition")
+    w.add_argument("--items", type=_at_least(1), required=True, help="trials per participant")
+    w.add_argument("--design", choices=["between", "within"], default="between",
+                   help="one condition per participant, or all conditions on different items")
+    w.add_argument("--metric", choices=["accuracy", "over_reliance"], default="accuracy",
+                   help="appropriate decisions over all trials, or accepted wrong predictions over the wrong-AI trials")
+    w.add_argument("--wrong-share", type=float, default=0.5,
+                   help="with --metric over_reliance: the share of items the AI gets wrong")
+    w.add_argument("--icc", type=float, default=0.0,
+                   help="intra-class correlation of participants (latent scale): how alike one person's trials are")
+    w.add_argument("--power", type=float, default=0.8, help="power to reach")
+    w.add_argument("--alpha", type=float, default=0.05, help="significance level (two-sided)")
+    w.add_argument("--simulations", type=_at_least(100), default=1000, help="simulated studies per study size")
+    w.add_argument("--seed", type=_at_least(0), default=0, help="seed of the simulation")
+    w.add_argument("--max-participants", type=_at_least(10), default=5000,
+                   help="give up beyond this many participants per condition")
+    w.add_argument("--json", action="store_true", help="print the result as JSON")
+    w.add_argument("--html", help="also write a page with the power curve to this file")
+    w.add_argument("--overwrite", action="store_true", help="let --html replace a file that is not a page actclust wrote")
+    w.set_defaults(func=_power)
 
 
 def _help(parser) -> int:
@@ -125,9 +190,13 @@ def _create(args) -> int:
                        conditions=conditions, design=args.design, two_stage=args.two_stage, seed=args.seed,
                        class_names=names, overwrite=args.overwrite, attention_checks=args.attention_checks,
                        source={"run": str(Path(args.run).resolve()), "data": args.data})
+    from .folder import load_study
+
     print(f"wrote the study to {out}/ ({args.items} items, conditions {', '.join(conditions)}, "
-          f"{args.design}-subjects{', two-stage' if args.two_stage else ''}); serve it with: "
-          f"actclust study serve {out}")
+          f"{args.design}-subjects{', two-stage' if args.two_stage else ''}); each condition shows:")
+    for condition, how in load_study(out).data["construction"].items():
+        print(f"  {condition}: {how}")
+    print(f"serve it with: actclust study serve {out}")
     return EXIT_OK
 
 
@@ -146,73 +215,134 @@ def _serve(args) -> int:
     from .app import make_app
 
     token = args.admin_token or os.environ.get("ACTCLUST_STUDY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    app = make_app(args.study, token)
+    app = make_app(args.study, token, max_participants=args.max_participants, abandon_after=args.abandon_after * 60,
+                   sessions_per_address=args.sessions_per_address, address_window=args.address_window * 60)
     if not _is_loopback(args.host):
         print(f"actclust study serve: warning: listening on {args.host}, not on loopback (127.0.0.1): anyone who "
               "can reach this machine can take part and, with the admin token, read the responses. Serve it "
               "behind HTTPS, or keep --host 127.0.0.1.", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    base = f"http://{shown}:{args.port}"
-    print(f"participants: {base}/\nadmin:        {base}/admin?token={token}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    base = (args.public_url or f"http://{shown}:{args.port}").rstrip("/")
+    cap = f"; at most {args.max_participants} participants" if args.max_participants else ""
+    print(f"participants: {base}/\nadmin:        {base}/admin (log in with the admin token)\n"
+          f"admin token:  {token}\n(new sessions per address: {args.sessions_per_address or 'no limit'} per "
+          f"{args.address_window} min{cap})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.access_log else "warning",
+                access_log=args.access_log, proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips)
     return EXIT_OK
 
 
 def _analyze(args) -> int:
-    from ..io import atomic
     from .analyze import analyze_study, render_html
-    from .folder import load_study
+    from .output import check_page, study_files, write_page
 
-    if args.html:  # checked before the work: a file is replaced only with --overwrite, the study's own never
-        _check_html(Path(args.html), Path(args.study), args.overwrite)
-    result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed,
-                           exclude_inattentive=not args.keep_inattentive)
+    if (args.study is None) == (args.trials is None):
+        raise ParameterError("Give a study folder or --trials TABLE (one of them): actclust study analyze STUDY, or "
+                             "actclust study analyze --trials trials.csv.")
+    if args.trials is None:
+        given = [f for f, v in (("--columns", args.columns), ("--design", args.design), ("--two-stage", args.two_stage))
+                 if v]
+        if given:
+            raise ParameterError(f"{', '.join(given)} describe a trial table (--trials); a study folder says its own "
+                                 "design and columns.")
+        protected = study_files(args.study)
+        if args.html:  # before the analysis: a page that may not be written is refused first
+            check_page(args.html, overwrite=args.overwrite, protected=protected)
+        result = analyze_study(args.study, n_boot=args.n_boot, seed=args.seed,
+                               exclude_inattentive=not args.keep_inattentive, reference=args.reference)
+    else:
+        from .trials import analyze_table, parse_columns
+
+        if args.html:
+            check_page(args.html, overwrite=args.overwrite, protected=[Path(args.trials)])
+        result = analyze_table(args.trials, columns=parse_columns(args.columns), design=args.design or "between",
+                               two_stage=args.two_stage, reference=args.reference, n_boot=args.n_boot, seed=args.seed)
+        protected = [Path(args.trials)]
     if args.html:
-        path = Path(args.html)
-        atomic.write(path, render_html(result, load_study(args.study)), what="analysis page")
+        path = write_page(args.html, render_html(result), overwrite=args.overwrite, protected=protected)
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_analysis(result))
     return EXIT_OK
 
 
-def _check_html(path: Path, study: Path, overwrite: bool) -> None:
-    from ..exceptions import RunExistsError
-    from .folder import DB_FILE, STUDY_FILE
+def _power(args) -> int:
+    from .power import power_analysis, render_power_html
+    from .output import write_page
 
-    own = {(study / name).resolve() for name in (STUDY_FILE, DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm",
-                                                 f"{DB_FILE}-journal")}
-    if path.resolve() in own:
-        raise RunExistsError(f"--html {path} is a file of the study itself ({path.name}); it is never replaced. "
-                             "Give another file, e.g. --html analysis.html.")
-    if path.is_dir():
-        raise RunExistsError(f"--html {path} is a directory; give the HTML file to write, e.g. {path / 'analysis.html'}.")
-    if path.exists() and not overwrite:
-        raise RunExistsError(f"{path} already exists; add --overwrite to replace it.")
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    result = power_analysis(conditions, args.effect, args.baseline, args.items, design=args.design, icc=args.icc,
+                            power=args.power, alpha=args.alpha, metric=args.metric, wrong_share=args.wrong_share,
+                            simulations=args.simulations, seed=args.seed, max_participants=args.max_participants)
+    if args.html:
+        path = write_page(args.html, render_power_html(result), overwrite=args.overwrite)
+        print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else format_power(result))
+    return EXIT_OK
+
+
+def format_power(r: dict) -> str:
+    """The answer in a few lines: participants needed, the power reached, the closed form where it holds."""
+    rates = ", ".join(f"{c} {p:.3f}" for c, p in r["rates"].items())
+    lines = [f"{r['metric']}: {rates}; {r['design']}-subjects, {r['items']} items per participant "
+             f"({r['trials_per_participant_per_condition']} per condition counted), ICC {r['icc']}, alpha {r['alpha']}"]
+    if r["participants_per_condition"] is None:
+        lines.append(r["note"])
+    else:
+        p = r["power_at_n"]
+        lines.append(f"{r['participants_per_condition']} participants per condition ({r['participants_total']} in all) "
+                     f"reach power {p['estimate']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] >= {r['target_power']} "
+                     f"({r['simulations']} simulated studies per size)")
+    if r["closed_form"]:
+        c = r["closed_form"]
+        lines.append(f"closed form (two proportions, independent trials): {c['participants_per_condition']} per "
+                     f"condition ({c['trials_per_condition']:.1f} trials), power {c['power_at_n']:.3f}")
+    return "\n".join(lines)
+
+
+def _cell(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    text = f"{v['estimate']:.{digits}f}"
+    if v["ci"]:
+        text += f" [{v['ci'][0]:.{digits}f}, {v['ci'][1]:.{digits}f}]"
+    return text + ("*" if v.get("note") else "")
 
 
 def format_analysis(result: dict) -> str:
-    """A plain-text table: the main metrics per condition, estimate [95% interval]."""
-    def cell(v):
-        return "-" if v is None else f"{v['estimate']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else \
-            f"{v['estimate']:.3f}"
+    """A plain-text table: the main metrics per condition, estimate [95% interval]; * marks too few participants."""
+    from .analyze import MIN_BOOTSTRAP_PARTICIPANTS
 
     metrics = ["accuracy", "accept_given_ai_right", "reject_given_ai_wrong", "over_reliance", "under_reliance"]
     if result["two_stage"]:
         metrics += ["rair", "rsr"]
     groups = {**result["conditions"], "overall": result["overall"]}
-    lines = [f"{'condition':<20} {'people':>6} {'trials':>6}  " + "  ".join(f"{m:<24}" for m in metrics)]
+    lines = [f"{'condition':<20} {'people':>6} {'trials':>6}  " + "  ".join(f"{m:<24}" for m in metrics)
+             + "  median ms"]
     for name, g in groups.items():
         lines.append(f"{name:<20} {g['n_participants']:>6} {g['n_responses']:>6}  "
-                     + "  ".join(f"{cell(g[m]):<24}" for m in metrics))
+                     + "  ".join(f"{_cell(g[m]):<24}" for m in metrics) + "  " + _cell(g["median_response_ms"], 0))
+    if any(g[m] and g[m].get("note") for g in groups.values() for m in metrics):
+        lines.append(f"* from fewer than {MIN_BOOTSTRAP_PARTICIPANTS} participants: the interval is too narrow, or "
+                     "there is none")
+    for name, c in (result.get("complementarity") or {}).items():
+        if c:
+            lines.append(f"complementarity {name}: team {_cell(c['team'])}, AI alone {_cell(c['ai'])}, human alone "
+                         f"{_cell(c['human'])}: {c['verdict']}")
     failed = result["attention"]["failed"]
     if failed:
         lines.append(f"{len(failed)} participant(s) failed an attention check"
                      + (" and are left out" if result["attention"]["excluded"] else " (kept)"))
-    terms = result["regression"].get("terms")
+    reg = result["regression"]
+    for c, why in (reg.get("not_estimated") or {}).items():
+        lines.append(f"regression: {c} left out: {why}")
+    terms = reg.get("terms")
     if terms:
-        lines.append(f"logistic GEE of appropriate decisions (reference {result['regression']['reference']}): "
+        lines.append(f"logistic GEE of appropriate decisions (reference {reg['reference']}): "
                      + ", ".join(f"{k} OR {t['odds_ratio']:.2f} [{_exp(t['ci'][0]):.2f}, {_exp(t['ci'][1]):.2f}]"
                                  for k, t in terms.items() if k != "intercept"))
+    else:
+        lines.append(f"regression: {reg['note']}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 

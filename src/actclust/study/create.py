@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime
 import json
 import numbers
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic
 from ..exceptions import DataError, ParameterError, RunExistsError
 from .folder import CONDITIONS, DB_FILE, SCHEMA, STUDY_FILE
 
@@ -60,6 +60,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     Path
         The study folder.
     """
+    from ..analysis import retrieval
     from ..capture.data import length, rows, take
     from ..views.render import Renderer
 
@@ -73,6 +74,15 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
                              "replaced. Choose another folder.")
     if (out / STUDY_FILE).exists() and not overwrite:
         raise RunExistsError(f"{out} already holds a study; pass overwrite=True (--overwrite) to replace it.")
+    if (out / STUDY_FILE).exists():  # replaced only if it is a study (checked as serve checks it)
+        from ..exceptions import ActClustError
+        from .folder import load_study
+
+        try:
+            load_study(out)
+        except ActClustError as e:
+            raise RunExistsError(f"{out / STUDY_FILE} is not an actclust study ({e}); --overwrite replaces only a study. "
+                                 "Choose another folder.") from None
     if y is None:
         raise DataError("A study needs the true labels y of X: it measures whether people accept the model's "
                         "right predictions and reject its wrong ones.")
@@ -90,16 +100,17 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     chosen = _pick(q.dnn_pred == y, items, wrong_share, seed)
     picked = take(X, chosen)
     explanations = ac.explain(picked, y[chosen], k=k, class_names=names)
-    near = ac.similar(picked, k=min(state.n_samples, max(100, 20 * k)), weights="high")
     train_classes = state.train_labels if state.train_labels is not None else state.train_predictions
+    shown_classes = _top_classes(q.dnn_proba[chosen], np.bincount(train_classes, minlength=state.n_classes))
+    per_class = retrieval.search_by_class(state, ac.query(picked, vectors=True), shown_classes, _PER_CLASS,
+                                          retrieval.layer_weights("high", state.layers))
     renderer = Renderer(render, mean=mean, std=std,
                         feature_names=feature_names or state.input_spec.feature_names)
     records = []
     for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
         i, proba = int(chosen[j]), q.dnn_proba[chosen[j]]
-        top = np.argsort(-proba, kind="stable")[:_MULTICLASS_TOP]
-        multi = [{"class": int(c), "probability": float(proba[c]),
-                  "samples": [int(t) for t in near.indices[j] if train_classes[t] == c][:_PER_CLASS]} for c in top]
+        multi = [{"class": int(c), "probability": float(proba[c]), "samples": [int(t) for t in ids if t >= 0]}
+                 for c, ids in zip(shown_classes[j], per_class[j])]
         records.append({
             "id": j, "row": i, "input": renderer(x, f"input {i}"), "label": int(y[i]),
             "prediction": int(q.dnn_pred[i]), "confidence": float(proba[q.dnn_pred[i]]),
@@ -124,12 +135,39 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     data = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seed": int(seed), "design": design, "two_stage": bool(two_stage), "conditions": conditions,
             "class_names": names, "source": {**ac.provenance(), **(source or {})},
+            "construction": describe(conditions, k=k, labels=state.train_labels is not None),
             "render_failures": renderer.failures, "items": records, "samples": samples}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{STUDY_FILE}.tmp"
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, out / STUDY_FILE)
+    atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study")
     return out
+
+
+def _top_classes(proba: np.ndarray, train_counts: np.ndarray) -> np.ndarray:
+    """Per item, the ``_MULTICLASS_TOP`` most likely classes that have training samples to show."""
+    order = np.argsort(-proba, axis=1, kind="stable")
+    usable = [c for c in range(proba.shape[1]) if train_counts[c] > 0]
+    if len(usable) < min(_MULTICLASS_TOP, proba.shape[1]):
+        raise DataError(f"similar_multiclass shows the {_MULTICLASS_TOP} most likely classes, but only classes {usable} "
+                        "have training samples.")
+    return np.array([[c for c in row if train_counts[c] > 0][:_MULTICLASS_TOP] for row in order], dtype=np.int64)
+
+
+def describe(conditions, *, k: int, labels: bool = True) -> dict:
+    """What each condition shows, and how it was built: recorded in study.json and printed by the CLI."""
+    kind = "labelled" if labels else "predicted (fit had no labels)"
+    text = {
+        "none": "the prediction and its confidence, nothing else",
+        "similar": f"the {k} training samples nearest the input over all layers (layer weights 'high': the last layer "
+                   "counts ten times the first; the run's search, exact or approximate)",
+        "similar_multiclass": f"for each of the model's {_MULTICLASS_TOP} most likely classes that have training "
+                              f"samples, the {_PER_CLASS} training samples {kind} as that class nearest the input, "
+                              "searched within the class (layer weights 'high', exact search)",
+        "concepts": f"per layer, the cluster the input falls in: its class mix (top 3 classes) and {_EXEMPLARS} "
+                    "exemplars (training samples nearest the cluster's centre)",
+        "full": f"similar ({k} nearest training samples) + concepts + trust signals (whether the clustering surrogate "
+                "agrees with the model, and the signals of trust())",
+    }
+    return {c: text[c] for c in conditions}
 
 
 def _check(items, wrong_share, conditions, design, seed, k) -> list:

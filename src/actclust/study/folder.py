@@ -22,13 +22,14 @@ Only this module knows the layout; :meth:`Study.explanation` composes what a con
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..exceptions import DataNotFoundError, InvalidSaveError
 
-__all__ = ["SCHEMA", "CONDITIONS", "VIEWS", "Study", "load_study", "STUDY_FILE", "DB_FILE"]
+__all__ = ["SCHEMA", "CONDITIONS", "VIEWS", "Study", "load_study", "validate", "STUDY_FILE", "DB_FILE"]
 
 SCHEMA = "actclust.study/1"
 STUDY_FILE, DB_FILE = "study.json", "responses.sqlite"
@@ -42,6 +43,7 @@ VIEWS = {
 }
 CONDITIONS = tuple(VIEWS)
 _TOP_CLASSES = 3  # classes of a concept's class mix shown
+_MAX_ID = 2 ** 63 - 1  # SQLite's largest integer: item ids are stored in its INTEGER columns
 
 
 @dataclass
@@ -138,7 +140,120 @@ def load_study(path) -> Study:
                if k not in data]
     if missing:
         raise InvalidSaveError(f"{file} lacks the fields {missing}; create the study again.")
-    unknown = [c for c in data["conditions"] if c not in VIEWS]
-    if unknown:
-        raise InvalidSaveError(f"{file} names unknown conditions {unknown}; known: {list(VIEWS)}.")
+    validate(data, file)
     return Study(path, data)
+
+
+class _Bad(Exception):
+    """One problem found by :func:`validate`, said as 'where: what'."""
+
+
+def _int(value, low: int, high: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise _Bad(f"{where} {what}")
+
+
+def validate(data: dict, file="study.json") -> None:
+    """Check everything ``serve`` and ``analyze`` read from ``study.json``; raise :class:`InvalidSaveError`
+    naming the first field that is wrong (an edited or damaged file is refused at start, not
+    answered with errors while participants take part)."""
+    try:
+        _validate(data)
+    except _Bad as e:
+        raise InvalidSaveError(f"{file}: {e}. Create the study again (actclust study create) instead of editing "
+                               "study.json.") from None
+
+
+def _validate(data: dict) -> None:
+    conditions = data["conditions"]
+    _need(isinstance(conditions, list) and conditions and all(isinstance(c, str) for c in conditions),
+          "'conditions'", f"must be a non-empty list of names from {list(VIEWS)}; it is {conditions!r}")
+    unknown = [c for c in conditions if c not in VIEWS]
+    _need(not unknown, "'conditions'", f"names unknown conditions {unknown}; known: {list(VIEWS)}")
+    _need(len(set(conditions)) == len(conditions), "'conditions'", f"repeats a condition: {conditions}")
+    _need(data["design"] in ("between", "within"), "'design'", f"must be 'between' or 'within', not {data['design']!r}")
+    _need(isinstance(data["two_stage"], bool), "'two_stage'", f"must be true or false, not {data['two_stage']!r}")
+    _need(_int(data["seed"], 0, _MAX_ID), "'seed'", f"must be an integer in [0, 2**63 - 1], not {data['seed']!r}")
+    names = data["class_names"]
+    _need(isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names), "'class_names'",
+          "must be a list of at least 2 class names")
+    n_classes, samples, items = len(names), data["samples"], data["items"]
+    _need(isinstance(samples, dict), "'samples'", "must be an object of training samples")
+    for key, sample in samples.items():
+        where = f"sample {key!r}"
+        _need(key.isdigit() and isinstance(sample, dict), where, "must be a training index with its sample")
+        _need(_rendered(sample.get("input")), where, "has no rendered 'input'")
+        _need(sample.get("label") is None or _int(sample.get("label"), 0, n_classes - 1), where,
+              f"has a 'label' that is not a class index in [0, {n_classes - 1}]")
+        _need(_int(sample.get("prediction"), 0, n_classes - 1), where,
+              f"has a 'prediction' that is not a class index in [0, {n_classes - 1}]")
+    _need(isinstance(items, list) and items, "'items'", "must be a non-empty list")
+    seen = set()
+    for j, item in enumerate(items):
+        _need(isinstance(item, dict), f"item {j}", "must be an object")
+        where = f"item {j} (id {item.get('id')!r})"
+        _need(_int(item.get("id"), 0, _MAX_ID), where, "must have an integer 'id' in [0, 2**63 - 1]")
+        _need(item["id"] not in seen, where, "repeats the id of an earlier item")
+        seen.add(item["id"])
+        _need(_rendered(item.get("input")), where, "has no rendered 'input'")
+        _need(_int(item.get("prediction"), 0, n_classes - 1), where,
+              f"has a 'prediction' that is not a class index in [0, {n_classes - 1}]")
+        conf = item.get("confidence")
+        _need(isinstance(conf, numbers.Real) and not isinstance(conf, bool) and 0 <= conf <= 1, where,
+              "has a 'confidence' that is not a probability")
+        if item.get("attention"):
+            _need(item.get("attention") is True, where, "has an 'attention' that is not true or false")
+        else:
+            _need(_int(item.get("label"), 0, n_classes - 1), where,
+                  f"has a 'label' that is not a class index in [0, {n_classes - 1}]")
+            _need(isinstance(item.get("ai_right"), bool), where, "has an 'ai_right' that is not true or false")
+            _need(item["ai_right"] == (item["label"] == item["prediction"]), where,
+                  "has an 'ai_right' that disagrees with its label and prediction")
+        _views(item.get("views"), {v for c in conditions for v in VIEWS[c]}, where, samples, n_classes)
+    real = sum(not it.get("attention") for it in items)
+    _need(real > 0, "'items'", "holds only attention checks")
+    _need(data["design"] == "between" or real >= len(conditions), "'items'",
+          f"has {real} items for {len(conditions)} conditions; a within-subjects design needs one per condition")
+
+
+def _rendered(value) -> bool:
+    return isinstance(value, dict) and value.get("kind") in ("image", "table", "text")
+
+
+def _views(views, needed: set, where: str, samples: dict, n_classes: int) -> None:
+    _need(isinstance(views, dict), where, "has no 'views' (what each condition shows)")
+    missing = sorted(needed - set(views))
+    _need(not missing, where, f"lacks the views {missing} that its conditions show")
+
+    def ids(value, what):
+        _need(isinstance(value, list) and all(_int(i, 0, _MAX_ID) and str(i) in samples for i in value), where,
+              f"has {what} that are not training samples of 'samples'")
+    if "similar" in needed:
+        ids(views["similar"], "'similar' samples")
+    if "similar_multiclass" in needed:
+        groups = views["similar_multiclass"]
+        _need(isinstance(groups, list) and all(isinstance(g, dict) and _int(g.get("class"), 0, n_classes - 1)
+                                               and isinstance(g.get("probability"), numbers.Real) for g in groups),
+              where, "has 'similar_multiclass' groups without a class index and a probability")
+        for g in groups:
+            ids(g.get("samples"), "'similar_multiclass' samples")
+    if "concepts" in needed:
+        concepts = views["concepts"]
+        _need(isinstance(concepts, list) and all(
+            isinstance(c, dict) and isinstance(c.get("layer"), str) and _int(c.get("cluster"), 0, _MAX_ID)
+            and isinstance(c.get("weight"), numbers.Real) and isinstance(c.get("class_mix"), list)
+            and len(c["class_mix"]) == n_classes and all(isinstance(m, numbers.Real) for m in c["class_mix"])
+            for c in concepts), where, f"has 'concepts' without a layer, cluster, weight and a class mix of "
+                                       f"{n_classes} shares")
+        for c in concepts:
+            ids(c.get("exemplars"), "concept exemplars")
+    if "trust" in needed:
+        trust = views["trust"]
+        _need(trust is None or (isinstance(trust, dict) and isinstance(trust.get("surrogate_agrees"), bool)
+                                and isinstance(trust.get("signals"), dict)
+                                and all(isinstance(v, numbers.Real) for v in trust["signals"].values())),
+              where, "has 'trust' that is not {surrogate_agrees, signals}")

@@ -1,4 +1,16 @@
-"""Turning one input into something a report can show: an inlined PNG, a table of features, or text."""
+"""Turning one input into something a report can show: an inlined PNG, a table of features, or text.
+
+What :class:`Renderer` returns, the form every view (report, notebook, explorer, study) reads:
+
+* ``{"kind": "image", "src": "data:image/png;base64,...", "width": int, "height": int}``;
+* ``{"kind": "table", "rows": [(name, value), ...], "more": int}``: at most ``MAX_FEATURES`` rows, in the
+  order asked for (:mod:`actclust.views.features` puts the features that matter for the input first),
+  values in the data's own units when ``mean``/``std`` are given; ``more`` counts the rows left out;
+* ``{"kind": "text", "text": str}``: a ``render`` that returned a string, or a token sequence, which also
+  carries ``"tokens": [[token, is_special], ...]`` (padding left out), ``"hidden"`` (padding tokens not
+  shown) and ``"more"`` (tokens beyond ``max_tokens``);
+* ``{"kind": "error", "text": str}``: a placeholder naming the input that could not be drawn.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +24,11 @@ import numpy as np
 
 from ..exceptions import DataError, RenderWarning
 
-_MAX_FEATURES = 12
+MAX_FEATURES = 12
+_MAX_FEATURES = MAX_FEATURES
+MAX_TOKENS = 128
+_IDS_KEYS = ("input_ids", "ids", "tokens")
+_MASK_KEYS = ("attention_mask", "mask")
 
 
 class Renderer:
@@ -24,25 +40,42 @@ class Renderer:
         ``render(x) -> str | array``: text, or an image ``(H, W)``, ``(H, W, 3)`` or ``(C, H, W)``
         with values in [0, 1] (float) or 0-255 (uint8). Overrides the defaults below.
     mean, std : float or sequence, optional
-        Per-channel normalisation the model's inputs went through; images are shown as
-        ``x * std + mean``. Without them, images outside [0, 1] are min-max scaled each.
+        The normalisation the model's inputs went through, ``x_model = (x - mean) / std``: images are
+        shown as ``x * std + mean`` (one value, or one per channel), feature rows in their own units
+        the same way (one value, or one per feature). Without them, images outside [0, 1] are
+        min-max scaled each, and feature rows show the model's values.
     feature_names : sequence of str, optional
         Names of the features of 1-D (tabular) inputs.
+    tokenizer : optional
+        How token ids become text: a Hugging Face tokenizer (``convert_ids_to_tokens``), a function
+        ``ids -> list of str``, or a vocabulary (a list indexed by id, or a dict id -> token). Token
+        inputs are 1-D integer inputs, or a dict/tuple whose ``input_ids`` (else first 1-D integer
+        part) are the ids; their ``attention_mask`` hides the padding (without a mask, trailing pad
+        ids: the tokenizer's ``pad_token_id``, else 0). Without a tokenizer the ids are shown.
+    max_tokens : int, default=128
+        Tokens shown per input; the rest are counted.
     """
 
-    def __init__(self, render: Optional[Callable] = None, mean=None, std=None, feature_names=None):
-        self.render, self.feature_names = render, feature_names
+    def __init__(self, render: Optional[Callable] = None, mean=None, std=None, feature_names=None, tokenizer=None,
+                 max_tokens: int = MAX_TOKENS):
+        self.render, self.feature_names, self.tokenizer, self.max_tokens = render, feature_names, tokenizer, max_tokens
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
         self.failures: list = []
 
-    def __call__(self, x, what: str) -> dict:
+    def __call__(self, x, what: str, order=None, max_rows: int = MAX_FEATURES) -> dict:
+        """``x`` drawn (see the module's docstring); ``order``: feature indices of a table, first shown
+        first; ``max_rows``: rows of a table (fewer for the small tables beside another)."""
         try:
             if self.render is not None:
                 return self._from_user(self.render(x))
-            if isinstance(x, (dict, tuple)):  # a model with several inputs: one row per input
-                return _parts_table(x)
-            return self._default(np.asarray(x))
+            if isinstance(x, (dict, tuple)):  # a model with several inputs: tokens, else one row per input
+                ids, mask = _token_parts(x)
+                return self._tokens(ids, mask) if ids is not None else _parts_table(x)
+            x = np.asarray(x)
+            if x.ndim == 1 and x.dtype.kind in "iub":  # token ids (an embedding's input)
+                return self._tokens(x, None)
+            return self._default(x, order, max_rows)
         except Exception as e:  # a report shows every input it can, and says which it could not
             message = f"could not render {what}: {type(e).__name__}: {e}"
             self.failures.append(message)
@@ -59,13 +92,28 @@ class Renderer:
         raise DataError(f"render returned {type(out).__name__}; expected a str or an image array "
                         "(H, W), (H, W, 3) or (C, H, W)")
 
-    def _default(self, x: np.ndarray) -> dict:
+    def table_values(self, x: np.ndarray) -> np.ndarray:
+        """A feature row in the data's own units: ``x * std + mean`` (one value, or one per feature)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if self.mean is None and self.std is None:
+            return x
+        mean = np.zeros(1) if self.mean is None else self.mean.reshape(-1).astype(np.float64)
+        std = np.ones(1) if self.std is None else self.std.reshape(-1).astype(np.float64)
+        if {mean.size, std.size} - {1, x.size}:
+            raise DataError(f"mean/std give {mean.size}/{std.size} values for a row of {x.size} features; "
+                            "give one value, or one per feature")
+        return x * std + mean
+
+    def _default(self, x: np.ndarray, order=None, max_rows: int = MAX_FEATURES) -> dict:
         if x.ndim == 1:
             names = self.feature_names or [f"x{i}" for i in range(len(x))]
             if len(names) != len(x):
                 raise DataError(f"{len(names)} feature names for {len(x)} features")
-            rows = [(str(n), f"{float(v):.4g}") for n, v in zip(names[:_MAX_FEATURES], x[:_MAX_FEATURES])]
-            return {"kind": "table", "rows": rows, "more": max(0, len(x) - _MAX_FEATURES)}
+            values = self.table_values(x)
+            shown = np.arange(len(x)) if order is None else np.asarray(order, dtype=np.int64).reshape(-1)
+            shown = shown[:max_rows]
+            rows = [(str(names[j]), _number(values[j])) for j in shown]
+            return {"kind": "table", "rows": rows, "more": max(0, len(x) - len(rows))}
         if not _is_image(x):
             raise DataError(f"an input of shape {x.shape} is not an image or a feature row; pass render=")
         img = _channels_last(x.astype(np.float32))
@@ -80,6 +128,79 @@ class Renderer:
             low, high = float(img.min()), float(img.max())
             img = (img - low) / (high - low) if high > low else np.zeros_like(img)
         return _image(_to_uint8(img))
+
+
+    def _tokens(self, ids, mask) -> dict:
+        """Token ids as a strip of tokens (padding hidden) and as text."""
+        ids = np.asarray(ids).reshape(-1).astype(np.int64)
+        if mask is not None:
+            keep = np.asarray(mask).reshape(-1)[:len(ids)].astype(bool)
+        else:  # no mask: trailing pad ids are padding
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            pad = 0 if pad is None else int(pad)
+            end = len(ids)
+            while end > 0 and ids[end - 1] == pad:
+                end -= 1
+            keep = np.arange(len(ids)) < end
+        visible = ids[keep]
+        shown = visible[:self.max_tokens].tolist()
+        words = self._words(shown)
+        special = set(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) or [])
+        text = self._text(words) if self.tokenizer is not None else " ".join(words)
+        return {"kind": "text", "text": text, "tokens": [[w, i in special] for w, i in zip(words, shown)],
+                "hidden": int((~keep).sum()), "more": int(len(visible) - len(shown)),
+                "ids": self.tokenizer is None}
+
+    def _words(self, ids: list) -> list:
+        tok = self.tokenizer
+        if tok is None:
+            return [str(i) for i in ids]
+        if hasattr(tok, "convert_ids_to_tokens"):  # Hugging Face
+            words = tok.convert_ids_to_tokens(ids)
+        elif isinstance(tok, dict):
+            words = [tok.get(i, f"[{i}]") for i in ids]
+        elif isinstance(tok, (list, tuple)):
+            words = [tok[i] if 0 <= i < len(tok) else f"[{i}]" for i in ids]
+        elif callable(tok):
+            words = tok(ids)
+        else:
+            raise DataError(f"tokenizer is a {type(tok).__name__}; give a Hugging Face tokenizer, a function "
+                            "ids -> list of str, or a vocabulary (list or dict)")
+        words = [str(w) for w in words]
+        if len(words) != len(ids):
+            raise DataError(f"the tokenizer gave {len(words)} tokens for {len(ids)} ids")
+        return words
+
+    def _text(self, words: list) -> str:
+        join = getattr(self.tokenizer, "convert_tokens_to_string", None)
+        if join is not None:
+            try:
+                return str(join(list(words)))
+            except Exception:  # a tokenizer that cannot join these tokens: spaces will do
+                pass
+        return " ".join(words)
+
+
+def _number(v: float) -> str:
+    return f"{float(v):.4g}"
+
+
+def _token_parts(x):
+    """``(ids, mask)`` of a dict or tuple input holding token ids, else ``(None, None)``."""
+    items = list(x.items()) if isinstance(x, dict) else list(enumerate(x))
+    arrays = [(k, np.asarray(v)) for k, v in items]
+    ints = [(k, v) for k, v in arrays if v.ndim == 1 and v.dtype.kind in "iu"]
+    if not ints:
+        return None, None
+    ids = next((v for k, v in ints if k in _IDS_KEYS), None)
+    ids_key = next((k for k, v in ints if k in _IDS_KEYS), None)
+    if ids is None:
+        ids_key, ids = ints[0]
+    mask = next((v for k, v in arrays if k in _MASK_KEYS and v.shape == ids.shape), None)
+    if mask is None and not isinstance(x, dict):  # a tuple: a 0/1 part as long as the ids is the mask
+        mask = next((v for k, v in arrays if k != ids_key and v.shape == ids.shape and v.dtype.kind in "iub"
+                     and np.isin(v, (0, 1)).all()), None)
+    return ids, mask
 
 
 def _parts_table(x) -> dict:

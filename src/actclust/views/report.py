@@ -12,6 +12,7 @@ import numbers
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
 from .render import Renderer
@@ -27,7 +28,7 @@ _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
 def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=None, std=None,
            class_names=None, feature_names=None, indices=None, n_correct: int = 4, n_wrong: int = 4,
            k: int = 6, n_exemplars: int = 6, n_edge: int = 3, trust=None, title: str = "actclust report",
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, tokenizer=None) -> Path:
     """Write an HTML report of the fitted explainer ``ac`` on inputs ``X`` (labels ``y``, optional).
 
     Parameters
@@ -40,9 +41,12 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     train : ndarray, Tensor or Dataset, optional
         The training inputs ``fit`` saw, in the same order, to show similar samples and concept
         exemplars; without it they appear as their training indices.
-    render, mean, std, feature_names
-        How inputs are drawn; see :class:`actclust.views.render.Renderer`. A ``render`` that raises
-        gives a visible placeholder naming the input, and a warning; the report still completes.
+    render, mean, std, feature_names, tokenizer
+        How inputs are drawn; see :class:`actclust.views.render.Renderer`: ``mean``/``std`` undo the
+        model's normalisation of images and of feature rows (tables then show the data's own units),
+        ``tokenizer`` turns token ids into tokens (padding hidden). A ``render`` that raises gives a
+        visible placeholder naming the input, and a warning; the report still completes. Feature
+        tables list first the features that matter for the input (:mod:`actclust.views.features`).
     indices : sequence of int, optional
         Inputs of ``X`` to explain. By default ``n_correct`` inputs the DNN got right and
         ``n_wrong`` it got wrong (with no labels: where the surrogate agrees / disagrees with it).
@@ -90,24 +94,38 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
         picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
         explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta,
-                               search=ac.search)
-    renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names)
-    cards = [{"e": e, "x": renderer(x, f"input {int(chosen[j])}"), "row": int(chosen[j])}
-             for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key)))]
-    gallery = {l: concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))
-               for l in state.layers}
-    # Every training sample shown is drawn before the page, so the failure banner counts them all.
-    shown = sorted({i for e in explanations for lay in e.layers for i in lay["exemplars"][:4]}
-                   | {s["index"] for e in explanations for p in e.similar.values() for s in p}
-                   | {i for cs in gallery.values() for c in cs for i in c.exemplars + c.edge})
+                               search=ac.search, progress=ac.progress)
+    renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names, tokenizer=tokenizer)
+    tabular = _tabular(state) and render is None
+    order = _feature_order(state, train, mean, std, ac.label_key) if tabular else None
+    cards = []
+    for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
+        o = order.of_input(x, e.layers[-1]["cluster"]) if order is not None else None
+        cards.append({"e": e, "x": renderer(x, f"input {int(chosen[j])}", order=o), "row": int(chosen[j]),
+                      "order": _key(o)})
+    gallery = {}
+    for l in tqdm(state.layers, desc="drawing concepts", disable=not ac.progress, leave=False):
+        gallery[l] = concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))
+    n_features = state.input_spec.shape[0] if tabular else 0
+    concept_order = {(l, c.cluster): _key(order.of_cluster(l, c.cluster, n_features)) if order is not None else None
+                     for l, cs in gallery.items() for c in cs}
+    # Every training sample shown is drawn before the page, so the failure banner counts them all; a
+    # table is drawn in the order of the card or concept that shows it.
+    wanted = ({(i, c["order"]) for c in cards for lay in c["e"].layers for i in lay["exemplars"][:4]}
+              | {(s["index"], c["order"]) for c in cards for p in c["e"].similar.values() for s in p}
+              | {(i, concept_order[l, c.cluster]) for l, cs in gallery.items() for c in cs for i in c.exemplars + c.edge})
+    shown = sorted({i for i, _ in wanted})
     if train is None:
-        samples = {i: {"kind": "text", "text": f"#{i}"} for i in shown}
+        samples = {key: {"kind": "text", "text": f"#{key[0]}"} for key in wanted}
     else:
-        samples = {i: renderer(x, f"training sample {i}") for i, x in zip(shown, rows(train, shown, label_key=ac.label_key, name="train"))}
+        raw = dict(zip(shown, rows(train, shown, label_key=ac.label_key, name="train")))
+        samples = {(i, o): renderer(raw[i], f"training sample {i}", order=o) for i, o in sorted(wanted, key=str)}
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, ac=ac, state=state, scores=summary, names=names, colors=[_color(c) for c in range(state.n_classes)],
-        gallery=gallery, cards=cards, how=how, train_sample=samples.__getitem__, has_train=train is not None,
+        gallery=gallery, cards=cards, how=how, train_sample=lambda i, o=None: samples[i, o], has_train=train is not None,
+        concept_order=concept_order, order_note=order.note if order is not None else "",
+        thresholds=next((e.trust_thresholds for e in explanations if e.trust_thresholds), None),
         n_exemplars=n_exemplars, model_name=meta["model_class"].rsplit(".", 1)[-1], failures=renderer.failures,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
@@ -116,6 +134,24 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write(out, html, what="report")
     return out
+
+
+def _tabular(state) -> bool:
+    spec = state.input_spec
+    return spec.kind == "tensor" and len(spec.shape) == 1 and "float" in spec.parts[0][2]
+
+
+def _feature_order(state, train, mean, std, label_key):
+    from .features import FeatureOrder
+
+    if train is not None:
+        return FeatureOrder.from_train(state, train, label_key)
+    return FeatureOrder.standardised() if mean is not None or std is not None else FeatureOrder.file_order()
+
+
+def _key(order):
+    """A feature order as a dictionary key (the rows a table shows, and a few more)."""
+    return None if order is None else tuple(int(j) for j in order[:16])
 
 
 def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):
