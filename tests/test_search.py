@@ -68,3 +68,84 @@ def test_auto_threshold():
     assert resolve_search("auto", AUTO_EXACT_ROWS, 1) == "approximate"
     assert resolve_search("auto", AUTO_EXACT_ROWS - 1, 10**4) == "exact"
     assert resolve_search("exact", 10**9, 10**3) == "exact"
+
+
+# every kind of approximate index the library builds finds >= 95% of the exact 10 nearest for each preset,
+# alone and as explain's shared search of "low" and "high": float32 codes, 8-bit codes re-ranked exactly,
+# and (past HNSW_LISTS lists, lowered here) an HNSW graph over lists trained by two-level k-means
+@pytest.mark.parametrize("codes, hnsw", [("flat", False), ("sq8", False), ("sq8", True)])
+def test_approximate_indexes_recall(codes, hnsw, monkeypatch):
+    from actclust.analysis import indexes
+
+    if hnsw:
+        monkeypatch.setattr(indexes, "HNSW_LISTS", 64)
+    both = _clustered_vectors(12300, n_clusters=40)
+    train = {l: v[:12000] for l, v in both.items()}
+    queries = {l: v[12000:] for l, v in both.items()}
+    stats = layer_stats(train)
+    exact, approx = Index(train, stats), ApproximateIndex(train, stats, random_state=0, codes=codes)
+    assert approx.codes == codes and approx.nlist == indexes.n_lists(12000)
+    import faiss
+
+    assert isinstance(faiss.downcast_index(approx.index.quantizer), faiss.IndexHNSWFlat) == hnsw
+    layers = list(train)
+    ws = [layer_weights(p, layers) for p in ("low", "high", "equal")]
+    truth = [exact.search(queries, 10, w)[0] for w in ws]
+    alone = [approx.search(queries, 10, w)[0] for w in ws]
+    shared = approx.search_many(queries, 10, ws[:2])
+    for t, a in zip(truth + truth[:2], alone + [s[0] for s in shared]):
+        recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, t)])
+        assert recall >= 0.95, (codes, hnsw, recall)
+
+
+# the lists grow with n: 4 sqrt(n) up to about 160,000 rows, then 100 rows per list (at least 39 rows each)
+def test_lists_grow_with_n():
+    from actclust.analysis.indexes import n_lists
+
+    assert [n_lists(n) for n in (10, 100, 10_000, 100_000, 1_000_000, 10_000_000)] == [1, 2, 256, 1265, 10_000,
+                                                                                        100_000]
+
+
+# a deep search that leaves rows out (trust's 200 neighbours among the reference rows) comes back full:
+# no -1 ids, no excluded row, finite distances, and close to the exact answer
+def test_deep_search_with_exclusion_is_never_short():
+    train = {"layer1": _clustered_vectors(6000)["layer1"]}
+    stats = layer_stats(train)
+    exact, approx = Index(train, stats), ApproximateIndex(train, stats, random_state=0)
+    exclude = np.zeros(6000, dtype=bool)
+    exclude[np.random.default_rng(1).permutation(6000)[:600]] = True
+    q = {"layer1": train["layer1"][:300] + 0.01}
+    a_idx, a_dist, _ = approx.search(q, 200, np.ones(1), exclude=exclude, shares=False)
+    e_idx, _, _ = exact.search(q, 200, np.ones(1), exclude=exclude, shares=False)
+    assert (a_idx >= 0).all() and not exclude[a_idx].any() and np.isfinite(a_dist).all()
+    assert np.mean([len(set(x) & set(y)) / 200 for x, y in zip(a_idx, e_idx)]) >= 0.85
+
+
+# an approximate index is saved with the run, checked by SHA-256 and memory-mapped at load, not rebuilt
+def test_approximate_index_saved_with_the_run(fitted, data, model, tmp_path, monkeypatch):
+    import json
+
+    import actclust
+    from actclust import InvalidSaveError
+    from actclust.analysis import indexes
+
+    x = data[0]
+    want = fitted.similar(x[:8], k=4, weights="high", search="approximate").indices
+    fitted.save(tmp_path / "run")
+    names = sorted(f.name for f in (tmp_path / "run").iterdir() if f.name.startswith("index_"))
+    assert [n.rsplit(".", 1)[1] for n in names] == ["faiss", "safetensors"]
+    assert set(names) <= set(json.loads((tmp_path / "run" / "manifest.json").read_text())["files"])
+
+    def no_build(self, progress):
+        raise AssertionError("the saved index was rebuilt")
+
+    monkeypatch.setattr(indexes.ApproximateIndex, "_build", no_build)
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert np.array_equal(loaded.similar(x[:8], k=4, weights="high", search="approximate").indices, want)
+
+    faiss_file = tmp_path / "run" / names[0]
+    data_bytes = bytearray(faiss_file.read_bytes())
+    data_bytes[-1] ^= 0xFF
+    faiss_file.write_bytes(bytes(data_bytes))
+    with pytest.raises(InvalidSaveError, match=r"index_retrieval-[0-9a-f]{16}\.faiss does not match its SHA-256"):
+        actclust.load(tmp_path / "run", model, progress=False)

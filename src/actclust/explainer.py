@@ -463,6 +463,7 @@ def load(path, model, *, output=None, progress: bool = True, verify: bool = True
     except TypeError as e:
         raise InvalidSaveError(f"The saved run at {path} has parameters this actclust does not know ({e}).") from None
     check_model(state, manifest, adapt(model, output), path)
+    ac._backend()  # a device that is not here (device="cuda" without CUDA) is refused now, not at first use
     ac.state_ = state
     return ac
 

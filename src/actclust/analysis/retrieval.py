@@ -245,7 +245,8 @@ def _index(state: FittedState, method: str, progress: bool = False, space: str =
     vectors = _vectors(state, space)
     method = resolve_search(method, state.n_samples, sum(v.shape[1] for v in vectors.values()), backend)
     cache = state.cache.setdefault("retrieval", {})
-    where = backend.device if method == "exact" else "host"  # the approximate index is faiss on the host
+    # the approximate index is faiss on the host; an exact one is kept per backend (rows may live on its device)
+    where = f"{backend.name}:{backend.device}" if method == "exact" else "host"
     if (space, method, where) not in cache:
         saved = state.cache.get("saved_indexes", {}).get(space) if method == "approximate" else None
         if saved is not None:
