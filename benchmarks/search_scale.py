@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 log(f"  first approximate call, {p}: {t:.1f} s")
             index = ac.state_.cache["retrieval"]["retrieval", "approximate", "host"]
             r["index"] = {"lists": int(index.nlist), "codes": index.codes,
-                          "quantizer": type(index.index.quantizer).__name__,
+                          "quantizer": type(__import__("faiss").downcast_index(index.index.quantizer)).__name__,
                           "probes": {p: int(index._settings(_weights(ac, p))[0]) for p in PRESETS},
                           "calibration_recall": {p: float(index.recall[_key(ac, p)]) for p in PRESETS}}
             log(f"  index: {r['index']}")

@@ -86,7 +86,8 @@ class ActivationClustering:
         re-ranked exactly for large sets) calibrated per weighting for recall@10 >= 0.97, saved
         with the run; ``"auto"`` is exact below
         :data:`actclust.analysis.retrieval.AUTO_EXACT_ROWS` (2,000) training samples, and on a GPU
-        (``device``), where exact search by matrix products is the faster.
+        (``device``), where it runs as chunked matrix products (not yet timed against an
+        approximate index on a GPU: see docs/speed.md).
     spatial_grid : int or None, default=4
         Retrieval only: each layer with a ``(N, C, H, W)`` map also stores it average-pooled to
         ``spatial_grid x spatial_grid`` (projected to 64 values when wider; see
@@ -117,6 +118,13 @@ class ActivationClustering:
         has GPUs, else 0), ``columns`` (which columns of a ``ray.data.Dataset`` are the model's
         inputs; by default every column but the label, see the README). ``batch_size`` is the
         estimator's.
+    device : None, "cpu", "cuda", "cuda:N", torch.device or Backend, default=None
+        Where the work after the model's pass runs: k-means (seeding and Lloyd iterations), the
+        distances to the centres and exact neighbour searches. ``None``: the model's device (a
+        PyTorch model on CUDA computes there, with :class:`actclust.adapters.torch_compute.TorchBackend`;
+        everything else on the host with NumPy, scikit-learn and faiss). A device that is not here
+        (``"cuda"`` without CUDA) is a :class:`ParameterError`. Not saved with a run: ``load`` takes
+        its own, so a run fitted on a GPU loads and answers on a machine without one.
 
     Attributes
     ----------
