@@ -34,6 +34,8 @@ __all__ = ["TorchBackend"]
 
 _EPS = 1.0 / 1024  # faiss' perturbation when an empty cluster takes half of another
 _MIN_CHUNK = 16
+# torch.OutOfMemoryError is torch >= 2.5; torch 2.1-2.4 (which actclust supports) raise torch.cuda's.
+_OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 class TorchBackend(Backend):
@@ -65,10 +67,12 @@ class TorchBackend(Backend):
         while True:
             try:
                 return step(*args)
-            except torch.OutOfMemoryError:
+            except _OOM:
                 if self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK:
                     raise
-                self.rows, self.block = max(_MIN_CHUNK, self.rows // 2), max(_MIN_CHUNK * _MIN_CHUNK, self.block // 2)
+                # Halved down to the minimum; a chunk already below it is kept, never enlarged.
+                self.rows = max(min(self.rows, _MIN_CHUNK), self.rows // 2)
+                self.block = max(min(self.block, _MIN_CHUNK * _MIN_CHUNK), self.block // 2)
                 if self.torch_device.type == "cuda":
                     torch.cuda.empty_cache()
                 if not self._warned:
@@ -77,7 +81,10 @@ class TorchBackend(Backend):
                                   f"({self.rows} rows, {self.block} scores at once).", DeviceMemoryWarning, stacklevel=4)
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not a.flags.writeable:  # a read-only memory map (a store on disk): torch warns on those
+            a = a.copy()
+        t = torch.from_numpy(a)
         if self.torch_device.type == "cuda":
             t = t.pin_memory()
         return t.to(self.torch_device, non_blocking=True)
@@ -126,7 +133,7 @@ class TorchBackend(Backend):
             best = int(torch.argmin(pots))
             pot, closest = float(pots[best]), d[best]
             ids.append(int(cand[best]))
-        return np.ascontiguousarray(np.asarray(X, dtype=np.float32)[ids])
+        return np.asarray(ids, dtype=np.int64)
 
     def lloyd(self, X, init, niter, seed):
         return self._retry(self._lloyd, X, init, niter, seed)
@@ -134,11 +141,12 @@ class TorchBackend(Backend):
     def _lloyd(self, X, init, niter, seed):
         """faiss' ``Clustering::train``: ``niter`` times assign (objective = sum of squared distances),
         then each centre to the mean of its rows; an empty cluster takes a copy of a cluster drawn by
-        size, both moved by ``1 +- 1/1024`` in alternate coordinates."""
+        size with faiss' draws, both moved by ``1 +- 1/1024`` in alternate coordinates."""
+        if len(X) == len(init):  # faiss' corner case: the rows are the centres, objective 0
+            return np.array(X, dtype=np.float32), 0.0
         x = self._to(X)
         c = self._to(init).clone()
         k, n = len(c), len(x)
-        rng = np.random.default_rng(seed)
         obj = 0.0
         x_sq = (x * x).sum(1, keepdim=True)
         for _ in range(niter):
@@ -153,15 +161,19 @@ class TorchBackend(Backend):
             counts = torch.bincount(assign, minlength=k)
             sums = torch.zeros_like(c).index_add_(0, assign, x)
             c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].to(c.dtype), torch.zeros_like(c))
-            sizes = counts.cpu().numpy().astype(np.float64)
+            sizes = counts.cpu().numpy().astype(np.float32)  # faiss' float hassign
+            # faiss draws from a fresh std::mt19937(1234) in every iteration that splits (whatever the
+            # seed): RandomState(1234) is that generator, mt() / float(mt.max()) its float draw.
+            rng = np.random.RandomState(1234) if (sizes == 0).any() else None
             for ci in np.flatnonzero(sizes == 0):
                 cj = 0
-                while rng.random() >= (sizes[cj] - 1.0) / max(n - k, 1):
+                while not (np.float32(rng.randint(0, 1 << 32, dtype=np.uint32)) / np.float32(4294967295)
+                           < np.float32((float(sizes[cj]) - 1.0) / float(np.float32(n - k)))):
                     cj = (cj + 1) % k
                 sign = torch.where(torch.arange(c.shape[1], device=c.device) % 2 == 0, 1.0, -1.0)
                 c[ci] = c[cj] * (1 + _EPS * sign)
                 c[cj] = c[cj] * (1 - _EPS * sign)
-                sizes[ci] = sizes[cj] // 2
+                sizes[ci] = sizes[cj] / 2
                 sizes[cj] -= sizes[ci]
         return c.cpu().numpy(), obj
 
@@ -171,7 +183,8 @@ class TorchBackend(Backend):
 
     def _chunks(self, rows, n, cache):
         """The index rows on the device, chunk by chunk: kept in ``cache`` when they fit."""
-        if cache is not None and cache.get("rows") is not None and cache.get("chunk") == self.rows:
+        if cache is not None and cache.get("rows") is not None and cache.get("chunk") == self.rows \
+                and cache.get("n") == n:  # rows kept for another n (the index grew) are not reused
             yield from cache["rows"]
             return
         kept, keep = [], cache is not None and self._fits(n, rows)
@@ -181,7 +194,7 @@ class TorchBackend(Backend):
                 kept.append((start, t))
             yield start, t
         if keep:
-            cache.update(rows=kept, chunk=self.rows)
+            cache.update(rows=kept, chunk=self.rows, n=n)
 
     def _fits(self, n, rows) -> bool:
         width = rows(0, 1).shape[1]
@@ -212,8 +225,10 @@ class TorchBackend(Backend):
                         keep = vals.topk(k, dim=1)
                         best[j][0][s:s + step] = keep.values
                         best[j][1][s:s + step] = torch.gather(idx, 1, keep.indices)
-        except torch.OutOfMemoryError:
+        except _OOM:
             if cache is not None:
                 cache.clear()  # streamed from the host from now on
             raise
-        return [(torch.where(torch.isfinite(v), i, -1).cpu().numpy(), v.cpu().numpy()) for v, i in best]
+        # Padding as the host's (faiss' heaps): id -1, score the lowest float32.
+        return [(torch.where(torch.isfinite(v), i, -1).cpu().numpy(),
+                 torch.where(torch.isfinite(v), v, torch.finfo(v.dtype).min).cpu().numpy()) for v, i in best]
