@@ -258,3 +258,13 @@ def test_bert_logits_ignore_extra_padding(token_data, trained_bert):
         short = trained_bert(input_ids=ids, attention_mask=mask).logits
         long = trained_bert(input_ids=torch.cat([ids, extra], 1), attention_mask=torch.cat([mask, extra], 1)).logits
     np.testing.assert_allclose(long.numpy(), short.numpy(), rtol=0, atol=1e-5)
+
+
+# an unknown stem is refused with the choices
+def test_resnet_unknown_stem_refused():
+    from actclust import ParameterError
+    from actclust.models import ResNet
+
+    with pytest.raises(ParameterError, match=r"The 'stem' parameter of ResNet must be 'small' or 'imagenet'. "
+                                             r"Got 'cifar' instead."):
+        ResNet(stem="cifar")

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .exceptions import ParameterError
+
 __all__ = ["SmallCNN", "digits_cnn", "fashion_cnn", "BasicBlock", "Bottleneck", "ResNet", "resnet18",
            "resnet50", "train_classifier", "accuracy"]
 
@@ -132,7 +134,7 @@ class ResNet(nn.Module):
                  block=BasicBlock, stem: str = "small"):
         super().__init__()
         if stem not in ("small", "imagenet"):
-            raise ValueError(f"stem must be 'small' or 'imagenet'; got {stem!r}")
+            raise ParameterError(f"The 'stem' parameter of ResNet must be 'small' or 'imagenet'. Got {stem!r} instead.")
         self.inplanes = width
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
