@@ -1,5 +1,7 @@
 """Approximate similar-sample search against exact search, and the choice between them."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -142,10 +144,18 @@ def test_approximate_index_saved_with_the_run(fitted, data, model, tmp_path, mon
     monkeypatch.setattr(indexes.ApproximateIndex, "_build", no_build)
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert np.array_equal(loaded.similar(x[:8], k=4, weights="high", search="approximate").indices, want)
+    # a loaded run saved again keeps its index (the mapped file is copied: faiss would write a reference to it)
+    loaded.save(tmp_path / "again")
+    again = actclust.load(tmp_path / "again", model, progress=False)
+    assert np.array_equal(again.similar(x[:8], k=4, weights="high", search="approximate").indices, want)
+    del again
 
+    # the edit goes to a new file put in place (as an editor saves): the loaded run still maps the old
+    # one, and truncating a mapped file in place would crash this process (SIGBUS), not test the check
     faiss_file = tmp_path / "run" / names[0]
     data_bytes = bytearray(faiss_file.read_bytes())
     data_bytes[-1] ^= 0xFF
-    faiss_file.write_bytes(bytes(data_bytes))
+    (tmp_path / "edited").write_bytes(bytes(data_bytes))
+    os.replace(tmp_path / "edited", faiss_file)
     with pytest.raises(InvalidSaveError, match=r"index_retrieval-[0-9a-f]{16}\.faiss does not match its SHA-256"):
         actclust.load(tmp_path / "run", model, progress=False)

@@ -25,6 +25,7 @@ attached to the run and checked by SHA-256 at load) and read back memory-mapped 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
@@ -474,6 +475,12 @@ def index_files(index: ApproximateIndex, token: str) -> dict:
     from safetensors.numpy import save
 
     def write_index(write):
+        source = getattr(index, "source", None)
+        if source is not None:  # read back memory-mapped: faiss would write a reference to the file, so copy it
+            with open(source, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    write(block)
+            return
         faiss.write_index(index.index, faiss.PyCallbackIOWriter(lambda b: write(b) or len(b)))
 
     meta = {"format": _FORMAT, "layers": index.layers, "n": index.n, "d": index.d, "codes": index.codes,
@@ -509,4 +516,6 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
         raise InvalidSaveError(f"The saved search index {faiss_path} holds {index.ntotal} rows of {index.d} values; "
                                f"the run has {n} rows of {meta.get('d')}.")
     stats = {l: (arrays[f"mean/{j}"], float(arrays["scales"][j])) for j, l in enumerate(layers)}
-    return ApproximateIndex(train_vectors, stats, index=index, saved={**meta, "held": arrays["held"]})
+    out = ApproximateIndex(train_vectors, stats, index=index, saved={**meta, "held": arrays["held"]})
+    out.source = Path(faiss_path) if mmap else None  # what a later save copies (see index_files)
+    return out
