@@ -94,7 +94,7 @@ def test_explain_leaves_gc_as_it_was(fitted, data, enabled, monkeypatch):
         gc.enable()
     a, b = es[0], es[1]
     for part in (lambda e: e.class_names, lambda e: e.surrogate["prior"], lambda e: e.layers[0]["exemplars"],
-                 lambda e: e.meta):
+                 lambda e: e.meta, lambda e: e.meta["layers"]):
         assert part(a) == part(b) and part(a) is not part(b)
     a.surrogate["prior"][0] = -1.0
     a.layers[0]["exemplars"].append(-1)

@@ -195,11 +195,15 @@ def _build(state, q, probas, combined, w, prior, exemplars, near, class_names, s
             dnn={"prediction": pred, "probability": proba_i[pred], "probabilities": proba_i},
             surrogate={"prediction": surrogate_pred[i], "probabilities": comb[i], "prior": prior_list[:]},
             layers=layers, similar={p: rows[i] for p, rows in sims}, class_names=None if names is None else names[:],
-            trust=trust_rows[i], meta=None if meta is None else dict(meta),
+            trust=trust_rows[i], meta=None if meta is None else _copy_meta(meta),
             trust_notes=None if notes is None else list(notes),
             trust_thresholds=None if thresholds is None else _copy(thresholds),
         ))
     return out
+
+
+def _copy_meta(meta: dict) -> dict:
+    return {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
 
 
 def _copy(thresholds: dict) -> dict:
