@@ -398,22 +398,30 @@ class ApproximateIndex(Index):
             ws = [np.asarray(w, np.float64) for w in weights] if group else [np.asarray(weights, np.float64)]
             queries = {l: take(self.train_vectors[l], self.held) for l in self.layers}
             k = min(11, self.n)  # each held-out row finds itself: it is left out of both sides
-            truth = [i for i, _ in Index.candidates(self, queries, k, ws)]
-            for rerank in (1,) if self.codes == "flat" and not group else _RERANKS:
-                nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth)
-                if recall >= TARGET_RECALL:
-                    break
+            # a new weighting waits for an exact search and a few trial searches (25 s at 1M rows): say so
+            with tqdm(desc="calibrating the approximate search", unit=" search", disable=not self.progress,
+                      leave=False) as bar:
+                truth = [i for i, _ in Index.candidates(self, queries, k, ws)]
+                bar.update()
+                for rerank in (1,) if self.codes == "flat" and not group else _RERANKS:
+                    nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth, bar)
+                    if recall >= TARGET_RECALL:
+                        break
             self.recall[key] = recall
         return self.settings[key]
 
-    def _probes(self, key, rerank, queries, k, w, truth) -> tuple:
+    def _probes(self, key, rerank, queries, k, w, truth, bar=None) -> tuple:
         """The fewest lists probed (doubling, then halving the last step) for which the calibration queries
         reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``."""
         ws = w if isinstance(w, list) else [w]
 
         def recall_at(nprobe):  # the worst of the weightings
             self.settings[key] = (nprobe, rerank)
-            return min(_recall(found[0], t, self.held) for found, t in zip(self.search_many(queries, k, ws), truth))
+            recall = min(_recall(found[0], t, self.held) for found, t in zip(self.search_many(queries, k, ws), truth))
+            if bar is not None:
+                bar.set_postfix(lists=nprobe, recall=f"{recall:.3f}", refresh=False)
+                bar.update()
+            return recall
 
         low, nprobe = 0, 1
         recall = recall_at(nprobe)
