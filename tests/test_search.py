@@ -74,13 +74,22 @@ def test_auto_threshold():
 
 # every kind of approximate index the library builds finds >= 95% of the exact 10 nearest for each preset,
 # alone and as explain's shared search of "low" and "high": float32 codes, 8-bit codes re-ranked exactly,
-# and (past HNSW_LISTS lists, lowered here) an HNSW graph over lists trained by two-level k-means
-@pytest.mark.parametrize("codes, hnsw", [("flat", False), ("sq8", False), ("sq8", True)])
-def test_approximate_indexes_recall(codes, hnsw, monkeypatch):
+# and (past HNSW_LISTS lists, lowered here) lists trained by two-level k-means with rows assigned through an
+# HNSW graph, whose queries search the centres flat, or (past GRAPH_QUERY_LISTS, lowered too) through the graph
+@pytest.mark.parametrize("codes, hnsw, graph", [("flat", False, False), ("sq8", False, False), ("sq8", True, False),
+                                                ("sq8", True, True)])
+def test_approximate_indexes_recall(codes, hnsw, graph, monkeypatch):
+    from faiss.contrib import clustering
+
     from actclust.analysis import indexes
 
     if hnsw:
         monkeypatch.setattr(indexes, "HNSW_LISTS", 64)
+    if graph:
+        monkeypatch.setattr(indexes, "GRAPH_QUERY_LISTS", 64)
+    two_level = []
+    real = clustering.two_level_clustering
+    monkeypatch.setattr(clustering, "two_level_clustering", lambda *a, **k: two_level.append(1) or real(*a, **k))
     both = _clustered_vectors(12300, n_clusters=40)
     train = {l: v[:12000] for l, v in both.items()}
     queries = {l: v[12000:] for l, v in both.items()}
@@ -89,7 +98,9 @@ def test_approximate_indexes_recall(codes, hnsw, monkeypatch):
     assert approx.codes == codes and approx.nlist == indexes.n_lists(12000)
     import faiss
 
-    assert isinstance(faiss.downcast_index(approx.index.quantizer), faiss.IndexHNSWFlat) == hnsw
+    assert bool(two_level) == hnsw
+    assert isinstance(faiss.downcast_index(approx.index.quantizer), faiss.IndexHNSWFlat) == graph
+    assert isinstance(faiss.downcast_index(approx.index.quantizer), faiss.IndexFlat) == (not graph)
     layers = list(train)
     ws = [layer_weights(p, layers) for p in ("low", "high", "equal")]
     truth = [exact.search(queries, 10, w)[0] for w in ws]
@@ -97,7 +108,7 @@ def test_approximate_indexes_recall(codes, hnsw, monkeypatch):
     shared = approx.search_many(queries, 10, ws[:2])
     for t, a in zip(truth + truth[:2], alone + [s[0] for s in shared]):
         recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, t)])
-        assert recall >= 0.95, (codes, hnsw, recall)
+        assert recall >= 0.95, (codes, hnsw, graph, recall)
 
 
 # the lists grow with n: 4 sqrt(n) up to about 160,000 rows, then 100 rows per list (at least 39 rows each)

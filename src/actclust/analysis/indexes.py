@@ -14,8 +14,9 @@ lists whose centres are nearest *in its own weighting* (a centre is stored as a 
 squared norms, so the inner product with the query ranks centres exactly). Codes are float32 (exact
 scores) while the index holds at most :data:`FLAT_BYTES`, else 8-bit (a quarter), whose candidates are
 re-ranked by exact distances from the store. Lists grow with ``n`` (:func:`n_lists`); past
-:data:`HNSW_LISTS` the centres are found by an HNSW graph and trained by faiss' two-level k-means,
-so the work per query does not grow with the number of lists. The probes (and the re-ranked share)
+:data:`HNSW_LISTS` the centres are trained by faiss' two-level k-means and the rows assigned to them
+through an HNSW graph; queries search the centres flat (one matrix product per batch) below
+:data:`GRAPH_QUERY_LISTS` lists, past that through the graph. The probes (and the re-ranked share)
 are calibrated per weighting on first use for recall@10 >= :data:`TARGET_RECALL`.
 
 An approximate index is saved with a run (:func:`index_files`: the faiss file and its parameters,
@@ -36,7 +37,7 @@ from ..exceptions import InvalidSaveError
 from ..store.vectors import iter_rows, release, take
 
 __all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "FLAT_BYTES", "HNSW_LISTS",
-           "TARGET_RECALL"]
+           "GRAPH_QUERY_LISTS", "TARGET_RECALL"]
 
 _ROWS = 8192  # training rows per chunk of the exact search
 _PAD = 8  # index rows are zero-padded to a multiple of this many values
@@ -48,8 +49,15 @@ TARGET_RECALL = 0.97
 _RERANKS = (2, 4, 8, 16, 32, 64)  # 8-bit codes: candidates re-ranked exactly, k + (rerank - 1) * k for k <= 10
 #: An approximate index keeps float32 codes (exact scores, nothing re-ranked) while they take at most this.
 FLAT_BYTES = 1 << 30
-#: From this many lists on, the lists' centres are searched with an HNSW graph and trained in two levels.
+#: From this many lists on, the lists' centres are trained in two levels and rows assigned to them through an
+#: HNSW graph.
 HNSW_LISTS = 4096
+#: From this many lists on, queries find the lists to probe through that graph too; below, by a flat search of
+#: the centres, one matrix product per batch of queries. At 1M rows (10,000 lists of 1,800 values, 171
+#: probed), a whole similar() call took 4.92 ms per query flat and 5.40 through the graph in the same
+#: process (an earlier run: 5.15 and 5.10); the centre search alone on random centres 0.28 and 2.24 ms
+#: (``benchmarks/explore_quantizer.py``). The flat search grows with the lists, the graph's as their log.
+GRAPH_QUERY_LISTS = 32768
 _HNSW_M = 32
 _COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)
 _TRAIN_PER_LIST = 39  # faiss' fewest training rows per centre without a warning
@@ -67,11 +75,12 @@ ROWS_PER_LIST = 100
 
 def n_lists(n: int) -> int:
     """Lists of an approximate index of ``n`` rows: ``4 sqrt(n)`` (faiss' low end) or ``n / ROWS_PER_LIST``,
-    whichever is more, with at least 39 rows each. With lists of a fixed size, the rows a query scans for a
-    given recall stay about the same as ``n`` grows (its neighbours fall in about as many lists); finding
-    the lists to probe grows as ``log n`` (an HNSW graph over the lists' centres from
-    :data:`HNSW_LISTS` lists on). With ``4 sqrt(n)`` alone a list would hold 250 rows at 1M, 3.2x as many
-    as at 100k."""
+    whichever is more, with at least 39 rows each. With ``4 sqrt(n)`` alone a list would hold 250 rows at
+    1M, 3.2x as many as at 100k. Lists of a fixed size do not keep the rows a query scans constant,
+    though: in ``benchmarks/search_scale.py`` (1,792 values per row) the lists probed for recall@10
+    0.97 grew 3-4x from 100k to 1M rows (1,265 to 10,000 lists), as a query's neighbours fall in
+    more, finer cells. Finding the lists to probe grows with their number (a flat search of the
+    centres), as ``log n`` past :data:`GRAPH_QUERY_LISTS` lists (an HNSW graph over them)."""
     return int(max(1, min(max(round(_LISTS_PER_ROOT * np.sqrt(n)), n // ROWS_PER_LIST), n // _TRAIN_PER_LIST)))
 
 
@@ -262,17 +271,17 @@ class ApproximateIndex(Index):
         rows = self._index_rows(train)
         centres = self._centres(rows[:, :self._width()])
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        if self.nlist >= HNSW_LISTS:
-            quantizer = faiss.IndexHNSWFlat(self.d, _HNSW_M, metric)
-        else:
-            quantizer = faiss.IndexFlat(self.d, metric)
-        quantizer.add(self._centre_rows(centres))
+        centre_rows = self._centre_rows(centres)
+        # Many lists: rows are assigned through an HNSW graph over the centres (a flat search of n rows
+        # against 10,000 centres would take minutes); queries search the centres flat below
+        # GRAPH_QUERY_LISTS lists
+        quantizer = faiss.IndexHNSWFlat(self.d, _HNSW_M, metric) if self.nlist >= HNSW_LISTS \
+            else faiss.IndexFlat(self.d, metric)
+        quantizer.add(centre_rows)
         if self.codes == "flat":
             index = faiss.IndexIVFFlat(quantizer, self.d, self.nlist, metric)
         else:
             index = faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
-        index.own_fields = True  # the index keeps (and frees) its quantizer
-        quantizer.this.disown()
         index.train(rows)  # the lists' centres are in place: this trains the 8-bit codes' ranges only
         equal = np.ones(len(self.layers))
         for start in tqdm(range(0, self.n, _ROWS), desc="building the approximate index", disable=not progress,
@@ -287,6 +296,13 @@ class ApproximateIndex(Index):
                 part = {l: _take(self.train_vectors[l], slice(start, stop)) for l in self.layers}
                 _, assign = index.quantizer.search(self._query(part, equal), 1)
             index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(np.ascontiguousarray(assign[:, 0])))
+        if self.nlist < GRAPH_QUERY_LISTS and not isinstance(quantizer, faiss.IndexFlat):
+            quantizer = faiss.IndexFlat(self.d, metric)  # the same centres in the same order, searched exactly
+            quantizer.add(centre_rows)
+            index.quantizer = quantizer
+            index.referenced_objects = []  # the faiss wrapper's reference to the graph: freed now
+        index.own_fields = True  # the index keeps (and frees) its quantizer
+        quantizer.this.disown()
         return index
 
     def _width(self) -> int:
