@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     res["machine"]["load_average_end"] = os.getloadavg()
     print(f"\n{res['index']['lists']:,} lists of {res['index']['d']} values, {nprobe} probed, "
           f"{args.weights} weights, n = {args.n:,}\n")
-    print("| centres searched | ms per query (median) | faiss share of the call | recall@10 | random centres alone, ms |")
+    print("| centres searched | ms per query (median) | faiss share of the call | recall@10 "
+          "| random centres alone, ms |")
     print("|---|---|---|---|---|")
     for name in quantizers:
         print(f"| {name} | {np.median(res['ms_per_query'][name]):.2f} | {np.median(res['faiss_share'][name]):.2f} | "
