@@ -190,7 +190,10 @@ def trust_score(d, cls, pred, n_classes, k, keep=None):
     return out.min(1) / np.maximum(d_pred, 1e-12)
 
 
-def neighbour_features(d, cls, pred, k):
+def neighbour_features(d, cls, pred, k, depth=None):
+    """Votes and k-th distance among the ``k`` nearest; the distance ratio among the ``depth`` nearest
+    (all ``DEPTH`` by default)."""
+    d, cls = d[:, :depth], cls[:, :depth]
     r = np.sqrt(np.maximum(d, 1e-12))
     same = cls == pred[:, None]
     vote = same[:, :k].mean(1)
@@ -250,6 +253,8 @@ def explore_seed(seed: int) -> dict:
             for k in (10, 50):
                 for fk, fv in neighbour_features(d, cls, pred, k).items():
                     f[f"{fk}{k}:{key}"] = fv
+            for depth in (50, 100):  # the distance ratio among fewer neighbours: a cheaper search
+                f[f"ratio@{depth}:{key}"] = neighbour_features(d, cls, pred, 50, depth)["ratio"]
             # without labels: the neighbours vote with the DNN's own predictions
             f[f"nolabel_wvote50:{key}"] = neighbour_features(d, a["fit_pred"][a[f"{name}/{key}/i"]], pred, 50)["wvote"]
         w = a["weights"] / a["weights"].sum()
@@ -273,8 +278,14 @@ def explore_seed(seed: int) -> dict:
     designs = {
         "current stacked (wvote50+ratio per layer, agreement)": [f"wvote50:{l}" for l in layers]
         + [f"ratio50:{l}" for l in layers] + ["surrogate_agree"],
+        "current stacked, ratio among 100": [f"wvote50:{l}" for l in layers] + [f"ratio@100:{l}" for l in layers]
+        + ["surrogate_agree"],
+        "current stacked, ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
+        + ["surrogate_agree"],
         "msp only (stacked)": ["msp"],
         "conf (msp, margin, energy, entropy)": conf,
+        "current + log(1-msp), ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
+        + ["surrogate_agree", "log(1-msp)"],
         "current + msp": [f"wvote50:{l}" for l in layers] + [f"ratio50:{l}" for l in layers] + ["surrogate_agree", "msp"],
         "current + log(1-msp)  [chosen]": [f"wvote50:{l}" for l in layers] + [f"ratio50:{l}" for l in layers]
         + ["surrogate_agree", "log(1-msp)"],

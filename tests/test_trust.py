@@ -429,3 +429,35 @@ def test_stacked_trust_only_when_calibratable(tiny):
     assert "stacked_trust" in _tiny_ac().fit(x, y).trust(xq, **TINY_KW)
     assert "stacked_trust" not in _tiny_ac().fit(x).trust(xq, **TINY_KW)  # DNN predictions as labels
     assert "stacked_trust" not in _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)  # no errors
+
+
+# the distance ratio of stacked_trust looks 200 deep only where the k nearest lack a class: the same
+# features as one 200-deep search, by brute force in float64, with fewer rows searched deep
+def test_ratio_searched_deep_only_where_needed():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3000, 4)).astype(np.float32)
+    labels = (ref[:, 0] > 0.8).astype(np.int64) + (ref[:, 1] > 1.2)  # classes 0, 1, 2 of very unequal size
+    queries = rng.standard_normal((500, 4)).astype(np.float32) * 1.3
+    judged = rng.integers(0, 3, 500)
+    depths = []
+
+    def find(v, depth):
+        depths.append((len(v), depth))
+        d = ((v[:, None, :].astype(np.float64) - ref[None].astype(np.float64)) ** 2).sum(2)
+        idx = np.argsort(d, 1, kind="stable")[:, :depth]
+        return np.take_along_axis(d, idx, 1), idx
+
+    k = 5
+    counts, kth, (vote, ratio, nearest) = trust_mod._neighbour_stats(find, labels, queries, k, 3, judged)
+    d = ((queries[:, None, :].astype(np.float64) - ref[None]) ** 2).sum(2)
+    order = np.argsort(d, 1, kind="stable")[:, :200]
+    r = np.sqrt(np.take_along_axis(d, order, 1))
+    same = labels[order] == judged[:, None]
+    near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
+    np.testing.assert_allclose(ratio, np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counts, np.stack([(labels[order[:, :k]] == c).sum(1) for c in range(3)], 1))
+    np.testing.assert_allclose(kth, r[:, k - 1] ** 2, rtol=1e-5)
+    np.testing.assert_allclose(nearest, r[:, 0] ** 2, rtol=1e-5)
+    deep = [n for n, depth in depths if depth == 200]
+    assert depths[0] == (500, k) and 0 < sum(deep) < 500  # some inputs, not all, were searched deep
+    assert (~(same[:, :k].any(1) & (~same[:, :k]).any(1))).sum() == sum(deep)
