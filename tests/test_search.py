@@ -119,6 +119,36 @@ def test_lists_grow_with_n():
                                                                                         100_000]
 
 
+# several weightings without layer shares (explain's "low" and "high") on float32 codes: each searches alone at
+# its own probes, no row gathered; the same answer as a search of that weighting by itself, distances close to
+# the exact ones of the same rows, recall against exact search as calibrated; with shares, one shared search
+def test_weightings_without_shares_search_alone(monkeypatch):
+    both = _clustered_vectors(8300)
+    train = {l: v[:8000] for l, v in both.items()}
+    queries = {l: v[8000:] for l, v in both.items()}
+    stats = layer_stats(train)
+    exact, approx = Index(train, stats), ApproximateIndex(train, stats, random_state=0, codes="flat")
+    ws = [layer_weights(p, list(train)) for p in ("low", "high")]
+    for w in ws:
+        approx._settings(w)  # calibrated on first use (which reads rows of the store)
+    gathered = []
+    monkeypatch.setattr("actclust.analysis.indexes.take", lambda v, i: gathered.append(i.shape) or v[i])
+    found = approx.search_many(queries, 10, ws, shares=False)
+    assert gathered == []  # no training row read: the scores are the distances
+    assert all(shares is None for _, _, shares in found)
+    for w, (idx, dist, _) in zip(ws, found):
+        alone, alone_dist, _ = approx.search(queries, 10, w, shares=False)
+        assert np.array_equal(idx, alone) and np.array_equal(dist, alone_dist)
+        e_idx, _, _ = exact.search(queries, 10, w)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, e_idx)]) >= 0.95
+        true = sum(np.float32(wl / s) * ((queries[l][:, None, :] - train[l][idx]) ** 2).sum(2)
+                   for l, wl, s in zip(train, w, exact.scales))
+        assert np.allclose(dist, true, rtol=1e-3, atol=1e-5)
+    assert set(approx.settings) == {tuple(np.round(w, 12).tolist()) for w in ws}  # each calibrated alone
+    approx.search_many(queries, 10, ws)  # with shares: one search of the group, calibrated as one
+    assert len(approx.settings) == 3 and gathered
+
+
 # a deep search that leaves rows out (trust's 200 neighbours among the reference rows) comes back full:
 # no -1 ids, no excluded row, finite distances, and close to the exact answer
 def test_deep_search_with_exclusion_is_never_short():

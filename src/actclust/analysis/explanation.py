@@ -128,9 +128,9 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     prior = state.target_prior()
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress, backend=backend)]
                  for l in state.layers}
-    # "low" and "high" share one search (one pass over the store, or one set of candidates re-ranked for each)
+    # "low" and "high" in one call (one pass over the store, or an approximate search each); no layer shares
     near = find(state, q, k, {p: check_args(state, k, p)[1] for p in ("low", "high")}, method=search,
-                progress=progress, backend=backend)
+                progress=progress, backend=backend, shares=False)
     options = {}
     if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}
         options, trust = trust, True

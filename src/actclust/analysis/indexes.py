@@ -118,9 +118,9 @@ class Index:
     def n_candidates(self, k: int, weights=None) -> int:
         return k
 
-    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
+    def candidates(self, part: dict, k: int, weights: list, exclude=None, share: bool = True) -> list:
         """``(ids (b, k), scores (b, k))`` of the ``k`` best rows of the queries ``part``, for each weight
-        vector in ``weights``; the store is read once per call, in chunks."""
+        vector in ``weights``; the store is read once per call, in chunks (``share`` changes nothing here)."""
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
         queries = [self._query(part, w, used) for w in weights]
         for l in used:
@@ -170,22 +170,27 @@ class Index:
                     shares: bool = True) -> list:
         """:meth:`search` for each weight vector of ``weights`` at once: the store is read once (exact),
         or one candidate search serves them all and each re-ranks the same candidates exactly
-        (approximate: explain's "low" and "high"), their rows gathered once."""
+        (approximate), their rows gathered once. Without ``shares``, where the scores are exact
+        distances (float32 codes, a device), each weighting takes its own top ``k`` and no row is gathered
+        (explain's "low" and "high": two searches at their own probes cost less than one shared search
+        of the mean weighting at more probes, with 8x as many candidates re-ranked from the store)."""
         weights = [np.asarray(w, np.float64) for w in weights]
         n = len(next(iter(vectors.values())))
         k = min(k, self.n)
         outs = [(np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32),
                  np.empty((n, k, len(self.layers)), dtype=np.float32) if shares else None) for _ in weights]
-        direct = not shares and self.scores_are_distances and len(weights) == 1
+        # Scores that are exact distances, and no layer shares asked for: each weighting takes its own top k
+        # (a search of its own, at its own probes, in an approximate index) and no training row is read.
+        direct = not shares and self.scores_are_distances
         width = max(v.shape[1] for v in self.train_vectors.values())
-        m = self.n_candidates(k, weights[0] if len(weights) == 1 else weights)
+        m = self.n_candidates(k, weights[0] if len(weights) == 1 or direct else weights)
         chunk = _QUERY_CHUNK if direct else max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (m * width * len(weights))))
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
         for start in starts:  # memory O(chunk x candidates x d), never n x n_train
             part = {l: np.asarray(v[start:start + chunk], np.float32) for l, v in vectors.items()}
-            found = self.candidates(part, k, weights, exclude)
+            found = self.candidates(part, k, weights, exclude, share=not direct)
             rows: dict = {}  # per candidate set: each layer's squared distances, gathered once
             for w, (i, scores), (idx, dist, out_shares) in zip(weights, found, outs):
                 b = len(i)
@@ -369,7 +374,9 @@ class ApproximateIndex(Index):
         # calibrated on the 10 nearest; deeper searches (trust's 200) re-rank as many extra as 10 would
         return min(self.n, k + (rerank - 1) * k if k <= 10 else max(k, 10 * rerank))
 
-    def candidates(self, part: dict, k: int, weights: list, exclude=None) -> list:
+    def candidates(self, part: dict, k: int, weights: list, exclude=None, share: bool = True) -> list:
+        """As :meth:`Index.candidates`; a group of weightings shares one search (by their mean weighting,
+        more candidates, as calibrated for the group) unless ``share`` is false: then each searches alone."""
         import faiss
 
         out = []
@@ -377,7 +384,7 @@ class ApproximateIndex(Index):
         if exclude is not None and exclude.any():
             bits = np.packbits(~exclude, bitorder="little")  # kept alive while the selector reads it
             keep = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
-        if len(weights) > 1:  # one search for the group, by the mean of its weightings: shared candidates
+        if len(weights) > 1 and share:  # one search for the group, by the mean of its weightings: shared candidates
             group = [np.asarray(w, np.float64) for w in weights]
             nprobe = self._settings(group)[0]
             mean = np.mean([w / w.sum() for w in group], 0)

@@ -178,15 +178,17 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, met
 
 
 def search_many(state: FittedState, query: Query, k: int, weights: dict, *, method: str = "auto",
-                progress: bool = False, backend=None) -> dict:
+                progress: bool = False, backend=None, shares: bool = True) -> dict:
     """:func:`search` for several weightings (``name -> weights``) at once: one pass over the store
     (exact), or one search whose candidates each weighting re-ranks exactly (approximate; calibrated
-    for recall@10 >= 0.97 of every weighting). ``name -> Neighbours``."""
+    for recall@10 >= 0.97 of every weighting). ``name -> Neighbours``; with ``shares=False`` their
+    ``layer_shares`` are ``None`` (and an index whose scores are exact distances searches each
+    weighting alone, reading no training row: see :meth:`Index.search_many`)."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
     index = _index(state, method, progress, backend=backend)
     part = {l: query.vectors[state.retrieval_key(l)] for l in state.layers}
-    found = index.search_many(part, k, list(weights.values()), progress)
+    found = index.search_many(part, k, list(weights.values()), progress, shares=shares)
     return {name: Neighbours(indices=i, distances=d, layer_shares=s, weights=w)
             for (name, w), (i, d, s) in zip(weights.items(), found)}
 
