@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import LAYERS, PRESETS, Mixture, teacher_model  # noqa: E402
+from scale import LAYERS, PRESETS, Mixture, add_data_arguments, teacher_model  # noqa: E402
 
 import actclust  # noqa: E402
 from actclust.analysis import retrieval  # noqa: E402
@@ -97,10 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dims-per-code", type=int, default=4, help="values per 4-bit PQ code (the row width must divide)")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explore_fastscan.json"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--separation", type=float, default=0.45)
-    ap.add_argument("--teacher-samples", type=int, default=20_000)
-    ap.add_argument("--teacher-epochs", type=int, default=1)
+    add_data_arguments(ap)  # what teacher_model() and Mixture read (scale.py's defaults)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(args.seed)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import LAYERS, Mixture, teacher_model  # noqa: E402
+from scale import LAYERS, Mixture, add_data_arguments, teacher_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,10 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--weights", default="low")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--separation", type=float, default=0.45)
-    ap.add_argument("--teacher-samples", type=int, default=20_000)
-    ap.add_argument("--teacher-epochs", type=int, default=1)
+    add_data_arguments(ap)  # what teacher_model() and Mixture read (scale.py's defaults)
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explore_quantizer.json"))
     args = ap.parse_args(argv)

@@ -138,6 +138,14 @@ class Mixture:
         return x, y
 
 
+def add_data_arguments(ap) -> None:
+    """The options :func:`teacher_model` and :class:`Mixture` read, for every script that uses them."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--separation", type=float, default=0.45, help="scale of the mixture means")
+    ap.add_argument("--teacher-samples", type=int, default=20_000)
+    ap.add_argument("--teacher-epochs", type=int, default=1)
+
+
 def teacher_model(args, progress: bool = False) -> WideMLP:
     """The MLP, trained briefly (one pass over 20,000 samples) with a fixed seed, cached as safetensors."""
     from safetensors.torch import load_file, save_file
@@ -873,10 +881,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pixel-queries", type=int, default=10_000, help="Fashion-MNIST test inputs for pixel distances "
                     "(at most --fashion-test)")
     ap.add_argument("--device", default="cpu", help="model device for the synthetic part (cpu, cuda)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--separation", type=float, default=0.45, help="scale of the mixture means")
-    ap.add_argument("--teacher-samples", type=int, default=20_000)
-    ap.add_argument("--teacher-epochs", type=int, default=1)
+    add_data_arguments(ap)
     ap.add_argument("--tmp", default="/tmp", help="where the temporary store and saved runs go")
     ap.add_argument("--size-timeout", type=float, help="kill a size's (or Fashion-MNIST's) process after this many "
                     "seconds, keeping what it had measured")
