@@ -182,9 +182,12 @@ class Index:
         # Scores that are exact distances, and no layer shares asked for: each weighting takes its own top k
         # (a search of its own, at its own probes, in an approximate index) and no training row is read.
         direct = not shares and self.scores_are_distances
-        width = max(v.shape[1] for v in self.train_vectors.values())
-        m = self.n_candidates(k, weights[0] if len(weights) == 1 or direct else weights)
-        chunk = _QUERY_CHUNK if direct else max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (m * width * len(weights))))
+        if direct:
+            chunk = _QUERY_CHUNK
+        else:  # candidates' rows are gathered: as many queries as keep them under _GATHER_FLOATS values
+            width = max(v.shape[1] for v in self.train_vectors.values())
+            m = self.n_candidates(k, weights[0] if len(weights) == 1 else weights)
+            chunk = max(1, min(_QUERY_CHUNK, _GATHER_FLOATS // (m * width * len(weights))))
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
