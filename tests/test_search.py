@@ -164,6 +164,42 @@ def test_deep_search_with_exclusion_is_never_short():
     assert np.mean([len(set(x) & set(y)) / 200 for x, y in zip(a_idx, e_idx)]) >= 0.85
 
 
+# queries are scanned in the order of their nearest list (lists found first, then faiss' search of given lists
+# on every thread): each query still gets exactly what faiss' own search finds for it, in the caller's order,
+# for every kind of index (float32 and 8-bit codes, one layer with rows left out, the HNSW graph quantizer)
+@pytest.mark.parametrize("kind", ["flat", "sq8", "one layer", "graph"])
+def test_queries_taken_by_list_find_what_faiss_finds(kind, monkeypatch):
+    from actclust.analysis import indexes
+
+    if kind == "graph":
+        monkeypatch.setattr(indexes, "HNSW_LISTS", 64)
+        monkeypatch.setattr(indexes, "GRAPH_QUERY_LISTS", 64)
+    both = _clustered_vectors(6600, n_clusters=30)
+    if kind == "one layer":
+        both = {"layer2": both["layer2"]}
+    train = {l: v[:6000] for l, v in both.items()}
+    rng = np.random.default_rng(2)
+    order = rng.permutation(600)  # queries in no particular order: the answer must come back in the same one
+    queries = {l: np.ascontiguousarray(v[6000:][order]) for l, v in both.items()}
+    approx = ApproximateIndex(train, layer_stats(train), random_state=0, codes="sq8" if kind == "sq8" else "flat")
+    assert approx.index.parallel_mode == 3
+    keep = None
+    if kind == "one layer":
+        import faiss
+
+        bits = np.packbits(rng.random(6000) > 0.1, bitorder="little")
+        keep = faiss.IDSelectorBitmap(6000, faiss.swig_ptr(bits))
+    w = np.ones(len(train)) if kind == "one layer" else layer_weights("low", list(train))
+    q = approx._index_query(queries, w)
+    for m, nprobe in ((10, 3), (50, 7)):
+        scores, ids = approx._search_by_list(q, m, nprobe, keep)
+        want_scores, want_ids = approx.index.search(q, m, params=indexes._quantizer_params(nprobe, keep))
+        assert np.array_equal(ids, want_ids), kind
+        assert np.allclose(scores, want_scores, rtol=1e-5, atol=1e-6), kind
+        if keep is not None:
+            assert np.unpackbits(bits, bitorder="little")[ids[ids >= 0]].all()
+
+
 # an approximate index is saved with the run, checked by SHA-256 and memory-mapped at load, not rebuilt
 def test_approximate_index_saved_with_the_run(fitted, data, model, tmp_path, monkeypatch):
     import json
@@ -185,6 +221,7 @@ def test_approximate_index_saved_with_the_run(fitted, data, model, tmp_path, mon
     monkeypatch.setattr(indexes.ApproximateIndex, "_build", no_build)
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert np.array_equal(loaded.similar(x[:8], k=4, weights="high", search="approximate").indices, want)
+    assert loaded.state_.cache["retrieval"]["retrieval", "approximate", "host"].index.parallel_mode == 3
     # a loaded run saved again keeps its index (the mapped file is copied: faiss would write a reference to it)
     loaded.save(tmp_path / "again")
     again = actclust.load(tmp_path / "again", model, progress=False)
