@@ -205,6 +205,42 @@ def test_take_from_disk_store(tmp_path):
     np.testing.assert_array_equal(take(x, rows[:12].reshape(3, 4)), np.asarray(x)[rows[:12].reshape(3, 4)])
 
 
+# a store opened from disk reads gathered rows from its file (no page mapped), float32 or float16: the same
+# values as indexing the array, negative indices as NumPy reads them, a bad index refused; the descriptor
+# lives as long as the store's memory map; without it (platforms lacking os.preadv) the map serves, alike
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_take_reads_store_rows_from_the_file(tmp_path, dtype, monkeypatch):
+    import gc
+
+    from actclust.store import take, vectors
+
+    rng = np.random.default_rng(3)
+    with StoreWriter(tmp_path / "s", dtype=dtype) as w:
+        for _ in range(3):
+            w.add({"a": rng.standard_normal((1000, 24), dtype=np.float32), "b": rng.standard_normal((1000, 8),
+                                                                                                dtype=np.float32)})
+        store = w.finish()
+    rows = rng.integers(-3000, 3000, (40, 7))
+    for layer in ("a", "b"):
+        x = store[layer]
+        key = id(vectors._mmap_of(x))
+        assert key in vectors._READERS
+        got = take(x, rows)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(x)[rows].astype(np.float32))
+        with pytest.raises(IndexError, match=r"index 3000 is out of bounds for 3000 rows"):
+            take(x, np.array([0, 3000]))
+        with monkeypatch.context() as m:
+            m.setattr(vectors, "_READERS", {})
+            np.testing.assert_array_equal(take(x, rows), got)
+    fd = vectors._READERS[key][0]
+    del store, x, w
+    gc.collect()
+    assert key not in vectors._READERS
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with its map
+
+
 # a bad spatial_grid is refused before any pass, naming the parameter and the value
 @pytest.mark.parametrize("bad", [0, 2.5, True, "4"])
 def test_spatial_grid_checked(model, data, bad):
