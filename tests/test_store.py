@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import actclust
-from actclust import ActivationClustering, InvalidSaveError, ParameterError
+from actclust import ActivationClustering, DataError, InvalidSaveError, ParameterError
 from actclust.store import StoreWriter, VectorStore, estimate
 
 
@@ -228,7 +228,7 @@ def test_take_reads_store_rows_from_the_file(tmp_path, dtype, monkeypatch):
         got = take(x, rows)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, np.asarray(x)[rows].astype(np.float32))
-        with pytest.raises(IndexError, match=r"index 3000 is out of bounds for 3000 rows"):
+        with pytest.raises(DataError, match=r"Row 3000 is out of bounds for the store's 3000 rows\."):
             take(x, np.array([0, 3000]))
         with monkeypatch.context() as m:
             m.setattr(vectors, "_READERS", {})

@@ -133,7 +133,7 @@ def _pread_rows(X: np.ndarray, flat: np.ndarray, fd: int, start: int) -> np.ndar
     n = len(X)
     flat = np.where(flat < 0, flat + n, flat)
     if flat.min() < 0 or flat.max() >= n:
-        raise IndexError(f"index {int(flat[(flat < 0) | (flat >= n)][0])} is out of bounds for {n} rows")
+        raise DataError(f"Row {int(flat[(flat < 0) | (flat >= n)][0])} is out of bounds for the store's {n} rows.")
     width = X.shape[1] * X.itemsize
     first = X.ctypes.data - start  # the file offset of row 0
     out = np.empty((len(flat), X.shape[1]), dtype=X.dtype)
