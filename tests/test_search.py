@@ -149,6 +149,30 @@ def test_weightings_without_shares_search_alone(monkeypatch):
     assert len(approx.settings) == 3 and gathered
 
 
+# a search with layer shares gathers its candidates' rows a bounded number of queries at a time, but finds the
+# candidates of all its queries in one search (more queries share more of what a search reads): the same
+# answers as gathering everything at once
+@pytest.mark.parametrize("codes", ["flat", "sq8"])
+def test_candidates_found_at_once_rows_gathered_in_chunks(codes, monkeypatch):
+    from actclust.analysis import indexes
+
+    both = _clustered_vectors(6500)
+    train = {l: v[:6000] for l, v in both.items()}
+    queries = {l: v[6000:] for l, v in both.items()}
+    approx = ApproximateIndex(train, layer_stats(train), random_state=0, codes=codes)
+    ws = [layer_weights(p, list(train)) for p in ("low", "high")]
+    whole = approx.search_many(queries, 10, ws)
+    calls = []
+    real = approx.candidates
+    monkeypatch.setattr(approx, "candidates",
+                        lambda part, *a, **k: calls.append(len(part["layer0"])) or real(part, *a, **k))
+    monkeypatch.setattr(indexes, "_GATHER_FLOATS", 64 * 50 * 64)  # a few dozen queries' rows at a time
+    chunked = approx.search_many(queries, 10, ws)
+    assert calls == [500]
+    for (i1, d1, s1), (i2, d2, s2) in zip(whole, chunked):
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2) and np.array_equal(s1, s2)
+
+
 # a deep search that leaves rows out (trust's 200 neighbours among the reference rows) comes back full:
 # no -1 ids, no excluded row, finite distances, and close to the exact answer
 def test_deep_search_with_exclusion_is_never_short():

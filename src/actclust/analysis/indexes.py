@@ -187,42 +187,51 @@ class Index:
         # Scores that are exact distances, and no layer shares asked for: each weighting takes its own top k
         # (a search of its own, at its own probes, in an approximate index) and no training row is read.
         direct = not shares and self.scores_are_distances
-        if direct:
-            chunk = self.query_chunk
-        else:  # candidates' rows are gathered: as many queries as keep them under _GATHER_FLOATS values
+        gather = self.query_chunk
+        if not direct:  # candidates' rows are gathered: as many queries at a time as keep them under _GATHER_FLOATS
             width = max(v.shape[1] for v in self.train_vectors.values())
             m = self.n_candidates(k, weights[0] if len(weights) == 1 else weights)
-            chunk = max(1, min(self.query_chunk, _GATHER_FLOATS // (m * width * len(weights))))
+            gather = max(1, min(self.query_chunk, _GATHER_FLOATS // (m * width * len(weights))))
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
+        chunk = self.query_chunk  # queries searched at once (more share more of what a search reads)
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
-        for start in starts:  # memory O(chunk x candidates x d), never n x n_train
+        for start in starts:  # memory O(chunk x candidates + gather x candidates x d), never n x n_train
             part = {l: np.asarray(v[start:start + chunk], np.float32) for l, v in vectors.items()}
             found = self.candidates(part, k, weights, exclude, share=not direct)
-            rows: dict = {}  # per candidate set: each layer's squared distances, gathered once
-            for w, (i, scores), (idx, dist, out_shares) in zip(weights, found, outs):
-                b = len(i)
-                if direct:
-                    i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
-                    idx[start:start + b] = i[:, :k]
-                    dist[start:start + b] = np.maximum(self._constant(part, w)[:, None] - scores[:, :k], 0)
-                    continue
-                if id(i) not in rows:
-                    # Distances from the layer terms: exact (no cancellation between large inner products
-                    # for near neighbours), split by layer at once; candidates re-ranked by them.
-                    ids = np.where(i < 0, i.max(1, keepdims=True), i)
-                    rows[id(i)] = (ids, {l: _sq_dist(part[l], take(self.train_vectors[l], ids)) for l in used})
-                    _release(self.train_vectors)
-                ids, raw = rows[id(i)]
-                factors = w / self.scales
-                per = np.stack([raw[l] * np.float32(f) if f > 0 else np.zeros(ids.shape, np.float32)
-                                for l, f in zip(self.layers, factors)], 2)
-                order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
-                top, per = np.take_along_axis(ids, order, 1), np.take_along_axis(per, order[..., None], 1)
-                total = per.sum(2, keepdims=True)
-                idx[start:start + b], dist[start:start + b] = top, total[..., 0]
-                if shares:
-                    out_shares[start:start + b] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
+            for sub in range(0, len(next(iter(part.values()))), gather):
+                self._rank(part, found, sub, gather, start + sub, k, weights, outs, used, direct, shares)
+        return outs
+
+    def _rank(self, part, found, sub, gather, at, k, weights, outs, used, direct, shares) -> None:
+        """Queries ``sub:sub + gather`` of ``part``: their ``k`` nearest among the ``found`` candidates of each
+        weighting, written at row ``at`` of ``outs`` (candidates shared by weightings: rows gathered once)."""
+        q = {l: v[sub:sub + gather] for l, v in part.items()}
+        rows: dict = {}  # per candidate set: each layer's squared distances, gathered once
+        for w, (i_all, scores), (idx, dist, out_shares) in zip(weights, found, outs):
+            i = i_all[sub:sub + gather]
+            b = len(i)
+            if direct:
+                i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
+                idx[at:at + b] = i[:, :k]
+                dist[at:at + b] = np.maximum(self._constant(q, w)[:, None] - scores[sub:sub + gather, :k], 0)
+                continue
+            if id(i_all) not in rows:
+                # Distances from the layer terms: exact (no cancellation between large inner products
+                # for near neighbours), split by layer at once; candidates re-ranked by them.
+                ids = np.where(i < 0, i.max(1, keepdims=True), i)
+                rows[id(i_all)] = (ids, {l: _sq_dist(q[l], take(self.train_vectors[l], ids)) for l in used})
+                _release(self.train_vectors)
+            ids, raw = rows[id(i_all)]
+            factors = w / self.scales
+            per = np.stack([raw[l] * np.float32(f) if f > 0 else np.zeros(ids.shape, np.float32)
+                            for l, f in zip(self.layers, factors)], 2)
+            order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
+            top, per = np.take_along_axis(ids, order, 1), np.take_along_axis(per, order[..., None], 1)
+            total = per.sum(2, keepdims=True)
+            idx[at:at + b], dist[at:at + b] = top, total[..., 0]
+            if shares:
+                out_shares[at:at + b] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return outs
 
 
