@@ -199,39 +199,33 @@ class Index:
         for start in starts:  # memory O(chunk x candidates + gather x candidates x d), never n x n_train
             part = {l: np.asarray(v[start:start + chunk], np.float32) for l, v in vectors.items()}
             found = self.candidates(part, k, weights, exclude, share=not direct)
-            for sub in range(0, len(next(iter(part.values()))), gather):
-                self._rank(part, found, sub, gather, start + sub, k, weights, outs, used, direct, shares)
-        return outs
-
-    def _rank(self, part, found, sub, gather, at, k, weights, outs, used, direct, shares) -> None:
-        """Queries ``sub:sub + gather`` of ``part``: their ``k`` nearest among the ``found`` candidates of each
-        weighting, written at row ``at`` of ``outs`` (candidates shared by weightings: rows gathered once)."""
-        q = {l: v[sub:sub + gather] for l, v in part.items()}
-        rows: dict = {}  # per candidate set: each layer's squared distances, gathered once
-        for w, (i_all, scores), (idx, dist, out_shares) in zip(weights, found, outs):
-            i = i_all[sub:sub + gather]
-            b = len(i)
-            if direct:
-                i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
-                idx[at:at + b] = i[:, :k]
-                dist[at:at + b] = np.maximum(self._constant(q, w)[:, None] - scores[sub:sub + gather, :k], 0)
-                continue
-            if id(i_all) not in rows:
-                # Distances from the layer terms: exact (no cancellation between large inner products
-                # for near neighbours), split by layer at once; candidates re-ranked by them.
-                ids = np.where(i < 0, i.max(1, keepdims=True), i)
-                rows[id(i_all)] = (ids, {l: _sq_dist(q[l], take(self.train_vectors[l], ids)) for l in used})
-                _release(self.train_vectors)
-            ids, raw = rows[id(i_all)]
-            factors = w / self.scales
-            per = np.stack([raw[l] * np.float32(f) if f > 0 else np.zeros(ids.shape, np.float32)
-                            for l, f in zip(self.layers, factors)], 2)
-            order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
-            top, per = np.take_along_axis(ids, order, 1), np.take_along_axis(per, order[..., None], 1)
-            total = per.sum(2, keepdims=True)
-            idx[at:at + b], dist[at:at + b] = top, total[..., 0]
-            if shares:
-                out_shares[at:at + b] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
+            for sub in range(0, len(next(iter(part.values()))), gather):  # rows gathered for so many queries
+                q, at = {l: v[sub:sub + gather] for l, v in part.items()}, start + sub
+                rows: dict = {}  # per candidate set (shared by weightings): each layer's squared distances
+                for w, (i_all, scores), (idx, dist, out_shares) in zip(weights, found, outs):
+                    i = i_all[sub:sub + gather]
+                    b = len(i)
+                    if direct:
+                        i = np.where(i < 0, i.max(1, keepdims=True), i)  # an approximate search may find fewer
+                        idx[at:at + b] = i[:, :k]
+                        dist[at:at + b] = np.maximum(self._constant(q, w)[:, None] - scores[sub:sub + b, :k], 0)
+                        continue
+                    if id(i_all) not in rows:
+                        # Distances from the layer terms: exact (no cancellation between large inner products
+                        # for near neighbours), split by layer at once; candidates re-ranked by them.
+                        ids = np.where(i < 0, i.max(1, keepdims=True), i)
+                        rows[id(i_all)] = (ids, {l: _sq_dist(q[l], take(self.train_vectors[l], ids)) for l in used})
+                        _release(self.train_vectors)
+                    ids, raw = rows[id(i_all)]
+                    factors = w / self.scales
+                    per = np.stack([raw[l] * np.float32(f) if f > 0 else np.zeros(ids.shape, np.float32)
+                                    for l, f in zip(self.layers, factors)], 2)
+                    order = np.argsort(per.sum(2), axis=1, kind="stable")[:, :k]
+                    top, per = np.take_along_axis(ids, order, 1), np.take_along_axis(per, order[..., None], 1)
+                    total = per.sum(2, keepdims=True)
+                    idx[at:at + b], dist[at:at + b] = top, total[..., 0]
+                    if shares:
+                        out_shares[at:at + b] = np.divide(per, total, out=np.zeros_like(per), where=total > 0)
         return outs
 
 
