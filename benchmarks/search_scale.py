@@ -92,7 +92,9 @@ def main(argv=None) -> int:
             index = ac.state_.cache["retrieval"]["retrieval", "approximate", "host"]
             r["index"] = {"lists": int(index.nlist), "codes": index.codes,
                           "quantizer": type(__import__("faiss").downcast_index(index.index.quantizer)).__name__,
+                          "dims": [int(d) for d in index.dims],  # values per layer in the codes
                           "probes": {p: int(index._settings(_weights(ac, p))[0]) for p in PRESETS},
+                          "candidates": {p: int(index.n_candidates(args.k, _weights(ac, p))) for p in PRESETS},
                           "calibration_recall": {p: float(index.recall[_key(ac, p)]) for p in PRESETS}}
             log(f"  index: {r['index']}")
         for rnd in range(args.rounds):

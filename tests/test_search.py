@@ -261,3 +261,64 @@ def test_approximate_index_saved_with_the_run(fitted, data, model, tmp_path, mon
     os.replace(tmp_path / "edited", faiss_file)
     with pytest.raises(InvalidSaveError, match=r"index_retrieval-[0-9a-f]{16}\.faiss does not match its SHA-256"):
         actclust.load(tmp_path / "run", model, progress=False)
+
+
+# rows of several layers wider than PCA_WIDTH are searched through each wide layer's PCA_DIMS leading principal
+# components (8-bit codes) and re-ranked exactly: recall against exact search as calibrated for every preset and
+# for explain's shared search, distances the exact ones of the rows returned; the principal axes are saved
+# with the index and read back (same answers), and axes that do not fit the run are refused
+def test_principal_component_codes_for_wide_rows(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from actclust import InvalidSaveError
+    from actclust.analysis import indexes
+
+    both = _clustered_vectors(12300, widths=(48, 160, 400), n_clusters=40)
+    train = {l: v[:12000] for l, v in both.items()}
+    queries = {l: v[12000:] for l, v in both.items()}
+    stats = layer_stats(train)
+    exact, approx = Index(train, stats), ApproximateIndex(train, stats, random_state=0)
+    assert approx.codes == "pca" and sorted(approx.bases) == ["layer1", "layer2"]  # layer0 (48) kept whole
+    assert approx.dims == [48, indexes.PCA_DIMS, indexes.PCA_DIMS] and approx.index.d == approx.d < 608
+    for b in approx.bases.values():  # orthonormal axes
+        assert np.allclose(b @ b.T, np.eye(indexes.PCA_DIMS), atol=1e-5)
+    layers = list(train)
+    ws = [layer_weights(p, layers) for p in ("low", "high", "equal")]
+    truth = [exact.search(queries, 10, w)[0] for w in ws]
+    found = [approx.search(queries, 10, w) for w in ws]
+    shared = approx.search_many(queries, 10, ws[:2], shares=False)
+    for t, (idx, dist, _), w in zip(truth + truth[:2], found + shared, ws + ws[:2]):
+        assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(idx, t)]) >= 0.95
+        true = sum(np.float32(wl / s) * ((queries[l][:, None, :] - train[l][idx]) ** 2).sum(2)
+                   for l, wl, s in zip(train, w, exact.scales))
+        assert np.allclose(dist, true, rtol=1e-4, atol=1e-5)
+    assert all(r > 1 for _, r in approx.settings.values())  # approximate scores: candidates re-ranked
+    narrow = {l: v[:3000] for l, v in _clustered_vectors(3000, n_clusters=10).items()}  # 112 values a row
+    assert ApproximateIndex(narrow, layer_stats(narrow), random_state=0).codes == "flat"
+    one = {"layer2": train["layer2"][:3000]}  # one layer (trust's searches): L2 over whole rows, never projected
+    assert ApproximateIndex(one, layer_stats(one), random_state=0).codes == "flat"
+
+    files = indexes.index_files(approx, "retrieval")
+    paths = {}
+    for name, content in files.items():
+        path = tmp_path / name.replace("{sha}", "0")
+        if callable(content):
+            with open(path, "wb") as f:
+                content(f.write)
+        else:
+            path.write_bytes(content)
+        paths[path.suffix] = path
+    loaded = indexes.load_index(train, paths[".faiss"], paths[".safetensors"])
+    assert loaded.codes == "pca" and loaded.dims == approx.dims
+    for w, (idx, dist, _) in zip(ws, found):
+        again = loaded.search(queries, 10, w)
+        assert np.array_equal(again[0], idx) and np.array_equal(again[1], dist)
+    arrays = load_file(str(paths[".safetensors"]))
+    from safetensors import safe_open
+
+    with safe_open(str(paths[".safetensors"]), framework="numpy") as f:
+        meta = f.metadata()
+    arrays["basis/2"] = arrays["basis/2"][:, :399]  # axes of another width than the layer's
+    save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(InvalidSaveError, match=r"principal axes that do not fit its codes \(pca\) or this run's layers"):
+        indexes.load_index(train, paths[".faiss"], tmp_path / "bad.safetensors")

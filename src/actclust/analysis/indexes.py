@@ -13,9 +13,11 @@ equal-weight space (``[u_l / sqrt(s_l)]``): each row goes to its nearest centre,
 lists whose centres are nearest *in its own weighting* (a centre is stored as a row, with its own
 squared norms, so the inner product with the query ranks centres exactly). Codes are float32 (exact
 scores) while the index holds at most :data:`FLAT_BYTES`, else 8-bit (a quarter), whose candidates are
-re-ranked by exact distances from the store. Lists grow with ``n`` (:func:`n_lists`); past
-:data:`HNSW_LISTS` the centres are trained by faiss' two-level k-means and the rows assigned to them
-through an HNSW graph; queries search the centres flat (one matrix product per batch) below
+re-ranked by exact distances from the store. Rows of several layers wider than :data:`PCA_WIDTH` keep only
+each layer's :data:`PCA_DIMS` leading principal components (8-bit; the squared norms stay whole, so a score
+is the weighted distance up to the product of the parts left out), and their candidates are re-ranked too.
+Lists grow with ``n`` (:func:`n_lists`); past :data:`HNSW_LISTS` the centres are trained by faiss' two-level
+k-means and the rows assigned to them through an HNSW graph; queries search the centres flat (one matrix product per batch) below
 :data:`GRAPH_QUERY_LISTS` lists, past that through the graph. The probes (and the re-ranked share)
 are calibrated per weighting on first use for recall@10 >= :data:`TARGET_RECALL`.
 
@@ -46,9 +48,28 @@ _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split dist
 _CALIBRATION_QUERIES = 300
 #: Recall@10 (after re-ranking) each weighting's probes are calibrated for.
 TARGET_RECALL = 0.97
-_RERANKS = (2, 4, 8, 16, 32, 64)  # 8-bit codes: candidates re-ranked exactly, k + (rerank - 1) * k for k <= 10
+_RERANKS = (2, 3, 4, 8, 16, 32, 64)  # 8-bit codes: candidates re-ranked exactly, k + (rerank - 1) * k for k <= 10
 #: An approximate index keeps float32 codes (exact scores, nothing re-ranked) while they take at most this.
 FLAT_BYTES = 1 << 30
+#: Rows of several layers wider than this are searched through each layer's :data:`PCA_DIMS` leading principal
+#: components (8-bit codes; a layer no wider is kept whole), their candidates re-ranked by exact distances from
+#: the store. In ``benchmarks/search_scale.py`` (1,792 values per row, recall@10 >= 0.96) a query took
+#: 0.39-0.42 / 0.25-0.27 / 0.30-0.31 ms at 100k rows and 0.79-0.93 / 0.42-0.52 / 0.51-0.66 ms at 1M
+#: (low / high / equal weights, two runs), against 1.07 / 0.63 / 0.71 and 3.76 / 1.42 / 1.96 ms with
+#: float32 or 8-bit codes of whole rows; the index files shrank from 1.75 GiB to 207 MiB at 1M.
+PCA_WIDTH = 512
+#: Principal components kept per projected layer (see :data:`PCA_WIDTH`).
+PCA_DIMS = 64
+_PCA_ROWS = 65536  # training rows the principal components are computed from
+#: Calibration's cost of a search: the bytes of codes scanned plus, per value of the candidates re-ranked (read
+#: from the store, then a distance term), this many. Measured on ``benchmarks/search_scale.py``'s data at 1M rows
+#: (64 components per layer, 200 bytes per row): 171 lists probed 0.58 ms per query with 20 candidates, 0.77
+#: with 50; 85 lists 0.39 ms with 20 (1,792 values per candidate): about 3.5 ns per value re-ranked and 0.11 ns
+#: per byte scanned.
+_RERANK_COST = 32
+#: Calibration: past this many lists probed, a doubling that adds less recall than :data:`_PLATEAU` ends the
+#: search for that many candidates (approximate scores: the candidates, not the lists, then limit the recall).
+_PLATEAU_LISTS, _PLATEAU = 8, 0.005
 #: From this many lists on, the lists' centres are trained in two levels and rows assigned to them through an
 #: HNSW graph.
 HNSW_LISTS = 4096
@@ -247,10 +268,13 @@ def _release(store) -> None:
 
 
 class ApproximateIndex(Index):
-    """Approximate search: a faiss IVF index (see the module), candidates re-ranked exactly when its codes are 8-bit.
+    """Approximate search: a faiss IVF index (see the module), candidates re-ranked exactly unless its codes are
+    float32.
 
-    ``codes`` is ``"flat"`` (float32) or ``"sq8"`` (faiss ``QT_8bit``, one byte per value); ``"auto"``
-    keeps float32 while the codes take at most :data:`FLAT_BYTES`. ``settings`` holds, per weight vector,
+    ``codes`` is ``"flat"`` (float32), ``"sq8"`` (faiss ``QT_8bit``, one byte per value) or ``"pca"`` (8-bit
+    codes of each layer's :data:`PCA_DIMS` leading principal components, ``bases``); ``"auto"`` takes
+    ``"pca"`` for rows of several layers wider than :data:`PCA_WIDTH`, else keeps float32 while the codes
+    take at most :data:`FLAT_BYTES`. ``settings`` holds, per weight vector,
     ``(nprobe, rerank)`` and ``recall`` the recall@10 its calibration reached.
     """
 
@@ -265,11 +289,25 @@ class ApproximateIndex(Index):
         # One layer (trust's searches): plain L2 over the scaled rows, whose distances faiss computes from
         # the differences (no cancellation for near neighbours); several: the inner product of the module.
         self.metric = "l2" if len(self.layers) == 1 else "ip"
-        width = sum(v.shape[1] for v in train_vectors.values()) + (len(self.layers) if self.metric == "ip" else 0)
-        self.d = width + (-width % _PAD)
+        self.widths = [int(v.shape[1]) for v in train_vectors.values()]
+        extra = len(self.layers) if self.metric == "ip" else 0  # the blocks' squared norms
+        full = sum(self.widths) + extra
+        if saved is None:
+            self.codes = codes if codes != "auto" else (
+                "pca" if self.metric == "ip" and sum(self.widths) > PCA_WIDTH else
+                "flat" if n * (full + (-full % _PAD)) * 4 <= FLAT_BYTES else "sq8")
+        else:
+            self.codes = saved["codes"]
+        # layer -> (PCA_DIMS, width) principal axes of the projected layers (computed in _build, or read back)
+        self.bases: dict = {} if saved is None else dict(saved.get("bases") or {})
+        if saved is None and self.codes == "pca":  # values kept per layer: at most PCA_DIMS
+            self.dims = [min(w, PCA_DIMS) for w in self.widths]
+        else:
+            self.dims = [self.bases[l].shape[0] if l in self.bases else w for l, w in zip(self.layers, self.widths)]
+        self.d = sum(self.dims) + extra + (-(sum(self.dims) + extra) % _PAD)
         self.rng = np.random.default_rng(random_state)
         if saved is not None:  # read back with a run: nothing is trained, filled or calibrated again
-            self.index, self.nlist, self.codes = index, int(index.nlist), saved["codes"]
+            self.index, self.nlist = index, int(index.nlist)
             self.metric = saved["metric"]
             self.held = np.asarray(saved["held"], dtype=np.int64)
             self.settings = {_from_json(w): (int(p), int(r)) for w, p, r in saved["settings"]}
@@ -277,7 +315,6 @@ class ApproximateIndex(Index):
             self.scores_are_distances = self.codes == "flat"
             self.index.parallel_mode = _PARALLEL_QUERIES
             return
-        self.codes = codes if codes != "auto" else ("flat" if n * self.d * 4 <= FLAT_BYTES else "sq8")
         self.scores_are_distances = self.codes == "flat"
         self.nlist = n_lists(n)
         self.index = self._build(progress)
@@ -290,8 +327,11 @@ class ApproximateIndex(Index):
 
         train = np.sort(self.rng.choice(self.n, min(self.n, max(_TRAIN_PER_LIST * self.nlist, 256 * 40), _MAX_TRAIN),
                                         replace=False))
-        rows = self._index_rows(train)
-        centres = self._centres(rows[:, :self._width()])
+        if self.codes == "pca":
+            self.bases = self._principal_axes(train)
+        # read in chunks: full rows of the whole sample would take n_train x width floats at once
+        rows = np.vstack([self._index_rows(train[s:s + _ROWS]) for s in range(0, len(train), _ROWS)])
+        centres = self._centres(rows[:, :sum(self.dims)])
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         centre_rows = self._centre_rows(centres)
         # Many lists: rows are assigned through an HNSW graph over the centres (a flat search of n rows
@@ -316,7 +356,7 @@ class ApproximateIndex(Index):
                 _, assign = index.quantizer.search(block, 1)
             else:
                 part = {l: _take(self.train_vectors[l], slice(start, stop)) for l in self.layers}
-                _, assign = index.quantizer.search(self._query(part, equal), 1)
+                _, assign = index.quantizer.search(self._index_query(part, equal), 1)
             index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(np.ascontiguousarray(assign[:, 0])))
         if self.nlist < GRAPH_QUERY_LISTS and not isinstance(quantizer, faiss.IndexFlat):
             quantizer = faiss.IndexFlat(self.d, metric)  # the same centres in the same order, searched exactly
@@ -327,8 +367,36 @@ class ApproximateIndex(Index):
         quantizer.this.disown()
         return index
 
-    def _width(self) -> int:
-        return sum(self.train_vectors[l].shape[1] for l in self.layers)
+    def _principal_axes(self, train: np.ndarray) -> dict:
+        """Per layer wider than :data:`PCA_DIMS`, its ``PCA_DIMS`` leading principal axes ``(PCA_DIMS, width)``
+        (of the centred rows, from the covariance of up to :data:`_PCA_ROWS` of the training rows ``train``)."""
+        ids = train if len(train) <= _PCA_ROWS else np.sort(self.rng.choice(train, _PCA_ROWS, replace=False))
+        bases = {}
+        for l, w in zip(self.layers, self.widths):
+            if w <= PCA_DIMS:
+                continue
+            cov = np.zeros((w, w), np.float64)
+            for s in range(0, len(ids), _ROWS):
+                b = _take(self.train_vectors[l], ids[s:s + _ROWS]) - self.means[l]
+                cov += b.T @ b
+            _, axes = np.linalg.eigh(cov)  # ascending eigenvalues
+            bases[l] = np.ascontiguousarray(axes[:, ::-1][:, :PCA_DIMS].T, dtype=np.float32)
+        _release(self.train_vectors)
+        return bases
+
+    def _project(self, rows: np.ndarray) -> np.ndarray:
+        """Full-width index rows or queries as the index holds them: each projected layer's block on its
+        principal axes (a linear map, so a query's weights carry over), the squared norms as they are."""
+        if not self.bases:
+            return rows
+        parts, s = [], 0
+        for l, w in zip(self.layers, self.widths):
+            block = rows[:, s:s + w]
+            parts.append(block @ self.bases[l].T if l in self.bases else block)
+            s += w
+        if self.metric == "ip":
+            parts.append(rows[:, s:s + len(self.layers)])
+        return self._pad(np.hstack(parts), self.layers)
 
     def _centres(self, x: np.ndarray) -> np.ndarray:
         """k-means centres of the lists in the equal-weight space (faiss; two levels for many lists)."""
@@ -349,19 +417,20 @@ class ApproximateIndex(Index):
         return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
     def _index_rows(self, which) -> np.ndarray:
-        """The rows the faiss index holds: :meth:`Index._rows`, or for one layer ``u / sqrt(s)`` (padded)."""
+        """The rows the faiss index holds: :meth:`Index._rows`, or for one layer ``u / sqrt(s)`` (padded);
+        projected (:meth:`_project`) where the codes are ``"pca"``."""
         if self.metric == "ip":
-            return self._rows(which)
+            return self._project(self._rows(which))
         l = self.layers[0]
         rows = (_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(self.scales[0]))
         _release(self.train_vectors)
-        return self._pad(rows, self.layers)
+        return self._project(self._pad(rows, self.layers))
 
     def _index_query(self, part: dict, weights) -> np.ndarray:
         if self.metric == "ip":
-            return self._query(part, weights)
+            return self._project(self._query(part, weights))
         l = self.layers[0]
-        return self._pad((part[l] - self.means[l]) / np.float32(np.sqrt(self.scales[0])), self.layers)
+        return self._project(self._pad((part[l] - self.means[l]) / np.float32(np.sqrt(self.scales[0])), self.layers))
 
     def _constant(self, part: dict, weights) -> np.ndarray:
         if self.metric == "ip":
@@ -374,9 +443,9 @@ class ApproximateIndex(Index):
         if self.metric == "l2":
             return self._pad(centres, self.layers)
         blocks, norms, s = [], [], 0
-        for l in self.layers:
-            b = centres[:, s:s + self.train_vectors[l].shape[1]]
-            s += b.shape[1]
+        for width in self.dims:
+            b = centres[:, s:s + width]
+            s += width
             blocks.append(b)
             norms.append(np.einsum("ij,ij->i", b, b)[:, None])
         return self._pad(np.hstack(blocks + norms), self.layers)
@@ -387,9 +456,17 @@ class ApproximateIndex(Index):
         group = isinstance(weights, list)
         if self.codes == "flat" and not group:
             return k
-        rerank = _RERANKS[-1] if weights is None else self._settings(weights)[1]
+        return self._n_reranked(k, _RERANKS[-1] if weights is None else self._settings(weights)[1])
+
+    def _n_reranked(self, k: int, rerank: int) -> int:
         # calibrated on the 10 nearest; deeper searches (trust's 200) re-rank as many extra as 10 would
         return min(self.n, k + (rerank - 1) * k if k <= 10 else max(k, 10 * rerank))
+
+    def _cost(self, nprobe: int, rerank: int, k: int) -> float:
+        """What a query costs, in bytes scanned (see :data:`_RERANK_COST`), probing ``nprobe`` lists and
+        re-ranking ``rerank``'s candidates (none for float32 codes searched alone: ``rerank`` 1)."""
+        scanned = nprobe * self.n / self.nlist * self.d * (4 if self.codes == "flat" else 1)
+        return scanned + (_RERANK_COST * self._n_reranked(k, rerank) * sum(self.widths) if rerank > 1 else 0)
 
     def candidates(self, part: dict, k: int, weights: list, exclude=None, share: bool = True) -> list:
         """As :meth:`Index.candidates`; a group of weightings shares one search (by their mean weighting,
@@ -452,8 +529,9 @@ class ApproximateIndex(Index):
         return out_scores, out_ids
 
     def _settings(self, weights) -> tuple:
-        """``(nprobe, rerank)`` for ``weights`` (or a group of weightings, a list, that share one search): the
-        cheapest reaching the target recall for each, calibrated once."""
+        """``(nprobe, rerank)`` for ``weights`` (or a group of weightings, a list, that share one search): of
+        those reaching the target recall for each, the cheapest by :meth:`_cost` (the fewest lists for each
+        number of candidates, stopping where it cannot beat the best so far), calibrated once."""
         group = isinstance(weights, list)
         key = tuple(_key(w) for w in weights) if group else _key(weights)
         if key not in self.settings:
@@ -465,16 +543,28 @@ class ApproximateIndex(Index):
                       leave=False) as bar:
                 truth = [i for i, _ in Index.candidates(self, queries, k, ws)]
                 bar.update()
-                for rerank in (1,) if self.codes == "flat" and not group else _RERANKS:
-                    nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth, bar)
-                    if recall >= TARGET_RECALL:
-                        break
+                best = None  # (cost, nprobe, rerank, recall)
+                reranks = (1,) if self.codes == "flat" and not group else _RERANKS
+                for rerank in reranks:
+                    cap = None if best is None else best[0]
+                    if cap is not None and self._cost(1, rerank, k) >= cap:
+                        break  # more candidates only cost more
+                    nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth, bar, cap,
+                                                  last=rerank == reranks[-1])
+                    if recall >= TARGET_RECALL and (best is None or self._cost(nprobe, rerank, k) < best[0]):
+                        best = (self._cost(nprobe, rerank, k), nprobe, rerank, recall)
+                if best is not None:  # else the last tried: the most candidates, the most lists
+                    _, nprobe, rerank, recall = best
+                    self.settings[key] = (nprobe, rerank)
             self.recall[key] = recall
         return self.settings[key]
 
-    def _probes(self, key, rerank, queries, k, w, truth, bar=None) -> tuple:
+    def _probes(self, key, rerank, queries, k, w, truth, bar=None, cap: Optional[float] = None,
+                last: bool = True) -> tuple:
         """The fewest lists probed (doubling, then halving the last step) for which the calibration queries
-        reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``."""
+        reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``. It gives up
+        (short of the target) before a doubling would cost ``cap`` or more (:meth:`_cost`), and, unless
+        ``last``, past :data:`_PLATEAU_LISTS` lists once a doubling adds less than :data:`_PLATEAU`."""
         ws = w if isinstance(w, list) else [w]
 
         def recall_at(nprobe):  # the worst of the weightings
@@ -488,8 +578,13 @@ class ApproximateIndex(Index):
         low, nprobe = 0, 1
         recall = recall_at(nprobe)
         while recall < TARGET_RECALL and nprobe < self.nlist:
+            if cap is not None and self._cost(min(2 * nprobe, self.nlist), rerank, k) >= cap:
+                break
+            before = recall
             low, nprobe = nprobe, min(2 * nprobe, self.nlist)
             recall = recall_at(nprobe)
+            if not last and nprobe > _PLATEAU_LISTS and recall - before < _PLATEAU:
+                break
         while recall >= TARGET_RECALL and nprobe - low > 1:  # the smallest in (low, nprobe] that still reaches it
             mid = (low + nprobe) // 2
             r = recall_at(mid)
@@ -559,7 +654,8 @@ def index_files(index: ApproximateIndex, token: str) -> dict:
             "settings": [[_to_json(w), p, r] for w, (p, r) in index.settings.items()],
             "recall": [[_to_json(w), v] for w, v in index.recall.items()]}
     arrays = {"held": index.held.astype(np.int64), "scales": index.scales.astype(np.float64),
-              **{f"mean/{j}": index.means[l] for j, l in enumerate(index.layers)}}
+              **{f"mean/{j}": index.means[l] for j, l in enumerate(index.layers)},
+              **{f"basis/{j}": index.bases[l] for j, l in enumerate(index.layers) if l in index.bases}}
     params = save(arrays, metadata={"actclust": json.dumps(meta)})
     return {f"index_{token}-{{sha}}.faiss": write_index, f"index_{token}-{{sha}}.safetensors": params}
 
@@ -577,7 +673,7 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
     widths = [int(train_vectors[l].shape[1]) for l in layers]
     n = len(train_vectors[layers[0]])
     if meta.get("format") != _FORMAT or meta.get("layers") != layers or meta.get("n") != n \
-            or meta.get("widths") != widths or meta.get("codes") not in ("flat", "sq8") \
+            or meta.get("widths") != widths or meta.get("codes") not in ("flat", "sq8", "pca") \
             or meta.get("metric") != ("l2" if len(layers) == 1 else "ip"):
         raise InvalidSaveError(f"The saved search index {params_path} does not describe this run's vectors "
                                f"({meta.get('layers')} of {meta.get('n')} rows; the run has {layers} of {n}).")
@@ -586,6 +682,15 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
         raise InvalidSaveError(f"The saved search index {faiss_path} holds {index.ntotal} rows of {index.d} values; "
                                f"the run has {n} rows of {meta.get('d')}.")
     stats = {l: (arrays[f"mean/{j}"], float(arrays["scales"][j])) for j, l in enumerate(layers)}
-    out = ApproximateIndex(train_vectors, stats, index=index, saved={**meta, "held": arrays["held"]})
+    bases = {l: arrays[f"basis/{j}"] for j, l in enumerate(layers) if f"basis/{j}" in arrays}
+    width = dict(zip(layers, widths))
+    if (bases and meta["codes"] != "pca") or any(b.ndim != 2 or not 0 < b.shape[0] <= b.shape[1] == width[l]
+                                                 for l, b in bases.items()):
+        raise InvalidSaveError(f"The saved search index {params_path} has principal axes that do not fit its codes "
+                               f"({meta['codes']}) or this run's layers ({width}).")
+    out = ApproximateIndex(train_vectors, stats, index=index, saved={**meta, "held": arrays["held"], "bases": bases})
+    if out.d != index.d:
+        raise InvalidSaveError(f"The saved search index {faiss_path} holds rows of {index.d} values; its parameters "
+                               f"describe {out.d}.")
     out.source = Path(faiss_path) if mmap else None  # what a later save copies (see index_files)
     return out
