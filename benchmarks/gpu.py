@@ -13,10 +13,13 @@ Trains a ResNet-18 (torchvision's widths, BatchNorm, ``actclust.models.resnet18`
 - fits the same weights on the CPU over a 5,000-image subset, and the GPU model on the same
   subset: how many cluster assignments and predictions agree across devices;
 - scores, searches similar samples (exact and approximate), explains and computes trust signals
-  on test images with the GPU model, each over a forward pass over the same inputs;
+  on ``--n-queries`` (10,000: all) test images with the GPU model, each over a forward pass over the
+  same inputs (the issue's table counts 10k queries; the H100 run of ee1fc3f used 2,000);
 - saves the GPU run and loads it on the CPU copy of the model: same predictions as the GPU run.
 
 Its results are the top-level ``rows``, ``devices``, ``analyses`` and ``load_on_cpu`` of the JSON.
+The JSON is rewritten after each step with ``"complete": false`` (``true`` at the end), so a run
+stopped part-way (a time limit on a lent GPU) keeps what it measured.
 
 **resnet50** (ImageNet-shaped: 224x224x3, 1,000 classes; needs no data set). torchvision's
 ResNet-50 (``actclust.models.resnet50``, 25.6M parameters) **untrained**: torchvision's random
@@ -160,6 +163,7 @@ def resnet18_case(args, res: dict, device: str) -> None:
                              "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})}
         print(f"{name:<22} fit/fwd {t / fwd_s:6.2f}  fidelity {score['fidelity']:.4f}  acc {score['accuracy']:.4f}"
               f"  DNN {score['dnn_accuracy']:.4f}", flush=True)
+        args.checkpoint()
         return ac
 
     ac = fit_row("gpu float32", model, fwd)
@@ -192,12 +196,14 @@ def resnet18_case(args, res: dict, device: str) -> None:
         "mean_abs_proba_diff": float(np.abs(prob_g - prob_c).mean()),
         "fidelity_gpu": on_gpu.score(x_te)["fidelity"], "fidelity_cpu": on_cpu.score(x_te)["fidelity"]}
     print("devices:", json.dumps(res["devices"]), flush=True)
+    args.checkpoint()
 
     # analyses with the GPU model (fitted on 60k above), over a forward pass of their inputs
-    q = xt[:2000]
+    q = xt[:args.n_queries]
     n_q = len(q)
+    forward(model, q[:BATCH])
     fq = forward(model, q)
-    an = {"forward_seconds_2k": fq}
+    an = {"n_queries": n_q, "forward_seconds": fq}
     for search in ("exact", "approximate"):
         ac.similar(q[:50], k=10, weights="high", search=search)  # builds (and calibrates) the index once
         nb, t = timed(lambda: ac.similar(q, k=10, weights="high", search=search))
@@ -226,6 +232,7 @@ def resnet18_case(args, res: dict, device: str) -> None:
     an["credibility_misclassification_auroc"] = float(roc_auc_score(~dnn_wrong, tr["credibility"]))
     res["analyses"] = an
     print("analyses:", json.dumps(an), flush=True)
+    args.checkpoint()
 
     with tempfile.TemporaryDirectory() as tmp:
         ac.save(f"{tmp}/run")
@@ -345,8 +352,9 @@ def _gib(b) -> str:
     return "-" if b is None else f"{b / 2 ** 30:.2f}"
 
 
-def resnet50_case(args, device: str) -> dict:
-    """The ImageNet-shaped case: an untrained ResNet-50 on synthetic images, disk store."""
+def resnet50_case(args, device: str, out: dict) -> dict:
+    """The ImageNet-shaped case: an untrained ResNet-50 on synthetic images, disk store; results into
+    ``out`` as they come (``args.checkpoint()`` writes them after each step)."""
     n_train, n_q, size = args.n_train, args.n_queries, args.image_size
     if args.limit:
         n_train, n_q = min(n_train, args.limit), min(n_q, max(2, args.limit // 2))
@@ -369,7 +377,7 @@ def resnet50_case(args, device: str) -> dict:
     if n_bn:
         model_desc += (f"; BatchNorm running statistics averaged over the first {n_bn} training images "
                        "(train-mode passes, no gradients; weights untouched)")
-    out = {"model": model_desc, "batchnorm_stats_images": n_bn,
+    out.update({"model": model_desc, "batchnorm_stats_images": n_bn,
            "n_parameters": sum(p.numel() for p in model.parameters()), "image_size": size,
            "n_train": n_train, "n_queries": n_q, "first_call_queries": n_first, "batch_size": BATCH,
            "workers": args.workers, "layers": LAYERS, "store": "disk (a temporary folder)",
@@ -377,7 +385,7 @@ def resnet50_case(args, device: str) -> dict:
                    "patterns plus white noise), made per batch "
                    "by a DataLoader (in order, pinned on CUDA); queries are images n_train.. of the same stream",
            "device_bytes_before_model": before,
-           "model_device_bytes": torch.cuda.memory_allocated() - before if device == "cuda" else None}
+           "model_device_bytes": torch.cuda.memory_allocated() - before if device == "cuda" else None})
     print(f"resnet50 {size}x{size}: {n_train} training, {n_q} query images, {args.workers} workers, on {device}",
           flush=True)
     forward_loader(model, loader(SyntheticImages(min(2 * BATCH, n_train), size, base=base), args.workers, device))
@@ -385,6 +393,7 @@ def resnet50_case(args, device: str) -> dict:
     reset_peak()
     fwd = forward_loader(model, train_x)
     out["forward_seconds"], out["forward_peak_bytes"] = fwd, peak_bytes()
+    args.checkpoint()
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -395,6 +404,7 @@ def resnet50_case(args, device: str) -> dict:
                       "stages": {k: v for k, v in ac.fit_info_.items() if k.startswith("seconds")},
                       "store_bytes": sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())}
         print(f"fit {t:.1f} s, forward {fwd:.1f} s", flush=True)
+        args.checkpoint()
 
         reset_peak()
         fq = forward_loader(model, query_x)
@@ -414,6 +424,7 @@ def resnet50_case(args, device: str) -> dict:
                          "first_call_build_seconds": max(0.0, t1 - t * n_first / n_q),  # less its share of queries
                          "seconds": t, "over_forward": t / fq, "peak_bytes": peak_bytes()}
             print(f"{name}: first call {t1:.1f} s, then {t:.1f} s ({t / fq:.2f} x forward)", flush=True)
+            args.checkpoint()
         out["search"] = sorted({k[1] for k in ac.state_.cache.get("retrieval", {}) if len(k) == 3})
         pred = results["trust"]["dnn_prediction"]
         out["n_predicted_classes_queries"] = len(np.unique(pred))
@@ -445,7 +456,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="resnet18: skip the torch.compile row")
     ap.add_argument("--profile", help="resnet18: write a cProfile of fit and explain (top functions) to this file")
     ap.add_argument("--n-train", type=int, default=100_000, help="resnet50: training images")
-    ap.add_argument("--n-queries", type=int, default=10_000, help="resnet50: query images")
+    ap.add_argument("--n-queries", type=int, default=10_000, help="query images (resnet18: of the 10,000 test images)")
     ap.add_argument("--image-size", type=int, default=224, help="resnet50: image side (224; smaller for a dry run)")
     ap.add_argument("--workers", type=int, default=4, help="resnet50: DataLoader worker processes")
     ap.add_argument("--raw-init", action="store_true",
@@ -471,13 +482,19 @@ def main(argv=None) -> int:
                        "cudnn_benchmark": torch.backends.cudnn.benchmark,
                        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
            "cases": cases, "limit": args.limit}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(complete: bool = False):  # what is measured so far survives a run stopped part-way
+        res["complete"] = complete
+        Path(args.out).write_text(json.dumps(res, indent=2))
+
+    args.checkpoint = checkpoint
     if "resnet18" in cases:
         res["rows"] = {}
         resnet18_case(args, res, device)
     if "resnet50" in cases:
-        res[f"resnet50_{args.image_size}"] = resnet50_case(args, device)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+        resnet50_case(args, device, res.setdefault(f"resnet50_{args.image_size}", {}))
+    checkpoint(complete=True)
     print(f"wrote {args.out}")
     return 0
 
