@@ -322,3 +322,35 @@ def test_principal_component_codes_for_wide_rows(tmp_path):
     save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(InvalidSaveError, match=r"principal axes that do not fit its codes \(pca\) or this run's layers"):
         indexes.load_index(train, paths[".faiss"], tmp_path / "bad.safetensors")
+
+
+# a layer wider than _EIGH_WIDTH (a flattened map passed through whole) gets its axes by randomized SVD of a
+# bounded sample, not from a width x width covariance: they capture as much variance as the leading
+# eigenvectors do, the search keeps its recall, and with fewer rows than axes the axes are completed
+def test_principal_axes_of_very_wide_layers_by_randomized_svd(monkeypatch):
+    from actclust.analysis import indexes
+
+    monkeypatch.setattr(indexes, "_EIGH_WIDTH", 128)  # layers 1 and 2 (160, 400 values) take the SVD path
+    monkeypatch.setattr(indexes, "_PCA_FLOATS", 400 * 3000)  # layer 2: a sample of 3,000 of the 6,000 rows
+    both = _clustered_vectors(6100, widths=(48, 160, 400), n_clusters=40)
+    train = {l: v[:6000] for l, v in both.items()}
+    queries = {l: v[6000:] for l, v in both.items()}
+    stats = layer_stats(train)
+    approx = ApproximateIndex(train, stats, random_state=0)
+    assert approx.codes == "pca" and sorted(approx.bases) == ["layer1", "layer2"]
+    for l in ("layer1", "layer2"):
+        centred = train[l].astype(np.float64) - train[l].mean(0)
+        top = np.linalg.eigvalsh(centred.T @ centred)[::-1][:indexes.PCA_DIMS].sum()  # the best 64 axes can do
+        b = approx.bases[l].astype(np.float64)
+        assert np.allclose(b @ b.T, np.eye(indexes.PCA_DIMS), atol=1e-5)
+        # (layer 2's axes come from half the rows: 98% of the optimum; 64 random axes would hold about 31%)
+        assert ((centred @ b.T) ** 2).sum() >= 0.97 * top
+    w = layer_weights("low", list(train))
+    truth = Index(train, stats).search(queries, 10, w)[0]
+    found = approx.search(queries, 10, w)[0]
+    assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(found, truth)]) >= 0.95
+
+    few = {l: v[:40] for l, v in train.items()}  # 40 rows: fewer than the 64 axes
+    tiny = ApproximateIndex(few, layer_stats(few), random_state=0, codes="pca")
+    for b in tiny.bases.values():
+        assert b.shape[0] == indexes.PCA_DIMS and np.allclose(b @ b.T, np.eye(indexes.PCA_DIMS), atol=1e-5)

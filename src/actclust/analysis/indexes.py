@@ -61,6 +61,13 @@ PCA_WIDTH = 512
 #: Principal components kept per projected layer (see :data:`PCA_WIDTH`).
 PCA_DIMS = 64
 _PCA_ROWS = 65536  # training rows the principal components are computed from
+#: A layer up to this wide gets its axes from its covariance (``eigh``: 0.9 s at 2,048 values, 7 s at 4,096);
+#: a wider one (a flattened map passed through whole) by randomized SVD of a sample of rows held at once,
+#: at most :data:`_PCA_FLOATS` values (25,088 values: 2,674 rows, 2.8 s), where its covariance alone would
+#: take gigabytes and ``eigh`` tens of minutes.
+_EIGH_WIDTH = 2048
+_PCA_FLOATS = 1 << 26
+_BUILD_FLOATS = 1 << 26  # values of full-width rows read per chunk while the index is built (256 MiB)
 #: Calibration's cost of a search: the bytes of codes scanned plus, per value of the candidates re-ranked (read
 #: from the store, then a distance term), this many. Measured on ``benchmarks/search_scale.py``'s data at 1M rows
 #: (64 components per layer, 200 bytes per row): 171 lists probed 0.58 ms per query with 20 candidates, 0.77
@@ -330,7 +337,8 @@ class ApproximateIndex(Index):
         if self.codes == "pca":
             self.bases = self._principal_axes(train)
         # read in chunks: full rows of the whole sample would take n_train x width floats at once
-        rows = np.vstack([self._index_rows(train[s:s + _ROWS]) for s in range(0, len(train), _ROWS)])
+        step = max(256, min(_ROWS, _BUILD_FLOATS // (sum(self.widths) + len(self.layers))))
+        rows = np.vstack([self._index_rows(train[s:s + step]) for s in range(0, len(train), step)])
         centres = self._centres(rows[:, :sum(self.dims)])
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         centre_rows = self._centre_rows(centres)
@@ -346,9 +354,9 @@ class ApproximateIndex(Index):
             index = faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
         index.train(rows)  # the lists' centres are in place: this trains the 8-bit codes' ranges only
         equal = np.ones(len(self.layers))
-        for start in tqdm(range(0, self.n, _ROWS), desc="building the approximate index", disable=not progress,
+        for start in tqdm(range(0, self.n, step), desc="building the approximate index", disable=not progress,
                           leave=False):
-            stop = min(start + _ROWS, self.n)
+            stop = min(start + step, self.n)
             # Each row goes to its nearest centre in the equal-weight space: the centre of largest inner
             # product with the row's equal-weight query (of smallest distance, for one layer).
             block = self._index_rows(slice(start, stop))
@@ -369,11 +377,25 @@ class ApproximateIndex(Index):
 
     def _principal_axes(self, train: np.ndarray) -> dict:
         """Per layer wider than :data:`PCA_DIMS`, its ``PCA_DIMS`` leading principal axes ``(PCA_DIMS, width)``
-        (of the centred rows, from the covariance of up to :data:`_PCA_ROWS` of the training rows ``train``)."""
+        of the centred rows: from the covariance of up to :data:`_PCA_ROWS` of the training rows ``train``, or
+        for a layer wider than :data:`_EIGH_WIDTH`, by randomized SVD (scikit-learn) of as many as fit in
+        :data:`_PCA_FLOATS` values."""
+        from sklearn.utils.extmath import randomized_svd
+
         ids = train if len(train) <= _PCA_ROWS else np.sort(self.rng.choice(train, _PCA_ROWS, replace=False))
         bases = {}
         for l, w in zip(self.layers, self.widths):
             if w <= PCA_DIMS:
+                continue
+            if w > _EIGH_WIDTH:
+                m = min(len(ids), max(4 * PCA_DIMS, _PCA_FLOATS // w))
+                sample = ids if m == len(ids) else np.sort(self.rng.choice(ids, m, replace=False))
+                b = _take(self.train_vectors[l], sample) - self.means[l]
+                _, _, axes = randomized_svd(b, PCA_DIMS, random_state=int(self.rng.integers(2 ** 31)))
+                if len(axes) < PCA_DIMS:  # fewer rows than axes: completed by orthonormal directions
+                    fill = self.rng.standard_normal((w, PCA_DIMS - len(axes)))
+                    axes = np.linalg.qr(np.hstack([axes.T, fill]))[0].T
+                bases[l] = np.ascontiguousarray(axes, dtype=np.float32)
                 continue
             cov = np.zeros((w, w), np.float64)
             for s in range(0, len(ids), _ROWS):
