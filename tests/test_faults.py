@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -303,12 +304,23 @@ class _Saver:
         code = _SAVER.format(tests=TESTS, store=None if store is None else str(store))
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
+        self._pending, self._seen = b"", []
         assert self._line() == "ready"
 
-    def _line(self) -> str:
-        line = self.proc.stdout.readline()
-        assert line, "the saver process ended"
-        return line.strip()
+    def _line(self, timeout: float = 120) -> str:
+        """The saver's next line; a saver silent for ``timeout`` seconds fails the test, naming what it said
+        last, instead of leaving it waiting (unbuffered reads: a line Python buffered would escape select)."""
+        deadline, fd = time.monotonic() + timeout, self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], \
+                f"the saver said nothing for {timeout:.0f} s; its last lines: {self._seen[-6:]}"
+            chunk = os.read(fd, 4096)
+            assert chunk, "the saver process ended"
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        self._seen.append(line.decode())
+        return self._seen[-1].strip()
 
     def kill_during(self, folder: Path, moment, *, saves: int = 2, overwrite: bool = True, timeout: float = 60) -> int:
         """Start a saver into ``folder``; after ``saves`` complete saves, SIGKILL it once ``moment()``."""
@@ -351,12 +363,16 @@ def _kill_when(proc, condition, timeout=90):
 
 def _writing(run: Path) -> bool:
     """Whether a save is writing its bulk data: a temporary (hidden) file of over 1 MiB in the folder."""
-    for p in run.rglob("*"):
-        try:
-            if any(c.startswith(".") for c in p.relative_to(run).parts) and p.is_file() and p.stat().st_size > 1 << 20:
-                return True
-        except FileNotFoundError:  # renamed or removed meanwhile
-            pass
+    try:  # the listing itself fails when a folder in it is renamed or removed while it is read
+        for p in run.rglob("*"):
+            try:
+                if any(c.startswith(".") for c in p.relative_to(run).parts) and p.is_file() \
+                        and p.stat().st_size > 1 << 20:
+                    return True
+            except FileNotFoundError:  # renamed or removed meanwhile
+                pass
+    except FileNotFoundError:
+        pass
     return False
 
 
