@@ -137,8 +137,8 @@ def train(model, x, y, epochs: int, seed: int = 0):
     return model.eval()
 
 
-def resnet18_case(args, res: dict, device: str) -> None:
-    """The 28x28 Fashion-MNIST case: results into the top level of ``res``."""
+def resnet18_case(args, res: dict, device: str, checkpoint) -> None:
+    """The 28x28 Fashion-MNIST case: results into the top level of ``res`` (``checkpoint()`` writes them)."""
     x_tr, y_tr, x_te, y_te = load_fashion_mnist()
     if args.limit:
         x_tr, y_tr, x_te, y_te = x_tr[:args.limit], y_tr[:args.limit], x_te[:args.limit], y_te[:args.limit]
@@ -163,7 +163,7 @@ def resnet18_case(args, res: dict, device: str) -> None:
                              "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})}
         print(f"{name:<22} fit/fwd {t / fwd_s:6.2f}  fidelity {score['fidelity']:.4f}  acc {score['accuracy']:.4f}"
               f"  DNN {score['dnn_accuracy']:.4f}", flush=True)
-        args.checkpoint()
+        checkpoint()
         return ac
 
     ac = fit_row("gpu float32", model, fwd)
@@ -196,7 +196,7 @@ def resnet18_case(args, res: dict, device: str) -> None:
         "mean_abs_proba_diff": float(np.abs(prob_g - prob_c).mean()),
         "fidelity_gpu": on_gpu.score(x_te)["fidelity"], "fidelity_cpu": on_cpu.score(x_te)["fidelity"]}
     print("devices:", json.dumps(res["devices"]), flush=True)
-    args.checkpoint()
+    checkpoint()
 
     # analyses with the GPU model (fitted on 60k above), over a forward pass of their inputs
     q = xt[:args.n_queries]
@@ -232,7 +232,7 @@ def resnet18_case(args, res: dict, device: str) -> None:
     an["credibility_misclassification_auroc"] = float(roc_auc_score(~dnn_wrong, tr["credibility"]))
     res["analyses"] = an
     print("analyses:", json.dumps(an), flush=True)
-    args.checkpoint()
+    checkpoint()
 
     with tempfile.TemporaryDirectory() as tmp:
         ac.save(f"{tmp}/run")
@@ -352,9 +352,9 @@ def _gib(b) -> str:
     return "-" if b is None else f"{b / 2 ** 30:.2f}"
 
 
-def resnet50_case(args, device: str, out: dict) -> dict:
+def resnet50_case(args, device: str, out: dict, checkpoint) -> dict:
     """The ImageNet-shaped case: an untrained ResNet-50 on synthetic images, disk store; results into
-    ``out`` as they come (``args.checkpoint()`` writes them after each step)."""
+    ``out`` as they come (``checkpoint()`` writes them after each step)."""
     n_train, n_q, size = args.n_train, args.n_queries, args.image_size
     if args.limit:
         n_train, n_q = min(n_train, args.limit), min(n_q, max(2, args.limit // 2))
@@ -393,7 +393,7 @@ def resnet50_case(args, device: str, out: dict) -> dict:
     reset_peak()
     fwd = forward_loader(model, train_x)
     out["forward_seconds"], out["forward_peak_bytes"] = fwd, peak_bytes()
-    args.checkpoint()
+    checkpoint()
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -404,7 +404,7 @@ def resnet50_case(args, device: str, out: dict) -> dict:
                       "stages": {k: v for k, v in ac.fit_info_.items() if k.startswith("seconds")},
                       "store_bytes": sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())}
         print(f"fit {t:.1f} s, forward {fwd:.1f} s", flush=True)
-        args.checkpoint()
+        checkpoint()
 
         reset_peak()
         fq = forward_loader(model, query_x)
@@ -424,7 +424,7 @@ def resnet50_case(args, device: str, out: dict) -> dict:
                          "first_call_build_seconds": max(0.0, t1 - t * n_first / n_q),  # less its share of queries
                          "seconds": t, "over_forward": t / fq, "peak_bytes": peak_bytes()}
             print(f"{name}: first call {t1:.1f} s, then {t:.1f} s ({t / fq:.2f} x forward)", flush=True)
-            args.checkpoint()
+            checkpoint()
         out["search"] = sorted({k[1] for k in ac.state_.cache.get("retrieval", {}) if len(k) == 3})
         pred = results["trust"]["dnn_prediction"]
         out["n_predicted_classes_queries"] = len(np.unique(pred))
@@ -488,12 +488,11 @@ def main(argv=None) -> int:
         res["complete"] = complete
         Path(args.out).write_text(json.dumps(res, indent=2))
 
-    args.checkpoint = checkpoint
     if "resnet18" in cases:
         res["rows"] = {}
-        resnet18_case(args, res, device)
+        resnet18_case(args, res, device, checkpoint)
     if "resnet50" in cases:
-        resnet50_case(args, device, res.setdefault(f"resnet50_{args.image_size}", {}))
+        resnet50_case(args, device, res.setdefault(f"resnet50_{args.image_size}", {}), checkpoint)
     checkpoint(complete=True)
     print(f"wrote {args.out}")
     return 0

@@ -378,33 +378,32 @@ class ApproximateIndex(Index):
     def _principal_axes(self, train: np.ndarray) -> dict:
         """Per layer wider than :data:`PCA_DIMS`, its ``PCA_DIMS`` leading principal axes ``(PCA_DIMS, width)``
         of the centred rows: from the covariance of up to :data:`_PCA_ROWS` of the training rows ``train``, or
-        for a layer wider than :data:`_EIGH_WIDTH`, by randomized SVD (scikit-learn) of as many as fit in
-        :data:`_PCA_FLOATS` values."""
-        from sklearn.utils.extmath import randomized_svd
-
+        for a layer wider than :data:`_EIGH_WIDTH`, by randomized SVD of as many as fit in :data:`_PCA_FLOATS`."""
         ids = train if len(train) <= _PCA_ROWS else np.sort(self.rng.choice(train, _PCA_ROWS, replace=False))
-        bases = {}
-        for l, w in zip(self.layers, self.widths):
-            if w <= PCA_DIMS:
-                continue
-            if w > _EIGH_WIDTH:
-                m = min(len(ids), max(4 * PCA_DIMS, _PCA_FLOATS // w))
-                sample = ids if m == len(ids) else np.sort(self.rng.choice(ids, m, replace=False))
-                b = _take(self.train_vectors[l], sample) - self.means[l]
-                _, _, axes = randomized_svd(b, PCA_DIMS, random_state=int(self.rng.integers(2 ** 31)))
-                if len(axes) < PCA_DIMS:  # fewer rows than axes: completed by orthonormal directions
-                    fill = self.rng.standard_normal((w, PCA_DIMS - len(axes)))
-                    axes = np.linalg.qr(np.hstack([axes.T, fill]))[0].T
-                bases[l] = np.ascontiguousarray(axes, dtype=np.float32)
-                continue
-            cov = np.zeros((w, w), np.float64)
-            for s in range(0, len(ids), _ROWS):
-                b = _take(self.train_vectors[l], ids[s:s + _ROWS]) - self.means[l]
-                cov += b.T @ b
-            _, axes = np.linalg.eigh(cov)  # ascending eigenvalues
-            bases[l] = np.ascontiguousarray(axes[:, ::-1][:, :PCA_DIMS].T, dtype=np.float32)
+        bases = {l: np.ascontiguousarray((self._axes_by_svd if w > _EIGH_WIDTH else self._axes_by_eigh)(l, w, ids),
+                                         dtype=np.float32)
+                 for l, w in zip(self.layers, self.widths) if w > PCA_DIMS}
         _release(self.train_vectors)
         return bases
+
+    def _axes_by_eigh(self, l: str, w: int, ids: np.ndarray) -> np.ndarray:
+        cov = np.zeros((w, w), np.float64)
+        for s in range(0, len(ids), _ROWS):
+            b = _take(self.train_vectors[l], ids[s:s + _ROWS]) - self.means[l]
+            cov += b.T @ b
+        return np.linalg.eigh(cov)[1][:, ::-1][:, :PCA_DIMS].T  # eigh: ascending eigenvalues
+
+    def _axes_by_svd(self, l: str, w: int, ids: np.ndarray) -> np.ndarray:
+        from sklearn.utils.extmath import randomized_svd
+
+        m = min(len(ids), max(4 * PCA_DIMS, _PCA_FLOATS // w))
+        sample = ids if m == len(ids) else np.sort(self.rng.choice(ids, m, replace=False))
+        b = _take(self.train_vectors[l], sample) - self.means[l]
+        axes = randomized_svd(b, PCA_DIMS, random_state=int(self.rng.integers(2 ** 31)))[2]
+        if len(axes) < PCA_DIMS:  # fewer rows than axes: completed by orthonormal directions
+            fill = self.rng.standard_normal((w, PCA_DIMS - len(axes)))
+            axes = np.linalg.qr(np.hstack([axes.T, fill]))[0].T
+        return axes
 
     def _project(self, rows: np.ndarray) -> np.ndarray:
         """Full-width index rows or queries as the index holds them: each projected layer's block on its
