@@ -46,6 +46,21 @@ def test_numpy_pooling_equals_torch(shape, g):
     np.testing.assert_allclose(NUMPY.adaptive_avg_pool(a, g), ref, rtol=1e-5, atol=1e-6)
 
 
+# PyTorch's own pooling on the CPU is matrix products (one for small maps, two for larger): the same bins as
+# adaptive_avg_pool2d, divisible or not, for contiguous, channels-last and float64 maps, and for g larger than the map
+@pytest.mark.parametrize("shape, g", [((2, 3, 28, 28), 4), ((2, 5, 14, 14), 4), ((3, 2, 7, 5), 3), ((1, 4, 17, 23), 4),
+                                      ((2, 3, 3, 3), 4), ((2, 2, 40, 9), 2)])
+def test_torch_pooling_equals_adaptive_avg_pool(shape, g):
+    from actclust.adapters.torch_ops import OPS
+
+    t = torch.from_numpy(np.random.default_rng(1).standard_normal(shape).astype(np.float32))
+    ref = torch.nn.functional.adaptive_avg_pool2d(t, g)
+    for x in (t, t.to(memory_format=torch.channels_last), t.double()):
+        out = OPS.adaptive_avg_pool(x, g)
+        assert out.shape == ref.shape and out.dtype == x.dtype
+        np.testing.assert_allclose(out.double().numpy(), ref.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
 # a channels-last map (Keras) gives the vector of the same map channels-first (PyTorch, ONNX), for every reducer
 @pytest.mark.parametrize("spec", ["auto", "mean", "max", "grid:2", "random:5"])
 @pytest.mark.parametrize("to", FRAMEWORKS)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..capture.arrays import Ops, sign_bits
+from ..capture.arrays import Ops, pool_matrix, sign_bits
 
 __all__ = ["TorchOps", "OPS"]
 
@@ -41,7 +41,20 @@ class TorchOps(Ops):
         return torch.nan_to_num(out, neginf=0.0)
 
     def adaptive_avg_pool(self, t, g):
-        return F.adaptive_avg_pool2d(t, g) if t.ndim == 4 else F.adaptive_avg_pool1d(t, g)
+        if t.ndim != 4:
+            return F.adaptive_avg_pool1d(t, g)
+        if t.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.adaptive_avg_pool2d(t, g)
+        # On the CPU, as matrix products with the bins' weights (the same bins; equal to 1e-6): the
+        # spatial summaries took a tenth of explain's capture pass. Per 10,000 maps, ms: (32, 28, 28)
+        # 89 -> 55 in two products (rows, then columns); (64, 14, 14) 82 -> 29 and (2048, 7, 7) 1,620
+        # -> 290 in one, with both axes' weights, which wins where a map holds at most _FLAT_POOL values.
+        n, c, h, w = t.shape
+        if h * w <= _FLAT_POOL:
+            both = _pooling(("both", h, w, g), lambda: np.kron(pool_matrix(h, g), pool_matrix(w, g)), t)
+            return (t.reshape(n, c, h * w) @ both).reshape(n, c, g, g)
+        rows = _pooling(("rows", h, g), lambda: pool_matrix(h, g).T, t)
+        return torch.matmul(torch.matmul(rows, t), _pooling(("cols", w, g), lambda: pool_matrix(w, g), t))
 
     def l2_normalize(self, v):
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -68,6 +81,19 @@ class TorchOps(Ops):
 
 #: Sign projections made so far, by (width, seed, device).
 _SIGNS: dict = {}
+#: Maps of at most this many values are pooled in one matrix product (see ``TorchOps.adaptive_avg_pool``).
+_FLAT_POOL = 256
+#: Pooling weights made so far, by shape and dtype (host only).
+_POOLS: dict = {}
+
+
+def _pooling(key, make, like):
+    key = (*key, like.dtype)
+    if key not in _POOLS:
+        if len(_POOLS) >= 64:
+            _POOLS.clear()
+        _POOLS[key] = torch.from_numpy(np.ascontiguousarray(make())).to(like.dtype)
+    return _POOLS[key]
 
 
 def _signs(width, seed, device):
