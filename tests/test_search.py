@@ -354,3 +354,41 @@ def test_principal_axes_of_very_wide_layers_by_randomized_svd(monkeypatch):
     tiny = ApproximateIndex(few, layer_stats(few), random_state=0, codes="pca")
     for b in tiny.bases.values():
         assert b.shape[0] == indexes.PCA_DIMS and np.allclose(b @ b.T, np.eye(indexes.PCA_DIMS), atol=1e-5)
+
+
+# Rows whose principal components keep little of their distances (a flat spectrum, no clusters): the approximate
+# index falls short of recall@10 0.97 however many lists it probes. search="auto" then searches exactly (the
+# exact answers) and says so once; search="approximate" keeps its own answers and says they are approximate.
+@pytest.mark.slow
+def test_auto_searches_exactly_where_the_approximate_index_falls_short():
+    import warnings
+
+    import torch
+
+    from actclust import ActivationClustering, SearchWarning
+    from actclust.analysis import retrieval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 400), torch.nn.Linear(400, 300), torch.nn.Linear(300, 3)).eval()
+    for layer in model[:2]:  # isotropic inputs stay isotropic: every direction counts as much
+        torch.nn.init.orthogonal_(layer.weight)
+    x = np.random.default_rng(0).standard_normal((5100, 600)).astype(np.float32)
+    ac = ActivationClustering(model, ["0", "1"], progress=False).fit(x[:5000])
+    exact = ac.similar(x[5000:], k=10, search="exact")
+    with pytest.warns(SearchWarning, match=r"The approximate index of similar-sample search reaches recall@10 0\.\d+ "
+                                           r"at most on this data \(target 0.97, pca codes of 136 values\): "
+                                           r"searching exactly instead\.") as record:
+        auto = ac.similar(x[5000:], k=10)
+    assert len([w for w in record if issubclass(w.category, SearchWarning)]) == 1
+    assert np.array_equal(auto.indices, exact.indices) and np.allclose(auto.distances, exact.distances)
+    index = ac.state_.cache["retrieval"]["retrieval", "approximate", "host"]
+    assert index.codes == "pca" and max(index.recall.values()) < 0.9  # calibrated to every list, and short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SearchWarning)  # said once per index and weighting
+        ac.similar(x[5000:], k=10)
+    with pytest.warns(SearchWarning, match=r"recall@10 0\.\d+ at most .*: its neighbours are approximate; "
+                                           r"search='exact' \(or 'auto'\) finds the exact ones\."):
+        approx = ac.similar(x[5000:], k=10, weights="high", search="approximate")
+    truth = ac.similar(x[5000:], k=10, weights="high", search="exact").indices
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.indices, truth)]) < 0.97
+    assert retrieval.resolve_search("auto", 5000, 700) == "approximate"  # the fallback is the calibration's, not the size's

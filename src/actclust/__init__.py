@@ -29,7 +29,7 @@ _EXCEPTIONS = (
     "InvalidSaveError", "RunExistsError", "DataNotFoundError", "ModelImportError", "IDECTrainingError",
     "MissingDependencyError", "StorageError", "DiskFullError", "StoragePermissionError",
     "ActClustWarning", "ModelMismatchWarning", "ConvergenceWarning", "DistillWarning", "IDECWarning",
-    "RenderWarning", "DataWarning", "TrustWarning", "DeviceMemoryWarning",
+    "RenderWarning", "DataWarning", "TrustWarning", "DeviceMemoryWarning", "SearchWarning",
 )
 _PUBLIC.update({name: ".exceptions" for name in _EXCEPTIONS})
 #: public submodules reachable as attributes, e.g. ``actclust.baselines.TrustScore``

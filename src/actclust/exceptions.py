@@ -34,6 +34,7 @@ __all__ = [
     "DataWarning",
     "TrustWarning",
     "DeviceMemoryWarning",
+    "SearchWarning",
 ]
 
 
@@ -134,3 +135,8 @@ class DataWarning(ActClustWarning):
 
 class DeviceMemoryWarning(ActClustWarning):
     """The device ran out of memory; the work goes on in smaller chunks (said once per backend)."""
+
+
+class SearchWarning(ActClustWarning):
+    """An approximate neighbour search cannot reach its recall target on this data (said once per index and
+    weighting): ``search="auto"`` then searches exactly."""

@@ -580,6 +580,17 @@ class ApproximateIndex(Index):
             self.recall[key] = recall
         return self.settings[key]
 
+    def calibrated_recall(self, weights: list, shares: bool = True) -> float:
+        """The recall@10 that calibration reached (calibrating first, where not yet done) for the weightings
+        ``weights`` searched together as :meth:`search_many` searches them with ``shares``: the worst of them."""
+        ws = [np.asarray(w, np.float64) for w in weights]
+        if len(ws) > 1 and (shares or not self.scores_are_distances):  # one search for the group
+            self._settings(ws)
+            return self.recall[tuple(_key(w) for w in ws)]
+        for w in ws:
+            self._settings(w)
+        return min(self.recall[_key(w)] for w in ws)
+
     def _probes(self, key, rerank, queries, k, w, truth, bar=None, cap: Optional[float] = None,
                 last: bool = True) -> tuple:
         """The fewest lists probed (doubling, then halving the last step) for which the calibration queries
@@ -590,7 +601,9 @@ class ApproximateIndex(Index):
 
         def recall_at(nprobe):  # the worst of the weightings
             self.settings[key] = (nprobe, rerank)
-            recall = min(_recall(found[0], t, self.held) for found, t in zip(self.search_many(queries, k, ws), truth))
+            # one weighting: its own search, which reads no training row where the scores are exact (float32)
+            found = self.search_many(queries, k, ws, shares=len(ws) > 1)
+            recall = min(_recall(f[0], t, self.held) for f, t in zip(found, truth))
             if bar is not None:
                 bar.set_postfix(lists=nprobe, recall=f"{recall:.3f}", refresh=False)
                 bar.update()

@@ -30,15 +30,16 @@ means alike). Weights are normalised to sum to 1.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from ..compute import HOST
-from ..exceptions import ParameterError
+from ..exceptions import ParameterError, SearchWarning
 from ..store.vectors import iter_rows
-from .indexes import ApproximateIndex, Index, index_files, load_index
+from .indexes import TARGET_RECALL, ApproximateIndex, Index, index_files, load_index
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -171,7 +172,7 @@ def search(state: FittedState, query: Query, k: int, weights: np.ndarray, *, met
     default); see :meth:`ActivationClustering.similar`."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    index = _index(state, method, progress, backend=backend)
+    index = _searching(state, method, [weights], True, progress, backend=backend)
     part = {l: query.vectors[state.retrieval_key(l)] for l in state.layers}
     idx, dist, shares = index.search(part, k, weights, progress)
     return Neighbours(indices=idx, distances=dist, layer_shares=shares, weights=weights)
@@ -186,7 +187,7 @@ def search_many(state: FittedState, query: Query, k: int, weights: dict, *, meth
     weighting alone, reading no training row: see :meth:`Index.search_many`)."""
     if query.vectors is None:
         raise ParameterError("similar-sample search needs the reduced vectors: make the query with vectors=True.")
-    index = _index(state, method, progress, backend=backend)
+    index = _searching(state, method, list(weights.values()), shares, progress, backend=backend)
     part = {l: query.vectors[state.retrieval_key(l)] for l in state.layers}
     found = index.search_many(part, k, list(weights.values()), progress, shares=shares)
     return {name: Neighbours(indices=i, distances=d, layer_shares=s, weights=w)
@@ -229,9 +230,37 @@ def layer_neighbours(state: FittedState, layer: str, vectors: np.ndarray, k: int
     """The ``k`` training rows nearest ``vectors`` in one layer alone (its clustering vectors), by
     ``method``, leaving out the rows where the boolean mask ``exclude`` is true: ``(ids (n, k),
     squared distances (n, k))``, nearest first. Each layer has its own index (built on first use)."""
-    index = _index(state, method, progress, space=layer, backend=backend)
+    index = _searching(state, method, [np.ones(1)], False, progress, space=layer, backend=backend)
     idx, dist, _ = index.search({layer: vectors}, k, np.ones(1), exclude=exclude, shares=False)
     return idx, dist.astype(np.float64) * index.scales[0]
+
+
+def _searching(state: FittedState, method: str, weights: list, shares: bool, progress: bool = False,
+               space: str = "retrieval", backend=None) -> Index:
+    """The index that searches ``weights`` (as :meth:`Index.search_many` with ``shares``) in ``space``: that
+    of :func:`_index`, unless ``method`` is ``"auto"`` and the approximate index cannot reach recall@10
+    :data:`~actclust.analysis.indexes.TARGET_RECALL` for them (calibrated on first use; a layer of nearly
+    flat spectrum leaves principal-component codes far from its distances): then the exact one, which is
+    right (calibration has by then probed every list, with 64x the candidates re-ranked). Either way a
+    :class:`SearchWarning` says so, once per index and weighting."""
+    index = _index(state, method, progress, space, backend)
+    if not isinstance(index, ApproximateIndex):
+        return index
+    recall = index.calibrated_recall(weights, shares)
+    if recall >= TARGET_RECALL:
+        return index
+    where = "similar-sample search" if space == "retrieval" else f"the neighbour search of layer {space!r}"
+    fallback = method == "auto"
+    said = state.cache.setdefault("search_warned", set())
+    key = (space, tuple(tuple(np.round(np.asarray(w, np.float64), 12)) for w in weights), shares)
+    if key not in said:
+        said.add(key)
+        warnings.warn(f"The approximate index of {where} reaches recall@10 {recall:.3f} at most on this data "
+                      f"(target {TARGET_RECALL}, {index.codes} codes of {index.d} values): "
+                      + ("searching exactly instead." if fallback else
+                         "its neighbours are approximate; search='exact' (or 'auto') finds the exact ones."),
+                      SearchWarning, stacklevel=4)
+    return _index(state, "exact", progress, space, backend) if fallback else index
 
 
 def _vectors(state: FittedState, space: str) -> dict:
