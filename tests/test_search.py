@@ -392,3 +392,52 @@ def test_auto_searches_exactly_where_the_approximate_index_falls_short():
     truth = ac.similar(x[5000:], k=10, weights="high", search="exact").indices
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.indices, truth)]) < 0.97
     assert retrieval.resolve_search("auto", 5000, 700) == "approximate"  # the fallback is the calibration's, not the size's
+
+
+# the exact search reads wide rows fewer at a time (at most CHUNK_FLOATS values a chunk): the same neighbours,
+# distances and layer shares as in one chunk, and memory that follows the chunk, not the training set
+def test_exact_search_of_wide_rows_in_bounded_chunks(monkeypatch):
+    import tracemalloc
+
+    from actclust.store import vectors
+
+    rng = np.random.default_rng(0)
+    train = {"a": rng.standard_normal((3000, 3000)).astype(np.float32),
+             "b": rng.standard_normal((3000, 40)).astype(np.float32)}
+    queries = {l: v[:10] + 0.05 * rng.standard_normal(v[:10].shape).astype(np.float32) for l, v in train.items()}
+    stats, w = layer_stats(train), layer_weights("low", ["a", "b"])
+    store_bytes = sum(v.nbytes for v in train.values())
+
+    def search():
+        tracemalloc.start()
+        try:
+            found = Index(train, stats).search(queries, 10, w)
+            return found, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    (idx, dist, shares), whole_peak = search()  # 3,000 rows of 3,040 values: one chunk
+    assert np.array_equal(idx[:, 0], np.arange(10))
+    monkeypatch.setattr(vectors, "CHUNK_FLOATS", 1 << 18)  # 86 rows a chunk
+    (idx2, dist2, shares2), chunked_peak = search()
+    assert np.array_equal(idx2, idx) and np.allclose(dist2, dist, rtol=1e-5) and np.allclose(shares2, shares, atol=1e-5)
+    assert whole_peak > store_bytes and chunked_peak < store_bytes / 4, (whole_peak / 2**20, chunked_peak / 2**20)
+
+
+# a wide layer searched alone (trust) trains its lists on at most _TRAIN_FLOATS values, not 39 rows per list
+# whatever their width (4,096 values at 1M rows: 4 GiB), and still finds its neighbours
+def test_lists_of_wide_rows_trained_on_bounded_values(monkeypatch):
+    from actclust.analysis import indexes
+
+    seen = []
+    real = indexes.ApproximateIndex._centres
+    monkeypatch.setattr(indexes.ApproximateIndex, "_centres", lambda self, x: seen.append(x.shape) or real(self, x))
+    monkeypatch.setattr(indexes, "_TRAIN_FLOATS", 1 << 21)
+    both = {"wide": _clustered_vectors(12300, widths=(1024,), n_clusters=40)["layer0"]}
+    train, queries = {"wide": both["wide"][:12000]}, {"wide": both["wide"][12000:]}
+    stats = layer_stats(train)
+    approx = ApproximateIndex(train, stats, random_state=0)
+    assert approx.codes == "flat" and approx.nlist == 307 and seen == [(2048, 1024)]  # not 12,000 rows
+    truth = Index(train, stats).search(queries, 10, np.ones(1))[0]
+    found = approx.search(queries, 10, np.ones(1))[0]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.95

@@ -158,6 +158,22 @@ def test_streaming_keeps_resident_memory_flat(tmp_path):
     np.testing.assert_allclose(total, np.asarray(store["a"][:, 0], np.float64).sum(), rtol=1e-4)
 
 
+# chunks of wide rows hold at most CHUNK_FLOATS values (a flattened 25,088-value map: 668 rows, not 8,192), and
+# cover every row once, in order
+def test_chunks_of_wide_rows_are_bounded_in_values():
+    from actclust.store import CHUNK, CHUNK_FLOATS, chunk_rows, iter_rows
+
+    assert chunk_rows(64) == CHUNK and chunk_rows(2048) == CHUNK and chunk_rows(4096) == CHUNK // 2
+    assert chunk_rows(25088) == CHUNK_FLOATS // 25088 == 668 and chunk_rows(10 ** 9) == 1
+    assert chunk_rows(16, 100) == 100  # a smaller size asked for stays
+    x = np.arange(1000 * 30000, dtype=np.float32).reshape(1000, 30000)
+    starts = []
+    for start, rows in iter_rows(x):
+        assert rows.size <= CHUNK_FLOATS and np.array_equal(rows, x[start:start + len(rows)])
+        starts.append(start)
+    assert starts == list(range(0, 1000, 559))
+
+
 # float16 cannot hold values beyond 65504: refused with what to use instead, nothing left behind
 def test_float16_overflow_refused(tmp_path):
     from actclust import DataError

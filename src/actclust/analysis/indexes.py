@@ -44,6 +44,7 @@ __all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", 
 _ROWS = 8192  # training rows per chunk of the exact search
 _PAD = 8  # index rows are zero-padded to a multiple of this many values
 _QUERY_CHUNK = 4096  # queries per chunk (exact search: with _ROWS training rows, 128 MiB of scores)
+_QUERY_FLOATS = 1 << 25  # and at most this many query values per chunk (16,384 queries up to 2,048 values)
 _GATHER_FLOATS = 1 << 23  # neighbours' vectors gathered per chunk to split distances by layer
 _CALIBRATION_QUERIES = 300
 #: Recall@10 (after re-ranking) each weighting's probes are calibrated for.
@@ -90,6 +91,9 @@ _HNSW_M = 32
 _COARSE_ITERATIONS = 10  # k-means iterations of the lists' centres (faiss' default 25)
 _TRAIN_PER_LIST = 39  # faiss' fewest training rows per centre without a warning
 _MAX_TRAIN = 256 * 1024  # training rows at most (the two-level k-means reads them in memory)
+#: and at most this many of their values (as the index holds them: projected for "pca" codes), so that a wide
+#: layer searched alone (trust; 4,096 values at 1M rows: 256k rows, 4 GiB) trains its lists in bounded memory
+_TRAIN_FLOATS = 1 << 27
 _FORMAT = "actclust.index/1"
 #: A search for m neighbours probes lists holding at least this many times m rows (recall@200 of a
 #: synthetic clustered layer, 6,000 rows: 2x 0.75, 4x 0.88, 8x 0.96; tests/test_search.py)
@@ -221,7 +225,8 @@ class Index:
             m = self.n_candidates(k, weights[0] if len(weights) == 1 else weights)
             gather = max(1, min(self.query_chunk, _GATHER_FLOATS // (m * width * len(weights))))
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
-        chunk = self.query_chunk  # queries searched at once (more share more of what a search reads)
+        # queries searched at once (more share more of what a search reads), fewer of very wide rows
+        chunk = max(1, min(self.query_chunk, _QUERY_FLOATS // sum(v.shape[1] for v in vectors.values())))
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
         for start in starts:  # memory O(chunk x candidates + gather x candidates x d), never n x n_train
@@ -332,8 +337,9 @@ class ApproximateIndex(Index):
     def _build(self, progress: bool):
         import faiss
 
-        train = np.sort(self.rng.choice(self.n, min(self.n, max(_TRAIN_PER_LIST * self.nlist, 256 * 40), _MAX_TRAIN),
-                                        replace=False))
+        size = min(self.n, max(_TRAIN_PER_LIST * self.nlist, 256 * 40), _MAX_TRAIN)
+        size = min(size, max(self.nlist, _TRAIN_FLOATS // self.d))  # wide rows: fewer (at least one per list)
+        train = np.sort(self.rng.choice(self.n, size, replace=False))
         if self.codes == "pca":
             self.bases = self._principal_axes(train)
         # read in chunks: full rows of the whole sample would take n_train x width floats at once

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..compute import HOST
 from ..exceptions import ParameterError, SearchWarning
-from ..store.vectors import iter_rows
+from ..store.vectors import chunk_rows, iter_rows
 from .indexes import TARGET_RECALL, ApproximateIndex, Index, index_files, load_index
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
@@ -55,7 +55,6 @@ SEARCH_NAMES = ("auto", "exact", "approximate")
 #: every size measured on Fashion-MNIST, 2,000 to 60,000 rows, one layer (trust: 32 or 128 floats, 200
 #: neighbours) or all (266 floats, 5 neighbours); below 2,000 rows an index build is not worth it.
 AUTO_EXACT_ROWS = 2_000
-_ROWS = 8192  # training rows read per chunk to compute the layers' statistics
 
 
 @dataclass
@@ -123,7 +122,7 @@ def layer_stats(train_vectors: Mapping) -> dict:
     out = {}
     for l, v in train_vectors.items():
         total, total_sq = np.zeros(v.shape[1]), np.zeros(v.shape[1])
-        for _, x in iter_rows(v, _ROWS):
+        for _, x in iter_rows(v, chunk_rows(2 * v.shape[1])):  # float64 copies: half the rows of float32
             x = x.astype(np.float64)
             total += x.sum(0)
             total_sq += (x * x).sum(0)

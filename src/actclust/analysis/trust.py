@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import surrogate
 from ..exceptions import ParameterError, TrustWarning
-from ..store.vectors import take
+from ..store.vectors import chunk_rows, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -448,8 +448,9 @@ def _neighbour_stats(find, train_labels, V, k, n_classes, judged):
     n, deep = len(V), max(k, _RATIO_NEIGHBORS)
     counts = np.empty((n, n_classes), dtype=np.int64)
     kth, vote, ratio, nearest = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
-    for s in range(0, n, _BATCH):
-        vb = np.ascontiguousarray(V[s:s + _BATCH], dtype=np.float32)
+    step = chunk_rows(V.shape[1], _BATCH)  # fewer inputs at a time of a very wide layer
+    for s in range(0, n, step):
+        vb = np.ascontiguousarray(V[s:s + step], dtype=np.float32)
         d, idx = find(vb, k)
         d = d.astype(np.float32)
         b, labels = len(d), train_labels[idx]

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..store.vectors import iter_rows
+from ..store.vectors import chunk_rows, iter_rows
 from .base import Backend
 
 __all__ = ["HostBackend", "CHUNK"]
@@ -58,8 +58,9 @@ class HostBackend(Backend):
 
         b, k = len(queries[0]), min(k, n)
         heaps = [faiss.ResultHeap(b, k, keep_max=True) for _ in queries]
-        for start in range(0, n, ROWS):
-            stop = min(start + ROWS, n)
+        step = chunk_rows(queries[0].shape[1], ROWS)  # rows of a wide layer fewer at a time
+        for start in range(0, n, step):
+            stop = min(start + step, n)
             index = faiss.IndexFlatIP(queries[0].shape[1])
             index.add(rows(start, stop))
             params = None

@@ -47,12 +47,15 @@ from ..exceptions import DataError, InvalidSaveError, ParameterError
 from ..io import atomic
 
 __all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take",
-           "release", "runs", "clean_store", "generations"]
+           "release", "runs", "clean_store", "generations", "chunk_rows", "CHUNK", "CHUNK_FLOATS"]
 
 STORE_DTYPES = ("float32", "float16")
 MANIFEST = "store.json"
 FORMAT = 2  # 2: one generation per fit, each file's SHA-256 in store.json
 CHUNK = 8192
+#: Values in a chunk at most: rows wider than 2,048 values are read fewer than :data:`CHUNK` at a time (a
+#: flattened map of 25,088 values would otherwise take 822 MB a chunk, and each temporary as much again).
+CHUNK_FLOATS = 1 << 24
 _TAKE = 512  # rows gathered between two hand-backs of a memory map's pages
 _FILE_RE = re.compile(r"^layer-\d+\.bin$")
 _GEN_RE = re.compile(r"^gen-[0-9a-f]{32}$")
@@ -73,9 +76,17 @@ def estimate(n_samples: int, widths: dict, dtype: str) -> int:
     return int(n_samples) * sum(int(d) for d in widths.values()) * np.dtype(dtype).itemsize
 
 
+def chunk_rows(width: int, size: int = CHUNK) -> int:
+    """Rows per chunk of rows ``width`` values wide: ``size``, or fewer where they would hold more than
+    :data:`CHUNK_FLOATS` values (at least one)."""
+    return int(max(1, min(size, CHUNK_FLOATS // max(int(width), 1))))
+
+
 def iter_rows(X, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, float32 rows)`` over any ``(n, d)`` array in order, memory ``O(size x d)``; pages of a
-    memory-mapped array are handed back to the OS after each chunk."""
+    """``(start, float32 rows)`` over any ``(n, d)`` array in order, at most ``size`` rows and
+    :data:`CHUNK_FLOATS` values at a time (:func:`chunk_rows`); pages of a memory-mapped array are
+    handed back to the OS after each chunk."""
+    size = chunk_rows(X.shape[1] if X.ndim > 1 else 1, size)
     mm = _mmap_of(X)
     for start in range(0, len(X), size):
         part = X[start:start + size]
