@@ -71,3 +71,30 @@ def test_empty_clusters_are_counted():
 def test_unknown_clustering():
     with pytest.raises(ValueError, match=r"'clustering' parameter .* one of \['kmeans', 'idec', 'distill'\]. Got 'dec'"):
         make_clustering("dec", 3)
+
+
+# k-means of a wide layer reads at most _TRAIN_FLOATS values of rows into memory (at least 256 rows per centre),
+# not 1,024 rows per centre whatever their width; narrower layers keep 1,024 per centre
+def test_kmeans_of_wide_rows_trains_on_bounded_values(monkeypatch):
+    from actclust.clustering import base
+    from actclust.compute import HOST
+
+    seen = []
+
+    class Recording(type(HOST)):
+        def lloyd(self, X, init, niter, seed):
+            seen.append(X.shape)
+            return super().lloyd(X, init, niter, seed)
+
+    monkeypatch.setattr(base, "_TRAIN_FLOATS", 1 << 20)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 2048)).astype(np.float32) * 4
+    labels = rng.integers(0, 3, 6000)
+    x = centres[labels] + rng.standard_normal((6000, 2048)).astype(np.float32)
+    km = KMeans(3, random_state=0).fit(x, Recording())
+    assert seen == [(768, 2048)]  # 3 x 256 rows: 2^20 values hold only 512
+    found = km.distances(x).argmin(1)
+    assert len({(a, b) for a, b in zip(found, labels)}) == 3  # the three blobs, found from the bounded sample
+    seen.clear()
+    KMeans(3, random_state=0).fit(x[:, :64], Recording())
+    assert seen == [(3072, 64)]

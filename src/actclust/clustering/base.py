@@ -119,7 +119,9 @@ class KMeans(Clustering):
         backend = backend or HOST
         # Lloyd iterations see at most _POINTS_PER_CENTRE points per centre (faiss would subsample to
         # that itself), so only that sample is read into memory: X may be a memory-mapped store.
-        n_train = min(len(X), self.n_clusters * _POINTS_PER_CENTRE)
+        # ... and at most _TRAIN_FLOATS values of them (a layer of 16,384 values: 512 per centre, not 1,024)
+        n_train = min(len(X), self.n_clusters * _POINTS_PER_CENTRE,
+                      max(self.n_clusters * _MIN_POINTS_PER_CENTRE, _TRAIN_FLOATS // max(X.shape[1], 1)))
         rows = np.sort(np.random.default_rng(self.random_state).choice(len(X), n_train, replace=False))
         train = np.ascontiguousarray(take(X, rows) if n_train < len(X) else X, dtype=np.float32)
         best = None
@@ -151,11 +153,18 @@ def _coarse(x: np.ndarray) -> np.ndarray:
     agreed on 77.8% of the samples, with rounded values on 99.98% (the other layers 100% either way).
     A rounded value can still straddle a rounding step, so this makes a different draw rarer, not
     impossible. Seeds are then the exact rows chosen, and Lloyd's iterations run on exact values."""
-    scale = float(np.abs(x).max()) if x.size else 0.0
+    scale = float(max(x.max(), -x.min())) if x.size else 0.0
     if not np.isfinite(scale) or scale == 0.0:
         return x
-    return (np.round(x * (_SEED_LEVELS / scale)) * (scale / _SEED_LEVELS)).astype(np.float32)
+    out = np.multiply(x, np.float32(_SEED_LEVELS / scale), dtype=np.float32)  # one copy, rounded in place
+    np.round(out, out=out)
+    out *= np.float32(scale / _SEED_LEVELS)
+    return out
 _POINTS_PER_CENTRE = 1024
+_MIN_POINTS_PER_CENTRE = 256
+#: Values of the rows a k-means trains on at most (512 MiB), however wide the layer: at least
+#: ``_MIN_POINTS_PER_CENTRE`` rows per centre.
+_TRAIN_FLOATS = 1 << 27
 #: Clustering methods by name; each module registers its own with :func:`register`.
 CLUSTERINGS: dict = {}
 
