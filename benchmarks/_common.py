@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +21,7 @@ from actclust.models import accuracy, train_classifier
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fashion_cnn(epochs: int = 6, progress: bool = True):
@@ -72,3 +79,30 @@ class PeakRSS:
 def test_accuracy(model) -> float:
     _, _, x_te, y_te = load_fashion_mnist()
     return accuracy(model, x_te, y_te)
+
+
+@contextmanager
+def versions(commit: str):
+    """``{name: src folder}`` of the versions to compare, each run with its ``src`` first on ``PYTHONPATH``: the
+    baseline ``commit`` from a temporary ``git worktree`` (removed at the end; none for "none"), then this tree."""
+    if commit == "none":
+        yield {"this tree": None}
+        return
+    tree = Path(tempfile.mkdtemp(prefix="actclust-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True, capture_output=True)
+    try:
+        yield {f"baseline {commit}": tree / "src", "this tree": None}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+
+
+def write_results(name: str, args, results: dict, load_before, started: float, **machine) -> None:
+    """``args.out``: the results with the command, the machine (its load before and after), the commit and settings."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    doc = {"benchmark": name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), **machine,
+                       "load_average_before": load_before, "load_average_after": os.getloadavg(), "git_commit": commit},
+           "settings": vars(args), "results": results, "wall_s": time.perf_counter() - started}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {args.out}")

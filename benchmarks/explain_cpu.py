@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -163,14 +161,6 @@ def run_version(src: Path | None, args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def baseline_tree(commit: str) -> tuple:
-    """A temporary worktree of ``commit`` (removed at the end): its ``src`` folder."""
-    tmp = Path(tempfile.mkdtemp(prefix="actclust-baseline-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), commit], cwd=ROOT, check=True,
-                   capture_output=True)
-    return tmp / "tree", tmp / "tree" / "src"
-
-
 def table(results: dict) -> None:
     print("\n| version | explain / forward, median [min, max] | first call / forward | "
           + " | ".join(STEPS) + " | rest |")
@@ -207,23 +197,17 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    load_before = os.getloadavg()
-    versions = {"this tree": None}
-    tree = None
-    if args.baseline != "none":
-        tree, src = baseline_tree(args.baseline)
-        versions = {f"baseline {args.baseline}": src, **versions}
-    results: dict = {name: [] for name in versions}
-    t0 = time.perf_counter()
-    try:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import versions, write_results
+
+    load_before, t0 = os.getloadavg(), time.perf_counter()
+    with versions(args.baseline) as compared:
+        results: dict = {name: [] for name in compared}
         for i in range(args.rounds):
-            for name, src in versions.items():
+            for name, src in compared.items():
                 print(f"[{time.strftime('%H:%M:%S')}] round {i + 1}: {name} (load average {os.getloadavg()[0]:.2f})",
                       file=sys.stderr, flush=True)
                 results[name].append(run_version(src, args))
-    finally:
-        if tree is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     table(results)
     for name, runs in results.items():
         for r in runs:
@@ -231,15 +215,8 @@ def main(argv=None) -> int:
                 print(f"{name}: recall {json.dumps({k: round(v, 4) for k, v in r['recall'].items()})}")
             if "auroc" in r:
                 print(f"{name}: AUROC {json.dumps({k: round(v, 4) for k, v in r['auroc'].items()})}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    doc = {"benchmark": "explain_cpu", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
-                       "load_average_after": os.getloadavg(), "git_commit": commit},
-           "settings": vars(args), "results": results, "wall_s": time.perf_counter() - t0}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(f"wrote {args.out}")
+    write_results("explain_cpu", args, results, load_before, t0, torch=torch.__version__,
+                  torch_threads=torch.get_num_threads())
     return 0
 
 

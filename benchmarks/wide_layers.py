@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -112,25 +111,16 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(args)))
         return 0
 
-    load_before = os.getloadavg()
-    versions: dict = {"this tree": None}
-    tree = None
-    if args.baseline != "none":
-        tmp = Path(tempfile.mkdtemp(prefix="actclust-baseline-"))
-        tree = tmp / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        versions = {f"baseline {args.baseline}": tree / "src", **versions}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import versions, write_results
+
+    load_before, t0 = os.getloadavg(), time.perf_counter()
     results = {}
-    t0 = time.perf_counter()
-    try:
-        for name, src in versions.items():
+    with versions(args.baseline) as compared:
+        for name, src in compared.items():
             print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr,
                   flush=True)
             results[name] = run_version(src, args)
-    finally:
-        if tree is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     print(f"\n{args.width} values wide, {args.n} rows, {args.n_queries} queries: seconds / peak MiB above the start")
     print("| version | " + " | ".join(STEPS) + " | explain's similar recall@5 low / high |")
     print("|---|" + "---|" * (len(STEPS) + 1))
@@ -144,14 +134,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         for w in r.get("warnings", []):
             print(f"{name}: {w}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    doc = {"benchmark": "wide_layers", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
-                       "load_average_after": os.getloadavg(), "git_commit": commit},
-           "settings": vars(args), "results": results, "wall_s": time.perf_counter() - t0}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(f"wrote {args.out}")
+    write_results("wide_layers", args, results, load_before, t0)
     return 0
 
 
