@@ -59,6 +59,8 @@ def test_torch_pooling_equals_adaptive_avg_pool(shape, g):
         out = OPS.adaptive_avg_pool(x, g)
         assert out.shape == ref.shape and out.dtype == x.dtype
         np.testing.assert_allclose(out.double().numpy(), ref.double().numpy(), rtol=1e-5, atol=1e-6)
+    half = OPS.adaptive_avg_pool(t.bfloat16(), g)  # PyTorch's own pooling: no weights rounded to bfloat16
+    assert torch.equal(half, torch.nn.functional.adaptive_avg_pool2d(t.bfloat16(), g))
 
 
 # a channels-last map (Keras) gives the vector of the same map channels-first (PyTorch, ONNX), for every reducer

@@ -43,8 +43,8 @@ class TorchOps(Ops):
     def adaptive_avg_pool(self, t, g):
         if t.ndim != 4:
             return F.adaptive_avg_pool1d(t, g)
-        if t.device.type != "cpu" or torch.compiler.is_compiling():
-            return F.adaptive_avg_pool2d(t, g)
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+            return F.adaptive_avg_pool2d(t, g)  # (half precision: PyTorch's own accumulates in float32)
         # On the CPU, as matrix products with the bins' weights (the same bins; equal to 1e-6): the
         # spatial summaries took a tenth of explain's capture pass. Per 10,000 maps, ms: (32, 28, 28)
         # 89 -> 55 in two products (rows, then columns); (64, 14, 14) 82 -> 29 and (2048, 7, 7) 1,620
