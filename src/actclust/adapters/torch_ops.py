@@ -6,6 +6,8 @@ branch on values, so ``torch.compile(fullgraph=True)`` traces them without a gra
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,10 +53,9 @@ class TorchOps(Ops):
         # -> 290 in one, with both axes' weights, which wins where a map holds at most _FLAT_POOL values.
         n, c, h, w = t.shape
         if h * w <= _FLAT_POOL:
-            both = _pooling(("both", h, w, g), lambda: np.kron(pool_matrix(h, g), pool_matrix(w, g)), t)
-            return (t.reshape(n, c, h * w) @ both).reshape(n, c, g, g)
-        rows = _pooling(("rows", h, g), lambda: pool_matrix(h, g).T, t)
-        return torch.matmul(torch.matmul(rows, t), _pooling(("cols", w, g), lambda: pool_matrix(w, g), t))
+            return (t.reshape(n, c, h * w) @ _pool_weights(h, w, g, t.dtype, True)).reshape(n, c, g, g)
+        rows, cols = _pool_weights(h, w, g, t.dtype, False)
+        return torch.matmul(torch.matmul(rows, t), cols)
 
     def l2_normalize(self, v):
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -68,32 +69,29 @@ class TorchOps(Ops):
         if torch.compiler.is_compiling():  # traced into the compiled graph: tensor operations, no cache
             return _signs(width, seed, device)
         # Hashing width x 64 integers took a third of a capture pass on Fashion-MNIST when redone per batch.
-        key = (width, seed, str(device))
-        if key not in _SIGNS:
-            if len(_SIGNS) >= 64:
-                _SIGNS.clear()
-            _SIGNS[key] = _signs(width, seed, device)
-        return _SIGNS[key]
+        return _cached_signs(width, seed, device)
 
     def to_host(self, t):
         return t.reshape(t.shape[0], -1).float().cpu().numpy()
 
 
-#: Sign projections made so far, by (width, seed, device).
-_SIGNS: dict = {}
 #: Maps of at most this many values are pooled in one matrix product (see ``TorchOps.adaptive_avg_pool``).
 _FLAT_POOL = 256
-#: Pooling weights made so far, by shape and dtype (host only).
-_POOLS: dict = {}
 
 
-def _pooling(key, make, like):
-    key = (*key, like.dtype)
-    if key not in _POOLS:
-        if len(_POOLS) >= 64:
-            _POOLS.clear()
-        _POOLS[key] = torch.from_numpy(np.ascontiguousarray(make())).to(like.dtype)
-    return _POOLS[key]
+@lru_cache(maxsize=64)
+def _pool_weights(h, w, g, dtype, both: bool):
+    """Adaptive pooling's bin weights on the host, made once per shape: ``(h w, g g)`` for both axes at once, else
+    ``((g, h), (w, g))`` for rows, then columns."""
+    if both:
+        return torch.from_numpy(np.kron(pool_matrix(h, g), pool_matrix(w, g))).to(dtype)
+    return (torch.from_numpy(np.ascontiguousarray(pool_matrix(h, g).T)).to(dtype),
+            torch.from_numpy(pool_matrix(w, g)).to(dtype))
+
+
+@lru_cache(maxsize=64)
+def _cached_signs(width, seed, device):
+    return _signs(width, seed, device)
 
 
 def _signs(width, seed, device):

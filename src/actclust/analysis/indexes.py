@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..compute import HOST
 from ..exceptions import InvalidSaveError
-from ..store.vectors import iter_rows, release, take
+from ..store.vectors import chunk_rows, iter_rows, release, take
 
 __all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "FLAT_BYTES", "HNSW_LISTS",
            "GRAPH_QUERY_LISTS", "TARGET_RECALL"]
@@ -203,6 +203,11 @@ class Index:
         codes, a device) reads no training row to find them."""
         return self.search_many(vectors, k, [weights], progress, exclude, shares)[0]
 
+    def _direct(self, shares: bool) -> bool:
+        """Whether each weighting of a search takes its own top ``k`` from the scores, reading no training row:
+        where they are exact distances (float32 codes, a device) and no layer shares are asked for."""
+        return not shares and self.scores_are_distances
+
     def search_many(self, vectors: dict, k: int, weights: list, progress: bool = False, exclude=None,
                     shares: bool = True) -> list:
         """:meth:`search` for each weight vector of ``weights`` at once: the store is read once (exact),
@@ -218,7 +223,7 @@ class Index:
                  np.empty((n, k, len(self.layers)), dtype=np.float32) if shares else None) for _ in weights]
         # Scores that are exact distances, and no layer shares asked for: each weighting takes its own top k
         # (a search of its own, at its own probes, in an approximate index) and no training row is read.
-        direct = not shares and self.scores_are_distances
+        direct = self._direct(shares)
         gather = self.query_chunk
         if not direct:  # candidates' rows are gathered: as many queries at a time as keep them under _GATHER_FLOATS
             width = max(v.shape[1] for v in self.train_vectors.values())
@@ -226,7 +231,7 @@ class Index:
             gather = max(1, min(self.query_chunk, _GATHER_FLOATS // (m * width * len(weights))))
         used = [l for j, l in enumerate(self.layers) if any(w[j] > 0 for w in weights)]
         # queries searched at once (more share more of what a search reads), fewer of very wide rows
-        chunk = max(1, min(self.query_chunk, _QUERY_FLOATS // sum(v.shape[1] for v in vectors.values())))
+        chunk = chunk_rows(sum(v.shape[1] for v in vectors.values()), self.query_chunk, _QUERY_FLOATS)
         starts = tqdm(range(0, n, chunk), desc="searching similar samples", disable=not progress or n <= chunk,
                       leave=False)
         for start in starts:  # memory O(chunk x candidates + gather x candidates x d), never n x n_train
@@ -343,7 +348,7 @@ class ApproximateIndex(Index):
         if self.codes == "pca":
             self.bases = self._principal_axes(train)
         # read in chunks: full rows of the whole sample would take n_train x width floats at once
-        step = max(256, min(_ROWS, _BUILD_FLOATS // (sum(self.widths) + len(self.layers))))
+        step = chunk_rows(sum(self.widths) + len(self.layers), _ROWS, _BUILD_FLOATS)
         rows = np.vstack([self._index_rows(train[s:s + step]) for s in range(0, len(train), step)])
         centres = self._centres(rows[:, :sum(self.dims)])
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
@@ -590,7 +595,7 @@ class ApproximateIndex(Index):
         """The recall@10 that calibration reached (calibrating first, where not yet done) for the weightings
         ``weights`` searched together as :meth:`search_many` searches them with ``shares``: the worst of them."""
         ws = [np.asarray(w, np.float64) for w in weights]
-        if len(ws) > 1 and (shares or not self.scores_are_distances):  # one search for the group
+        if len(ws) > 1 and not self._direct(shares):  # one search for the group (see search_many)
             self._settings(ws)
             return self.recall[tuple(_key(w) for w in ws)]
         for w in ws:

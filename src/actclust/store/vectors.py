@@ -76,10 +76,10 @@ def estimate(n_samples: int, widths: dict, dtype: str) -> int:
     return int(n_samples) * sum(int(d) for d in widths.values()) * np.dtype(dtype).itemsize
 
 
-def chunk_rows(width: int, size: int = CHUNK) -> int:
+def chunk_rows(width: int, size: int = CHUNK, values: Optional[int] = None) -> int:
     """Rows per chunk of rows ``width`` values wide: ``size``, or fewer where they would hold more than
-    :data:`CHUNK_FLOATS` values (at least one)."""
-    return int(max(1, min(size, CHUNK_FLOATS // max(int(width), 1))))
+    ``values`` values (default :data:`CHUNK_FLOATS`; at least one row)."""
+    return int(max(1, min(size, (CHUNK_FLOATS if values is None else values) // max(int(width), 1))))
 
 
 def iter_rows(X, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
