@@ -394,6 +394,46 @@ def test_auto_searches_exactly_where_the_approximate_index_falls_short():
     assert retrieval.resolve_search("auto", 5000, 700) == "approximate"  # the fallback is the calibration's, not the size's
 
 
+# Calibration stops early where no setting can reach the target: once the fewest candidates fall short, one search
+# with the most candidates from every list settles it; short there too, it stops at that setting (where trying
+# every other number of candidates would end), with that setting's recall, checked here against exact search.
+# Where that setting does reach the target, calibration goes on through the other numbers of candidates.
+def test_calibration_stops_early_where_no_setting_reaches_the_target(monkeypatch):
+    from actclust.analysis import indexes
+
+    rng = np.random.default_rng(0)
+    train = {l: rng.standard_normal((3000, d)).astype(np.float32) for l, d in (("a", 600), ("b", 600))}  # no structure
+    stats = layer_stats(train)
+    w = layer_weights("equal", list(train))
+    key = indexes._key(w)
+
+    def calibrate(target):
+        monkeypatch.setattr(indexes, "TARGET_RECALL", target)
+        approx = ApproximateIndex(train, stats, random_state=0, codes="pca")
+        tried = []
+        real = approx._recall_at
+        monkeypatch.setattr(approx, "_recall_at", lambda k_, nprobe, rerank, *a, **kw:
+                            tried.append((nprobe, rerank)) or real(k_, nprobe, rerank, *a, **kw))
+        return approx, approx._settings(w), tried
+
+    approx, settings, tried = calibrate(0.97)
+    top = (approx.nlist, indexes._RERANKS[-1])
+    assert settings == top and tried[-1] == top
+    assert {r for _, r in tried[:-1]} == {indexes._RERANKS[0]}  # no other number of candidates tried
+    recall = approx.recall[key]
+    held = {l: v[approx.held] for l, v in train.items()}  # the calibration rows, each finding itself too
+    found = approx.search(held, 11, w)[0]
+    truth = Index(train, stats).search(held, 11, w)[0]
+    expected = np.mean([len((set(a) - {o}) & (set(t) - {o})) / len(set(t) - {o})
+                        for a, t, o in zip(found, truth, approx.held)])
+    assert 0.3 < recall < 0.97 and recall == pytest.approx(expected, abs=1e-12)
+
+    # a target the most candidates from every list reach: calibration tries the other numbers of candidates
+    approx, settings, tried = calibrate(recall - 0.02)
+    assert tried.index(top) < len(tried) - 1 and {r for _, r in tried} - {2, 64}
+    assert approx.recall[key] >= recall - 0.02
+
+
 # the exact search reads wide rows fewer at a time (at most CHUNK_FLOATS values a chunk): the same neighbours,
 # distances and layer shares as in one chunk, and memory that follows the chunk, not the training set
 def test_exact_search_of_wide_rows_in_bounded_chunks(monkeypatch):

@@ -577,17 +577,27 @@ class ApproximateIndex(Index):
                 bar.update()
                 best = None  # (cost, nprobe, rerank, recall)
                 reranks = (1,) if self.codes == "flat" and not group else _RERANKS
+                w = ws if group else ws[0]
                 for rerank in reranks:
                     cap = None if best is None else best[0]
                     if cap is not None and self._cost(1, rerank, k) >= cap:
                         break  # more candidates only cost more
-                    nprobe, recall = self._probes(key, rerank, queries, k, ws if group else ws[0], truth, bar, cap,
+                    nprobe, recall = self._probes(key, rerank, queries, k, w, truth, bar, cap,
                                                   last=rerank == reranks[-1])
                     if recall >= TARGET_RECALL and (best is None or self._cost(nprobe, rerank, k) < best[0]):
                         best = (self._cost(nprobe, rerank, k), nprobe, rerank, recall)
+                    if best is None and rerank == reranks[0] and len(reranks) > 1:
+                        # Short of the target with the fewest candidates: where even the most candidates from
+                        # every list fall short too, no setting reaches it (data without structure the codes
+                        # keep), and the loop would only end at that setting after trying every other number of
+                        # candidates (82 s on benchmarks/wide_layers.py's 16,384-value rows): stop there now.
+                        nprobe, rerank = self.nlist, reranks[-1]
+                        recall = self._recall_at(key, nprobe, rerank, queries, k, w, truth, bar)
+                        if recall < TARGET_RECALL:
+                            break
                 if best is not None:  # else the last tried: the most candidates, the most lists
                     _, nprobe, rerank, recall = best
-                    self.settings[key] = (nprobe, rerank)
+                self.settings[key] = (nprobe, rerank)
             self.recall[key] = recall
         return self.settings[key]
 
@@ -608,17 +618,8 @@ class ApproximateIndex(Index):
         reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``. It gives up
         (short of the target) before a doubling would cost ``cap`` or more (:meth:`_cost`), and, unless
         ``last``, past :data:`_PLATEAU_LISTS` lists once a doubling adds less than :data:`_PLATEAU`."""
-        ws = w if isinstance(w, list) else [w]
-
-        def recall_at(nprobe):  # the worst of the weightings
-            self.settings[key] = (nprobe, rerank)
-            # one weighting: its own search, which reads no training row where the scores are exact (float32)
-            found = self.search_many(queries, k, ws, shares=len(ws) > 1)
-            recall = min(_recall(f[0], t, self.held) for f, t in zip(found, truth))
-            if bar is not None:
-                bar.set_postfix(lists=nprobe, recall=f"{recall:.3f}", refresh=False)
-                bar.update()
-            return recall
+        def recall_at(nprobe):
+            return self._recall_at(key, nprobe, rerank, queries, k, w, truth, bar)
 
         low, nprobe = 0, 1
         recall = recall_at(nprobe)
@@ -639,6 +640,18 @@ class ApproximateIndex(Index):
                 low = mid
         self.settings[key] = (nprobe, rerank)
         return nprobe, recall
+
+    def _recall_at(self, key, nprobe, rerank, queries, k, w, truth, bar=None) -> float:
+        """Recall of the calibration queries searched at ``(nprobe, rerank)``: the worst of the weightings."""
+        ws = w if isinstance(w, list) else [w]
+        self.settings[key] = (nprobe, rerank)
+        # one weighting: its own search, which reads no training row where the scores are exact (float32)
+        found = self.search_many(queries, k, ws, shares=len(ws) > 1)
+        recall = min(_recall(f[0], t, self.held) for f, t in zip(found, truth))
+        if bar is not None:
+            bar.set_postfix(lists=nprobe, recall=f"{recall:.3f}", refresh=False)
+            bar.update()
+        return recall
 
 
 def _key(weights) -> tuple:
