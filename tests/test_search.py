@@ -397,7 +397,8 @@ def test_auto_searches_exactly_where_the_approximate_index_falls_short():
 # Calibration stops early where no setting can reach the target: once the fewest candidates fall short, one search
 # with the most candidates from every list settles it; short there too, it stops at that setting (where trying
 # every other number of candidates would end), with that setting's recall, checked here against exact search.
-# Where that setting does reach the target, calibration goes on through the other numbers of candidates.
+# Where that setting does reach the target, calibration goes on through the other numbers of candidates; where the
+# fewest candidates needed few lists, there is no such search (it would cost more than the rest).
 def test_calibration_stops_early_where_no_setting_reaches_the_target(monkeypatch):
     from actclust.analysis import indexes
 
@@ -420,6 +421,7 @@ def test_calibration_stops_early_where_no_setting_reaches_the_target(monkeypatch
     top = (approx.nlist, indexes._RERANKS[-1])
     assert settings == top and tried[-1] == top
     assert {r for _, r in tried[:-1]} == {indexes._RERANKS[0]}  # no other number of candidates tried
+    assert max(p for p, _ in tried[:-1]) * indexes._SPREAD >= approx.nlist  # the fewest needed many lists
     recall = approx.recall[key]
     held = {l: v[approx.held] for l, v in train.items()}  # the calibration rows, each finding itself too
     found = approx.search(held, 11, w)[0]
@@ -427,6 +429,12 @@ def test_calibration_stops_early_where_no_setting_reaches_the_target(monkeypatch
     expected = np.mean([len((set(a) - {o}) & (set(t) - {o})) / len(set(t) - {o})
                         for a, t, o in zip(found, truth, approx.held)])
     assert 0.3 < recall < 0.97 and recall == pytest.approx(expected, abs=1e-12)
+
+    # where the fewest candidates fell short from few of the lists, no such search: every number of candidates tried
+    monkeypatch.setattr(indexes, "_SPREAD", 0.5)  # as if every list were too few
+    approx, settings, tried = calibrate(0.97)
+    assert settings == top and {r for _, r in tried} == set(indexes._RERANKS) and approx.recall[key] == recall
+    monkeypatch.setattr(indexes, "_SPREAD", 4)
 
     # a target the most candidates from every list reach: calibration tries the other numbers of candidates
     approx, settings, tried = calibrate(recall - 0.02)

@@ -78,6 +78,9 @@ _RERANK_COST = 32
 #: Calibration: past this many lists probed, a doubling that adds less recall than :data:`_PLATEAU` ends the
 #: search for that many candidates (approximate scores: the candidates, not the lists, then limit the recall).
 _PLATEAU_LISTS, _PLATEAU = 8, 0.005
+#: Calibration: where the fewest candidates fell short of the target from at least 1 / _SPREAD of the lists, one
+#: search with the most candidates from every list decides whether any setting can reach it.
+_SPREAD = 4
 #: From this many lists on, the lists' centres are trained in two levels and rows assigned to them through an
 #: HNSW graph.
 HNSW_LISTS = 4096
@@ -586,11 +589,13 @@ class ApproximateIndex(Index):
                                                   last=rerank == reranks[-1])
                     if recall >= TARGET_RECALL and (best is None or self._cost(nprobe, rerank, k) < best[0]):
                         best = (self._cost(nprobe, rerank, k), nprobe, rerank, recall)
-                    if best is None and rerank == reranks[0] and len(reranks) > 1:
-                        # Short of the target with the fewest candidates: where even the most candidates from
-                        # every list fall short too, no setting reaches it (data without structure the codes
-                        # keep), and the loop would only end at that setting after trying every other number of
-                        # candidates (82 s on benchmarks/wide_layers.py's 16,384-value rows): stop there now.
+                    if best is None and rerank == reranks[0] and len(reranks) > 1 and nprobe * _SPREAD >= self.nlist:
+                        # Short of the target with the fewest candidates, from a good part of the lists (neighbours
+                        # spread over them: little structure): where even the most candidates from every list fall
+                        # short too, no setting reaches it, and the loop would only end at that setting after
+                        # trying every other number of candidates (82 s on benchmarks/wide_layers.py's 16,384-value
+                        # rows): stop there now. (Not where the fewest candidates needed few lists: there this one
+                        # search of every list would cost more than the rest of the calibration.)
                         nprobe, rerank = self.nlist, reranks[-1]
                         recall = self._recall_at(key, nprobe, rerank, queries, k, w, truth, bar)
                         if recall < TARGET_RECALL:
