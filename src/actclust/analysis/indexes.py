@@ -334,6 +334,7 @@ class ApproximateIndex(Index):
             self.recall = {_from_json(w): float(v) for w, v in saved["recall"]}
             self.scores_are_distances = self.codes == "flat"
             self.index.parallel_mode = _PARALLEL_QUERIES
+            self._lists_of = None
             return
         self.scores_are_distances = self.codes == "flat"
         self.nlist = n_lists(n)
@@ -341,6 +342,7 @@ class ApproximateIndex(Index):
         self.index.parallel_mode = _PARALLEL_QUERIES
         self.held = np.sort(self.rng.choice(n, min(n, _CALIBRATION_QUERIES), replace=False))
         self.settings, self.recall = {}, {}  # per weight vector: (nprobe, rerank), its calibration recall
+        self._lists_of = None  # each row's list (calibration's bound on the recall), read when first needed
 
     def _build(self, progress: bool):
         import faiss
@@ -578,6 +580,7 @@ class ApproximateIndex(Index):
                       leave=False) as bar:
                 truth = [i for i, _ in Index.candidates(self, queries, k, ws)]
                 bar.update()
+                cover = self._coverage(queries, ws, truth, group)
                 best = None  # (cost, nprobe, rerank, recall)
                 reranks = (1,) if self.codes == "flat" and not group else _RERANKS
                 w = ws if group else ws[0]
@@ -585,8 +588,11 @@ class ApproximateIndex(Index):
                     cap = None if best is None else best[0]
                     if cap is not None and self._cost(1, rerank, k) >= cap:
                         break  # more candidates only cost more
+                    start = self._fewest_lists(cover, k, rerank)
+                    if cap is not None and self._cost(start, rerank, k) >= cap:
+                        continue  # the lists it needs at least already cost more than the best
                     nprobe, recall = self._probes(key, rerank, queries, k, w, truth, bar, cap,
-                                                  last=rerank == reranks[-1])
+                                                  last=rerank == reranks[-1], start=start)
                     if recall >= TARGET_RECALL and (best is None or self._cost(nprobe, rerank, k) < best[0]):
                         best = (self._cost(nprobe, rerank, k), nprobe, rerank, recall)
                     if best is None and rerank == reranks[0] and len(reranks) > 1 and nprobe * _SPREAD >= self.nlist:
@@ -618,15 +624,16 @@ class ApproximateIndex(Index):
         return min(self.recall[_key(w)] for w in ws)
 
     def _probes(self, key, rerank, queries, k, w, truth, bar=None, cap: Optional[float] = None,
-                last: bool = True) -> tuple:
-        """The fewest lists probed (doubling, then halving the last step) for which the calibration queries
-        reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``. It gives up
-        (short of the target) before a doubling would cost ``cap`` or more (:meth:`_cost`), and, unless
-        ``last``, past :data:`_PLATEAU_LISTS` lists once a doubling adds less than :data:`_PLATEAU`."""
+                last: bool = True, start: int = 1) -> tuple:
+        """The fewest lists probed (doubling from ``start``, then halving the last step) for which the
+        calibration queries reach the target recall with ``rerank``: ``(nprobe, recall)``, kept in ``settings``.
+        Fewer than ``start`` lists are known to fall short (:meth:`_fewest_lists`). It gives up (short of the
+        target) before a doubling would cost ``cap`` or more (:meth:`_cost`), and, unless ``last``, past
+        :data:`_PLATEAU_LISTS` lists once a doubling adds less than :data:`_PLATEAU`."""
         def recall_at(nprobe):
             return self._recall_at(key, nprobe, rerank, queries, k, w, truth, bar)
 
-        low, nprobe = 0, 1
+        low, nprobe = start - 1, start
         recall = recall_at(nprobe)
         while recall < TARGET_RECALL and nprobe < self.nlist:
             if cap is not None and self._cost(min(2 * nprobe, self.nlist), rerank, k) >= cap:
@@ -645,6 +652,50 @@ class ApproximateIndex(Index):
                 low = mid
         self.settings[key] = (nprobe, rerank)
         return nprobe, recall
+
+    def _coverage(self, queries: dict, ws: list, truth: list, group: bool) -> Optional[np.ndarray]:
+        """``cover[p]``, ``p = 0 .. nlist``: the share of the calibration queries' exact neighbours (each query's
+        own row left out) that lie in the ``p`` lists a search probes first, the worst of the weightings ``ws``
+        (probed by their mean for a ``group``). No search probing ``p`` lists finds more of them, whatever its
+        candidates: a bound on its recall, from one ranking of the centres (``None`` where queries find their
+        lists through a graph, which ranks only the first few)."""
+        import faiss
+
+        if not isinstance(faiss.downcast_index(self.index.quantizer), faiss.IndexFlat):
+            return None
+        if self._lists_of is None:  # each row's list, read from the index once
+            invlists = self.index.invlists
+            self._lists_of = np.empty(self.n, np.int32)
+            for j in range(self.nlist):
+                size = invlists.list_size(j)
+                if size:
+                    ptr = invlists.get_ids(j)
+                    self._lists_of[faiss.rev_swig_ptr(ptr, size)] = j
+                    invlists.release_ids(j, ptr)
+        probed = [np.mean([w / w.sum() for w in ws], 0)] * len(ws) if group else ws
+        rows, own = np.arange(len(self.held))[:, None], self.held[:, None]
+        cover = np.ones(self.nlist + 1)
+        for w, t in zip(probed, truth):
+            _, order = self.index.quantizer.search(self._index_query(queries, w), self.nlist)
+            rank = np.empty_like(order)
+            rank[rows, order] = np.arange(self.nlist)  # each list's place in the query's probing order
+            place = rank[rows, self._lists_of[t]]  # (queries, k): the place of each neighbour's list
+            keep = t != own
+            share = keep / np.maximum(keep.sum(1, keepdims=True), 1) / len(t)
+            found = np.bincount(place[keep] + 1, weights=share[keep], minlength=self.nlist + 1).cumsum()
+            cover = np.minimum(cover, found)
+        return cover
+
+    def _fewest_lists(self, cover: Optional[np.ndarray], k: int, rerank: int) -> int:
+        """The fewest lists a calibration search may probe to reach the target recall (1 when not known): below
+        it, ``cover`` is short of the target. A search probes at least :data:`_DEEP_ROWS` times its candidates'
+        rows (:meth:`_search_full`), so asking for fewer lists than that probes as many."""
+        if cover is None:
+            return 1
+        floor = int(min(self.nlist, np.ceil(_DEEP_ROWS * self._n_reranked(k, rerank) * self.nlist / self.n)))
+        if cover[floor] >= TARGET_RECALL - 1e-9:
+            return 1
+        return int(min(self.nlist, np.searchsorted(cover, TARGET_RECALL - 1e-9)))
 
     def _recall_at(self, key, nprobe, rerank, queries, k, w, truth, bar=None) -> float:
         """Recall of the calibration queries searched at ``(nprobe, rerank)``: the worst of the weightings."""
