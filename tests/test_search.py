@@ -442,6 +442,54 @@ def test_calibration_stops_early_where_no_setting_reaches_the_target(monkeypatch
     assert approx.recall[key] >= recall - 0.02
 
 
+# Calibration's bound: the share of the calibration queries' exact neighbours in the first p lists they probe (here
+# found independently, by a faiss search returning every row of those lists) bounds the recall of any search of p
+# lists, whatever its candidates; calibration starts each number of candidates at the fewest lists the bound allows,
+# and ends at the same settings as when it starts from one list, in fewer trial searches.
+@pytest.mark.parametrize("codes", ["flat", "sq8"])
+def test_calibration_starts_at_the_lists_that_can_hold_the_neighbours(codes, monkeypatch):
+    import faiss
+
+    from actclust.analysis import indexes
+
+    train = _clustered_vectors(12000)
+    stats = layer_stats(train)
+    ws = [layer_weights(p, list(train)) for p in ("low", "high", "equal")]
+
+    def calibrated(bound: bool):
+        approx = ApproximateIndex(train, stats, random_state=0, codes=codes)
+        if not bound:
+            monkeypatch.setattr(approx, "_coverage", lambda *a, **k: None)
+        tried = []
+        real = approx._recall_at
+        monkeypatch.setattr(approx, "_recall_at", lambda key, nprobe, rerank, *a, **kw:
+                            tried.append((nprobe, rerank)) or real(key, nprobe, rerank, *a, **kw))
+        return approx, [approx._settings(w) for w in ws] + [approx._settings(ws[:2])], tried
+
+    approx, settings, tried = calibrated(True)
+    _, before, tried_before = calibrated(False)
+    assert settings == before and len(tried) < len(tried_before)
+
+    held = {l: v[approx.held] for l, v in train.items()}
+    own = approx.held[:, None]
+    w = ws[0]
+    truth = Index(train, stats).search(held, 11, w)[0]
+    cover = approx._coverage(held, [w], [truth], False)
+    for nprobe in (1, 2, 4, 8):
+        # every row of the first nprobe lists: faiss' own search of them, asked for more rows than they hold
+        _, rows = approx.index.search(approx._index_query(held, w), 2000, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        assert (rows < 0).any(1).all()  # none cut off: each query's lists hold fewer than 2,000 rows
+        inside = np.mean([len((set(r) & set(t)) - {o}) / len(set(t) - {o}) for r, t, o in zip(rows, truth, own[:, 0])])
+        assert cover[nprobe] == pytest.approx(inside, abs=1e-9)
+        for rerank in ((1,) if codes == "flat" else (2, 16)):
+            approx.settings[indexes._key(w)] = (nprobe, rerank)
+            found = approx.search(held, 11, w)[0]
+            recall = np.mean([len((set(f) & set(t)) - {o}) / len(set(t) - {o}) for f, t, o in zip(found, truth, own[:, 0])])
+            # (a search probes at least enough lists for _DEEP_ROWS times its candidates)
+            probed = max(nprobe, int(np.ceil(indexes._DEEP_ROWS * approx._n_reranked(11, rerank) * approx.nlist / approx.n)))
+            assert recall <= cover[probed] + 1e-9
+
+
 # the exact search reads wide rows fewer at a time (at most CHUNK_FLOATS values a chunk): the same neighbours,
 # distances and layer shares as in one chunk, and memory that follows the chunk, not the training set
 def test_exact_search_of_wide_rows_in_bounded_chunks(monkeypatch):
