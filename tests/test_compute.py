@@ -167,6 +167,29 @@ def test_top_inner_products_match_host(vecs, rows, block):
                 assert not exclude[gi].any()
 
 
+# The host's exact search leaves excluded rows out of each chunk (faiss' matrix products, not a selector that
+# scores row by row): the same top k as every row scored in NumPy with the excluded ones never chosen, over several
+# chunks, one of them wholly excluded
+def test_host_top_inner_products_leave_excluded_rows_out(vecs, monkeypatch):
+    from actclust.compute import host
+
+    x, _, queries, exclude = vecs
+    ex = exclude.copy()
+    ex[256:512] = True  # a whole chunk of 256 rows left out
+    monkeypatch.setattr(host, "ROWS", 256)
+    for e in (None, ex):
+        got = HOST.top_inner_products(queries, reader(x), len(x), 10, exclude=e)
+        for (gi, gs), q in zip(got, queries):
+            scores = q.astype(np.float64) @ x.T.astype(np.float64)
+            if e is not None:
+                scores[:, e] = -np.inf
+            want = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+            np.testing.assert_array_equal(gi, want)
+            close(gs, np.take_along_axis(scores, want, 1))
+            if e is not None:
+                assert not e[gi].any()
+
+
 def test_top_inner_products_pads_as_host(vecs):
     """Fewer rows left than ``k`` (most excluded, or ``k > n``): id -1, the host's padding score."""
     x, _, queries, _ = vecs

@@ -53,7 +53,9 @@ class HostBackend(Backend):
 
     def top_inner_products(self, queries, rows: Callable, n, k, exclude=None, cache: Optional[dict] = None):
         """Each chunk of ``ROWS`` rows becomes a temporary faiss ``IndexFlatIP`` that every query
-        searches; the chunks' results are merged (faiss ``ResultHeap``)."""
+        searches; the chunks' results are merged (faiss ``ResultHeap``). Rows ``exclude`` leaves out are
+        dropped from the chunk, not skipped by a selector: with one, faiss scores row by row instead of by
+        matrix products (trust's calibration searches of 16,384-value rows: about 3x as long)."""
         import faiss
 
         b, k = len(queries[0]), min(k, n)
@@ -61,15 +63,17 @@ class HostBackend(Backend):
         step = chunk_rows(queries[0].shape[1], ROWS)  # rows of a wide layer fewer at a time
         for start in range(0, n, step):
             stop = min(start + step, n)
-            index = faiss.IndexFlatIP(queries[0].shape[1])
-            index.add(rows(start, stop))
-            params = None
+            block, ids = rows(start, stop), None
             if exclude is not None and exclude[start:stop].any():
-                left_out = faiss.IDSelectorBatch(np.flatnonzero(exclude[start:stop]).astype(np.int64))
-                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(left_out))
+                ids = start + np.flatnonzero(~exclude[start:stop])  # the rows kept, by their place in the store
+                if not len(ids):
+                    continue
+                block = np.ascontiguousarray(block[ids - start])
+            index = faiss.IndexFlatIP(queries[0].shape[1])
+            index.add(block)
             for heap, q in zip(heaps, queries):
-                d, i = index.search(q, min(k, stop - start), params=params)
-                heap.add_result(d, np.where(i >= 0, i + start, -1))
+                d, i = index.search(q, min(k, len(block)))
+                heap.add_result(d, np.where(i < 0, -1, i + start if ids is None else ids[np.maximum(i, 0)]))
         for heap in heaps:
             heap.finalize()
         return [(heap.I, heap.D) for heap in heaps]
