@@ -394,6 +394,34 @@ def test_auto_searches_exactly_where_the_approximate_index_falls_short():
     assert retrieval.resolve_search("auto", 5000, 700) == "approximate"  # the fallback is the calibration's, not the size's
 
 
+# search="auto" searches exactly where the approximate index reaches its target only by probing most of its lists
+# of whole-row codes (a layer without structure the lists follow): the exact neighbours; a layer the lists do
+# follow keeps its approximate index; "approximate" keeps it either way
+def test_auto_searches_exactly_where_most_lists_are_probed():
+    import torch
+
+    from actclust import ActivationClustering
+    from actclust.analysis import indexes, retrieval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 3)).eval()
+    torch.nn.init.orthogonal_(model[0].weight)  # isotropic inputs stay isotropic: 256 directions alike
+    x = np.random.default_rng(0).standard_normal((3100, 64)).astype(np.float32)
+    ac = ActivationClustering(model, ["0", "1"], progress=False).fit(x[:3000])
+    st, q = ac.state_, ac.query(x[3000:], vectors=True)
+    wide, narrow = (retrieval._index(st, "approximate", space=l) for l in ("0", "1"))
+    assert wide.codes == narrow.codes == "flat"
+    assert wide.scans_most([np.ones(1)], False) and not narrow.scans_most([np.ones(1)], False)
+    assert wide._settings(np.ones(1))[0] >= indexes.EXACT_SHARE * wide.nlist
+    for layer, approximate in (("0", False), ("1", True)):
+        auto = retrieval.layer_neighbours(st, layer, q.vectors[layer], 10)
+        exact = retrieval.layer_neighbours(st, layer, q.vectors[layer], 10, method="exact")
+        forced = retrieval.layer_neighbours(st, layer, q.vectors[layer], 10, method="approximate")
+        assert np.array_equal(auto[0], forced[0] if approximate else exact[0])
+        if not approximate:  # (so that the check above tells the two apart)
+            assert not np.array_equal(forced[0], exact[0])
+
+
 # Calibration stops early where no setting can reach the target: once the fewest candidates fall short, one search
 # with the most candidates from every list settles it; short there too, it stops at that setting (where trying
 # every other number of candidates would end), with that setting's recall, checked here against exact search.

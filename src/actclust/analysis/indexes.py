@@ -39,7 +39,7 @@ from ..exceptions import InvalidSaveError
 from ..store.vectors import chunk_rows, iter_rows, release, take
 
 __all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "FLAT_BYTES", "HNSW_LISTS",
-           "GRAPH_QUERY_LISTS", "TARGET_RECALL"]
+           "GRAPH_QUERY_LISTS", "TARGET_RECALL", "EXACT_SHARE"]
 
 _ROWS = 8192  # training rows per chunk of the exact search
 _PAD = 8  # index rows are zero-padded to a multiple of this many values
@@ -78,6 +78,12 @@ _RERANK_COST = 32
 #: Calibration: past this many lists probed, a doubling that adds less recall than :data:`_PLATEAU` ends the
 #: search for that many candidates (approximate scores: the candidates, not the lists, then limit the recall).
 _PLATEAU_LISTS, _PLATEAU = 8, 0.005
+#: ``search="auto"`` searches exactly where the calibrated probes of whole-row codes cover at least this share of
+#: the lists (rows without structure the lists follow): an IVF scan then reads about as many values as the exact
+#: search, which scores them by matrix products about 3.3x faster per value. On trust's searches of 4,096- and
+#: 16,384-value layers of random features (20,000 rows; 52% and 59% of the lists probed), 500 inputs took
+#: 1.8 s and 6.1 s exactly against 3.2 s and 12.0 s approximately.
+EXACT_SHARE = 0.5
 #: Calibration: where the fewest candidates fell short of the target from at least 1 / _SPREAD of the lists, one
 #: search with the most candidates from every list decides whether any setting can reach it.
 _SPREAD = 4
@@ -622,6 +628,17 @@ class ApproximateIndex(Index):
         for w in ws:
             self._settings(w)
         return min(self.recall[_key(w)] for w in ws)
+
+    def scans_most(self, weights: list, shares: bool = True) -> bool:
+        """Whether searching ``weights`` (as :meth:`calibrated_recall`, calibrated) probes at least
+        :data:`EXACT_SHARE` of the lists of whole-row codes: it then reads about as many values as the exact
+        search, which scores them by matrix products, several times faster per value."""
+        if self.codes == "pca":  # codes a fraction of the rows' width: scanning them all still reads less
+            return False
+        ws = [np.asarray(w, np.float64) for w in weights]
+        group = len(ws) > 1 and not self._direct(shares)
+        nprobe = self._settings(ws)[0] if group else max(self._settings(w)[0] for w in ws)
+        return nprobe >= EXACT_SHARE * self.nlist
 
     def _probes(self, key, rerank, queries, k, w, truth, bar=None, cap: Optional[float] = None,
                 last: bool = True, start: int = 1) -> tuple:

@@ -241,13 +241,18 @@ def _searching(state: FittedState, method: str, weights: list, shares: bool, pro
     :data:`~actclust.analysis.indexes.TARGET_RECALL` for them (calibrated on first use; a layer of nearly
     flat spectrum leaves principal-component codes far from its distances): then the exact one, which is
     right (calibration has by then probed every list, with 64x the candidates re-ranked). Either way a
-    :class:`SearchWarning` says so, once per index and weighting."""
+    :class:`SearchWarning` says so, once per index and weighting. With ``"auto"``, the exact index also where
+    the approximate one reaches the target only by probing most of its lists of whole-row codes
+    (:meth:`ApproximateIndex.scans_most`): exact answers, sooner, nothing to warn about."""
     index = _index(state, method, progress, space, backend)
     if not isinstance(index, ApproximateIndex):
         return index
     recall = index.calibrated_recall(weights, shares)
     if recall >= TARGET_RECALL:
-        return index
+        # probing most lists of whole-row codes reads about what the exact search reads, which is faster (matrix
+        # products): the exact answers, sooner
+        return _index(state, "exact", progress, space, backend) if method == "auto" and index.scans_most(
+            weights, shares) else index
     where = "similar-sample search" if space == "retrieval" else f"the neighbour search of layer {space!r}"
     fallback = method == "auto"
     said = state.cache.setdefault("search_warned", set())
