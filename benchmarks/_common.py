@@ -96,6 +96,22 @@ def versions(commit: str):
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
 
 
+def run_child(script: str, src, options: list, echo_stderr: bool = False) -> dict:
+    """Run ``script --child *options`` in a fresh process with ``src`` first on ``PYTHONPATH`` (this tree where
+    ``None``), and read back the dict it printed on its last ``RESULT `` line (``{"error": ...}`` where it failed)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", *options], env=env,
+                       capture_output=True, text=True)
+    if echo_stderr:
+        sys.stderr.write(r.stderr[-2000:])
+    line = next((l for l in r.stdout.splitlines()[::-1] if l.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        return {"error": (r.stderr or r.stdout)[-3000:]}
+    return json.loads(line[len("RESULT "):])
+
+
 def write_results(name: str, args, results: dict, load_before, started: float, **machine) -> None:
     """``args.out``: the results with the command, the machine (its load before and after), the commit and settings."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -149,16 +148,9 @@ def child(args) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 def run_version(src: Path | None, args) -> dict:
-    env = dict(os.environ)
-    if src is not None:
-        env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"--repeats={args.repeats}",
-           f"--n-test={args.n_test}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in r.stdout.splitlines()[::-1] if l.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        return {"error": (r.stderr or r.stdout)[-3000:]}
-    return json.loads(line[len("RESULT "):])
+    from _common import run_child
+
+    return run_child(__file__, src, [f"--repeats={args.repeats}", f"--n-test={args.n_test}"])
 
 
 def table(results: dict) -> None:

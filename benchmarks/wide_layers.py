@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,17 +84,10 @@ def child(args) -> dict:
 
 
 def run_version(src, args) -> dict:
-    env = dict(os.environ)
-    if src is not None:
-        env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"--width={args.width}", f"--n={args.n}",
-           f"--n-queries={args.n_queries}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    sys.stderr.write(r.stderr[-2000:])
-    line = next((l for l in r.stdout.splitlines()[::-1] if l.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        return {"error": (r.stderr or r.stdout)[-3000:]}
-    return json.loads(line[len("RESULT "):])
+    from _common import run_child
+
+    return run_child(__file__, src, [f"--width={args.width}", f"--n={args.n}", f"--n-queries={args.n_queries}"],
+                     echo_stderr=True)
 
 
 def main(argv=None) -> int:

@@ -558,7 +558,7 @@ class ApproximateIndex(Index):
         import faiss
 
         params = _quantizer_params(nprobe, keep)
-        graph = not isinstance(self.index.quantizer, faiss.IndexFlat)
+        graph = self._graph_quantizer()
         near, lists = self.index.quantizer.search(queries, nprobe, params=params.inner if graph else None)
         order = np.argsort(lists[:, 0], kind="stable")
         q, near, lists = (np.ascontiguousarray(a[order]) for a in (queries, near, lists))
@@ -621,13 +621,7 @@ class ApproximateIndex(Index):
     def calibrated_recall(self, weights: list, shares: bool = True) -> float:
         """The recall@10 that calibration reached (calibrating first, where not yet done) for the weightings
         ``weights`` searched together as :meth:`search_many` searches them with ``shares``: the worst of them."""
-        ws = [np.asarray(w, np.float64) for w in weights]
-        if len(ws) > 1 and not self._direct(shares):  # one search for the group (see search_many)
-            self._settings(ws)
-            return self.recall[tuple(_key(w) for w in ws)]
-        for w in ws:
-            self._settings(w)
-        return min(self.recall[_key(w)] for w in ws)
+        return min(self.recall[key] for key in self._calibrated(weights, shares))
 
     def scans_most(self, weights: list, shares: bool = True) -> bool:
         """Whether searching ``weights`` (as :meth:`calibrated_recall`, calibrated) probes at least
@@ -635,10 +629,18 @@ class ApproximateIndex(Index):
         search, which scores them by matrix products, several times faster per value."""
         if self.codes == "pca":  # codes a fraction of the rows' width: scanning them all still reads less
             return False
+        return max(self.settings[key][0] for key in self._calibrated(weights, shares)) >= EXACT_SHARE * self.nlist
+
+    def _calibrated(self, weights: list, shares: bool) -> list:
+        """The settings keys that a search of ``weights`` with ``shares`` uses (as :meth:`search_many`: one for a
+        group sharing a search, else one per weighting), each calibrated where not yet done."""
         ws = [np.asarray(w, np.float64) for w in weights]
-        group = len(ws) > 1 and not self._direct(shares)
-        nprobe = self._settings(ws)[0] if group else max(self._settings(w)[0] for w in ws)
-        return nprobe >= EXACT_SHARE * self.nlist
+        if len(ws) > 1 and not self._direct(shares):  # one search for the group (see search_many)
+            self._settings(ws)
+            return [tuple(_key(w) for w in ws)]
+        for w in ws:
+            self._settings(w)
+        return [_key(w) for w in ws]
 
     def _probes(self, key, rerank, queries, k, w, truth, bar=None, cap: Optional[float] = None,
                 last: bool = True, start: int = 1) -> tuple:
@@ -678,7 +680,7 @@ class ApproximateIndex(Index):
         lists through a graph, which ranks only the first few)."""
         import faiss
 
-        if not isinstance(faiss.downcast_index(self.index.quantizer), faiss.IndexFlat):
+        if self._graph_quantizer():
             return None
         if self._lists_of is None:  # each row's list, read from the index once
             invlists = self.index.invlists
@@ -702,6 +704,12 @@ class ApproximateIndex(Index):
             found = np.bincount(place[keep] + 1, weights=share[keep], minlength=self.nlist + 1).cumsum()
             cover = np.minimum(cover, found)
         return cover
+
+    def _graph_quantizer(self) -> bool:
+        """Whether queries find their lists through an HNSW graph (:data:`GRAPH_QUERY_LISTS`), not a flat search."""
+        import faiss
+
+        return not isinstance(faiss.downcast_index(self.index.quantizer), faiss.IndexFlat)
 
     def _fewest_lists(self, cover: Optional[np.ndarray], k: int, rerank: int) -> int:
         """The fewest lists a calibration search may probe to reach the target recall (1 when not known): below
