@@ -170,15 +170,24 @@ def test_top_inner_products_match_host(vecs, rows, block):
 # The host's exact search leaves excluded rows out of each chunk (faiss' matrix products, not a selector that
 # scores row by row): the same top k as every row scored in NumPy with the excluded ones never chosen, over several
 # chunks, one of them wholly excluded
-def test_host_top_inner_products_leave_excluded_rows_out(vecs, monkeypatch):
+# Rows are left out in place (wide rows, a chunk of its own: here every width) or from a copy (a view of the
+# caller's array, which stays as it was); one left-out row before a long run moves that run a row at a time.
+@pytest.mark.parametrize("in_place,view", [(False, False), (True, False), (True, True)])
+def test_host_top_inner_products_leave_excluded_rows_out(vecs, monkeypatch, in_place, view):
     from actclust.compute import host
 
     x, _, queries, exclude = vecs
     ex = exclude.copy()
     ex[256:512] = True  # a whole chunk of 256 rows left out
+    ex[512:768] = False
+    ex[513] = True  # then one row, and 254 kept after it
     monkeypatch.setattr(host, "ROWS", 256)
+    if in_place:
+        monkeypatch.setattr(host, "IN_PLACE_WIDTH", 1)
+    before = x.copy()
     for e in (None, ex):
-        got = HOST.top_inner_products(queries, reader(x), len(x), 10, exclude=e)
+        got = HOST.top_inner_products(queries, (lambda a, b: x[a:b]) if view else reader(x), len(x), 10, exclude=e)
+        np.testing.assert_array_equal(x, before)
         for (gi, gs), q in zip(got, queries):
             scores = q.astype(np.float64) @ x.T.astype(np.float64)
             if e is not None:

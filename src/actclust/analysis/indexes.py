@@ -179,11 +179,21 @@ class Index:
         zero-padded to ``self.d`` columns)."""
         layers = self.layers if layers is None else layers
         scales = [self.scales[self.layers.index(l)] for l in layers]
-        blocks = [(_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(s))
-                  for l, s in zip(layers, scales)]
-        norms = [(self.sq_norms(l)[which] / np.float32(s))[:, None] for l, s in zip(layers, scales)]
+        width = sum(self.train_vectors[l].shape[1] for l in layers) + len(layers)
+        out, at = None, 0  # written in place, block by block: one chunk-sized array, not a copy per step
+        for l, s in zip(layers, scales):
+            x = _take(self.train_vectors[l], which)
+            if out is None:
+                out = np.zeros((len(x), self._padded(width, layers)), np.float32)
+            block = out[:, at:at + x.shape[1]]
+            np.subtract(x, self.means[l], out=block)
+            np.divide(block, np.float32(np.sqrt(s)), out=block)
+            at += x.shape[1]
+            del x
         _release(self.train_vectors)
-        return self._pad(np.hstack(blocks + norms), layers)
+        for j, (l, s) in enumerate(zip(layers, scales)):
+            out[:, at + j] = self.sq_norms(l)[which] / np.float32(s)
+        return out
 
     def _query(self, part: dict, weights, layers=None) -> np.ndarray:
         """The inner-product query of ``part`` for ``weights`` (``C(x)`` is left out: it ranks nothing)."""
@@ -195,9 +205,12 @@ class Index:
              np.zeros((b, self.train_vectors[l].shape[1]), np.float32) for l, wl, s in zip(layers, w, scales)]
         return self._pad(np.hstack(q + [np.tile(-np.asarray(w, np.float32), (b, 1))]), layers)
 
+    def _padded(self, width: int, layers) -> int:
+        """Columns of index rows ``width`` values wide: ``self.d`` for rows of every layer, where set."""
+        return self.d if self.d is not None and len(layers) == len(self.layers) and self.d >= width else width
+
     def _pad(self, rows: np.ndarray, layers) -> np.ndarray:
-        full = self.d is not None and len(layers) == len(self.layers) and self.d >= rows.shape[1]
-        width = self.d if full else rows.shape[1]
+        width = self._padded(rows.shape[1], layers)
         return np.ascontiguousarray(np.hstack([rows, np.zeros((len(rows), width - rows.shape[1]), np.float32)]))
 
     def _constant(self, part: dict, weights) -> np.ndarray:

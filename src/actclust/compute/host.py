@@ -6,15 +6,17 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..store.vectors import chunk_rows, iter_rows
+from ..store.vectors import chunk_rows, iter_rows, runs
 from .base import Backend
 
 __all__ = ["HostBackend", "CHUNK"]
 
 #: Rows per chunk when distances are computed over a (possibly memory-mapped) array.
 CHUNK = 8192
-#: Training rows per chunk of the exact search (each a temporary faiss index).
+#: Training rows per chunk of the exact search.
 ROWS = 8192
+#: Rows at least this wide are left out of a chunk of the exact search in place (see ``_kept_rows``).
+IN_PLACE_WIDTH = 1024
 
 
 class HostBackend(Backend):
@@ -52,10 +54,11 @@ class HostBackend(Backend):
         return np.ascontiguousarray(km.centroids, dtype=np.float32), float(km.obj[-1])
 
     def top_inner_products(self, queries, rows: Callable, n, k, exclude=None, cache: Optional[dict] = None):
-        """Each chunk of ``ROWS`` rows becomes a temporary faiss ``IndexFlatIP`` that every query
-        searches; the chunks' results are merged (faiss ``ResultHeap``). Rows ``exclude`` leaves out are
-        dropped from the chunk, not skipped by a selector: with one, faiss scores row by row instead of by
-        matrix products (trust's calibration searches of 16,384-value rows: about 3x as long)."""
+        """Every query scores each chunk of ``ROWS`` rows by faiss' matrix products (``faiss.knn``, which reads
+        the chunk where it lies: no index, no copy); the chunks' results are merged (faiss ``ResultHeap``). Rows
+        ``exclude`` leaves out are dropped from the chunk (in place where ``rows`` gave a chunk of its own), not
+        skipped by a selector: with one, faiss scores row by row instead of by matrix products (trust's
+        calibration searches of 16,384-value rows: about 3x as long)."""
         import faiss
 
         b, k = len(queries[0]), min(k, n)
@@ -68,12 +71,32 @@ class HostBackend(Backend):
                 ids = start + np.flatnonzero(~exclude[start:stop])  # the rows kept, by their place in the store
                 if not len(ids):
                     continue
-                block = np.ascontiguousarray(block[ids - start])
-            index = faiss.IndexFlatIP(queries[0].shape[1])
-            index.add(block)
+                block = _kept_rows(block, ids - start)
+            block = np.ascontiguousarray(block, dtype=np.float32)
             for heap, q in zip(heaps, queries):
-                d, i = index.search(q, min(k, len(block)))
+                d, i = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
                 heap.add_result(d, np.where(i < 0, -1, i + start if ids is None else ids[np.maximum(i, 0)]))
+            del block  # before the next chunk is read: one chunk held at a time
         for heap in heaps:
             heap.finalize()
         return [(heap.I, heap.D) for heap in heaps]
+
+
+def _kept_rows(block: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``block[kept]`` (``kept`` increasing). Rows of at least :data:`IN_PLACE_WIDTH` values are moved to the
+    front of ``block`` itself where it is an array of its own, so that the search holds one chunk, not two;
+    narrower rows (small chunks), or a block that is a view of the caller's array, are copied."""
+    if (block.shape[1] < IN_PLACE_WIDTH or block.base is not None or not block.flags.writeable
+            or not block.flags.c_contiguous):
+        return block[kept]
+    at = 0
+    for a, b in runs(kept):
+        first, length = int(kept[a]), b - a
+        shift = first - at
+        # towards the front, in pieces no longer than the shift: no piece overlaps its own source (numpy would
+        # copy an overlapping source first, up to a whole chunk)
+        for p in range(0, length if shift else 0, max(shift, 1)):
+            size = min(shift, length - p)
+            block[at + p:at + p + size] = block[first + p:first + p + size]
+        at += length
+    return block[:at]
