@@ -1,3 +1,6 @@
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -366,17 +369,99 @@ def test_batching_does_not_change_results(model, data, monkeypatch):
         np.testing.assert_allclose(whole[k], batched[k], err_msg=k)
 
 
-# a saved and loaded explainer recomputes the same calibration and signals with the defaults
-def test_same_after_load(model, data, tmp_path):
+# a saved and loaded explainer gives the same signals with the defaults: from the calibration saved with the run
+# (nothing searched again), or, in a run saved before any trust call, from the same calibration built again
+def test_same_after_load(model, data, tmp_path, monkeypatch):
     x, y = data
     x_big = np.concatenate([x, x + 0.01])
     y_big = np.concatenate([y, y])
     ac = _ac(model).fit(x_big, y_big)
+    ac.save(tmp_path / "plain")
     before = ac.trust(x[:20])  # defaults: 10% of 240 = 24 calibration samples
     ac.save(tmp_path / "run")
-    after = actclust.load(tmp_path / "run", model).trust(x[:20])
+    searched = []  # the layers' neighbour searches: those of the inputs, and those of a calibration built
+    real = trust_mod._neighbour_stats
+    monkeypatch.setattr(trust_mod, "_neighbour_stats", lambda *a: searched.append(len(a[2])) or real(*a))
+    loaded = actclust.load(tmp_path / "run", model)
+    assert loaded.state_.cache["trust"].key == ac.state_.cache["trust"].key
+    after = loaded.trust(x[:20])
+    assert searched == [20] * len(LAYERS)  # the calibration kept with the run: its samples not searched again
+    rebuilt = actclust.load(tmp_path / "plain", model).trust(x[:20])
+    assert searched[len(LAYERS):] == [24] * len(LAYERS) + [20] * len(LAYERS)
     for k in before:
         assert np.array_equal(before[k], after[k]), k
+        assert np.array_equal(before[k], rebuilt[k]), k
+    # other parameters, or a held-out calibration (the user's data, not the run's), are calibrated anew
+    loaded.trust(x[:20], n_neighbors=4)
+    assert searched[-2 * len(LAYERS):] == [24] * len(LAYERS) + [20] * len(LAYERS)
+    loaded.trust(x[:20], calibration=(x[:30], y[:30]))
+    loaded.save(tmp_path / "held-out")
+    assert "trust_calibration" not in (tmp_path / "held-out" / "manifest.json").read_text()
+
+
+# stacked_trust's model is kept with the run too
+def test_stacked_trust_same_after_load(tiny, tmp_path):
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    before = ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    after = actclust.load(tmp_path / "run", _Tiny().eval()).trust(xq, **TINY_KW)
+    assert before["stacked_trust"].max() - before["stacked_trust"].min() > 0.3
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+
+
+# stacked_trust's model kept as numbers predicts as scikit-learn's pipeline fitted on the same features
+def test_stack_predicts_as_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((300, 6)) * [1, 10, 0.1, 3, 1, 5] + [0, 5, -2, 0, 1, 0]
+    right = f[:, 0] + 0.1 * f[:, 1] + rng.standard_normal(300) > 0.3
+    want = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(f, right)
+    q = rng.standard_normal((50, 6)) * 4
+    np.testing.assert_allclose(trust_mod._Stack.fit(f, right).predict(q), want.predict_proba(q)[:, 1], rtol=0,
+                               atol=1e-12)
+
+
+# a loaded run whose calibration has notes says them once, as a fresh calibration would
+def test_notes_said_after_load(tiny, tmp_path):
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x)
+    with pytest.warns(actclust.TrustWarning, match="stacked_trust is unavailable"):
+        ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", _Tiny().eval())
+    with pytest.warns(actclust.TrustWarning, match="stacked_trust is unavailable"):
+        loaded.trust(xq, **TINY_KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.TrustWarning)
+        loaded.trust(xq, **TINY_KW)  # once per run
+
+
+# a saved calibration that does not fit the run is refused as a damaged save
+@pytest.mark.parametrize("damage,match", [
+    (lambda m, a: a.update({"trust/cal_alpha": a["trust/cal_alpha"][:-1]}), r"trust/cal_alpha has shape \(29,\)"),
+    (lambda m, a: a.update({"trust/cal_kth/b": np.full(30, np.nan)}), "values that are not finite"),
+    (lambda m, a: a.pop("trust/stack/coef"), "KeyError: 'trust/stack/coef'"),
+    (lambda m, a: m["trust_calibration"].update(search="fast"), "trust calibration settings"),
+])
+def test_damaged_calibration_refused(tiny, tmp_path, damage, match):
+    from safetensors.numpy import load_file
+    from test_persistence import _arrays, _forge
+
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    arrays = load_file(str(_arrays(tmp_path / "run")))
+    damage(manifest, arrays)
+    _forge(tmp_path / "run", manifest, arrays)
+    with pytest.raises(actclust.InvalidSaveError, match="malformed trust calibration .*" + match):
+        actclust.load(tmp_path / "run", _Tiny().eval())
 
 
 # trust on an unfitted explainer says to fit first

@@ -13,8 +13,9 @@ rows left out), in batches:
 memory ``O(batch x max(k, 200))``, never ``O(test x train)``, and no copy of the training vectors.
 
 The calibration (:func:`calibrate`) is built on first use from the fitted state's training
-vectors and cached with the state (not saved: after :func:`actclust.load` it is rebuilt,
-identically, since the split is drawn from the state's ``random_state``). The training vectors
+vectors and cached with the state; a run saved afterwards keeps it (:func:`saved_calibration`: numbers
+only, the split drawn again from the state's ``random_state``), so a loaded run does not search its
+calibration samples again; a run saved before any trust call builds the same one on first use. The training vectors
 are split into a reference part (the neighbours) and a calibration part of ``calibration_fraction``
 of them, at most :data:`MAX_CALIBRATION` samples, so calibrating costs ``MAX_CALIBRATION``
 searches whatever ``n``; class labels are the true labels when ``fit`` had them, else the DNN's
@@ -34,7 +35,7 @@ from scipy.stats import chi2
 from tqdm.auto import tqdm
 
 from . import surrogate
-from ..exceptions import ParameterError, TrustWarning
+from ..exceptions import InvalidSaveError, ParameterError, TrustWarning
 from ..store.vectors import chunk_rows, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
@@ -192,7 +193,7 @@ def signals(state: FittedState, cal: "_Calibration", q: Query, backend=None) -> 
     if cal.stack is not None:
         features = _stack_features(votes_ratios, comb[rows, pred], pvalues[rows, pred],
                                    confidence if cal.stack_confidence else None)
-        stacked["stacked_trust"] = cal.stack.predict_proba(features)[:, 1]
+        stacked["stacked_trust"] = cal.stack.predict(features)
     return {
         "dnn_prediction": pred,
         "dnn_confidence": confidence,
@@ -272,6 +273,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     key = (int(k), float(fraction), layer_weights, method, split.digest, getattr(backend, "device", "cpu"))
     cached = state.cache.get("trust")
     if cached is not None and cached.key == key:
+        _warn_notes(state, cached.notes)  # a calibration saved with the run says its notes once after load too
         return cached
     labels = state.train_labels if state.train_labels is not None else state.train_predictions
     is_cal, pred, cal_labels = split.is_cal, split.pred, split.labels
@@ -312,18 +314,10 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         notes.append(f"stacked_trust is unavailable: the calibration split holds {int((~right).sum())} DNN errors and "
                      f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each")
     else:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)), split.confidence)
-        stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(features, right)
-    message = "Trust signals: " + "; ".join(notes) + "."
-    said = state.cache.setdefault("trust_warned", set())
-    if notes and message not in said:  # once per fitted run, however often it is calibrated again
-        said.add(message)
-        warnings.warn(message, TrustWarning, stacklevel=3)
+        stack = _Stack.fit(features, right)
+    _warn_notes(state, notes)
     built = _Calibration(key, weights, method, is_cal, labels, cal_alpha, cal_kth, cal_nearest, spread,
                          cal_ratio, stack, split.confidence is not None, tuple(notes), backend)
     # The signals of the calibration samples themselves, from what was computed above (no search).
@@ -342,13 +336,108 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     if split.confidence is not None:
         own_signals["dnn_confidence"] = split.confidence
     if stack is not None:
-        own_signals["stacked_trust"] = stack.predict_proba(features)[:, 1]
+        own_signals["stacked_trust"] = stack.predict(features)
     built.thresholds = false_alarm_thresholds(own_signals, right if split.true_labels else None,
                                               "a held-out split of the training data" if split.digest == "internal"
                                               else "held-out data")
     state.cache["trust"] = built
     state.cache["trust_thresholds"] = built.thresholds
     return built
+
+
+def _warn_notes(state: FittedState, notes) -> None:
+    """Say what the calibration could not provide (its notes), once per fitted run however often it is calibrated."""
+    message = "Trust signals: " + "; ".join(notes) + "."
+    said = state.cache.setdefault("trust_warned", set())
+    if notes and message not in said:
+        said.add(message)
+        warnings.warn(message, TrustWarning, stacklevel=4)
+
+
+@dataclass
+class _Stack:
+    """The model of ``stacked_trust``: features standardised, then a logistic regression's probability that
+    the DNN is right (fitted by scikit-learn, kept as its numbers so that a saved run holds it without pickle)."""
+
+    mean: np.ndarray  # (f,) the features' means and scales on the calibration samples
+    scale: np.ndarray
+    coef: np.ndarray  # (f,) and the intercept
+    intercept: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, right: np.ndarray) -> "_Stack":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(features)
+        model = LogisticRegression(C=1.0, max_iter=3000).fit(scaler.transform(features), right)
+        return cls(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64),
+                   model.coef_[0].astype(np.float64), float(model.intercept_[0]))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+
+        return expit(((features - self.mean) / self.scale) @ self.coef[:, None] + self.intercept)[:, 0]
+
+
+#: What a saved run keeps of trust's calibration (arrays per layer, then for the whole run): everything but what
+#: the fitted state gives again (the split, drawn from its ``random_state``; the labels; the layer weights).
+_SAVED_PER_LAYER = ("cal_kth", "cal_nearest", "spread", "cal_ratio")
+
+
+def saved_calibration(state: FittedState) -> Optional[tuple]:
+    """``(arrays, info)`` to keep trust's calibration with a saved run: arrays named ``trust/...`` and JSON values;
+    ``None`` where there is none, or it was calibrated on a held-out query (the user's data, not the run's)."""
+    cal = state.cache.get("trust")
+    if cal is None or cal.key[4] != "internal":
+        return None
+    arrays = {"trust/cal_alpha": cal.cal_alpha.astype(np.float64)}
+    for field in _SAVED_PER_LAYER:
+        for l in state.layers:
+            arrays[f"trust/{field}/{l}"] = np.asarray(getattr(cal, field)[l], dtype=np.float64)
+    if cal.stack is not None:
+        arrays.update({"trust/stack/mean": cal.stack.mean, "trust/stack/scale": cal.stack.scale,
+                       "trust/stack/coef": cal.stack.coef,
+                       "trust/stack/intercept": np.array([cal.stack.intercept], np.float64)})
+    k, fraction, layer_weights, method, _, device = cal.key
+    info = {"n_neighbors": int(k), "calibration_fraction": float(fraction), "layer_weights": layer_weights,
+            "search": method, "device": str(device), "notes": list(cal.notes), "stacked": cal.stack is not None}
+    return arrays, info
+
+
+def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
+    """Put the calibration :func:`saved_calibration` kept back into ``state``'s cache (as :func:`calibrate` would
+    build it again: the same split, drawn from the state). Raises :class:`InvalidSaveError` (or ``KeyError``,
+    ``TypeError`` for missing or mistyped values) where they do not fit the state: the loader names the save."""
+    k, fraction, layer_weights, method = (info["n_neighbors"], info["calibration_fraction"], info["layer_weights"],
+                                          info["search"])
+    if not isinstance(k, int) or not isinstance(fraction, float) or layer_weights not in ("surrogate", "equal") \
+            or method not in ("auto", "exact", "approximate") or not isinstance(info["device"], str):
+        raise InvalidSaveError(f"trust calibration settings {info!r}")
+    split = _split(state, fraction, k)
+    n_cal, n_layers = len(split.pred), len(state.layers)
+
+    def arr(name, shape):
+        a = np.asarray(arrays[name], dtype=np.float64)
+        if a.shape != shape or not np.isfinite(a).all():
+            raise InvalidSaveError(f"{name} has shape {a.shape} (expected {shape}) or values that are not finite")
+        return a
+
+    per_layer = {field: {l: arr(f"trust/{field}/{l}", (state.clusterings[l].n_clusters,) if field == "spread"
+                                else (n_cal,)) for l in state.layers} for field in _SAVED_PER_LAYER}
+    stack = None
+    if info["stacked"] is True:
+        f = 2 * n_layers + 2
+        stack = _Stack(arr("trust/stack/mean", (f,)), arr("trust/stack/scale", (f,)), arr("trust/stack/coef", (f,)),
+                       float(arr("trust/stack/intercept", (1,))[0]))
+    weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(n_layers), dtype=np.float64)
+    key = (k, fraction, layer_weights, method, split.digest, info["device"])
+    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    state.cache["trust"] = _Calibration(key, weights / weights.sum(), method, split.is_cal, labels,
+                                        arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
+                                        per_layer["cal_nearest"], per_layer["spread"], per_layer["cal_ratio"], stack,
+                                        False, tuple(str(n) for n in info["notes"]), None,
+                                        state.cache.get("trust_thresholds"))
 
 
 def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: str,

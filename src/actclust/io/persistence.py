@@ -301,6 +301,14 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     # of the run states the same false-alarm thresholds; absent otherwise.
     if state.cache.get("trust_thresholds") is not None:
         manifest["trust_thresholds"] = _jsonable(state.cache["trust_thresholds"])
+    # Trust's calibration on the run's own split, when one was built: kept so that a loaded run does not search
+    # its calibration samples again (a minute or two at 1M samples); absent otherwise.
+    from ..analysis.trust import saved_calibration
+
+    kept = saved_calibration(state)
+    if kept is not None:
+        arrays.update(kept[0])
+        manifest["trust_calibration"] = _jsonable(kept[1])
     try:
         json.dumps(manifest, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -473,6 +481,14 @@ def read_run(path, *, verify: bool = True, progress: bool = True) -> tuple:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
     if m.get("trust_thresholds") is not None:
         state.cache["trust_thresholds"] = _thresholds(m["trust_thresholds"], path)
+    if m.get("trust_calibration") is not None:
+        from ..analysis.trust import restore_calibration
+
+        try:
+            restore_calibration(state, arrays, m["trust_calibration"])
+        except (KeyError, TypeError, ValueError, AttributeError, ParameterError, InvalidSaveError) as e:
+            raise InvalidSaveError(f"The saved run at {path} has a malformed trust calibration "
+                                   f"({type(e).__name__}: {e}).") from None
     return state, params, m
 
 
