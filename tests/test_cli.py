@@ -1,6 +1,7 @@
 import argparse
 import importlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -156,6 +157,35 @@ def test_bad_input_exit_code(argv, match, tmp_path, monkeypatch, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and not any(w in err for w in PYTHON_WORDING)
+
+
+# fit prepares the run: the similar-sample index and trust's calibration are saved with it, so that later commands
+# load them (nothing searched or built again); --no-prepare saves the run without them
+def test_fit_prepares_the_run(tmp_path, monkeypatch, capsys):
+    from actclust.analysis import indexes, trust
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((2400, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 2400))
+    fit = ["fit", "conftest:TinyCNN", "--data", str(tmp_path / "d.npz"), "--layers", "conv,fc1", "--n-clusters", "3"]
+    assert main(fit + ["--out", str(tmp_path / "run")]) == 0
+    assert "preparing the similar-sample index and trust's calibration" in capsys.readouterr().err
+    assert main(fit + ["--out", str(tmp_path / "plain"), "--no-prepare", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["trust_calibration"]["n_neighbors"] == 50 and manifest["trust_calibration"]["search"] == "auto"
+    assert sorted({f.rsplit(".", 1)[1] for f in os.listdir(tmp_path / "run") if f.startswith("index_")}) == \
+        ["faiss", "safetensors"]
+    assert not [f for f in os.listdir(tmp_path / "plain") if f.startswith("index_")]
+    assert "trust_calibration" not in (tmp_path / "plain" / "manifest.json").read_text()
+    built, searched = [], []
+    real_build, real_stats = indexes.ApproximateIndex._build, trust._neighbour_stats
+    monkeypatch.setattr(indexes.ApproximateIndex, "_build", lambda self, *a: built.append(1) or real_build(self, *a))
+    monkeypatch.setattr(trust, "_neighbour_stats", lambda *a: searched.append(len(a[2])) or real_stats(*a))
+    report = ["report", "--data", str(tmp_path / "d.npz"), "--quiet", "--n-correct", "1", "--n-wrong", "1",
+              "--model", "conftest:TinyCNN"]
+    assert main(report + [str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 0
+    assert built == [] and 240 not in searched  # the run's index and calibration, loaded
+    assert main(report + [str(tmp_path / "plain"), "--out", str(tmp_path / "p.html")]) == 0
+    assert built and 240 in searched  # built again by the command
 
 
 # options checked against the data: too many clusters, label posterior without labels, a broken

@@ -371,6 +371,24 @@ class ActivationClustering:
 
         return ExplanationList(out, context=self._display_context(X))
 
+    def prepare(self, *, trust=None) -> "ActivationClustering":
+        """Build now what ``explain`` otherwise builds on its first call, so that a run saved afterwards keeps it
+        and every load of the run answers at once: the similar-sample index, calibrated for explain's "low" and
+        "high" weights, and trust's calibration with each layer's index (``trust`` as in :meth:`explain`: by
+        default whenever the training set is large enough). ``actclust fit`` prepares the run it saves.
+        Returns ``self``.
+        """
+        from .analysis import retrieval
+        from .analysis.trust import calibrate, calibration_possible
+
+        state = self._state()
+        method = retrieval.check_search(self.search)
+        weights = [retrieval.check_args(state, 5, p)[1] for p in ("low", "high")]
+        retrieval.prepare(state, weights, method=method, shares=False, progress=self.progress, backend=self._backend())
+        if trust or (trust is None and calibration_possible(state)):
+            calibrate(state, search=method, progress=self.progress, backend=self._backend())
+        return self
+
     def trust(self, X, **options) -> dict:
         """Per-input trust signals; see :func:`actclust.analysis.trust.trust_signals` for ``options``.
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no impor
 
 __all__ = ["Neighbours", "layer_weights", "check_args", "search", "search_by_class", "check_search", "resolve_search",
            "WEIGHT_PRESETS", "SEARCH_NAMES", "AUTO_EXACT_ROWS", "search_many", "layer_neighbours", "layer_stats",
-           "layer_scales", "Index", "ApproximateIndex", "saved_index_files", "attach_saved_indexes"]
+           "layer_scales", "Index", "ApproximateIndex", "saved_index_files", "attach_saved_indexes", "prepare"]
 
 WEIGHT_PRESETS = ("equal", "low", "high")
 SEARCH_NAMES = ("auto", "exact", "approximate")
@@ -191,6 +191,14 @@ def search_many(state: FittedState, query: Query, k: int, weights: dict, *, meth
     found = index.search_many(part, k, list(weights.values()), progress, shares=shares)
     return {name: Neighbours(indices=i, distances=d, layer_shares=s, weights=w)
             for (name, w), (i, d, s) in zip(weights.items(), found)}
+
+
+def prepare(state: FittedState, weights: list, *, method: str = "auto", shares: bool = True, progress: bool = False,
+            backend=None) -> None:
+    """Build now the similar-sample index that :func:`search_many` of these ``weights`` (with ``shares``) would
+    build on first use, calibrated for each: an approximate index is then saved with the run (nothing to build
+    for an exact search)."""
+    _searching(state, method, weights, shares, progress, backend=backend)
 
 
 def search_by_class(state: FittedState, query: Query, classes: np.ndarray, k: int, weights: np.ndarray, *,

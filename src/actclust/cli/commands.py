@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "--out; the saved run links to its files); without it they stay in memory")
     f.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
                    help="precision of the stored training vectors (float16 halves memory and disk)")
+    f.add_argument("--no-prepare", dest="prepare", action="store_false",
+                   help="save the run as soon as it is fitted, without its similar-sample index and trust calibration "
+                        "(every later command then builds them again: minutes for a million samples)")
     f.add_argument("--out", required=True, help="directory of the saved run")
     _common(f)
     f.set_defaults(func=_fit)
@@ -232,6 +235,9 @@ def _fit(args) -> int:
     )
     ac.fit(x, y)
     print(format_scores(ac.train_score_, ac, title="on the training data (in-sample)"))
+    if args.prepare:  # saved with the run: report, view and study then load them instead of building them each time
+        say(args, "preparing the similar-sample index and trust's calibration, saved with the run (--no-prepare skips)")
+        ac.prepare()
     _save(ac, Path(args.out), args.overwrite, args.model, model, args.data)
     return EXIT_OK
 
@@ -325,6 +331,7 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
     model file from outside it. ``also`` names files the command writes into the run afterwards (the
     demo's report), recorded as the run's own."""
     from ..adapters import adapt
+    from ..analysis.retrieval import saved_index_files
     from ..io.persistence import hashed_name, params_of, save
 
     adapter = adapt(ac.model, ac.output)
@@ -340,7 +347,7 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
         name = hashed_name("model" + Path(spec).suffix.lower(), content)
         metadata = {"model": name}
     save(ac.state_, params_of(ac), adapter, out, overwrite=overwrite, metadata=metadata,
-         files={name: content, **{f: None for f in also}})
+         files={name: content, **saved_index_files(ac.state_), **{f: None for f in also}})
     from .inputs import TRUSTED_MODELS
 
     own = spec in TRUSTED_MODELS or metadata["model"].endswith(".onnx")  # a run's own record is not imported
