@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -94,6 +95,21 @@ def versions(commit: str):
         yield {f"baseline {commit}": tree / "src", "this tree": None}
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+
+
+def child_options(ap, name: str) -> None:
+    """``--out`` (by default ``benchmarks/results/<name>.json``) and the hidden ``--child`` of a benchmark that runs
+    each version in a fresh process (:func:`run_child`)."""
+    ap.add_argument("--out", default=str(RESULTS / f"{name}.json"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def answer_child(args, child) -> bool:
+    """In a child process (``--child``): ``child(args)`` printed on the ``RESULT`` line :func:`run_child` reads.
+    Whether this was one."""
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+    return bool(args.child)
 
 
 def run_child(script: str, src, options: list, echo_stderr: bool = False) -> dict:

@@ -181,15 +181,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="times each version runs, taking turns")
     ap.add_argument("--repeats", type=int, default=3, help="timed explain calls per process after the first")
     ap.add_argument("--n-test", type=int, default=10_000)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain_cpu.json"))
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import answer_child, child_options
+
+    child_options(ap, "explain_cpu")
     args = ap.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(child(args)))
+    if answer_child(args, child):
         return 0
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import versions, write_results
 
     load_before, t0 = os.getloadavg(), time.perf_counter()

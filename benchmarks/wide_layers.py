@@ -96,14 +96,13 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=16384)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--n-queries", type=int, default=500)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wide_layers.json"))
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(child(args)))
-        return 0
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import answer_child, child_options
+
+    child_options(ap, "wide_layers")
+    args = ap.parse_args(argv)
+    if answer_child(args, child):
+        return 0
     from _common import versions, write_results
 
     load_before, t0 = os.getloadavg(), time.perf_counter()
