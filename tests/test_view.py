@@ -140,6 +140,7 @@ def test_input_page(tabular):
     for preset, block in zip(("low", "high"), sims.split("<h2>")[1:]):
         want = ac.similar(xt[i:i + 1], k=6, weights=preset).indices[0].tolist()
         assert [int(t) for t in re.findall(r"training sample #(\d+)", block)] == want
+        assert want == [s["index"] for s in e.similar[preset]]  # the explanation's own
     trust = ac.trust(xt[i:i + 1])
     th = ex.thresholds["signals"]
     chips = re.findall(r'<span class="chip( low)?" title="[^"]*">([a-z ]+) -?[0-9.]+</span>', html.split('id="trust"')[1])
@@ -380,3 +381,22 @@ def test_saved_thresholds_checked(tabular, tmp_path):
         path.write_text(json.dumps(m))
         with pytest.raises(InvalidSaveError, match=message):
             actclust.load(tmp_path / "run", ac.model, progress=False)
+
+
+# the explorer searches similar samples as explain does (both presets at once): on a prepared run whose index
+# keeps principal-component codes (not exact distances) it calibrates nothing new, and shows explain's neighbours
+def test_explorer_uses_the_prepared_index():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((660, 4)).astype(np.float32)
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 600), torch.nn.ReLU(), torch.nn.Linear(600, 3)).eval()
+    ac = ActivationClustering(net, ["1", "2"], n_clusters=3, search="approximate", progress=False).fit(x[:600])
+    ac.prepare(trust=False)
+    index = ac.state_.cache["retrieval"]["retrieval", "approximate", "host"]
+    assert index.codes == "pca"
+    settings = dict(index.settings)
+    ex = Explorer(ac, x[600:], train=x[:600], trust=False, progress=False)
+    assert index.settings == settings
+    e = ac.explain(x[600:601], k=ex.k, trust=False)[0]
+    assert {p: [t for t, _ in ex._similar(0)[p]] for p in ("low", "high")} == \
+        {p: [s["index"] for s in e.similar[p]] for p in ("low", "high")}

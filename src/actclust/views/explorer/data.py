@@ -304,12 +304,12 @@ class Explorer:
         one = Query(dnn_pred=q.dnn_pred[i:i + 1], dnn_proba=q.dnn_proba[i:i + 1],
                     distances={l: d[i:i + 1] for l, d in q.distances.items()},
                     vectors={l: v[i:i + 1] for l, v in q.vectors.items()}, labels=None)
-        out = {}
-        for preset in ("low", "high"):
-            k, w = retrieval.check_args(st, min(self.k, st.n_samples), preset)
-            nb = retrieval.search(st, one, k, w, method=self.ac.search, progress=progress)
-            out[preset] = list(zip(nb.indices[0].tolist(), nb.distances[0].tolist()))
-        return out
+        k = min(self.k, st.n_samples)
+        # as explain searches them (both at once, no layer shares): the same neighbours as its explanations, and
+        # the index calibrated as a prepared run keeps it
+        found = retrieval.search_many(st, one, k, {p: retrieval.check_args(st, k, p)[1] for p in ("low", "high")},
+                                      method=self.ac.search, progress=progress, shares=False)
+        return {p: list(zip(nb.indices[0].tolist(), nb.distances[0].tolist())) for p, nb in found.items()}
 
     def select(self, show: str, sort: str, dnn: Optional[int] = None, sur: Optional[int] = None) -> np.ndarray:
         """Test inputs for the list page: filtered by ``show`` (see :data:`FILTERS`), sorted by ``sort``."""
