@@ -180,8 +180,9 @@ class Explorer:
             self.trust_notes = [f"the run's {self.state.n_samples} training samples are too few to calibrate "
                                 "trust signals"]
             return
-        cal = trust.calibrate(self.state, search=self.ac.search, progress=self.progress)
-        signals = trust.signals(self.state, cal, self.q)
+        backend = self.ac._backend()  # as ac.trust and explain: the run's device, and its saved calibration
+        cal = trust.calibrate(self.state, search=self.ac.search, progress=self.progress, backend=backend)
+        signals = trust.signals(self.state, cal, self.q, backend)
         self.trust = {k: np.asarray(v, dtype=np.float64) for k, v in signals.items() if not k.endswith("_prediction")}
         self.thresholds, self.trust_notes = cal.thresholds, list(cal.notes)
 
