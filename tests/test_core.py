@@ -88,9 +88,11 @@ def test_onnx_end_to_end_without_torch(onnx_model, tmp_path):
         es = ac.explain(te["x"][:3])
         t = ac.trust(te["x"][:20], calibration=(te["x"][20:220], te["y"][20:220]))
         cs = ac.concepts(layers[-1])
+        ac.prepare()  # the run's own trust calibration (the held-out one above is not kept) and search index
         ac.save({str(tmp_path / 'run')!r})
         back = actclust.load({str(tmp_path / 'run')!r}, folder + "/model.onnx", progress=False)
         assert np.array_equal(back.predict(te["x"]), ac.predict(te["x"]))
+        print("kept:", back.state_.cache["trust"].key[4])
         actclust.report(back, te["x"][:100], te["y"][:100], train=tr["x"], out={str(tmp_path / 'r.html')!r},
                         n_correct=1, n_wrong=1)
         try:
@@ -107,6 +109,7 @@ def test_onnx_end_to_end_without_torch(onnx_model, tmp_path):
         print("torch loaded:", "torch" in sys.modules)
     """)
     assert "torch loaded: False" in out
+    assert "kept: internal" in out
     assert "cli: 0 0" in out
     assert 'distill: clustering=\'distill\' needs torch, which is not installed' in out and 'actclust[torch]' in out
     fidelity = float(out.split("fidelity: ")[1].split()[0])
