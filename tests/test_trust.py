@@ -411,6 +411,30 @@ def test_stacked_trust_same_after_load(tiny, tmp_path):
         assert np.array_equal(before[k], after[k]), k
 
 
+# a calibration kept with a run serves on any device: one computed on a GPU answers on a machine without one
+def test_saved_calibration_serves_on_any_device(tiny, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+    from test_persistence import _arrays, _forge
+
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    before = ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["trust_calibration"]["device"] = "cuda:0"  # as a run prepared on a GPU records it
+    _forge(tmp_path / "run", manifest, load_file(str(_arrays(tmp_path / "run"))))
+    searched = []
+    real = trust_mod._neighbour_stats
+    monkeypatch.setattr(trust_mod, "_neighbour_stats", lambda *a: searched.append(len(a[2])) or real(*a))
+    loaded = actclust.load(tmp_path / "run", _Tiny().eval())
+    after = loaded.trust(xq, **TINY_KW)
+    assert searched == [len(xq)] * len(TINY)  # the inputs only: the calibration samples not searched again
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+    loaded.save(tmp_path / "again")  # and it keeps saying where it was computed
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["trust_calibration"]["device"] == "cuda:0"
+
+
 # stacked_trust's model kept as numbers predicts as scikit-learn's pipeline fitted on the same features
 def test_stack_predicts_as_scikit_learn():
     from sklearn.linear_model import LogisticRegression

@@ -236,6 +236,9 @@ class _Calibration:
     notes: tuple = ()  # what is unavailable or uncalibrated, as said in the warning
     backend: object = None  # where the searches compute (actclust.compute; None: the host)
     thresholds: Optional[dict] = None  # false_alarm_thresholds() of the calibration samples
+    #: kept with a saved run: it serves on any device (the one in ``key`` is where it was computed), so that a run
+    #: prepared on a GPU answers with the same calibration, and the same thresholds, on a machine without one
+    restored: bool = False
 
     def finder(self, state: FittedState, layer: str, backend=None):
         """``find(vectors, depth) -> (squared distances, ids)`` among the reference rows of ``layer``."""
@@ -272,7 +275,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     split = _held_out(state, calibration, k) if calibration is not None else _split(state, fraction, k)
     key = (int(k), float(fraction), layer_weights, method, split.digest, getattr(backend, "device", "cpu"))
     cached = state.cache.get("trust")
-    if cached is not None and cached.key == key:
+    if cached is not None and (cached.key == key or cached.restored and cached.key[:5] == key[:5]):
         _warn_notes(state, cached.notes)  # a calibration saved with the run says its notes once after load too
         return cached
     labels = state.train_labels if state.train_labels is not None else state.train_predictions
@@ -437,7 +440,7 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
                                         arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
                                         per_layer["cal_nearest"], per_layer["spread"], per_layer["cal_ratio"], stack,
                                         False, tuple(str(n) for n in info["notes"]), None,
-                                        state.cache.get("trust_thresholds"))
+                                        state.cache.get("trust_thresholds"), restored=True)
 
 
 def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: str,
