@@ -379,14 +379,15 @@ class ActivationClustering:
         Returns ``self``.
         """
         from .analysis import retrieval
+        from .analysis.explanation import similar_weights
         from .analysis.trust import calibrate, calibration_possible
 
-        state = self._state()
+        state, backend = self._state(), self._backend()
         method = retrieval.check_search(self.search)
-        weights = [retrieval.check_args(state, 5, p)[1] for p in ("low", "high")]
-        retrieval.prepare(state, weights, method=method, shares=False, progress=self.progress, backend=self._backend())
+        retrieval.prepare(state, list(similar_weights(state, min(5, state.n_samples)).values()), method=method,
+                          shares=False, progress=self.progress, backend=backend)
         if trust or (trust is None and calibration_possible(state)):
-            calibrate(state, search=method, progress=self.progress, backend=self._backend())
+            calibrate(state, search=method, progress=self.progress, backend=backend)
         return self
 
     def trust(self, X, **options) -> dict:

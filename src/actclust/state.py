@@ -178,6 +178,12 @@ class FittedState:
     def n_samples(self) -> int:
         return len(self.train_predictions)
 
+    @property
+    def row_classes(self) -> np.ndarray:
+        """Each training row's class as the neighbour analyses count it: its label where ``fit`` had labels,
+        else the DNN's prediction."""
+        return self.train_labels if self.train_labels is not None else self.train_predictions
+
     def retrieval_key(self, layer: str) -> str:
         """The store key similar-sample search reads for ``layer``: its spatial summary if it has one."""
         key = layer + SUMMARY_SUFFIX

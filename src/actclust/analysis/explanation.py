@@ -54,7 +54,7 @@ from .surrogate import combine
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["Explanation", "explain", "SCHEMA"]
+__all__ = ["Explanation", "explain", "similar_weights", "SCHEMA"]
 
 SCHEMA = "actclust.explanation/1"
 
@@ -110,6 +110,12 @@ class Explanation:
         return cls.from_dict(json.loads(text))
 
 
+def similar_weights(state: FittedState, k: int) -> dict:
+    """The weights of the two similar-sample presets an explanation shows, "low" and "high" (``k`` checked
+    too), searched together: by :func:`explain`, the explorer, and :meth:`ActivationClustering.prepare`."""
+    return {p: check_args(state, k, p)[1] for p in ("low", "high")}
+
+
 def check_class_names(state: FittedState, class_names) -> None:
     if class_names is not None and len(class_names) != state.n_classes:
         raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
@@ -129,7 +135,7 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress, backend=backend)]
                  for l in state.layers}
     # "low" and "high" in one call (one pass over the store, or an approximate search each); no layer shares
-    near = find(state, q, k, {p: check_args(state, k, p)[1] for p in ("low", "high")}, method=search,
+    near = find(state, q, k, similar_weights(state, k), method=search,
                 progress=progress, backend=backend, shares=False)
     options = {}
     if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}

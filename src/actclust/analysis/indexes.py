@@ -174,12 +174,12 @@ class Index:
         return self.backend.top_inner_products(queries, lambda a, b: self._rows(slice(a, b), used), self.n, k,
                                                exclude, cache=self._cache.setdefault(tuple(used), {}))
 
-    def _rows(self, which, layers=None) -> np.ndarray:
+    def _rows(self, which, layers=None, norms: bool = True) -> np.ndarray:
         """Index rows ``[u_l / sqrt(s_l) ..., ||u_l||^2 / s_l ...]`` of some training rows (all layers:
-        zero-padded to ``self.d`` columns)."""
+        zero-padded to ``self.d`` columns); without ``norms``, the blocks alone."""
         layers = self.layers if layers is None else layers
         scales = [self.scales[self.layers.index(l)] for l in layers]
-        width = sum(self.train_vectors[l].shape[1] for l in layers) + len(layers)
+        width = sum(self.train_vectors[l].shape[1] for l in layers) + (len(layers) if norms else 0)
         out, at = None, 0  # written in place, block by block: one chunk-sized array, not a copy per step
         for l, s in zip(layers, scales):
             x = _take(self.train_vectors[l], which)
@@ -191,7 +191,7 @@ class Index:
             at += x.shape[1]
             del x
         _release(self.train_vectors)
-        for j, (l, s) in enumerate(zip(layers, scales)):
+        for j, (l, s) in enumerate(zip(layers, scales) if norms else ()):
             out[:, at + j] = self.sq_norms(l)[which] / np.float32(s)
         return out
 
@@ -475,12 +475,7 @@ class ApproximateIndex(Index):
     def _index_rows(self, which) -> np.ndarray:
         """The rows the faiss index holds: :meth:`Index._rows`, or for one layer ``u / sqrt(s)`` (padded);
         projected (:meth:`_project`) where the codes are ``"pca"``."""
-        if self.metric == "ip":
-            return self._project(self._rows(which))
-        l = self.layers[0]
-        rows = (_take(self.train_vectors[l], which) - self.means[l]) / np.float32(np.sqrt(self.scales[0]))
-        _release(self.train_vectors)
-        return self._project(self._pad(rows, self.layers))
+        return self._project(self._rows(which, norms=self.metric == "ip"))
 
     def _index_query(self, part: dict, weights) -> np.ndarray:
         if self.metric == "ip":

@@ -217,7 +217,7 @@ def search_by_class(state: FittedState, query: Query, classes: np.ndarray, k: in
     if classes.ndim != 2 or len(classes) != query.n:
         raise ParameterError(f"classes must have one row of classes per input, shape ({query.n}, m). "
                              f"Got shape {classes.shape} instead.")
-    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    labels = state.row_classes
     index = _index(state, "exact", progress, backend=backend)  # a filtered approximate search can miss a small class altogether
     part = {l: np.asarray(query.vectors[state.retrieval_key(l)], np.float32) for l in state.layers}
     out = np.full(classes.shape + (k,), -1, dtype=np.int64)

@@ -278,11 +278,10 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     if cached is not None and (cached.key == key or cached.restored and cached.key[:5] == key[:5]):
         _warn_notes(state, cached.notes)  # a calibration saved with the run says its notes once after load too
         return cached
-    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    labels = state.row_classes
     is_cal, pred, cal_labels = split.is_cal, split.pred, split.labels
     n_cal, n_classes = len(pred), state.n_classes
-    weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(len(state.layers)), dtype=np.float64)
-    weights = weights / weights.sum()
+    weights = _knn_weights(state, layer_weights)
     alpha, alpha_pred, rows = np.zeros(n_cal), np.zeros(n_cal), np.arange(n_cal)
     calibration = _Calibration(key, weights, method, is_cal, labels, None, {}, {}, {}, {}, None, False, (), backend)
     cal_kth, cal_nearest, spread, cal_ratio, votes_ratios, probas = {}, {}, {}, {}, [], []
@@ -346,6 +345,12 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     state.cache["trust"] = built
     state.cache["trust_thresholds"] = built.thresholds
     return built
+
+
+def _knn_weights(state: FittedState, layer_weights: str) -> np.ndarray:
+    """How the neighbour signals weigh the layers (summing to 1): by the surrogate's weights, or equally."""
+    weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(len(state.layers)), np.float64)
+    return weights / weights.sum()
 
 
 def _warn_notes(state: FittedState, notes) -> None:
@@ -433,11 +438,9 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
         f = 2 * n_layers + 2
         stack = _Stack(arr("trust/stack/mean", (f,)), arr("trust/stack/scale", (f,)), arr("trust/stack/coef", (f,)),
                        float(arr("trust/stack/intercept", (1,))[0]))
-    weights = np.asarray(state.weights if layer_weights == "surrogate" else np.ones(n_layers), dtype=np.float64)
     key = (k, fraction, layer_weights, method, split.digest, info["device"])
-    labels = state.train_labels if state.train_labels is not None else state.train_predictions
-    state.cache["trust"] = _Calibration(key, weights / weights.sum(), method, split.is_cal, labels,
-                                        arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
+    state.cache["trust"] = _Calibration(key, _knn_weights(state, layer_weights), method, split.is_cal,
+                                        state.row_classes, arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
                                         per_layer["cal_nearest"], per_layer["spread"], per_layer["cal_ratio"], stack,
                                         False, tuple(str(n) for n in info["notes"]), None,
                                         state.cache.get("trust_thresholds"), restored=True)
@@ -495,7 +498,7 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
     cal = np.sort(np.random.default_rng(state.random_state).permutation(n)[:n_cal])
     is_cal = np.zeros(n, dtype=bool)
     is_cal[cal] = True
-    labels = state.train_labels if state.train_labels is not None else state.train_predictions
+    labels = state.row_classes
     return _Split(is_cal, state.train_predictions[cal], labels[cal], state.train_labels is not None,
                   lambda l: take(state.train_vectors[l], cal), "internal")
 

@@ -299,6 +299,7 @@ class Explorer:
     def _similar(self, i: int, progress: bool = False) -> dict:
         """Similar training samples of test input ``i`` under the "low" and "high" weights."""
         from ...analysis import retrieval
+        from ...analysis.explanation import similar_weights
         from ...state import Query
 
         st, q = self.state, self.q
@@ -308,8 +309,8 @@ class Explorer:
         k = min(self.k, st.n_samples)
         # as explain searches them (both at once, no layer shares): the same neighbours as its explanations, and
         # the index calibrated as a prepared run keeps it
-        found = retrieval.search_many(st, one, k, {p: retrieval.check_args(st, k, p)[1] for p in ("low", "high")},
-                                      method=self.ac.search, progress=progress, shares=False)
+        found = retrieval.search_many(st, one, k, similar_weights(st, k), method=self.ac.search, progress=progress,
+                                      shares=False)
         return {p: list(zip(nb.indices[0].tolist(), nb.distances[0].tolist())) for p, nb in found.items()}
 
     def select(self, show: str, sort: str, dnn: Optional[int] = None, sur: Optional[int] = None) -> np.ndarray:
