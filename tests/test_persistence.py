@@ -264,3 +264,28 @@ def test_damaged_saves(fitted, model, tmp_path):
     manifest.write_text(json.dumps(m))
     with pytest.raises(InvalidSaveError, match="array file .* is missing"):
         actclust.load(run, model)
+
+
+# What analyses keep with a run reaches the run as data (a manifest value and arrays) and comes back through the
+# callback the reader is given for its key; the writer refuses keys and arrays of its own, and a callback's error
+# names the run. The writer and reader import no analysis.
+def test_kept_analyses_round_trip(fitted, tmp_path):
+    from actclust.adapters import adapt
+    from actclust.io.persistence import params_of, read_run, save
+
+    state, adapter = fitted.state_, adapt(fitted.model)
+    save(state, params_of(fitted), adapter, tmp_path / "run", kept={"my_result": ({"depth": 3}, {"mine/x": np.arange(4.0)})})
+    got = []
+    read_run(tmp_path / "run", progress=False, restore={"my_result": lambda s, a, v: got.append((v, a["mine/x"])),
+                                                          "absent": lambda s, a, v: got.append("not called")})
+    assert len(got) == 1 and got[0][0] == {"depth": 3} and np.array_equal(got[0][1], np.arange(4.0))
+
+    def refuse(s, a, v):
+        raise ValueError("depth 3 does not fit")
+    with pytest.raises(InvalidSaveError, match=r"malformed my result \(ValueError: depth 3 does not fit\)"):
+        read_run(tmp_path / "run", progress=False, restore={"my_result": refuse})
+    with pytest.raises(actclust.ParameterError, match="Cannot keep 'format' with the run: the manifest has that key"):
+        save(state, params_of(fitted), adapter, tmp_path / "b", kept={"format": ({}, {})})
+    with pytest.raises(actclust.ParameterError, match=r"its arrays \['weights'\] clash with the run's own"):
+        save(state, params_of(fitted), adapter, tmp_path / "c", kept={"mine": ({}, {"weights": np.zeros(1)})})
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -435,6 +435,26 @@ def test_saved_calibration_serves_on_any_device(tiny, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["trust_calibration"]["device"] == "cuda:0"
 
 
+# The run's reader knows no analysis: it hands the kept calibration to the callback it is given (the explainer's
+# load passes trust's), and reading a run that holds one without it imports no trust code
+def test_run_reader_imports_no_trust(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    assert "trust_calibration" in json.loads((tmp_path / "run" / "manifest.json").read_text())
+
+    def analyses(code):  # the analysis modules a fresh interpreter holds after running ``code``
+        code = f"import sys; {code}; print(sorted(m for m in sys.modules if m.startswith('actclust.analysis.')))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    read = f"from actclust.io.persistence import read_run; read_run({str(tmp_path / 'run')!r}, progress=False)"
+    # only what the fitted state itself computes with (the surrogate's combination)
+    assert analyses(read) == analyses("import actclust.state") == "['actclust.analysis.surrogate']\n"
+
+
 # stacked_trust's model kept as numbers predicts as scikit-learn's pipeline fitted on the same features
 def test_stack_predicts_as_scikit_learn():
     from sklearn.linear_model import LogisticRegression

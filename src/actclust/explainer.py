@@ -424,12 +424,12 @@ class ActivationClustering:
         approximate search indexes built so far are kept with the run (checked by SHA-256 and
         memory-mapped at load, not rebuilt).
         """
-        from .analysis.retrieval import saved_index_files
+        from .analysis import saved
         from .io.persistence import params_of, save
 
         state = self._state()
         save(state, params_of(self), self._adapter(), path, custom_output=self.output is not None,
-             overwrite=overwrite, metadata=metadata, files=saved_index_files(state))
+             overwrite=overwrite, metadata=metadata, files=saved.saved_index_files(state), kept=saved.kept(state))
 
     # ------------------------------------------------------------------ notebook display
     def set_display(self, train=None, *, class_names=None, render=None, mean=None, std=None, feature_names=None,
@@ -475,12 +475,12 @@ def load(path, model, *, output=None, progress: bool = True, verify: bool = True
     ``device`` is where the analyses compute (see :class:`ActivationClustering`; by default the model's
     device): a run fitted on a GPU loads and answers on a machine without one.
     """
-    from .analysis.retrieval import attach_saved_indexes
+    from .analysis import saved
     from .exceptions import InvalidSaveError
     from .io.persistence import INDEX_FILE_RE, attached, check_model, read_run
 
-    state, params, manifest = read_run(path, verify=verify, progress=progress)
-    attach_saved_indexes(state, path, attached(manifest, Path(path), INDEX_FILE_RE))
+    state, params, manifest = read_run(path, verify=verify, progress=progress, restore=saved.RESTORE)
+    saved.attach_saved_indexes(state, path, attached(manifest, Path(path), INDEX_FILE_RE))
     if manifest.get("custom_output") and output is None:
         raise ParameterError(
             f"The run at {path} was fitted with a custom output= function; pass the same one: "

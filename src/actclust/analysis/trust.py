@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-from scipy.stats import chi2
+from scipy.special import chdtrc  # chi-squared survival function (scipy.stats' chi2.sf; 0.8 s to import)
 from tqdm.auto import tqdm
 
 from . import surrogate
@@ -187,7 +187,7 @@ def signals(state: FittedState, cal: "_Calibration", q: Query, backend=None) -> 
         log_p_nearest += np.log(np.maximum(_pvalue(cal.cal_nearest[l], vr[2]), 1 / (n_cal + 1)))
         clu_typ += w * _pvalue(cal.cal_ratio[l], _spread_ratio(q.distances[l], cal.spread[l]))
     pvalues = _pvalue(cal.cal_alpha, _ties(alpha).ravel()).reshape(n, n_classes)
-    ood_typ = chi2.sf(-2 * log_p_nearest, 2 * len(state.layers))  # Fisher's combination of the layers' p-values
+    ood_typ = chdtrc(2 * len(state.layers), -2 * log_p_nearest)  # Fisher's combination of the layers' p-values
     confidence = q.dnn_proba[rows, pred].astype(np.float64)
     stacked = {}
     if cal.stack is not None:
@@ -331,8 +331,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         "layer_agreement": np.stack([state.posteriors[l].argmax(1)[own["paths"][l]] == pred for l in state.layers],
                                     1).astype(np.float64) @ (state.weights / state.weights.sum()),
         "knn_typicality": sum(w * _pvalue(cal_kth[l], own["kth"][l]) for w, l in zip(weights, state.layers)),
-        "ood_typicality": chi2.sf(-2 * sum(np.log(np.maximum(_pvalue(cal_nearest[l], vr[2]), 1 / (n_cal + 1)))
-                                           for l, vr in zip(state.layers, votes_ratios)), 2 * len(state.layers)),
+        "ood_typicality": chdtrc(2 * len(state.layers), -2 * sum(
+            np.log(np.maximum(_pvalue(cal_nearest[l], vr[2]), 1 / (n_cal + 1))) for l, vr in zip(state.layers, votes_ratios))),
         "cluster_typicality": sum(w * _pvalue(cal_ratio[l], own["ratio"][l]) for w, l in zip(weights, state.layers)),
     }
     if split.confidence is not None:

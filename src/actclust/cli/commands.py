@@ -331,7 +331,7 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
     model file from outside it. ``also`` names files the command writes into the run afterwards (the
     demo's report), recorded as the run's own."""
     from ..adapters import adapt
-    from ..analysis.retrieval import saved_index_files
+    from ..analysis import saved
     from ..io.persistence import hashed_name, params_of, save
 
     adapter = adapt(ac.model, ac.output)
@@ -347,7 +347,7 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
         name = hashed_name("model" + Path(spec).suffix.lower(), content)
         metadata = {"model": name}
     save(ac.state_, params_of(ac), adapter, out, overwrite=overwrite, metadata=metadata,
-         files={name: content, **saved_index_files(ac.state_), **{f: None for f in also}})
+         files={name: content, **saved.saved_index_files(ac.state_), **{f: None for f in also}}, kept=saved.kept(ac.state_))
     from .inputs import TRUSTED_MODELS
 
     own = spec in TRUSTED_MODELS or metadata["model"].endswith(".onnx")  # a run's own record is not imported

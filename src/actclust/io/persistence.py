@@ -237,8 +237,21 @@ def _check_metadata(metadata) -> dict:
     return value
 
 
+def _check_kept(kept, manifest: dict, arrays: dict) -> dict:
+    """``kept`` of :func:`save`, checked: keys the manifest does not use, arrays named unlike the run's own."""
+    kept = {} if kept is None else dict(kept)
+    for key, (_, extra) in kept.items():
+        if not isinstance(key, str) or key in manifest:
+            raise ParameterError(f"Cannot keep {key!r} with the run: the manifest has that key already.")
+        clash = sorted(set(extra) & set(arrays))
+        if clash:
+            raise ParameterError(f"Cannot keep {key!r} with the run: its arrays {clash} clash with the run's own.")
+    return kept
+
+
 def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool = False,
-         overwrite: bool = False, metadata: dict | None = None, files: dict | None = None) -> Path:
+         overwrite: bool = False, metadata: dict | None = None, files: dict | None = None,
+         kept: dict | None = None) -> Path:
     """Write a fitted ``state`` (with the estimator's ``params`` and the model's ``adapter``) to
     directory ``path`` atomically; returns the path.
 
@@ -248,7 +261,10 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     :data:`SHA_PLACEHOLDER` (replaced once the file is written: ``index_l0-{sha}.faiss``), is put in
     place before the manifest, any other after it. A value ``None``
     records a file the caller writes into the run after the save (the demo's report), so that a
-    later overwrite knows the run owns it. Raises :class:`RunExistsError` (see
+    later overwrite knows the run owns it. ``kept`` (manifest key -> ``(JSON value, {array name: array})``)
+    is what analyses built and keep with the run (trust's calibration, :mod:`actclust.analysis.saved`): the
+    value goes into the manifest under its key, the arrays into the array file, and :func:`read_run` hands
+    them to that key's ``restore`` callback (this module imports no analysis). Raises :class:`RunExistsError` (see
     :func:`check_writable`), :class:`ParameterError` and, for a system error (a full disk, no
     permission, no such folder), a :class:`StorageError` subclass; nothing partial is left behind.
     """
@@ -301,14 +317,11 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     # of the run states the same false-alarm thresholds; absent otherwise.
     if state.cache.get("trust_thresholds") is not None:
         manifest["trust_thresholds"] = _jsonable(state.cache["trust_thresholds"])
-    # Trust's calibration on the run's own split, when one was built: kept so that a loaded run does not search
-    # its calibration samples again (a minute or two at 1M samples); absent otherwise.
-    from ..analysis.trust import saved_calibration
-
-    kept = saved_calibration(state)
-    if kept is not None:
-        arrays.update(kept[0])
-        manifest["trust_calibration"] = _jsonable(kept[1])
+    # What analyses keep with the run (trust's calibration on the run's own split: a loaded run does not search
+    # its calibration samples again, a minute or two at 1M samples)
+    for key, (value, extra) in _check_kept(kept, manifest, arrays).items():
+        arrays.update(extra)
+        manifest[key] = _jsonable(value)
     try:
         json.dumps(manifest, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -440,8 +453,12 @@ def read_manifest(path) -> dict:
     return m
 
 
-def read_run(path, *, verify: bool = True, progress: bool = True) -> tuple:
+def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict | None = None) -> tuple:
     """``(state, params, manifest)`` of the run saved at ``path``, every file checked; nothing executed.
+
+    ``restore`` (manifest key -> ``fn(state, arrays, value)``) puts back what :func:`save` kept under that key
+    (``kept=``) where the manifest has it; an error it raises (a value or array that does not fit the
+    state) becomes an :class:`InvalidSaveError` naming the run.
 
     With ``verify`` (default) the array file and every file of the vector store are checked
     against their SHA-256 in the manifest, in one streaming pass (a progress bar from
@@ -481,13 +498,13 @@ def read_run(path, *, verify: bool = True, progress: bool = True) -> tuple:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
     if m.get("trust_thresholds") is not None:
         state.cache["trust_thresholds"] = _thresholds(m["trust_thresholds"], path)
-    if m.get("trust_calibration") is not None:
-        from ..analysis.trust import restore_calibration
-
+    for key, put_back in (restore or {}).items():
+        if m.get(key) is None:
+            continue
         try:
-            restore_calibration(state, arrays, m["trust_calibration"])
+            put_back(state, arrays, m[key])
         except (KeyError, TypeError, ValueError, AttributeError, ParameterError, InvalidSaveError) as e:
-            raise InvalidSaveError(f"The saved run at {path} has a malformed trust calibration "
+            raise InvalidSaveError(f"The saved run at {path} has a malformed {key.replace('_', ' ')} "
                                    f"({type(e).__name__}: {e}).") from None
     return state, params, m
 
