@@ -336,6 +336,27 @@ def test_cli_port_in_use(tmp_path, capsys, images):
     assert f"Cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+# the explorer prints its address (an IPv6 host in brackets) and warns when not bound to loopback
+@pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("localhost", False), ("0.0.0.0", True)])
+def test_cli_view_host(tmp_path, capsys, images, monkeypatch, host, warns):
+    from actclust.cli.commands import main
+    from actclust.cli.common import is_loopback, url_host
+    from actclust.views.explorer import cli as view_cli
+
+    ac, _, xt, yt, _ = images
+    ac.save(tmp_path / "run", metadata={"model": "conftest:_study_model"})
+    np.savez(tmp_path / "test.npz", x=xt[:8], y=yt[:8])
+    served = []
+    monkeypatch.setattr(view_cli, "_serve", lambda app, sock: served.append(sock.getsockname()) or sock.close())
+    assert main(["view", str(tmp_path / "run"), "--data", str(tmp_path / "test.npz"), "--host", host, "--port", "0",
+                 "--model", "conftest:_study_model", "--no-trust", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert len(served) == 1 and f"explorer: http://{host}:{served[0][1]}/?token=" in out
+    assert ("warning: listening on " + host + ", not on loopback" in err) == warns
+    assert [is_loopback(h) for h in ("::1", "127.0.0.2", "192.168.1.5", "example.org")] == [True, True, False, False]
+    assert url_host("::1") == "[::1]" and url_host("10.0.0.1") == "10.0.0.1"
+
+
 # the views import no torch: a saved run can be shown where only the server side is installed
 def test_views_need_no_torch():
     import subprocess

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import shlex
 import sys
 
-__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options"]
+__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options", "is_loopback",
+           "url_host"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,3 +65,18 @@ def say(args, message: str) -> None:
 def warn(args, message: str) -> None:
     """A warning the user must see: on stderr, also with --quiet (which silences progress only)."""
     print(f"actclust {args.command}: warning: {message}", file=sys.stderr)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server listening on ``host`` is reachable from this machine only (the servers warn otherwise)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL names it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host

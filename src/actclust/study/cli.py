@@ -6,13 +6,13 @@ Registered by :func:`add_parser` from the main parser of :mod:`actclust.cli`; ``
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import secrets
 import sys
 from pathlib import Path
 
+from ..cli.common import is_loopback, url_host
 from ..exceptions import ParameterError
 from .limits import ABANDON_AFTER_S, ADDRESS_WINDOW_S, SESSIONS_PER_ADDRESS
 from .folder import CONDITIONS
@@ -200,15 +200,6 @@ def _create(args) -> int:
     return EXIT_OK
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _serve(args) -> int:
     import uvicorn
 
@@ -217,11 +208,11 @@ def _serve(args) -> int:
     token = args.admin_token or os.environ.get("ACTCLUST_STUDY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     app = make_app(args.study, token, max_participants=args.max_participants, abandon_after=args.abandon_after * 60,
                    sessions_per_address=args.sessions_per_address, address_window=args.address_window * 60)
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"actclust study serve: warning: listening on {args.host}, not on loopback (127.0.0.1): anyone who "
               "can reach this machine can take part and, with the admin token, read the responses. Serve it "
               "behind HTTPS, or keep --host 127.0.0.1.", file=sys.stderr)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
+    shown = url_host(args.host)
     base = (args.public_url or f"http://{shown}:{args.port}").rstrip("/")
     cap = f"; at most {args.max_participants} participants" if args.max_participants else ""
     print(f"participants: {base}/\nadmin:        {base}/admin (log in with the admin token)\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 import socket
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...cli.common import run_model_options
+from ...cli.common import is_loopback, run_model_options, url_host
 from ...exceptions import ParameterError
 
 __all__ = ["add_parser", "check_inputs"]
@@ -105,11 +104,11 @@ def _view(args) -> int:
         sock.close()
         raise
     token = args.token or os.environ.get("ACTCLUST_VIEW_TOKEN") or secrets.token_urlsafe(24)
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"actclust view: warning: listening on {args.host}, not on loopback (127.0.0.1): anyone who can reach "
               "this machine and has the token can read the run and its data. Keep --host 127.0.0.1, or serve it "
               "behind HTTPS.", file=sys.stderr)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
+    shown = url_host(args.host)
     print(f"explorer: http://{shown}:{sock.getsockname()[1]}/?token={token}", flush=True)
     _serve(make_app(explorer, token), sock)
     return EXIT_OK
@@ -137,12 +136,3 @@ def _serve(app, sock: socket.socket) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
