@@ -504,7 +504,7 @@ def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict 
         try:
             put_back(state, arrays, m[key])
         except (KeyError, TypeError, ValueError, AttributeError, ParameterError, InvalidSaveError) as e:
-            raise InvalidSaveError(f"The saved run at {path} has a malformed {key.replace('_', ' ')} "
+            raise InvalidSaveError(f"The saved run at {path} has a malformed {' '.join(key.split('_'))} "
                                    f"({type(e).__name__}: {e}).") from None
     return state, params, m
 
