@@ -169,24 +169,21 @@ def make_study(folder, source, **options) -> Path:
     return create_study(ac, x, y, folder, **options)
 
 
-class LiveStudyServer:
-    """``actclust.study.app`` under uvicorn in a thread, on a loopback port the OS picked."""
+class LiveServer:
+    """An ASGI ``app`` under uvicorn in a thread, on a loopback port the OS picked (``options``: uvicorn's)."""
 
-    def __init__(self, folder, admin_token: str = "admin-secret-token", **options):
+    def __init__(self, app, name: str = "the server", **options):
         import socket
         import threading
 
         import uvicorn
 
-        from actclust.study.app import make_app
-
-        self.admin_token = admin_token
+        self.name = name
         # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on those, and
         # without it each response waits out the client's delayed ACK (~40 ms)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        app = make_app(folder, admin_token, **options.pop("app", {}))  # options: uvicorn's; app={...}: make_app's
         config = uvicorn.Config(app, **{"log_level": "warning", "access_log": False, **options})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -198,7 +195,7 @@ class LiveStudyServer:
         deadline = time.monotonic() + 20
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the study server did not start")
+                raise RuntimeError(f"{self.name} did not start")
             time.sleep(0.01)
         return self
 
@@ -206,6 +203,16 @@ class LiveStudyServer:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+
+
+class LiveStudyServer(LiveServer):
+    """``actclust.study.app`` served live; ``app={...}`` are ``make_app``'s options, the others uvicorn's."""
+
+    def __init__(self, folder, admin_token: str = "admin-secret-token", **options):
+        from actclust.study.app import make_app
+
+        self.admin_token = admin_token
+        super().__init__(make_app(folder, admin_token, **options.pop("app", {})), "the study server", **options)
 
 
 def _study_model():

@@ -11,44 +11,12 @@ import pytest
 from actclust import ActivationClustering
 from actclust.views.explorer import Explorer, make_app
 
-from conftest import LAYERS, XSS_CLASS, TinyCNN, chromium_playwright
+from conftest import LAYERS, XSS_CLASS, LiveServer, TinyCNN, chromium_playwright
 
 TOKEN = "browser-token"
 
 # Every image on the page decoded, and none broken.
 _IMAGES_JS = "() => [document.images.length, Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length]"
-
-
-class LiveExplorer:
-    """The explorer's app under uvicorn in a thread, on a loopback port the OS picked."""
-
-    def __init__(self, explorer):
-        import socket
-        import threading
-
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(make_app(explorer, TOKEN), log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the explorer did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.sock.close()
 
 
 # run -> layer (sorted) -> cluster -> test input -> cluster on its path -> input list (filtered, paged) -> 404 and back
@@ -62,7 +30,7 @@ def test_click_through_every_page(tmp_path):
     ex = Explorer(ac, x[200:], y[200:], train=x[:200], class_names=[XSS_CLASS, "cat", "dog"], progress=False)
     wrong = int((ac.query(x[200:]).dnn_pred != y[200:]).sum())
     visited, errors, outside = [], [], []
-    with LiveExplorer(ex) as live, sync_playwright() as p:
+    with LiveServer(make_app(ex, TOKEN), "the explorer") as live, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
