@@ -347,11 +347,18 @@ def test_end_to_end(tmp_path, images):
     cards = ac.explain(x[:2], y[:2], k=3)
     assert len(cards) == 2 and cards[0].meta["model_class"].endswith("Functional")
     assert set(ac.trust(x[:5], calibration=x[:40])) >= {"dnn_confidence"}
+    own = {"n_neighbors": 5, "calibration_fraction": 0.5}  # calibrated on the run's own split: kept with it
+    signals = ac.trust(x[:5], **own)
     ac.save(tmp_path / "run")
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["state"]["framework"] == "keras" and manifest["model_fingerprint"] == actclust.model_fingerprint(model)
+    assert manifest["trust_calibration"]["n_neighbors"] == 5
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     np.testing.assert_allclose(loaded.predict_proba(x[:20]), ac.predict_proba(x[:20]), atol=1e-6)
+    assert loaded.state_.cache["trust"].restored  # read back, not searched again
+    again = loaded.trust(x[:5], **own)
+    for k in signals:
+        np.testing.assert_allclose(again[k], signals[k], atol=1e-6, err_msg=k)
     model.save(tmp_path / "cnn.keras")
     from_file = actclust.load(tmp_path / "run", str(tmp_path / "cnn.keras"), progress=False)
     np.testing.assert_allclose(from_file.predict_proba(x[:20]), ac.predict_proba(x[:20]), atol=1e-6)
