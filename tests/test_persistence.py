@@ -289,3 +289,16 @@ def test_kept_analyses_round_trip(fitted, tmp_path):
     with pytest.raises(actclust.ParameterError, match=r"its arrays \['weights'\] clash with the run's own"):
         save(state, params_of(fitted), adapter, tmp_path / "c", kept={"mine": ({}, {"weights": np.zeros(1)})})
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+# a run that keeps no trust calibration loads without importing trust (nor does a save of one that was never calibrated)
+def test_plain_run_loads_without_trust(fitted, tmp_path):
+    from pathlib import Path
+
+    fitted.save(tmp_path / "run")
+    here = str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); import actclust; from conftest import TinyCNN; "
+            f"ac = actclust.load({str(tmp_path / 'run')!r}, TinyCNN().eval(), progress=False); "
+            f"ac.save({str(tmp_path / 'again')!r}); print('actclust.analysis.trust' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
