@@ -2,6 +2,7 @@
 after ``ac.prepare()`` (what ``actclust fit`` now saves), on Fashion-MNIST's 10,000 test images, defaults.
 
     python benchmarks/prepared_run.py                 # two rounds, about 3 minutes on 2 cores
+    python benchmarks/prepared_run.py --baseline 6abd63c   # the same runs loaded by that commit too, taking turns
     python benchmarks/prepared_run.py --rounds 1 --n-test 2000   # a smoke run
 
 The benchmark CNN (``benchmarks/.cache``) is fitted once with the library's defaults on the 60,000 training
@@ -11,8 +12,10 @@ index, built and kept with the run; the time ``prepare`` took is reported). Then
 turns, each run in a fresh process, as a new Python session or a CLI command meets it: ``actclust.load``
 (every file checked against its SHA-256), the first ``ac.explain(x_test)``, then a second one, each as a ratio
 to a plain forward pass over the same images measured beside it (``model(x)`` in batches of 256, no hooks).
-The explanations of both runs must be the same (similar samples and trust signals). Results: a table on
-stdout and ``benchmarks/results/prepared_run.json`` with the machine and its load average.
+The explanations of both runs must be the same (similar samples and trust signals). With ``--baseline COMMIT``
+both runs (saved by this tree) are also loaded and explained by that commit (a temporary ``git worktree`` put
+first on ``PYTHONPATH``), its processes taking turns with this tree's, and its explanations must be the same
+too. Results: a table on stdout and ``benchmarks/results/prepared_run.json`` with the machine and its load average.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="times each run is loaded and explained, taking turns")
     ap.add_argument("--n-test", type=int, default=10_000)
     ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", default="none", help="a commit that loads and explains the same runs too ('none': "
+                    "this tree only)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import answer_child, child_options
 
@@ -122,37 +127,49 @@ def main(argv=None) -> int:
         return 0
     from _common import run_child, write_results
 
+    from _common import versions
+
     load_before, started = os.getloadavg(), time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="actclust-prepared-"))
-    try:
-        results = {"setup": prepare_runs(folder), "plain": [], "prepared": []}
-        print(f"fit {results['setup']['fit_s']:.1f} s, prepare {results['setup']['prepare_s']:.1f} s", flush=True)
-        for i in range(args.rounds):
-            for name in ("plain", "prepared") if i % 2 == 0 else ("prepared", "plain"):
-                r = run_child(__file__, None, [f"--run={folder / name}", f"--n-test={args.n_test}"])
-                if "error" in r:
-                    print(r["error"], file=sys.stderr)
-                    return 1
-                results[name].append(r)
-                print(f"round {i + 1}, {name}: load {r['load_s']:.2f} s, first explain {r['first_explain_s']:.2f} s "
-                      f"({r['first_over_forward']:.2f}x a forward pass), again {r['again_over_forward']:.2f}x", flush=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    results["same_explanations"] = len({r["digest"] for name in ("plain", "prepared") for r in results[name]}) == 1
+    runs = ("plain", "prepared")
+    with versions(args.baseline) as trees:
+        series = [(v, name) for v in trees for name in runs]  # (version, run)
+        try:
+            results = {"setup": prepare_runs(folder), **{_label(v, name): [] for v, name in series}}
+            print(f"fit {results['setup']['fit_s']:.1f} s, prepare {results['setup']['prepare_s']:.1f} s", flush=True)
+            for i in range(args.rounds):
+                for v, name in series if i % 2 == 0 else series[::-1]:
+                    r = run_child(__file__, trees[v], [f"--run={folder / name}", f"--n-test={args.n_test}"])
+                    if "error" in r:
+                        print(r["error"], file=sys.stderr)
+                        return 1
+                    results[_label(v, name)].append(r)
+                    print(f"round {i + 1}, {_label(v, name)}: load {r['load_s']:.2f} s, first explain "
+                          f"{r['first_explain_s']:.2f} s ({r['first_over_forward']:.2f}x a forward pass), again "
+                          f"{r['again_over_forward']:.2f}x", flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    labels = [_label(v, name) for v, name in series]
+    results["same_explanations"] = len({r["digest"] for label in labels for r in results[label]}) == 1
     print("\n| run | load | first explain | load + first explain, over a forward pass | again, over a forward pass |")
     print("|---|---|---|---|---|")
-    for name in ("plain", "prepared"):
-        rs = results[name]
-        print(f"| {name} | {np.median([r['load_s'] for r in rs]):.2f} s | {np.median([r['first_explain_s'] for r in rs]):.2f} s"
+    for label in labels:
+        rs = results[label]
+        print(f"| {label} | {np.median([r['load_s'] for r in rs]):.2f} s | {np.median([r['first_explain_s'] for r in rs]):.2f} s"
               f" | {np.median([r['load_and_first_over_forward'] for r in rs]):.2f}x"
               f" | {np.median([r['again_over_forward'] for r in rs]):.2f}x |")
     print(f"\nprepare took {results['setup']['prepare_s']:.1f} s once (fit {results['setup']['fit_s']:.1f} s); "
-          f"same explanations from both runs: {results['same_explanations']}")
+          f"same explanations from every run and version: {results['same_explanations']}")
     import torch
 
     write_results("prepared_run", args, results, load_before, started, torch=torch.__version__,
                   torch_threads=torch.get_num_threads())
     return 0
+
+
+def _label(version: str, run: str) -> str:
+    """``plain`` / ``prepared`` for this tree, ``prepared (baseline abc1234)`` for a baseline's process."""
+    return run if version == "this tree" else f"{run} ({version})"
 
 
 if __name__ == "__main__":
