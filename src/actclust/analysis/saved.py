@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["kept", "RESTORE", "saved_index_files", "attach_saved_indexes"]
 
+
 def _restore_calibration(state: FittedState, arrays: dict, value) -> None:
     from .trust import restore_calibration  # imported where a run holds one (trust's imports take 0.2 s)
 
@@ -35,4 +36,3 @@ def kept(state: FittedState) -> dict:
 
     calibration = saved_calibration(state)
     return {} if calibration is None else {"trust_calibration": calibration[::-1]}
-

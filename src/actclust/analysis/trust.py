@@ -332,7 +332,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
                                     1).astype(np.float64) @ (state.weights / state.weights.sum()),
         "knn_typicality": sum(w * _pvalue(cal_kth[l], own["kth"][l]) for w, l in zip(weights, state.layers)),
         "ood_typicality": chdtrc(2 * len(state.layers), -2 * sum(
-            np.log(np.maximum(_pvalue(cal_nearest[l], vr[2]), 1 / (n_cal + 1))) for l, vr in zip(state.layers, votes_ratios))),
+            np.log(np.maximum(_pvalue(cal_nearest[l], vr[2]), 1 / (n_cal + 1)))
+            for l, vr in zip(state.layers, votes_ratios))),
         "cluster_typicality": sum(w * _pvalue(cal_ratio[l], own["ratio"][l]) for w, l in zip(weights, state.layers)),
     }
     if split.confidence is not None:

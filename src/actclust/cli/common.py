@@ -7,8 +7,8 @@ import ipaddress
 import shlex
 import sys
 
-__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options", "is_loopback",
-           "url_host"]
+__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options",
+           "is_loopback", "url_host"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
