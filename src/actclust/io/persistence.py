@@ -265,8 +265,8 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     is what analyses built and keep with the run (trust's calibration, :mod:`actclust.analysis.saved`): the
     value goes into the manifest under its key, the arrays into the array file, and :func:`read_run` hands
     them to that key's ``restore`` callback (this module imports no analysis). Raises
-    :class:`RunExistsError` (see :func:`check_writable`), :class:`ParameterError` and, for a system error (a full disk, no
-    permission, no such folder), a :class:`StorageError` subclass; nothing partial is left behind.
+    :class:`RunExistsError` (see :func:`check_writable`), :class:`ParameterError` and, for a system error (a
+    full disk, no permission, no such folder), a :class:`StorageError` subclass; nothing partial is left behind.
     """
     from .._version import __version__
 

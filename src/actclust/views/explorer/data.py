@@ -310,7 +310,7 @@ class Explorer:
         # as explain searches them (both at once, no layer shares): the same neighbours as its explanations, and
         # the index calibrated as a prepared run keeps it
         found = retrieval.search_many(st, one, k, similar_weights(st, k), method=self.ac.search, progress=progress,
-                                      shares=False)
+                                      backend=self.ac._backend(), shares=False)
         return {p: list(zip(nb.indices[0].tolist(), nb.distances[0].tolist())) for p, nb in found.items()}
 
     def select(self, show: str, sort: str, dnn: Optional[int] = None, sur: Optional[int] = None) -> np.ndarray:
