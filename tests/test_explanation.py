@@ -99,3 +99,39 @@ def test_explain_leaves_gc_as_it_was(fitted, data, enabled, monkeypatch):
     a.surrogate["prior"][0] = -1.0
     a.layers[0]["exemplars"].append(-1)
     assert b.surrogate["prior"][0] != -1.0 and b.layers[0]["exemplars"][-1] != -1
+
+
+# prepare builds what explain's first call builds, from one plan: explain then builds no index and calibrates no
+# trust; prepare(trust=False) leaves the calibration to the first explain; an unprepared explain builds both
+def test_prepare_builds_what_explain_builds(monkeypatch):
+    from actclust.analysis import explanation, indexes
+
+    built = []
+    real_build = indexes.ApproximateIndex._build
+    monkeypatch.setattr(indexes.ApproximateIndex, "_build", lambda self, *a: built.append(1) or real_build(self, *a))
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((760, 4)).astype(np.float32), rng.integers(0, 3, 760)
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).eval()
+
+    def fitted():
+        return ActivationClustering(net, ["1", "2"], n_clusters=3, search="approximate", progress=False).fit(x[:700],
+                                                                                                          y[:700])
+    ac = fitted().prepare()
+    index, cal = ac.state_.cache["retrieval"]["retrieval", "approximate", "host"], ac.state_.cache["trust"]
+    settings, n_built = dict(index.settings), len(built)
+    assert set(settings) and n_built
+    es = ac.explain(x[700:])
+    assert es[0].trust is not None and len(built) == n_built and index.settings == settings
+    assert ac.state_.cache["trust"] is cal
+    ac = fitted().prepare(trust=False)
+    assert "trust" not in ac.state_.cache
+    assert ac.explain(x[700:])[0].trust is not None and "trust" in ac.state_.cache
+    built.clear()
+    ac = fitted()
+    ac.explain(x[700:])
+    assert built and "trust" in ac.state_.cache
+    # the estimator's defaults are the plan's
+    import inspect
+
+    assert inspect.signature(ActivationClustering.explain).parameters["k"].default == explanation.DEFAULT_K

@@ -378,16 +378,10 @@ class ActivationClustering:
         default whenever the training set is large enough). ``actclust fit`` prepares the run it saves.
         Returns ``self``.
         """
-        from .analysis import retrieval
-        from .analysis.explanation import similar_weights
-        from .analysis.trust import calibrate, calibration_possible
+        from .analysis import explanation, retrieval
 
-        state, backend = self._state(), self._backend()
-        method = retrieval.check_search(self.search)
-        retrieval.prepare(state, list(similar_weights(state, min(5, state.n_samples)).values()), method=method,
-                          shares=False, progress=self.progress, backend=backend)
-        if trust or (trust is None and calibration_possible(state)):
-            calibrate(state, search=method, progress=self.progress, backend=backend)
+        explanation.prepare(self._state(), trust=trust, search=retrieval.check_search(self.search),
+                            progress=self.progress, backend=self._backend())
         return self
 
     def trust(self, X, **options) -> dict:

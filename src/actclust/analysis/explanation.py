@@ -54,9 +54,14 @@ from .surrogate import combine
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["Explanation", "explain", "similar_weights", "SCHEMA"]
+__all__ = ["Explanation", "explain", "prepare", "similar_weights", "SCHEMA", "DEFAULT_K"]
 
 SCHEMA = "actclust.explanation/1"
+#: Similar training samples (under each preset) and cluster exemplars an explanation gives by default.
+DEFAULT_K = 5
+#: Whether explain's two presets share one search: no; "low" and "high" (one pass over the store, or an
+#: approximate search each) want different neighbours, and no layer weighting serves both.
+_SHARES = False
 
 
 @dataclass
@@ -121,7 +126,37 @@ def check_class_names(state: FittedState, class_names) -> None:
         raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
 
 
-def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust=None, meta: Optional[dict] = None,
+def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str = "auto", progress: bool = False,
+            backend=None) -> None:
+    """Build now what :func:`explain` with the same ``k``, ``trust`` and ``search`` builds on its first call: the
+    similar-sample index calibrated for its two presets and trust's calibration (see
+    :meth:`ActivationClustering.prepare`). One plan for both, so that a prepared run answers its first explain
+    without building anything."""
+    from .retrieval import prepare as prepare_search
+
+    prepare_search(state, list(similar_weights(state, min(k, state.n_samples)).values()), method=search,
+                   shares=_SHARES, progress=progress, backend=backend)
+    options = _trust_options(state, trust)
+    if options is not None:
+        from .trust import calibrate
+
+        calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
+
+
+def _trust_options(state: FittedState, trust) -> Optional[dict]:
+    """``trust_signals``' options for explain's ``trust`` argument (a dict of them, e.g. ``{"calibration":
+    ac.query(X_val, y_val, vectors=True)}``, or a bool), or ``None`` where the explanations carry no trust
+    signals; by default (``None``) they do whenever the training set is large enough to calibrate them."""
+    if isinstance(trust, dict):
+        return trust
+    if trust is None:
+        from .trust import calibration_possible
+
+        trust = calibration_possible(state)
+    return {} if trust else None
+
+
+def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=None, trust=None, meta: Optional[dict] = None,
             search: str = "auto", progress: bool = False, backend=None) -> list:
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
     fitted ``state``; see :meth:`ActivationClustering.explain`. ``backend`` (:mod:`actclust.compute`)
@@ -134,18 +169,11 @@ def explain(state: FittedState, q: Query, *, k: int = 5, class_names=None, trust
     prior = state.target_prior()
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress, backend=backend)]
                  for l in state.layers}
-    # "low" and "high" in one call (one pass over the store, or an approximate search each); no layer shares
-    near = find(state, q, k, similar_weights(state, k), method=search,
-                progress=progress, backend=backend, shares=False)
-    options = {}
-    if isinstance(trust, dict):  # trust_signals' options, e.g. {"calibration": ac.query(X_val, y_val, vectors=True)}
-        options, trust = trust, True
-    if trust is None:  # by default, whenever the training set is large enough to calibrate them
-        from .trust import calibration_possible
-
-        trust = calibration_possible(state)
+    near = find(state, q, k, similar_weights(state, k), method=search, progress=progress, backend=backend,
+                shares=_SHARES)
+    options = _trust_options(state, trust)
     signals, notes, thresholds = None, None, None
-    if trust:
+    if options is not None:
         from .trust import calibrate
         from .trust import signals as trust_signals
 
