@@ -316,6 +316,16 @@ def test_thresholds_saved_in_the_run(tabular, tmp_path):
     plain = ActivationClustering(ac.model, ["0", "2"], n_clusters=4, progress=False).fit(tabular[1])
     plain.save(tmp_path / "plain")  # never calibrated: nothing saved
     assert "trust_thresholds" not in actclust.load(tmp_path / "plain", ac.model, progress=False).state_.cache
+    # calibrated on held-out data: the thresholds are kept (not the calibration, the user's data), and a loaded run
+    # that holds only them keeps them when saved again
+    plain.trust(tabular[2][:5], calibration=(tabular[2][5:], tabular[3][5:]))
+    held = plain.state_.cache["trust_thresholds"]
+    assert held != saved
+    plain.save(tmp_path / "held")
+    again = actclust.load(tmp_path / "held", ac.model, progress=False)
+    assert again.state_.cache["trust_thresholds"] == held and "trust" not in again.state_.cache
+    again.save(tmp_path / "again")
+    assert actclust.load(tmp_path / "again", ac.model, progress=False).state_.cache["trust_thresholds"] == held
 
 
 # a port in use is said at once, before the model runs
@@ -394,7 +404,7 @@ def test_saved_thresholds_checked(tabular, tmp_path):
     ac.trust(tabular[2][:5])
     ac.save(tmp_path / "run")
     path = tmp_path / "run" / "manifest.json"
-    for bad, message in ((dict(false_alarm_rate=2.0), "trust thresholds out of range"),
+    for bad, message in ((dict(false_alarm_rate=2.0), "malformed trust thresholds .*out of range"),
                          (dict(signals="none"), "malformed trust thresholds")):
         m = json.loads(path.read_text())
         m["trust_thresholds"].update(bad)

@@ -35,6 +35,7 @@ from scipy.special import chdtrc, expit  # chdtrc: scipy.stats' chi2.sf, without
 from tqdm.auto import tqdm
 
 from . import surrogate
+from .saved import CALIBRATION, THRESHOLDS
 from ..exceptions import InvalidSaveError, ParameterError, TrustWarning
 from ..store.vectors import chunk_rows, take
 
@@ -274,7 +275,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     method = check_search(search)  # "auto" resolves per layer, by its width
     split = _held_out(state, calibration, k) if calibration is not None else _split(state, fraction, k)
     key = (int(k), float(fraction), layer_weights, method, split.digest, getattr(backend, "device", "cpu"))
-    cached = state.cache.get("trust")
+    cached = state.cache.get(CALIBRATION)
     if cached is not None and (cached.key == key or cached.restored and cached.key[:5] == key[:5]):
         _warn_notes(state, cached.notes)  # a calibration saved with the run says its notes once after load too
         return cached
@@ -343,8 +344,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     built.thresholds = false_alarm_thresholds(own_signals, right if split.true_labels else None,
                                               "a held-out split of the training data" if split.digest == "internal"
                                               else "held-out data")
-    state.cache["trust"] = built
-    state.cache["trust_thresholds"] = built.thresholds
+    state.cache[CALIBRATION] = built
+    state.cache[THRESHOLDS] = built.thresholds
     return built
 
 
@@ -395,7 +396,7 @@ _SAVED_PER_LAYER = ("cal_kth", "cal_nearest", "spread", "cal_ratio")
 def saved_calibration(state: FittedState) -> Optional[tuple]:
     """``(arrays, info)`` to keep trust's calibration with a saved run: arrays named ``trust/...`` and JSON values;
     ``None`` where there is none, or it was calibrated on a held-out query (the user's data, not the run's)."""
-    cal = state.cache.get("trust")
+    cal = state.cache.get(CALIBRATION)
     if cal is None or cal.key[4] != "internal":
         return None
     arrays = {"trust/cal_alpha": cal.cal_alpha.astype(np.float64)}
@@ -438,11 +439,11 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
         stack = _Stack(arr("trust/stack/mean", (f,)), arr("trust/stack/scale", (f,)), arr("trust/stack/coef", (f,)),
                        float(arr("trust/stack/intercept", (1,))[0]))
     key = (k, fraction, layer_weights, method, split.digest, info["device"])
-    state.cache["trust"] = _Calibration(key, _knn_weights(state, layer_weights), method, split.is_cal,
+    state.cache[CALIBRATION] = _Calibration(key, _knn_weights(state, layer_weights), method, split.is_cal,
                                         state.row_classes, arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
                                         per_layer["cal_nearest"], per_layer["spread"], per_layer["cal_ratio"], stack,
                                         False, tuple(str(n) for n in info["notes"]), None,
-                                        state.cache.get("trust_thresholds"), restored=True)
+                                        state.cache.get(THRESHOLDS), restored=True)
 
 
 def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: str,

@@ -313,12 +313,8 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
         }),
         "metadata": metadata,
     }
-    # Trust-chip thresholds of the last trust calibration, when there was one: kept so that every view
-    # of the run states the same false-alarm thresholds; absent otherwise.
-    if state.cache.get("trust_thresholds") is not None:
-        manifest["trust_thresholds"] = _jsonable(state.cache["trust_thresholds"])
     # What analyses keep with the run (trust's calibration on the run's own split: a loaded run does not search
-    # its calibration samples again, a minute or two at 1M samples)
+    # its calibration samples again, a minute or two at 1M samples; the thresholds of its chips)
     for key, (value, extra) in _check_kept(kept, manifest, arrays).items():
         arrays.update(extra)
         manifest[key] = _jsonable(value)
@@ -496,15 +492,13 @@ def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict 
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
-    if m.get("trust_thresholds") is not None:
-        state.cache["trust_thresholds"] = _thresholds(m["trust_thresholds"], path)
     for key, put_back in (restore or {}).items():
         if m.get(key) is None:
             continue
         try:
             put_back(state, arrays, m[key])
         except (KeyError, TypeError, ValueError, AttributeError, ParameterError, InvalidSaveError) as e:
-            raise InvalidSaveError(f"The saved run at {path} has a malformed {' '.join(key.split('_'))} "
+            raise InvalidSaveError(f"The saved run at {path} has malformed {' '.join(key.split('_'))} "
                                    f"({type(e).__name__}: {e}).") from None
     return state, params, m
 
@@ -563,17 +557,6 @@ def _verify(files: list, progress: bool) -> None:
                     "saving (or the disk damaged it). Restore the file or fit and save again; "
                     "load(..., verify=False) skips this check for runs you trust."
                 )
-
-
-def _thresholds(t, path) -> dict:
-    """The saved trust-chip thresholds, checked: a rate in (0, 1) and finite numbers per signal."""
-    try:
-        rate, signals = float(t["false_alarm_rate"]), {str(k): float(v) for k, v in t["signals"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise InvalidSaveError(f"The saved run at {path} has malformed trust thresholds.") from None
-    if not 0 < rate < 1 or not all(np.isfinite(v) for v in signals.values()):
-        raise InvalidSaveError(f"The saved run at {path} has trust thresholds out of range.")
-    return {**t, "false_alarm_rate": rate, "signals": signals}
 
 
 def check_model(state: FittedState, manifest: dict, adapter, path) -> None:
