@@ -54,7 +54,7 @@ from .surrogate import combine
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["Explanation", "explain", "prepare", "similar_weights", "SCHEMA", "DEFAULT_K"]
+__all__ = ["Explanation", "explain", "prepare", "find_similar", "similar_weights", "SCHEMA", "DEFAULT_K"]
 
 SCHEMA = "actclust.explanation/1"
 #: Similar training samples (under each preset) and cluster exemplars an explanation gives by default.
@@ -117,8 +117,16 @@ class Explanation:
 
 def similar_weights(state: FittedState, k: int) -> dict:
     """The weights of the two similar-sample presets an explanation shows, "low" and "high" (``k`` checked
-    too), searched together: by :func:`explain`, the explorer, and :meth:`ActivationClustering.prepare`."""
+    too): searched by :func:`find_similar`, built for by :func:`prepare`."""
     return {p: check_args(state, k, p)[1] for p in ("low", "high")}
+
+
+def find_similar(state: FittedState, q: Query, k: int, *, search: str = "auto", progress: bool = False,
+                 backend=None) -> dict:
+    """``{"low": Neighbours, "high": Neighbours}``: the similar training samples an explanation shows, searched
+    as :func:`prepare` prepares them (also by the explorer, so that it shows explain's neighbours)."""
+    return find(state, q, k, similar_weights(state, k), method=search, progress=progress, backend=backend,
+                shares=_SHARES)
 
 
 def check_class_names(state: FittedState, class_names) -> None:
@@ -169,8 +177,7 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
     prior = state.target_prior()
     exemplars = {l: [c.exemplars for c in concepts(state, l, k=k, n_edge=0, progress=progress, backend=backend)]
                  for l in state.layers}
-    near = find(state, q, k, similar_weights(state, k), method=search, progress=progress, backend=backend,
-                shares=_SHARES)
+    near = find_similar(state, q, k, search=search, progress=progress, backend=backend)
     options = _trust_options(state, trust)
     signals, notes, thresholds = None, None, None
     if options is not None:

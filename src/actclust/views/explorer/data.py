@@ -298,8 +298,7 @@ class Explorer:
 
     def _similar(self, i: int, progress: bool = False) -> dict:
         """Similar training samples of test input ``i`` under the "low" and "high" weights."""
-        from ...analysis import retrieval
-        from ...analysis.explanation import similar_weights
+        from ...analysis.explanation import find_similar
         from ...state import Query
 
         st, q = self.state, self.q
@@ -307,10 +306,8 @@ class Explorer:
                     distances={l: d[i:i + 1] for l, d in q.distances.items()},
                     vectors={l: v[i:i + 1] for l, v in q.vectors.items()}, labels=None)
         k = min(self.k, st.n_samples)
-        # as explain searches them (both at once, no layer shares): the same neighbours as its explanations, and
-        # the index calibrated as a prepared run keeps it
-        found = retrieval.search_many(st, one, k, similar_weights(st, k), method=self.ac.search, progress=progress,
-                                      backend=self.ac._backend(), shares=False)
+        # as explain searches them: the same neighbours as its explanations, from the index a prepared run keeps
+        found = find_similar(st, one, k, search=self.ac.search, progress=progress, backend=self.ac._backend())
         return {p: list(zip(nb.indices[0].tolist(), nb.distances[0].tolist())) for p, nb in found.items()}
 
     def select(self, show: str, sort: str, dnn: Optional[int] = None, sur: Optional[int] = None) -> np.ndarray:
