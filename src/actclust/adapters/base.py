@@ -16,8 +16,10 @@ import numpy as np
 
 from ..capture.arrays import dtype_name
 from ..exceptions import CaptureError, ParameterError
+from ..state import SUMMARY_SUFFIX
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "describe_inputs"]
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "keep_reduced",
+           "describe_inputs"]
 
 
 class LayerInfo(tuple):
@@ -166,6 +168,25 @@ def check_finite(a: np.ndarray, what: str, where: str) -> None:
             f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
             + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
         )
+
+
+def keep_reduced(out: dict, name: str, result, to_host: Callable) -> None:
+    """Put what a reducer gave for layer ``name`` into ``out`` on the host, through ``to_host``: its vectors, or a
+    ``(vectors, spatial summary)`` pair whose parts may be ``None`` (a fitting reducer keeps nothing; only 2-D maps
+    have a summary), the summary under ``name + SUMMARY_SUFFIX``."""
+    main, extra = result if isinstance(result, tuple) else (result, None)
+    if main is not None:
+        out[name] = to_host(main)
+    if extra is not None:
+        out[name + SUMMARY_SUFFIX] = to_host(extra)
+
+
+def check_captured(logits: np.ndarray, vectors: Mapping[str, np.ndarray], where: str) -> None:
+    """:func:`check_finite` of a batch's captured vectors, in their order (the order the layers ran: the first
+    layer that went bad is named), then of the model's output."""
+    for name, v in vectors.items():
+        check_finite(v, f"The activations of layer {name!r}", where)
+    check_finite(logits, "The model's output", where)
 
 
 def describe_inputs(inputs) -> str:

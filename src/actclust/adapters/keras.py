@@ -33,8 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, CaptureError, DataError, MissingDependencyError, ParameterError, \
     UnsupportedModelError
-from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_finite, describe_inputs
+from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -523,18 +522,8 @@ class _KerasRunner(Runner):
             t = np.asarray(t, dtype=np.float32)
             layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
             self.layouts.setdefault(name, layout)
-            main, extra = _pair(reduce(t, mask, layout=layout, ops=NUMPY))
-            if main is not None:
-                kept[name] = NUMPY.to_host(main)
-            if extra is not None:
-                kept[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
-        for name, v in kept.items():
-            check_finite(v, f"The activations of layer {name!r}", where)
-        check_finite(logits, "The model's output", where)
+            keep_reduced(kept, name, reduce(t, mask, layout=layout, ops=NUMPY), NUMPY.to_host)
+        check_captured(logits, kept, where)
         return logits, kept
-
-
-def _pair(r):
-    return r if isinstance(r, tuple) else (r, None)
 
 

@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_finite, describe_inputs
+from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -488,15 +488,9 @@ class _OnnxRunner(Runner):
                 raise CaptureError(f"Layer {name!r} gives {t.dtype} values; choose a floating tensor.")
             layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
             self.layouts.setdefault(name, layout)
-            result = reduce(t.astype(np.float32, copy=False), mask, layout=layout, ops=NUMPY)
-            main, extra = result if isinstance(result, tuple) else (result, None)
-            if main is not None:
-                out[name] = NUMPY.to_host(main)
-            if extra is not None:
-                out[name + SUMMARY_SUFFIX] = NUMPY.to_host(extra)
-        for name, v in out.items():
-            check_finite(v, f"The activations of layer {name!r}", where)
-        check_finite(logits, "The model's output", where)
+            keep_reduced(out, name, reduce(t.astype(np.float32, copy=False), mask, layout=layout, ops=NUMPY),
+                         NUMPY.to_host)
+        check_captured(logits, out, where)
         return logits, out
 
 

@@ -21,8 +21,7 @@ from torch import nn
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
-from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_finite, describe_inputs
+from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -337,19 +336,11 @@ class _TorchRunner(Runner):
                 self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None)
                                 for name, shape in self._shapes.items()}
             self._check_token_maps()
-        kept = {}  # fitting reducers keep nothing; a reducer may return (vectors, retrieval summary or None)
+        out = {}
         for name, t in self._out.items():
-            main, extra = t if isinstance(t, tuple) else (t, None)
-            if main is not None:
-                kept[name] = main
-            if extra is not None:
-                kept[name + SUMMARY_SUFFIX] = extra
-        out = {name: OPS.to_host(t) for name, t in kept.items()}
+            keep_reduced(out, name, t, OPS.to_host)
         logits = logits.detach().float().cpu().numpy()
-        # Checked here, not in the hooks: a data-dependent branch in a hook breaks torch.compile's graph.
-        for name in kept:  # execution order: the first layer that went bad is named
-            check_finite(out[name], f"The activations of layer {name!r}", where)
-        check_finite(logits, "The model's output", where)
+        check_captured(logits, out, where)  # here, not in the hooks: a data-dependent branch breaks torch.compile's graph
         return logits, out
 
     def _check_token_maps(self) -> None:
