@@ -134,6 +134,10 @@ def test_fixed_batch_size(exported, tmp_path):
                                   progress=False).fit(x[:100])
     with torch.no_grad():
         assert np.array_equal(ac.train_predictions_, model(torch.from_numpy(x[:100])).argmax(1).numpy())
+        # fewer inputs than the fixed batch: one padded slice, cut back to the inputs
+        assert np.array_equal(ac.predict(x[100:103]), model(torch.from_numpy(x[100:103])).argmax(1).numpy())
+    assert len(ac.explain(x[100:101])) == 1
+    assert {info.shape[0] for info in actclust.list_layers(str(path), x[:1]).values()} == {1}
 
 
 # a scikit-learn classifier converted with skl2onnx: its probabilities are read as the model's output

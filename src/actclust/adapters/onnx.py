@@ -388,7 +388,9 @@ class OnnxAdapter(ModelAdapter):
                 f"The model raised {type(e).__name__} on {where} ({describe_inputs(feeds)}): {str(e)[:500]} -- check that "
                 "the inputs have the shape, dtype and scaling the model was trained on."
             ) from e
-        values = [np.concatenate([p[i] for p in parts])[:n] if len(parts) > 1 else parts[0][i] for i in range(len(names))]
+        # the slices' outputs joined, and the rows of a padded last slice cut off (also where it was the only one)
+        values = [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(names))]
+        values = [v[:n] if isinstance(v, np.ndarray) and v.ndim else v for v in values]
         out = dict(zip(names, values))
         return {k: out[k] for k in self.outputs}, {l: out[l] for l in wanted}
 
