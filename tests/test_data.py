@@ -64,6 +64,13 @@ def test_dict_and_tuple_inputs():
     tup = ActivationClustering(model, ["fa", "out"], n_clusters=3, label_key=2, progress=False).fit(ds)
     assert np.array_equal(tup.train_predictions_, direct) and np.array_equal(tup.train_labels_, y)
     assert np.array_equal(tup.predict(ds), ac.predict({"a": a, "b": b}))
+    # inputs by keyword in another order: matched by name; other names or a missing one are refused
+    assert np.array_equal(ac.query({"b": b, "a": a}).dnn_pred, direct)
+    with pytest.raises(DataError, match=r"gives the model a dict of 2 inputs \['a', 'c'\], but the explainer was"):
+        ac.predict({"a": a, "c": b})
+    with pytest.raises(DataError, match=r"X\['b'\] has per-sample shape \(3,\) but the explainer was fitted on "
+                                        r"inputs of shape \(2,\)"):
+        ac.predict({"b": a, "a": a})
 
 
 # a tuple of three tensors is never guessed: the error says to set label_key

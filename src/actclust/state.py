@@ -54,12 +54,16 @@ class InputSpec:
 
     def check(self, got: "InputSpec", name: str) -> None:
         """Raise :class:`DataError`, saying what to change, if ``got`` cannot be what was fitted."""
-        if got.kind != self.kind or [k for k, _, _ in got.parts] != [k for k, _, _ in self.parts]:
+        keys, got_keys = [k for k, _, _ in self.parts], [k for k, _, _ in got.parts]
+        # inputs by keyword are matched by name, in any order; positional ones by position
+        if got.kind != self.kind or (sorted(got_keys) != sorted(keys) if self.kind == "dict" else got_keys != keys):
             raise DataError(
                 f"{name} gives the model {_describe(got)}, but the explainer was fitted on {_describe(self)}; "
                 "pass inputs of the same form."
             )
-        for (key, shape, dtype), (_, got_shape, got_dtype) in zip(self.parts, got.parts):
+        given = {k: (s, d) for k, s, d in got.parts}
+        for key, shape, dtype in self.parts:
+            got_shape, got_dtype = given[key]
             label = name if self.kind == "tensor" else f"{name}[{key!r}]"
             if _kind(dtype) != _kind(got_dtype):
                 raise DataError(
