@@ -64,6 +64,16 @@ def test_dict_and_tuple_inputs():
     tup = ActivationClustering(model, ["fa", "out"], n_clusters=3, label_key=2, progress=False).fit(ds)
     assert np.array_equal(tup.train_predictions_, direct) and np.array_equal(tup.train_labels_, y)
     assert np.array_equal(tup.predict(ds), ac.predict({"a": a, "b": b}))
+    # a tuple of arrays: the model's inputs in order, as a tuple batch of a dataset gives them
+    pos = ActivationClustering(model, ["fa", "out"], n_clusters=3, progress=False).fit((a, b), y)
+    assert np.array_equal(pos.train_predictions_, direct) and np.array_equal(pos.predict((a, b)), tup.predict(ds))
+    assert len(pos.explain((a[:2], b[:2]), trust=False)) == 2
+    for bad, match in (([a, b], "got a list: convert a list of samples with np.asarray first, or pass a model's "
+                                "inputs as a tuple"),
+                       ((a, "b"), "got a tuple that holds other values than arrays"), ((), "got an empty tuple"),
+                       ((a, b[:10]), r"The arrays of X differ in length: \{'0': 50, '1': 10\}")):
+        with pytest.raises(DataError, match=match):
+            pos.predict(bad)
     # inputs by keyword in another order: matched by name; other names or a missing one are refused
     assert np.array_equal(ac.query({"b": b, "a": a}).dnn_pred, direct)
     with pytest.raises(DataError, match=r"gives the model a dict of 2 inputs \['a', 'c'\], but the explainer was"):

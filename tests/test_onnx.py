@@ -121,6 +121,10 @@ def test_several_inputs(tmp_path):
     with torch.no_grad():
         direct = model(torch.from_numpy(a), torch.from_numpy(b)).argmax(1).numpy()
     assert np.array_equal(by_name.train_predictions_, direct)
+    # a tuple in the graph's order, and a dict in any order
+    by_position = ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit((a, b))
+    assert np.array_equal(by_position.train_predictions_, direct)
+    assert np.array_equal(by_name.query({"b": b, "a": a}).dnn_pred, direct)
     with pytest.raises(DataError, match=r"The ONNX model's inputs are \['a', 'b'\]; the batch has \['a', 'c'\]"):
         ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit({"a": a, "c": b})
 

@@ -133,12 +133,17 @@ class Batches:
         self._y = None if y is None else as_labels(y)
         data = self._from_pandas(data)
         self._array = self._columns = self._source = None
-        if isinstance(data, (list, tuple, str, bytes)):
+        if isinstance(data, tuple) and data and all(is_array(v) for v in data):  # a model's inputs by position
+            self._columns = tuple(_columns(dict(enumerate(data)), name).values())
+            self.n_samples = batch_len(self._columns)
+        elif isinstance(data, (list, tuple, str, bytes)):
             raise DataError(
-                f"{name} must be an array (NumPy or a framework's tensor), a pandas DataFrame, a dict of arrays or a "
-                f"dataset; got a {type(data).__name__}." + (" Convert it with np.asarray first."
-                                                               if isinstance(data, (list, tuple)) else ""))
-        if isinstance(data, Mapping):
+                f"{name} must be an array (NumPy or a framework's tensor), a pandas DataFrame, a dict of arrays, a tuple "
+                f"of arrays (a model's inputs in order) or a dataset; got "
+                + ("a list: convert a list of samples with np.asarray first, or pass a model's inputs as a tuple."
+                   if isinstance(data, list) else "a tuple that holds other values than arrays."
+                   if isinstance(data, tuple) and data else f"an empty {type(data).__name__}."))
+        elif isinstance(data, Mapping):
             self._columns = _columns(data, name)
             self.n_samples = batch_len(self._columns)
         elif is_array(data):
@@ -187,6 +192,8 @@ class Batches:
                 stop = min(start + self.batch_size, self.n_samples)
                 if self._array is not None:
                     inputs = self._array[start:stop]
+                elif isinstance(self._columns, tuple):
+                    inputs = tuple(v[start:stop] for v in self._columns)
                 else:
                     inputs = {k: v[start:stop] for k, v in self._columns.items()}
                 yield Batch(inputs, self._labels(start, stop), start)
@@ -232,6 +239,8 @@ def length(data) -> int:
         return len(next(iter(data.values())))
     if is_array(data):
         return int(data.shape[0])
+    if isinstance(data, tuple) and data and all(is_array(v) for v in data):
+        return length(data[0])
     source = _loader_source(data, 1, "data")
     if source is not None and source.n_samples is not None:
         return source.n_samples
@@ -247,6 +256,8 @@ def take(data, idx):
         return {k: take(v, idx) for k, v in data.items()}
     if is_array(data):
         return take_rows(data, idx)
+    if isinstance(data, tuple) and data and all(is_array(v) for v in data):
+        return tuple(take(v, idx) for v in data)
     source = _loader_source(data, 1, "data")
     if source is not None:
         return source.take(idx)
