@@ -220,3 +220,28 @@ def test_describe():
     assert describe(r, "channels_last", (8, 5, 5, 3)) == "mean over height and width"
     assert describe(make_reducer("grid:2"), "channels_first", (8, 3, 5, 5)) == "grid:2"
     assert describe(r, "tokens", (8, 12, 16)) == "mean over the tokens the attention mask keeps"
+
+
+# PyTorch: a 3-axis map is channels-first where a 1-D convolution, pooling or normalisation makes it, also after
+# element-wise modules that keep it (ReLU, Dropout: they ran as token maps, averaged over the channels); other
+# modules' 3-axis outputs (an Embedding's, a Linear's on tokens, and element-wise ones after them) are token maps
+def test_torch_layouts_follow_element_wise_modules():
+    import actclust
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.1), nn.Conv1d(8, 16, 3, padding=1),
+                         nn.Sequential(nn.GELU()), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 2)).eval()
+    shown = actclust.list_layers(conv, torch.randn(2, 1, 40))
+    assert {n: i.layout for n, i in shown.items() if len(i) == 3} == {n: "channels_first" for n in "012345"} | {
+        "4.0": "channels_first"}
+    x = torch.randn(30, 1, 40)
+    ac = actclust.ActivationClustering(conv, ["1", "4"], n_clusters=3, progress=False).fit(x)
+    with torch.no_grad():
+        relu = torch.relu(conv[0](x)).mean(2).numpy()
+    relu /= np.linalg.norm(relu, axis=1, keepdims=True)  # normalize="l2", the default
+    np.testing.assert_allclose(ac.train_vectors_["1"], relu, rtol=1e-5, atol=1e-6)
+    assert ac.train_vectors_["4"].shape == (30, 16)
+    tokens = nn.Sequential(nn.Embedding(10, 6), nn.ReLU(), nn.Linear(6, 5), nn.GELU(), nn.Dropout(0.1)).eval()
+    shown = actclust.list_layers(tokens, torch.randint(0, 10, (2, 7)))
+    assert {n: i.layout for n, i in shown.items()} == {n: "tokens" for n in "01234"}

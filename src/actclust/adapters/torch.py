@@ -32,6 +32,11 @@ MASK_KEY = "attention_mask"
 _CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,
                       nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 
+#: Modules that keep their input's shape and layout, value by value (activations, dropout): their map is read as
+#: the one before them is.
+_ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *nn.modules.dropout.__all__, "Identity")
+                     if n != "MultiheadAttention")
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while True:
@@ -106,10 +111,21 @@ class TorchAdapter(ModelAdapter):
         if rank >= 4:
             return "channels_first"
         module = self.modules().get(layer)
-        leaves = [m for m in module.modules() if not list(m.children())] if module is not None else []
-        last = leaves[-1] if leaves else module
-        return "channels_first" if isinstance(module, _CHANNELS_FIRST_1D) or isinstance(last, _CHANNELS_FIRST_1D) \
-            else "tokens"
+        if module is None:
+            return "tokens"
+        if isinstance(module, _CHANNELS_FIRST_1D):
+            return "channels_first"
+        # the module's last leaf decides; an element-wise one (ReLU after a Conv1d) keeps the layout of the leaf
+        # before it, in the order the modules are defined (a Sequential's: the order they run)
+        leaves = [m for m in self.inner.modules() if not list(m.children())]
+        own = [m for m in module.modules() if not list(m.children())]
+        at = next((i for i, m in enumerate(leaves) if m is (own[-1] if own else module)), None)
+        for m in reversed(leaves[:at + 1] if at is not None else own[-1:] or [module]):
+            if isinstance(m, _CHANNELS_FIRST_1D):
+                return "channels_first"
+            if not isinstance(m, _ELEMENTWISE):
+                return "tokens"
+        return "tokens"
 
     def modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.inner.named_modules() if n}
