@@ -126,3 +126,32 @@ def test_list_layers(model, data):
     assert shapes["conv"] == (5, 4, 6, 6) and shapes["fc2"] == (5, 3) and "unused" not in shapes
     assert hook_count(model) == 0
     assert actclust.list_layers is list_layers
+
+
+class _Recurrent(nn.Module):
+    """Token ids -> an LSTM over time -> logits from its last state; ``batch_first`` as given."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb, self.lstm, self.fc = nn.Embedding(30, 8), nn.LSTM(8, 12, batch_first=batch_first), nn.Linear(12, 2)
+
+    def forward(self, x):
+        e = self.emb(x)
+        _, (h, _) = self.lstm(e if self.batch_first else e.transpose(0, 1))
+        return self.fc(h[-1])
+
+
+# a layer whose output is not one row per input (an LSTM without batch_first gives (T, N, H)) is refused, naming
+# the layer, also where its sequences are as long as the batch (every batch then matches on the first axis)
+@pytest.mark.parametrize("batch_size", [10, 16])
+def test_sequence_first_layer_refused(batch_size):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (40, 10))  # 10 steps: batches of 10 take the time axis for the batch one
+    with pytest.raises(CaptureError, match=r"The layer 'lstm' output shape \(10, \d+, 12\) for a batch of \d+: not one "
+                                           r"row per sample \(a sequence-first output, as nn.LSTM"):
+        ActivationClustering(_Recurrent(False).eval(), ["lstm", "fc"], n_clusters=2, batch_size=batch_size,
+                             progress=False).fit(ids)
+    ac = ActivationClustering(_Recurrent(True).eval(), ["lstm", "fc"], n_clusters=2, batch_size=batch_size,
+                              progress=False).fit(ids)
+    assert ac.train_vectors_["lstm"].shape == (40, 12)

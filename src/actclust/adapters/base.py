@@ -18,7 +18,8 @@ from ..capture.arrays import dtype_name
 from ..exceptions import CaptureError, ParameterError
 from ..state import SUMMARY_SUFFIX
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "keep_reduced",
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
+           "keep_reduced",
            "describe_inputs"]
 
 
@@ -167,6 +168,15 @@ def check_finite(a: np.ndarray, what: str, where: str) -> None:
         raise CaptureError(
             f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
             + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
+        )
+
+
+def check_rows(name: str, shape: tuple, n: int, hint: str = "") -> None:
+    """:class:`CaptureError` unless layer ``name``'s output of ``shape`` holds one row per input of a batch of ``n``."""
+    if len(shape) == 0 or shape[0] != n:
+        raise CaptureError(
+            f"The layer {name!r} output shape {tuple(shape)} for a batch of {n}: not one row per sample{hint}. "
+            "Choose a layer whose output has the batch axis first."
         )
 
 

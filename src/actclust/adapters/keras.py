@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, CaptureError, DataError, MissingDependencyError, ParameterError, \
     UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
+from .base import ModelAdapter, Runner, check_captured, check_rows, describe_inputs, keep_reduced
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -514,11 +514,7 @@ class _KerasRunner(Runner):
         kept = {}
         for name, reduce in self.reducers.items():
             t = taps[name]
-            if t.ndim == 0 or t.shape[0] != n:
-                raise CaptureError(
-                    f"The layer {name!r} output shape {tuple(t.shape)} for a batch of {n}: not one row per sample. "
-                    "Choose a layer whose output has the batch axis first."
-                )
+            check_rows(name, tuple(t.shape), n)
             t = np.asarray(t, dtype=np.float32)
             layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
             self.layouts.setdefault(name, layout)

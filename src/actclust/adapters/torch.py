@@ -21,7 +21,7 @@ from torch import nn
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
+from .base import ModelAdapter, Runner, check_captured, check_rows, describe_inputs, keep_reduced
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -346,8 +346,11 @@ class _TorchRunner(Runner):
                 f"The layer(s) {missing} did not run in the forward pass, so nothing was captured. "
                 "Choose modules that the model's forward() calls."
             )
+        for name, shape in self._shapes.items():
+            check_rows(name, tuple(shape), n, _SEQUENCE_FIRST)
         if not self._checked:
             self._checked = True
+            self._check_batch_axes(inputs, where, n)
             if not self.fixed:
                 self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None)
                                 for name, shape in self._shapes.items()}
@@ -358,6 +361,22 @@ class _TorchRunner(Runner):
         logits = logits.detach().float().cpu().numpy()
         check_captured(logits, out, where)  # here, not in the hooks: a data-dependent branch breaks torch.compile's graph
         return logits, out
+
+    def _check_batch_axes(self, inputs, where: str, n: int) -> None:
+        """A 3-axis output whose first two axes both have the batch's length (an ``nn.LSTM`` without ``batch_first``
+        whose sequences are as long as the batch) may be sequence-first: at fit (a query reads the layers fit
+        checked), run ``n - 1`` of the inputs once and see which axis follows the batch."""
+        doubtful = [name for name, shape in self._shapes.items() if len(shape) == 3 and shape[1] == n > 1]
+        if not doubtful or self.fixed:
+            return
+        out, shapes = self._out, self._shapes
+        try:
+            self._forward(self.adapter.model if not self._eager else self.adapter.inner, _head(inputs, n - 1), where,
+                          n - 1)
+            for name in doubtful:
+                check_rows(name, tuple(self._shapes.get(name, ())), n - 1, _SEQUENCE_FIRST)
+        finally:
+            self._out, self._shapes = out, shapes
 
     def _check_token_maps(self) -> None:
         """Warn when a token map (N, T, D) of a masked batch is read as a channels-first map (a run saved
@@ -385,6 +404,19 @@ class _TorchRunner(Runner):
                 f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {e} -- check that "
                 "the inputs have the shape, dtype and scaling the model was trained on."
             ) from e
+
+
+_SEQUENCE_FIRST = (" (a sequence-first output, as nn.LSTM, nn.GRU and nn.MultiheadAttention give without "
+                   "batch_first=True?)")
+
+
+def _head(inputs, m: int):
+    """The first ``m`` inputs of a batch (a tensor, or a tuple or dict of them; other values as they are)."""
+    if isinstance(inputs, Mapping):
+        return {k: _head(v, m) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_head(v, m) for v in inputs)
+    return inputs[:m] if getattr(inputs, "ndim", 0) and hasattr(inputs, "__getitem__") else inputs
 
 
 def _check_logits(logits, n: int, custom: bool) -> None:
