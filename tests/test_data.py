@@ -41,6 +41,15 @@ def test_dataframe_equals_its_array():
     assert b.state_.input_spec.feature_names == ("age", "bmi", "bp", "s1")
     df64 = df.astype("float64")  # a float64 table is taken as the model's float32
     assert np.array_equal(b.predict(df64), a.predict(x))
+    assert np.array_equal(b.predict(x), a.predict(x))  # its array: read by position, as fitted
+    # columns are read by position: another order or other names would give silently wrong answers, so they are
+    # refused, saying what to pass
+    with pytest.raises(DataError, match=r"X's columns are the training inputs' in another order, and the model reads "
+                                        r"them by position: select them in the fitted order, X\[\['age', 'bmi', 'bp', 's1'\]\]"):
+        b.predict(df[["bmi", "age", "bp", "s1"]])
+    with pytest.raises(DataError, match=r"X's columns differ from the training inputs': missing \['bp'\]; not fitted "
+                                        r"\['BP'\]. Pass the fitted columns, \['age', 'bmi', 'bp', 's1'\], in that order"):
+        b.predict(df.rename(columns={"bp": "BP"}))
 
 
 # a DataFrame with text columns says which columns to encode

@@ -61,6 +61,18 @@ class InputSpec:
                 f"{name} gives the model {_describe(got)}, but the explainer was fitted on {_describe(self)}; "
                 "pass inputs of the same form."
             )
+        if self.feature_names is not None and got.feature_names is not None and got.feature_names != self.feature_names:
+            fitted, names = list(self.feature_names), list(got.feature_names)
+            if sorted(fitted) == sorted(names):
+                raise DataError(
+                    f"{name}'s columns are the training inputs' in another order, and the model reads them by position: "
+                    f"select them in the fitted order, {name}[{_names(fitted)}] (ac.state_.input_spec.feature_names).")
+            missing, extra = [c for c in fitted if c not in names], [c for c in names if c not in fitted]
+            raise DataError(
+                f"{name}'s columns differ from the training inputs': "
+                + "; ".join(part for part in (f"missing {_names(missing)}" if missing else "",
+                                              f"not fitted {_names(extra)}" if extra else "") if part)
+                + f". Pass the fitted columns, {_names(fitted)}, in that order.")
         given = {k: (s, d) for k, s, d in got.parts}
         for key, shape, dtype in self.parts:
             got_shape, got_dtype = given[key]
@@ -77,6 +89,12 @@ class InputSpec:
                     f"{label} has per-sample shape {got_shape} but the explainer was fitted on inputs of shape "
                     f"{shape}: pass inputs of that shape{hint}."
                 )
+
+
+def _names(names: list, most: int = 8) -> str:
+    """A list of column names for a message, its middle left out past ``most``."""
+    shown = [repr(str(n)) for n in names[:most]] + ([f"... ({len(names) - most} more)"] if len(names) > most else [])
+    return "[" + ", ".join(shown) + "]"
 
 
 def _kind(dtype: str) -> str:
