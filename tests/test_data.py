@@ -260,3 +260,29 @@ def test_inputs_unlike_the_training_data_warn(model):
         ac.score(raw[400:])
     with pytest.warns(actclust.DataWarning, match=r"of the values of X lie outside the training inputs' range"):
         ac.score(-test)  # mean and spread as in training, but mirrored: skewed the other way
+
+
+# features that are mostly one value (the digits' border pixels: some constant in training, some nonzero in 1% of
+# the images) move by chance in a few hundred inputs: a held-out split and training rows themselves get no warning,
+# while a spread halved on every feature still gets one
+def test_sparse_features_do_not_warn():
+    import warnings
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.data / 16).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=0.25, random_state=0, stratify=d.target)
+    assert ((x_tr > 0).mean(0) == 0).any() and (((x_tr > 0).mean(0) > 0) & ((x_tr > 0).mean(0) < 0.02)).any()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    ac = ActivationClustering(net, ["1", "2"], n_clusters=5, progress=False).fit(x_tr, y_tr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ac.score(x_te, y_te)
+        ac.score(x_tr[:300], y_tr[:300])
+    squeezed = (x_te - x_tr.mean(0)) * 0.4 + x_tr.mean(0)
+    with pytest.warns(actclust.DataWarning, match=r"X feature \d+ has mean \S+ and standard deviation \S+, where the "
+                                                  r"training inputs had"):
+        ac.score(squeezed, y_te)

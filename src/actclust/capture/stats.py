@@ -26,7 +26,11 @@ MAX_ROWS = 8192
 _MAX_CHANNELS = 4096  # wider inputs are summarised as one channel
 _MEAN_Z = 6.0  # a mean further than this many standard errors of the per-sample means ...
 _MEAN_MIN_SHIFT = 0.25  # ... and than this share of the values' standard deviation departs
-_STD_RATIO = 2.0  # a standard deviation more than twice or less than half the training one departs
+_STD_RATIO = 2.0  # a standard deviation more than twice or less than half the training one departs ...
+#: ... and further from it than this many standard errors of a variance estimated from that many samples (the
+#: training values' fourth moment says how far a variance moves by chance: far for a feature that is mostly one value,
+#: a rare pixel of the digits' border, which warned on held-out digits and on training digits themselves)
+_STD_Z = 4.0
 _MIN_ROWS_FOR_STD = 16
 _OUTSIDE_SHARE = 0.005  # more than 0.5% of values outside the training range (widened by 5%) departs
 
@@ -36,7 +40,7 @@ class _Part:
 
     def __init__(self, axis: int):
         self.axis, self.n = axis, 0
-        self.sum = self.sumsq = self.msum = self.msumsq = self.lo = self.hi = None
+        self.sum = self.sumsq = self.sum3 = self.sum4 = self.msum = self.msumsq = self.lo = self.hi = None
         self.count = 0  # values per channel seen
         self.table = False
         self.outside = 0  # values outside a reference range (comparison only)
@@ -53,16 +57,17 @@ class _Part:
         if x.shape[1] > _MAX_CHANNELS:
             x = x.reshape(x.shape[0], 1, -1)
         per_sample = x.mean(2)
-        parts = (x.sum((0, 2)), (x ** 2).sum((0, 2)), per_sample.sum(0), (per_sample ** 2).sum(0),
-                 x.min((0, 2)), x.max((0, 2)))
+        x2 = x ** 2
+        parts = (x.sum((0, 2)), x2.sum((0, 2)), (x2 * x).sum((0, 2)), (x2 * x2).sum((0, 2)), per_sample.sum(0),
+                 (per_sample ** 2).sum(0), x.min((0, 2)), x.max((0, 2)))
         if self.sum is None:
-            self.sum, self.sumsq, self.msum, self.msumsq, self.lo, self.hi = parts
+            self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq, self.lo, self.hi = parts
         elif parts[0].shape != self.sum.shape:
             return  # another width (variable-length inputs): the first batches' statistics stand
         else:
-            self.sum, self.sumsq, self.msum, self.msumsq = (a + b for a, b in zip(
-                (self.sum, self.sumsq, self.msum, self.msumsq), parts[:4]))
-            self.lo, self.hi = np.minimum(self.lo, parts[4]), np.maximum(self.hi, parts[5])
+            self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq = (a + b for a, b in zip(
+                (self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq), parts[:6]))
+            self.lo, self.hi = np.minimum(self.lo, parts[6]), np.maximum(self.hi, parts[7])
         self.n += x.shape[0]
         self.count += x.shape[0] * x.shape[2]
         if ref is not None and len(ref["lo"]) == x.shape[1]:
@@ -73,10 +78,13 @@ class _Part:
     def summary(self) -> dict:
         mean = self.sum / self.count
         std = np.sqrt(np.maximum(self.sumsq / self.count - mean ** 2, 0))
+        e2, e3, e4 = self.sumsq / self.count, self.sum3 / self.count, self.sum4 / self.count
+        m4 = np.maximum(e4 - 4 * mean * e3 + 6 * mean ** 2 * e2 - 3 * mean ** 4, 0)  # central fourth moment
         mmean = self.msum / self.n
         mstd = np.sqrt(np.maximum(self.msumsq / self.n - mmean ** 2, 0))
         return {"n": int(self.n), "axis": int(self.axis), "mean": mean.tolist(), "std": std.tolist(),
-                "sample_mean_std": mstd.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(), "table": bool(self.table)}
+                "sample_mean_std": mstd.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(), "table": bool(self.table),
+                "m4": m4.tolist()}
 
 
 def _parts(inputs) -> list:
@@ -138,9 +146,20 @@ class InputStats:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(std_t > 0, std_q / std_t, np.where(std_q > 0, np.inf, 1.0))
             channel = "feature" if ref.get("table") else "channel"
-            bad_mean = np.flatnonzero(shift > tolerance + 1e-12)
-            bad_std = (np.flatnonzero((ratio > _STD_RATIO) | (ratio < 1 / _STD_RATIO))
-                       if got["n"] >= _MIN_ROWS_FOR_STD else np.empty(0, int))
+            # a feature constant in training (a border pixel) moves in no mean or deviation a few inputs could judge:
+            # the share of values outside the training range (below) judges it
+            varying = std_t > 0
+            bad_mean = np.flatnonzero((shift > tolerance + 1e-12) & varying)
+            far = (ratio > _STD_RATIO) | (ratio < 1 / _STD_RATIO)
+            if ref.get("m4") is not None and len(ref["m4"]) == len(std_t):  # (runs saved before: the ratio alone)
+                # the standard errors of both variances, from the fourth moments (the larger one for the query's: a
+                # sparse feature's few values move it), every sample counted once (one image's pixels are not
+                # independent)
+                m4_t, m4_q = np.asarray(ref["m4"]), np.asarray(got["m4"])
+                se = np.sqrt(np.maximum(m4_t - std_t ** 4, 0) / max(ref["n"], 1)
+                             + np.maximum(np.maximum(m4_t, m4_q) - std_q ** 4, 0) / max(got["n"], 1))
+                far &= np.abs(std_q ** 2 - std_t ** 2) > _STD_Z * se
+            bad_std = np.flatnonzero(far & varying) if got["n"] >= _MIN_ROWS_FOR_STD else np.empty(0, int)
             outside = part.outside / max(part.count * len(part.sum), 1)
             for c in sorted(set(bad_mean.tolist()) | set(bad_std.tolist()))[:1]:
                 where = f" {channel} {c}" if len(mean_t) > 1 else ""
