@@ -270,3 +270,26 @@ def test_reductions_in_the_graph(trained_digits_cnn, tmp_path, monkeypatch, layo
     on_host = ActivationClustering(str(path), layers, n_clusters=4, progress=False).fit(x)
     for key in on_host.train_vectors_:
         np.testing.assert_allclose(in_graph.train_vectors_[key], on_host.train_vectors_[key], rtol=1e-4, atol=1e-5)
+
+
+# tensor names may hold ':' (tf2onnx's 'dense/BiasAdd:0'): a layer named after another one plus ':grid', where
+# actclust keeps that one's spatial summary, is refused instead of overwriting it (which broke similar and explain)
+def test_layer_named_like_a_summary():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["feat"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["feat"], ["feat:grid"]), helper.make_node("GlobalAveragePool", ["feat:grid"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]), helper.make_node("MatMul", ["flat", "wo"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "wo")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    x = rng.normal(size=(200, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(ParameterError, match="The layers 'feat' and 'feat:grid' cannot both be in 'layers': actclust "
+                                             "keeps the spatial summary of a layer under its name followed by ':grid'"):
+        ActivationClustering(proto, ["feat", "feat:grid"], n_clusters=4, progress=False).fit(x)
+    ac = ActivationClustering(proto, ["feat:grid", "gap"], n_clusters=4, progress=False).fit(x)  # alone: fine
+    assert ac.similar(x[:2]).indices.shape == (2, 10)

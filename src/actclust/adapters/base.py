@@ -104,6 +104,12 @@ class ModelAdapter(abc.ABC):
             if canonical in out:
                 raise ParameterError(f"The layer {name!r} is listed twice in {what}.")
             out.append(canonical)
+        clash = next((l for l in out if l.endswith(SUMMARY_SUFFIX) and l[:-len(SUMMARY_SUFFIX)] in out), None)
+        if clash is not None:  # the vectors of one would overwrite the other's spatial summary
+            raise ParameterError(
+                f"The layers {clash[:-len(SUMMARY_SUFFIX)]!r} and {clash!r} cannot both be in {what}: actclust keeps "
+                f"the spatial summary of a layer under its name followed by {SUMMARY_SUFFIX!r}. Choose one of them, "
+                "or another tensor next to it.")
         return out
 
     def canonical(self, name: str) -> str:
