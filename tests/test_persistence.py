@@ -302,3 +302,34 @@ def test_plain_run_loads_without_trust(fitted, tmp_path):
             f"ac.save({str(tmp_path / 'again')!r}); print('actclust.analysis.trust' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+# a prepared run loaded and saved again (elsewhere, or over itself) keeps every index it holds, also those it has not
+# opened yet, and its calibration: the run saved again answers without building anything
+def test_resaved_prepared_run_keeps_its_indexes(tmp_path, monkeypatch):
+    import os
+
+    from torch import nn
+
+    from actclust.analysis import indexes
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((760, 6)).astype(np.float32), rng.integers(0, 3, 760)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    ActivationClustering(net, ["1", "2"], n_clusters=3, search="approximate", progress=False).fit(x[:700], y[:700]) \
+        .prepare().save(tmp_path / "run")
+    files = sorted(os.listdir(tmp_path / "run"))
+    assert len([f for f in files if f.startswith("index_")]) == 6  # the similar-sample index and two trust indexes
+    loaded = actclust.load(tmp_path / "run", net, progress=False)
+    loaded.explain(x[700:702], trust=False)  # opens the similar-sample index (nothing new calibrated); trust's stay shut
+    loaded.save(tmp_path / "again")
+    loaded.save(tmp_path / "run", overwrite=True)
+    assert sorted(os.listdir(tmp_path / "again")) == files == sorted(os.listdir(tmp_path / "run"))
+    built = []
+    monkeypatch.setattr(indexes.ApproximateIndex, "_build", lambda self, *a: built.append(1))
+    for folder in ("again", "run"):
+        back = actclust.load(tmp_path / folder, net, progress=False)
+        assert back.state_.cache["trust"].restored
+        assert back.explain(x[700:], trust=True)[0].trust is not None
+    assert built == []

@@ -311,11 +311,25 @@ def _token(state: FittedState, space: str) -> str:
 def saved_index_files(state: FittedState) -> dict:
     """The approximate indexes built so far, as files to keep with a saved run (``files=`` of
     :func:`actclust.io.persistence.save`): each is then read back memory-mapped, not rebuilt."""
-    files = {}
+    files, opened = {}, set()
     for key, index in state.cache.get("retrieval", {}).items():
         if len(key) == 3 and key[1] == "approximate":
             files.update(index_files(index, _token(state, key[0])))
+            opened.add(key[0])
+    # those a loaded run holds but has not opened yet: copied as they are (a run loaded and saved again keeps them)
+    for space, paths in state.cache.get("saved_indexes", {}).items():
+        if space not in opened:
+            files.update({f"index_{_token(state, space)}-{{sha}}.{p.name.rsplit('.', 1)[1]}": _copy_of(p) for p in paths})
     return files
+
+
+def _copy_of(path):
+    """``write -> None`` streaming the file at ``path`` (a ``files=`` entry of a save)."""
+    def copy(write):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                write(block)
+    return copy
 
 
 def attach_saved_indexes(state: FittedState, path, names) -> None:
