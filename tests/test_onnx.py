@@ -293,3 +293,18 @@ def test_layer_named_like_a_summary():
         ActivationClustering(proto, ["feat", "feat:grid"], n_clusters=4, progress=False).fit(x)
     ac = ActivationClustering(proto, ["feat:grid", "gap"], n_clusters=4, progress=False).fit(x)  # alone: fine
     assert ac.similar(x[:2]).indices.shape == (2, 10)
+
+
+# the command line on a model file: no warning about --weights (the file holds them; --weights is refused for it)
+def test_cli_fit_on_a_model_file_says_nothing_of_weights(exported, tmp_path, capsys):
+    from actclust.cli import main
+
+    _, path, x = exported
+    np.savez(tmp_path / "d.npz", x=x)
+    fit = ["fit", str(path), "--layers", "/fc1/Gemm_output_0", "--data", str(tmp_path / "d.npz"), "--n-clusters", "3",
+           "--quiet", "--no-prepare"]
+    assert main(fit + ["--out", str(tmp_path / "run")]) == 0
+    assert "--weights" not in capsys.readouterr().err
+    torch.save({}, tmp_path / "w.pt")
+    assert main(fit + ["--out", str(tmp_path / "run2"), "--weights", str(tmp_path / "w.pt")]) == 2
+    assert "--weights is for a model built by package.module:callable" in capsys.readouterr().err

@@ -201,6 +201,7 @@ def _demo(args) -> int:
 
 def _fit(args) -> int:
     from .. import ActivationClustering
+    from ..adapters import adapt
     from ..io.persistence import check_writable
 
     # Every option is checked here, in option terms, before the model is built and the long fit
@@ -223,7 +224,9 @@ def _fit(args) -> int:
     if args.posterior == "label" and y is None:
         raise ParameterError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
                          "add y to the .npz, or use --posterior prediction.")
-    if not args.weights:  # said once the inputs are known good, just before the long fit
+    # said once the inputs are known good, just before the long fit; only of a PyTorch model built by a callable
+    # (a model file, or a Keras model a callable builds, holds its weights: --weights is refused for them)
+    if not args.weights and not is_model_file(args.model) and adapt(model).framework == "torch":
         warn(args, f"no --weights given: {args.model} is used with the weights it gives the model (untrained, "
                     "unless it loads trained ones itself). To explain your trained model, save its state dict, e.g. "
                     "torch.save(model.state_dict(), 'model.pt'), and add --weights model.pt.")
