@@ -127,6 +127,9 @@ def test_several_inputs(tmp_path):
     assert np.array_equal(by_name.query({"b": b, "a": a}).dnn_pred, direct)
     with pytest.raises(DataError, match=r"The ONNX model's inputs are \['a', 'b'\]; the batch has \['a', 'c'\]"):
         ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit({"a": a, "c": b})
+    with pytest.raises(DataError, match=r"The ONNX model takes 2 inputs \['a', 'b'\], and X is a single array: pass a "
+                                        r"dict of arrays by input name, or a tuple in that order"):
+        ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit(a)
 
 
 # a model exported without a dynamic batch axis runs in slices of its batch size, with a warning
@@ -161,6 +164,11 @@ def test_scikit_learn_probabilities():
     assert np.array_equal(ac.train_predictions_, clf.predict(x))
     q = ac.query(x[:5])
     np.testing.assert_allclose(q.dnn_proba, clf.predict_proba(x[:5]), atol=1e-5)  # softmax(log p) = p
+    # converted with its default ZipMap: the probabilities as a sequence of maps are no layer (not listed, and
+    # listing the layers' shapes on a sample does not fail on them)
+    zipped = skl2onnx.convert_sklearn(clf, initial_types=[("x", FloatTensorType([None, 4]))])
+    assert "output_probability" not in actclust.list_layers(zipped)
+    assert hidden in actclust.list_layers(zipped, x[:2]) and "output_probability" not in actclust.list_layers(zipped, x[:2])
 
 
 # a map transposed to channels-last (as tf2onnx exports TensorFlow models) is read channels-last

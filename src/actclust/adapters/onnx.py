@@ -117,7 +117,11 @@ class OnnxAdapter(ModelAdapter):
         except Exception:  # shape inference is a help, not a requirement
             inferred = g
         self.types = {}  # tensor -> (elem_type, shape with None for unknown dims)
+        not_tensors = set()  # values of other types: sequences, maps (skl2onnx's ZipMap probabilities)
         for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+            if vi.type.HasField("sequence_type") or vi.type.HasField("map_type") or vi.type.HasField("optional_type"):
+                not_tensors.add(vi.name)
+                continue
             t = vi.type.tensor_type
             dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
             self.types[vi.name] = (t.elem_type, dims)
@@ -135,7 +139,7 @@ class OnnxAdapter(ModelAdapter):
                 if o:
                     self.producer[o] = node
                     elem = self.types.get(o, (None, None))[0]
-                    if elem in (None, 0) or elem in _FLOAT_TYPES:
+                    if o not in not_tensors and (elem in (None, 0) or elem in _FLOAT_TYPES):
                         names.append(o)
             if node.name and node.output and node.output[0]:
                 node_names[node.name] = node.output[0]
@@ -196,24 +200,27 @@ class OnnxAdapter(ModelAdapter):
         return -1 if len(dims) == 4 and self._input_layout(first, 4) == "channels_last" else 1
 
     # ---------------------------------------------------------------- inputs
-    def feeds(self, inputs) -> dict:
-        """The session's inputs by name, cast to the graph's element types."""
+    def _named(self, inputs) -> dict:
+        """The batch's inputs by the graph's input names, refused where they are not the graph's inputs."""
         if isinstance(inputs, Mapping):
             unknown = [k for k in inputs if k not in self.inputs]
             missing = [k for k in self.inputs if k not in inputs]
             if unknown or missing:
                 raise DataError(f"The ONNX model's inputs are {self.inputs}; the batch has {sorted(inputs)} "
                                 f"(missing {missing}, unknown {unknown}).")
-            named = dict(inputs)
-        elif isinstance(inputs, (tuple, list)):
+            return dict(inputs)
+        if isinstance(inputs, (tuple, list)):
             if len(inputs) != len(self.inputs):
                 raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}; the batch has {len(inputs)}.")
-            named = dict(zip(self.inputs, inputs))
-        else:
-            if len(self.inputs) != 1:
-                raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}: pass a dict of arrays "
-                                "by input name.")
-            named = {self.inputs[0]: inputs}
+            return dict(zip(self.inputs, inputs))
+        if len(self.inputs) != 1:
+            raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}, and X is a single array: pass a "
+                            "dict of arrays by input name, or a tuple in that order.")
+        return {self.inputs[0]: inputs}
+
+    def feeds(self, inputs) -> dict:
+        """The session's inputs by name, cast to the graph's element types."""
+        named = self._named(inputs)
         out = {}
         for name, value in named.items():
             a = np.ascontiguousarray(to_numpy(value))
@@ -228,9 +235,7 @@ class OnnxAdapter(ModelAdapter):
     def check_inputs(self, inputs, name: str) -> None:
         """Refuse, before any work, inputs the graph cannot take: integers or bytes for a float input,
         another rank, or another size on a fixed axis."""
-        named = inputs if isinstance(inputs, Mapping) else (
-            dict(zip(self.inputs, inputs)) if isinstance(inputs, (tuple, list)) else {self.inputs[0]: inputs})
-        for key, value in named.items():
+        for key, value in self._named(inputs).items():
             if key not in self.types:
                 continue
             elem, dims = self.types[key]
