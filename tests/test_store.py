@@ -91,6 +91,22 @@ def test_store_directory_checks(model, data, tmp_path):
         _fit(model, x, y, store=other)
     with pytest.raises(ParameterError, match=r"is a file; give a directory"):
         _fit(model, x, y, store=other / "cat.jpg")
+    # files named as a store of the layout before generations are one only where store.json is a store's manifest:
+    # a user's own store.json and layer-0.bin are refused and kept; an old store's files are cleaned up
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "store.json").write_text('{"mine": 1}')
+    (mine / "layer-0.bin").write_bytes(b"mine")
+    with pytest.raises(ParameterError, match=r"holds files that are not an actclust vector store \(\['layer-0.bin', "
+                                             r"'store.json'\]\)"):
+        _fit(model, x, y, store=mine)
+    assert sorted(os.listdir(mine)) == ["layer-0.bin", "store.json"] and (mine / "layer-0.bin").read_bytes() == b"mine"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "store.json").write_text('{"format": 1, "dtype": "float32", "n_samples": 2, "layers": ["conv"]}')
+    (old / "layer-0.bin").write_bytes(b"x" * 8)
+    _fit(model, x, y, store=old)
+    assert not {"store.json", "layer-0.bin"} & set(os.listdir(old))
     with pytest.raises(ParameterError, match=r"'store_dtype' parameter of ActivationClustering must be one of \['float32', 'float16'\]"):
         _fit(model, x, y, store_dtype="int8")
     with pytest.raises(ParameterError, match=r"'store' parameter of ActivationClustering must be None \(in memory\) or a directory path"):

@@ -446,11 +446,27 @@ def clean_store(directory) -> int:
             shutil.rmtree(gen, ignore_errors=True)
         finally:
             hold.release()
-    for p in directory.iterdir():  # the layout before generations: one store at the top level
-        if (p.name == MANIFEST or _FILE_RE.match(p.name)) and _regular(p):
+    for name in _legacy_files(directory):  # the layout before generations: one store at the top level
+        p = directory / name
+        if _regular(p):
             freed += p.stat().st_size
             p.unlink(missing_ok=True)
     return freed
+
+
+def _legacy_files(directory: Path) -> set:
+    """The files of a store of the layout before generations at the top of ``directory``: its ``store.json``
+    where that is an actclust store's manifest, and the ``layer-<i>.bin`` files of its layers. Files of those
+    names that are not (a user's own ``store.json``) are no store's: never removed, and the folder refused."""
+    try:
+        m = json.loads((directory / MANIFEST).read_text()) if _regular(directory / MANIFEST) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        m = None
+    if not (isinstance(m, dict) and isinstance(m.get("format"), int) and m.get("dtype") in STORE_DTYPES
+            and isinstance(m.get("layers"), list)):
+        return set()
+    return {MANIFEST, *(p.name for p in directory.iterdir()
+                        if _FILE_RE.match(p.name) and int(p.name[6:-4]) < len(m["layers"]))}
 
 
 class Collector:
@@ -508,8 +524,9 @@ def _check_directory(directory: Path) -> None:
         raise ParameterError(f"store={str(directory)!r} is a file; give a directory for the vector store.")
     if not directory.exists():
         return
+    legacy = _legacy_files(directory)
     foreign = [p.name for p in directory.iterdir()
-               if not (_GEN_RE.match(p.name) or atomic.is_temp(p.name) or p.name == MANIFEST or _FILE_RE.match(p.name))]
+               if not (_GEN_RE.match(p.name) or atomic.is_temp(p.name) or p.name in legacy)]
     if foreign:
         raise ParameterError(
             f"store={str(directory)!r} holds files that are not an actclust vector store ({sorted(foreign)[:3]}); "
