@@ -196,12 +196,38 @@ def test_token(tabular):
     ("/inputs?show=bogus", "show must be one of all, right, wrong, flagged, disagree; got 'bogus'.", "/inputs"),
     ("/inputs?dnn=7", "dnn must be a class number from 0 to 2; got '7'.", "/inputs"),
     ("/layer/0?sort=colour", "sort must be one of size, purity, cluster; got 'colour'.", "/layer/0"),
+    # digits Python's str.isdigit takes but int() does not, and more digits than int() reads: 404, not 500
+    ("/input/%C2%B2", "There is no test input '\u00b2'", "/inputs"),
+    ("/cluster/0/%C2%B2", "Layer 0 has no cluster '\u00b2'", "/layer/0"),
+    ("/inputs?page=%C2%B2", "page must be a number from 1 to 2; got '\u00b2'.", "/inputs?show=all&sort=index"),
+    ("/inputs?dnn=%C2%B2", "dnn must be a class number from 0 to 2; got '\u00b2'.", "/inputs"),
+    ("/input/" + "9" * 5000, "There is no test input '999", "/inputs"),
 ])
 def test_not_found(tabular, url, message, back):
     r = client(tabular[-1]).get(url)
     page = Page(r.text)
     assert r.status_code == 404 and message in page.words
     assert page.ids["back"]["href"] == back
+
+
+# layer names holding '/' (Keras' nested 'outer/inner', ONNX's '/fc1/Gemm_output_0'): every link to their layer and
+# cluster pages works
+def test_layer_names_with_slashes():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((340, 4)).astype(np.float32)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    for name, module in (("block/a", torch.nn.Linear(4, 8)), ("act", torch.nn.ReLU()), ("/out", torch.nn.Linear(8, 3))):
+        net.add_module(name, module)
+    ac = ActivationClustering(net.eval(), ["block/a", "/out"], n_clusters=3, progress=False).fit(x[:300])
+    c = client(Explorer(ac, x[300:], train=x[:300], trust=False, progress=False))
+    layers = {link for link in Page(c.get("/").text).links if link.startswith("/layer/")}
+    assert layers == {"/layer/block%2Fa", "/layer/%2Fout"}
+    for link in layers:
+        r = c.get(link)
+        assert r.status_code == 200, link
+        clusters = {link for link in Page(r.text).links if link.startswith("/cluster/")}
+        assert clusters and all(c.get(link).status_code == 200 for link in clusters)
 
 
 # class names and feature names holding HTML are shown as text on every page

@@ -25,7 +25,8 @@ from urllib.parse import quote, urlencode
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .data import FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SMALL_ROWS, SORTS, Explorer, NotFound, PageCache
+from .data import (FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SMALL_ROWS, SORTS, Explorer, NotFound, PageCache,
+                   number)
 
 __all__ = ["make_app", "TOKEN_COOKIE"]
 
@@ -132,10 +133,10 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             classes = {}
             for name, value in (("dnn", dnn), ("surrogate", surrogate)):
                 if value is not None:
-                    if not value.isdigit() or int(value) >= len(ex.names):
+                    classes[name] = number(value, len(ex.names))
+                    if classes[name] is None:
                         raise NotFound(f"{name} must be a class number from 0 to {len(ex.names) - 1}; got {value!r}.",
                                        "/inputs", "all test inputs")
-                    classes[name] = int(value)
             chosen = ex.select(show, sort, classes.get("dnn"), classes.get("surrogate"))
             n_pages = max(1, math.ceil(len(chosen) / PAGE_SIZE))
             p = _page_number(page_no, n_pages, "/inputs?" + urlencode({"show": show, "sort": sort}))
@@ -190,7 +191,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         order_note=ex.order.note if ex.order is not None and x_drawn["kind"] == "table" else "")
         return cached(request, authorization, ("input", index), build)
 
-    @app.get("/layer/{layer}", response_class=HTMLResponse)
+    @app.get("/layer/{layer:path}", response_class=HTMLResponse)
     def layer_page(layer: str, request: Request, sort: str = "size",
                    authorization: Optional[str] = Header(default=None)):
         def build():
@@ -216,7 +217,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         fidelity=ex.scores["per_layer"][layer]["fidelity"])
         return cached(request, authorization, ("layer", layer, sort), build)
 
-    @app.get("/cluster/{layer}/{cluster}", response_class=HTMLResponse)
+    @app.get("/cluster/{layer:path}/{cluster}", response_class=HTMLResponse)
     def cluster_page(layer: str, cluster: str, request: Request, page: str = "1",
                      authorization: Optional[str] = Header(default=None)):
         page_no = page
@@ -252,9 +253,10 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
 
 
 def _page_number(text: str, n_pages: int, back: str) -> int:
-    if not str(text).isdigit() or not 1 <= int(text) <= n_pages:
+    page = number(text, n_pages + 1, at_least=1)
+    if page is None:
         raise NotFound(f"page must be a number from 1 to {n_pages}; got {text!r}.", back, "the first page")
-    return int(text)
+    return page
 
 
 def _main_trust(ex: Explorer, i: int):

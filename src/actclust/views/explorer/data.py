@@ -36,6 +36,16 @@ INPUT_SORTS = {"index": "position", "confidence": "DNN confidence, lowest first"
                "trust": "least trusted first"}
 
 
+def number(text, below: int, at_least: int = 0) -> Optional[int]:
+    """``text`` as an int in ``[at_least, below)`` where it is one written in ASCII digits, else None (a URL's
+    '²' passes ``str.isdigit`` and then fails ``int``; a thousand digits exceed ``int``'s limit)."""
+    text = str(text)
+    if not (0 < len(text) <= 18 and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if at_least <= value < below else None
+
+
 class NotFound(Exception):
     """A page for something the run does not have; ``back`` is where to go instead."""
 
@@ -204,16 +214,18 @@ class Explorer:
     def check_cluster(self, layer: str, cluster: str) -> int:
         self.check_layer(layer)
         k = self.state.clusterings[layer].n_clusters
-        if not cluster.isdigit() or int(cluster) >= k:
+        found = number(cluster, k)
+        if found is None:
             raise NotFound(f"Layer {layer} has no cluster {cluster!r}; its clusters are 0 to {k - 1}.",
                            f"/layer/{layer}", f"layer {layer}")
-        return int(cluster)
+        return found
 
     def check_input(self, index: str) -> int:
-        if not index.isdigit() or int(index) >= self.n_test:
+        found = number(index, self.n_test)
+        if found is None:
             raise NotFound(f"There is no test input {index!r}; the inputs are 0 to {self.n_test - 1}.",
                            "/inputs", "the test inputs")
-        return int(index)
+        return found
 
     def train_samples(self, indices, order=None, max_rows: int = 12) -> list:
         """``[(drawn, caption, tooltip)]`` of training samples (their index without training inputs);
