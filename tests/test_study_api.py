@@ -133,11 +133,24 @@ def test_cannot_choose_condition(client):
     ({"trial_id": 1, "decision": "accept", "confidence": 5}, "Input should be less than or equal to 4"),
     ({"trial_id": 1, "decision": "accept"}, "Field required"),
     ({"trial_id": "x", "decision": "accept", "confidence": 1}, "Input should be a valid integer"),
+    # what the database cannot hold, and what is no number (a bool, a string of digits): refused, not stored
+    ({"trial_id": 10 ** 30, "decision": "accept", "confidence": 1}, "Input should be less than or equal to"),
+    ({"trial_id": 1, "decision": "accept", "confidence": True}, "Input should be a valid integer"),
+    ({"trial_id": 1, "decision": "accept", "confidence": "3"}, "Input should be a valid integer"),
+    ({"trial_id": 1, "decision": "accept", "confidence": 2, "label": -1}, "Input should be greater than or equal to 0"),
 ])
 def test_malformed_body(client, body, message):
     s, auth = _start(client)
     r = _answer(client, s, auth, **body)
     assert r.status_code == 422 and message in json.dumps(r.json()["detail"])
+
+
+# a body with NaN (JSON bodies may hold it): 422 saying where, not a 500 from writing NaN back
+def test_nan_in_body(client):
+    s, auth = _start(client)
+    r = client.post(f"/api/sessions/{s['session_id']}/responses", headers={**auth, "Content-Type": "application/json"},
+                    content=b'{"trial_id": NaN, "decision": "accept", "confidence": 3}')
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "trial_id"]
 
 
 # a one-stage decision without 'decision' is refused with what to send

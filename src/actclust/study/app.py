@@ -37,7 +37,8 @@ from jinja2 import Environment, FileSystemLoader
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .db import RequestRefused, Store, Writer
 from .folder import Study, load_study
@@ -54,12 +55,16 @@ class NewSession(BaseModel):
     external_id: Optional[str] = Field(default=None, max_length=200)
 
 
+_ID_MAX = 2 ** 63 - 1  # SQLite's largest integer: a larger id is no trial's, and SQLite cannot even look it up
+
+
 class Answer(BaseModel):
+    # integers as JSON numbers only: not true (a bool), not "3"
     model_config = ConfigDict(extra="forbid")
-    trial_id: int
+    trial_id: StrictInt = Field(ge=0, le=_ID_MAX)
     decision: Optional[Literal["accept", "reject"]] = None
-    confidence: int = Field(ge=1, le=4)
-    label: Optional[int] = None
+    confidence: StrictInt = Field(ge=1, le=4)
+    label: Optional[StrictInt] = Field(default=None, ge=0, le=_ID_MAX)
 
 
 class _BodyLimit:
@@ -206,6 +211,13 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES, max_par
     app.state.store, app.state.study = store, study
     choices = [{"class": c, "name": n} for c, n in enumerate(study.class_names)]
     explanation = functools.lru_cache(maxsize=None)(study.explanation)  # composed once per item and condition
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        # where each error is and why, without the value it was given: NaN or Infinity (which JSON bodies may
+        # hold) cannot be written back as JSON, and FastAPI's own answer then fails with a 500
+        return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                                         "type": str(e.get("type", ""))} for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(RequestRefused)
     async def refused(request, exc: RequestRefused):
