@@ -133,15 +133,26 @@ def test_cli_create(tmp_path, study_source, capsys):
     assert main(nolabels) == 2 and "has no labels y; a study needs them" in capsys.readouterr().err
 
 
+def _fake_server(monkeypatch) -> dict:
+    """What ``study serve`` asks of its socket and server, recorded instead of listening."""
+    from actclust.study import cli as study_cli
+
+    ran = {}
+
+    class Socket:
+        def getsockname(self):
+            return (ran["host"], ran["port"])
+    monkeypatch.setattr(study_cli, "listen", lambda host, port: ran.update(host=host, port=port) or Socket())
+    monkeypatch.setattr(study_cli, "serve", lambda app, sock, **kw: ran.update(kw))
+    return ran
+
+
 # serve prints both addresses with the admin token, and warns when not bound to loopback
 @pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("localhost", False), ("::1", False),
                                          ("0.0.0.0", True), ("192.168.1.5", True)])
 def test_cli_serve(tmp_path, study_source, monkeypatch, capsys, host, warns):
-    import uvicorn
-
     folder = make_study(tmp_path / "s", study_source)
-    ran = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    ran = _fake_server(monkeypatch)
     monkeypatch.delenv("ACTCLUST_STUDY_ADMIN_TOKEN", raising=False)
     assert main(["study", "serve", str(folder), "--host", host, "--port", "8123"]) == 0
     out, err = capsys.readouterr()
@@ -155,13 +166,26 @@ def test_cli_serve(tmp_path, study_source, monkeypatch, capsys, host, warns):
 
 # the default host is loopback
 def test_default_host(tmp_path, study_source, monkeypatch, capsys):
-    import uvicorn
-
     folder = make_study(tmp_path / "s", study_source)
-    ran = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    ran = _fake_server(monkeypatch)
     assert main(["study", "serve", str(folder), "--admin-token", "t0k"]) == 0
     assert ran["host"] == "127.0.0.1" and "admin token:  t0k" in capsys.readouterr().out
+
+
+# a port in use, or out of range, is one line and exit code 2, before any address or token is printed
+def test_serve_port_refused(tmp_path, study_source, capsys):
+    import socket
+
+    folder = make_study(tmp_path / "s", study_source)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["study", "serve", str(folder), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"Cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+    assert main(["study", "serve", str(folder), "--port", "70000"]) == 2
+    assert "argument --port: must be from 0 to 65535 (0: any free port); got 70000" in capsys.readouterr().err
 
 
 # 'actclust study' alone prints its help and exits 2

@@ -383,7 +383,7 @@ def test_cli_view_host(tmp_path, capsys, images, monkeypatch, host, warns):
     ac.save(tmp_path / "run", metadata={"model": "conftest:_study_model"})
     np.savez(tmp_path / "test.npz", x=xt[:8], y=yt[:8])
     served = []
-    monkeypatch.setattr(view_cli, "_serve", lambda app, sock: served.append(sock.getsockname()) or sock.close())
+    monkeypatch.setattr(view_cli, "serve", lambda app, sock: served.append(sock.getsockname()) or sock.close())
     assert main(["view", str(tmp_path / "run"), "--data", str(tmp_path / "test.npz"), "--host", host, "--port", "0",
                  "--model", "conftest:_study_model", "--no-trust", "--quiet"]) == 0
     out, err = capsys.readouterr()

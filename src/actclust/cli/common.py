@@ -6,9 +6,10 @@ import argparse
 import ipaddress
 import shlex
 import sys
+from typing import Optional
 
-__all__ = ["HelpFormatter", "int_at_least", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options",
-           "is_loopback", "url_host"]
+__all__ = ["HelpFormatter", "int_at_least", "port_number", "OVERWRITE_FLAG", "command", "say", "warn", "run_model_options",
+           "is_loopback", "url_host", "listen", "serve"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -24,19 +25,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def int_at_least(low: int, why: str = ""):
-    """An argparse ``type`` for integers >= ``low``; the error is worded for the option it checks."""
+def int_at_least(low: int, why: str = "", high: Optional[int] = None):
+    """An argparse ``type`` for integers >= ``low`` (and <= ``high``); the error is worded for the option it checks."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}{why}; got {value}")
+        if value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}{why}; got {value}")
         return value
 
     return parse
+
+
+#: ``--port``: a TCP port, or 0 for one the system picks.
+port_number = int_at_least(0, " (0: any free port)", high=65535)
 
 
 def run_model_options(p) -> None:
@@ -80,3 +86,34 @@ def is_loopback(host: str) -> bool:
 def url_host(host: str) -> str:
     """``host`` as a URL names it (an IPv6 address in brackets)."""
     return f"[{host}]" if ":" in host else host
+
+
+def listen(host: str, port: int):
+    """A socket bound to ``host:port`` for a local server, bound before any long start so that a port in use is said
+    at once (a :class:`~actclust.ParameterError` naming ``--port``); ``port`` 0 takes a free one."""
+    import socket
+
+    from ..exceptions import ParameterError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on those
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ParameterError(f"Cannot listen on {host}:{port} ({e.strerror}); choose another --port "
+                             "(or stop what uses it).") from None
+    return sock
+
+
+def serve(app, sock, **options) -> None:
+    """Run the ASGI ``app`` on the socket of :func:`listen` until interrupted (``options``: uvicorn's ``Config``)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "access_log": False, **options}))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

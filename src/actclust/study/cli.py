@@ -12,7 +12,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ..cli.common import is_loopback, url_host
+from ..cli.common import is_loopback, listen, port_number, serve, url_host
 from ..exceptions import ParameterError
 from .limits import ABANDON_AFTER_S, ADDRESS_WINDOW_S, SESSIONS_PER_ADDRESS
 from .folder import CONDITIONS
@@ -67,7 +67,7 @@ def add_parser(sub, formatter_class) -> None:
                          formatter_class=formatter_class)
     s.add_argument("study", help="study folder made by 'actclust study create'")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the study")
-    s.add_argument("--port", type=int, default=8765, help="port to listen on")
+    s.add_argument("--port", type=port_number, default=8765, help="port to listen on")
     s.add_argument("--admin-token", default=None,
                    help="token of the admin pages (default: $ACTCLUST_STUDY_ADMIN_TOKEN, else a new random one)")
     s.add_argument("--max-participants", type=_at_least(1), default=None,
@@ -201,25 +201,24 @@ def _create(args) -> int:
 
 
 def _serve(args) -> int:
-    import uvicorn
-
     from .app import make_app
 
     token = args.admin_token or os.environ.get("ACTCLUST_STUDY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     app = make_app(args.study, token, max_participants=args.max_participants, abandon_after=args.abandon_after * 60,
                    sessions_per_address=args.sessions_per_address, address_window=args.address_window * 60)
+    sock = listen(args.host, args.port)  # before the addresses are printed: a port in use is said, not announced
     if not is_loopback(args.host):
         print(f"actclust study serve: warning: listening on {args.host}, not on loopback (127.0.0.1): anyone who "
               "can reach this machine can take part and, with the admin token, read the responses. Serve it "
               "behind HTTPS, or keep --host 127.0.0.1.", file=sys.stderr)
     shown = url_host(args.host)
-    base = (args.public_url or f"http://{shown}:{args.port}").rstrip("/")
+    base = (args.public_url or f"http://{shown}:{sock.getsockname()[1]}").rstrip("/")
     cap = f"; at most {args.max_participants} participants" if args.max_participants else ""
     print(f"participants: {base}/\nadmin:        {base}/admin (log in with the admin token)\n"
           f"admin token:  {token}\n(new sessions per address: {args.sessions_per_address or 'no limit'} per "
           f"{args.address_window} min{cap})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.access_log else "warning",
-                access_log=args.access_log, proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips)
+    serve(app, sock, log_level="info" if args.access_log else "warning", access_log=args.access_log,
+          proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips)
     return EXIT_OK
 
 

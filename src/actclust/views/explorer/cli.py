@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ...cli.common import is_loopback, run_model_options, url_host
+from ...cli.common import is_loopback, listen, port_number, run_model_options, serve, url_host
 from ...exceptions import ParameterError
 
 __all__ = ["add_parser", "check_inputs"]
@@ -35,7 +34,7 @@ def add_parser(sub, formatter_class) -> None:
                                    "training samples are shown by index)")
     v.add_argument("--class-names", help="comma-separated class names (default: fashion-mnist's names, else numbers)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the run")
-    v.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    v.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port to listen on")
     v.add_argument("--token", default=None, help="token the pages ask for (default: $ACTCLUST_VIEW_TOKEN, else a new "
                                                   "random one, printed in the address)")
     v.add_argument("--no-trust", action="store_true", help="skip the trust signals (their calibration is the "
@@ -64,7 +63,7 @@ def _view(args) -> int:
     from ...cli.inputs import load_data, load_run
     from ...datasets import DATASETS, FASHION_MNIST_CLASSES
 
-    sock = _bind(args.host, args.port)  # before the long start: a port in use is said at once
+    sock = listen(args.host, args.port)  # before the long start: a port in use is said at once
     try:
         ac = load_run(args)
         x, y = load_data(args.data, "test")
@@ -110,29 +109,5 @@ def _view(args) -> int:
               "behind HTTPS.", file=sys.stderr)
     shown = url_host(args.host)
     print(f"explorer: http://{shown}:{sock.getsockname()[1]}/?token={token}", flush=True)
-    _serve(make_app(explorer, token), sock)
+    serve(make_app(explorer, token), sock)
     return EXIT_OK
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, as uvicorn's own sockets: asyncio sets TCP_NODELAY only on those
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ParameterError(f"Cannot listen on {host}:{port} ({e.strerror}); choose another --port "
-                             "(or stop what uses it).") from None
-    return sock
-
-
-def _serve(app, sock: socket.socket) -> None:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
