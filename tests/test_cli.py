@@ -369,3 +369,21 @@ def test_warnings_print_as_one_line(monkeypatch, capsys):
     assert err == "actclust layers: warning: Trust signals: stacked_trust is unavailable\n"
     assert [w.category for w in caught] == [UserWarning]
     assert warnings.showwarning is before  # restored
+
+
+# report --out never writes over the run it reads (its manifest, its vectors), even with --overwrite; a new file
+# beside them in the run folder (as the demo's report.html) is fine
+def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "conftest:TinyCNN", "--data", str(tiny_npz), "--layers", "fc1", "--n-clusters", "3", "--out",
+                 str(run), "--quiet", "--no-prepare", "--store", str(tmp_path / "store")]) == 0
+    manifest = (run / "manifest.json").read_bytes()
+    report = ["report", str(run), "--data", str(tiny_npz), "--model", "conftest:TinyCNN", "--quiet", "--overwrite",
+              "--n-correct", "1", "--n-wrong", "1"]
+    store_file = next(run.glob("store-*/layer-0.bin"))  # the run's copy of its vectors
+    capsys.readouterr()
+    for target, part in ((run / "manifest.json", "manifest.json"), (store_file, "store")):
+        assert main(report + ["--out", str(target)]) == 2
+        assert f"is part of the run {run} the report reads" in capsys.readouterr().err
+    assert (run / "manifest.json").read_bytes() == manifest
+    assert main(report + ["--out", str(run / "report.html")]) == 0

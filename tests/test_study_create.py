@@ -91,6 +91,10 @@ def test_overwrite(tmp_path, study_source):
     Store(load_study(folder))
     with pytest.raises(RunExistsError, match="holds collected responses"):
         make_study(folder, study_source, overwrite=True)
+    (tmp_path / "page.html").write_text("mine")  # a file where the folder should go: refused before any work, kept
+    with pytest.raises(RunExistsError, match=r"page.html is a file; give a folder for the study"):
+        make_study(tmp_path / "page.html", study_source, overwrite=True)
+    assert (tmp_path / "page.html").read_text() == "mine"
 
 
 # a folder that is not a study, or of another schema, is refused with what to do

@@ -255,6 +255,22 @@ def _score(args) -> int:
     return EXIT_OK
 
 
+def _refuse_run_file(out: Path, run, ac) -> None:
+    """Refuse ``--out`` where it is (or lies in) a file or folder of the run it reads, or of its vector store: even
+    ``--overwrite`` replaces only what the user made, never the run (a report written over its manifest broke it)."""
+    from ..io.persistence import read_manifest, run_files
+
+    target = out.resolve()
+    owned = [Path(run) / name for name in run_files(read_manifest(run))]
+    directory = getattr(ac.state_.train_vectors, "directory", None)
+    owned += [Path(directory)] if directory is not None else []
+    for p in owned:
+        p = p.resolve()
+        if target == p or p in target.parents:
+            raise RunExistsError(f"--out {out} is part of the run {run} the report reads ({p.name}); it is never "
+                                 "written over, even with --overwrite. Choose another path.")
+
+
 def _report(args) -> int:
     from ..datasets import DATASETS, FASHION_MNIST_CLASSES
     from ..views.report import report
@@ -265,6 +281,7 @@ def _report(args) -> int:
     if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
         raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
     ac = load_run(args)
+    _refuse_run_file(out, args.run, ac)
     x, y = load_data(args.data, "test")
     if args.train:
         train, source = load_data(args.train, "train")[0], f"--train {args.train}"
