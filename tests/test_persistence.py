@@ -254,6 +254,20 @@ def test_damaged_saves(fitted, model, tmp_path):
     _forge(run, {**m, "state": {k: v for k, v in m["state"].items() if k != "input_spec"}})
     with pytest.raises(InvalidSaveError, match="inconsistent or incomplete.*input_spec"):
         actclust.load(run, model)
+    # edited and signed again: values of the wrong kind are refused at load, not met as a traceback later
+    _forge(run, {k: v for k, v in m.items() if k != "arrays_sha256"})
+    with pytest.raises(InvalidSaveError, match="gives no SHA-256 of its array file"):
+        actclust.load(run, model)
+    _forge(run, {**m, "state": {**m["state"], "input_spec": None}})
+    with pytest.raises(InvalidSaveError, match="inconsistent or incomplete \\(AttributeError"):
+        actclust.load(run, model)
+    stats = m["state"]["input_stats"]
+    assert stats  # recorded at fit
+    for bogus in ({"": {"n": "x"}}, [1, 2], {"": {**stats[""], "lo": stats[""]["lo"][:-1]}},
+                  {"": {**stats[""], "mean": [float("nan")] * len(stats[""]["mean"])}}):
+        _forge(run, {**m, "state": {**m["state"], "input_stats": bogus}})
+        with pytest.raises(InvalidSaveError, match="The saved input statistics"):
+            actclust.load(run, model)
     _forge(run, {**m, "format_version": 99})
     with pytest.raises(InvalidSaveError, match="format version 99"):
         actclust.load(run, model)

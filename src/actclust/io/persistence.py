@@ -28,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
 import stat
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -57,6 +59,7 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 _ARRAYS_RE = re.compile(r"^arrays-[0-9a-f]{16}\.safetensors$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _STORE_RE = re.compile(r"^store-[0-9a-f]{16}$")
 _STORE_FILE_RE = re.compile(r"^(store\.json|layer-\d+\.bin)$")
 # a file that carries its content's hash in its name (model weights, search indexes): the current manifest
@@ -478,6 +481,8 @@ def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict 
     try:
         store_dir, store_files = _store_files(m, path)
         index_files = attached(m, path, INDEX_FILE_RE)
+        if not (isinstance(m.get("arrays_sha256"), str) and _SHA256_RE.match(m["arrays_sha256"])):
+            raise InvalidSaveError(f"{path / MANIFEST} gives no SHA-256 of its array file.")
         if verify:
             _verify([(arrays_path, m["arrays_sha256"])] + [(store_dir / f, h) for f, h in store_files.items()]
                     + [(path / f, h) for f, h in index_files.items()], progress)
@@ -490,7 +495,7 @@ def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict 
         params = dict(m["params"])
     except InvalidSaveError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
     for key, put_back in (restore or {}).items():
         if m.get(key) is None:
@@ -643,7 +648,7 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
         random_state=int(s["random_state"]), spatial_grid=s.get("spatial_grid"),
-        layouts=_layouts(s, layers), input_stats=s.get("input_stats") or None,
+        layouts=_layouts(s, layers), input_stats=_input_stats(s.get("input_stats")),
         summary_seeds=_seeds(s, layers),
     )
 
@@ -658,6 +663,24 @@ def _seeds(s: dict, layers: list) -> dict:
     if sorted(seeds) != sorted(layers) or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds.values()):
         raise InvalidSaveError(f"The saved summary seeds {seeds} must give an int for each layer.")
     return {l: int(seeds[l]) for l in layers}
+
+
+def _input_stats(stats) -> Optional[dict]:
+    """The training inputs' statistics (:class:`actclust.capture.stats.InputStats`), checked: per input, equally long
+    lists of finite numbers, a sample count and an axis (a run edited to hold others failed at its first query)."""
+    if not stats:
+        return None
+    columns = ("mean", "std", "sample_mean_std", "lo", "hi")
+    if not isinstance(stats, dict) or not all(isinstance(v, dict) for v in stats.values()):
+        raise InvalidSaveError("The saved input statistics must map each input to its statistics.")
+    for key, part in stats.items():
+        lists = [part.get(c) for c in columns] + ([part["m4"]] if part.get("m4") is not None else [])
+        if not (all(isinstance(v, list) and v and len(v) == len(lists[0]) for v in lists)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for v in lists for x in v)
+                and isinstance(part.get("n"), int) and part["n"] >= 0 and isinstance(part.get("axis"), int)):
+            raise InvalidSaveError(f"The saved input statistics of input {key!r} are malformed: they need equally long "
+                                   f"lists {list(columns)} of finite numbers, a count 'n' and an 'axis'.")
+    return stats
 
 
 def _layouts(s: dict, layers: list) -> dict:
