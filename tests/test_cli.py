@@ -387,3 +387,19 @@ def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
         assert f"is part of the run {run} the report reads" in capsys.readouterr().err
     assert (run / "manifest.json").read_bytes() == manifest
     assert main(report + ["--out", str(run / "report.html")]) == 0
+
+
+# a place where the run cannot be saved is said before the fit, not after it; a run another command saved there
+# meanwhile is refused in option terms (--overwrite), not in the library's
+def test_unwritable_out_said_before_the_fit(tmp_path, tiny_npz, fitted, capsys):
+    from actclust import RunExistsError
+    from actclust.adapters import adapt
+    from actclust.io.persistence import params_of, save
+
+    assert main(["fit", "conftest:TinyCNN", "--data", str(tiny_npz), "--layers", "fc1", "--n-clusters", "3", "--out",
+                 "/proc/actclust-run", "--no-prepare"]) == 2
+    out, err = capsys.readouterr()
+    assert "Could not save the run to /proc/actclust-run" in err and "in-sample" not in out  # no fit ran
+    save(fitted.state_, params_of(fitted), adapt(fitted.model), tmp_path / "run")
+    with pytest.raises(RunExistsError, match="A saved run already exists at .*; add --overwrite to replace it"):
+        save(fitted.state_, params_of(fitted), adapt(fitted.model), tmp_path / "run", flag="add --overwrite")

@@ -368,7 +368,7 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
         metadata = {"model": name}
     save(ac.state_, params_of(ac), adapter, out, overwrite=overwrite, metadata=metadata,
          files={name: content, **saved.saved_index_files(ac.state_), **{f: None for f in also}},
-         kept=saved.kept(ac.state_))
+         kept=saved.kept(ac.state_), flag=OVERWRITE_FLAG)  # a run another command saved meanwhile: in option terms
     from .inputs import TRUSTED_MODELS
 
     own = spec in TRUSTED_MODELS or metadata["model"].endswith(".onnx")  # a run's own record is not imported

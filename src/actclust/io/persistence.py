@@ -153,6 +153,11 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
     path = _path(path)
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"Cannot save to {path}: it is a file, not a directory.")
+    # where the save will write (the folder, or the nearest one above it that exists): tried now, so that a read-only
+    # or missing place is said before long work, not after it
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    with atomic.guard("save the run to", path), atomic.temp_dir(ancestor, "probe"):
+        pass
     if not path.is_dir():
         return
     with atomic.guard("read the folder", path):
@@ -254,7 +259,7 @@ def _check_kept(kept, manifest: dict, arrays: dict) -> dict:
 
 def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool = False,
          overwrite: bool = False, metadata: dict | None = None, files: dict | None = None,
-         kept: dict | None = None) -> Path:
+         kept: dict | None = None, flag: str = "pass overwrite=True") -> Path:
     """Write a fitted ``state`` (with the estimator's ``params`` and the model's ``adapter``) to
     directory ``path`` atomically; returns the path.
 
@@ -268,14 +273,15 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     is what analyses built and keep with the run (trust's calibration, :mod:`actclust.analysis.saved`): the
     value goes into the manifest under its key, the arrays into the array file, and :func:`read_run` hands
     them to that key's ``restore`` callback (this module imports no analysis). Raises
-    :class:`RunExistsError` (see :func:`check_writable`), :class:`ParameterError` and, for a system error (a
+    :class:`RunExistsError` (see :func:`check_writable`; ``flag`` says how to replace a run, in the caller's terms),
+    :class:`ParameterError` and, for a system error (a
     full disk, no permission, no such folder), a :class:`StorageError` subclass; nothing partial is left behind.
     """
     from .._version import __version__
 
     path = _path(path)
     metadata, files = _check_metadata(metadata), _check_files(files)
-    check_writable(path, overwrite)
+    check_writable(path, overwrite, flag=flag)
     for layer, r in state.reducers.items():
         if type(r).__module__ != "actclust.capture.reduction":
             raise ParameterError(
@@ -330,7 +336,7 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
         path.mkdir(parents=True, exist_ok=True)
         turn = atomic.Hold(path)  # saves into one folder take turns
         try:
-            check_writable(path, overwrite)  # again: another save may have finished meanwhile
+            check_writable(path, overwrite, flag=flag)  # again: another save may have finished meanwhile
             old = _parse(path)
             atomic.clean(path)  # the temporary folders of killed saves
             with atomic.temp_dir(path, "save") as stage:
