@@ -152,6 +152,12 @@ def test_wrong_dtype_and_shape_before_forward(model, data, fitted):
     with pytest.raises(DataError, match=r"per-sample shape \(36,\) but the explainer was fitted on inputs of shape "
                                         r"\(1, 6, 6\): pass inputs of that shape \(e.g. x.reshape\(-1, 1, 6, 6\)\)"):
         fitted.predict(data[0].reshape(len(data[0]), -1))
+    # channels last: a transpose, never a reshape (which would scramble the pixels); one sample: a batch of one
+    with pytest.raises(DataError, match=r"per-sample shape \(6, 6, 1\) .* \(channels last\? x.transpose\(0, 3, 1, 2\)\)"):
+        fitted.predict(data[0].transpose(0, 2, 3, 1))
+    mlp = ActivationClustering(_mlp(), ["0", "2"], n_clusters=2, progress=False).fit(data[0].reshape(-1, 36)[:, :4])
+    with pytest.raises(DataError, match=r"per-sample shape \(\) .* \(one sample\? pass it as a batch of one, x\[None\]\)"):
+        mlp.predict(data[0].reshape(-1, 36)[0, :4])
 
 
 # flat vectors given to a conv net at fit time: the model's error, with the batch and what to check

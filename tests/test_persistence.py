@@ -347,3 +347,21 @@ def test_resaved_prepared_run_keeps_its_indexes(tmp_path, monkeypatch):
         assert back.state_.cache["trust"].restored
         assert back.explain(x[700:], trust=True)[0].trust is not None
     assert built == []
+
+
+# a run loaded with a model of the same layer names but other widths: warned at load, and its first query says the
+# model is not the fitted one (the inputs have the fitted shape), not that the inputs differ
+def test_load_with_another_architecture(tmp_path):
+    from torch import nn
+
+    x = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+
+    def net(width):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+    ActivationClustering(net(32), ["1", "2"], n_clusters=3, progress=False).fit(x).save(tmp_path / "run")
+    with pytest.warns(ModelMismatchWarning, match="parameters differ"):
+        other = actclust.load(tmp_path / "run", net(8), progress=False)
+    with pytest.raises(actclust.DataError, match=r"Layer '1' gives 8 values per sample on X but gave 32 on the training "
+                                                 r"data, for inputs of the same shape: the model is not the one"):
+        other.score(x)

@@ -84,11 +84,26 @@ class InputSpec:
                 )
             sequence = _kind(dtype) == "int" and len(shape) == 1
             if len(shape) != len(got_shape) or (shape != got_shape and not sequence):
-                hint = f" (e.g. x.reshape(-1, {', '.join(map(str, shape))}))" if _size(shape) == _size(got_shape) else ""
                 raise DataError(
                     f"{label} has per-sample shape {got_shape} but the explainer was fitted on inputs of shape "
-                    f"{shape}: pass inputs of that shape{hint}."
+                    f"{shape}: pass inputs of that shape{_shape_hint(tuple(shape), tuple(got_shape))}."
                 )
+
+
+def _shape_hint(want: tuple, got: tuple) -> str:
+    """How to turn inputs of per-sample shape ``got`` into ``want``, where that is clear: the channel axis moved
+    (a transpose: a reshape would scramble the values), one sample without its batch axis, or values laid out in
+    another number of axes (a reshape); nothing otherwise."""
+    rank = len(want)
+    if rank >= 2 and len(got) == rank and got == want[1:] + want[:1]:  # channels last, fitted channels first
+        return f" (channels last? x.transpose(0, {rank}, {', '.join(map(str, range(1, rank)))}))"
+    if rank >= 2 and len(got) == rank and got == want[-1:] + want[:-1]:  # channels first, fitted channels last
+        return f" (channels first? x.transpose(0, {', '.join(map(str, range(2, rank + 1)))}, 1))"
+    if got == ():
+        return " (one sample? pass it as a batch of one, x[None])"
+    if _size(want) == _size(got) and (len(want) != len(got) or sorted(want) != sorted(got)):
+        return f" (e.g. x.reshape(-1, {', '.join(map(str, want))}))"
+    return ""
 
 
 def _names(names: list, most: int = 8) -> str:

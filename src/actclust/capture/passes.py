@@ -194,9 +194,10 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
         for l in state.layers:
             v, width = out[l], state.train_vectors[l].shape[1]
             if v.shape[1] != width:
-                raise DataError(
-                    f"Layer {l!r} gives {v.shape[1]} values per sample on {batches.name} but {width} on the "
-                    "training data: the inputs differ in shape from those the explainer was fitted on."
+                raise DataError(  # the inputs have the fitted shape (checked above): the layer itself changed
+                    f"Layer {l!r} gives {v.shape[1]} values per sample on {batches.name} but gave {width} on the "
+                    "training data, for inputs of the same shape: the model is not the one the explainer was fitted "
+                    "with (another architecture or width?); use that model."
                 )
             col.add(("distances", l), state.clusterings[l].distances(v))
             if keep_vectors:
