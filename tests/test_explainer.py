@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import actclust
 from actclust import ActivationClustering, NotFittedError
 
 from conftest import LAYERS, hook_count, layer_vectors, sq_distances
@@ -223,8 +224,8 @@ def test_bad_input_then_still_fits(model, data, kwargs, fit_args, match):
 # an empty data set and non-array data are rejected
 @pytest.mark.parametrize("x, match", [
     (np.zeros((0, 1, 6, 6), dtype=np.float32), "X is empty"),
-    ([[1, 2]], r"must be an array \(NumPy or a framework's tensor\), a pandas DataFrame, a dict of arrays or a dataset; "
-               r"got a list. Convert it with np.asarray first"),
+    ([[1, 2]], r"must be an array \(NumPy or a framework's tensor\), a pandas DataFrame, a dict of arrays, a tuple of "
+               r"arrays \(a model's inputs in order\) or a dataset; got a list: convert a list of samples with np.asarray"),
 ])
 def test_bad_data(model, x, match):
     with pytest.raises(ValueError, match=match):
@@ -322,3 +323,20 @@ def test_clustering_warnings_name_the_layer(model, data, monkeypatch):
     monkeypatch.setattr(ex, "make_clustering", lambda name, k, seed=0: Grumpy(k, seed))
     with pytest.warns(UserWarning, match="layer 'fc1': did not converge"):
         _ac(model).fit(data[0])
+
+
+# fewer clusters than the classes the surrogate learns: fit warns, naming the layers and what to give instead
+def test_fewer_clusters_than_classes_warn():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 12)).eval()
+    y = rng.integers(0, 12, 300)
+    with pytest.warns(actclust.ActClustWarning, match=r"The layers \['1'\] have fewer clusters \(\[5\]\) than the 12 "
+                                                      r"classes the surrogate learns.*n_clusters=24"):
+        ActivationClustering(net, ["1", "2"], n_clusters={"1": 5, "2": 12}, posterior="label", progress=False).fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.ActClustWarning)
+        ActivationClustering(net, ["1", "2"], n_clusters=12, posterior="label", progress=False).fit(x, y)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..exceptions import InvalidSaveError
 from .retrieval import attach_saved_indexes, saved_index_files
 
 if TYPE_CHECKING:
@@ -22,9 +23,9 @@ def _restore_thresholds(state: FittedState, arrays: dict, value) -> None:
     """Put back the trust-chip thresholds, checked: a false-alarm rate in (0, 1) and a finite number per signal."""
     rate, signals = float(value["false_alarm_rate"]), {str(k): float(v) for k, v in value["signals"].items()}
     if not 0 < rate < 1:
-        raise ValueError(f"a false-alarm rate of {rate}, out of range (0, 1)")
+        raise InvalidSaveError(f"a false-alarm rate of {rate}, out of range (0, 1)")
     if not all(math.isfinite(v) for v in signals.values()):
-        raise ValueError("a threshold that is not a finite number")
+        raise InvalidSaveError("a threshold that is not a finite number")
     state.cache[THRESHOLDS] = {**value, "false_alarm_rate": rate, "signals": signals}
 
 
