@@ -300,6 +300,11 @@ def test_bad_outputs():
     model = keras.Model(inp, layers.Dense(1, activation="sigmoid", name="p")(inp))
     with pytest.raises(CaptureError, match=r"logits of shape \(N, n_classes\).*returned shape \(3, 1\). A single sigmoid"):
         capture(model, np.zeros((3, 4), np.float32), ["p"])
+    # several outputs, the first one not the classifier's: the message names the one taken and how to choose
+    heads = keras.Model(inp, {"aux": layers.Dense(1, name="aux")(inp), "cls": layers.Dense(3, name="cls")(inp)})
+    with pytest.raises(CaptureError, match=r"returned shape \(3, 1\) \(its output 'aux', of \['aux', 'cls'\]\)\. "
+                                           r"Pass output=<function of the outputs"):
+        capture(heads, np.zeros((3, 4), np.float32), ["cls"])
 
     class BatchMean(layers.Layer):
         def call(self, x):

@@ -328,15 +328,16 @@ class KerasAdapter(ModelAdapter):
     # ------------------------------------------------------------------ passes
     def logits(self, outputs, n: int) -> np.ndarray:
         """The ``(n, n_classes)`` float32 logits in the model's outputs (NumPy); probabilities become log-probabilities."""
-        custom = self.output is not None
+        custom, picked = self.output is not None, ""
         if custom:
             out = self.output(outputs)
         else:
             out = outputs
             if isinstance(out, Mapping):
-                out = out.get("logits", next(iter(out.values())))
+                key = "logits" if "logits" in out else next(iter(out))
+                out, picked = out[key], f" (its output {key!r}, of {list(outputs)})"
             elif isinstance(out, (list, tuple)) and out:
-                out = out[0]
+                out, picked = out[0], f" (its first output, of {len(outputs)})" if len(outputs) > 1 else ""
         if not isinstance(out, np.ndarray) and hasattr(out, "shape") and hasattr(out, "dtype"):
             out = sys.modules["keras"].ops.convert_to_numpy(out)
         if not isinstance(out, np.ndarray):
@@ -346,11 +347,17 @@ class KerasAdapter(ModelAdapter):
                 "outputs (NumPy) that returns the logits>."
             )
         if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
-            single = (" A single sigmoid output gives one column: pass output=lambda p: np.concatenate([np.log1p(-p), "
-                      "np.log(p)], 1) for two classes.") if out.ndim == 2 and out.shape[1:] == (1,) else ""
+            if picked:  # several outputs: the one taken may not be the classifier's
+                hint = (" Pass output=<function of the outputs that returns the classifier's logits>, e.g. "
+                        "output=lambda o: o['cls'] for a dict of outputs.")
+            elif out.ndim == 2 and out.shape[1:] == (1,):
+                hint = (" A single sigmoid output gives one column: pass output=lambda p: np.concatenate([np.log1p(-p), "
+                        "np.log(p)], 1) for two classes.")
+            else:
+                hint = ""
             raise CaptureError(
                 "The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
-                f"of {n} it returned shape {tuple(out.shape)}.{single}"
+                f"of {n} it returned shape {tuple(out.shape)}{picked}.{hint}"
             )
         if not np.issubdtype(out.dtype, np.floating) and out.dtype.name not in ("bfloat16",):
             raise CaptureError(f"The model must return floating-point logits; got dtype {out.dtype}.")
