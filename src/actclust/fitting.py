@@ -108,9 +108,9 @@ def _warn_few_clusters(config: FitConfig, n_targets: int) -> None:
     if few:
         warnings.warn(
             f"The layers {few} have fewer clusters ({sorted({config.n_clusters[l] for l in few})}) than the "
-            f"{n_targets} classes the surrogate learns: each of their clusters stands mostly for one class, so most "
-            f"classes have none, and fidelity stays low. Give at least {n_targets} clusters per layer "
-            f"(n_clusters={2 * n_targets}, say).", ActClustWarning, stacklevel=4)
+            f"{n_targets} classes the surrogate learns: each cluster stands mostly for one class, so some classes "
+            f"get no cluster of their own there and the surrogate rarely predicts them. Give at least {n_targets} "
+            f"clusters per layer (n_clusters={2 * n_targets}, say).", ActClustWarning, stacklevel=5)
 
 
 def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times, backend=None) -> FittedState:

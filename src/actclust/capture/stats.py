@@ -58,15 +58,20 @@ class _Part:
             x = x.reshape(x.shape[0], 1, -1)
         per_sample = x.mean(2)
         x2 = x ** 2
-        parts = (x.sum((0, 2)), x2.sum((0, 2)), (x2 * x).sum((0, 2)), (x2 * x2).sum((0, 2)), per_sample.sum(0),
-                 (per_sample ** 2).sum(0), x.min((0, 2)), x.max((0, 2)))
+        # third and fourth moments where a channel is one value per sample (tables): a rare feature's spread moves
+        # by chance there; a map's channel pools many values per sample (and the pass over a batch of images would
+        # cost a percent of explain)
+        moments = ((x2 * x).sum((0, 2)), (x2 * x2).sum((0, 2))) if x.shape[2] == 1 else (None, None)
+        parts = (x.sum((0, 2)), x2.sum((0, 2)), *moments, per_sample.sum(0), (per_sample ** 2).sum(0),
+                 x.min((0, 2)), x.max((0, 2)))
         if self.sum is None:
             self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq, self.lo, self.hi = parts
         elif parts[0].shape != self.sum.shape:
             return  # another width (variable-length inputs): the first batches' statistics stand
         else:
-            self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq = (a + b for a, b in zip(
-                (self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq), parts[:6]))
+            self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq = (
+                None if a is None else a + b
+                for a, b in zip((self.sum, self.sumsq, self.sum3, self.sum4, self.msum, self.msumsq), parts[:6]))
             self.lo, self.hi = np.minimum(self.lo, parts[6]), np.maximum(self.hi, parts[7])
         self.n += x.shape[0]
         self.count += x.shape[0] * x.shape[2]
@@ -78,13 +83,14 @@ class _Part:
     def summary(self) -> dict:
         mean = self.sum / self.count
         std = np.sqrt(np.maximum(self.sumsq / self.count - mean ** 2, 0))
-        e2, e3, e4 = self.sumsq / self.count, self.sum3 / self.count, self.sum4 / self.count
-        m4 = np.maximum(e4 - 4 * mean * e3 + 6 * mean ** 2 * e2 - 3 * mean ** 4, 0)  # central fourth moment
         mmean = self.msum / self.n
         mstd = np.sqrt(np.maximum(self.msumsq / self.n - mmean ** 2, 0))
-        return {"n": int(self.n), "axis": int(self.axis), "mean": mean.tolist(), "std": std.tolist(),
-                "sample_mean_std": mstd.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(), "table": bool(self.table),
-                "m4": m4.tolist()}
+        out = {"n": int(self.n), "axis": int(self.axis), "mean": mean.tolist(), "std": std.tolist(),
+               "sample_mean_std": mstd.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(), "table": bool(self.table)}
+        if self.sum4 is not None:
+            e2, e3, e4 = self.sumsq / self.count, self.sum3 / self.count, self.sum4 / self.count
+            out["m4"] = np.maximum(e4 - 4 * mean * e3 + 6 * mean ** 2 * e2 - 3 * mean ** 4, 0).tolist()  # central
+        return out
 
 
 def _parts(inputs) -> list:
@@ -151,7 +157,8 @@ class InputStats:
             varying = std_t > 0
             bad_mean = np.flatnonzero((shift > tolerance + 1e-12) & varying)
             far = (ratio > _STD_RATIO) | (ratio < 1 / _STD_RATIO)
-            if ref.get("m4") is not None and len(ref["m4"]) == len(std_t):  # (runs saved before: the ratio alone)
+            if ref.get("m4") is not None and got.get("m4") is not None and len(ref["m4"]) == len(std_t):
+                # (maps, and runs saved before: the ratio alone)
                 # the standard errors of both variances, from the fourth moments (the larger one for the query's: a
                 # sparse feature's few values move it), every sample counted once (one image's pixels are not
                 # independent)
