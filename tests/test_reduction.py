@@ -245,3 +245,14 @@ def test_torch_layouts_follow_element_wise_modules():
     tokens = nn.Sequential(nn.Embedding(10, 6), nn.ReLU(), nn.Linear(6, 5), nn.GELU(), nn.Dropout(0.1)).eval()
     shown = actclust.list_layers(tokens, torch.randint(0, 10, (2, 7)))
     assert {n: i.layout for n, i in shown.items()} == {n: "tokens" for n in "01234"}
+
+    class ConvBlock(nn.Module):  # a Conformer's convolution module: tokens in, a Conv1d over time, tokens out
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.drop = nn.Conv1d(16, 16, 3, padding=1), nn.SiLU(), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.drop(self.act(self.conv(x.transpose(1, 2))).transpose(1, 2))
+    block = nn.Sequential(nn.Linear(4, 16), ConvBlock()).eval()
+    shown = actclust.list_layers(block, torch.randn(2, 20, 4))
+    assert shown["1"].layout == "tokens" and shown["1.conv"].layout == "channels_first"

@@ -127,9 +127,9 @@ class ModelAdapter(abc.ABC):
         pair ``(vectors, summary or None)``.
         """
 
-    def layout(self, layer: str, rank: int, masked: bool) -> str:
-        """How ``layer``'s output of ``rank`` axes is read: ``"dense"`` for ``(N, F)``, else (by
-        default) a channels-first map. Adapters that know better say so (channels-last Keras maps,
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
+        """How ``layer``'s output of ``rank`` axes (``shape``, where known) is read: ``"dense"`` for ``(N, F)``,
+        else (by default) a channels-first map. Adapters that know better say so (channels-last Keras maps,
         transformer token maps)."""
         return "dense" if rank <= 2 else "channels_first"
 
@@ -144,7 +144,7 @@ class ModelAdapter(abc.ABC):
         masked = isinstance(sample, Mapping) and "attention_mask" in sample
         out = {}
         for name, shape in self.output_shapes(sample).items():
-            layout = self.layout(name, len(shape), masked)
+            layout = self.layout(name, len(shape), masked, tuple(shape))
             out[name] = LayerInfo(shape, layout, describe(r, layout, shape))
         return out
 

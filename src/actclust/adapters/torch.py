@@ -105,7 +105,7 @@ class TorchAdapter(ModelAdapter):
     def model_class(self) -> str:
         return f"{type(self.inner).__module__}.{type(self.inner).__qualname__}"
 
-    def layout(self, layer: str, rank: int, masked: bool) -> str:
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
         if rank <= 2:
             return "dense"
         if rank >= 4:
@@ -115,17 +115,23 @@ class TorchAdapter(ModelAdapter):
             return "tokens"
         if isinstance(module, _CHANNELS_FIRST_1D):
             return "channels_first"
-        # the module's last leaf decides; an element-wise one (ReLU after a Conv1d) keeps the layout of the leaf
-        # before it, in the order the modules are defined (a Sequential's: the order they run)
+        # The module's last leaf decides, and an element-wise one (a ReLU after a Conv1d) the leaf before it, in the
+        # order the modules are defined (a Sequential's: the order they run), up to the nearest module that says how
+        # many channels it makes: a map whose axis 1 has that many is channels-first (a block that transposes a
+        # convolution's map back to tokens, as a Conformer's does, gives (N, T, D): tokens).
         leaves = [m for m in self.inner.modules() if not list(m.children())]
         own = [m for m in module.modules() if not list(m.children())]
-        at = next((i for i, m in enumerate(leaves) if m is (own[-1] if own else module)), None)
-        for m in reversed(leaves[:at + 1] if at is not None else own[-1:] or [module]):
+        last = own[-1] if own else module
+        at = next((i for i, m in enumerate(leaves) if m is last), None)
+        for m in reversed(leaves[:at + 1] if at is not None else [last]):
             if isinstance(m, _CHANNELS_FIRST_1D):
-                return "channels_first"
+                channels = getattr(m, "out_channels", getattr(m, "num_features", None))
+                if channels is None:  # a pooling keeps its input's channels: look further back
+                    continue
+                return "channels_first" if len(shape) < 2 or shape[1] == channels else "tokens"
             if not isinstance(m, _ELEMENTWISE):
                 return "tokens"
-        return "tokens"
+        return "channels_first" if isinstance(last, _CHANNELS_FIRST_1D) else "tokens"
 
     def modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.inner.named_modules() if n}
@@ -321,7 +327,8 @@ class _TorchRunner(Runner):
                 )
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
-            layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, self._mask is not None)
+            layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, self._mask is not None,
+                                                                             tuple(t.shape))
             self._out[name] = reduce(t.detach(), self._mask, layout=layout, ops=OPS)
         return hook
 
@@ -352,7 +359,7 @@ class _TorchRunner(Runner):
             self._checked = True
             self._check_batch_axes(inputs, where, n)
             if not self.fixed:
-                self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None)
+                self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None, tuple(shape))
                                 for name, shape in self._shapes.items()}
             self._check_token_maps()
         out = {}
