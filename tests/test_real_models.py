@@ -237,6 +237,11 @@ def test_bert_defaults(bert):
                   vectors=True)
     for l in layers:
         np.testing.assert_allclose(q2.vectors[l], q1.vectors[l], atol=1e-5)
+    # batches as long as the sequences: fit looks once at one input less to tell the batch axis from the tokens'
+    # (the token maps' mask cut with the inputs), and reads the same vectors
+    same = ActivationClustering(model, layers, n_clusters=3, batch_size=ids.shape[1], progress=False).fit(x)
+    for l in layers:
+        np.testing.assert_allclose(same.train_vectors_[l], ac.train_vectors_[l], atol=1e-5)
     shown = actclust.list_layers(model, {"input_ids": ids[:2], "attention_mask": mask[:2]})
     assert shown["bert.encoder.layer.0"].reduction == "mean over the tokens the attention mask keeps"
     assert shown["classifier"].reduction == "as is (dense)"

@@ -376,14 +376,17 @@ class _TorchRunner(Runner):
         doubtful = [name for name, shape in self._shapes.items() if len(shape) == 3 and shape[1] == n > 1]
         if not doubtful or self.fixed:
             return
-        out, shapes = self._out, self._shapes
+        out, shapes, mask = self._out, self._shapes, self._mask
         try:
+            self._mask = _head(mask, n - 1)  # the token maps' mask of the inputs run
             self._forward(self.adapter.model if not self._eager else self.adapter.inner, _head(inputs, n - 1), where,
                           n - 1)
             for name in doubtful:
-                check_rows(name, tuple(self._shapes.get(name, ())), n - 1, _SEQUENCE_FIRST)
+                check_rows(name, tuple(self._shapes.get(name, ())), n - 1,
+                           f"{_SEQUENCE_FIRST[:-1]}; run on {n - 1} of a batch of {n} to tell its batch axis from a "
+                           "sequence axis of the batch's length)")
         finally:
-            self._out, self._shapes = out, shapes
+            self._out, self._shapes, self._mask = out, shapes, mask
 
     def _check_token_maps(self) -> None:
         """Warn when a token map (N, T, D) of a masked batch is read as a channels-first map (a run saved
