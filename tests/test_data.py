@@ -288,6 +288,13 @@ def test_sparse_features_do_not_warn():
         warnings.simplefilter("error")
         ac.score(x_te, y_te)
         ac.score(x_tr[:300], y_tr[:300])
+        for i in range(40):  # a few inputs: a rare pixel moves their means far, by chance
+            ac.predict(x_tr[i:i + 1])
+            ac.predict(x_te[2 * i:2 * i + 2])
+            ac.predict(x_te[8 * i:8 * i + 8])
+    for scaled in (x_te[:1] * 16, (x_te[:5] - x_tr.mean(0)) / (x_tr.std(0) + 1e-6), x_te[:5] + 0.1):
+        with pytest.warns(actclust.DataWarning, match="Were these inputs prepared as the training inputs were"):
+            ac.predict(scaled)
     squeezed = (x_te - x_tr.mean(0)) * 0.4 + x_tr.mean(0)
     with pytest.warns(actclust.DataWarning, match=r"X feature \d+ has mean \S+ and standard deviation \S+, where the "
                                                   r"training inputs had"):
