@@ -302,9 +302,14 @@ def test_bad_outputs():
         capture(model, np.zeros((3, 4), np.float32), ["p"])
     # several outputs, the first one not the classifier's: the message names the one taken and how to choose
     heads = keras.Model(inp, {"aux": layers.Dense(1, name="aux")(inp), "cls": layers.Dense(3, name="cls")(inp)})
-    with pytest.raises(CaptureError, match=r"returned shape \(3, 1\) \(its output 'aux', of \['aux', 'cls'\]\)\. "
+    with pytest.raises(CaptureError, match=r"returned shape \(3, 1\) \(its output 'aux' \(of \['aux', 'cls'\]\)\)\. "
                                            r"Pass output=<function of the outputs"):
         capture(heads, np.zeros((3, 4), np.float32), ["cls"])
+    # the first of several outputs is (N, C) but may not be the classifier's: read, and said once
+    two = keras.Model(inp, [layers.Dense(5, name="emb")(inp), layers.Dense(2, name="cls2")(inp)])
+    with pytest.warns(actclust.ActClustWarning, match=r"several outputs; actclust reads the logits from its first output "
+                                                      r"\(of 2\), of shape \(3, 5\). If that is not the classifier's"):
+        capture(two, np.zeros((3, 4), np.float32), ["emb"])
 
     class BatchMean(layers.Layer):
         def call(self, x):

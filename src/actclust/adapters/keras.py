@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -31,8 +32,8 @@ import numpy as np
 from ..capture.arrays import NUMPY, dtype_name, is_floating
 from ..capture.data import batch_len
 from ..deps import require
-from ..exceptions import ActClustError, CaptureError, DataError, MissingDependencyError, ParameterError, \
-    UnsupportedModelError
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
+    ParameterError, UnsupportedModelError
 from .base import ModelAdapter, Runner, check_captured, check_rows, describe_inputs, keep_reduced
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
@@ -335,9 +336,9 @@ class KerasAdapter(ModelAdapter):
             out = outputs
             if isinstance(out, Mapping):
                 key = "logits" if "logits" in out else next(iter(out))
-                out, picked = out[key], f" (its output {key!r}, of {list(outputs)})"
+                out, picked = out[key], f"its output {key!r} (of {list(outputs)})" if len(outputs) > 1 else ""
             elif isinstance(out, (list, tuple)) and out:
-                out, picked = out[0], f" (its first output, of {len(outputs)})" if len(outputs) > 1 else ""
+                out, picked = out[0], f"its first output (of {len(outputs)})" if len(outputs) > 1 else ""
         if not isinstance(out, np.ndarray) and hasattr(out, "shape") and hasattr(out, "dtype"):
             out = sys.modules["keras"].ops.convert_to_numpy(out)
         if not isinstance(out, np.ndarray):
@@ -357,10 +358,15 @@ class KerasAdapter(ModelAdapter):
                 hint = ""
             raise CaptureError(
                 "The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
-                f"of {n} it returned shape {tuple(out.shape)}{picked}.{hint}"
+                f"of {n} it returned shape {tuple(out.shape)}{f' ({picked})' if picked else ''}.{hint}"
             )
         if not np.issubdtype(out.dtype, np.floating) and out.dtype.name not in ("bfloat16",):
             raise CaptureError(f"The model must return floating-point logits; got dtype {out.dtype}.")
+        if picked and not getattr(self, "_said_output", False):  # several outputs, none named 'logits': said once
+            self._said_output = True
+            warnings.warn(f"The model has several outputs; actclust reads the logits from {picked}, of shape "
+                          f"{tuple(out.shape)}. If that is not the classifier's output, pass output=<function of the "
+                          "outputs that returns its logits>.", ActClustWarning, stacklevel=2)
         if self._probabilities or _are_probabilities(out):
             return np.log(np.maximum(out.astype(np.float32), np.finfo(np.float32).tiny))
         return out.astype(np.float32)
