@@ -135,3 +135,28 @@ def test_prepare_builds_what_explain_builds(monkeypatch):
     import inspect
 
     assert inspect.signature(ActivationClustering.explain).parameters["k"].default == explanation.DEFAULT_K
+
+
+# trust= takes the trust signals' options as trust() takes them, in explain, prepare and report alike: held-out
+# (X_val, y_val) is queried (it failed with AttributeError outside trust()); a typo or a string is refused
+def test_trust_options_everywhere(tmp_path):
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((900, 4)).astype(np.float32), rng.integers(0, 3, 900)
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    ac = ActivationClustering(net, ["1", "2"], n_clusters=3, progress=False).fit(x[:600], y[:600])
+    held = {"calibration": (x[600:850], y[600:850])}
+    direct = ac.trust(x[850:], **held)
+    es = ac.explain(x[850:], trust=held)
+    np.testing.assert_allclose([e.trust["credibility"] for e in es], direct["credibility"])
+    assert es[0].trust_thresholds["calibration"] == "held-out data"
+    ac.prepare(trust=held)
+    path = actclust.report(ac, x[850:], y[850:], out=tmp_path / "r.html", trust=held, n_correct=1, n_wrong=1)
+    assert "held-out data" in path.read_text()
+    for bad, match in (("no", r"The 'trust' parameter of explain must be None .* Got 'no' instead"),
+                       ({"calibraton": held["calibration"]}, r"Unknown option 'calibraton' of the trust signals in "
+                                                            r"explain; did you mean 'calibration'\?")):
+        with pytest.raises(actclust.ParameterError, match=match):
+            ac.explain(x[850:], trust=bad)
+    with pytest.raises(actclust.ParameterError, match=r"Unknown option 'calibraton' of the trust signals in trust"):
+        ac.trust(x[850:], calibraton=held["calibration"])

@@ -357,7 +357,8 @@ class ActivationClustering:
         ``k`` similar training samples are given under "low" and "high" weights, and ``k``
         exemplars of each cluster on the input's path. ``trust=True`` adds the trust signals
         (:meth:`trust`); the default ``None`` adds them when the training set is large enough
-        to calibrate them, ``False`` never. ``search`` overrides the estimator's for this call.
+        to calibrate them, ``False`` never; a dict gives their options, as :meth:`trust` takes them
+        (``{"calibration": (X_val, y_val)}``). ``search`` overrides the estimator's for this call.
         """
         from .analysis import retrieval
         from .analysis.explanation import check_class_names, explain
@@ -365,6 +366,7 @@ class ActivationClustering:
         state = self._state()
         check_class_names(state, class_names)
         method = retrieval.check_search(self.search if search is None else search)
+        trust = self._trust_options(trust)
         out = explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
                       meta=self.provenance(), search=method, progress=self.progress, backend=self._backend())
         from .views.notebook import ExplanationList  # a list that also shows itself in notebooks
@@ -380,7 +382,8 @@ class ActivationClustering:
         """
         from .analysis import explanation, retrieval
 
-        explanation.prepare(self._state(), trust=trust, search=retrieval.check_search(self.search),
+        explanation.prepare(self._state(), trust=self._trust_options(trust, "prepare"),
+                            search=retrieval.check_search(self.search),
                             progress=self.progress, backend=self._backend())
         return self
 
@@ -391,17 +394,26 @@ class ActivationClustering:
         is read as inputs and labels; a model of tuple inputs passes ``((a, b), y_val)`` or a
         query), queried here; ``y_val`` makes ``stacked_trust`` available.
         """
-        from .state import Query
         from .analysis.trust import calibrate, signals
 
         state = self._state()
-        held_out = options.get("calibration")
-        if held_out is not None and not isinstance(held_out, Query):
-            x_val, y_val = held_out if isinstance(held_out, tuple) and len(held_out) == 2 else (held_out, None)
-            options = {**options, "calibration": self.query(x_val, y_val, vectors=True)}
         cal = calibrate(state, progress=self.progress, backend=self._backend(),
-                        **{"search": self.search, **options})  # before the pass
+                        **{"search": self.search, **self._trust_options(options, "trust")})  # before the pass
         return signals(state, cal, self.query(X, vectors=True), self._backend())
+
+    def _trust_options(self, options, where: str = "explain"):
+        """``options`` of the trust signals (``trust=`` of :meth:`explain`, :meth:`prepare` and ``report``; the
+        keywords of :meth:`trust`) checked, with held-out ``calibration`` inputs (``X_val``, or a pair ``(X_val,
+        y_val)``) made the query the calibration takes; a bool or None as it is."""
+        from .analysis.explanation import check_trust_options
+        from .state import Query
+
+        options = check_trust_options(options, where)
+        held_out = options.get("calibration") if isinstance(options, dict) else None
+        if held_out is None or isinstance(held_out, Query):
+            return options
+        x_val, y_val = held_out if isinstance(held_out, tuple) and len(held_out) == 2 else (held_out, None)
+        return {**options, "calibration": self.query(x_val, y_val, vectors=True)}
 
     def provenance(self) -> dict:
         """What an explanation of this explainer records about where it came from (Alibi's ``meta``)."""

@@ -54,7 +54,8 @@ from .surrogate import combine
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["Explanation", "explain", "prepare", "find_similar", "similar_weights", "SCHEMA", "DEFAULT_K"]
+__all__ = ["Explanation", "explain", "prepare", "find_similar", "similar_weights", "check_trust_options", "SCHEMA",
+           "DEFAULT_K", "TRUST_OPTIONS"]
 
 SCHEMA = "actclust.explanation/1"
 #: Similar training samples (under each preset) and cluster exemplars an explanation gives by default.
@@ -151,10 +152,34 @@ def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str =
         calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
 
 
+#: The options of the trust signals (:func:`actclust.analysis.trust.trust_signals`) that ``trust=`` may give.
+TRUST_OPTIONS = ("n_neighbors", "calibration_fraction", "layer_weights", "search", "calibration")
+
+
+def check_trust_options(trust, where: str = "explain"):
+    """``trust`` as ``explain`` takes it, checked: None, a bool, or a dict of :data:`TRUST_OPTIONS` (a typo, or
+    ``trust="no"``, which is true, is refused)."""
+    import difflib
+
+    if trust is None or isinstance(trust, (bool, np.bool_)):
+        return trust
+    if not isinstance(trust, dict):
+        raise ParameterError(f"The 'trust' parameter of {where} must be None (when the training set can calibrate "
+                             f"them), True, False or a dict of the trust signals' options. Got {trust!r} instead.")
+    unknown = [k for k in trust if k not in TRUST_OPTIONS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), TRUST_OPTIONS, n=1)
+        raise ParameterError(f"Unknown option {unknown[0]!r} of the trust signals in {where}"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" They take {list(TRUST_OPTIONS)}.")
+    return trust
+
+
 def _trust_options(state: FittedState, trust) -> Optional[dict]:
     """``trust_signals``' options for explain's ``trust`` argument (a dict of them, e.g. ``{"calibration":
     ac.query(X_val, y_val, vectors=True)}``, or a bool), or ``None`` where the explanations carry no trust
     signals; by default (``None``) they do whenever the training set is large enough to calibrate them."""
+    trust = check_trust_options(trust)
     if isinstance(trust, dict):
         return trust
     if trust is None:

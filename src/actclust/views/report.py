@@ -55,7 +55,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     trust : bool, dict or None
         Show trust signals on the cards; ``None`` when the training set can calibrate them; a
         dict passes options to :func:`actclust.analysis.trust.trust_signals`, such as held-out data to
-        calibrate on: ``{"calibration": ac.query(X_val, y_val, vectors=True)}``.
+        calibrate on: ``{"calibration": (X_val, y_val)}`` (or a query of them, ``ac.query(X_val, y_val, vectors=True)``).
 
     Returns
     -------
@@ -85,6 +85,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 
     meta = ac.provenance()
+    trust = ac._trust_options(trust, "report")  # checked, held-out calibration data queried, before the work
     q = ac.query(X, y)  # scores and the choice of inputs; vectors only for the few explained below
     probas = state.layer_probas(q.distances)
     summary = scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
