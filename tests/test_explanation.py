@@ -160,3 +160,28 @@ def test_trust_options_everywhere(tmp_path):
             ac.explain(x[850:], trust=bad)
     with pytest.raises(actclust.ParameterError, match=r"Unknown option 'calibraton' of the trust signals in trust"):
         ac.trust(x[850:], calibraton=held["calibration"])
+
+
+# class names as a list, or as a mapping of class ids to names (a Hugging Face config's id2label, whose keys were
+# shown instead), everywhere names are shown; a string is refused (it was split into one name per character)
+def test_class_names_forms(fitted, data, tmp_path):
+    from actclust.views.explorer import Explorer
+
+    x = data[0]
+    names = {0: "cat", 1: "dog", 2: "bird"}
+    assert fitted.explain(x[:2], class_names=names, trust=False)[0].class_names == \
+        ["cat", "dog", "bird"]
+    assert fitted.explain(x[:2], class_names={"2": "bird", "0": "cat", "1": "dog"}, trust=False)[0].class_names == \
+        ["cat", "dog", "bird"]
+    assert "bird" in actclust.report(fitted, x[:20], data[1][:20], out=tmp_path / "r.html", class_names=names,
+                                     n_correct=1, n_wrong=1).read_text()
+    assert Explorer(fitted, x[:10], class_names=names, trust=False, progress=False).names == ["cat", "dog", "bird"]
+    fitted.set_display(class_names=names)
+    assert "dog" in fitted.explain(x[:2], trust=False)._repr_html_()
+    for bad, match in (("abc", r"class_names must be a list of the 3 class names; got the string 'abc'"),
+                       ({0: "cat", 1: "dog"}, r"must map the class ids 0..2 to names; got the ids \[0, 1\]"),
+                       ({"cat": 0, "dog": 1, "bird": 2}, r"must map class ids 0..2 to names \(as id2label does\); got "
+                                                          r"the key 'cat'"),
+                       (["cat", "dog"], r"class_names must name the 3 classes; got 2 names")):
+        with pytest.raises(actclust.ParameterError, match=match):
+            fitted.explain(x[:2], class_names=bad, trust=False)

@@ -364,7 +364,7 @@ class ActivationClustering:
         from .analysis.explanation import check_class_names, explain
 
         state = self._state()
-        check_class_names(state, class_names)
+        class_names = check_class_names(state, class_names)
         method = retrieval.check_search(self.search if search is None else search)
         trust = self._trust_options(trust)
         out = explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,

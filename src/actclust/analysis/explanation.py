@@ -41,6 +41,7 @@ import gc
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -130,9 +131,32 @@ def find_similar(state: FittedState, q: Query, k: int, *, search: str = "auto", 
                 shares=_SHARES)
 
 
-def check_class_names(state: FittedState, class_names) -> None:
-    if class_names is not None and len(class_names) != state.n_classes:
-        raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
+def check_class_names(state: FittedState, class_names) -> Optional[list]:
+    """``class_names`` as a list of the state's ``n_classes`` names (``None`` stays ``None``), checked: a sequence
+    of names, or a mapping of the class ids 0..C-1 to names (a Hugging Face config's ``id2label``, whose keys were
+    shown instead of its names). A string is refused (it was split into one name per character)."""
+    if class_names is None:
+        return None
+    n = state.n_classes
+    if isinstance(class_names, (str, bytes)):
+        raise ParameterError(f"class_names must be a list of the {n} class names; got the string {class_names!r} "
+                             "(a comma-separated string is the command line's form: split it first).")
+    if isinstance(class_names, Mapping):
+        ids = {}
+        for key, name in class_names.items():
+            try:
+                ids[int(key)] = str(name)
+            except (TypeError, ValueError):
+                raise ParameterError(f"class_names as a mapping must map class ids 0..{n - 1} to names (as id2label "
+                                     f"does); got the key {key!r}.") from None
+        if sorted(ids) != list(range(n)):
+            raise ParameterError(f"class_names as a mapping must map the class ids 0..{n - 1} to names; got the ids "
+                                 f"{sorted(ids)}.")
+        return [ids[i] for i in range(n)]
+    names = [str(c) for c in class_names]
+    if len(names) != n:
+        raise ParameterError(f"class_names must name the {n} classes; got {len(names)} names.")
+    return names
 
 
 def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str = "auto", progress: bool = False,
@@ -194,7 +218,7 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
     """One :class:`Explanation` per input of the query ``q`` (made with ``vectors=True``) of a
     fitted ``state``; see :meth:`ActivationClustering.explain`. ``backend`` (:mod:`actclust.compute`)
     computes the searches (the host by default)."""
-    check_class_names(state, class_names)
+    class_names = check_class_names(state, class_names)
     k = min(k, state.n_samples)
     probas = state.layer_probas(q.distances)  # (L, n, C)
     combined = combine(probas, state.weights)

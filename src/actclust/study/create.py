@@ -91,9 +91,9 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     y = np.asarray(y).reshape(-1)
     if len(y) != length(X):
         raise DataError(f"y has {len(y)} labels for {length(X)} inputs; give one label per input.")
-    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(state.n_classes)]
-    if len(names) != state.n_classes:
-        raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(names)} names.")
+    from ..analysis.explanation import check_class_names
+
+    names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
     if train is not None and length(train) != state.n_samples:
         raise DataError(f"train has {length(train)} samples but the explainer was fitted on {state.n_samples}; "
                         "pass the same training data, in the same order.")

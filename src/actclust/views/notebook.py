@@ -69,11 +69,9 @@ def check_display(state, display: Display) -> Display:
     if display.train is not None and length(display.train) != state.n_samples:
         raise DataError(f"train has {length(display.train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
-    if display.class_names is not None:
-        names = [str(c) for c in display.class_names]
-        if len(names) != state.n_classes:
-            raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(names)} names.")
-        display.class_names = names
+    from ..analysis.explanation import check_class_names
+
+    display.class_names = check_class_names(state, display.class_names)
     return display
 
 

@@ -79,8 +79,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     if train is not None and length(train) != state.n_samples:
         raise DataError(f"train has {length(train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
-    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(state.n_classes)]
-    check_class_names(state, names)
+    names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
     if feature_names is None:
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ...exceptions import DataError, ParameterError
+from ...exceptions import DataError
 
 __all__ = ["Explorer", "NotFound", "PageCache", "FILTERS", "SORTS", "PAGE_SIZE"]
 
@@ -124,10 +124,9 @@ class Explorer:
         if train is not None and length(train) != state.n_samples:
             raise DataError(f"train has {length(train)} samples but the run was fitted on {state.n_samples}; "
                             "pass the same training data, in the same order.")
-        if class_names is not None:
-            class_names = [str(c) for c in class_names]
-            if len(class_names) != state.n_classes:
-                raise ParameterError(f"class_names must name the {state.n_classes} classes; got {len(class_names)} names.")
+        from ...analysis.explanation import check_class_names
+
+        class_names = check_class_names(state, class_names)
         self.names = class_names or [str(c) for c in range(state.n_classes)]
         self.renderer = Renderer(render, mean=mean, std=std, tokenizer=tokenizer,
                                  feature_names=feature_names or state.input_spec.feature_names)
