@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import actclust
 from actclust import ActivationClustering, report
 
 from conftest import chromium_playwright
@@ -105,3 +106,20 @@ def test_text_layout_in_chromium(fitted, data, tmp_path):
             browser.close()
     assert box["width"] > 250 and box["lines"] <= 4, box
     assert thumb > 100
+
+
+# mean/std that cannot fit the inputs (2 or 3 values for 1-channel images) are refused before any drawing, in the
+# report, the notebook display, the explorer and a study (a report of placeholders and a warning per picture)
+def test_mean_std_checked_up_front(fitted, data, tmp_path):
+    from actclust.views.explorer import Explorer
+
+    x, y = data
+    match = r"mean has 2 values and std has 3 values, but the inputs, of shape \(1, 6, 6\) per sample, take one value"
+    with pytest.raises(actclust.ParameterError, match=match):
+        actclust.report(fitted, x[:10], y[:10], out=tmp_path / "r.html", mean=[0.1, 0.2], std=[1, 1, 1])
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(actclust.ParameterError, match=match):
+        fitted.set_display(mean=[0.1, 0.2], std=[1, 1, 1])
+    with pytest.raises(actclust.ParameterError, match=match):
+        Explorer(fitted, x[:10], mean=[0.1, 0.2], std=[1, 1, 1], trust=False, progress=False)
+    fitted.set_display(mean=0.5, std=[2.0])  # one value: every channel

@@ -70,8 +70,10 @@ def check_display(state, display: Display) -> Display:
         raise DataError(f"train has {length(display.train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
     from ..analysis.explanation import check_class_names
+    from .render import check_mean_std
 
     display.class_names = check_class_names(state, display.class_names)
+    check_mean_std(state.input_spec, display.mean, display.std)
     return display
 
 

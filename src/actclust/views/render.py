@@ -22,13 +22,29 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..exceptions import DataError, RenderWarning
+from ..exceptions import DataError, ParameterError, RenderWarning
 
 MAX_FEATURES = 12
 _MAX_FEATURES = MAX_FEATURES
 MAX_TOKENS = 128
 _IDS_KEYS = ("input_ids", "ids", "tokens")
 _MASK_KEYS = ("attention_mask", "mask")
+
+
+def check_mean_std(spec, mean, std) -> None:
+    """Refuse, before any drawing, ``mean``/``std`` that cannot fit the fitted inputs (``spec``: the state's
+    :class:`~actclust.state.InputSpec`): one value, or one per feature of a table or per channel of an image
+    (channels first or last). A bad pair was found picture by picture: a report of placeholders and a warning each."""
+    if spec is None or spec.kind != "tensor" or (mean is None and std is None):
+        return
+    shape = tuple(spec.shape)
+    allowed = {1, *((shape[0],) if len(shape) == 1 else (shape[0], shape[-1]) if len(shape) >= 3 else ())}
+    sizes = {name: int(np.size(v)) for name, v in (("mean", mean), ("std", std)) if v is not None}
+    bad = {k: v for k, v in sizes.items() if v not in allowed}
+    if bad:
+        what = "features" if len(shape) == 1 else "channels"
+        raise ParameterError(f"{' and '.join(f'{k} has {v} values' for k, v in bad.items())}, but the inputs, of shape "
+                             f"{shape} per sample, take one value or one per {what[:-1]} ({sorted(allowed - {1})}).")
 
 
 class Renderer:

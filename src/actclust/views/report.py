@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
-from .render import Renderer
+from .render import Renderer, check_mean_std
 from ..exceptions import DataError, ParameterError, RunExistsError
 from ..io import atomic
 
@@ -80,6 +80,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         raise DataError(f"train has {length(train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
     names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
+    check_mean_std(state.input_spec, mean, std)
     if feature_names is None:
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 

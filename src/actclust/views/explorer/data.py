@@ -112,7 +112,7 @@ class Explorer:
                  progress: bool = True):
         from ...analysis import surrogate
         from ...capture.data import length
-        from ..render import Renderer
+        from ..render import Renderer, check_mean_std
 
         self.ac, self.state, self.X, self.train, self.k, self.title = ac, ac.state_, X, train, int(k), title
         state = self.state
@@ -127,6 +127,7 @@ class Explorer:
         from ...analysis.explanation import check_class_names
 
         class_names = check_class_names(state, class_names)
+        check_mean_std(state.input_spec, mean, std)
         self.names = class_names or [str(c) for c in range(state.n_classes)]
         self.renderer = Renderer(render, mean=mean, std=std, tokenizer=tokenizer,
                                  feature_names=feature_names or state.input_spec.feature_names)
