@@ -83,6 +83,10 @@ def test_dict_and_tuple_inputs():
                        ((a, b[:10]), r"The arrays of X differ in length: \{'0': 50, '1': 10\}")):
         with pytest.raises(DataError, match=match):
             pos.predict(bad)
+    # (x, y) given as X to a model of one input: said before the model runs, with where the labels go
+    with pytest.raises(DataError, match=r"X gives the model 2 inputs \(a tuple is the model's inputs in order\), but "
+                                        r"its forward takes 1: pass the inputs alone, and the labels as y="):
+        ActivationClustering(_mlp(), ["0"], n_clusters=3, progress=False).fit((np.hstack([a, b[:, :1]]), y))
     # inputs by keyword in another order: matched by name; other names or a missing one are refused
     assert np.array_equal(ac.query({"b": b, "a": a}).dnn_pred, direct)
     with pytest.raises(DataError, match=r"gives the model a dict of 2 inputs \['a', 'c'\], but the explainer was"):

@@ -71,6 +71,9 @@ def test_explanation_errors(fitted, data):
         Explanation.from_json('{"schema": "other/1"}')
     with pytest.raises(ValueError, match=r"Unknown fields in explanation: \['extra'\]"):
         Explanation.from_dict({"schema": SCHEMA, "extra": 1})
+    whole = fitted.explain(data[0][:1], trust=False)[0].to_dict()
+    with pytest.raises(actclust.ParameterError, match=r"The explanation lacks the fields \['layers'\]"):
+        Explanation.from_dict({k: v for k, v in whole.items() if k != "layers"})
 
 
 # explanations are built with the cycle collector paused (they hold no cycles; it set itself off

@@ -260,7 +260,9 @@ class KerasAdapter(ModelAdapter):
             pairs = [(f"{name}[{n!r}]", inputs[n], t) for n, t in zip(names, model_inputs)]
         elif isinstance(inputs, (tuple, list)):
             if len(inputs) != len(model_inputs):
-                raise DataError(f"{name} gives {len(inputs)} inputs but the model takes {len(model_inputs)} ({names}).")
+                raise DataError(f"{name} gives {len(inputs)} inputs but the model takes {len(model_inputs)} ({names})"
+                                + (": pass the inputs alone, and the labels as y=." if len(inputs) > len(model_inputs)
+                                   else "."))
             pairs = [(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(inputs, model_inputs))]
         else:
             if len(model_inputs) != 1:

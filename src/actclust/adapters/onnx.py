@@ -211,7 +211,9 @@ class OnnxAdapter(ModelAdapter):
             return dict(inputs)
         if isinstance(inputs, (tuple, list)):
             if len(inputs) != len(self.inputs):
-                raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}; the batch has {len(inputs)}.")
+                raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}; the batch has {len(inputs)}"
+                                + (": pass the inputs alone, and the labels as y=." if len(inputs) > len(self.inputs)
+                                   else "."))
             return dict(zip(self.inputs, inputs))
         if len(self.inputs) != 1:
             raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}, and X is a single array: pass a "

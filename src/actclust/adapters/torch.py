@@ -171,7 +171,14 @@ class TorchAdapter(ModelAdapter):
         values, or integers for a model with no embedding layer. Dict and tuple inputs (token ids,
         masks) and flat rows go to the model as given; its own error is then wrapped with context.
         """
-        if isinstance(inputs, (Mapping, tuple, list)) or len(inputs.shape) < 3:
+        if isinstance(inputs, (tuple, list)):
+            takes = _positional_inputs(self.inner)
+            if takes is not None and len(inputs) > takes:
+                raise DataError(
+                    f"{name} gives the model {len(inputs)} inputs (a tuple is the model's inputs in order), but its "
+                    f"forward takes {takes}: pass the inputs alone, and the labels as y=.")
+            return
+        if isinstance(inputs, Mapping) or len(inputs.shape) < 3:
             return
         dtype = dtype_name(inputs)
         if dtype == "uint8":
@@ -418,6 +425,19 @@ class _TorchRunner(Runner):
 
 _SEQUENCE_FIRST = (" (a sequence-first output, as nn.LSTM, nn.GRU and nn.MultiheadAttention give without "
                    "batch_first=True?)")
+
+
+def _positional_inputs(module: nn.Module) -> Optional[int]:
+    """How many positional inputs ``module``'s forward takes at most (None: any number, or unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _head(inputs, m: int):

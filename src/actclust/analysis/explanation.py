@@ -106,10 +106,16 @@ class Explanation:
     def from_dict(cls, data: dict) -> "Explanation":
         if data.get("schema") != SCHEMA:
             raise ParameterError(f"Not an actclust explanation of schema {SCHEMA!r}: schema is {data.get('schema')!r}.")
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - names)
+        import dataclasses
+
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
             raise ParameterError(f"Unknown fields in explanation: {unknown}.")
+        missing = [f.name for f in fields if f.init and f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ParameterError(f"The explanation lacks the fields {missing}.")
         return cls(**data)
 
     @classmethod
