@@ -387,6 +387,8 @@ def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
         assert f"is part of the run {run} the report reads" in capsys.readouterr().err
     assert (run / "manifest.json").read_bytes() == manifest
     assert main(report + ["--out", str(run / "report.html")]) == 0
+    assert main(report + ["--out", str(run)]) == 2  # the run's folder: the hint puts the report beside it
+    assert f"is a directory; give the HTML file to write, e.g. --out {run}-report.html" in capsys.readouterr().err
 
 
 # a place where the run cannot be saved is said before the fit, not after it; a run another command saved there

@@ -50,6 +50,10 @@ def test_dataframe_equals_its_array():
     with pytest.raises(DataError, match=r"X's columns differ from the training inputs': missing \['bp'\]; not fitted "
                                         r"\['BP'\]. Pass the fitted columns, \['age', 'bmi', 'bp', 's1'\], in that order"):
         b.predict(df.rename(columns={"bp": "BP"}))
+    with pytest.raises(DataError, match=r"one row of a table, df.iloc\[i\], is a Series, read as one column: pass "
+                                        r"df.iloc\[\[i\]\]"):
+        b.predict(df.iloc[0])
+    assert np.array_equal(b.predict(df.iloc[[0]]), b.predict(df)[:1])
 
 
 # a DataFrame with text columns says which columns to encode

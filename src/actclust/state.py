@@ -72,7 +72,9 @@ class InputSpec:
                 f"{name}'s columns differ from the training inputs': "
                 + "; ".join(part for part in (f"missing {_names(missing)}" if missing else "",
                                               f"not fitted {_names(extra)}" if extra else "") if part)
-                + f". Pass the fitted columns, {_names(fitted)}, in that order.")
+                + f". Pass the fitted columns, {_names(fitted)}, in that order"
+                + (" (one row of a table, df.iloc[i], is a Series, read as one column: pass df.iloc[[i]])."
+                   if len(names) == 1 < len(fitted) else "."))
         given = {k: (s, d) for k, s, d in got.parts}
         for key, shape, dtype in self.parts:
             got_shape, got_dtype = given[key]

@@ -276,8 +276,9 @@ def _report(args) -> int:
     from ..views.report import report
 
     out = Path(args.out)
-    if out.is_dir():
-        raise RunExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}.")
+    if out.is_dir():  # a run's folder: the report goes beside it (a file in it would stop a later --overwrite)
+        beside = out.with_name(out.name + "-report.html") if (out / "manifest.json").exists() else out / "report.html"
+        raise RunExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {beside}.")
     if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
         raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
     ac = load_run(args)
