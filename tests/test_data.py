@@ -89,7 +89,8 @@ def test_dict_and_tuple_inputs():
             pos.predict(bad)
     # (x, y) given as X to a model of one input: said before the model runs, with where the labels go
     with pytest.raises(DataError, match=r"X gives the model 2 inputs \(a tuple is the model's inputs in order\), but "
-                                        r"its forward takes 1: pass the inputs alone, and the labels as y="):
+                                        r"its forward takes 1 positionally: pass the inputs alone, and the labels as "
+                                        r"y= \(inputs its forward takes by keyword: a dict of them by name\)"):
         ActivationClustering(_mlp(), ["0"], n_clusters=3, progress=False).fit((np.hstack([a, b[:, :1]]), y))
     # inputs by keyword in another order: matched by name; other names or a missing one are refused
     assert np.array_equal(ac.query({"b": b, "a": a}).dnn_pred, direct)

@@ -71,7 +71,10 @@ def test_explanation_errors(fitted, data):
         Explanation.from_json('{"schema": "other/1"}')
     with pytest.raises(ValueError, match=r"Unknown fields in explanation: \['extra'\]"):
         Explanation.from_dict({"schema": SCHEMA, "extra": 1})
-    whole = fitted.explain(data[0][:1], trust=False)[0].to_dict()
+    whole = fitted.explain(data[0][:1], k=np.int64(3), trust=False)[0].to_dict()  # NumPy's ints are ints
+    assert len(whole["similar"]["low"]) == 3
+    with pytest.raises(actclust.ParameterError, match="An explanation is a dict"):
+        Explanation.from_dict([whole])
     with pytest.raises(actclust.ParameterError, match=r"The explanation lacks the fields \['layers'\]"):
         Explanation.from_dict({k: v for k, v in whole.items() if k != "layers"})
 
@@ -150,6 +153,7 @@ def test_trust_options_everywhere(tmp_path):
     ac = ActivationClustering(net, ["1", "2"], n_clusters=3, progress=False).fit(x[:600], y[:600])
     held = {"calibration": (x[600:850], y[600:850])}
     direct = ac.trust(x[850:], **held)
+    assert len(ac.trust(x[850:], n_neighbors=np.int64(20))["credibility"]) == 50  # NumPy's ints are ints
     es = ac.explain(x[850:], trust=held)
     np.testing.assert_allclose([e.trust["credibility"] for e in es], direct["credibility"])
     assert es[0].trust_thresholds["calibration"] == "held-out data"
@@ -183,8 +187,11 @@ def test_class_names_forms(fitted, data, tmp_path):
     assert "dog" in fitted.explain(x[:2], trust=False)._repr_html_()
     for bad, match in (("abc", r"class_names must be a list of the 3 class names; got the string 'abc'"),
                        ({0: "cat", 1: "dog"}, r"must map the class ids 0..2 to names; got the ids \[0, 1\]"),
-                       ({"cat": 0, "dog": 1, "bird": 2}, r"must map class ids 0..2 to names \(as id2label does\); got "
-                                                          r"the key 'cat'"),
+                       ({"cat": 0, "dog": 1, "bird": 2}, r"must map each class id 0..2 to its name, once \(as id2label "
+                                                          r"does\); got the key 'cat'"),
+                       ({0: "cat", "0": "kitten", 1: "dog", 2: "bird"}, r"once \(as id2label does\); got the key 0"),
+                       ({"b", "a", "c"}, r"must be a list of the 3 class names, in class order"),
+                       (3, r"must be a list of the 3 class names, in class order .* got int 3"),
                        (["cat", "dog"], r"class_names must name the 3 classes; got 2 names")):
         with pytest.raises(actclust.ParameterError, match=match):
             fitted.explain(x[:2], class_names=bad, trust=False)

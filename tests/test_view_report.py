@@ -123,3 +123,7 @@ def test_mean_std_checked_up_front(fitted, data, tmp_path):
     with pytest.raises(actclust.ParameterError, match=match):
         Explorer(fitted, x[:10], mean=[0.1, 0.2], std=[1, 1, 1], trust=False, progress=False)
     fitted.set_display(mean=0.5, std=[2.0])  # one value: every channel
+    fitted.set_display(mean=torch.tensor([0.5]), std=torch.tensor(2.0))  # any framework's arrays
+    with pytest.raises(actclust.ParameterError, match=r"mean has 6 values, but the inputs, of shape \(1, 6, 6\) per "
+                                                      r"sample, take one value\."):
+        fitted.set_display(mean=[0.5] * 6)  # one per column of a 1-channel image: no channel axis of 6

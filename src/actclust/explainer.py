@@ -450,7 +450,7 @@ class ActivationClustering:
 
         self.__dict__["_display"] = check_display(self._state(), Display(
             train=train, class_names=class_names, render=render, mean=mean, std=std, feature_names=feature_names,
-            tokenizer=tokenizer))
+            tokenizer=tokenizer), self._adapter().input_channel_axis)
         return self
 
     def _display_context(self, inputs=None):

@@ -74,7 +74,7 @@ class InputSpec:
                                               f"not fitted {_names(extra)}" if extra else "") if part)
                 + f". Pass the fitted columns, {_names(fitted)}, in that order"
                 + (" (one row of a table, df.iloc[i], is a Series, read as one column: pass df.iloc[[i]])."
-                   if len(names) == 1 < len(fitted) else "."))
+                   if len(names) == 1 else "."))
         given = {k: (s, d) for k, s, d in got.parts}
         for key, shape, dtype in self.parts:
             got_shape, got_dtype = given[key]

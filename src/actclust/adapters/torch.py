@@ -176,7 +176,8 @@ class TorchAdapter(ModelAdapter):
             if takes is not None and len(inputs) > takes:
                 raise DataError(
                     f"{name} gives the model {len(inputs)} inputs (a tuple is the model's inputs in order), but its "
-                    f"forward takes {takes}: pass the inputs alone, and the labels as y=.")
+                    f"forward takes {takes} positionally: pass the inputs alone, and the labels as y= (inputs its "
+                    "forward takes by keyword: a dict of them by name).")
             return
         if isinstance(inputs, Mapping) or len(inputs.shape) < 3:
             return

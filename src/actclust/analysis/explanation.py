@@ -38,6 +38,7 @@ distribution of the surrogate's targets over the training data.
 from __future__ import annotations
 
 import gc
+import numbers
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,8 @@ class Explanation:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Explanation":
+        if not isinstance(data, dict):
+            raise ParameterError(f"An explanation is a dict (Explanation.to_dict()); got {type(data).__name__}.")
         if data.get("schema") != SCHEMA:
             raise ParameterError(f"Not an actclust explanation of schema {SCHEMA!r}: schema is {data.get('schema')!r}.")
         import dataclasses
@@ -133,8 +136,8 @@ def find_similar(state: FittedState, q: Query, k: int, *, search: str = "auto", 
                  backend=None) -> dict:
     """``{"low": Neighbours, "high": Neighbours}``: the similar training samples an explanation shows, searched
     as :func:`prepare` prepares them (also by the explorer, so that it shows explain's neighbours)."""
-    return find(state, q, k, similar_weights(state, k), method=search, progress=progress, backend=backend,
-                shares=_SHARES)
+    weights = similar_weights(state, k)  # k checked: an int, NumPy's too (faiss takes Python ints only)
+    return find(state, q, int(k), weights, method=search, progress=progress, backend=backend, shares=_SHARES)
 
 
 def check_class_names(state: FittedState, class_names) -> Optional[list]:
@@ -150,16 +153,20 @@ def check_class_names(state: FittedState, class_names) -> Optional[list]:
     if isinstance(class_names, Mapping):
         ids = {}
         for key, name in class_names.items():
-            try:
-                ids[int(key)] = str(name)
-            except (TypeError, ValueError):
-                raise ParameterError(f"class_names as a mapping must map class ids 0..{n - 1} to names (as id2label "
-                                     f"does); got the key {key!r}.") from None
+            if isinstance(key, str) and key.isascii() and key.isdigit():
+                key = int(key)
+            if not isinstance(key, numbers.Integral) or isinstance(key, bool) or int(key) in ids:
+                raise ParameterError(f"class_names as a mapping must map each class id 0..{n - 1} to its name, once "
+                                     f"(as id2label does); got the key {key!r}.")
+            ids[int(key)] = str(name)
         if sorted(ids) != list(range(n)):
             raise ParameterError(f"class_names as a mapping must map the class ids 0..{n - 1} to names; got the ids "
                                  f"{sorted(ids)}.")
         return [ids[i] for i in range(n)]
-    names = [str(c) for c in class_names]
+    if isinstance(class_names, (set, frozenset)) or not hasattr(class_names, "__iter__") or np.ndim(class_names) != 1:
+        raise ParameterError(f"class_names must be a list of the {n} class names, in class order (or a mapping of "
+                             f"class ids to names); got {type(class_names).__name__} {class_names!r}.")
+    names = [c.decode() if isinstance(c, bytes) else str(c) for c in class_names]
     if len(names) != n:
         raise ParameterError(f"class_names must name the {n} classes; got {len(names)} names.")
     return names

@@ -263,6 +263,7 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     k, fraction = n_neighbors, calibration_fraction
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ParameterError(f"The 'n_neighbors' parameter of trust_signals must be a positive int. Got {k!r} instead.")
+    k = n_neighbors = int(k)  # NumPy's ints too: faiss takes Python ints only
     if not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
         raise ParameterError("The 'calibration_fraction' parameter of trust_signals must be in (0, 1). "
                          f"Got {fraction!r} instead.")

@@ -95,7 +95,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     from ..views.render import check_mean_std
 
     names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
-    check_mean_std(state.input_spec, mean, std)
+    check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
     if train is not None and length(train) != state.n_samples:
         raise DataError(f"train has {length(train)} samples but the explainer was fitted on {state.n_samples}; "
                         "pass the same training data, in the same order.")

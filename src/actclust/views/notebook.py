@@ -62,7 +62,7 @@ class Display:
     tokenizer: object = None
 
 
-def check_display(state, display: Display) -> Display:
+def check_display(state, display: Display, channel_axis: int = 1) -> Display:
     """``display`` checked against a fitted state: training inputs of its size, one name per class."""
     from ..capture.data import length
 
@@ -73,7 +73,7 @@ def check_display(state, display: Display) -> Display:
     from .render import check_mean_std
 
     display.class_names = check_class_names(state, display.class_names)
-    check_mean_std(state.input_spec, display.mean, display.std)
+    check_mean_std(state.input_spec, display.mean, display.std, channel_axis)
     return display
 
 

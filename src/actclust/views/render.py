@@ -31,20 +31,27 @@ _IDS_KEYS = ("input_ids", "ids", "tokens")
 _MASK_KEYS = ("attention_mask", "mask")
 
 
-def check_mean_std(spec, mean, std) -> None:
+def check_mean_std(spec, mean, std, channel_axis: int = 1) -> None:
     """Refuse, before any drawing, ``mean``/``std`` that cannot fit the fitted inputs (``spec``: the state's
-    :class:`~actclust.state.InputSpec`): one value, or one per feature of a table or per channel of an image
-    (channels first or last). A bad pair was found picture by picture: a report of placeholders and a warning each."""
+    :class:`~actclust.state.InputSpec`; ``channel_axis``: the adapter's, 1 or -1 of a batch): one value, or one
+    per feature of a table or per channel of an image. A bad pair was found picture by picture: a report of
+    placeholders and a warning each. Arrays of any framework (a tensor's ``size`` is a method, not a number)."""
     if spec is None or spec.kind != "tensor" or (mean is None and std is None):
         return
     shape = tuple(spec.shape)
-    allowed = {1, *((shape[0],) if len(shape) == 1 else (shape[0], shape[-1]) if len(shape) >= 3 else ())}
-    sizes = {name: int(np.size(v)) for name, v in (("mean", mean), ("std", std)) if v is not None}
+    if len(shape) == 1:
+        allowed, what = {1, shape[0]}, "feature"
+    elif len(shape) >= 3:
+        allowed, what = {1, shape[channel_axis - 1 if channel_axis > 0 else channel_axis]}, "channel"
+    else:
+        allowed, what = {1}, "image"
+    sizes = {name: int(np.prod(tuple(getattr(v, "shape", np.shape(v))), dtype=np.int64))
+             for name, v in (("mean", mean), ("std", std)) if v is not None}
     bad = {k: v for k, v in sizes.items() if v not in allowed}
     if bad:
-        what = "features" if len(shape) == 1 else "channels"
+        per = f" or one per {what} ({max(allowed)})" if len(allowed) > 1 else ""
         raise ParameterError(f"{' and '.join(f'{k} has {v} values' for k, v in bad.items())}, but the inputs, of shape "
-                             f"{shape} per sample, take one value or one per {what[:-1]} ({sorted(allowed - {1})}).")
+                             f"{shape} per sample, take one value{per}.")
 
 
 class Renderer:

@@ -80,7 +80,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         raise DataError(f"train has {length(train)} samples but the explainer was fitted on "
                         f"{state.n_samples}; pass the same training data, in the same order.")
     names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
-    check_mean_std(state.input_spec, mean, std)
+    check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
     if feature_names is None:
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 

@@ -127,7 +127,7 @@ class Explorer:
         from ...analysis.explanation import check_class_names
 
         class_names = check_class_names(state, class_names)
-        check_mean_std(state.input_spec, mean, std)
+        check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
         self.names = class_names or [str(c) for c in range(state.n_classes)]
         self.renderer = Renderer(render, mean=mean, std=std, tokenizer=tokenizer,
                                  feature_names=feature_names or state.input_spec.feature_names)
