@@ -157,6 +157,12 @@ def test_attention_checks(tmp_path, study_source):
     study = load_study(folder)
     checks = [it for it in study.items if it.get("attention")]
     assert len(study.items) == 8 and len(checks) == 2 and checks[0]["input"]["text"].startswith("Attention check")
+    from fastapi.testclient import TestClient
+
+    from actclust.study.app import make_app
+
+    page = TestClient(make_app(folder, "t0k")).get("/admin", headers={"Authorization": "Bearer t0k"}).text
+    assert "6 items + 2 attention checks;" in page  # the checks are not counted as items
     store = Store(study)
     for n in range(3):  # participant 1 fails a check (rejects with confidence 3)
         session = store.authorise(**_creds(store.create_session()))
@@ -172,6 +178,12 @@ def test_attention_checks(tmp_path, study_source):
     assert out["overall"]["accept_given_ai_right"]["estimate"] == 1.0  # the checks' rejections are not counted
     kept = analyze_rows(study, rows, n_boot=200, exclude_inattentive=False)
     assert kept["overall"]["n_responses"] == 18 and kept["attention"]["excluded"] == []
+    # everyone failed a check: the reasons say their trials were left out, not that there were none
+    failing = [{**r, "confidence": 3} if r["attention_check"] else r for r in rows]
+    none_kept = analyze_rows(study, failing, n_boot=200)["overall"]
+    assert none_kept["n_responses"] == 0 and none_kept["null_reasons"]["accuracy"] == (
+        "no complete trials of participants kept (3 left out for failing an attention check; --keep-inattentive keeps "
+        "them)")
 
 
 def _varied(conditions, per, seed=0, fixed=None):

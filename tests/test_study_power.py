@@ -100,6 +100,7 @@ def test_not_reached():
     ({"baseline": 1.0}, "baseline must be a number in (0, 1). Got 1.0 instead."),
     ({"effect": 0}, "effect must not be 0: there is no difference to detect."),
     ({"effect": 0.4}, "baseline + effect must be a number in (0, 1). Got 1.1 instead."),
+    ({"effect": 0.35, "baseline": 0.7}, "baseline + effect must be a number in (0, 1). Got 1.05 instead."),
     ({"icc": 1}, "icc must be a number in [0, 1). Got 1 instead."),
     ({"items": 0}, "items must be an int in [1, 1000000]. Got 0 instead."),
     ({"design": "mixed"}, "design must be one of ['between', 'within']. Got 'mixed' instead."),

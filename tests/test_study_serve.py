@@ -301,3 +301,23 @@ def test_behind_reverse_proxy(tmp_path, study_source):
         codes = [http.post("/api/sessions", json={}, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
                  for i in range(3)]
     assert codes == [200, 200, 429]  # an untrusted peer's X-Forwarded-For is ignored: all count for 127.0.0.1
+
+
+# two-stage trials: an answer of the other stage's form gets that stage's rule (not 'fetch the trial you answered'),
+# and the second stage takes no label beside the decision (it could contradict it: rejecting while naming the AI's class)
+def test_two_stage_answer_forms(tmp_path, study_source):
+    folder = make_study(tmp_path / "s", study_source, conditions=["none"], two_stage=True, items=2)
+    with _client(folder, clock=Clock(5000.0)) as client:
+        s = client.post("/api/sessions").json()
+        auth, base = {"Authorization": f"Bearer {s['token']}"}, f"/api/sessions/{s['session_id']}"
+        t = client.get(base + "/next", headers=auth).json()
+        r = client.post(base + "/responses", headers=auth,
+                        json={"trial_id": t["trial_id"], "decision": "accept", "label": 1, "confidence": 2})
+        assert r.status_code == 422 and "first stage of a two-stage trial: send your own answer as 'label'" in r.text
+        assert client.post(base + "/responses", headers=auth,
+                           json={"trial_id": t["trial_id"], "label": 0, "confidence": 2}).status_code == 200
+        r = client.post(base + "/responses", headers=auth,
+                        json={"trial_id": t["trial_id"], "decision": "reject", "label": 1, "confidence": 2})
+        assert r.status_code == 422 and "second stage of a two-stage trial: send 'decision' and no 'label'" in r.text
+        assert client.post(base + "/responses", headers=auth,
+                           json={"trial_id": t["trial_id"], "decision": "reject", "confidence": 2}).status_code == 200

@@ -114,6 +114,11 @@ def test_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"has no column 'true_label', no column 'ai_label', no column 'initial_label', "
                                         "no column 'final_label', which a two-stage analysis needs"):
         read_trials(path, two_stage=True)
+    # a column named twice: refused (a row read by name kept the last one, and the analysis was silently wrong)
+    twice = tmp_path / "twice.csv"
+    twice.write_text("participant,condition,ai_correct,decision,decision\nA,none,1,accept,reject\n")
+    with pytest.raises(DataError, match=r"twice.csv: the header names the columns \['decision'\] more than once"):
+        read_trials(twice)
 
 
 # an unknown decision, a confidence out of range, a bad ai_correct or time: the row is named by its line in the file

@@ -279,6 +279,11 @@ def analyze_trials(trials: list, conditions: list, *, design: str = "between", t
         if times[name] is None:
             reasons["median_response_ms"] = ("no complete trials" if totals[g, _K["n"]] == 0 else
                                              "no response times recorded")
+        excluded = len((attention or {}).get("excluded", ()))
+        if excluded and totals[g, _K["n"]] == 0:  # not "no complete trials": their trials were left out
+            reasons = {m: f"no complete trials of participants kept ({excluded} left out for failing an attention "
+                          "check; --keep-inattentive keeps them)" if r in (_WHY_NULL["n"], "no complete trials")
+                       else r for m, r in reasons.items()}
         per[name]["null_reasons"] = reasons
     result = {"design": design, "two_stage": bool(two_stage), "n_boot": n_boot, "seed": seed, "reference": reference,
               "conditions": {c: per[c] for c in conditions}, "overall": per["overall"], "notes": []}

@@ -58,6 +58,10 @@ _UPGRADES = {  # from version -> statements that bring a file to the next versio
 }
 
 
+
+_FIRST_STAGE = "This is the first stage of a two-stage trial: send your own answer as 'label' (a class index) and no 'decision'."
+_DECIDE = "Send 'decision': 'accept' or 'reject'."
+
 class RequestRefused(ParameterError):
     """A participant's request the study refuses; ``status`` is the HTTP status that says why."""
 
@@ -309,6 +313,9 @@ class Store:
             raise RequestRefused(409, f"Trial {trial_id} ({stage}) was already answered differently; "
                                       "an answer cannot be changed.")
         pending = self._pending(db, number)
+        if pending is not None and pending[0]["id"] == trial_id and pending[1] != stage:
+            self._check(pending[1], decision if pending[1] != "initial" else None, label)  # the due stage's rule
+            raise RequestRefused(422, _FIRST_STAGE if pending[1] == "initial" else _DECIDE)
         if pending is None or pending[0]["id"] != trial_id or pending[1] != stage:
             due = "none: the session is complete" if pending is None else f"trial {pending[0]['id']} ({pending[1]})"
             raise RequestRefused(409, f"Trial {trial_id} ({stage}) is not the answer due now ({due}); "
@@ -324,10 +331,13 @@ class Store:
     def _check(self, stage: str, decision, label) -> None:
         n = len(self.study.class_names)
         if stage == "initial" and label is None:
-            raise RequestRefused(422, "This is the first stage of a two-stage trial: send your own answer as "
-                                      "'label' (a class index) and no 'decision'.")
+            raise RequestRefused(422, _FIRST_STAGE)
         if stage != "initial" and decision is None:
-            raise RequestRefused(422, "Send 'decision': 'accept' or 'reject'.")
+            raise RequestRefused(422, _DECIDE)
+        if stage == "final" and len(self.stages) > 1 and label is not None:
+            # the final answer follows from the decision: a label beside it could contradict it
+            raise RequestRefused(422, "This is the second stage of a two-stage trial: send 'decision' and no 'label' "
+                                      "(accepting makes the AI's class your final answer, rejecting keeps your own).")
         if label is not None and not 0 <= label < n:
             raise RequestRefused(422, f"'label' must be a class index in [0, {n - 1}]; got {label}.")
 

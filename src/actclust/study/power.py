@@ -135,7 +135,9 @@ def _check(name, value, low, high, *, integer=False, open_low=False, open_high=F
     if bad:
         lo, hi = "(" if open_low else "[", ")" if open_high else "]"
         kind = "an int" if integer else "a number"
-        raise ParameterError(f"{name} must be {kind} in {lo}{low}, {high}{hi}. Got {value!r} instead.")
+        # a sum as the user thinks of it: 0.7 + 0.35 is 1.05, not 1.0499999999999998
+        got = repr(float(f"{value:.12g}")) if isinstance(value, float) else repr(value)
+        raise ParameterError(f"{name} must be {kind} in {lo}{low}, {high}{hi}. Got {got} instead.")
 
 
 def power_analysis(conditions, effect: float, baseline: float, items: int, *, design: str = "between",

@@ -93,6 +93,9 @@ def _rows(path: Path, fmt: str):
         if header is None:
             raise DataError(f"{path} is empty: it has no header line and no trials.")
         header = [h.strip() for h in header]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:  # a row read as a dict would keep the last of them, silently
+            raise DataError(f"{path}: the header names the columns {repeated} more than once; each column once.")
 
         def rows():
             for where, values in records:
