@@ -304,7 +304,7 @@ def test_behind_reverse_proxy(tmp_path, study_source):
 
 
 # two-stage trials: an answer of the other stage's form gets that stage's rule (not 'fetch the trial you answered'),
-# and the second stage takes no label beside the decision (it could contradict it: rejecting while naming the AI's class)
+# and a final class beside the decision must agree with it (rejecting while naming the AI's class was stored)
 def test_two_stage_answer_forms(tmp_path, study_source):
     folder = make_study(tmp_path / "s", study_source, conditions=["none"], two_stage=True, items=2)
     with _client(folder, clock=Clock(5000.0)) as client:
@@ -316,8 +316,10 @@ def test_two_stage_answer_forms(tmp_path, study_source):
         assert r.status_code == 422 and "first stage of a two-stage trial: send your own answer as 'label'" in r.text
         assert client.post(base + "/responses", headers=auth,
                            json={"trial_id": t["trial_id"], "label": 0, "confidence": 2}).status_code == 200
+        ai = client.get(base + "/next", headers=auth).json()["prediction"]["class"]
         r = client.post(base + "/responses", headers=auth,
-                        json={"trial_id": t["trial_id"], "decision": "reject", "label": 1, "confidence": 2})
-        assert r.status_code == 422 and "second stage of a two-stage trial: send 'decision' and no 'label'" in r.text
-        assert client.post(base + "/responses", headers=auth,
-                           json={"trial_id": t["trial_id"], "decision": "reject", "confidence": 2}).status_code == 200
+                        json={"trial_id": t["trial_id"], "decision": "reject", "label": ai, "confidence": 2})
+        assert r.status_code == 422 and f"'label' {ai} contradicts 'decision': 'reject'" in r.text
+        other = (ai + 1) % 3
+        assert client.post(base + "/responses", headers=auth, json={  # another final class: as documented
+            "trial_id": t["trial_id"], "decision": "reject", "label": other, "confidence": 2}).status_code == 200

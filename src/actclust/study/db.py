@@ -321,6 +321,14 @@ class Store:
             raise RequestRefused(409, f"Trial {trial_id} ({stage}) is not the answer due now ({due}); "
                                       "GET /api/sessions/{id}/next for it.")
         self._check(stage, decision, label)
+        if stage == "final" and len(self.stages) > 1 and label is not None:
+            # a final class beside the decision must agree with it: accepting makes the AI's class the final answer,
+            # rejecting may name another class, never the AI's (the analysis would count both an accept and a reject)
+            ai = self.study.item(trial["item_id"])["prediction"]
+            if (decision == "accept") != (label == ai):
+                raise RequestRefused(422, f"'label' {label} contradicts 'decision': {decision!r} (the AI's class is "
+                                          f"{ai}): accepting makes it your final answer; rejecting keeps your own, or "
+                                          "another class in 'label'.")
         db.execute("INSERT INTO responses (trial_id, stage, decision, confidence, label, created) "
                    "VALUES (?, ?, ?, ?, ?, ?)", (trial_id, stage, decision, confidence, label, now))
         db.execute("UPDATE sessions SET last_active = ? WHERE number = ?", (now, number))
@@ -334,10 +342,6 @@ class Store:
             raise RequestRefused(422, _FIRST_STAGE)
         if stage != "initial" and decision is None:
             raise RequestRefused(422, _DECIDE)
-        if stage == "final" and len(self.stages) > 1 and label is not None:
-            # the final answer follows from the decision: a label beside it could contradict it
-            raise RequestRefused(422, "This is the second stage of a two-stage trial: send 'decision' and no 'label' "
-                                      "(accepting makes the AI's class your final answer, rejecting keeps your own).")
         if label is not None and not 0 <= label < n:
             raise RequestRefused(422, f"'label' must be a class index in [0, {n - 1}]; got {label}.")
 
