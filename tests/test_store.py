@@ -279,3 +279,22 @@ def test_spatial_grid_checked(model, data, bad):
     with pytest.raises(ParameterError, match=r"'spatial_grid' parameter of ActivationClustering must be None or an "
                                              r"int >= 1\. Got .* instead"):
         _fit(model, *data, spatial_grid=bad)
+
+
+# a refitted explainer keeps one generation, not the one it replaced as well (twice the disk until a later fit);
+# a state the user still holds keeps its generation, and its vectors stay readable
+def test_refit_releases_the_replaced_generation(model, data, tmp_path):
+    import gc
+
+    x, y = data
+    store = tmp_path / "vectors"
+    ac = ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=3, store=store, progress=False)
+    ac.fit(x, y)
+    ac.fit(x[:60], y[:60])
+    gc.collect()  # nothing should need it; here only to rule it out as what freed the old state
+    assert len([g for g in os.listdir(store) if g.startswith("gen-")]) == 1
+    kept = ac.state_
+    before = np.asarray(kept.train_vectors["conv"]).copy()
+    ac.fit(x, y)
+    assert len([g for g in os.listdir(store) if g.startswith("gen-")]) == 2  # the user's reference holds it
+    np.testing.assert_array_equal(np.asarray(kept.train_vectors["conv"]), before)

@@ -212,6 +212,8 @@ class ActivationClustering:
         adapter = self._adapter()
         config = validate(self, adapter)
         self.state_ = fitting.fit(adapter, config, X, y, self._backend())  # the one assignment of what fit learned
+        if self.store is not None:  # the generation of the state just replaced, where nothing holds it any more
+            fitting.release_replaced(self.store)
         return self
 
     def _adapter(self):

@@ -24,7 +24,7 @@ from .capture.data import Batches, check_label_range
 from .clustering import CLUSTERINGS, make_clustering
 from .compute import HOST, backend_for
 from .deps import require
-from .exceptions import ActClustWarning, ConvergenceWarning, DataError, ParameterError
+from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, ParameterError
 from .state import SUMMARY_SUFFIX, FittedState
 from .store import StoreWriter
 from .validation import FitConfig
@@ -99,6 +99,19 @@ def _check_cluster_counts(config: FitConfig, n) -> None:
                 f"n_clusters for layer {name!r} is {k}, more than the {n} samples to cluster; "
                 "use at most as many clusters as samples."
             )
+
+
+def release_replaced(store) -> None:
+    """After a refit replaced a state whose vectors were in the store folder ``store``: remove its generation where
+    nothing holds it any more (the clean-up at the refit's commit ran while that state still held it, so a refitted
+    explainer kept two generations, twice the disk, until some later fit). A generation another explainer, another
+    process or the user's own reference to the old state still holds is kept. Best effort: a failure is no error."""
+    from .store.vectors import clean_store
+
+    try:
+        clean_store(store)
+    except (OSError, ActClustError):
+        pass
 
 
 def _warn_few_clusters(config: FitConfig, n_targets: int) -> None:
