@@ -3,6 +3,9 @@ pass of ``fit`` and the query pass of the analyses on it."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 from dataclasses import replace
 
 import numpy as np
@@ -108,21 +111,33 @@ class Pass:
         ctx.enable_progress_bars = False  # ours, on the driver, counts the samples written
         ctx.print_on_execution_start = self.config.progress
         ctx.execution_options.preserve_order = False  # rows carry their positions
+        batches = iter(out.iter_batches(batch_size=None, batch_format="numpy"))  # a generator, closed below
+        failure, finished = None, False
         try:
-            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 rows = batch[ROW]
                 self.info["batches"] += 1
                 self.info["out_of_order"] += int(len(rows) > 0 and rows.min() < highest)
                 highest = max(highest, int(rows.max(initial=-1)))
                 bar.update(len(rows))
                 yield batch
-        except ActClustError:
-            raise
-        except Exception as e:  # a worker's error, wrapped by Ray: name the batch and the worker's error
-            raise worker_error(e) from e
+            finished = True
+        except Exception as e:  # a worker's error, wrapped by Ray (an actclust error's class too): name the batch and
+            if type(e).__module__ == "actclust.exceptions":  # the worker's error (its text, not Ray's exception: see
+                raise  # below); one of ours raised here as it is
+            failure = worker_error(e)
         finally:
             bar.close()
-            del ref
+            # A pass that failed, was interrupted or was abandoned by its caller hands its actors' CPUs back now.
+            # Ray Data's objects hold them through reference cycles: left to the garbage collector (and kept alive by
+            # a traceback holding Ray's exception, as a notebook keeps its last one), every other Ray job waited for
+            # the cluster's CPUs. So: the iterator closed, nothing of Ray's kept, a collection.
+            getattr(batches, "close", lambda: None)()
+            del ref, batches, out
+            if not finished:
+                gc.collect()
+        if failure is not None:
+            raise failure
 
 
 
@@ -149,21 +164,22 @@ def capture(run: Pass, adapter, reducers: dict, writer, *, keep_proba: bool):
     col, classes, has_y = Collector(run.n), set(), []
     payload = {"state": None, "reducers": reducers, "normalize": ac.normalize, "spatial_grid": ac.spatial_grid,
                "random_state": ac.random_state, "keep_proba": keep_proba, "layouts": first.layouts}
-    for i, batch in enumerate(run.run(adapter, payload, "capturing activations (ray)")):
-        rows = batch[ROW]
-        vectors = {k[2:]: batch[k] for k in batch if k.startswith("v/")}
-        if i == 0:
-            passes.announce(run.n, {k: v.shape[1] for k, v in vectors.items()}, writer, ac.progress)
-        writer.add(vectors, rows=rows)
-        col.put("pred", batch["pred"], rows)
-        classes.update(np.unique(batch["classes"]).tolist())
-        if len(classes) > 1:
-            raise DataError(f"The model output {sorted(classes)} classes on different batches of X.")
-        if keep_proba:
-            col.put("proba", batch["proba"], rows)
-        has_y.append("y" in batch)
-        if "y" in batch:
-            col.put("y", batch["y"], rows)
+    with contextlib.closing(run.run(adapter, payload, "capturing activations (ray)")) as stream:  # closed on errors too
+        for i, batch in enumerate(stream):
+            rows = batch[ROW]
+            vectors = {k[2:]: batch[k] for k in batch if k.startswith("v/")}
+            if i == 0:
+                passes.announce(run.n, {k: v.shape[1] for k, v in vectors.items()}, writer, ac.progress)
+            writer.add(vectors, rows=rows)
+            col.put("pred", batch["pred"], rows)
+            classes.update(np.unique(batch["classes"]).tolist())
+            if len(classes) > 1:
+                raise DataError(f"The model output {sorted(classes)} classes on different batches of X.")
+            if keep_proba:
+                col.put("proba", batch["proba"], rows)
+            has_y.append("y" in batch)
+            if "y" in batch:
+                col.put("y", batch["y"], rows)
     labels = run.y if run.y is not None else (col.get("y") if all(has_y) else None)
     return passes.Captured(col.get("pred"), col.get("proba") if keep_proba else None, labels, classes.pop(),
                            run.spec, first.layouts, stats.to_dict())
@@ -181,14 +197,16 @@ def query(state, config: RayConfig, adapter, X, y, *, keep_vectors: bool):
                                                       for k, v in state.train_vectors.items()}),
                     train_predictions=np.zeros(0, np.int64), train_labels=None, train_score={}, fit_info={}, cache={})
     col, has_y = Collector(run.n), []
-    for batch in run.run(adapter, {"state": light, "keep_vectors": keep_vectors}, "explaining (ray)"):
-        rows = batch[ROW]
-        for k in batch:
-            if k != ROW and k != "y":
-                col.put(k, batch[k], rows)
-        has_y.append("y" in batch)
-        if "y" in batch:
-            col.put("y", batch["y"], rows)
+    with contextlib.closing(run.run(adapter, {"state": light, "keep_vectors": keep_vectors},
+                                    "explaining (ray)")) as stream:
+        for batch in stream:
+            rows = batch[ROW]
+            for k in batch:
+                if k != ROW and k != "y":
+                    col.put(k, batch[k], rows)
+            has_y.append("y" in batch)
+            if "y" in batch:
+                col.put("y", batch["y"], rows)
     keys = state.layers + [k for k in state.train_vectors if k not in state.layers]
     return Query(dnn_pred=col.get("pred"), dnn_proba=col.get("proba"),
                  distances={l: col.get(f"d/{l}") for l in state.layers},
