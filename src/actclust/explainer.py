@@ -368,7 +368,7 @@ class ActivationClustering:
         state = self._state()
         class_names = check_class_names(state, class_names)
         method = retrieval.check_search(self.search if search is None else search)
-        trust = self._trust_options(trust)
+        trust = self._trust_arg(trust)
         out = explain(state, self.query(X, y, vectors=True), k=k, class_names=class_names, trust=trust,
                       meta=self.provenance(), search=method, progress=self.progress, backend=self._backend())
         from .views.notebook import ExplanationList  # a list that also shows itself in notebooks
@@ -384,7 +384,7 @@ class ActivationClustering:
         """
         from .analysis import explanation, retrieval
 
-        explanation.prepare(self._state(), trust=self._trust_options(trust, "prepare"),
+        explanation.prepare(self._state(), trust=self._trust_arg(trust, "prepare"),
                             search=retrieval.check_search(self.search),
                             progress=self.progress, backend=self._backend())
         return self
@@ -400,10 +400,10 @@ class ActivationClustering:
 
         state = self._state()
         cal = calibrate(state, progress=self.progress, backend=self._backend(),
-                        **{"search": self.search, **self._trust_options(options, "trust")})  # before the pass
+                        **{"search": self.search, **self._trust_arg(options, "trust")})  # before the pass
         return signals(state, cal, self.query(X, vectors=True), self._backend())
 
-    def _trust_options(self, options, where: str = "explain"):
+    def _trust_arg(self, options, where: str = "explain"):
         """``options`` of the trust signals (``trust=`` of :meth:`explain`, :meth:`prepare` and ``report``; the
         keywords of :meth:`trust`) checked, with held-out ``calibration`` inputs (``X_val``, or a pair ``(X_val,
         y_val)``) made the query the calibration takes; a bool or None as it is."""

@@ -100,6 +100,7 @@ class TorchAdapter(ModelAdapter):
         self.model = model
         self.inner = _unwrap(model)
         self.output = output
+        self._layouts: dict = {}  # (layer, axis 1's size) -> layout of a 3-axis output
 
     @property
     def model_class(self) -> str:
@@ -115,6 +116,12 @@ class TorchAdapter(ModelAdapter):
             return "tokens"
         if isinstance(module, _CHANNELS_FIRST_1D):
             return "channels_first"
+        key = (layer, shape[1] if len(shape) > 1 else None)  # asked by every batch of a fit: the walk below once
+        if key not in self._layouts:
+            self._layouts[key] = self._layout_3d(module, shape)
+        return self._layouts[key]
+
+    def _layout_3d(self, module: nn.Module, shape: tuple) -> str:
         # The module's last leaf decides, and an element-wise one (a ReLU after a Conv1d) the leaf before it, in the
         # order the modules are defined (a Sequential's: the order they run), up to the nearest module that says how
         # many channels it makes: a map whose axis 1 has that many is channels-first (a block that transposes a

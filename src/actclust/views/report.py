@@ -85,7 +85,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         feature_names = state.input_spec.feature_names  # a DataFrame's columns, kept by fit
 
     meta = ac.provenance()
-    trust = ac._trust_options(trust, "report")  # checked, held-out calibration data queried, before the work
+    trust = ac._trust_arg(trust, "report")  # checked, held-out calibration data queried, before the work
     q = ac.query(X, y)  # scores and the choice of inputs; vectors only for the few explained below
     probas = state.layer_probas(q.distances)
     summary = scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
