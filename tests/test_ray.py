@@ -222,6 +222,14 @@ def test_ray_data_errors(ray_cluster, images):
         _fit(Marked(), ds, engine="ray", label_key=1)
     with pytest.raises(DataError, match=r"y has 3 labels but X has 64 rows"):
         _fit(Marked(), ds, y[:3], engine="ray", ray_options={"columns": "img"})
+    # labels as a column and as y= must agree (y= silently won over the column)
+    wrong = (y[:64] + 1) % 2
+    with pytest.raises(DataError, match=r"labels in the batches of X differ from y= at row 0 \(the batch says"):
+        _fit(Marked(), ds, wrong, engine="ray", ray_options={"columns": "img"})
+    with pytest.raises(DataError, match=r"labels in the batches of X differ from y= at row 0"):
+        only_img.query(ds, wrong)
+    agreed = _fit(Marked(), ds, y[:64], engine="ray", ray_options={"columns": "img"})
+    np.testing.assert_array_equal(agreed.state_.train_labels, y[:64])
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -22,7 +22,7 @@ import numpy as np
 from ..exceptions import DataError, ParameterError
 from .arrays import dtype_name, is_array, is_integer, stack, take_rows, to_numpy
 
-__all__ = ["Batch", "Batches", "batch_len", "length", "take", "rows", "split_item", "as_labels", "check_label_range",
+__all__ = ["Batch", "Batches", "batch_len", "length", "take", "rows", "split_item", "check_agree", "as_labels", "check_label_range",
            "LABEL_NAMES", "numeric", "collate", "Source"]
 
 LABEL_NAMES = ("labels", "label")  # dict keys taken as the label with label_key="auto" (Hugging Face's)
@@ -206,13 +206,8 @@ class Batches:
                 y = as_labels(y, f"the labels in the batches of {self.name}")
             if self._y is not None:
                 given = self._labels(start, stop)
-                if y is not None and not np.array_equal(y, given):
-                    row = int(np.flatnonzero(y != given)[0])
-                    raise DataError(
-                        f"The labels in the batches of {self.name} differ from y= at row {start + row} (the batch says "
-                        f"{int(y[row])}, y says {int(given[row])}); give the labels one way only (y=, or in the batches, "
-                        "with label_key), or make them agree."
-                    )
+                if y is not None:
+                    check_agree(y, given, self.name, start)
                 y = given
             yield Batch(inputs, y, start)
             start = stop
@@ -262,6 +257,18 @@ def take(data, idx):
     if source is not None:
         return source.take(idx)
     return _Subset(data, idx)
+
+
+def check_agree(found: np.ndarray, given: np.ndarray, name: str = "X", start: int = 0) -> None:
+    """Labels read from the data (a batch's, a label column's) that differ from ``y=``'s are refused (one of the
+    two is wrong, and taking either silently would fit or score against the wrong labels)."""
+    if not np.array_equal(found, given):
+        row = int(np.flatnonzero(found != given)[0])
+        raise DataError(
+            f"The labels in the batches of {name} differ from y= at row {start + row} (the batch says "
+            f"{int(found[row])}, y says {int(given[row])}); give the labels one way only (y=, or in the batches, "
+            "with label_key), or make them agree."
+        )
 
 
 def rows(data, idx, *, label_key="auto", name: str = "X") -> list:

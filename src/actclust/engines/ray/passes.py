@@ -180,9 +180,8 @@ def capture(run: Pass, adapter, reducers: dict, writer, *, keep_proba: bool):
             has_y.append("y" in batch)
             if "y" in batch:
                 col.put("y", batch["y"], rows)
-    labels = run.y if run.y is not None else (col.get("y") if all(has_y) else None)
-    return passes.Captured(col.get("pred"), col.get("proba") if keep_proba else None, labels, classes.pop(),
-                           run.spec, first.layouts, stats.to_dict())
+    return passes.Captured(col.get("pred"), col.get("proba") if keep_proba else None, _labels(run, col, has_y),
+                           classes.pop(), run.spec, first.layouts, stats.to_dict())
 
 
 def query(state, config: RayConfig, adapter, X, y, *, keep_vectors: bool):
@@ -211,5 +210,16 @@ def query(state, config: RayConfig, adapter, X, y, *, keep_vectors: bool):
     return Query(dnn_pred=col.get("pred"), dnn_proba=col.get("proba"),
                  distances={l: col.get(f"d/{l}") for l in state.layers},
                  vectors={k: col.get(f"v/{k}") for k in keys} if keep_vectors else None,
-                 labels=run.y if run.y is not None else (col.get("y") if all(has_y) else None))
+                 labels=_labels(run, col, has_y))
+
+
+def _labels(run: Pass, col, has_y: list):
+    """The pass's labels: ``y=``'s, or those of every batch (a label column); where both are given they must
+    agree, as in a local pass (a label column was silently ignored for ``y=``)."""
+    from ...capture.data import check_agree
+
+    found = col.get("y") if has_y and all(has_y) else None
+    if run.y is not None and found is not None:
+        check_agree(found, np.asarray(run.y), run.name)
+    return run.y if run.y is not None else found
 
