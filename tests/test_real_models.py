@@ -207,6 +207,16 @@ def test_hugging_face_dict_batches(bert, tmp_path):
     assert html.count('<div class="tok">') == 2 and "padding token" in html and "attention_mask" not in html
 
 
+# (ids, labels) as X is the model's inputs in order: the labels reached BERT as its attention mask, and the model's
+# error did not say so; it now says to pass the labels as y=
+def test_labels_in_a_tuple_named(bert):
+    model, ids, _, y = bert
+    ac = ActivationClustering(model, list(BERT_REDUCERS), reducer=BERT_REDUCERS, n_clusters=4, progress=False)
+    with pytest.raises(actclust.CaptureError, match=r"input 1: shape \(\d+,\), int64\).*its last element holds one "
+                       r"integer per sample: if those are the labels, pass them as y= \(fit\(X, y\)\)"):
+        ac.fit((ids[:600], y[:600]))
+
+
 # more padding (masked tokens) leaves every layer's vector unchanged with token reducers
 def test_padding_invariance(bert):
     model, ids, mask, y = bert

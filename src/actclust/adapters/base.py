@@ -20,7 +20,7 @@ from ..state import SUMMARY_SUFFIX
 
 __all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
            "keep_reduced",
-           "describe_inputs"]
+           "describe_inputs", "model_error"]
 
 
 class LayerInfo(tuple):
@@ -203,6 +203,20 @@ def check_captured(logits: np.ndarray, vectors: Mapping[str, np.ndarray], where:
     for name, v in vectors.items():
         check_finite(v, f"The activations of layer {name!r}", where)
     check_finite(logits, "The model's output", where)
+
+
+def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None):
+    """The :class:`CaptureError` for a model that raised ``e`` on ``inputs`` (a batch): what it was fed, and a hint.
+    A tuple whose last element is one integer per sample is likely ``(inputs, labels)``, which is read as the model's
+    inputs in order (a Hugging Face model took the labels as its attention mask): say to pass them as ``y=``."""
+    text = str(e) if limit is None else str(e)[:limit]
+    hint = "check that the inputs have the shape, dtype and scaling the model was trained on."
+    if isinstance(inputs, (tuple, list)) and len(inputs) > 1:
+        last = inputs[-1]
+        if len(getattr(last, "shape", ())) == 1 and dtype_name(last).startswith(("int", "uint")):
+            hint = ("X is a tuple, read as the model's inputs in order, and its last element holds one integer per "
+                    "sample: if those are the labels, pass them as y= (fit(X, y)) instead. Else " + hint)
+    return CaptureError(f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {text} -- {hint}")
 
 
 def describe_inputs(inputs) -> str:

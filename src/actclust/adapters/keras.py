@@ -34,7 +34,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, check_rows, describe_inputs, keep_reduced
+from .base import ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -503,10 +503,7 @@ def _call(extractor: _Extractor, feed, where: str):
     except ActClustError:
         raise
     except Exception as e:
-        raise CaptureError(
-            f"The model raised {type(e).__name__} on {where} ({describe_inputs(feed)}): {e} -- check that the inputs "
-            "have the shape, dtype and scaling the model was trained on."
-        ) from e
+        raise model_error(e, where, feed) from e
 
 
 class _KerasRunner(Runner):

@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_captured, describe_inputs, keep_reduced
+from .base import ModelAdapter, Runner, check_captured, keep_reduced, model_error
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -391,10 +391,7 @@ class OnnxAdapter(ModelAdapter):
         except ActClustError:
             raise
         except Exception as e:
-            raise CaptureError(
-                f"The model raised {type(e).__name__} on {where} ({describe_inputs(feeds)}): {str(e)[:500]} -- check that "
-                "the inputs have the shape, dtype and scaling the model was trained on."
-            ) from e
+            raise model_error(e, where, feeds, limit=500) from e
         # the slices' outputs joined, and the rows of a padded last slice cut off (also where it was the only one)
         values = [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(names))]
         values = [v[:n] if isinstance(v, np.ndarray) and v.ndim else v for v in values]

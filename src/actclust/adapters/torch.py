@@ -21,7 +21,7 @@ from torch import nn
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, check_rows, describe_inputs, keep_reduced
+from .base import ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -425,10 +425,7 @@ class _TorchRunner(Runner):
         except ActClustError:
             raise
         except Exception as e:
-            raise CaptureError(
-                f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {e} -- check that "
-                "the inputs have the shape, dtype and scaling the model was trained on."
-            ) from e
+            raise model_error(e, where, inputs) from e
 
 
 _SEQUENCE_FIRST = (" (a sequence-first output, as nn.LSTM, nn.GRU and nn.MultiheadAttention give without "
