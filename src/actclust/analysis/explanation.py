@@ -52,6 +52,7 @@ from ..exceptions import ParameterError
 from .retrieval import check_args
 from .retrieval import search_many as find
 from .surrogate import combine
+from .trust import TRUST_OPTIONS
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -189,8 +190,6 @@ def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str =
         calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
 
 
-#: The options of the trust signals (:func:`actclust.analysis.trust.trust_signals`) that ``trust=`` may give.
-TRUST_OPTIONS = ("n_neighbors", "calibration_fraction", "layer_weights", "search", "calibration")
 
 
 def check_trust_options(trust, where: str = "explain"):

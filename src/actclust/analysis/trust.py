@@ -25,6 +25,7 @@ predictions.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no impor
     from ..state import FittedState, Query
 
 __all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "calibrate", "calibration_possible", "signals",
-           "trust_signals"]
+           "trust_signals", "TRUST_OPTIONS"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
 MIN_CALIBRATION = 20
@@ -253,6 +254,12 @@ class _Calibration:
                                       backend=backend)
             return d, idx
         return find
+
+
+#: The options of :func:`trust_signals` that ``explain(trust={...})``, ``prepare`` and ``report`` pass on (its
+#: keyword arguments but the backend, which they give themselves): read from its signature, so that they cannot drift.
+TRUST_OPTIONS = tuple(name for name, p in inspect.signature(trust_signals).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY and name != "backend")
 
 
 def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,
