@@ -324,6 +324,69 @@ def test_principal_component_codes_for_wide_rows(tmp_path):
         indexes.load_index(train, paths[".faiss"], tmp_path / "bad.safetensors")
 
 
+# a saved index is read by faiss: a crafted one is refused before any search, never searched (issue 17's threat: a
+# run someone sends). Lists in faiss' on-disk format were left unmapped by read_index's mmap flag, and the first
+# search read memory at addresses the file chose (a segmentation fault in the CLI); ids out of range wrapped to
+# other rows; damaged files gave faiss' raw RuntimeError at the first search
+def test_crafted_index_files_refused(tmp_path):
+    import faiss
+    from actclust.analysis import indexes
+    from actclust.exceptions import InvalidSaveError
+
+    train = {"layer2": _clustered_vectors(3000)["layer2"]}
+    approx = ApproximateIndex(train, layer_stats(train), random_state=0)
+    paths = {}
+    for name, content in indexes.index_files(approx, "l0").items():
+        path = paths[name.rsplit(".", 1)[1]] = tmp_path / name.replace("{sha}", "0")
+        if callable(content):
+            with open(path, "wb") as f:
+                content(f.write)
+        else:
+            path.write_bytes(content)
+    good = paths["faiss"].read_bytes()
+    indexes.load_index(train, paths["faiss"], paths["safetensors"])  # as written: loads
+
+    def refused(data: bytes, message: str):
+        paths["faiss"].write_bytes(data)
+        with pytest.raises(InvalidSaveError, match=r"saved search index .*index_l0-0\.faiss " + message):
+            indexes.load_index(train, paths["faiss"], paths["safetensors"])
+
+    def edited(change) -> bytes:
+        index = faiss.deserialize_index(np.frombuffer(good, np.uint8))
+        change(index)
+        return faiss.serialize_index(index).tobytes()
+
+    def on_disk(index):  # the same rows in faiss' on-disk list format, their data in a file outside the run
+        lists = faiss.OnDiskInvertedLists(index.nlist, index.code_size, str(tmp_path / "outside.ivfdata"))
+        for i in range(index.nlist):
+            if index.invlists.list_size(i):
+                lists.add_entries(i, index.invlists.list_size(i), index.invlists.get_ids(i), index.invlists.get_codes(i))
+        index.replace_invlists(lists, True)
+        lists.this.disown()
+
+    refused(edited(on_disk), r"is not one actclust writes: its lists are not stored in it")
+    first = next(i for i in range(approx.nlist) if approx.index.invlists.list_size(i) >= 2)
+    second = int(faiss.rev_swig_ptr(approx.index.invlists.get_ids(first), 2)[1])
+
+    def set_id(new_id):
+        def change(index):
+            code = faiss.rev_swig_ptr(index.invlists.get_codes(first), index.code_size).copy()
+            index.invlists.update_entry(first, 0, new_id, faiss.swig_ptr(code))
+        return change
+
+    for bad_id in (-7, 3000, second):  # before the rows, after them, a row twice (and one missing)
+        refused(edited(set_id(bad_id)), r"is not one actclust writes: its lists do not hold each of the run's rows "
+                                        r"exactly once")
+    flat = faiss.IndexFlatL2(approx.d)
+    flat.add(np.zeros((3000, approx.d), np.float32))
+    refused(faiss.serialize_index(flat).tobytes(), r"is not one actclust writes: a IndexFlatL2, not the IndexIVFFlat")
+    refused(good[:len(good) // 2], r"is not a faiss index faiss can read: ")
+    refused(b"IwFl" + bytes(range(256)) * 8, r"is not a faiss index faiss can read: ")
+    paths["faiss"].write_bytes(good)
+    assert indexes.load_index(train, paths["faiss"], paths["safetensors"]).search(
+        {"layer2": train["layer2"][:5]}, 3, np.ones(1))[0][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
 # a layer wider than _EIGH_WIDTH (a flattened map passed through whole) gets its axes by randomized SVD of a
 # bounded sample, not from a width x width covariance: they capture as much variance as the leading
 # eigenvectors do, the search keeps its recall, and with fewer rows than axes the axes are completed

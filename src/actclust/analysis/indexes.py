@@ -807,6 +807,48 @@ def index_files(index: ApproximateIndex, token: str) -> dict:
     return {f"index_{token}-{{sha}}.faiss": write_index, f"index_{token}-{{sha}}.safetensors": params}
 
 
+def _check(index, path, codes: str, metric: str, n: int) -> None:
+    """``index`` as read from ``path`` by faiss refused (:class:`InvalidSaveError`) unless it is what
+    :func:`index_files` writes: an IVF index of the codes and metric recorded, a flat or graph quantizer of its
+    lists, and lists that faiss read from this very file (``read_index`` maps the lists of the format it writes onto
+    the file itself; another list format named in a crafted file would be left unmapped, and faiss' first search
+    would read memory at addresses the file chose), every stored row of the run in exactly one list."""
+    import faiss
+
+    def refuse(what: str):
+        raise InvalidSaveError(f"The saved search index {path} is not one actclust writes: {what}.")
+
+    kind = faiss.IndexIVFFlat if codes == "flat" else faiss.IndexIVFScalarQuantizer
+    ivf = faiss.downcast_index(index)
+    if type(ivf) is not kind:
+        refuse(f"a {type(ivf).__name__}, not the {kind.__name__} of its {codes!r} codes")
+    want = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if ivf.metric_type != want or type(quantizer) not in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP,
+                                                        faiss.IndexHNSWFlat) \
+            or quantizer.ntotal != ivf.nlist or quantizer.d != ivf.d or quantizer.metric_type != want:
+        refuse("its metric or the quantizer of its lists does not match its parameters")
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if lists.nlist != ivf.nlist or lists.code_size != ivf.code_size:
+        refuse("its lists do not match the index")
+    entry = 8 + ivf.code_size  # an id and a code per row
+    if isinstance(lists, faiss.OnDiskInvertedLists):  # memory-mapped: read_index mapped them onto this file
+        size = Path(path).stat().st_size
+        if lists.filename or not int(lists.ptr) or lists.totsize != size:
+            refuse("its lists are not stored in it")
+        for i in range(lists.nlist):
+            part = lists.lists.at(i)
+            if part.size > part.capacity or part.offset + part.capacity * entry > size:
+                refuse(f"list {i} lies outside the file")
+    elif not isinstance(lists, faiss.ArrayInvertedLists):
+        refuse(f"its lists are {type(lists).__name__}")
+    sizes = [lists.list_size(i) for i in range(lists.nlist)]
+    ids = np.concatenate([np.zeros(0, np.int64)] + [faiss.rev_swig_ptr(lists.get_ids(i), m).copy()
+                                                    for i, m in enumerate(sizes) if m])
+    if len(ids) != n or (n and (ids.min() < 0 or ids.max() >= n or (np.bincount(ids, minlength=n) != 1).any())):
+        refuse("its lists do not hold each of the run's rows exactly once")
+
+
 def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
     """An :class:`ApproximateIndex` saved by :func:`index_files`, its faiss file memory-mapped (not read
     into memory, not rebuilt); its parameters are checked against ``train_vectors``."""
@@ -824,10 +866,17 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
             or meta.get("metric") != ("l2" if len(layers) == 1 else "ip"):
         raise InvalidSaveError(f"The saved search index {params_path} does not describe this run's vectors "
                                f"({meta.get('layers')} of {meta.get('n')} rows; the run has {layers} of {n}).")
-    index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    try:
+        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    except RuntimeError as e:  # faiss' own checks of its format
+        said = str(e).strip()
+        said = said.split("Error: ", 1)[-1] if "Error: " in said else said  # faiss' text, not its source position
+        raise InvalidSaveError(f"The saved search index {faiss_path} is not a faiss index faiss can read: "
+                               f"{said[:300]}") from None
     if index.ntotal != n or index.d != meta.get("d"):
         raise InvalidSaveError(f"The saved search index {faiss_path} holds {index.ntotal} rows of {index.d} values; "
                                f"the run has {n} rows of {meta.get('d')}.")
+    _check(index, faiss_path, meta["codes"], meta["metric"], n)
     stats = {l: (arrays[f"mean/{j}"], float(arrays["scales"][j])) for j, l in enumerate(layers)}
     bases = {l: arrays[f"basis/{j}"] for j, l in enumerate(layers) if f"basis/{j}" in arrays}
     width = dict(zip(layers, widths))
