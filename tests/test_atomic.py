@@ -67,6 +67,29 @@ def test_clean_removes_only_dead_entries_of_ours(tmp_path):
     assert atomic.clean(tmp_path) == 10 and not live.exists()
 
 
+# an entry named like ours that is not a file or folder of ours (a FIFO, a link) is left alone: opening the FIFO to
+# test its lock waited for a writer forever, so a save with --overwrite (or study analyze --html) hung with the
+# folder's lock held; the link was followed and whatever it named opened (found by an outside security check)
+def test_clean_leaves_fifos_and_links_named_like_ours(fitted, tmp_path):
+    import threading
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone's file")
+    run = tmp_path / "run"
+    fitted.save(run)
+    fifo, link = atomic.temp_path(run, "save"), atomic.temp_path(run, "report.html")
+    os.mkfifo(fifo)
+    link.symlink_to(outside)
+    done = []
+    worker = threading.Thread(target=lambda: done.append((atomic.clean(run), fitted.save(run, overwrite=True))),
+                              daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done and done[0][0] == 0, "clean() or the save hung on a FIFO named like a temporary entry"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and outside.read_text() == "someone's file"
+    assert actclust.load(run, fitted.model, progress=False).n_clusters == fitted.n_clusters
+
+
 # the report writer removes a leftover of an earlier, killed write of the same report
 def test_report_write_removes_killed_leftover(fitted, data, tmp_path):
     leftover = atomic.temp_path(tmp_path, "report.html")

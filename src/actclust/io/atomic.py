@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import uuid
 import weakref
 from pathlib import Path
@@ -68,9 +69,15 @@ class Hold:
     """An exclusive ``flock`` on a file or folder, held until :meth:`release`, until this object is
     collected, or until the process ends (the kernel drops it then, also after ``kill -9``)."""
 
-    def __init__(self, path, *, wait: bool = True):
+    def __init__(self, path, *, wait: bool = True, follow: bool = True):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if not follow:  # an entry of ours: neither a link followed nor a FIFO waited on (its open blocks for a writer)
+            flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        self.fd = os.open(self.path, flags)
+        if not follow and not (stat.S_ISREG(mode := os.fstat(self.fd).st_mode) or stat.S_ISDIR(mode)):
+            os.close(self.fd)
+            raise NotADirectoryError(f"{self.path} is neither a file nor a folder")
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -81,12 +88,14 @@ class Hold:
 
     @classmethod
     def attempt(cls, path) -> Optional["Hold"]:
-        """The hold on ``path`` if nobody else holds it now; ``None`` if someone does or it is gone."""
+        """The hold on ``path``, one of our temporary entries (a file or a folder), if nobody else holds it now;
+        ``None`` if someone does, it is gone, or it is not a file or folder of ours (a link, a FIFO, a device: left
+        alone, never followed nor opened for reading, where a FIFO's open waited for a writer forever)."""
         if fcntl is None:  # pragma: no cover - cannot tell: treat as held
             return None
         try:
-            return cls(path, wait=False)
-        except (BlockingIOError, FileNotFoundError, NotADirectoryError, PermissionError):
+            return cls(path, wait=False, follow=False)
+        except OSError:  # held (BlockingIOError), gone, a link (ELOOP), not ours, not ours to open
             return None
 
     @property
