@@ -105,7 +105,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(InvalidSaveError, match="is not an actclust study of schema 'actclust.study/1'"):
         load_study(tmp_path)
     (tmp_path / "study.json").write_text("{")
-    with pytest.raises(InvalidSaveError, match="Cannot read .* as JSON"):
+    with pytest.raises(InvalidSaveError, match=r"study.json: cannot be read as JSON"):
         load_study(tmp_path)
 
 

@@ -234,6 +234,9 @@ def _edit(folder, change):
     (lambda d: d["items"].append(dict(d["items"][0])), r"item 12 \(id 0\) repeats the id of an earlier item"),
     (lambda d: d.update(design="mixed"), "'design' must be 'between' or 'within', not 'mixed'"),
     (lambda d: d.update(items=[]), "'items' must be a non-empty list"),
+    # JSON's NaN passed the checks of numbers, then the API could not answer with it: 500s to participants
+    (lambda d: d["items"][0].update(confidence=float("nan")), r"study.json: cannot be read as JSON \(NaN is not a "
+                                                               r"number a study holds\)"),
 ])
 def test_edited_study_refused_at_start(tmp_path, study_source, monkeypatch, capsys, change, message):
     import uvicorn
@@ -247,6 +250,25 @@ def test_edited_study_refused_at_start(tmp_path, study_source, monkeypatch, caps
     assert "study.json: " in err and "Create the study again (actclust study create)" in err
     with pytest.raises(InvalidSaveError, match=message):
         load_study(folder)
+
+
+# a study's files are its own: a link named responses.sqlite (dangling, or to a database of the user's), or its
+# write-ahead log, made serve create or change files wherever it pointed, outside the folder; a linked study.json
+# was read from outside it (found by an outside security check)
+@pytest.mark.parametrize("name", ["responses.sqlite", "responses.sqlite-wal", "study.json"])
+def test_linked_study_files_refused(tmp_path, study_source, name):
+    from actclust.study.app import make_app
+
+    folder = make_study(tmp_path / "s", study_source, conditions=["none", "similar"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / name
+    if name == "study.json":
+        (folder / name).rename(target)
+    (folder / name).symlink_to(target)
+    with pytest.raises(InvalidSaveError, match=rf"s/{name} is not a regular file \(a link, or something else\)"):
+        make_app(folder, "t")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ([name] if name == "study.json" else [])
 
 
 # writes that arrive together are committed together; one refused write is rolled back alone

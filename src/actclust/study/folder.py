@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -129,10 +131,18 @@ def load_study(path) -> Study:
     if not file.is_file():
         raise DataNotFoundError(f"{path} is not a study folder: it has no {STUDY_FILE}; make one with "
                                 "actclust study create RUN --data DATA --out FOLDER.")
+    # The study's own files are regular files in the folder: a link (dangling too) would make serve read or write
+    # (SQLite's database, journal and write-ahead log) wherever it points, outside the folder.
+    for name in (STUDY_FILE, DB_FILE, *(DB_FILE + s for s in ("-wal", "-shm", "-journal"))):
+        entry = path / name
+        if entry.is_symlink() or (os.path.lexists(entry) and not stat.S_ISREG(entry.lstat().st_mode)):
+            raise InvalidSaveError(f"{entry} is not a regular file (a link, or something else): a study's files are "
+                                   "its own; create the study again, or copy it with its files, not links.")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (OSError, ValueError) as e:
-        raise InvalidSaveError(f"Cannot read {file} as JSON ({e}); create the study again.") from None
+        raise InvalidSaveError(f"{file}: cannot be read as JSON ({e}). Create the study again (actclust study "
+                               "create).") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise InvalidSaveError(f"{file} is not an actclust study of schema {SCHEMA!r} (schema: {got!r}).")
@@ -142,6 +152,12 @@ def load_study(path) -> Study:
         raise InvalidSaveError(f"{file} lacks the fields {missing}; create the study again.")
     validate(data, file)
     return Study(path, data)
+
+
+def _no_constant(name: str):
+    """JSON's non-standard ``NaN`` and ``Infinity`` refused: no field of a study holds them, and the API's answers
+    could not carry them (participants got server errors)."""
+    raise ValueError(f"{name} is not a number a study holds")
 
 
 class _Bad(Exception):
