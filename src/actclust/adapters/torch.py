@@ -229,6 +229,8 @@ class TorchAdapter(ModelAdapter):
             elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
                 out = out[0]
         _check_logits(out, n, self.output is not None)
+        if _are_probabilities(out):  # a model ending in nn.Softmax: its log, whose softmax is the probabilities
+            return torch.log(out.float().clamp_min(torch.finfo(torch.float32).tiny))
         return out
 
     def output_shapes(self, sample) -> dict:
@@ -452,6 +454,15 @@ def _head(inputs, m: int):
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_head(v, m) for v in inputs)
     return inputs[:m] if getattr(inputs, "ndim", 0) and hasattr(inputs, "__getitem__") else inputs
+
+
+def _are_probabilities(out: torch.Tensor) -> bool:
+    """Whether every row of ``out`` is a probability vector (in [0, 1], summing to 1 up to rounding), as a
+    model ending in ``nn.Softmax`` gives: read as logits, they were softmaxed again into flattened confidences
+    (0.23 for a prediction the model gave 0.998). The rule of the Keras and ONNX adapters."""
+    a = out.detach().float()
+    tol = 1e-4 if out.element_size() >= 4 else 1e-2
+    return bool(len(a) and a.min() >= 0 and a.max() <= 1 and ((a.sum(1) - 1).abs() <= tol).all())
 
 
 def _check_logits(logits, n: int, custom: bool) -> None:
