@@ -487,6 +487,35 @@ def test_overwrite_keeps_files_that_are_not_the_runs(fitted, tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
+# a save without overwrite removes only leftovers it can show are a save's: entries named by a hash of their content
+# that hold that content. The user's files whose names merely look alike (a checkpoint named by a commit, a folder
+# of notes named store-<hex>) were deleted without a word (found by an outside check)
+def test_lookalike_files_are_not_leftovers(model, data, tmp_path):
+    import shutil
+
+    fitted = ActivationClustering(model, LAYERS, n_clusters=4, progress=False, store=tmp_path / "vs").fit(*data)
+    fitted.save(tmp_path / "run")
+    ours = sorted(n for n in os.listdir(tmp_path / "run") if n != "manifest.json")
+    assert any(n.startswith("store-") for n in ours) and any(n.startswith("arrays-") for n in ours)
+    mine = tmp_path / "mine"
+    (mine / "store-0123456789abcdef").mkdir(parents=True)
+    (mine / "store-0123456789abcdef" / "notes.txt").write_text("important")
+    (mine / "ckpt-0123456789abcdef.safetensors").write_bytes(b"weights")
+    (mine / "arrays-fedcba9876543210.safetensors").write_bytes(b"not a run's arrays")
+    for name in ours:  # a save killed between placing its hashed entries and its manifest: these are ours
+        copy = shutil.copytree if (tmp_path / "run" / name).is_dir() else shutil.copy
+        copy(tmp_path / "run" / name, mine / name)
+    with pytest.raises(RunExistsError, match=r"holds other files \(arrays-fedcba9876543210.safetensors, "
+                                             r"ckpt-0123456789abcdef.safetensors, store-0123456789abcdef\)"):
+        fitted.save(mine)
+    assert (mine / "store-0123456789abcdef" / "notes.txt").read_text() == "important"
+    for name in ("ckpt-0123456789abcdef.safetensors", "arrays-fedcba9876543210.safetensors", "store-0123456789abcdef"):
+        shutil.move(mine / name, tmp_path / name)
+    fitted.save(mine)  # only a killed save's entries left: no overwrite needed, and they become the run's
+    assert sorted(os.listdir(mine)) == sorted(ours + ["manifest.json"])
+    np.testing.assert_array_equal(actclust.load(mine, model, progress=False).predict(data[0]), fitted.predict(data[0]))
+
+
 # defect 7 of the issue: the demo replaced a report.html it had not written; it replaces only files
 # its run recorded as its own
 def test_demo_keeps_a_report_it_did_not_write(fitted, tmp_path, monkeypatch, capsys):

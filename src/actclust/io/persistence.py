@@ -138,9 +138,24 @@ def run_files(manifest: dict) -> set:
     return {n for n in names if isinstance(n, str) and _NAME_RE.match(n)}
 
 
-def _leftover(name: str) -> bool:
-    """An entry a killed or failed save of ours may leave in a folder without a (new) manifest."""
-    return atomic.is_temp(name) or bool(_ARRAYS_RE.match(name) or _STORE_RE.match(name) or _HASHED_RE.match(name))
+def _leftover(folder: Path, name: str) -> bool:
+    """An entry a killed or failed save of ours may leave in ``folder`` without a (new) manifest: a temporary entry,
+    or one named by its content's hash that holds that content (a file whose SHA-256 starts with the hex in its
+    name; a store folder of ``store.json`` and ``layer-<i>.bin`` files whose ``store.json`` does). A name alone
+    proves nothing: a user's ``ckpt-<16 hex>.safetensors``, or a ``store-<16 hex>/`` of their notes, was removed
+    by a save that was not asked to overwrite anything."""
+    if atomic.is_temp(name):
+        return True
+    entry = folder / name
+    if _STORE_RE.match(name):
+        if not _real_dir(entry) or not _regular(entry / STORE_MANIFEST):
+            return False
+        if not all(_STORE_FILE_RE.match(n) or atomic.is_temp(n) for n in os.listdir(entry)):
+            return False
+        return atomic.sha256_file(entry / STORE_MANIFEST).startswith(name[len("store-"):])
+    if _ARRAYS_RE.match(name) or _HASHED_RE.match(name):
+        return _regular(entry) and atomic.sha256_file(entry).startswith(name.rsplit("-", 1)[1].split(".")[0])
+    return False
 
 
 def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") -> None:
@@ -169,7 +184,7 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
             "saving), so the folder is not replaced, even when asked to. Choose a new or empty directory."
         )
     if manifest is None:
-        others = [n for n in names if not _leftover(n)]
+        others = [n for n in names if not _leftover(path, n)]
         if others:
             raise RunExistsError(
                 f"Cannot save to {path}: the directory holds other files ({', '.join(others[:3])}"
@@ -179,7 +194,7 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
     if not overwrite:
         raise RunExistsError(f"A saved run already exists at {path}; {flag} to replace it.")
     own = run_files(manifest)
-    others = [n for n in names if n not in own and not _leftover(n)]
+    others = [n for n in names if n not in own and not _leftover(path, n)]
     if others:
         raise RunExistsError(
             f"Cannot replace the run at {path}: the folder also holds files that are not part of the run "
@@ -422,7 +437,7 @@ def _prune(path: Path, manifest: dict, old) -> None:
     keep = run_files(manifest)
     stale = run_files(old) if old is not None else set()
     for name in os.listdir(path):
-        if name in keep or atomic.is_temp(name) or not (name in stale or _leftover(name)):
+        if name in keep or atomic.is_temp(name) or not (name in stale or _leftover(path, name)):
             continue  # temporary entries: atomic.clean, which leaves a live writer's alone
         target = path / name
         shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
