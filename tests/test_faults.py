@@ -222,6 +222,25 @@ def test_later_fits_never_change_a_saved_run(model, mixed_model, data, tmp_path)
     assert len(generations(store)) == 2 and c.state_.train_vectors.directory in generations(store)
 
 
+# a loaded run's search indexes are read on first use: a save over its folder in the meantime (another process's
+# fit --out RUN --overwrite) removed their files, and the loaded explainer's searches and its saves elsewhere
+# failed with FileNotFoundError for good (found by an outside check). They are opened at load: it answers as loaded
+def test_loaded_indexes_survive_a_save_over_the_run(model, mixed_model, data, tmp_path):
+    x, y = data
+    a = _fit(model, x, y)
+    expected = a.similar(x[:30], k=5, search="approximate").indices  # builds the index the save keeps
+    a.save(tmp_path / "run")
+    assert any(n.endswith(".faiss") for n in os.listdir(tmp_path / "run"))
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    b = _fit(mixed_model, x[::-1].copy())
+    b.similar(x[:5], k=5, search="approximate")
+    b.save(tmp_path / "run", overwrite=True)  # the run's files are now b's
+    np.testing.assert_array_equal(loaded.similar(x[:30], k=5, search="approximate").indices, expected)
+    loaded.save(tmp_path / "copy")
+    again = actclust.load(tmp_path / "copy", model, progress=False)
+    np.testing.assert_array_equal(again.similar(x[:30], k=5, search="approximate").indices, expected)
+
+
 # ---------------------------------------------------------------------------- 3. stored files checked at load
 def _reverse_block(raw: bytearray) -> None:
     raw[64:192] = raw[64:192][::-1]

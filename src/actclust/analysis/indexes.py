@@ -28,6 +28,8 @@ attached to the run and checked by SHA-256 at load) and read back memory-mapped 
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -38,7 +40,7 @@ from ..compute import HOST
 from ..exceptions import InvalidSaveError
 from ..store.vectors import chunk_rows, iter_rows, release, take
 
-__all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "FLAT_BYTES", "HNSW_LISTS",
+__all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "SavedFile", "FLAT_BYTES", "HNSW_LISTS",
            "GRAPH_QUERY_LISTS", "TARGET_RECALL", "EXACT_SHARE"]
 
 _ROWS = 8192  # training rows per chunk of the exact search
@@ -789,7 +791,7 @@ def index_files(index: ApproximateIndex, token: str) -> dict:
     def write_index(write):
         source = getattr(index, "source", None)
         if source is not None:  # read back memory-mapped: faiss would write a reference to the file, so copy it
-            with open(source, "rb") as f:
+            with open(source.reading() if isinstance(source, SavedFile) else source, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     write(block)
             return
@@ -807,7 +809,7 @@ def index_files(index: ApproximateIndex, token: str) -> dict:
     return {f"index_{token}-{{sha}}.faiss": write_index, f"index_{token}-{{sha}}.safetensors": params}
 
 
-def _check(index, path, codes: str, metric: str, n: int) -> None:
+def _check(index, path, reading: str, codes: str, metric: str, n: int) -> None:
     """``index`` as read from ``path`` by faiss refused (:class:`InvalidSaveError`) unless it is what
     :func:`index_files` writes: an IVF index of the codes and metric recorded, a flat or graph quantizer of its
     lists, and lists that faiss read from this very file (``read_index`` maps the lists of the format it writes onto
@@ -833,7 +835,7 @@ def _check(index, path, codes: str, metric: str, n: int) -> None:
         refuse("its lists do not match the index")
     entry = 8 + ivf.code_size  # an id and a code per row
     if isinstance(lists, faiss.OnDiskInvertedLists):  # memory-mapped: read_index mapped them onto this file
-        size = Path(path).stat().st_size
+        size = os.stat(reading).st_size
         if lists.filename or not int(lists.ptr) or lists.totsize != size:
             refuse("its lists are not stored in it")
         for i in range(lists.nlist):
@@ -849,13 +851,46 @@ def _check(index, path, codes: str, metric: str, n: int) -> None:
         refuse("its lists do not hold each of the run's rows exactly once")
 
 
+class SavedFile:
+    """A file of a loaded run, opened when the run is loaded (its SHA-256 checked then) and read later, on first use,
+    through that descriptor: the content load checked, even where a save over the run's folder has since replaced
+    or removed the name (another process's ``fit --out RUN --overwrite``: the loaded explainer's searches, and its
+    saves elsewhere, failed with ``FileNotFoundError`` for good)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        self._close = weakref.finalize(self, os.close, self.fd)
+
+    def reading(self) -> str:
+        """A name that opens this very file: its descriptor's (Linux, macOS), or its path while that still names it."""
+        for name in (f"/proc/self/fd/{self.fd}", f"/dev/fd/{self.fd}"):
+            if os.path.exists(name):
+                return name
+        try:
+            now, then = os.stat(self.path), os.fstat(self.fd)
+            if (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino):
+                return str(self.path)
+        except OSError:
+            pass
+        raise InvalidSaveError(f"{self.path} was replaced or removed since its run was loaded (a save over the run's "
+                               "folder?); load the run again.")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
     """An :class:`ApproximateIndex` saved by :func:`index_files`, its faiss file memory-mapped (not read
-    into memory, not rebuilt); its parameters are checked against ``train_vectors``."""
+    into memory, not rebuilt); its parameters are checked against ``train_vectors``. The files are paths, or
+    :class:`SavedFile` (a loaded run's, opened at its load)."""
     import faiss
     from safetensors import safe_open
 
-    with safe_open(str(params_path), framework="numpy") as f:
+    held = faiss_path if isinstance(faiss_path, SavedFile) else None
+    read_faiss = faiss_path.reading() if isinstance(faiss_path, SavedFile) else str(faiss_path)
+    read_params = params_path.reading() if isinstance(params_path, SavedFile) else str(params_path)
+    with safe_open(read_params, framework="numpy") as f:
         meta = json.loads((f.metadata() or {}).get("actclust", "{}"))
         arrays = {k: f.get_tensor(k) for k in f.keys()}
     layers = list(train_vectors)
@@ -867,7 +902,7 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
         raise InvalidSaveError(f"The saved search index {params_path} does not describe this run's vectors "
                                f"({meta.get('layers')} of {meta.get('n')} rows; the run has {layers} of {n}).")
     try:
-        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        index = faiss.read_index(read_faiss, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as e:  # faiss' own checks of its format
         said = str(e).strip()
         said = said.split("Error: ", 1)[-1] if "Error: " in said else said  # faiss' text, not its source position
@@ -876,7 +911,7 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
     if index.ntotal != n or index.d != meta.get("d"):
         raise InvalidSaveError(f"The saved search index {faiss_path} holds {index.ntotal} rows of {index.d} values; "
                                f"the run has {n} rows of {meta.get('d')}.")
-    _check(index, faiss_path, meta["codes"], meta["metric"], n)
+    _check(index, faiss_path, read_faiss, meta["codes"], meta["metric"], n)
     stats = {l: (arrays[f"mean/{j}"], float(arrays["scales"][j])) for j, l in enumerate(layers)}
     bases = {l: arrays[f"basis/{j}"] for j, l in enumerate(layers) if f"basis/{j}" in arrays}
     width = dict(zip(layers, widths))
@@ -888,5 +923,5 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
     if out.d != index.d:
         raise InvalidSaveError(f"The saved search index {faiss_path} holds rows of {index.d} values; its parameters "
                                f"describe {out.d}.")
-    out.source = Path(faiss_path) if mmap else None  # what a later save copies (see index_files)
+    out.source = (held or Path(faiss_path)) if mmap else None  # what a later save copies (see index_files)
     return out

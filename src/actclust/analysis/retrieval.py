@@ -39,7 +39,7 @@ import numpy as np
 from ..compute import HOST
 from ..exceptions import ParameterError, SearchWarning
 from ..store.vectors import chunk_rows, iter_rows
-from .indexes import TARGET_RECALL, ApproximateIndex, Index, index_files, load_index
+from .indexes import TARGET_RECALL, ApproximateIndex, Index, SavedFile, index_files, load_index
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -319,14 +319,15 @@ def saved_index_files(state: FittedState) -> dict:
     # those a loaded run holds but has not opened yet: copied as they are (a run loaded and saved again keeps them)
     for space, paths in state.cache.get("saved_indexes", {}).items():
         if space not in opened:
-            files.update({f"index_{_token(state, space)}-{{sha}}.{p.name.rsplit('.', 1)[1]}": _copy_of(p) for p in paths})
+            files.update({f"index_{_token(state, space)}-{{sha}}.{p.path.name.rsplit('.', 1)[1]}": _copy_of(p)
+                          for p in paths})
     return files
 
 
-def _copy_of(path):
-    """``write -> None`` streaming the file at ``path`` (a ``files=`` entry of a save)."""
+def _copy_of(file: SavedFile):
+    """``write -> None`` streaming a loaded run's ``file`` (a ``files=`` entry of a save)."""
     def copy(write):
-        with open(path, "rb") as f:
+        with open(file.reading(), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 write(block)
     return copy
@@ -334,14 +335,14 @@ def _copy_of(path):
 
 def attach_saved_indexes(state: FittedState, path, names) -> None:
     """Tell ``state`` where the indexes saved with its run are (``names``: the run's attached index files,
-    already checked against their SHA-256); each is memory-mapped on first use."""
+    already checked against their SHA-256): each is opened now and memory-mapped on first use."""
     from pathlib import Path
 
     tokens = {_token(state, space): space for space in ["retrieval", *state.layers]}
     found: dict = {}
     for name in names:
         token, suffix = name.split("_", 1)[1].split("-")[0], name.rsplit(".", 1)[1]
-        if token in tokens:
-            found.setdefault(tokens[token], {})[suffix] = Path(path) / name
+        if token in tokens:  # opened now: read on first use as loaded, whatever later saves do to the folder
+            found.setdefault(tokens[token], {})[suffix] = SavedFile(Path(path) / name)
     state.cache["saved_indexes"] = {space: (f["faiss"], f["safetensors"]) for space, f in found.items()
                                     if {"faiss", "safetensors"} <= set(f)}
