@@ -602,6 +602,23 @@ def test_bad_paths_and_metadata(fitted, tmp_path):
     with pytest.raises(ParameterError, match=r"metadata must be a dict"):
         fitted.save(tmp_path / "run", metadata=["model"])
     assert not (tmp_path / "run").exists()
+    # a name longer than the file system allows: a StorageError (exit 2 on the command line), not an OSError traceback
+    # (exit 1), for save, load and study create, the study before its work (found by an outside check)
+    long = tmp_path / ("y" * 300)
+    with pytest.raises(StorageError, match=r"Could not save the run to .*yyy: File name too long"):
+        fitted.save(long)
+    with pytest.raises(StorageError, match=r"Could not read the run at .*yyy: File name too long"):
+        actclust.load(long, fitted.model)
+    from actclust.study import create_study
+    from actclust.views import render
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the study was rendered before its folder was checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(render, "Renderer", no_work)
+        with pytest.raises(StorageError, match=r"Could not create the study in .*yyy: File name too long"):
+            create_study(fitted, np.zeros((12, 1, 6, 6), np.float32), np.zeros(12, int), out=long, items=4)
 
 
 def _enospc_after(limit: int):

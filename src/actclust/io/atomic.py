@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 __all__ = ["TEMP_SUFFIX", "is_temp", "temp_path", "Hold", "clean", "temp_dir", "make_temp_dir", "write",
-           "write_into", "publish", "fsync_dir", "file_mode", "storage_error", "guard", "sha256_file"]
+           "write_into", "publish", "fsync_dir", "file_mode", "storage_error", "guard", "check_can_write", "sha256_file"]
 
 TEMP_SUFFIX = ".actclust-tmp"
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]{32}" + re.escape(TEMP_SUFFIX) + "$")
@@ -300,6 +300,17 @@ def storage_error(e: OSError, action: str, path) -> StorageError:
     err = cls(f"Could not {action} {path}: {reason}. Nothing partial was left behind; {todo}.")
     err.errno = code  # not strerror/filename: OSError would then print those instead of the message
     return err
+
+
+def check_can_write(path, action: str) -> None:
+    """Raise :func:`storage_error` unless something can be written at ``path`` (a folder that exists, or the nearest
+    one above it that does): tried by making and removing a temporary entry there, so that a read-only, missing or
+    unreachable place (a name too long, say) is said before long work, not after it."""
+    path = Path(path)
+    with guard(action, path):
+        ancestor = next(p for p in (path, *path.parents) if p.is_dir())
+        with temp_dir(ancestor, "probe"):
+            pass
 
 
 @contextlib.contextmanager

@@ -166,13 +166,9 @@ def check_writable(path, overwrite: bool, *, flag: str = "pass overwrite=True") 
     its own files. ``flag`` says how the caller replaces a run (the CLI passes ``"add --overwrite"``).
     """
     path = _path(path)
+    atomic.check_can_write(path, "save the run to")  # before long work, not after it
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"Cannot save to {path}: it is a file, not a directory.")
-    # where the save will write (the folder, or the nearest one above it that exists): tried now, so that a read-only
-    # or missing place is said before long work, not after it
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    with atomic.guard("save the run to", path), atomic.temp_dir(ancestor, "probe"):
-        pass
     if not path.is_dir():
         return
     with atomic.guard("read the folder", path):
@@ -449,7 +445,9 @@ def read_manifest(path) -> dict:
     """The parsed, integrity-checked ``manifest.json`` of a saved run (no arrays loaded, nothing executed)."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not manifest_path.exists():
+    with atomic.guard("read the run at", path):  # a name too long, say: said, not a traceback
+        exists = manifest_path.exists()
+    if not exists:
         raise InvalidSaveError(f"No saved run at {path}: {MANIFEST} is missing.")
     if not _regular(manifest_path) or manifest_path.stat().st_size > _MAX_MANIFEST:
         raise InvalidSaveError(f"{manifest_path} is not a regular file of at most {_MAX_MANIFEST >> 20} MiB (a link "

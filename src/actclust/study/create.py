@@ -69,6 +69,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     if not isinstance(attention_checks, numbers.Integral) or isinstance(attention_checks, bool) or attention_checks < 0:
         raise ParameterError(f"attention_checks must be an int >= 0. Got {attention_checks!r} instead.")
     out = Path(out)
+    atomic.check_can_write(out, "create the study in")  # a read-only place is said before the work, not after it
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"{out} is a file; give a folder for the study (a new one is created).")
     if (out / DB_FILE).exists():
