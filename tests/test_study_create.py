@@ -88,8 +88,12 @@ def test_overwrite(tmp_path, study_source):
     with pytest.raises(RunExistsError, match="already holds a study; pass overwrite=True"):
         make_study(folder, study_source)
     make_study(folder, study_source, overwrite=True)
-    Store(load_study(folder))
-    with pytest.raises(RunExistsError, match="holds collected responses"):
+    store = Store(load_study(folder))  # served, nobody took part: the error says how to start again (it said
+    with pytest.raises(RunExistsError, match=r"was served \(responses.sqlite exists\) but nobody took part yet "
+                                             r"\(0 sessions, 0 responses\).*Stop the server, delete .*responses.sqlite"):
+        make_study(folder, study_source, overwrite=True)  # "holds collected responses", and no way out)
+    store.create_session()
+    with pytest.raises(RunExistsError, match=r"holds collected responses \(responses.sqlite: 1 sessions, 0 responses\)"):
         make_study(folder, study_source, overwrite=True)
     (tmp_path / "page.html").write_text("mine")  # a file where the folder should go: refused before any work, kept
     with pytest.raises(RunExistsError, match=r"page.html is a file; give a folder for the study"):

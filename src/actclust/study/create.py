@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import numbers
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,17 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     atomic.check_can_write(out, "create the study in")  # a read-only place is said before the work, not after it
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"{out} is a file; give a folder for the study (a new one is created).")
-    if (out / DB_FILE).exists():
-        raise RunExistsError(f"{out} holds collected responses ({DB_FILE}); a study with responses is never "
+    if os.path.lexists(out / DB_FILE):
+        from .db import count_taken_part
+
+        counts = count_taken_part(out / DB_FILE)
+        if counts is not None and counts == (0, 0):
+            raise RunExistsError(
+                f"{out} was served ({DB_FILE} exists) but nobody took part yet (0 sessions, 0 responses); a served "
+                f"study is never replaced while its server may run. Stop the server, delete {out / DB_FILE} (and its "
+                "-wal and -shm files, if any), then create the study again; or choose another folder.")
+        held = "" if counts is None else f": {counts[0]} sessions, {counts[1]} responses"
+        raise RunExistsError(f"{out} holds collected responses ({DB_FILE}{held}); a study with responses is never "
                              "replaced. Choose another folder.")
     if (out / STUDY_FILE).exists() and not overwrite:
         raise RunExistsError(f"{out} already holds a study; pass overwrite=True (--overwrite) to replace it.")

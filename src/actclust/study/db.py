@@ -411,6 +411,20 @@ def read_responses(study: Study) -> list:
         db.close()
 
 
+def count_taken_part(path) -> Optional[tuple]:
+    """``(sessions, responses)`` in the database at ``path``, read only; ``None`` where it cannot be read."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("sessions", "responses"))
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+
+
 class Writer:
     """One thread that runs a store's writes, committing the writes waiting at once together.
 
