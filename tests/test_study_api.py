@@ -46,7 +46,7 @@ def test_walk_through(client):
     for i in range(12):
         t = client.get(f"/api/sessions/{s['session_id']}/next", headers=auth).json()
         assert t["stage"] == "decision" and t["position"] == i and t["trial_id"] not in seen
-        assert set(t) == {"trial_id", "stage", "position", "n_trials", "item", "choices", "prediction", "explanation"}
+        assert set(t) == {"trial_id", "stage", "position", "n_trials", "item", "choices", "prediction", "explanation", "own"}
         assert "condition" not in json.dumps(t)
         seen.add(t["trial_id"])
         assert _answer(client, s, auth, trial_id=t["trial_id"], decision="accept", confidence=2).json() == \

@@ -22,10 +22,15 @@ def _answer(page, two_stage, start=0, limit=100):
         stage_initial = page.locator("#own").is_visible()
         confidence = 1 + n % 4
         if stage_initial:
+            # no class is chosen for the participant: with a confidence alone, Next stays disabled (it took class 0)
+            page.check(f"input[name=confidence][value='{confidence}']")
+            assert page.locator("#label").input_value() == "" and page.locator("#submit").is_disabled()
             label = n % 3
             page.select_option("#label", str(label))
             clicked.append(("initial", label, confidence))
         else:
+            if two_stage:  # the second stage shows the participant's own first answer, which Reject keeps
+                assert page.locator("#own-answer").text_content().startswith("Your answer: ")
             decision = "accept" if n % 3 else "reject"
             page.check(f"#choice-{decision}")
             clicked.append(("final" if two_stage else "decision", decision, confidence))
@@ -55,7 +60,7 @@ def test_participant_completes_study(tmp_path, study_source, two_stage):
             # the explanation of 'full' is shown, the class named like a script is shown as text
             assert page.locator("#explanation .view").count() >= (0 if two_stage else 3)
             if two_stage:
-                assert page.locator("#label option").first.text_content() == XSS_CLASS
+                assert page.locator("#label option").nth(1).text_content() == XSS_CLASS
             clicked = _answer(page, two_stage, limit=3)
             page.reload()  # resumes at the answer due, without a new session
             clicked += _answer(page, two_stage, start=3)
@@ -64,6 +69,9 @@ def test_participant_completes_study(tmp_path, study_source, two_stage):
             page.reload()  # after the end, a reload shows the completion code again
             page.wait_for_selector("#done:not([hidden])")
             assert page.locator("#code").text_content() == code
+            page.goto(server.url + "/")  # the consent page says the study is finished, not "Continue the study"
+            page.wait_for_selector("#finished:not([hidden])")
+            assert page.locator("#finished-code").text_content() == code and not page.locator("#consent").is_visible()
         finally:
             browser.close()
         export = httpx.get(server.url + "/admin/export.json",
@@ -73,6 +81,47 @@ def test_participant_completes_study(tmp_path, study_source, two_stage):
     got = [(r["stage"], r["label"] if r["stage"] == "initial" else r["decision"], r["confidence"]) for r in export]
     assert len(got) == 4 * (2 if two_stage else 1) and len({r["session_id"] for r in export}) == 1
     assert got == clicked
+
+
+# one participant in two tabs: an answer given in one is kept when the other, still on that question, answers it
+# differently; the other tab says so in words and moves on (it showed "Trial 8 (decision) was already answered
+# differently", kept the question, and never hid the message again). A session the study no longer knows says to
+# start again, with a link, not "start one with POST /api/sessions"
+@pytest.mark.slow
+def test_two_tabs_and_stale_session(tmp_path, study_source):
+    chromium, sync_playwright = chromium_playwright()
+    folder = make_study(tmp_path / "s", study_source, items=4, conditions=["none"])
+    with LiveStudyServer(folder) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context()
+            a, b = context.new_page(), context.new_page()
+            a.goto(server.url + "/")
+            a.click("#consent")
+            a.wait_for_selector("#trial:not([hidden])")
+            b.goto(server.url + "/study")
+            b.wait_for_selector("#trial:not([hidden])")
+            assert a.locator("#progress").text_content() == b.locator("#progress").text_content() == "Question 1 of 4"
+            _answer(a, False, limit=1)
+            b.check("#choice-reject")
+            b.check("input[name=confidence][value='2']")
+            b.click("#submit")
+            b.wait_for_function("() => document.querySelector('#progress').textContent === 'Question 2 of 4'")
+            note = b.locator("#error").text_content()
+            assert "had already been answered" in note and "Trial" not in note
+            _answer(b, False, start=1, limit=1)
+            assert b.locator("#progress").text_content() == "Question 3 of 4" and not b.locator("#error").is_visible()
+            b.evaluate("localStorage.setItem('actclust-study-session', JSON.stringify({session_id: 'gone', token: 'x'}))")
+            b.goto(server.url + "/study")
+            b.wait_for_selector("#error:not([hidden])")
+            said = b.locator("#error").text_content()
+            assert "no longer known" in said and "POST" not in said
+            assert b.locator("#error a").get_attribute("href") == "/"
+        finally:
+            browser.close()
+        export = httpx.get(server.url + "/admin/export.json",
+                           headers={"Authorization": f"Bearer {server.admin_token}"}).json()["responses"]
+    assert [r["decision"] for r in export][:1] == ["accept" if 0 % 3 else "reject"] and len(export) == 2
 
 
 # a tabular study: feature and class names that look like markup are shown as text, and run nothing

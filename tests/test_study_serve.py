@@ -17,7 +17,7 @@ from actclust.study.app import RateLimit
 from actclust.study.db import RequestRefused, Store, read_responses
 from actclust.study.folder import load_study
 
-from conftest import LiveStudyServer, make_study
+from conftest import XSS_CLASS, LiveStudyServer, make_study
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -338,7 +338,9 @@ def test_two_stage_answer_forms(tmp_path, study_source):
         assert r.status_code == 422 and "first stage of a two-stage trial: send your own answer as 'label'" in r.text
         assert client.post(base + "/responses", headers=auth,
                            json={"trial_id": t["trial_id"], "label": 0, "confidence": 2}).status_code == 200
-        ai = client.get(base + "/next", headers=auth).json()["prediction"]["class"]
+        second = client.get(base + "/next", headers=auth).json()
+        ai = second["prediction"]["class"]
+        assert second["own"] == {"class": 0, "name": XSS_CLASS} and t["own"] is None  # the first answer, shown again
         r = client.post(base + "/responses", headers=auth,
                         json={"trial_id": t["trial_id"], "decision": "reject", "label": ai, "confidence": 2})
         assert r.status_code == 422 and f"'label' {ai} contradicts 'decision': 'reject'" in r.text

@@ -259,6 +259,7 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES, max_par
             writer.submit(store.mark_shown_in, trial["id"], stage, clock())
         item = study.item(trial["item_id"])
         shows_advice = stage != "initial"
+        own = store.own_answer(trial["id"]) if stage != "initial" and study.two_stage else None
         # A JSONResponse skips FastAPI's recursive jsonable_encoder: the explanation is plain JSON already
         return JSONResponse({
             "trial_id": trial["id"], "stage": stage, "position": done, "n_trials": len(study.items) * len(store.stages),
@@ -266,6 +267,8 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES, max_par
             "prediction": {"class": item["prediction"], "name": study.class_names[item["prediction"]],
                            "confidence": item["confidence"]} if shows_advice else None,
             "explanation": explanation(item["id"], trial["condition"]) if shows_advice else None,
+            # two stages: the participant's own first answer, which a Reject keeps
+            "own": None if own is None else {"class": own, "name": study.class_names[own]},
         })
 
     @app.post("/api/sessions/{session_id}/responses")

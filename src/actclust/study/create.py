@@ -138,7 +138,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
                 "trust": {"surrogate_agrees": e.surrogate["prediction"] == e.dnn["prediction"],
                           "signals": dict(e.trust or {})},
             }})
-    records += _attention_items(records, attention_checks, seed)
+    records += _attention_items(records, attention_checks, seed, two_stage)
     shown = sorted({t for r in records for t in _sample_ids(r["views"])})
     if train is None:
         pictures = {t: {"kind": "text", "text": f"training sample #{t}"} for t in shown}
@@ -219,16 +219,19 @@ def _pick(right: np.ndarray, items: int, wrong_share: float, seed: int) -> np.nd
 
 
 ATTENTION_TEXT = "Attention check: whatever the AI says, choose Reject and confidence 4."
+#: Two stages ask first for the participant's own answer, where Reject is not offered (only the second counts).
+ATTENTION_TEXT_TWO_STAGE = ("Attention check: when asked what this is, choose any class; then, whatever the AI says, "
+                            "choose Reject and confidence 4.")
 
 
-def _attention_items(records: list, n: int, seed: int) -> list:
+def _attention_items(records: list, n: int, seed: int, two_stage: bool = False) -> list:
     """``n`` attention-check items, each borrowing a real item's prediction and explanation."""
     rng = np.random.default_rng([seed, 1])
     out = []
     for j, source in enumerate(rng.choice(len(records), n, replace=n > len(records)).tolist()):
         base = records[source]
         out.append({**base, "id": len(records) + j, "row": None, "attention": True, "label": None, "ai_right": None,
-                    "input": {"kind": "text", "text": ATTENTION_TEXT}})
+                    "input": {"kind": "text", "text": ATTENTION_TEXT_TWO_STAGE if two_stage else ATTENTION_TEXT}})
     return out
 
 

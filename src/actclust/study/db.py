@@ -235,7 +235,8 @@ class Store:
             held = db.execute(f"SELECT COUNT(*) FROM sessions WHERE {self._HOLDING}",
                               (now - self.abandon_after,)).fetchone()[0]
             if held >= self.max_participants:
-                raise RequestRefused(403, f"This study is full: it has the {self.max_participants} participants it "
+                people = "participant" if self.max_participants == 1 else "participants"
+                raise RequestRefused(403, f"This study is full: it has the {self.max_participants} {people} it "
                                           "needs. Thank you for your interest.")
         session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
         code = secrets.token_hex(4).upper()
@@ -284,6 +285,12 @@ class Store:
         shown = db.execute("SELECT 1 FROM displays WHERE trial_id = ? AND stage = ?",
                            (pending[0]["id"], pending[1])).fetchone() is not None
         return pending[0], pending[1], done, shown
+
+    def own_answer(self, trial_id: int) -> Optional[int]:
+        """The class a participant gave as their own answer to a trial (the first of two stages), if any."""
+        row = self._conn().execute("SELECT label FROM responses WHERE trial_id = ? AND stage = 'initial'",
+                                   (trial_id,)).fetchone()
+        return None if row is None else row["label"]
 
     def mark_shown_in(self, db, trial_id: int, stage: str, now: float) -> None:
         """Record when a trial stage was first shown (a later showing, e.g. after a reload, keeps the first)."""

@@ -14,30 +14,59 @@
     return e;
   }
 
-  function showError(message) {
+  // What a participant reads when something fails: what happened and what to do, not the API's wording
+  // (trial ids, endpoints), which stays in the console for whoever runs the study.
+  function participantMessage(err) {
+    if (err.network) return "The study cannot be reached just now. Check your connection and try again in a minute; " +
+                            "your answers so far are saved.";
+    if (err.status === 401 || err.status === 404) return "This browser's place in the study is no longer known " +
+                            "(the study may have been restarted or replaced).";
+    if (err.status >= 500) return "Something went wrong on the study's side. Try again in a minute; your answers so " +
+                                  "far are saved.";
+    return err.message;  // the study is full, too many new sessions: written for participants
+  }
+
+  function showError(err) {
+    if (err.detail) console.warn(err.detail);
     const e = $("error");
-    e.textContent = message;
+    e.replaceChildren(el("span", participantMessage(err)));
+    if (err.status === 401 || err.status === 404) {
+      const a = el("a", " Start again from the first page.");
+      a.href = "/";
+      e.append(a);
+    }
     e.hidden = false;
+  }
+
+  function hideError() {
+    $("error").hidden = true;
+    $("error").replaceChildren();
   }
 
   async function api(method, path, body) {
     const s = saved();
     const headers = { "Content-Type": "application/json" };
     if (s) headers.Authorization = "Bearer " + s.token;
-    const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    let r;
+    try {
+      r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (e) {
+      throw Object.assign(new Error(e.message), { network: true });
+    }
     const data = await r.json().catch(() => ({}));
     if (!r.ok) {
       if (s && (r.status === 401 || r.status === 404)) localStorage.removeItem(KEY);  // a session of another study
-      throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || r.status));
+      const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || r.status);
+      throw Object.assign(new Error(detail), { status: r.status, detail });
     }
     return data;
   }
 
-  function input(rendered) {  // a rendered input: image, feature table or text
+  function input(rendered, alt) {  // a rendered input: image, feature table or text
     if (rendered.kind === "image") {
       const img = el("img");
       img.src = rendered.src;
-      img.alt = "input";
+      img.alt = alt || "the input";
       img.width = rendered.width;
       img.height = rendered.height;
       return img;
@@ -57,7 +86,8 @@
 
   function sample(s) {
     const d = el("div", null, "sample");
-    d.append(input(s.input), el("span", s.label_name === null ? "AI: " + s.prediction_name : s.label_name));
+    const name = s.label_name === null ? "AI: " + s.prediction_name : s.label_name;
+    d.append(input(s.input, "training example: " + name), el("span", name));
     return d;
   }
 
@@ -99,17 +129,24 @@
 
   function render(t) {
     current = t;
-    $("progress").textContent = "Answer " + (t.position + 1) + " of " + t.n_trials;
-    $("item").replaceChildren(input(t.item.input));
+    hideError();
+    $("progress").textContent = "Question " + (t.position + 1) + " of " + t.n_trials;
+    $("item").replaceChildren(input(t.item.input, "the input to judge"));
     const initial = t.stage === "initial";
+    $("own-answer").replaceChildren(...(t.own ? [el("span", "Your answer: "), el("strong", t.own.name),
+      el("span", " (Reject keeps it; Accept takes the AI's instead)")] : []));
     $("advice").replaceChildren(...(t.prediction ? [el("span", "The AI predicts: "), el("strong", t.prediction.name),
       el("span", " (confidence " + Math.round(100 * t.prediction.confidence) + "%)")] : []));
     $("explanation").replaceChildren(...explanation(t.explanation));
     $("own").hidden = !initial;
     $("decide").hidden = initial;
     const select = $("label");
-    select.replaceChildren(...t.choices.map((c) => { const o = el("option", c.name); o.value = c.class; return o; }));
+    const none = el("option", "Choose…");  // no class is preselected: an answer left untouched is not an answer
+    none.value = "";
+    none.disabled = true;
+    select.replaceChildren(none, ...t.choices.map((c) => { const o = el("option", c.name); o.value = c.class; return o; }));
     $("answer").reset();
+    select.value = "";
     $("submit").disabled = true;
     $("trial").hidden = false;
     window.scrollTo(0, 0);
@@ -119,10 +156,13 @@
     const s = saved();
     const t = await api("GET", "/api/sessions/" + encodeURIComponent(s.session_id) + "/next");
     if (t.done) {
+      hideError();
       $("trial").hidden = true;
       $("progress").textContent = "";
+      $("progress").hidden = true;
       $("code").textContent = t.completion_code;
       $("done").hidden = false;
+      localStorage.setItem(KEY, JSON.stringify({ ...s, completion_code: t.completion_code }));
       return;
     }
     render(t);
@@ -132,7 +172,7 @@
     const f = $("answer");
     const conf = f.querySelector("input[name=confidence]:checked");
     const dec = f.querySelector("input[name=decision]:checked");
-    return conf && (current.stage === "initial" || dec);
+    return conf && (current.stage === "initial" ? $("label").value !== "" : dec);
   }
 
   async function submit(ev) {
@@ -145,27 +185,43 @@
     $("submit").disabled = true;
     try {
       const s = saved();
-      await api("POST", "/api/sessions/" + encodeURIComponent(s.session_id) + "/responses", body);
+      try {
+        await api("POST", "/api/sessions/" + encodeURIComponent(s.session_id) + "/responses", body);
+      } catch (e) {
+        if (e.status !== 409) throw e;
+        // answered already (another tab or window, a double submit): the answer given first stands; go on from it
+        await next();
+        const note = $("error");
+        note.replaceChildren(el("span", "That question had already been answered (in another tab or window?); " +
+                                        "the first answer was kept. Here is the next question."));
+        note.hidden = false;
+        return;
+      }
       await next();
     } catch (e) {
-      showError(e.message);
-      $("submit").disabled = false;
+      showError(e);
+      $("submit").disabled = !ready();
     }
   }
 
   if ($("consent")) {
-    if (saved()) $("consent").textContent = "Continue the study";
+    const s = saved();
+    if (s && s.completion_code) {  // finished in this browser: nothing to continue
+      $("consent").hidden = true;
+      $("finished-code").textContent = s.completion_code;
+      $("finished").hidden = false;
+    } else if (s) $("consent").textContent = "Continue the study";
     $("consent").addEventListener("click", async () => {
       try {
         if (!saved()) localStorage.setItem(KEY, JSON.stringify(await api("POST", "/api/sessions", {})));
         location.href = "/study";
-      } catch (e) { showError(e.message); }
+      } catch (e) { showError(e); }
     });
   }
   if ($("answer")) {
     if (!saved()) { location.href = "/"; return; }
     $("answer").addEventListener("change", () => { $("submit").disabled = !ready(); });
     $("answer").addEventListener("submit", submit);
-    next().catch((e) => showError(e.message));
+    next().catch(showError);
   }
 })();
