@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import actclust
-from actclust import ActivationClustering, NotFittedError
+from actclust import ActivationClustering, NotFittedError, ParameterError
 
 from conftest import LAYERS, hook_count, layer_vectors, sq_distances
 
@@ -247,6 +247,22 @@ def test_not_fitted(model, data, method, tmp_path):
     arg = tmp_path / "run" if method == "save" else data[0]
     with pytest.raises(NotFittedError, match="not fitted yet. Call 'fit'"):
         getattr(ac, method)(arg)
+
+
+# a reducer dict may name only the layers it changes (as the docs' BERT example does); the others take "auto"
+# (it was refused: "must have exactly one entry per layer"); a layer it names that is not one of them is refused
+def test_reducer_dict_of_some_layers(model, data):
+    from actclust.capture.reduction import make_reducer
+
+    ac = _ac(model, reducer={"conv": "max"}).fit(data[0])
+    assert ac.state_.reducers["conv"].spec == make_reducer("max").spec
+    assert all(ac.state_.reducers[l].spec == make_reducer("auto").spec for l in ("fc1", "fc2"))
+    with pytest.raises(ParameterError, match=r"The 'reducer' dict names layers the model's explainer does not have: "
+                                             r"\['conv9'\] .*the layers it leaves out take 'auto'"):
+        _ac(model, reducer={"conv9": "max"}).fit(data[0])
+    with pytest.raises(ParameterError, match=r"The 'n_clusters' dict must have exactly one entry per layer; missing "
+                                             r"\['fc1', 'fc2'\]"):
+        _ac(model, n_clusters={"conv": 3}).fit(data[0])
 
 
 # inputs of another shape than the training data are reported

@@ -212,6 +212,10 @@ def test_fit_logs_store_estimate(model, data, tmp_path, caplog):
     message = [r.getMessage() for r in caplog.records if r.name == "actclust"][0]
     assert f"storing {width} float16 values per sample (3 layers) for {len(x)} samples on disk in" in message
     assert message.endswith(f": {len(x) * width * 2 / 1024:.1f} KiB")
+    caplog.clear()  # a map's spatial summary (kept for retrieval) is named as one, not counted as a layer
+    with caplog.at_level(logging.INFO, logger="actclust"):
+        _fit(model, x, y)
+    assert "values per sample (3 layers and 1 spatial summary) for" in caplog.records[0].getMessage()
 
 
 # gathering rows of a memory-mapped store in blocks gives exactly X[rows], any index shape, and

@@ -185,8 +185,12 @@ def check(owner: str, params: Mapping[str, Any], constraints: Mapping[str, list]
         raise ParameterError(f"The {name!r} parameter of {owner} must be {allowed}. Got {value!r} instead.")
 
 
-def per_layer(value, pname: str, layers: list, canonical=lambda name: name) -> dict:
-    """A per-layer parameter as a dict ``layer -> value``; a dict must name each layer once.
+_NO_DEFAULT = object()
+
+
+def per_layer(value, pname: str, layers: list, canonical=lambda name: name, default=_NO_DEFAULT) -> dict:
+    """A per-layer parameter as a dict ``layer -> value``; a dict names each layer once, or, where the parameter
+    has a ``default``, the layers it changes (the others take the default).
 
     ``layers`` are canonical names; a dict may use them or the names the user gave (wrapper
     prefixes such as ``module.`` are removed by ``canonical``).
@@ -194,14 +198,16 @@ def per_layer(value, pname: str, layers: list, canonical=lambda name: name) -> d
     if not isinstance(value, Mapping):
         return {l: value for l in layers}
     keyed = {canonical(str(k)): v for k, v in value.items()}
-    missing = [l for l in layers if l not in keyed]
+    missing = [l for l in layers if l not in keyed] if default is _NO_DEFAULT else []
     extra = [k for k in value if canonical(str(k)) not in layers]
     if missing or extra or len(keyed) != len(value):
         raise ParameterError(
-            f"The '{pname}' dict must have exactly one entry per layer; missing {missing}, "
-            f"unknown {extra}."
+            (f"The '{pname}' dict must have exactly one entry per layer; missing {missing}, unknown {extra}."
+             if default is _NO_DEFAULT else
+             f"The '{pname}' dict names layers the model's explainer does not have: {extra} (its layers: {layers}); "
+             f"the layers it leaves out take {default!r}.")
         )
-    return {l: keyed[l] for l in layers}
+    return {l: keyed.get(l, default) for l in layers}
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,7 @@ def validate(estimator, adapter) -> FitConfig:
     layers = adapter.resolve(estimator.layers)
     n_clusters = per_layer(estimator.n_clusters, "n_clusters", layers, adapter.canonical)
     reducers = {l: make_reducer(s, estimator.random_state)
-                for l, s in per_layer(estimator.reducer, "reducer", layers, adapter.canonical).items()}
+                for l, s in per_layer(estimator.reducer, "reducer", layers, adapter.canonical, default="auto").items()}
     lw = estimator.layer_weights
     if lw is not None and not isinstance(lw, str):
         values = per_layer(lw, "layer_weights", layers, adapter.canonical).values() if isinstance(lw, Mapping) else lw

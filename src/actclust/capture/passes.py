@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..exceptions import DataError, DataWarning
-from ..state import FittedState, InputSpec, Query
+from ..state import SUMMARY_SUFFIX, FittedState, InputSpec, Query
 from ..store import Collector, StoreWriter, estimate
 from .arrays import dtype_name, nonfinite_rows
 from .data import Batch, Batches, check_label_range
@@ -164,7 +164,11 @@ def announce(n, widths: dict, writer: StoreWriter, progress: bool) -> None:
     """Log, before the long part of a fit, the memory or disk its vectors will take."""
     where = f"on disk in {writer.directory}" if writer.directory is not None else "in memory"
     size = "unknown (the data has no length)" if n is None else _bytes(estimate(n, widths, writer.dtype.name))
-    message = (f"storing {sum(widths.values())} {writer.dtype.name} values per sample ({len(widths)} layers) "
+    summaries = sum(1 for k in widths if k.endswith(SUMMARY_SUFFIX))  # maps' spatial summaries, kept for retrieval
+    layers = len(widths) - summaries
+    parts = f"{layers} layer{'s' * (layers != 1)}" + (
+        f" and {summaries} spatial summar{'y' if summaries == 1 else 'ies'}" if summaries else "")
+    message = (f"storing {sum(widths.values())} {writer.dtype.name} values per sample ({parts}) "
                f"for {'?' if n is None else n} samples {where}: {size}")
     _log.info(message)
     if progress:
