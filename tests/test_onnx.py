@@ -85,6 +85,10 @@ def test_layer_names(exported):
     assert ac.layers_ == ["/conv/Conv_output_0", "logits"]
     with pytest.raises(ParameterError, match=r"Unknown layer '/conv/Conv_out'.*Did you mean '/conv/Conv_output_0'"):
         ActivationClustering(str(path), ["/conv/Conv_out"], progress=False).fit(x[:60])
+    # the PyTorch module's name finds the tensors it became (the message spoke of sub-modules, and offered none)
+    with pytest.raises(ParameterError, match=r"Unknown layer 'relu': the model has no tensor \(node output\) of that "
+                                             r"name. Did you mean '/relu/Relu_output_0'"):
+        ActivationClustering(str(path), ["relu"], progress=False).fit(x[:60])
 
 
 # saved and loaded with the same file; the model file is all a run needs

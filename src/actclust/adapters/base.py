@@ -69,6 +69,8 @@ class ModelAdapter(abc.ABC):
 
     #: Name of the framework (``"torch"``, ``"keras"``, ``"onnx"``), saved with a run.
     framework = "abstract"
+    #: What a layer name names in this framework, for messages.
+    layer_kind = "layer"
     #: Axis of the channels in the model's image inputs (1 for ``(N, C, H, W)``, -1 for ``(N, H, W, C)``),
     #: for the per-channel statistics of the inputs.
     input_channel_axis = 1
@@ -100,7 +102,7 @@ class ModelAdapter(abc.ABC):
         for name in layers:
             canonical = self.canonical(name) if isinstance(name, str) else None
             if canonical not in known:
-                raise unknown_layer_error(name, valid, how_to_list)
+                raise unknown_layer_error(name, valid, how_to_list, self.layer_kind)
             if canonical in out:
                 raise ParameterError(f"The layer {name!r} is listed twice in {what}.")
             out.append(canonical)
@@ -160,10 +162,14 @@ class ModelAdapter(abc.ABC):
         """SHA-256 over the model's weights and buffers, the same for wrapped and unwrapped models."""
 
 
-def unknown_layer_error(name, valid: Sequence[str], how_to_list: str) -> ParameterError:
-    close = difflib.get_close_matches(str(name), list(valid), n=3, cutoff=0.4)
+def unknown_layer_error(name, valid: Sequence[str], how_to_list: str, kind: str = "layer") -> ParameterError:
+    """The error for a layer name the model lacks, with the closest valid names: those holding it whole first (ONNX's
+    ``/fc1/Gemm_output_0`` for ``fc1``), then those spelled alike."""
+    text = str(name)
+    holding = sorted((v for v in valid if text and text in v and v != text), key=len)
+    close = (holding + [c for c in difflib.get_close_matches(text, list(valid), n=3, cutoff=0.4) if c not in holding])[:3]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ParameterError(f"Unknown layer {name!r}: the model has no sub-module of that name.{hint} {how_to_list}")
+    return ParameterError(f"Unknown layer {name!r}: the model has no {kind} of that name.{hint} {how_to_list}")
 
 
 def check_finite(a: np.ndarray, what: str, where: str) -> None:

@@ -90,6 +90,7 @@ class OnnxAdapter(ModelAdapter):
     """
 
     framework = "onnx"
+    layer_kind = "tensor (node output)"
 
     def __init__(self, model, output: Optional[Callable] = None, providers: Optional[Sequence[str]] = None):
         self.ort = require("onnxruntime", "explaining an ONNX model")

@@ -79,6 +79,7 @@ class TorchAdapter(ModelAdapter):
     """
 
     framework = "torch"
+    layer_kind = "sub-module"
 
     def __init__(self, model: nn.Module, output: Optional[Callable] = None):
         if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):

@@ -69,15 +69,9 @@ class Hold:
     """An exclusive ``flock`` on a file or folder, held until :meth:`release`, until this object is
     collected, or until the process ends (the kernel drops it then, also after ``kill -9``)."""
 
-    def __init__(self, path, *, wait: bool = True, follow: bool = True):
+    def __init__(self, path, *, wait: bool = True, fd: Optional[int] = None):
         self.path = Path(path)
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-        if not follow:  # an entry of ours: neither a link followed nor a FIFO waited on (its open blocks for a writer)
-            flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        self.fd = os.open(self.path, flags)
-        if not follow and not (stat.S_ISREG(mode := os.fstat(self.fd).st_mode) or stat.S_ISDIR(mode)):
-            os.close(self.fd)
-            raise NotADirectoryError(f"{self.path} is neither a file nor a folder")
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -93,9 +87,18 @@ class Hold:
         alone, never followed nor opened for reading, where a FIFO's open waited for a writer forever)."""
         if fcntl is None:  # pragma: no cover - cannot tell: treat as held
             return None
+        try:  # an entry of ours: neither a link followed nor a FIFO waited on (its open blocks for a writer)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
+        except OSError:  # gone, a link (ELOOP), not ours to open
+            return None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            os.close(fd)
+            return None
         try:
-            return cls(path, wait=False, follow=False)
-        except OSError:  # held (BlockingIOError), gone, a link (ELOOP), not ours, not ours to open
+            return cls(path, wait=False, fd=fd)  # closes fd if the lock is taken
+        except OSError:  # held (BlockingIOError)
             return None
 
     @property

@@ -157,7 +157,7 @@ def load_study(path) -> Study:
 def _no_constant(name: str):
     """JSON's non-standard ``NaN`` and ``Infinity`` refused: no field of a study holds them, and the API's answers
     could not carry them (participants got server errors)."""
-    raise ValueError(f"{name} is not a number a study holds")
+    raise InvalidSaveError(f"{name} is not a number a study holds")
 
 
 class _Bad(Exception):
