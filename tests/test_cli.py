@@ -347,6 +347,10 @@ def test_fit_with_store(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "run2"), "--store", str(tmp_path / "run2" / "v")]) == 2
     assert "--store " + str(tmp_path / "run2" / "v") + " is inside --out" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+    # the other way round: a run inside the store folder made every later fit into the store refuse it
+    assert main(base + ["--out", str(tmp_path / "vectors" / "run3"), "--store", str(tmp_path / "vectors")]) == 2
+    assert "--out " + str(tmp_path / "vectors" / "run3") + " is inside --store" in capsys.readouterr().err
+    assert not (tmp_path / "vectors" / "run3").exists()
 
 
 # actclust's own warnings print as one line naming the command (no source path); others as Python's

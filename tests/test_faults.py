@@ -768,6 +768,9 @@ def test_one_atomic_helper():
      "The weights run/sub that the run at run records are not a regular file in the run"),
     ({"model": "conftest:TinyCNN", "weights": "w.pt"}, ["--model", "conftest:TinyCNN"],
      "records the weights 'w.pt', which are not a .safetensors file; a run's files are read as JSON, safetensors and ONNX only"),
+    # a run saved from Python: the hint names --weights too (following it with --model alone scored an untrained net)
+    (None, [], "does not say how to build its model (a run saved from Python keeps neither the model nor its weights); "
+               "add --model with the callable that builds it, as package.module:callable, and --weights"),
 ])
 def test_cli_run_refusals(fitted, npz, cwd, capsys, metadata, extra, match):
     fitted.save(cwd / "run", metadata=metadata)

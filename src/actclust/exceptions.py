@@ -140,3 +140,17 @@ class DeviceMemoryWarning(ActClustWarning):
 class SearchWarning(ActClustWarning):
     """An approximate neighbour search cannot reach its recall target on this data (said once per index and
     weighting): ``search="auto"`` then searches exactly."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that points at the first frame
+    outside actclust (the user's line), however deep in the library the warning is raised: a fixed level named a
+    line of actclust for some callers (``report`` calls what ``explain`` calls)."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

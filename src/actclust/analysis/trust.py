@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import surrogate
 from .saved import CALIBRATION, THRESHOLDS
-from ..exceptions import InvalidSaveError, ParameterError, TrustWarning
+from ..exceptions import InvalidSaveError, ParameterError, TrustWarning, user_stacklevel
 from ..store.vectors import chunk_rows, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
@@ -323,7 +323,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
                      "predictions, not labels: they measure agreement with the training data, not correctness")
     elif min(right.sum(), (~right).sum()) < _MIN_STACK:
         notes.append(f"stacked_trust is unavailable: the calibration split holds {int((~right).sum())} DNN errors and "
-                     f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each")
+                     f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each (held-out data "
+                     "holds more errors: trust={'calibration': (X_val, y_val)})")
     else:
         agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)), split.confidence)
@@ -369,7 +370,7 @@ def _warn_notes(state: FittedState, notes) -> None:
     said = state.cache.setdefault("trust_warned", set())
     if notes and message not in said:
         said.add(message)
-        warnings.warn(message, TrustWarning, stacklevel=4)
+        warnings.warn(message, TrustWarning, stacklevel=user_stacklevel())
 
 
 @dataclass

@@ -215,6 +215,9 @@ def _fit(args) -> int:
     if args.store and Path(args.out).resolve() in [Path(args.store).resolve(), *Path(args.store).resolve().parents]:
         raise ParameterError(f"--store {args.store} is inside --out {args.out}; give a directory outside the run "
                              "(the saved run links to the store's files).")
+    if args.store and Path(args.store).resolve() in Path(args.out).resolve().parents:
+        raise ParameterError(f"--out {args.out} is inside --store {args.store}; give a directory outside the store "
+                             "(a store folder holds only its own files: later fits into it would refuse it).")
     model = build_model(args.model, args.weights)
     check_layers(layers, model, args.model)
     x, y = load_data(args.data, "train")

@@ -56,8 +56,10 @@ def load_run(args):
         return load(run, build_model(args.model, weights), progress=not args.quiet)
     spec = meta.get("model")
     if not isinstance(spec, str) or not spec:
-        raise ParameterError(f"The run at {run} does not say how to build its model; add --model with the "
-                             "callable that builds it, as package.module:callable.")
+        raise ParameterError(f"The run at {run} does not say how to build its model (a run saved from Python keeps "
+                             "neither the model nor its weights); add --model with the callable that builds it, as "
+                             "package.module:callable, and --weights with its trained weights (a .safetensors file) "
+                             "unless the callable loads them itself.")
     if spec.endswith(".onnx"):  # a graph kept in the run: data, read from inside the run only
         return load(run, build_model(str(recorded_file(run, manifest, "model", (".onnx",))), None),
                     progress=not args.quiet)
