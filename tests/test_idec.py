@@ -81,7 +81,7 @@ def test_fit_is_deterministic(blobs, fitted):
 
 def test_non_convergence_warns_with_history(blobs):
     # Stopping while samples still change cluster warns, with the loss history.
-    with pytest.warns(IDECWarning, match=r"did not converge in max_iter=20 steps.*Loss history: phase=pretrain"):
+    with pytest.warns(IDECWarning, match=r"did not converge in max_iter=20 steps.*its last clusters are used.*runs with their defaults.*Loss history: phase=pretrain"):
         c = IDEC(3, random_state=0, pretrain_epochs=1, max_iter=20, update_interval=10, tol=0.0).fit(blobs[0])
     assert not c.converged_ and c.distances(blobs[0]).shape == (600, 3)
 

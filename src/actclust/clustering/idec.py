@@ -208,8 +208,10 @@ class IDEC(Clustering):
         if not converged:
             warnings.warn(
                 f"IDEC did not converge in max_iter={self.max_iter} steps: {history[-1]['changed']:.2%} of the "
-                f"samples still changed cluster at the last target update (tol={self.tol:.2%}). Raise max_iter "
-                f"or tol. Loss history: {_short(history)}",
+                f"samples still changed cluster at the last target update (tol={self.tol:.2%}); its last clusters "
+                "are used. (max_iter and tol are options of actclust.clustering.idec.IDEC, which ActivationClustering "
+                f"runs with their defaults; clustering='kmeans' or 'distill' always converge.) Loss history: "
+                f"{_short(history)}",
                 IDECWarning, stacklevel=3,
             )
 
