@@ -114,3 +114,34 @@ def test_tabular_report_layout_in_chromium(tmp_path):
         assert f["tables"] > 20 and f["bars"] > 20, f"only {f['tables']} tables, {f['bars']} bars at {width} px"
         assert f["problems"] == [], f"at {width} px: " + "; ".join(f["problems"][:40])
         assert f["labels"] > 0, f"no class-mix numbers beside the layer rows' bars at {width} px"
+
+
+# a page never scrolls sideways, on a phone (375 px) or a desktop, even with long, unbroken class names: wide
+# tables scroll inside their own box (a report's summary table made the page 559 px wide at 375 px, a
+# 120-character class name ran under the vote bar), the explorer's pages too (its layer page's legend was one
+# line 34,667 px wide) (found by an outside browser check)
+@pytest.mark.slow
+def test_pages_fit_narrow_and_wide_windows(fitted, data, tmp_path):
+    from actclust.views.explorer import Explorer, make_app
+    from conftest import LiveServer
+
+    chromium, sync_playwright = chromium_playwright()
+    x, y = data
+    names = ["n" * 120, "a very long class name that goes on " * 4, "<b>x</b>"]
+    path = report(fitted, x, y, train=x, out=tmp_path / "r.html", n_correct=2, n_wrong=2, class_names=names)
+    explorer = Explorer(fitted, x[:60], y[:60], train=x, class_names=names, progress=False)
+    widths = {}
+    with LiveServer(make_app(explorer, "t"), "the explorer") as app, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            for width in (375, 1280):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                for url in [path.as_uri()] + [f"{app.url}{route}?token=t" for route in
+                                              ("/", "/inputs", "/layer/conv", "/input/0", "/cluster/fc1/0")]:
+                    page.goto(url, wait_until="load")
+                    widths[width, url.split("?")[0]] = page.evaluate("document.documentElement.scrollWidth")
+                page.close()
+        finally:
+            browser.close()
+    wide = {k: v for k, v in widths.items() if v > k[0]}
+    assert len(widths) == 12 and wide == {}, wide
