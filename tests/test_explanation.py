@@ -77,6 +77,27 @@ def test_explanation_errors(fitted, data):
         Explanation.from_dict([whole])
     with pytest.raises(actclust.ParameterError, match=r"The explanation lacks the fields \['layers'\]"):
         Explanation.from_dict({k: v for k, v in whole.items() if k != "layers"})
+    # values of the wrong kind or range are refused, not met as a raw IndexError in a view, or shown as another
+    # class (a prediction of -1 was drawn as the last class) (found by an outside security check)
+    import copy
+
+    for change, match in [
+        (lambda d: d["dnn"].update(prediction=3), r"dnn prediction must be a class index in \[0, 2\]"),
+        (lambda d: d["dnn"].update(prediction=-1), r"dnn prediction must be a class index in \[0, 2\]"),
+        (lambda d: d["dnn"].update(probability=float("nan")), r"dnn probability must be a finite number"),
+        (lambda d: d.update(layers=[1, 2]), r"layer 0 must be a dict of 'layer' \(a name\)"),
+        (lambda d: d["layers"][1].update(class_mix=[1.0]), r"layer 1 class_mix must be a list of 3 finite numbers"),
+        (lambda d: d.update(similar=None), r"'similar' must be a dict of preset -> similar samples"),
+        (lambda d: d["similar"]["low"][0].update(prediction=7), r"similar samples of 'low' must be dicts of"),
+        (lambda d: d.update(class_names=["a"]), r"'class_names' must be None or a list of 3 names"),
+        (lambda d: d.update(label="cat"), r"'label' must be None or be a class index"),
+    ]:
+        bad = copy.deepcopy(whole)
+        change(bad)
+        with pytest.raises(actclust.ParameterError, match=r"The explanation's " + match):
+            Explanation.from_json(json.dumps(bad))
+    with_trust = fitted.explain(data[0][:2], trust={"calibration_fraction": 0.3})[1]
+    assert with_trust.trust and Explanation.from_json(with_trust.to_json()) == with_trust  # trust signals read back
 
 
 # explanations are built with the cycle collector paused (they hold no cycles; it set itself off

@@ -268,6 +268,10 @@ def test_damaged_saves(fitted, model, tmp_path):
         _forge(run, {**m, "state": {**m["state"], "input_stats": bogus}})
         with pytest.raises(InvalidSaveError, match="The saved input statistics"):
             actclust.load(run, model)
+    for grid in (-1, "x", True):  # failed inside the first query, blamed on the model (an outside security check)
+        _forge(run, {**m, "state": {**m["state"], "spatial_grid": grid}})
+        with pytest.raises(InvalidSaveError, match=r"The saved spatial_grid .* must be None or an int >= 1"):
+            actclust.load(run, model)
     _forge(run, {**m, "format_version": 99})
     with pytest.raises(InvalidSaveError, match="format version 99"):
         actclust.load(run, model)

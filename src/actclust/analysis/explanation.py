@@ -120,11 +120,78 @@ class Explanation:
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ParameterError(f"The explanation lacks the fields {missing}.")
+        _check_values(data)
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> "Explanation":
         return cls.from_dict(json.loads(text))
+
+
+def _check_values(data: dict) -> None:
+    """The values :meth:`Explanation.from_dict` reads, checked as its views read them: class indices within the
+    classes, lists of one number per class, numbers finite (an explanation from a JSON file someone sent made the
+    notebook card fail with a raw IndexError, or showed a prediction of -1 as the last class)."""
+    def need(ok: bool, where: str, what: str):
+        if not ok:
+            raise ParameterError(f"The explanation's {where} {what}.")
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+
+    def per_class(v, where: str):
+        need(isinstance(v, list) and len(v) == n and all(is_num(x) for x in v), where,
+             f"must be a list of {n} finite numbers, one per class")
+
+    dnn, surrogate = data.get("dnn"), data.get("surrogate")
+    need(isinstance(dnn, dict) and isinstance(dnn.get("probabilities"), list) and len(dnn["probabilities"]) >= 2,
+         "'dnn'", "must be a dict with 'prediction' and 'probabilities' (one per class, at least 2)")
+    n = len(dnn["probabilities"])
+    per_class(dnn["probabilities"], "dnn probabilities")
+    need(is_num(dnn.get("probability")), "dnn probability", "must be a finite number")
+    classes = f"be a class index in [0, {n - 1}]"
+    need(is_int(dnn.get("prediction")) and 0 <= dnn["prediction"] < n, "dnn prediction", f"must {classes}")
+    need(is_int(data.get("index")), "'index'", "must be an int")
+    need(data.get("label") is None or (is_int(data["label"]) and 0 <= data["label"] < n), "'label'",
+         f"must be None or {classes}")
+    need(isinstance(surrogate, dict) and is_int(surrogate.get("prediction")) and 0 <= surrogate["prediction"] < n,
+         "surrogate prediction", f"must {classes}")
+    per_class(surrogate.get("probabilities"), "surrogate probabilities")
+    per_class(surrogate.get("prior"), "surrogate prior")
+    need(isinstance(data.get("layers"), list) and data["layers"], "'layers'", "must be a non-empty list")
+    for i, lay in enumerate(data["layers"]):
+        where = f"layer {i}"
+        need(isinstance(lay, dict) and isinstance(lay.get("layer"), str) and is_int(lay.get("cluster"))
+             and lay["cluster"] >= 0 and is_num(lay.get("weight")) and is_num(lay.get("distance"))
+             and isinstance(lay.get("exemplars"), list) and all(is_int(x) and x >= 0 for x in lay["exemplars"]),
+             where, "must be a dict of 'layer' (a name), 'cluster' (an int >= 0), 'weight' and 'distance' (numbers) "
+             "and 'exemplars' (training sample indices)")
+        per_class(lay.get("class_mix"), f"{where} class_mix")
+        per_class(lay.get("vote"), f"{where} vote")
+    need(isinstance(data.get("similar"), dict), "'similar'", "must be a dict of preset -> similar samples")
+    for preset, rows in data["similar"].items():
+        need(isinstance(rows, list) and all(
+            isinstance(r, dict) and is_int(r.get("index")) and r["index"] >= 0 and is_num(r.get("distance"))
+            and is_int(r.get("prediction")) and 0 <= r["prediction"] < n
+            and (r.get("label") is None or (is_int(r["label"]) and 0 <= r["label"] < n)) for r in rows),
+            f"similar samples of {preset!r}", f"must be dicts of 'index', 'distance', 'prediction' and 'label' "
+            f"(class indices in [0, {n - 1}])")
+    names = data.get("class_names")
+    need(names is None or (isinstance(names, list) and len(names) == n and all(isinstance(c, str) for c in names)),
+         "'class_names'", f"must be None or a list of {n} names")
+    trust = data.get("trust")
+    need(trust is None or (isinstance(trust, dict) and all(
+        isinstance(k, str) and (v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)))
+        for k, v in trust.items())),
+         "'trust'", "must be None or a dict of signal names to numbers")
+    notes = data.get("trust_notes")
+    need(notes is None or (isinstance(notes, list) and all(isinstance(t, str) for t in notes)), "'trust_notes'",
+         "must be None or a list of strings")
+    for key in ("meta", "trust_thresholds"):
+        need(data.get(key) is None or isinstance(data[key], dict), repr(key), "must be None or a dict")
 
 
 def similar_weights(state: FittedState, k: int) -> dict:

@@ -666,10 +666,18 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         train_vectors=store if store is not None else VectorStore(vectors),
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
         train_score=s.get("train_score") or {}, fit_info=s.get("fit_info") or {},
-        random_state=int(s["random_state"]), spatial_grid=s.get("spatial_grid"),
+        random_state=int(s["random_state"]), spatial_grid=_spatial_grid(s.get("spatial_grid")),
         layouts=_layouts(s, layers), input_stats=_input_stats(s.get("input_stats")),
         summary_seeds=_seeds(s, layers),
     )
+
+
+def _spatial_grid(grid) -> Optional[int]:
+    """The spatial summaries' grid: None or an int >= 1 (another value failed inside the first query, where it was
+    blamed on the model)."""
+    if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):
+        raise InvalidSaveError(f"The saved spatial_grid {grid!r} must be None or an int >= 1.")
+    return grid
 
 
 def _seeds(s: dict, layers: list) -> dict:
