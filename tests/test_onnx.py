@@ -320,3 +320,41 @@ def test_cli_fit_on_a_model_file_says_nothing_of_weights(exported, tmp_path, cap
     torch.save({}, tmp_path / "w.pt")
     assert main(fit + ["--out", str(tmp_path / "run2"), "--weights", str(tmp_path / "w.pt")]) == 2
     assert "--weights is for a model built by package.module:callable" in capsys.readouterr().err
+
+
+# a run keeps its ONNX model in its one file, which the manifest pins: a model the user gave with its tensors in an
+# external-data file is kept whole (only the .onnx was copied), and a run whose kept model names external data
+# (an unpinned file, or one outside the run) is refused when read (found by an outside security check)
+def test_cli_runs_keep_onnx_models_whole(exported, tmp_path, capsys):
+    import hashlib
+    import json
+
+    import onnx
+
+    from actclust.cli import main
+
+    _, path, x = exported
+    np.savez(tmp_path / "d.npz", x=x)
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save_model(onnx.load(str(path)), str(source / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    assert main(["fit", str(source / "m.onnx"), "--layers", "/fc1/Gemm_output_0", "--data", str(tmp_path / "d.npz"),
+                 "--n-clusters", "3", "--quiet", "--no-prepare", "--out", str(tmp_path / "run")]) == 0
+    (source / "m.data").unlink()  # the run does not need the user's files
+    assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 0
+    capsys.readouterr()
+    # a kept model edited to read a tensor from another file, its hashes made to match as an attacker would
+    run = tmp_path / "run"
+    m = json.loads((run / "manifest.json").read_text())
+    kept = run / m["metadata"]["model"]
+    proto = onnx.load(str(kept))
+    onnx.save_model(proto, str(kept), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w.bin", size_threshold=0)  # a file beside it that no hash of the run pins
+    m["files"][kept.name] = hashlib.sha256(kept.read_bytes()).hexdigest()
+    body = {k: v for k, v in m.items() if k != "digest"}
+    m["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (run / "manifest.json").write_text(json.dumps(m))
+    assert main(["score", str(run), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 2
+    assert "stores tensors in other files (ONNX external data), which no SHA-256 of the run pins" in \
+        capsys.readouterr().err

@@ -50,6 +50,12 @@ _KEEP_LAYOUT_OPS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoi
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
 
 
+def external_tensors(proto) -> list:
+    """The names of the tensors an ONNX graph, read without its external data, keeps in other files."""
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    return [t.name for t in tensors if t.data_location == 1 or len(t.external_data)]  # 1: TensorProto.EXTERNAL
+
+
 def load_onnx(model):
     """An ``onnx.ModelProto`` from a path, bytes or a ModelProto; a clear error for anything else."""
     onnx = require("onnx", "explaining an ONNX model")

@@ -365,6 +365,12 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
         metadata = {"model": spec, "weights": name}
     else:  # the file the user gave: ONNX is data; a recorded .keras needs opt-in to load (see cli/inputs.py)
         content = Path(spec).read_bytes() if is_model_file(spec) else None
+        if content is not None and adapter.framework == "onnx":
+            from ..adapters.onnx import external_tensors
+
+            if external_tensors(adapter.onnx.load_model_from_string(content)):  # read without its external data
+                # the graph with its tensors inside, in the one file the manifest pins (runs read no other model file)
+                content = adapter.proto.SerializeToString()
         if content is None:
             raise ParameterError(f"{spec} builds a {adapter.framework} model that actclust cannot keep in the run; save it "
                                  "as a .onnx or .keras file and give that file.")

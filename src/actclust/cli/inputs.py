@@ -61,7 +61,9 @@ def load_run(args):
                              "package.module:callable, and --weights with its trained weights (a .safetensors file) "
                              "unless the callable loads them itself.")
     if spec.endswith(".onnx"):  # a graph kept in the run: data, read from inside the run only
-        return load(run, build_model(str(recorded_file(run, manifest, "model", (".onnx",))), None),
+        from ..adapters import adapt
+
+        return load(run, adapt(_whole_onnx(recorded_file(run, manifest, "model", (".onnx",)), run)),
                     progress=not args.quiet)
     if spec.endswith(".keras") and getattr(args, "trust_run_model", False):
         return load(run, build_model(str(recorded_file(run, manifest, "model", (".keras",))), None),
@@ -147,6 +149,25 @@ def _is_within(path: Path, folder: Path) -> bool:
 def recorded_weights(run: Path, manifest: dict):
     """The weights file the run records, or None (see :func:`recorded_file`)."""
     return recorded_file(run, manifest, "weights", (".safetensors",))
+
+
+def _whole_onnx(path: Path, run: Path):
+    """The ONNX graph a run keeps, read whole from its one file, which the manifest pins by its SHA-256: one that
+    keeps tensors in other files (ONNX's external data, which ``actclust fit`` never writes) is refused, as no hash
+    of the run pins those files."""
+    from ..adapters.onnx import external_tensors, load_onnx
+    from ..deps import require
+
+    onnx = require("onnx", "explaining an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # the protobuf decoder's errors vary by version
+        raise InvalidSaveError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:200]}).") from None
+    if external_tensors(proto):
+        raise InvalidSaveError(f"The model {path.name} that the run at {run} keeps stores tensors in other files "
+                               "(ONNX external data), which no SHA-256 of the run pins; actclust reads a run's model "
+                               "from its one file only. Add --model with a model file of your own.")
+    return load_onnx(proto)
 
 
 def recorded_file(run: Path, manifest: dict, key: str, suffixes: tuple):
