@@ -268,3 +268,23 @@ def test_search_by_class_is_exact(rare_class_source):
 
     with pytest.raises(PE, match=r"classes must have one row of classes per input, shape \(3, m\). Got shape \(3,\)"):
         search_by_class(state, ac.query(x[:3], vectors=True), np.array([0, 1, 2]), 5, w)
+
+
+# text inputs in a study are shown as tokens with a tokenizer, as in the report (participants saw the ids:
+# "6 46 15 21 ...", found by an outside browser check)
+def test_token_inputs_shown_as_tokens(tmp_path):
+    import zoo
+
+    from actclust import ActivationClustering
+    from actclust.study import create_study
+
+    ids, mask, y = zoo.token_task(80, seq_len=20, min_len=13, seed=0)
+    ac = ActivationClustering(zoo.tiny_bert(seed=0), ["bert.pooler", "classifier"], n_clusters=3, progress=False)
+    ac.fit({"input_ids": ids[:60], "attention_mask": mask[:60]}, y[:60])
+    vocab = ["[PAD]", "[CLS]", "cat", "dog", "eel"] + [f"w{i}" for i in range(5, 64)]
+    test = {"input_ids": ids[60:], "attention_mask": mask[60:]}
+    folder = create_study(ac, test, y[60:], tmp_path / "s", train={"input_ids": ids[:60], "attention_mask": mask[:60]},
+                          items=4, conditions=["similar"], tokenizer=vocab)
+    item = json.loads((folder / "study.json").read_text())["items"][0]
+    words = [w for w, _ in item["input"]["tokens"]]
+    assert words and set(words) <= set(vocab) and not item["input"].get("ids")

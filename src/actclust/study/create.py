@@ -26,7 +26,7 @@ _MULTICLASS_TOP, _PER_CLASS, _EXEMPLARS = 3, 2, 4  # top classes, samples per cl
 def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: float = 0.5,
                  conditions=CONDITIONS, design: str = "between", two_stage: bool = False, seed: int = 0,
                  class_names=None, feature_names=None, render=None, mean=None, std=None, k: int = 6,
-                 attention_checks: int = 0, overwrite: bool = False, source=None) -> Path:
+                 attention_checks: int = 0, overwrite: bool = False, source=None, tokenizer=None) -> Path:
     """Write a study folder for the fitted explainer ``ac`` on labelled inputs ``X, y``.
 
     Parameters
@@ -45,8 +45,9 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     design : {"between", "within"}
     two_stage : bool
         Ask each participant's own answer before showing the advice.
-    class_names, feature_names, render, mean, std
-        How classes and inputs are shown; as in :func:`actclust.report`.
+    class_names, feature_names, render, mean, std, tokenizer
+        How classes and inputs are shown; as in :func:`actclust.report` (``tokenizer``: token ids shown as
+        tokens, padding hidden; without it participants see the ids).
     k : int, default=6
         Similar samples shown per trial.
     attention_checks : int, default=0
@@ -119,8 +120,8 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     shown_classes = _top_classes(q.dnn_proba[chosen], np.bincount(train_classes, minlength=state.n_classes))
     per_class = retrieval.search_by_class(state, ac.query(picked, vectors=True), shown_classes, _PER_CLASS,
                                           retrieval.layer_weights("high", state.layers))
-    renderer = Renderer(render, mean=mean, std=std,
-                        feature_names=feature_names or state.input_spec.feature_names)
+    renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names or state.input_spec.feature_names,
+                        tokenizer=tokenizer)
     records = []
     for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
         i, proba = int(chosen[j]), q.dnn_proba[chosen[j]]
