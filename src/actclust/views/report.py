@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import numbers
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,14 @@ from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
 from .render import Renderer, check_mean_std
-from ..exceptions import DataError, ParameterError, RunExistsError
+from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
 
 __all__ = ["report"]
+
+#: More explanations than this in one report get a warning: each is a card with its pictures (an outside check's
+#: 2,000 made a page of 33 MB that took 13 s to open); the explorer serves any number a page at a time.
+MANY_CARDS = 300
 
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
             "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -91,6 +96,11 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     summary = scores(q.dnn_pred, probas, q.labels, state.weights, state.layers)
     chosen, how = _choose(q, combine(probas, state.weights).argmax(1), indices, n_correct, n_wrong,
                           state.random_state)
+    if len(chosen) > MANY_CARDS:  # a page, not a browser of inputs: say so before the work
+        warnings.warn(f"The report will hold {len(chosen)} explanations, one card each with its pictures: a heavy "
+                      f"page (2,000 cards: 33 MB, 13 s to open). To browse many inputs, serve the explorer "
+                      "(actclust view, or actclust.views.explorer); a report reads best with tens.",
+                      RenderWarning, stacklevel=user_stacklevel())
     explanations = []
     if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
         picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
