@@ -126,6 +126,19 @@ def test_softmax_output_read_as_probabilities(model, data, dtype):
     np.testing.assert_allclose(logits.numpy(), np.log(p[:4]), rtol=1e-4, atol=1e-5)
 
 
+# before any fit knows the inputs' shape, a convolution's channel error says what it means: channels last (a
+# transpose) or no channel axis (x[:, None]); it was PyTorch's message alone (found by an outside new-user check)
+def test_channel_errors_before_fit_name_the_fix():
+    from actclust.models import digits_cnn
+
+    x = np.random.default_rng(0).random((40, 8, 8, 1)).astype(np.float32)
+    for inputs, match in [(x, r"look channels-last \(40, 8, 8, 1\); PyTorch convolutions take channels first: "
+                              r"x.transpose\(0, 3, 1, 2\). Otherwise check"),
+                          (x[..., 0], r"inputs \(40, 8, 8\) have no channel axis; add it: x\[:, None\]")]:
+        with pytest.raises(CaptureError, match=match):
+            ActivationClustering(digits_cnn(), ["conv1", "fc1"], n_clusters=2, progress=False).fit(inputs)
+
+
 # NaN or infinite activations name the layer
 def test_nan_activations_name_the_layer(model, data):
     x = data[0][:4].copy()

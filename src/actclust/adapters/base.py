@@ -211,17 +211,20 @@ def check_captured(logits: np.ndarray, vectors: Mapping[str, np.ndarray], where:
     check_finite(logits, "The model's output", where)
 
 
-def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None):
+def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None, layout: str = ""):
     """The :class:`CaptureError` for a model that raised ``e`` on ``inputs`` (a batch): what it was fed, and a hint.
     A tuple whose last element is one integer per sample is likely ``(inputs, labels)``, which is read as the model's
-    inputs in order (a Hugging Face model took the labels as its attention mask): say to pass them as ``y=``."""
+    inputs in order (a Hugging Face model took the labels as its attention mask): say to pass them as ``y=``.
+    ``layout``: the adapter's reading of the error, where it names a fix (a sentence, said first)."""
     text = str(e) if limit is None else str(e)[:limit]
     hint = "check that the inputs have the shape, dtype and scaling the model was trained on."
+    if layout:
+        hint = layout + "Otherwise " + hint
     if isinstance(inputs, (tuple, list)) and len(inputs) > 1:
         last = inputs[-1]
         if len(getattr(last, "shape", ())) == 1 and dtype_name(last).startswith(("int", "uint")):
             hint = ("X is a tuple, read as the model's inputs in order, and its last element holds one integer per "
-                    "sample: if those are the labels, pass them as y= (fit(X, y)) instead. Else " + hint)
+                    "sample: if those are the labels, pass them as y= (fit(X, y)) instead. Otherwise " + hint)
     return CaptureError(f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {text} -- {hint}")
 
 

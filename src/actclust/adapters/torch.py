@@ -428,7 +428,26 @@ class _TorchRunner(Runner):
         except ActClustError:
             raise
         except Exception as e:
-            raise model_error(e, where, inputs) from e
+            raise model_error(e, where, inputs, layout=_layout_hint(inputs, str(e))) from e
+
+
+def _layout_hint(inputs, said: str) -> str:
+    """What a convolution's channel error means for inputs of this shape, before any fit knows the inputs' shape:
+    channels last where PyTorch takes them first (``x.transpose``), or no channel axis at all (``x[:, None]``)."""
+    import re
+
+    m = re.search(r"to have (\d+) channels, but got (\d+) channels", said)
+    shape = tuple(getattr(inputs, "shape", ()))
+    if m is None or len(shape) < 3:
+        return ""
+    want = int(m.group(1))
+    rank = len(shape) - 1
+    if rank >= 3 and shape[-1] == want and shape[1] != want:
+        return (f"These inputs look channels-last {shape}; PyTorch convolutions take channels first: "
+                f"x.transpose(0, {rank}, {', '.join(map(str, range(1, rank)))}). ")
+    if want == 1:
+        return f"These inputs {shape} have no channel axis; add it: x[:, None]. "
+    return ""
 
 
 _SEQUENCE_FIRST = (" (a sequence-first output, as nn.LSTM, nn.GRU and nn.MultiheadAttention give without "
