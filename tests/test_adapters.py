@@ -93,6 +93,9 @@ def test_unknown_layer_names_closest_and_list_layers(model, data):
     (lambda z: z[:, 0], r"shape \(N, n_classes\).*returned shape \(4,\)"),
     (lambda z: {"scores": z}, r"returned a dict; actclust looks for the logits.*output="),
     (lambda z: z.argmax(1, keepdim=True).repeat(1, 3), "floating-point logits"),
+    # one logit (a sigmoid head): the message says how to pass it as two classes, as the Keras adapter's does
+    (lambda z: z[:, :1], r"returned shape \(4, 1\). A binary classifier with one logit z\? Pass output=lambda z: "
+                         r"torch.cat\(\[torch.zeros_like\(z\), z\], 1\)"),
 ])
 def test_non_logit_output(data, head, match):
     class Wrap(nn.Module):

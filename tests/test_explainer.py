@@ -265,6 +265,14 @@ def test_reducer_dict_of_some_layers(model, data):
         _ac(model, n_clusters={"conv": 3}).fit(data[0])
 
 
+# load without the model says what it needs (a bare TypeError said an argument was missing)
+def test_load_without_model(fitted, tmp_path):
+    fitted.save(tmp_path / "run")
+    with pytest.raises(ParameterError, match=r"load\('.*run'\) needs the model the run explains: "
+                                             r"actclust.load\(path, model\)"):
+        actclust.load(tmp_path / "run")
+
+
 # inputs of another shape than the training data are reported
 def test_inputs_of_other_shape(model, data):
     ac = _ac(model, reducer="grid:2").fit(data[0])

@@ -470,7 +470,7 @@ class ActivationClustering:
                 f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
 
 
-def load(path, model, *, output=None, progress: bool = True, verify: bool = True, device=None) -> ActivationClustering:
+def load(path, model=None, *, output=None, progress: bool = True, verify: bool = True, device=None) -> ActivationClustering:
     """Load a run saved by :meth:`ActivationClustering.save`, bound to ``model``.
 
     ``model`` may be the fitted network wrapped or unwrapped (``DataParallel``, ``torch.compile``).
@@ -483,6 +483,10 @@ def load(path, model, *, output=None, progress: bool = True, verify: bool = True
     ``device`` is where the analyses compute (see :class:`ActivationClustering`; by default the model's
     device): a run fitted on a GPU loads and answers on a machine without one.
     """
+    if model is None:  # a TypeError said only that an argument was missing
+        raise ParameterError(
+            f"load({str(path)!r}) needs the model the run explains: actclust.load(path, model). A run keeps no "
+            "code; the command line rebuilds a model a run records (docs/security.md).")
     from .analysis import saved
     from .exceptions import InvalidSaveError
     from .io.persistence import INDEX_FILE_RE, attached, check_model, read_run

@@ -494,9 +494,12 @@ def _check_logits(logits, n: int, custom: bool) -> None:
             "output=<function of the model's output that returns the logits tensor>."
         )
     if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+        binary = "" if tuple(logits.shape) not in ((n, 1), (n,)) else (
+            " A binary classifier with one logit z? Pass output=lambda z: torch.cat([torch.zeros_like(z), z], 1) "
+            "(a sigmoid's logit, as two classes' logits; reshape z to (N, 1) first if it is (N,)).")
         raise CaptureError(
             "The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
-            f"of {n} it returned shape {tuple(logits.shape)}."
+            f"of {n} it returned shape {tuple(logits.shape)}.{binary}"
         )
     if not logits.is_floating_point():
         raise CaptureError(f"The model must return floating-point logits; got dtype {logits.dtype}.")
