@@ -409,3 +409,18 @@ def test_unwritable_out_said_before_the_fit(tmp_path, tiny_npz, fitted, capsys):
     save(fitted.state_, params_of(fitted), adapt(fitted.model), tmp_path / "run")
     with pytest.raises(RunExistsError, match="A saved run already exists at .*; add --overwrite to replace it"):
         save(fitted.state_, params_of(fitted), adapt(fitted.model), tmp_path / "run", flag="add --overwrite")
+
+
+# the score table keeps its columns under a layer name longer than the layer column (17+ characters shifted the
+# numbers of that row; found by an outside new-user check)
+def test_score_table_keeps_columns_under_long_names():
+    from types import SimpleNamespace
+
+    from actclust.cli.commands import format_scores
+
+    layer = {"fidelity": 0.5, "accuracy": 0.25}
+    scores = {"n": 3, "fidelity": 0.75, "accuracy": 0.5, "dnn_accuracy": 0.5,
+              "per_layer": {"conv": layer, "next_activations_of_block_1": layer}}
+    lines = format_scores(scores, SimpleNamespace(weights_=[0.5, 0.5])).splitlines()[1:]
+    assert len({len(line) for line in lines}) == 1, lines  # every row as wide: the columns line up
+    assert {line.index("0.5000") for line in lines[1:3]} == {lines[0].index("fidelity") + 2}

@@ -189,7 +189,7 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
     reducers = hooked(state.reducers, state.normalize, state.spatial_grid if keep_vectors else None, summaries,
                       state.random_state, seeds=state.summary_seeds)
     stats = InputStats(adapter.input_channel_axis, reference=state.input_stats or None, n_samples=batches.n_samples)
-    for batch, logits, out, _, _ in run(adapter, batches, reducers, desc="explaining", progress=progress,
+    for batch, logits, out, _, _ in run(adapter, batches, reducers, desc="running the model on the inputs", progress=progress,
                                         spec=state.input_spec, layouts=state.layouts, stats=stats):
         if logits.shape[1] != state.n_classes:
             raise DataError(f"The model outputs {logits.shape[1]} classes; it was fitted with {state.n_classes}.")

@@ -400,13 +400,15 @@ def _weights_bytes(model) -> bytes:
 def format_scores(scores: dict, ac, title: str = "on the test data") -> str:
     """A plain-text table of per-layer and combined fidelity and accuracy."""
     has_acc = scores["accuracy"] is not None
+    wide = max([16, *(len(l) for l in scores["per_layer"])])  # a long layer name widens the column, not the row
     lines = [f"surrogate {title} (n={scores['n']}):",
-             f"  {'layer':<16} {'weight':>6} {'fidelity':>9}" + (f" {'accuracy':>9}" if has_acc else "")]
+             f"  {'layer':<{wide}} {'weight':>6} {'fidelity':>9}" + (f" {'accuracy':>9}" if has_acc else "")]
     for (layer, s), w in zip(scores["per_layer"].items(), ac.weights_):
-        lines.append(f"  {layer:<16} {w:>6.2f} {s['fidelity']:>9.4f}" + (f" {s['accuracy']:>9.4f}" if has_acc else ""))
-    lines.append(f"  {'combined':<16} {'':>6} {scores['fidelity']:>9.4f}" + (f" {scores['accuracy']:>9.4f}" if has_acc else ""))
+        lines.append(f"  {layer:<{wide}} {w:>6.2f} {s['fidelity']:>9.4f}" + (f" {s['accuracy']:>9.4f}" if has_acc else ""))
+    lines.append(f"  {'combined':<{wide}} {'':>6} {scores['fidelity']:>9.4f}"
+                 + (f" {scores['accuracy']:>9.4f}" if has_acc else ""))
     if has_acc:
-        lines.append(f"  {'DNN itself':<16} {'':>6} {1.0:>9.4f} {scores['dnn_accuracy']:>9.4f}")
+        lines.append(f"  {'DNN itself':<{wide}} {'':>6} {1.0:>9.4f} {scores['dnn_accuracy']:>9.4f}")
     return "\n".join(lines)
 
 

@@ -197,7 +197,7 @@ def query(state, config: RayConfig, adapter, X, y, *, keep_vectors: bool):
                     train_predictions=np.zeros(0, np.int64), train_labels=None, train_score={}, fit_info={}, cache={})
     col, has_y = Collector(run.n), []
     with contextlib.closing(run.run(adapter, {"state": light, "keep_vectors": keep_vectors},
-                                    "explaining (ray)")) as stream:
+                                    "running the model on the inputs (ray)")) as stream:
         for batch in stream:
             rows = batch[ROW]
             for k in batch:
