@@ -220,7 +220,7 @@ def _fit(args) -> int:
                              "(a store folder holds only its own files: later fits into it would refuse it).")
     model = build_model(args.model, args.weights)
     check_layers(layers, model, args.model)
-    x, y = load_data(args.data, "train")
+    x, y = load_data(args.data, "train", adapt(model))
     if args.n_clusters > len(x):
         raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
                          f"use at most {len(x)}.")
@@ -252,7 +252,7 @@ def _score(args) -> int:
     import json
 
     ac = load_run(args)
-    x, y = load_data(args.data, "test")
+    x, y = load_data(args.data, "test", ac._adapter())
     scores = ac.score(x, y)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores, ac, title=f"on {args.data}"))
     return EXIT_OK
@@ -286,11 +286,11 @@ def _report(args) -> int:
         raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
     ac = load_run(args)
     _refuse_run_file(out, args.run, ac)
-    x, y = load_data(args.data, "test")
+    x, y = load_data(args.data, "test", ac._adapter())
     if args.train:
-        train, source = load_data(args.train, "train")[0], f"--train {args.train}"
+        train, source = load_data(args.train, "train", ac._adapter())[0], f"--train {args.train}"
     elif args.data in DATASETS:
-        train, source = load_data(args.data, "train")[0], f"the {args.data} training split"
+        train, source = load_data(args.data, "train", ac._adapter())[0], f"the {args.data} training split"
     else:
         train = None
         say(args, "no --train given: training samples are shown by their index; to show them, add --train "

@@ -170,6 +170,24 @@ def _whole_onnx(path: Path, run: Path):
     return load_onnx(proto)
 
 
+def _as_model_takes(x: np.ndarray, adapter, spec: str) -> np.ndarray:
+    """A built-in data set's channels-first images ``x``, or the same moved channels-last where only those are what
+    the model takes (its adapter's input check; a PyTorch model's checks nothing, so stays channels-first)."""
+    from ..exceptions import ActClustError
+
+    def takes(a) -> bool:
+        try:
+            adapter.check_inputs(a[:2], f"--data {spec}")
+            return True
+        except ActClustError:
+            return False
+
+    if x.ndim != 4 or takes(x):
+        return x
+    moved = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    return moved if takes(moved) else x  # neither: the first pass says what is wrong, of the data as given
+
+
 def recorded_file(run: Path, manifest: dict, key: str, suffixes: tuple):
     """The file the run records under ``metadata[key]``, or None: a relative path inside the run folder
     (no ``..``, no link on the way, a regular file ending in one of ``suffixes``), checked against its
@@ -306,14 +324,18 @@ def _load_state_dict(model, path: Path, spec: str) -> None:
         raise ParameterError(f"The weights in {path} do not fit the model {spec} builds: {e}") from None
 
 
-def load_data(spec: str, split: str):
+def load_data(spec: str, split: str, adapter=None):
+    """``(x, y)`` of ``--data``/``--train``: a built-in data set's split, or an ``.npz``. A built-in set's images are
+    channels-first; where ``adapter``'s model takes them channels-last (a Keras model, an NHWC ONNX graph: its input
+    check refuses them as they are and takes them moved), they are given so, as a user could not move them."""
     import zipfile
 
     from ..datasets import DATASETS, load_dataset
 
     if spec in DATASETS:
         x_tr, y_tr, x_te, y_te = load_dataset(spec)
-        return (x_tr, y_tr) if split == "train" else (x_te, y_te)
+        x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+        return (x if adapter is None else _as_model_takes(x, adapter, spec)), y
     path = Path(spec)
     if path.suffix != ".npz":
         raise ParameterError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")

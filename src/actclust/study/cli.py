@@ -170,15 +170,15 @@ def _create(args) -> int:
     if not 0 <= args.wrong_share <= 1:
         raise ParameterError(f"--wrong-share must be in [0, 1]; got {args.wrong_share}.")
     ac = _load_run(args)
-    x, y = _load_data(args.data, "test")
+    x, y = _load_data(args.data, "test", ac._adapter())
     if y is None:
         raise ParameterError(f"--data {args.data} has no labels y; a study needs them to know where the model is "
                              "right. Add y to the .npz.")
     train = None
     if args.train:
-        train = _load_data(args.train, "train")[0]
+        train = _load_data(args.train, "train", ac._adapter())[0]
     elif args.data in DATASETS:
-        train = _load_data(args.data, "train")[0]
+        train = _load_data(args.data, "train", ac._adapter())[0]
     names = None
     if args.class_names:
         names = [n.strip() for n in args.class_names.split(",")]

@@ -66,7 +66,7 @@ def _view(args) -> int:
     sock = listen(args.host, args.port)  # before the long start: a port in use is said at once
     try:
         ac = load_run(args)
-        x, y = load_data(args.data, "test")
+        x, y = load_data(args.data, "test", ac._adapter())
         check_inputs(x, ac, f"--data {args.data}")
         names = None
         if args.class_names:
@@ -78,10 +78,10 @@ def _view(args) -> int:
             names = list(FASHION_MNIST_CLASSES)
         train = None
         if args.train:
-            train = load_data(args.train, "train")[0]
+            train = load_data(args.train, "train", ac._adapter())[0]
             source = f"--train {args.train}"
         elif args.data in DATASETS:
-            train, source = load_data(args.data, "train")[0], f"the {args.data} training split"
+            train, source = load_data(args.data, "train", ac._adapter())[0], f"the {args.data} training split"
         else:
             say(args, "no --train given: training samples are shown by their index; to show them, add --train with "
                       "the .npz the run was fitted on")
