@@ -265,6 +265,19 @@ def test_reducer_dict_of_some_layers(model, data):
         _ac(model, n_clusters={"conv": 3}).fit(data[0])
 
 
+# posterior='label' without labels, on data that cannot carry them, is refused before the capture pass (it ran the
+# whole pass first; found by an outside new-user check); batches that may carry labels are still read first
+def test_label_posterior_without_labels_refused_before_the_pass(model, data, monkeypatch):
+    from actclust.capture import passes
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the capture pass ran before the missing labels were said")
+
+    monkeypatch.setattr(passes, "capture", no_pass)
+    with pytest.raises(ValueError, match="posterior='label' needs the true labels"):
+        _ac(model, posterior="label").fit(data[0])
+
+
 # load without the model says what it needs (a bare TypeError said an argument was missing)
 def test_load_without_model(fitted, tmp_path):
     fitted.save(tmp_path / "run")

@@ -55,6 +55,8 @@ def fit(adapter, config: FitConfig, X, y=None, backend=None) -> FittedState:
         return _fit_ray(adapter, config, X, y, method, backend)
     data = batches(config, X, y)
     _check_cluster_counts(config, data.n_samples)
+    if data.unlabelled:  # said now, not after the capture pass
+        _check_labels(config, None)
     t0 = time.perf_counter()
     fitted = [l for l, r in config.reducers.items() if r.needs_fit]
     if fitted:
@@ -90,6 +92,14 @@ def _fit_ray(adapter, config: FitConfig, X, y, method, backend) -> FittedState:
         state.fit_info["engine"] = run.info  # actors, batches, batches that arrived out of order
         writer.commit()
     return state
+
+
+def _check_labels(config: FitConfig, labels) -> None:
+    if config.posterior == "label" and labels is None:
+        raise DataError(
+            "posterior='label' needs the true labels: pass y to fit, or data that yields "
+            "(input, label) pairs. Or use posterior='prediction'."
+        )
 
 
 def _check_cluster_counts(config: FitConfig, n) -> None:
@@ -137,11 +147,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
     _check_cluster_counts(config, n)
     if labels is not None:
         check_label_range(labels, n_classes)
-    if config.posterior == "label" and labels is None:
-        raise DataError(
-            "posterior='label' needs the true labels: pass y to fit, or data that yields "
-            "(input, label) pairs. Or use posterior='prediction'."
-        )
+    _check_labels(config, labels)
     targets = labels if config.posterior == "label" else predictions
     _warn_few_clusters(config, int(np.unique(targets).size))
 

@@ -169,6 +169,12 @@ class Batches:
                 "they must have the same length."
             )
 
+    @property
+    def unlabelled(self) -> bool:
+        """Whether these batches surely carry no labels: one array (or table) in memory and no ``y`` (data that
+        yields batches may carry them, known only once read)."""
+        return self._array is not None and self._y is None
+
     def _from_pandas(self, data):
         """A DataFrame becomes a float32 array (numeric columns only); its column names are kept."""
         module = type(data).__module__
