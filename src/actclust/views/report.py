@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
 from .render import Renderer, check_mean_std
+from .templating import class_color
 from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
 
@@ -25,10 +26,6 @@ __all__ = ["report"]
 #: More explanations than this in one report get a warning: each is a card with its pictures (an outside check's
 #: 2,000 made a page of 33 MB that took 13 s to open); the explorer serves any number a page at a time.
 MANY_CARDS = 300
-
-_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
-
 
 def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=None, std=None,
            class_names=None, feature_names=None, indices=None, n_correct: int = 4, n_wrong: int = 4,
@@ -133,7 +130,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         samples = {(i, o): renderer(raw[i], f"training sample {i}", order=o) for i, o in sorted(wanted, key=str)}
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, ac=ac, state=state, scores=summary, names=names, colors=[_color(c) for c in range(state.n_classes)],
+        title=title, ac=ac, state=state, scores=summary, names=names,
+        colors=[class_color(c) for c in range(state.n_classes)],
         gallery=gallery, cards=cards, how=how, train_sample=lambda i, o=None: samples[i, o], has_train=train is not None,
         concept_order=concept_order, order_note=order.note if order is not None else "",
         thresholds=next((e.trust_thresholds for e in explanations if e.trust_thresholds), None),
@@ -188,7 +186,3 @@ def _choose(q, surrogate_pred, indices, n_correct, n_wrong, seed):
     return np.concatenate(picks).astype(np.int64), how
 
 
-def _color(c: int) -> str:
-    if c < len(_PALETTE):
-        return _PALETTE[c]
-    return f"hsl({(c * 137.508) % 360:.0f}, 55%, 55%)"  # golden-angle hues beyond the palette
