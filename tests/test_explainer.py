@@ -278,6 +278,21 @@ def test_label_posterior_without_labels_refused_before_the_pass(model, data, mon
         _ac(model, posterior="label").fit(data[0])
 
 
+# layers listed in another order than they run: the presets weigh layers by their place in the list, so "low" and
+# "high" swapped meaning without a word (found by an outside check); fit says so and how to list them
+def test_layers_out_of_run_order_warned(model, data):
+    import warnings
+
+    with pytest.warns(actclust.ActClustWarning, match=r"listed in another order than the model runs them "
+                                                      r"\(\['fc2', 'conv', 'fc1'\]; they run as \['conv', 'fc1', "
+                                                      r"'fc2'\]\).*layers=\['conv', 'fc1', 'fc2'\]") as said:
+        ActivationClustering(model, ["fc2", "conv", "fc1"], n_clusters=4, progress=False).fit(*data)
+    assert said[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.ActClustWarning)
+        ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=4, progress=False).fit(*data)
+
+
 # load without the model says what it needs (a bare TypeError said an argument was missing)
 def test_load_without_model(fitted, tmp_path):
     fitted.save(tmp_path / "run")

@@ -49,6 +49,8 @@ class Runner(abc.ABC):
     """
 
     layouts: dict
+    #: Whether :meth:`run` returns the layers in the order the model ran them (PyTorch's hooks fire so).
+    in_run_order: bool = False
 
     @abc.abstractmethod
     def run(self, inputs, where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

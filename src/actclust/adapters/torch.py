@@ -293,6 +293,8 @@ def _first_tensor(output):
 class _TorchRunner(Runner):
     """Forward hooks on the captured layers, the model in eval mode; both undone on exit."""
 
+    in_run_order = True  # the hooks fill the outputs as the modules run
+
     def __init__(self, adapter: TorchAdapter, reducers: Mapping[str, Callable], layouts=None):
         self.adapter = adapter
         self.fixed = dict(layouts) if layouts else None

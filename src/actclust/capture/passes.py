@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..exceptions import DataError, DataWarning
+from ..exceptions import ActClustWarning, DataError, DataWarning, user_stacklevel
 from ..state import SUMMARY_SUFFIX, FittedState, InputSpec, Query
 from ..store import Collector, StoreWriter, estimate
 from .arrays import dtype_name, nonfinite_rows
@@ -57,9 +57,10 @@ def _check_finite(batch: Batch, name: str) -> None:
 
 def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
         spec: Optional[InputSpec] = None, layouts: Optional[dict] = None,
-        stats: Optional[InputStats] = None) -> Iterator[tuple[Batch, np.ndarray, dict, InputSpec, dict]]:
+        stats: Optional[InputStats] = None, check_order: bool = False) -> Iterator[tuple[Batch, np.ndarray, dict, InputSpec, dict]]:
     """Yield ``(batch, logits, {layer: vectors}, spec of the first batch, {layer: layout})`` with the
-    layers captured; ``layouts`` fixes how each layer's output is read (else the adapter says)."""
+    layers captured; ``layouts`` fixes how each layer's output is read (else the adapter says). ``check_order``:
+    warn where the layers are listed in another order than the model runs them (where the runner can tell)."""
     total = None if batches.n_samples is None else -(-batches.n_samples // batches.batch_size)
     first = None
     with adapter.runner(reducers, layouts=layouts) as runner:
@@ -73,7 +74,21 @@ def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
             if stats is not None:
                 stats.add(batch.inputs)
             logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
+            if check_order and runner.in_run_order:
+                check_order = False
+                _check_order(list(reducers), [l for l in out if l in reducers])
             yield batch, logits, out, first, runner.layouts
+
+
+def _check_order(given: list, ran: list) -> None:
+    """Warn where ``layers`` are listed in another order than the model ran them: the similar-sample presets weigh
+    the layers by their place in the list ("low": the first, "high": the last), so out of order they swapped
+    meaning without a word (found by an outside check)."""
+    if given != ran:
+        warnings.warn(
+            f"The layers are listed in another order than the model runs them ({given}; they run as {ran}). "
+            "Similar samples weigh the layers by their place in the list ('low': the first ones, 'high': the last), "
+            f"so list them in the order they run: layers={ran}.", ActClustWarning, stacklevel=user_stacklevel())
 
 
 def summary_seeds(layers, random_state: int, *, by_name: bool = False) -> dict:
@@ -142,7 +157,8 @@ def capture(adapter, batches: Batches, reducers: dict, writer: StoreWriter, *, k
     stats = InputStats(adapter.input_channel_axis, n_samples=batches.n_samples)
     seen_layouts: dict = {}
     for batch, logits, out, spec, seen_layouts in run(adapter, batches, reducers, desc="capturing activations",
-                                                      progress=progress, spec=spec, layouts=layouts, stats=stats):
+                                                      progress=progress, spec=spec, layouts=layouts, stats=stats,
+                                                      check_order=True):
         if width and logits.shape[1] != width[0]:
             raise DataError(f"The model output {logits.shape[1]} classes on {batch.where}, {width[0]} before.")
         if not width:
