@@ -142,6 +142,32 @@ def test_channel_errors_before_fit_name_the_fix():
             ActivationClustering(digits_cnn(), ["conv1", "fc1"], n_clusters=2, progress=False).fit(inputs)
 
 
+# a sigmoid head over several classes: probabilities read as logits flattened every confidence (0.997 shown as 0.16)
+# without a word (found by an outside edge-case check); fit says so once, and output= with their log reads them
+def test_sigmoid_outputs_said_once(model, data):
+    import warnings
+
+    class Sharp(nn.Module):  # a trained head's confident logits
+        def forward(self, z):
+            return 20 * z
+
+    x, y = data
+    probs = nn.Sequential(model, Sharp(), nn.Sigmoid())
+    with pytest.warns(actclust.ActClustWarning, match=r"outputs all lie in \[0, 1\] without summing to 1 per row: "
+                                                      r"probabilities of a sigmoid head\?.*output=lambda p: "
+                                                      r"torch.log\(p\)") as said:
+        ActivationClustering(probs, [f"0.{l}" for l in LAYERS], n_clusters=4, progress=False).fit(x, y)
+    assert sum("without summing to 1" in str(w.message) for w in said) == 1 and said[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.ActClustWarning)
+        logged = ActivationClustering(probs, [f"0.{l}" for l in LAYERS], n_clusters=4, progress=False,
+                                      output=torch.log).fit(x, y)
+    with torch.no_grad():
+        p = probs(torch.as_tensor(x[:5])).numpy()
+    e = logged.explain(x[:5], trust=False)
+    np.testing.assert_allclose([d.dnn["probabilities"] for d in e], p / p.sum(1, keepdims=True), rtol=1e-4)
+
+
 # NaN or infinite activations name the layer
 def test_nan_activations_name_the_layer(model, data):
     x = data[0][:4].copy()

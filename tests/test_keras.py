@@ -591,3 +591,15 @@ def test_cli_builtin_images_for_a_channels_last_model(tmp_path, capsys):
     np.savez(tmp_path / "first.npz", x=np.zeros((20, 1, 8, 8), np.float32))  # the user's own file: as given
     assert main(["score", run, "--data", str(tmp_path / "first.npz"), "--quiet", "--trust-run-model"]) == 2
     assert "transpose" in capsys.readouterr().err
+
+
+# a sigmoid head over several classes is said once, as in PyTorch (its probabilities were read as logits silently)
+def test_sigmoid_head_said(images):
+    x, y = images
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 1))
+    h = layers.Dense(8, activation="relu", name="fc1")(layers.Flatten(name="flat")(inp))
+    logits = layers.Dense(3, name="z")(h)
+    model = keras.Model(inp, layers.Activation("sigmoid", name="out")(20 * logits))  # confident, as trained heads are
+    with pytest.warns(actclust.ActClustWarning, match=r"probabilities of a sigmoid head\?.*output=lambda p: np.log\(p\)"):
+        ActivationClustering(model, ["fc1", "out"], n_clusters=3, progress=False).fit(x[:60], y[:60])

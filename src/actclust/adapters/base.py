@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import abc
 import difflib
+import warnings
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..capture.arrays import dtype_name
-from ..exceptions import CaptureError, ParameterError
+from ..exceptions import ActClustWarning, CaptureError, ParameterError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
 
 __all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
            "keep_reduced",
-           "describe_inputs", "model_error"]
+           "describe_inputs", "model_error", "say_unit_outputs", "sigmoid_like"]
 
 
 class LayerInfo(tuple):
@@ -211,6 +212,27 @@ def check_captured(logits: np.ndarray, vectors: Mapping[str, np.ndarray], where:
     for name, v in vectors.items():
         check_finite(v, f"The activations of layer {name!r}", where)
     check_finite(logits, "The model's output", where)
+
+
+def sigmoid_like(lo: float, hi: float) -> bool:
+    """Whether a batch's outputs spanning ``[lo, hi]`` (rows not summing to 1) look like a trained sigmoid head's
+    probabilities: all in [0, 1], some near 0 and some near 1 (an untrained network's small logits can lie in
+    [0, 1] too, but bunched)."""
+    return 0 <= lo <= 0.05 and 0.95 <= hi <= 1
+
+
+def say_unit_outputs(adapter, log: str) -> None:
+    """Warn, once per adapter, that the model's outputs all lie in [0, 1] without summing to 1 per row: a sigmoid
+    head's probabilities, read as logits, flatten every confidence (0.997 was shown as 0.16) without a word.
+    ``log`` is how to take their logarithm in the adapter's framework."""
+    if getattr(adapter, "_said_unit_outputs", False):
+        return
+    adapter._said_unit_outputs = True
+    warnings.warn(
+        "The model's outputs all lie in [0, 1] without summing to 1 per row: probabilities of a sigmoid head? "
+        "actclust reads outputs as logits (their softmax gives the confidences), so probabilities would show "
+        f"flattened confidences. If they are probabilities, pass output=lambda p: {log} (their logarithm); if they "
+        "are logits, ignore this.", ActClustWarning, stacklevel=user_stacklevel())
 
 
 def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None, layout: str = ""):

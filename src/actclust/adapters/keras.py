@@ -34,7 +34,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error
+from .base import (ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error, say_unit_outputs,
+                   sigmoid_like)
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -371,6 +372,8 @@ class KerasAdapter(ModelAdapter):
                           "outputs that returns its logits>.", ActClustWarning, stacklevel=2)
         if self._probabilities or _are_probabilities(out):
             return np.log(np.maximum(out.astype(np.float32), np.finfo(np.float32).tiny))
+        if self.output is None and len(out) > 1 and sigmoid_like(float(out.min()), float(out.max())):
+            say_unit_outputs(self, "np.log(p)")
         return out.astype(np.float32)
 
     def _extractor(self, paths) -> "_Extractor":

@@ -33,7 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_captured, keep_reduced, model_error
+from .base import ModelAdapter, Runner, check_captured, keep_reduced, model_error, say_unit_outputs, sigmoid_like
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -423,6 +423,8 @@ class OnnxAdapter(ModelAdapter):
         value = value.astype(np.float32)
         if np.all(value >= 0) and np.all(value <= 1) and np.allclose(value.sum(1), 1, atol=1e-4):
             value = np.log(np.maximum(value, 1e-30))  # probabilities: the softmax of their log is themselves
+        elif self.output is None and len(value) > 1 and sigmoid_like(float(value.min()), float(value.max())):
+            say_unit_outputs(self, "np.log(o[name]) (o: the outputs by name)")
         return value
 
     def output_shapes(self, sample) -> dict:

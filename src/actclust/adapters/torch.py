@@ -21,7 +21,8 @@ from torch import nn
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
-from .base import ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error
+from .base import (ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error, say_unit_outputs,
+                   sigmoid_like)
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -232,6 +233,8 @@ class TorchAdapter(ModelAdapter):
         _check_logits(out, n, self.output is not None)
         if _are_probabilities(out):  # a model ending in nn.Softmax: its log, whose softmax is the probabilities
             return torch.log(out.float().clamp_min(torch.finfo(torch.float32).tiny))
+        if self.output is None and len(out) > 1 and sigmoid_like(float(out.min()), float(out.max())):
+            say_unit_outputs(self, "torch.log(p)")
         return out
 
     def output_shapes(self, sample) -> dict:
