@@ -88,10 +88,23 @@ def test_report_dataframe_feature_names(tmp_path):
 
 
 # wrong training data, bad indices, bad counts and other shapes are clear errors
-def test_report_errors(fitted, data, tmp_path):
+def test_report_errors(fitted, mixed_model, data, tmp_path):
     x, y = data
     with pytest.raises(DataError, match="train has 10 samples but the explainer was fitted on 120"):
         report(fitted, x, train=x[:10], out=tmp_path / "r.html")
+    # the right length in another order: its pictures would have been other samples' (an outside check's shuffled
+    # training set drew wrong similar samples and exemplars without a word); the model's predictions tell
+    from actclust import ActivationClustering
+    from conftest import LAYERS
+
+    mixed = ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)  # predicts 3 classes
+    shuffled = x[np.random.default_rng(0).permutation(len(x))]
+    mixed.set_display(train=x)  # the data fit saw: fine
+    for draw in (lambda: report(mixed, x, train=shuffled, out=tmp_path / "r.html"),
+                 lambda: mixed.set_display(train=shuffled)):
+        with pytest.raises(DataError, match=r"train does not look like the training data fit saw, in its order: the "
+                                            r"model's predictions on 64 of its rows agree with fit's on \d+%"):
+            draw()
     with pytest.raises(ValueError, match=r"indices \[500\] are out of range for the 120 inputs"):
         report(fitted, x, indices=[1, 500], out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="n_wrong must be a non-negative int"):

@@ -296,7 +296,7 @@ def test_explorer_errors(tabular):
     ac, x, xt, yt, _ = tabular
     with pytest.raises(ParameterError, match="class_names must name the 3 classes; got 2 names"):
         Explorer(ac, xt, yt, class_names=["a", "b"], trust=False, progress=False)
-    with pytest.raises(DataError, match="train has 10 samples but the run was fitted on 600"):
+    with pytest.raises(DataError, match="train has 10 samples but the explainer was fitted on 600"):
         Explorer(ac, xt, yt, train=x[:10], trust=False, progress=False)
     with pytest.raises(DataError, match="y has 3 labels for 80 inputs"):
         Explorer(ac, xt, yt[:3], trust=False, progress=False)

@@ -449,7 +449,9 @@ class ActivationClustering:
         options are :func:`actclust.report`'s. Kept with this object only (not saved, not a parameter).
         """
         from .views.notebook import Display, check_display
+        from .views.render import check_train
 
+        check_train(self, train)
         self.__dict__["_display"] = check_display(self._state(), Display(
             train=train, class_names=class_names, render=render, mean=mean, std=std, feature_names=feature_names,
             tokenizer=tokenizer), self._adapter().input_channel_axis)

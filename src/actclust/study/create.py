@@ -104,13 +104,11 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     if len(y) != length(X):
         raise DataError(f"y has {len(y)} labels for {length(X)} inputs; give one label per input.")
     from ..analysis.explanation import check_class_names
-    from ..views.render import check_mean_std
+    from ..views.render import check_mean_std, check_train
 
     names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
     check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
-    if train is not None and length(train) != state.n_samples:
-        raise DataError(f"train has {length(train)} samples but the explainer was fitted on {state.n_samples}; "
-                        "pass the same training data, in the same order.")
+    check_train(ac, train)
 
     q = ac.query(X, y)
     chosen = _pick(q.dnn_pred == y, items, wrong_share, seed)

@@ -64,13 +64,10 @@ class Display:
 
 def check_display(state, display: Display, channel_axis: int = 1) -> Display:
     """``display`` checked against a fitted state: training inputs of its size, one name per class."""
-    from ..capture.data import length
-
-    if display.train is not None and length(display.train) != state.n_samples:
-        raise DataError(f"train has {length(display.train)} samples but the explainer was fitted on "
-                        f"{state.n_samples}; pass the same training data, in the same order.")
     from ..analysis.explanation import check_class_names
-    from .render import check_mean_std
+    from .render import check_mean_std, check_train_length
+
+    check_train_length(state, display.train)
 
     display.class_names = check_class_names(state, display.class_names)
     check_mean_std(state.input_spec, display.mean, display.std, channel_axis)

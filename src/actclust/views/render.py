@@ -31,6 +31,37 @@ _IDS_KEYS = ("input_ids", "ids", "tokens")
 _MASK_KEYS = ("attention_mask", "mask")
 
 
+#: Training rows the model is run on to check that ``train`` is the data ``fit`` saw, in its order.
+TRAIN_CHECK_ROWS = 64
+
+
+def check_train_length(state, train) -> None:
+    """``train`` (to draw training samples) as long as the training data ``fit`` saw."""
+    from ..capture.data import length
+
+    if train is not None and length(train) != state.n_samples:
+        raise DataError(f"train has {length(train)} samples but the explainer was fitted on {state.n_samples}; "
+                        "pass the same training data, in the same order.")
+
+
+def check_train(ac, train) -> None:
+    """``train`` checked to be the training inputs ``fit`` saw, in order: as long, and the model's predictions on
+    :data:`TRAIN_CHECK_ROWS` of its rows, spread over it, those ``fit`` recorded (a shuffled or other copy of the
+    same length drew other samples' pictures as similar samples and exemplars, without a word)."""
+    from ..capture.data import take
+
+    state = ac.state_
+    check_train_length(state, train)
+    if train is None:
+        return
+    rows = np.unique(np.linspace(0, state.n_samples - 1, min(state.n_samples, TRAIN_CHECK_ROWS)).astype(np.int64))
+    agree = float(np.mean(ac.query(take(train, rows)).dnn_pred == state.train_predictions[rows]))
+    if agree < 0.9:  # the same model on the same rows gives the same predictions, up to a rare tie on another device
+        raise DataError(f"train does not look like the training data fit saw, in its order: the model's predictions "
+                        f"on {len(rows)} of its rows agree with fit's on {agree:.0%} of them. Pass the same training "
+                        "data, in the same order (not shuffled).")
+
+
 def check_mean_std(spec, mean, std, channel_axis: int = 1) -> None:
     """Refuse, before any drawing, ``mean``/``std`` that cannot fit the fitted inputs (``spec``: the state's
     :class:`~actclust.state.InputSpec`; ``channel_axis``: the adapter's, 1 or -1 of a batch): one value, or one

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
-from .render import Renderer, check_mean_std
+from .render import Renderer, check_mean_std, check_train
 from .templating import class_color
 from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
@@ -78,9 +78,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
                         ("n_edge", n_edge)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
             raise ParameterError(f"{name} must be a non-negative int. Got {value!r} instead.")
-    if train is not None and length(train) != state.n_samples:
-        raise DataError(f"train has {length(train)} samples but the explainer was fitted on "
-                        f"{state.n_samples}; pass the same training data, in the same order.")
+    check_train(ac, train)
     names = check_class_names(state, class_names) or [str(c) for c in range(state.n_classes)]
     check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
     if feature_names is None:

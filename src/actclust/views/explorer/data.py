@@ -112,7 +112,7 @@ class Explorer:
                  progress: bool = True):
         from ...analysis import surrogate
         from ...capture.data import length
-        from ..render import Renderer, check_mean_std
+        from ..render import Renderer, check_mean_std, check_train
 
         self.ac, self.state, self.X, self.train, self.k, self.title = ac, ac.state_, X, train, int(k), title
         state = self.state
@@ -121,9 +121,7 @@ class Explorer:
             y = np.asarray(y).reshape(-1)
             if len(y) != self.n_test:
                 raise DataError(f"y has {len(y)} labels for {self.n_test} inputs; give one label per input.")
-        if train is not None and length(train) != state.n_samples:
-            raise DataError(f"train has {length(train)} samples but the run was fitted on {state.n_samples}; "
-                            "pass the same training data, in the same order.")
+        check_train(ac, train)
         from ...analysis.explanation import check_class_names
 
         class_names = check_class_names(state, class_names)
