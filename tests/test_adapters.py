@@ -168,6 +168,32 @@ def test_sigmoid_outputs_said_once(model, data):
     np.testing.assert_allclose([d.dnn["probabilities"] for d in e], p / p.sum(1, keepdims=True), rtol=1e-4)
 
 
+# one fitted explainer used from two threads: each pass hooks the shared model, so one pass's hooks saw the other's
+# layers run and failed with "ran more than once" (found by an outside check); passes now take turns per model
+def test_two_threads_explain_one_explainer(mixed_model, data):
+    import threading
+
+    x, y = data
+    ac = ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)
+    expected = [e.to_dict() for e in ac.explain(x[:40], trust=False)]
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append([e.to_dict() for e in ac.explain(x[:40], trust=False)])
+        except Exception as e:  # noqa: BLE001 - any failure is the test's finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and len(results) == 15 and all(r == expected for r in results)
+    assert hook_count(mixed_model) == 0
+
+
 # NaN or infinite activations name the layer
 def test_nan_activations_name_the_layer(model, data):
     x = data[0][:4].copy()

@@ -11,7 +11,9 @@ model, so a run moves between wrapped and unwrapped copies of one network.
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
+import weakref
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -293,6 +295,19 @@ def _first_tensor(output):
     return None
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> "threading.RLock":
+    """The lock that lets one capture pass at a time hook ``model`` (re-entrant: a pass may run another inside)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 class _TorchRunner(Runner):
     """Forward hooks on the captured layers, the model in eval mode; both undone on exit."""
 
@@ -313,8 +328,13 @@ class _TorchRunner(Runner):
         self.handles: list = []
 
     def __enter__(self):
-        self.modes = {m: m.training for m in self.adapter.model.modules()}
+        # One pass at a time per model: hooks are the model's, so two threads' passes (explain from two threads)
+        # saw each other's layers run and failed with "ran more than once" (found by an outside check).
+        self._lock = _model_lock(self.adapter.inner)
+        self._lock.acquire()
+        self.modes = {}
         try:
+            self.modes = {m: m.training for m in self.adapter.model.modules()}
             for name, module in self.modules.items():
                 self.handles.append(module.register_forward_hook(self._hook(name)))
             self.adapter.model.eval()
@@ -324,11 +344,14 @@ class _TorchRunner(Runner):
         return self
 
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        for module, training in self.modes.items():
-            module.training = training
+        try:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+            for module, training in self.modes.items():
+                module.training = training
+        finally:
+            self._lock.release()
         return False
 
     def _hook(self, name):
