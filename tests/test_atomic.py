@@ -90,6 +90,24 @@ def test_clean_leaves_fifos_and_links_named_like_ours(fitted, tmp_path):
     assert actclust.load(run, fitted.model, progress=False).n_clusters == fitted.n_clusters
 
 
+# an interrupt in a hold's set-up never leaves its folder locked: it came between the lock and the descriptor's
+# finalizer, the locked descriptor leaked, and the next save into the folder waited for it forever (found by an
+# outside check that interrupted a save at each of its steps); the lock is now taken last
+def test_interrupted_hold_leaves_no_lock(tmp_path, monkeypatch):
+    import weakref
+
+    real = weakref.finalize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.weakref, "finalize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.Hold(tmp_path)
+    monkeypatch.setattr(atomic.weakref, "finalize", real)
+    atomic.Hold(tmp_path, wait=False).release()  # taken at once (BlockingIOError while the leaked lock stood)
+
+
 # the report writer removes a leftover of an earlier, killed write of the same report
 def test_report_write_removes_killed_leftover(fitted, data, tmp_path):
     leftover = atomic.temp_path(tmp_path, "report.html")

@@ -506,6 +506,32 @@ def test_overwrite_keeps_files_that_are_not_the_runs(fitted, tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
+# an interrupt just after the commit (in the folder's fsync that follows the manifest's rename) left no run: the
+# clean-up of a failed save removed the files the new manifest, already in place, names (found by an outside check
+# that interrupted a save at each of its 1,841 steps). It now keeps a committed run whole
+def test_interrupt_right_after_the_commit_keeps_the_new_run(model, mixed_model, data, tmp_path, monkeypatch):
+    from actclust.io import atomic
+
+    x, y = data
+    old = _fit(model, x, y)
+    new = ActivationClustering(mixed_model, LAYERS, n_clusters=3, progress=False, store=tmp_path / "vs").fit(x, y)
+    old.save(tmp_path / "run")
+    real = atomic.publish
+
+    def publish(source, target):
+        real(source, target)
+        if Path(target).name == "manifest.json":
+            raise KeyboardInterrupt  # as if in fsync_dir, once the rename is done
+
+    monkeypatch.setattr(atomic, "publish", publish)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path / "run", overwrite=True)
+    monkeypatch.setattr(atomic, "publish", real)
+    loaded = actclust.load(tmp_path / "run", mixed_model, progress=False)
+    assert loaded.n_clusters == 3
+    np.testing.assert_array_equal(loaded.predict(x), new.predict(x))
+
+
 # a save without overwrite removes only leftovers it can show are a save's: entries named by a hash of their content
 # that hold that content. The user's files whose names merely look alike (a checkpoint named by a commit, a folder
 # of notes named store-<hex>) were deleted without a word (found by an outside check)

@@ -72,13 +72,15 @@ class Hold:
     def __init__(self, path, *, wait: bool = True, fd: Optional[int] = None):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
+        # closed with this object from now on: an interrupt between the lock and a later finalizer leaked the locked
+        # descriptor, and the next save into the folder waited for it forever
+        self._close = weakref.finalize(self, os.close, self.fd)
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BaseException:
-                os.close(self.fd)
+                self._close()
                 raise
-        self._close = weakref.finalize(self, os.close, self.fd)
 
     @classmethod
     def attempt(cls, path) -> Optional["Hold"]:

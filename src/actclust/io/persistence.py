@@ -394,9 +394,12 @@ def _commit(stage: Path, path: Path, manifest: dict, arrays: dict, store, files:
             placed.append(target)
         atomic.publish(stage / MANIFEST, path / MANIFEST)  # the commit
     except BaseException:
-        for target in placed:
-            if target.name not in keep:
-                shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
+        # Undone only if the commit did not happen: an interrupt in the folder's fsync after the manifest's rename
+        # (the staged manifest gone: it is the run's now) deleted the files the new manifest names, leaving no run.
+        if os.path.lexists(stage / MANIFEST):
+            for target in placed:
+                if target.name not in keep:
+                    shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
         raise
     for source, name in late:
         atomic.publish(source, path / name)
