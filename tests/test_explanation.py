@@ -96,6 +96,20 @@ def test_explanation_errors(fitted, data):
         change(bad)
         with pytest.raises(actclust.ParameterError, match=r"The explanation's " + match):
             Explanation.from_json(json.dumps(bad))
+    # arguments of the wrong kind are ParameterErrors, not Python's TypeErrors (found by an outside edge-case check)
+    for call, match in [
+        (lambda: fitted.explain(data[0][:1], k=None, trust=False), r"k must be an int >= 1 .*Got None"),
+        (lambda: fitted.explain(data[0][:1], k="5", trust=False), r"k must be an int >= 1 .*Got '5'"),
+        (lambda: fitted.similar(data[0][:1], weights=None), r"weights must be one of \['equal', 'low', 'high'\]"),
+        (lambda: fitted.similar(data[0][:1], weights=5), r"weights must be one of .*Got 5 instead"),
+        (lambda: Explanation.from_json("nope"), r"Not the JSON of an explanation: Expecting value"),
+        (lambda: Explanation.from_json(whole), r"from_json takes the JSON text of an explanation .*got a dict: use "
+                                               r"from_dict"),
+        (lambda: fitted.set_display(mean="x"), r"mean must be a number or an array of numbers .*Got 'x'"),
+        (lambda: actclust.list_layers(fitted.model, np.zeros((2, 3, 6, 6), np.float32)), r"raised RuntimeError on the sample"),
+    ]:
+        with pytest.raises(actclust.ParameterError if "sample" not in match else actclust.CaptureError, match=match):
+            call()
     with_trust = fitted.explain(data[0][:2], trust={"calibration_fraction": 0.3})[1]
     assert with_trust.trust and Explanation.from_json(with_trust.to_json()) == with_trust  # trust signals read back
 

@@ -258,6 +258,10 @@ class TorchAdapter(ModelAdapter):
             self.model.eval()
             with torch.no_grad():
                 self.call(sample if isinstance(sample, (Mapping, tuple, list, np.ndarray)) else torch.as_tensor(sample))
+        except ActClustError:
+            raise
+        except Exception as e:  # the model's own error on the sample: said as a fit's is, with the same hints
+            raise model_error(e, "the sample", sample, layout=_layout_hint(sample, str(e))) from e
         finally:
             for h in handles:
                 h.remove()

@@ -125,7 +125,14 @@ class Explanation:
 
     @classmethod
     def from_json(cls, text: str) -> "Explanation":
-        return cls.from_dict(json.loads(text))
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ParameterError(f"from_json takes the JSON text of an explanation (Explanation.to_json()); got a "
+                                 f"{type(text).__name__}" + (": use from_dict." if isinstance(text, dict) else "."))
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # JSONDecodeError, a bad encoding
+            raise ParameterError(f"Not the JSON of an explanation: {e}.") from None
+        return cls.from_dict(data)
 
 
 def _check_values(data: dict) -> None:
@@ -298,7 +305,9 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
     fitted ``state``; see :meth:`ActivationClustering.explain`. ``backend`` (:mod:`actclust.compute`)
     computes the searches (the host by default)."""
     class_names = check_class_names(state, class_names)
-    k = min(k, state.n_samples)
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:  # None, '5': a bare TypeError below
+        raise ParameterError(f"k must be an int >= 1 (similar samples and exemplars shown). Got {k!r} instead.")
+    k = min(int(k), state.n_samples)  # a training set smaller than k shows all of it
     probas = state.layer_probas(q.distances)  # (L, n, C)
     combined = combine(probas, state.weights)
     w = state.weights / state.weights.sum()

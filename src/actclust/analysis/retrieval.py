@@ -106,8 +106,11 @@ def layer_weights(weights, layers: list) -> np.ndarray:
             if unknown:
                 raise ParameterError(f"weights name layers that were not fitted: {unknown}; fitted layers are {layers}.")
             values = [weights.get(l, 0.0) for l in layers]
-        else:
-            values = list(weights)
+        elif isinstance(weights, (list, tuple, np.ndarray)):
+            values = list(np.ravel(weights)) if isinstance(weights, np.ndarray) else list(weights)
+        else:  # None, a number: not iterable (a bare TypeError said so)
+            raise ParameterError(f"weights must be one of {list(WEIGHT_PRESETS)}, a list or a dict of per-layer "
+                                 f"weights. Got {weights!r} instead.")
         if len(values) != n or not all(isinstance(v, numbers.Real) for v in values):
             raise ParameterError(f"weights must give one number per layer ({n}: {layers}). Got {weights!r} instead.")
         w = np.asarray(values, dtype=np.float64)

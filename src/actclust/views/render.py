@@ -67,7 +67,14 @@ def check_mean_std(spec, mean, std, channel_axis: int = 1) -> None:
     :class:`~actclust.state.InputSpec`; ``channel_axis``: the adapter's, 1 or -1 of a batch): one value, or one
     per feature of a table or per channel of an image. A bad pair was found picture by picture: a report of
     placeholders and a warning each. Arrays of any framework (a tensor's ``size`` is a method, not a number)."""
-    if spec is None or spec.kind != "tensor" or (mean is None and std is None):
+    if mean is None and std is None:
+        return
+    for name, v in (("mean", mean), ("std", std)):  # numbers, or arrays of them ('x' failed at the first picture)
+        values = v.detach().cpu().numpy() if hasattr(v, "detach") else v
+        if v is not None and (isinstance(v, (str, bytes)) or np.asarray(values).dtype.kind not in "biuf"):
+            raise ParameterError(f"{name} must be a number or an array of numbers (one per channel or feature). "
+                                 f"Got {v!r} instead.")
+    if spec is None or spec.kind != "tensor":
         return
     shape = tuple(spec.shape)
     if len(shape) == 1:
