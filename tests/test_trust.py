@@ -298,13 +298,18 @@ def test_unlabeled_trust_warns_and_explanations_say_so(tiny):
     es = trust_mod_explain(ac, xq)  # the same calibration, cached: said once, kept in every explanation
     assert "needs true labels" in es[0].trust_notes[0] and "not correctness" in es[-1].trust_notes[1]
     assert actclust.Explanation.from_json(es[0].to_json()).trust_notes == es[0].trust_notes
-    with pytest.warns(actclust.TrustWarning, match=r"holds 0 DNN errors and 30 right predictions; it needs at least 10"):
+    with pytest.warns(actclust.TrustWarning, match=r"holds 0 DNN errors and 30 right predictions; it needs at least 10 "
+                                                   r"of each \(held-out data holds more errors"):
         _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)
     # labels on held-out data give an unlabeled fit its stacked_trust
     rng = np.random.default_rng(5)
     x_val = rng.standard_normal((40, 2)).astype(np.float32)
     y_val = np.where(rng.random(40) < 0.5, _dnn(x_val), (_dnn(x_val) + 1) % 3)
     assert "stacked_trust" in ac.trust(xq, n_neighbors=5, calibration=ac.query(x_val, y_val, vectors=True))
+    # held-out data without errors: the note no longer says to pass held-out data, which it is
+    with pytest.warns(actclust.TrustWarning, match=r"holds 0 DNN errors and 40 right predictions; it needs at least 10 "
+                                                   r"of each\.$"):
+        _tiny_ac().fit(x, _dnn(x)).trust(xq, n_neighbors=5, calibration=ac.query(x_val, _dnn(x_val), vectors=True))
 
 
 def trust_mod_explain(ac, xq):
@@ -519,8 +524,12 @@ def test_calibration_too_small(model, data):
     x, y = data
     ac = _ac(model).fit(x, y)
     assert not calibration_possible(ac.state_) and calibration_possible(ac.state_, 5, 0.25)
-    with pytest.raises(ValueError, match=f"12 samples .* at least MIN_CALIBRATION={MIN_CALIBRATION}"):
+    with pytest.raises(ValueError, match=f"12 samples .* at least MIN_CALIBRATION={MIN_CALIBRATION} are needed: raise "
+                                         "calibration_fraction to 0.17 or more"):
         ac.trust(x)  # 10% of 120
+    with pytest.raises(ValueError, match="at least MIN_CALIBRATION=20 are needed: no split of them can calibrate"):
+        ac.trust(x, n_neighbors=110)  # 120 rows: 20 for calibration would leave 100 neighbours (it said: raise the
+        # fraction, which no value could do)
     with pytest.raises(ValueError, match="n_neighbors=100 needs at least 100"):
         ac.trust(x, n_neighbors=100, calibration_fraction=0.25)
 

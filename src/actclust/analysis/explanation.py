@@ -280,7 +280,7 @@ def check_trust_options(trust, where: str = "explain"):
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), TRUST_OPTIONS, n=1)
         raise ParameterError(f"Unknown option {unknown[0]!r} of the trust signals in {where}"
-                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + (f"; did you mean {close[0]!r}?" if close else ".")
                              + f" They take {list(TRUST_OPTIONS)}.")
     return trust
 

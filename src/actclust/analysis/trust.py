@@ -322,9 +322,10 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         notes.append("credibility and dknn_prediction count neighbours by the DNN's own "
                      "predictions, not labels: they measure agreement with the training data, not correctness")
     elif min(right.sum(), (~right).sum()) < _MIN_STACK:
+        more = (" (held-out data holds more errors: trust={'calibration': (X_val, y_val)})" if split.is_cal.any()
+                else "")  # the calibration is already held-out data: only more of it helps
         notes.append(f"stacked_trust is unavailable: the calibration split holds {int((~right).sum())} DNN errors and "
-                     f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each (held-out data "
-                     "holds more errors: trust={'calibration': (X_val, y_val)})")
+                     f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each{more}")
     else:
         agreement = surrogate.combine(np.stack(probas), state.weights)[rows, pred].astype(np.float64)
         features = _stack_features(votes_ratios, agreement, _pvalue(cal_alpha, _ties(alpha_pred)), split.confidence)
@@ -494,10 +495,13 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
     n = state.n_samples
     n_cal = min(round(fraction * n), MAX_CALIBRATION)
     if n_cal < MIN_CALIBRATION:
+        need = MIN_CALIBRATION / n  # the fraction that would do, where the neighbours left are still enough
+        fix = (f"raise calibration_fraction to {np.ceil(need * 100) / 100:g} or more"
+               if need < 1 and n - MIN_CALIBRATION >= k else "no split of them can calibrate and keep the neighbours")
         raise ParameterError(
             f"The calibration split has {n_cal} samples (calibration_fraction={fraction} of {n} training "
-            f"samples); at least MIN_CALIBRATION={MIN_CALIBRATION} are needed. Fit on more data or raise "
-            "calibration_fraction, or pass held-out data as calibration."
+            f"samples); at least MIN_CALIBRATION={MIN_CALIBRATION} are needed: {fix}. Or fit on more data, or pass "
+            "held-out data as calibration."
         )
     if n - n_cal < k:
         raise ParameterError(
