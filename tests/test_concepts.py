@@ -40,8 +40,10 @@ def test_concepts_without_labels(model, data):
 
 # unknown layer (with a suggestion) and k out of range are clear errors
 def test_concepts_errors(fitted):
-    with pytest.raises(ValueError, match=r"Layer 'fc' was not fitted.*Did you mean"):
+    with pytest.raises(ValueError, match=r"Layer 'fc' was not fitted.*Did you mean 'fc2', 'fc1'\?"):
         fitted.concepts("fc")
+    with pytest.raises(ValueError, match=r"A layer is one name of the fitted layers .*; got \['fc1'\]"):
+        fitted.concepts(["fc1"])  # it answered "Did you mean ['fc1']?"
     with pytest.raises(ValueError, match="k must be an int between 1 and the 120 training samples"):
         fitted.concepts("fc1", k=500)
     with pytest.raises(ValueError, match="n_edge must be an int"):

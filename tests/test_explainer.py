@@ -299,6 +299,8 @@ def test_load_without_model(fitted, tmp_path):
     with pytest.raises(ParameterError, match=r"load\('.*run'\) needs the model the run explains: "
                                              r"actclust.load\(path, model\)"):
         actclust.load(tmp_path / "run")
+    with pytest.raises(ParameterError, match=r"verify must be True or False. Got 'no' instead"):
+        actclust.load(tmp_path / "run", fitted.model, verify="no")  # it was taken as True
 
 
 # inputs of another shape than the training data are reported

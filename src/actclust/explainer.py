@@ -485,6 +485,8 @@ def load(path, model=None, *, output=None, progress: bool = True, verify: bool =
     ``device`` is where the analyses compute (see :class:`ActivationClustering`; by default the model's
     device): a run fitted on a GPU loads and answers on a machine without one.
     """
+    if not isinstance(verify, (bool, np.bool_)):  # verify='no' was taken as True
+        raise ParameterError(f"verify must be True or False. Got {verify!r} instead.")
     if model is None:  # a TypeError said only that an argument was missing
         raise ParameterError(
             f"load({str(path)!r}) needs the model the run explains: actclust.load(path, model). A run keeps no "

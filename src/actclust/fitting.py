@@ -130,7 +130,7 @@ def _warn_few_clusters(config: FitConfig, n_targets: int) -> None:
     few = [l for l in config.layers if config.n_clusters[l] < n_targets]
     if few:
         warnings.warn(
-            f"The layers {few} have fewer clusters ({sorted({config.n_clusters[l] for l in few})}) than the "
+            f"The layers {few} have fewer clusters ({sorted({int(config.n_clusters[l]) for l in few})}) than the "
             f"{n_targets} classes the surrogate learns: each cluster stands mostly for one class, so some classes "
             f"get no cluster of their own there and the surrogate rarely predicts them. Give at least {n_targets} "
             f"clusters per layer (n_clusters={2 * n_targets}, say).", ActClustWarning, stacklevel=5)

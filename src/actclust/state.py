@@ -247,12 +247,14 @@ class FittedState:
         return (counts / counts.sum()).astype(np.float32)
 
     def check_layer(self, layer) -> str:
+        from .exceptions import ParameterError
+
+        if not isinstance(layer, str):  # a list of one layer got "Did you mean ['fc1']?"
+            raise ParameterError(f"A layer is one name of the fitted layers {self.layers}; got {layer!r}.")
         if layer not in self.layers:
             import difflib
 
-            from .exceptions import ParameterError
-
-            close = difflib.get_close_matches(str(layer), self.layers, n=3)
-            hint = f" Did you mean {close}?" if close else ""
+            close = difflib.get_close_matches(layer, self.layers, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ParameterError(f"Layer {layer!r} was not fitted; fitted layers are {self.layers}.{hint}")
         return layer

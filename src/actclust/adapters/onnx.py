@@ -31,7 +31,7 @@ import numpy as np
 from ..capture.arrays import NUMPY, dtype_name, is_floating, to_numpy
 from ..capture.data import batch_len
 from ..deps import require
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
 from .base import ModelAdapter, Runner, check_captured, keep_reduced, model_error, say_unit_outputs, sigmoid_like
 
@@ -457,7 +457,6 @@ class _OnnxRunner(Runner):
         self.adapter, self.reducers = adapter, dict(reducers)
         self.fixed = dict(layouts) if layouts else None
         self.layouts: dict = dict(layouts) if layouts else {}
-        self._warned = False
         self.reduced = {}
         for name, reduce in self.reducers.items():
             dims = adapter.types.get(name, (None, None))[1]
@@ -476,11 +475,11 @@ class _OnnxRunner(Runner):
 
     def run(self, inputs, where: str = "a batch"):
         n = batch_len(inputs)
-        if self.adapter.batch_limit() and self.adapter.batch_limit() != n and not self._warned:
-            self._warned = True
+        if self.adapter.batch_limit() and self.adapter.batch_limit() != n and not getattr(self.adapter, "_said_fixed", 0):
+            self.adapter._said_fixed = True  # once per model, not once per pass (it came with every call)
             warnings.warn(f"The ONNX model has a fixed batch size of {self.adapter.batch_limit()}: batches are run in "
                           "slices of that size. Export it with a dynamic batch axis to run whole batches.",
-                          ActClustWarning, stacklevel=3)
+                          ActClustWarning, stacklevel=user_stacklevel())
         outputs, values = self.adapter.forward(inputs, list(self.reducers), where, self.reduced)
         logits = self.adapter.logits(outputs, n)
         mask = next((np.asarray(to_numpy(inputs[k])) for k in MASK_KEYS if isinstance(inputs, Mapping) and k in inputs), None)
