@@ -140,6 +140,10 @@ def test_channel_errors_before_fit_name_the_fix():
                           (x[..., 0], r"inputs \(40, 8, 8\) have no channel axis; add it: x\[:, None\]")]:
         with pytest.raises(CaptureError, match=match):
             ActivationClustering(digits_cnn(), ["conv1", "fc1"], n_clusters=2, progress=False).fit(inputs)
+    # uint8 token ids to an embedding: the dtype to give (it was the generic hint alone)
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).eval()
+    with pytest.raises(CaptureError, match=r"Token ids must be int64 \(or int32\) for an embedding: x.astype"):
+        ActivationClustering(emb, ["1", "2"], n_clusters=2, progress=False).fit(np.ones((20, 3), np.uint8))
 
 
 # a sigmoid head over several classes: probabilities read as logits flattened every confidence (0.997 shown as 0.16)
@@ -192,6 +196,13 @@ def test_two_threads_explain_one_explainer(mixed_model, data):
         t.join(120)
     assert errors == [] and len(results) == 15 and all(r == expected for r in results)
     assert hook_count(mixed_model) == 0
+
+
+# an output= function that raises is said as its own error, not the model's ("The model raised ... check the inputs")
+def test_output_function_error_is_its_own(model, data):
+    with pytest.raises(CaptureError, match=r"The output= function raised ZeroDivisionError: division by zero -- it is "
+                                           r"given the model's output"):
+        ActivationClustering(model, LAYERS, n_clusters=3, progress=False, output=lambda z: 1 / 0).fit(data[0])
 
 
 # NaN or infinite activations name the layer

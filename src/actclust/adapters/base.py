@@ -16,12 +16,12 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..capture.arrays import dtype_name
-from ..exceptions import ActClustWarning, CaptureError, ParameterError, user_stacklevel
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, ParameterError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
 
 __all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
            "keep_reduced",
-           "describe_inputs", "model_error", "say_unit_outputs", "sigmoid_like"]
+           "describe_inputs", "model_error", "say_unit_outputs", "sigmoid_like", "call_output"]
 
 
 class LayerInfo(tuple):
@@ -212,6 +212,18 @@ def check_captured(logits: np.ndarray, vectors: Mapping[str, np.ndarray], where:
     for name, v in vectors.items():
         check_finite(v, f"The activations of layer {name!r}", where)
     check_finite(logits, "The model's output", where)
+
+
+def call_output(output, value):
+    """The user's ``output=`` function on the model's output, its error said as its own: it was reported as the
+    model's ("The model raised ZeroDivisionError ... check the inputs"), which sent users to their data."""
+    try:
+        return output(value)
+    except ActClustError:
+        raise
+    except Exception as e:
+        raise CaptureError(f"The output= function raised {type(e).__name__}: {e} -- it is given the model's output "
+                           "as the model returns it and must return the (N, n_classes) logits.") from e
 
 
 def sigmoid_like(lo: float, hi: float) -> bool:

@@ -34,8 +34,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import (ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error, say_unit_outputs,
-                   sigmoid_like)
+from .base import (ModelAdapter, Runner, call_output, check_captured, check_rows, keep_reduced, model_error,
+                   say_unit_outputs, sigmoid_like)
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -334,7 +334,7 @@ class KerasAdapter(ModelAdapter):
         """The ``(n, n_classes)`` float32 logits in the model's outputs (NumPy); probabilities become log-probabilities."""
         custom, picked = self.output is not None, ""
         if custom:
-            out = self.output(outputs)
+            out = call_output(self.output, outputs)
         else:
             out = outputs
             if isinstance(out, Mapping):

@@ -33,7 +33,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, check_captured, keep_reduced, model_error, say_unit_outputs, sigmoid_like
+from .base import (ModelAdapter, Runner, call_output, check_captured, keep_reduced, model_error, say_unit_outputs,
+                   sigmoid_like)
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -407,7 +408,7 @@ class OnnxAdapter(ModelAdapter):
 
     def logits(self, outputs: dict, n: int) -> np.ndarray:
         if self.output is not None:
-            value = self.output(outputs)
+            value = call_output(self.output, outputs)
         else:
             value = next((v for v in outputs.values() if isinstance(v, np.ndarray) and v.ndim == 2
                           and v.shape[0] == n and v.shape[1] >= 2 and v.dtype.kind == "f"), None)

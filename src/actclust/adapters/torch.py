@@ -23,8 +23,8 @@ from torch import nn
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
-from .base import (ModelAdapter, Runner, check_captured, check_rows, keep_reduced, model_error, say_unit_outputs,
-                   sigmoid_like)
+from .base import (ModelAdapter, Runner, call_output, check_captured, check_rows, keep_reduced, model_error,
+                   say_unit_outputs, sigmoid_like)
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -224,7 +224,7 @@ class TorchAdapter(ModelAdapter):
     def logits(self, out, n: int) -> torch.Tensor:
         """The ``(n, n_classes)`` logits in a model output."""
         if self.output is not None:
-            out = self.output(out)
+            out = call_output(self.output, out)
         elif not isinstance(out, torch.Tensor):
             if isinstance(getattr(out, "logits", None), torch.Tensor):
                 out = out.logits
@@ -468,6 +468,8 @@ def _layout_hint(inputs, said: str) -> str:
     channels last where PyTorch takes them first (``x.transpose``), or no channel axis at all (``x[:, None]``)."""
     import re
 
+    if "Long, Int" in said:  # an Embedding given uint8 or int16 ids
+        return "Token ids must be int64 (or int32) for an embedding: x.astype(np.int64). "
     m = re.search(r"to have (\d+) channels, but got (\d+) channels", said)
     shape = tuple(getattr(inputs, "shape", ()))
     if m is None or len(shape) < 3:
