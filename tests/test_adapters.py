@@ -205,6 +205,35 @@ def test_output_function_error_is_its_own(model, data):
         ActivationClustering(model, LAYERS, n_clusters=3, progress=False, output=lambda z: 1 / 0).fit(data[0])
 
 
+# a model returning (features, logits) is read through its first element: said once, with the output= to give (its
+# 12 features were read as 12 classes without a word); a forward() of keyword-only inputs gets the form to pass
+def test_tuple_output_and_keyword_only_forward(data):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN(seed=3, bias=False)
+
+        def forward(self, x):
+            z = self.net(x)
+            return torch.cat([z, z], 1), z
+
+    with pytest.warns(actclust.ActClustWarning, match=r"returns a tuple of 2 values; actclust reads the logits from the "
+                                                      r"first, of shape \(\d+, 6\).*output=lambda o: o\[1\]"):
+        ActivationClustering(Pair(), ["net.fc1"], n_clusters=3, progress=False).fit(data[0])
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN(seed=3, bias=False)
+
+        def forward(self, *, x):
+            return self.net(x)
+
+    with pytest.raises(CaptureError, match=r"forward\(\) takes its inputs by keyword: pass X as a dict of them"):
+        ActivationClustering(Keyword(), ["net.fc1"], n_clusters=3, progress=False).fit(data[0])
+    ActivationClustering(Keyword(), ["net.fc1"], n_clusters=3, progress=False).fit({"x": data[0]})
+
+
 # NaN or infinite activations name the layer
 def test_nan_activations_name_the_layer(model, data):
     x = data[0][:4].copy()

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError
+from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
+                          user_stacklevel)
 from .base import (ModelAdapter, Runner, call_output, check_captured, check_rows, keep_reduced, model_error,
                    say_unit_outputs, sigmoid_like)
 from .torch_ops import OPS
@@ -231,6 +232,12 @@ class TorchAdapter(ModelAdapter):
             elif isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
                 out = out["logits"]
             elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                if sum(isinstance(o, torch.Tensor) for o in out) > 1 and not getattr(self, "_said_first", False):
+                    self._said_first = True  # (features, logits) read its features as 12 "classes", without a word
+                    warnings.warn(f"The model returns a {type(out).__name__} of {len(out)} values; actclust reads the "
+                                  f"logits from the first, of shape {tuple(out[0].shape)}. If that is not the "
+                                  "classifier's output, pass output=<function of the model's output that returns its "
+                                  "logits>, e.g. output=lambda o: o[1].", ActClustWarning, stacklevel=user_stacklevel())
                 out = out[0]
         _check_logits(out, n, self.output is not None)
         if _are_probabilities(out):  # a model ending in nn.Softmax: its log, whose softmax is the probabilities
@@ -470,6 +477,8 @@ def _layout_hint(inputs, said: str) -> str:
 
     if "Long, Int" in said:  # an Embedding given uint8 or int16 ids
         return "Token ids must be int64 (or int32) for an embedding: x.astype(np.int64). "
+    if "keyword-only argument" in said or "takes 1 positional argument but" in said:  # forward(self, *, x)
+        return "The model's forward() takes its inputs by keyword: pass X as a dict of them, {name: array}. "
     m = re.search(r"to have (\d+) channels, but got (\d+) channels", said)
     shape = tuple(getattr(inputs, "shape", ()))
     if m is None or len(shape) < 3:
