@@ -272,6 +272,10 @@ def test_damaged_saves(fitted, model, tmp_path):
         _forge(run, {**m, "state": {**m["state"], "spatial_grid": grid}})
         with pytest.raises(InvalidSaveError, match=r"The saved spatial_grid .* must be None or an int >= 1"):
             actclust.load(run, model)
+    for key, value in (("normalize", "<x>"), ("posterior", 7)):
+        _forge(run, {**m, "state": {**m["state"], key: value}})
+        with pytest.raises(InvalidSaveError, match=rf"The saved {key} .* must be one of"):
+            actclust.load(run, model)
     _forge(run, {**m, "format_version": 99})
     with pytest.raises(InvalidSaveError, match="format version 99"):
         actclust.load(run, model)

@@ -664,7 +664,8 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
             raise InvalidSaveError(f"The saved summaries {key!r} have shape {vectors[key].shape}; expected ({n}, d).")
     return FittedState(
         layers=layers, n_classes=n_classes, input_spec=InputSpec.from_dict(s["input_spec"]),
-        normalize=s["normalize"], posterior=str(s["posterior"]), reducers=reducers, clusterings=clusterings,
+        normalize=_one_of(s["normalize"], ("l2", None), "normalize"),
+        posterior=_one_of(s["posterior"], ("prediction", "label"), "posterior"), reducers=reducers, clusterings=clusterings,
         temperatures=temperatures, posteriors=posteriors, weights=weights,
         train_vectors=store if store is not None else VectorStore(vectors),
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
@@ -673,6 +674,13 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
         layouts=_layouts(s, layers), input_stats=_input_stats(s.get("input_stats")),
         summary_seeds=_seeds(s, layers),
     )
+
+
+def _one_of(value, allowed: tuple, name: str):
+    """A saved choice among ``allowed`` (another value failed, or was taken as the default, at the first query)."""
+    if value not in allowed or isinstance(value, bool):
+        raise InvalidSaveError(f"The saved {name} {value!r} must be one of {list(allowed)}.")
+    return value
 
 
 def _spatial_grid(grid) -> Optional[int]:
