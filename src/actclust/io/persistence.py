@@ -665,7 +665,8 @@ def _state(s: dict, arrays: dict, path: Path) -> FittedState:
     return FittedState(
         layers=layers, n_classes=n_classes, input_spec=InputSpec.from_dict(s["input_spec"]),
         normalize=_one_of(s["normalize"], ("l2", None), "normalize"),
-        posterior=_one_of(s["posterior"], ("prediction", "label"), "posterior"), reducers=reducers, clusterings=clusterings,
+        posterior=_one_of(s["posterior"], ("prediction", "label"), "posterior"), reducers=reducers,
+        clusterings=clusterings,
         temperatures=temperatures, posteriors=posteriors, weights=weights,
         train_vectors=store if store is not None else VectorStore(vectors),
         train_predictions=arr("train_predictions", (n,), integer=True), train_labels=labels,
