@@ -289,8 +289,23 @@ def test_layers_out_of_run_order_warned(model, data):
         ActivationClustering(model, ["fc2", "conv", "fc1"], n_clusters=4, progress=False).fit(*data)
     assert said[0].filename == __file__
     with warnings.catch_warnings():
-        warnings.simplefilter("error", actclust.ActClustWarning)
+        warnings.filterwarnings("error", "The layers are listed", actclust.ActClustWarning)
         ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=4, progress=False).fit(*data)
+
+
+# targets that hold only some of the model's classes: the surrogate never predicts the others, said at fit (an outside
+# check fitted digits 0-4 and got a fidelity of 0 on 5-9 without a word)
+def test_unseen_classes_warned(model, mixed_model, data):
+    import warnings
+
+    with pytest.warns(actclust.ActClustWarning, match=r"The model has 3 classes but its predictions on the training "
+                                                      r"data hold 1 of them: the surrogate never predicts the classes "
+                                                      r"\[0, 2\]") as said:
+        ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(*data)  # it predicts class 1 only
+    assert said[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The model has .* classes but", actclust.ActClustWarning)
+        ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(*data)
 
 
 # load without the model says what it needs (a bare TypeError said an argument was missing)

@@ -24,7 +24,7 @@ from .capture.data import Batches, check_label_range
 from .clustering import CLUSTERINGS, make_clustering
 from .compute import HOST, backend_for
 from .deps import require
-from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, ParameterError
+from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, ParameterError, user_stacklevel
 from .state import SUMMARY_SUFFIX, FittedState
 from .store import StoreWriter
 from .validation import FitConfig
@@ -124,6 +124,21 @@ def release_replaced(store) -> None:
         pass
 
 
+def _warn_unseen_classes(config: FitConfig, targets: np.ndarray, n_classes: int) -> None:
+    """Warn where the surrogate learns from targets that hold only some of the model's classes: it never predicts
+    the others, so on inputs of those classes its fidelity is 0 without a word (an outside check fitted digits
+    0-4 and scored 5-9)."""
+    seen = np.bincount(targets, minlength=n_classes) > 0
+    if not seen.all():
+        unseen = np.flatnonzero(~seen).tolist()
+        what = "labels" if config.posterior == "label" else "predictions on the training data"
+        warnings.warn(
+            f"The model has {n_classes} classes but its {what} hold {int(seen.sum())} of them: the surrogate never "
+            f"predicts the classes {unseen[:10]}{' ...' if len(unseen) > 10 else ''}, so on inputs of those classes "
+            "it disagrees with the model. Fit on data of every class the model predicts.", ActClustWarning,
+            stacklevel=user_stacklevel())
+
+
 def _warn_few_clusters(config: FitConfig, n_targets: int) -> None:
     """Warn where a layer has fewer clusters than the classes its clusters' mixes learn (a 100-class model with the
     default clusters had a fidelity of 0.05 and no word about why)."""
@@ -150,6 +165,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
     _check_labels(config, labels)
     targets = labels if config.posterior == "label" else predictions
     _warn_few_clusters(config, int(np.unique(targets).size))
+    _warn_unseen_classes(config, targets, n_classes)
 
     clusterings = {l: _cluster(config, l, vectors[l], backend)
                    for l in tqdm(layers, desc="clustering layers", disable=not config.progress, leave=False)}
