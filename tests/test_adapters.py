@@ -205,6 +205,53 @@ def test_output_function_error_is_its_own(model, data):
         ActivationClustering(model, LAYERS, n_clusters=3, progress=False, output=lambda z: 1 / 0).fit(data[0])
 
 
+# a process forked while another thread holds a model's capture lock starts with free locks: its child hung forever
+# on the copied, held lock (found by an outside check: forks while a thread explains)
+def test_fork_while_a_pass_holds_the_lock(mixed_model, data):
+    import os
+    import signal
+    import threading
+    import time
+
+    from actclust.adapters.torch import _model_lock
+
+    x, y = data
+    ac = ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _model_lock(mixed_model):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: explain once, exit 0 (a hang is killed below)
+        try:
+            torch.set_num_threads(1)  # OpenMP's pool does not survive a fork (a hang of its own, not ours)
+            ac.predict(x[:3])
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on a capture lock held by the parent's other thread")
+    finally:
+        release.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 # a model returning (features, logits) is read through its first element: said once, with the output= to give (its
 # 12 features were read as 12 classes without a word); a forward() of keyword-only inputs gets the form to pass
 def test_tuple_output_and_keyword_only_forward(data):
@@ -229,6 +276,20 @@ def test_tuple_output_and_keyword_only_forward(data):
         def forward(self, *, x):
             return self.net(x)
 
+    class Recurrent(nn.Module):  # (logits, h): h is (layers, N, H), not a second (N, d) candidate: nothing said
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN(seed=3, bias=False)
+
+        def forward(self, x):
+            z = self.net(x)
+            return z, z[None]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The model returns a", actclust.ActClustWarning)
+        ActivationClustering(Recurrent(), ["net.fc1"], n_clusters=3, progress=False).fit(data[0])
     with pytest.raises(CaptureError, match=r"forward\(\) takes its inputs by keyword: pass X as a dict of them"):
         ActivationClustering(Keyword(), ["net.fc1"], n_clusters=3, progress=False).fit(data[0])
     ActivationClustering(Keyword(), ["net.fc1"], n_clusters=3, progress=False).fit({"x": data[0]})

@@ -291,6 +291,10 @@ def test_layers_out_of_run_order_warned(model, data):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "The layers are listed", actclust.ActClustWarning)
         ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=4, progress=False).fit(*data)
+        # a container listed before its part: its hook fires after the part's, which is no order of depth
+        nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.ReLU()),
+                                     torch.nn.Linear(8, 3)).eval()
+        ActivationClustering(nested, ["0", "0.1", "1"], n_clusters=4, progress=False).fit(*data)
 
 
 # targets that hold only some of the model's classes: the surrogate never predicts the others, said at fit (an outside

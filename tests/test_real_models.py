@@ -205,6 +205,14 @@ def test_hugging_face_dict_batches(bert, tmp_path):
                            trust=False).read_text()
     # token inputs show as tokens with the padding hidden (issue 21), not as rows of ids and masks
     assert html.count('<div class="tok">') == 2 and "padding token" in html and "attention_mask" not in html
+    # a tokenizer's whole output as train (token_type_ids too, which fit did not take): drawn, not refused by the
+    # check that train is fit's data (it runs the model only on what fit took; found by an outside check)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.DataWarning)
+        actclust.report(back, test, y[600:], train={**train, "token_type_ids": torch.zeros_like(ids[:600])},
+                        out=tmp_path / "r2.html", n_correct=1, n_wrong=1, trust=False)
 
 
 # (ids, labels) as X is the model's inputs in order: the labels reached BERT as its attention mask, and the model's

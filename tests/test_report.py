@@ -100,11 +100,14 @@ def test_report_errors(fitted, mixed_model, data, tmp_path):
     mixed = ActivationClustering(mixed_model, LAYERS, n_clusters=4, progress=False).fit(x, y)  # predicts 3 classes
     shuffled = x[np.random.default_rng(0).permutation(len(x))]
     mixed.set_display(train=x)  # the data fit saw: fine
-    for draw in (lambda: report(mixed, x, train=shuffled, out=tmp_path / "r.html"),
+    from actclust import DataWarning
+
+    for draw in (lambda: report(mixed, x, train=shuffled, out=tmp_path / "shuffled.html"),
                  lambda: mixed.set_display(train=shuffled)):
-        with pytest.raises(DataError, match=r"train does not look like the training data fit saw, in its order: the "
-                                            r"model's predictions on 64 of its rows agree with fit's on \d+%"):
+        with pytest.warns(DataWarning, match=r"train may not be the training data fit saw, in its order: the model's "
+                                             r"predictions on 64 of its rows agree with fit's on \d+%") as said:
             draw()
+        assert said[0].filename == __file__
     with pytest.raises(ValueError, match=r"indices \[500\] are out of range for the 120 inputs"):
         report(fitted, x, indices=[1, 500], out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="n_wrong must be a non-negative int"):

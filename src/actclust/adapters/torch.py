@@ -11,6 +11,7 @@ model, so a run moves between wrapped and unwrapped copies of one network.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import warnings
 import weakref
@@ -232,7 +233,8 @@ class TorchAdapter(ModelAdapter):
             elif isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
                 out = out["logits"]
             elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-                if sum(isinstance(o, torch.Tensor) for o in out) > 1 and not getattr(self, "_said_first", False):
+                rows = [o for o in out if isinstance(o, torch.Tensor) and o.ndim == 2 and len(o) == n]
+                if len(rows) > 1 and not getattr(self, "_said_first", False):  # two (N, d) candidates, not (logits, h)
                     self._said_first = True  # (features, logits) read its features as 12 "classes", without a word
                     warnings.warn(f"The model returns a {type(out).__name__} of {len(out)} values; actclust reads the "
                                   f"logits from the first, of shape {tuple(out[0].shape)}. If that is not the "
@@ -308,6 +310,17 @@ def _first_tensor(output):
 
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+
+
+def _fresh_locks() -> None:
+    """A forked child starts with free locks: one held by another thread of the parent at the fork would stay held
+    in the child for good (a child explaining after a fork taken during a parent's pass hung)."""
+    global _LOCKS, _LOCKS_GUARD
+    _LOCKS, _LOCKS_GUARD = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks)
 
 
 def _model_lock(model: nn.Module) -> "threading.RLock":

@@ -84,6 +84,11 @@ def _check_order(given: list, ran: list) -> None:
     """Warn where ``layers`` are listed in another order than the model ran them: the similar-sample presets weigh
     the layers by their place in the list ("low": the first, "high": the last), so out of order they swapped
     meaning without a word (found by an outside check)."""
+    def inside(a: str, b: str) -> bool:  # a module within another: the container's hook fires after its children's
+        return a.startswith(b + ".") or b.startswith(a + ".")
+
+    if any(inside(a, b) for a in given for b in given if a != b):
+        return  # a container and its parts: their order of completion is no order of depth
     if given != ran:
         warnings.warn(
             f"The layers are listed in another order than the model runs them ({given}; they run as {ran}). "
