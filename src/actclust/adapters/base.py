@@ -21,7 +21,7 @@ from ..state import SUMMARY_SUFFIX
 
 __all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
            "keep_reduced",
-           "describe_inputs", "model_error", "say_unit_outputs", "sigmoid_like", "call_output"]
+           "describe_inputs", "model_error", "are_probabilities", "call_output"]
 
 
 class LayerInfo(tuple):
@@ -226,17 +226,22 @@ def call_output(output, value):
                            "as the model returns it and must return the (N, n_classes) logits.") from e
 
 
-def sigmoid_like(lo: float, hi: float) -> bool:
-    """Whether a batch's outputs spanning ``[lo, hi]`` (rows not summing to 1) look like a trained sigmoid head's
-    probabilities: all in [0, 1], some near 0 and some near 1 (an untrained network's small logits can lie in
-    [0, 1] too, but bunched)."""
-    return 0 <= lo <= 0.05 and 0.95 <= hi <= 1
+def are_probabilities(adapter, rows: int, lo: float, hi: float, row_error: float, half: bool, log: str) -> bool:
+    """How every adapter reads a batch of ``rows`` model outputs spanning ``[lo, hi]``, whose rows' sums are at most
+    ``row_error`` from 1 (``half``: 16-bit floats, summed less exactly): True for probabilities, which the adapter
+    reads as their logarithm (a softmax head: read as logits, they were softmaxed again, 0.998 shown as 0.23).
+    Outputs in [0, 1] from near 0 to near 1 that do not sum to 1 (a trained sigmoid head's; an untrained network's
+    small logits may lie in [0, 1] too, but bunched) are read as logits and said once, with the ``output=`` that
+    reads them (``log``: their logarithm in the adapter's framework), unless the user gave an ``output=``."""
+    if 0 <= lo and hi <= 1 and row_error <= (1e-2 if half else 1e-4):
+        return True
+    if adapter.output is None and rows > 1 and lo <= 0.05 and hi >= 0.95 and 0 <= lo and hi <= 1:
+        _say_unit_outputs(adapter, log)
+    return False
 
 
-def say_unit_outputs(adapter, log: str) -> None:
-    """Warn, once per adapter, that the model's outputs all lie in [0, 1] without summing to 1 per row: a sigmoid
-    head's probabilities, read as logits, flatten every confidence (0.997 was shown as 0.16) without a word.
-    ``log`` is how to take their logarithm in the adapter's framework."""
+def _say_unit_outputs(adapter, log: str) -> None:
+    """Warn, once per adapter, that the model's outputs look like a sigmoid head's probabilities."""
     if getattr(adapter, "_said_unit_outputs", False):
         return
     adapter._said_unit_outputs = True

@@ -34,8 +34,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import (ModelAdapter, Runner, call_output, check_captured, check_rows, keep_reduced, model_error,
-                   say_unit_outputs, sigmoid_like)
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_rows, keep_reduced,
+                   model_error)
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -370,11 +370,12 @@ class KerasAdapter(ModelAdapter):
             warnings.warn(f"The model has several outputs; actclust reads the logits from {picked}, of shape "
                           f"{tuple(out.shape)}. If that is not the classifier's output, pass output=<function of the "
                           "outputs that returns its logits>.", ActClustWarning, stacklevel=2)
-        if self._probabilities or _are_probabilities(out):
-            return np.log(np.maximum(out.astype(np.float32), np.finfo(np.float32).tiny))
-        if self.output is None and len(out) > 1 and sigmoid_like(float(out.min()), float(out.max())):
-            say_unit_outputs(self, "np.log(p)")
-        return out.astype(np.float32)
+        a = out.astype(np.float32)
+        if self._probabilities or are_probabilities(self, len(a), float(a.min()), float(a.max()),
+                                                    float(np.abs(a.sum(1) - 1).max()), out.dtype.itemsize < 4,
+                                                    "np.log(p)"):
+            return np.log(np.maximum(a, np.finfo(np.float32).tiny))
+        return a
 
     def _extractor(self, paths) -> "_Extractor":
         return _Extractor(self.model, [p for p in self._layers if p in set(paths)], self._layers)
@@ -414,13 +415,6 @@ def _ends_in_softmax(model) -> bool:
     if _is_model(layer):
         return _ends_in_softmax(layer)
     return getattr(getattr(layer, "activation", None), "__name__", None) == "softmax"
-
-
-def _are_probabilities(out: np.ndarray) -> bool:
-    """Whether every row of ``out`` is a probability vector (in [0, 1], summing to 1 up to rounding)."""
-    a = out.astype(np.float32)
-    tol = 1e-4 if out.dtype.itemsize >= 4 else 1e-2
-    return bool(len(a) and (a >= 0).all() and (a <= 1).all() and (np.abs(a.sum(1) - 1) <= tol).all())
 
 
 class _Extractor:

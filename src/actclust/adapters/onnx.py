@@ -33,8 +33,7 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
-from .base import (ModelAdapter, Runner, call_output, check_captured, keep_reduced, model_error, say_unit_outputs,
-                   sigmoid_like)
+from .base import ModelAdapter, Runner, are_probabilities, call_output, check_captured, keep_reduced, model_error
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -422,10 +421,9 @@ class OnnxAdapter(ModelAdapter):
             raise CaptureError("The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
                                f"of {n} it returned shape {value.shape}, dtype {value.dtype}.")
         value = value.astype(np.float32)
-        if np.all(value >= 0) and np.all(value <= 1) and np.allclose(value.sum(1), 1, atol=1e-4):
+        if are_probabilities(self, len(value), float(value.min()), float(value.max()),
+                             float(np.abs(value.sum(1) - 1).max()), False, "np.log(o[name]) (o: the outputs by name)"):
             value = np.log(np.maximum(value, 1e-30))  # probabilities: the softmax of their log is themselves
-        elif self.output is None and len(value) > 1 and sigmoid_like(float(value.min()), float(value.max())):
-            say_unit_outputs(self, "np.log(o[name]) (o: the outputs by name)")
         return value
 
     def output_shapes(self, sample) -> dict:

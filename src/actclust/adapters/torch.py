@@ -25,8 +25,8 @@ from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
                           user_stacklevel)
-from .base import (ModelAdapter, Runner, call_output, check_captured, check_rows, keep_reduced, model_error,
-                   say_unit_outputs, sigmoid_like)
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_rows, keep_reduced,
+                   model_error)
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -242,10 +242,10 @@ class TorchAdapter(ModelAdapter):
                                   "logits>, e.g. output=lambda o: o[1].", ActClustWarning, stacklevel=user_stacklevel())
                 out = out[0]
         _check_logits(out, n, self.output is not None)
-        if _are_probabilities(out):  # a model ending in nn.Softmax: its log, whose softmax is the probabilities
-            return torch.log(out.float().clamp_min(torch.finfo(torch.float32).tiny))
-        if self.output is None and len(out) > 1 and sigmoid_like(float(out.min()), float(out.max())):
-            say_unit_outputs(self, "torch.log(p)")
+        a = out.detach().float()
+        if are_probabilities(self, len(a), float(a.min()), float(a.max()), float((a.sum(1) - 1).abs().max()),
+                             out.element_size() < 4, "torch.log(p)"):  # nn.Softmax at the end: read as their log
+            return torch.log(a.clamp_min(torch.finfo(torch.float32).tiny))
         return out
 
     def output_shapes(self, sample) -> dict:
@@ -530,15 +530,6 @@ def _head(inputs, m: int):
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_head(v, m) for v in inputs)
     return inputs[:m] if getattr(inputs, "ndim", 0) and hasattr(inputs, "__getitem__") else inputs
-
-
-def _are_probabilities(out: torch.Tensor) -> bool:
-    """Whether every row of ``out`` is a probability vector (in [0, 1], summing to 1 up to rounding), as a
-    model ending in ``nn.Softmax`` gives: read as logits, they were softmaxed again into flattened confidences
-    (0.23 for a prediction the model gave 0.998). The rule of the Keras and ONNX adapters."""
-    a = out.detach().float()
-    tol = 1e-4 if out.element_size() >= 4 else 1e-2
-    return bool(len(a) and a.min() >= 0 and a.max() <= 1 and ((a.sum(1) - 1).abs() <= tol).all())
 
 
 def _check_logits(logits, n: int, custom: bool) -> None:
