@@ -109,6 +109,24 @@ def test_interrupted_hold_leaves_no_lock(tmp_path, monkeypatch):
 
 
 # the report writer removes a leftover of an earlier, killed write of the same report
+# a failed write into a folder that did not exist leaves no empty folders: those the block made go, deepest first,
+# while empty; one that held something, or that was there before, stays
+def test_folder_removes_what_it_made_on_failure(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.folder(tmp_path / "a" / "b" / "c") as made:
+            assert made.is_dir()
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="full"):
+        with atomic.folder(tmp_path / "a" / "b"):
+            (tmp_path / "a" / "note.txt").write_text("someone else's")
+            raise OSError(errno.ENOSPC, "full")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["note.txt"]
+    with atomic.folder(tmp_path / "ok") as made:
+        (made / "f").write_text("x")
+    assert (tmp_path / "ok" / "f").exists()
+
+
 def test_report_write_removes_killed_leftover(fitted, data, tmp_path):
     leftover = atomic.temp_path(tmp_path, "report.html")
     leftover.write_text("half a report")

@@ -692,8 +692,14 @@ def test_full_disk_patched_writer(fitted, model, data, tmp_path, monkeypatch):
         fitted.save(run, overwrite=True)
     with pytest.raises(DiskFullError):
         fitted.save(tmp_path / "first")
+    with pytest.raises(DiskFullError):  # the folders it made go again: none left empty in the user's way
+        fitted.save(tmp_path / "made" / "deeper")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DiskFullError):  # a folder the user made stays
+        fitted.save(tmp_path / "mine")
     monkeypatch.undo()
-    assert _tree(run) == before and list((tmp_path / "first").iterdir()) == []
+    assert _tree(run) == before and not (tmp_path / "first").exists() and not (tmp_path / "made").exists()
+    assert list((tmp_path / "mine").iterdir()) == []
     np.testing.assert_array_equal(actclust.load(run, model, progress=False).predict(data[0]), fitted.predict(data[0]))
     store = tmp_path / "vectors"
     first = _fit(model, *data, store=store)

@@ -310,12 +310,15 @@ class ActivationClustering:
                       n_clusters={l: c.n_clusters for l, c in state.clusterings.items()})
 
     def similar(self, X, k: int = 10, weights="equal", *, search=None):
-        """The ``k`` training samples most similar to each input, by exact search over all layers.
+        """The ``k`` training samples most similar to each input, over all layers (exact or approximate
+        search: see ``search``).
 
         Parameters
         ----------
         X : ndarray, Tensor, DataFrame, dict of arrays, Dataset or DataLoader
         k : int, default=10
+            Between 1 and the number of training samples (more is an error: ``explain``, which shows
+            samples rather than returns them, shows the whole training set instead).
         weights : {"equal", "low", "high"}, list or dict, default="equal"
             Per-layer weights of the distance; ``"low"`` favours early layers (looks alike),
             ``"high"`` late ones (means alike). Each layer's distances are first divided by the
@@ -357,7 +360,8 @@ class ActivationClustering:
         """One :class:`~actclust.analysis.explanation.Explanation` per input of ``X``.
 
         ``k`` similar training samples are given under "low" and "high" weights, and ``k``
-        exemplars of each cluster on the input's path. ``trust=True`` adds the trust signals
+        exemplars of each cluster on the input's path (a training set smaller than ``k`` shows all of
+        itself, where :meth:`similar` refuses such a ``k``). ``trust=True`` adds the trust signals
         (:meth:`trust`); the default ``None`` adds them when the training set is large enough
         to calibrate them, ``False`` never; a dict gives their options, as :meth:`trust` takes them
         (``{"calibration": (X_val, y_val)}``). ``search`` overrides the estimator's for this call.

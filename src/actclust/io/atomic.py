@@ -179,6 +179,27 @@ def make_temp_dir(parent, stem: str) -> tuple:
 
 
 @contextlib.contextmanager
+def folder(path) -> Iterator[Path]:
+    """``path`` made a folder (with its missing parents) for the block; if the block fails, the folders it made are
+    removed again while empty, so a failed save (a full disk, an interrupt) leaves no empty folder in the user's way."""
+    path, made = Path(path), []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        made.append(p)  # the deepest first
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in made:
+            try:
+                os.rmdir(p)  # only an empty folder: whatever another process put there stays
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
 def temp_dir(parent, stem: str = "staging") -> Iterator[Path]:
     """A temporary folder of ours in ``parent`` for the duration of the block, removed after it
     (whatever the caller did not move out of it)."""

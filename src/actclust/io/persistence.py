@@ -343,8 +343,7 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     except (TypeError, ValueError) as e:
         raise ParameterError(f"Cannot save the run: a parameter or fitted value is not JSON ({e}).") from None
 
-    with atomic.guard("save the run to", path):
-        path.mkdir(parents=True, exist_ok=True)
+    with atomic.guard("save the run to", path), atomic.folder(path):
         turn = atomic.Hold(path)  # saves into one folder take turns
         try:
             check_writable(path, overwrite, flag=flag)  # again: another save may have finished meanwhile

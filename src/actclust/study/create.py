@@ -151,8 +151,8 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
             "class_names": names, "source": {**ac.provenance(), **(source or {})},
             "construction": describe(conditions, k=k, labels=state.train_labels is not None),
             "render_failures": renderer.failures, "items": records, "samples": samples}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study")
+    with atomic.folder(out):
+        atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study")
     return out
 
 

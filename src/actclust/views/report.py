@@ -138,9 +138,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )
-    with atomic.guard("create the folder of the report", out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write(out, html, what="report")
+    with atomic.guard("create the folder of the report", out.parent), atomic.folder(out.parent):
+        atomic.write(out, html, what="report")
     return out
 
 
