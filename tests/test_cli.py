@@ -424,3 +424,47 @@ def test_score_table_keeps_columns_under_long_names():
     lines = format_scores(scores, SimpleNamespace(weights_=[0.5, 0.5])).splitlines()[1:]
     assert len({len(line) for line in lines}) == 1, lines  # every row as wide: the columns line up
     assert {line.index("0.5000") for line in lines[1:3]} == {lines[0].index("fidelity") + 2}
+
+
+# Ctrl-C once the command is done (while Python unloads PyTorch, about a second) killed the process silently with
+# status -2: a finished command read as a failed one. The installed command ignores it then and exits with its own
+# status; Ctrl-C during the work still says "interrupted" with 130 (main, in-process, leaves Ctrl-C alone)
+_LATE_CTRL_C = """
+import os, signal, sys, time
+from actclust.cli import {entry}
+code = {entry}(["layers", "--help"])
+os.kill(os.getpid(), signal.SIGINT)  # as a late Ctrl-C: the work done, the process not yet gone
+time.sleep(0.2)
+print("exiting", code, flush=True)
+sys.exit(code)
+"""
+
+
+def test_late_ctrl_c_keeps_the_status():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _LATE_CTRL_C.format(entry="run")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "exiting 0" in done.stdout, done.stderr[-2000:]
+    inside = subprocess.run([sys.executable, "-c", _LATE_CTRL_C.format(entry="main")], capture_output=True, text=True,
+                            timeout=120)
+    assert inside.returncode == -2 and "KeyboardInterrupt" in inside.stderr  # main leaves the caller's Ctrl-C alone
+
+
+def test_ctrl_c_during_the_work(monkeypatch, capsys):
+    from actclust.cli import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "_parser", lambda real=commands._parser: _patched(real(), interrupted))
+    assert commands.main(["demo"]) == commands.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+
+
+def _patched(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser

@@ -1,5 +1,5 @@
 """The ``actclust`` command line."""
 
-from .commands import main
+from .commands import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -4,7 +4,8 @@
 
 Exit codes: 0 success; 2 bad usage or bad input (the message says what to change); 1 an
 unexpected error (with its traceback); 130 interrupted with Ctrl-C. ``main`` returns the code
-(argparse's own usage errors included) rather than exiting, so it can be called from Python.
+(argparse's own usage errors included) rather than exiting, so it can be called from Python;
+:func:`run` is the installed command and ``python -m actclust``.
 
 Messages speak in options (``--n-clusters``, ``--overwrite``), never in the library's Python
 parameter names: options the library would reject are checked here first, in CLI terms.
@@ -13,7 +14,9 @@ parameter names: options the library would reject are checked here first, in CLI
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 import time
 from pathlib import Path
@@ -59,6 +62,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def run(argv=None) -> int:
+    """The ``actclust`` command: :func:`main`, then Ctrl-C ignored while Python exits.
+
+    Once the command is done (its files written, its last line printed) Python still unloads PyTorch,
+    scikit-learn and the rest for about a second, with Ctrl-C back at its default: pressed then, it killed
+    the process silently with status -2 (SIGINT), a finished command read as a failed one. Ignored, the
+    command exits with its own status. Not done by :func:`main`, which leaves a calling process's Ctrl-C alone.
+    """
+    code = main(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 _MODEL_HELP = ("your model: an .onnx or .keras file, or the callable that builds it, as package.module:callable "
