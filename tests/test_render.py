@@ -78,3 +78,10 @@ def test_tabular_shows_twelve_and_counts_the_rest():
     assert [n for n, _ in t["rows"]] == names[:12] and t["rows"][1] == (names[1], "0.3333") and t["more"] == 3
     with pytest.warns(UserWarning, match="2 feature names for 3 features"):
         assert Renderer(feature_names=["a", "b"])(np.zeros(3), "x")["kind"] == "error"
+    # rest=: further rows (those a page folds), in the order asked for; what is still left counted
+    order = np.arange(15)[::-1]
+    t = Renderer(feature_names=names)(np.arange(15, dtype=np.float32), "x", order=order, max_rows=4, rest=8)
+    assert [n for n, _ in t["rows"]] == [names[j] for j in order[:4]] and t["more"] == 3
+    assert [n for n, _ in t["rest"]] == [names[j] for j in order[4:12]]
+    t = Renderer(feature_names=names)(np.arange(15, dtype=np.float32), "x", rest=1000)
+    assert len(t["rows"]) + len(t["rest"]) == 15 and t["more"] == 0

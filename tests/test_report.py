@@ -73,6 +73,33 @@ def test_report_tabular(tmp_path):
     assert 'title="bmi">bmi<' in html and _imgs(html) == 0
 
 
+
+# an input of more features than a table shows: its card's table folds the others (an outside check could not open
+# them: "+N more features" was text), first those along which it departs like its cluster (FeatureOrder)
+def test_report_tabular_folds_the_rest(tmp_path):
+    import re
+
+    from actclust import ActivationClustering
+    from actclust.views.features import FeatureOrder
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = np.random.default_rng(0).standard_normal((80, 30)).astype(np.float32)
+    ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(x)
+    names = [f"feat{i:02d}" for i in range(30)]
+    html = report(ac, x, train=x, feature_names=names, indices=[0], out=tmp_path / "r.html").read_text()
+    card = html[html.index('<article class="card'):]
+    table = card[:card.index("</figure>")]
+    folded = table[table.index("<details>"):table.index("</details>")]
+    shown = re.findall(r'title="(feat\d\d)"', table[:table.index("<details>")])
+    assert len(shown) == 12 and "+18 more features</summary>" in folded
+    assert len(re.findall(r'title="(feat\d\d)"', folded)) == 18
+    cluster = ac.explain(x[:1])[0].layers[-1]["cluster"]
+    expected = FeatureOrder.from_train(ac.state_, x).of_input(x[0], cluster)
+    assert shown == [names[j] for j in expected[:12]]
+    assert html.count('<td class="fold"') == 1  # the samples' small tables keep their first rows only
+
+
 # a DataFrame's column names label the report's feature tables without feature_names
 def test_report_dataframe_feature_names(tmp_path):
     import pandas as pd

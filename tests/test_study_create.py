@@ -288,3 +288,35 @@ def test_token_inputs_shown_as_tokens(tmp_path):
     item = json.loads((folder / "study.json").read_text())["items"][0]
     words = [w for w, _ in item["input"]["tokens"]]
     assert words and set(words) <= set(vocab) and not item["input"].get("ids")
+
+
+# a tabular study keeps its tables whole in file order, and each item the order its trial lists them in (the report's:
+# FeatureOrder from the training inputs); a study.json whose order is not one of its table's rows is refused
+def test_tabular_feature_order(tmp_path):
+    import torch
+
+    from actclust import ActivationClustering
+    from actclust.study import create_study
+    from actclust.views.features import FeatureOrder
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 20)).astype(np.float32)
+    y = rng.integers(0, 2, 90)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    ac = ActivationClustering(mlp, ["0", "2"], n_clusters=3, progress=False).fit(x, y)
+    names = [f"f{i}" for i in range(20)]
+    folder = create_study(ac, x, y, tmp_path / "s", train=x, items=4, conditions=["similar"], k=2, feature_names=names)
+    data = json.loads((folder / "study.json").read_text())
+    order = FeatureOrder.from_train(ac.state_, x)
+    for item in data["items"]:
+        assert [n for n, _ in item["input"]["rows"]] == names and item["input"]["more"] == 0
+        cluster = ac.cluster_paths(x[item["row"]:item["row"] + 1])[0][-1]
+        assert item["feature_order"] == order.of_input(x[item["row"]], cluster).tolist()
+    assert all([n for n, _ in s["input"]["rows"]] == names for s in data["samples"].values())
+    assert data["feature_order"].startswith("features ordered by how far the input departs")
+    data["items"][0]["feature_order"][1] = data["items"][0]["feature_order"][0]
+    (folder / "study.json").write_text(json.dumps(data))
+    with pytest.raises(InvalidSaveError, match=r"item 0 \(id 0\) has a 'feature_order' that is not an order of its "
+                                               "table's rows"):
+        load_study(folder)

@@ -457,3 +457,24 @@ def test_explorer_uses_the_prepared_index():
     e = ac.explain(x[600:601], k=ex.k, trust=False)[0]
     assert {p: [t for t, _ in ex._similar(0)[p]] for p in ("low", "high")} == \
         {p: [s["index"] for s in e.similar[p]] for p in ("low", "high")}
+
+
+# an input of more features than a table shows: its page lists them all, those past the first twelve folded (an outside
+# check could not open them); the lists keep their small tables
+def test_input_page_folds_the_rest():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((130, 30)).astype(np.float32)
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    ac = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(x[:100])
+    names = [f"feat{i:02d}" for i in range(30)]
+    ex = Explorer(ac, x[100:], train=x[:100], feature_names=names, progress=False)
+    c = client(ex)
+    html = c.get("/input/3").text
+    big = html[html.index('<figure class="smp tab big"'):]
+    big = big[:big.index("</figure>")]
+    shown = re.findall(r'title="(feat\d\d)"', big[:big.index("<details>")])
+    folded = re.findall(r'title="(feat\d\d)"', big[big.index("<details>"):])
+    assert len(shown) == 12 and sorted(shown + folded) == names and "+18 more features</summary>" in big
+    assert shown == [names[j] for j in ex.input_order(3, x[103])[:12]]
+    assert '<td class="fold"' not in c.get("/inputs").text

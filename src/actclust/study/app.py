@@ -40,6 +40,7 @@ from fastapi.templating import Jinja2Templates
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from ..views.render import MAX_FEATURES
 from .db import RequestRefused, Store, Writer
 from .folder import Study, load_study
 from .limits import ABANDON_AFTER_S, ADDRESS_WINDOW_S, SESSIONS_PER_ADDRESS
@@ -263,7 +264,9 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES, max_par
         # A JSONResponse skips FastAPI's recursive jsonable_encoder: the explanation is plain JSON already
         return JSONResponse({
             "trial_id": trial["id"], "stage": stage, "position": done, "n_trials": len(study.items) * len(store.stages),
-            "item": {"id": item["id"], "input": item["input"]}, "choices": choices,
+            # a table's rows in the item's order, the first features_shown of them shown (study.js)
+            "item": {"id": item["id"], "input": item["input"], "feature_order": item.get("feature_order"),
+                     "features_shown": MAX_FEATURES}, "choices": choices,
             "prediction": {"class": item["prediction"], "name": study.class_names[item["prediction"]],
                            "confidence": item["confidence"]} if shows_advice else None,
             "explanation": explanation(item["id"], trial["condition"]) if shows_advice else None,

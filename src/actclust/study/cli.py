@@ -194,8 +194,11 @@ def _create(args) -> int:
 
     print(f"wrote the study to {out}/ ({args.items} items, conditions {', '.join(conditions)}, "
           f"{args.design}-subjects{', two-stage' if args.two_stage else ''}); each condition shows:")
-    for condition, how in load_study(out).data["construction"].items():
+    data = load_study(out).data
+    for condition, how in data["construction"].items():
         print(f"  {condition}: {how}")
+    if "feature_order" in data:
+        print(f"  tables list {data['feature_order']}")
     print(f"serve it with: actclust study serve {out}")
     return EXIT_OK
 

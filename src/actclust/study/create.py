@@ -47,7 +47,10 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
         Ask each participant's own answer before showing the advice.
     class_names, feature_names, render, mean, std, tokenizer
         How classes and inputs are shown; as in :func:`actclust.report` (``tokenizer``: token ids shown as
-        tokens, padding hidden; without it participants see the ids).
+        tokens, padding hidden; without it participants see the ids). A tabular input's table lists its
+        features in the report's order (with ``train``: those along which the input departs from the mean
+        like the samples it is grouped with, first), and every table of a trial, its samples' too, in the
+        item's order; the first :data:`~actclust.views.render.MAX_FEATURES` are shown, the others open on a click.
     k : int, default=6
         Similar samples shown per trial.
     attention_checks : int, default=0
@@ -64,7 +67,8 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     """
     from ..analysis import retrieval
     from ..capture.data import length, rows, take
-    from ..views.render import Renderer
+    from ..views.features import feature_order
+    from ..views.render import MAX_FEATURES, MAX_TABLE, Renderer
 
     state = ac.state_
     conditions = _check(items, wrong_share, conditions, design, seed, k)
@@ -120,13 +124,20 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
                                           retrieval.layer_weights("high", state.layers))
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names or state.input_spec.feature_names,
                         tokenizer=tokenizer)
+    # Tables are kept whole in file order (up to MAX_TABLE features) and the page lists every table of a trial in
+    # its item's order: samples are shared between items (an outside check found tables in file order, the rows past
+    # the first twelve out of reach)
+    order = feature_order(state, train, mean, std, ac.label_key, render)
+    whole = min(MAX_TABLE, state.input_spec.shape[0]) if order is not None else MAX_FEATURES
     records = []
     for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
         i, proba = int(chosen[j]), q.dnn_proba[chosen[j]]
         multi = [{"class": int(c), "probability": float(proba[c]), "samples": [int(t) for t in ids if t >= 0]}
                  for c, ids in zip(shown_classes[j], per_class[j])]
+        ranked = order.of_input(x, e.layers[-1]["cluster"]) if order is not None else None
         records.append({
-            "id": j, "row": i, "input": renderer(x, f"input {i}"), "label": int(y[i]),
+            "id": j, "row": i, "input": renderer(x, f"input {i}", max_rows=whole), "label": int(y[i]),
+            **({"feature_order": [int(f) for f in ranked]} if ranked is not None and len(ranked) <= whole else {}),
             "prediction": int(q.dnn_pred[i]), "confidence": float(proba[q.dnn_pred[i]]),
             "ai_right": bool(q.dnn_pred[i] == y[i]),
             "views": {
@@ -142,7 +153,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     if train is None:
         pictures = {t: {"kind": "text", "text": f"training sample #{t}"} for t in shown}
     else:
-        pictures = {t: renderer(x, f"training sample {t}")
+        pictures = {t: renderer(x, f"training sample {t}", max_rows=whole)
                     for t, x in zip(shown, rows(train, shown, label_key=ac.label_key, name="train"))}
     samples = {str(t): {"input": pictures[t], "prediction": int(state.train_predictions[t]),
                         "label": None if state.train_labels is None else int(state.train_labels[t])} for t in shown}
@@ -150,6 +161,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
             "seed": int(seed), "design": design, "two_stage": bool(two_stage), "conditions": conditions,
             "class_names": names, "source": {**ac.provenance(), **(source or {})},
             "construction": describe(conditions, k=k, labels=state.train_labels is not None),
+            **({"feature_order": order.note} if order is not None else {}),
             "render_failures": renderer.failures, "items": records, "samples": samples}
     with atomic.folder(out):
         atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study")

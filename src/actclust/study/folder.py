@@ -5,8 +5,10 @@ Schema ``actclust.study/1``::
     {"schema": "actclust.study/1", "created": str, "seed": int,
      "design": "between" | "within", "two_stage": bool, "conditions": [str],
      "class_names": [str], "source": {...},           # run, data, actclust version, model class
+     "feature_order": str?,                         # tabular inputs: how their tables are ordered
      "items": [{"id": int, "input": R, "label": int, "prediction": int, "confidence": float,
                 "ai_right": bool, "attention": bool?,   # attention checks: label and ai_right null
+                "feature_order": [int]?,                # tabular: its trial's tables in this order
                 "views": {"similar": [sample id],
                           "similar_multiclass": [{"class": int, "probability": float, "samples": [sample id]}],
                           "concepts": [{"layer": str, "cluster": int, "weight": float,
@@ -15,7 +17,8 @@ Schema ``actclust.study/1``::
      "samples": {"<training index>": {"input": R, "label": int | null, "prediction": int}}}
 
 ``R`` is a rendered input: ``{"kind": "image", "src": "data:image/png;base64,...", "width", "height"}``,
-``{"kind": "table", "rows": [[name, value]], "more": int}`` or ``{"kind": "text", "text": str}``.
+``{"kind": "table", "rows": [[name, value]], "more": int}`` (a tabular study's tables whole, in file order) or
+``{"kind": "text", "text": str}``.
 Only this module knows the layout; :meth:`Study.explanation` composes what a condition shows.
 """
 
@@ -216,6 +219,12 @@ def _validate(data: dict) -> None:
         _need(item["id"] not in seen, where, "repeats the id of an earlier item")
         seen.add(item["id"])
         _need(_rendered(item.get("input")), where, "has no rendered 'input'")
+        if "feature_order" in item:  # the page lists each table's rows in this order: each row once
+            rows = item["input"].get("rows") if item["input"].get("kind") == "table" else None
+            order = item["feature_order"]
+            _need(isinstance(rows, list) and isinstance(order, list) and len(order) == len(rows)
+                  and all(_int(f, 0, len(rows) - 1) for f in order) and len(set(order)) == len(order), where,
+                  "has a 'feature_order' that is not an order of its table's rows")
         _need(_int(item.get("prediction"), 0, n_classes - 1), where,
               f"has a 'prediction' that is not a class index in [0, {n_classes - 1}]")
         conf = item.get("confidence")

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["FeatureOrder", "ORDER_NOTES"]
+__all__ = ["FeatureOrder", "ORDER_NOTES", "is_tabular", "feature_order"]
 
 _CHUNK = 8192
 
@@ -112,6 +112,23 @@ class FeatureOrder:
     @property
     def note(self) -> str:
         return ORDER_NOTES[self.kind]
+
+
+def is_tabular(state) -> bool:
+    """Whether a fitted ``state`` takes rows of float features (drawn as tables)."""
+    spec = state.input_spec
+    return spec.kind == "tensor" and len(spec.shape) == 1 and "float" in spec.parts[0][2]
+
+
+def feature_order(state, train=None, mean=None, std=None, label_key="auto", render=None) -> Optional[FeatureOrder]:
+    """The order of the report's, explorer's and study's feature tables: from the training inputs ``train`` where
+    given, by ``|z|`` where ``mean``/``std`` standardise the inputs, else file order; ``None`` where the inputs are
+    not tables (not tabular, or drawn by the user's ``render``)."""
+    if not is_tabular(state) or render is not None:
+        return None
+    if train is not None:
+        return FeatureOrder.from_train(state, train, label_key)
+    return FeatureOrder.standardised() if mean is not None or std is not None else FeatureOrder.file_order()
 
 
 def _chunks(train, n: int, label_key):

@@ -6,6 +6,7 @@ What :class:`Renderer` returns, the form every view (report, notebook, explorer,
 * ``{"kind": "table", "rows": [(name, value), ...], "more": int}``: at most ``MAX_FEATURES`` rows, in the
   order asked for (:mod:`actclust.views.features` puts the features that matter for the input first),
   values in the data's own units when ``mean``/``std`` are given; ``more`` counts the rows left out;
+  with ``rest=``, ``"rest"`` holds further rows that a page folds (opened on a click);
 * ``{"kind": "text", "text": str}``: a ``render`` that returned a string, or a token sequence, which also
   carries ``"tokens": [[token, is_special], ...]`` (padding left out), ``"hidden"`` (padding tokens not
   shown) and ``"more"`` (tokens beyond ``max_tokens``);
@@ -25,6 +26,8 @@ import numpy as np
 from ..exceptions import ActClustError, DataError, DataWarning, ParameterError, RenderWarning, user_stacklevel
 
 MAX_FEATURES = 12
+#: A feature table holds at most this many rows (shown, and folded: see ``rest``); more are counted, not listed.
+MAX_TABLE = 1000
 _MAX_FEATURES = MAX_FEATURES
 MAX_TOKENS = 128
 _IDS_KEYS = ("input_ids", "ids", "tokens")
@@ -130,9 +133,10 @@ class Renderer:
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
         self.failures: list = []
 
-    def __call__(self, x, what: str, order=None, max_rows: int = MAX_FEATURES) -> dict:
+    def __call__(self, x, what: str, order=None, max_rows: int = MAX_FEATURES, rest: int = 0) -> dict:
         """``x`` drawn (see the module's docstring); ``order``: feature indices of a table, first shown
-        first; ``max_rows``: rows of a table (fewer for the small tables beside another)."""
+        first; ``max_rows``: rows of a table (fewer for the small tables beside another); ``rest``: up to this
+        many further rows, as ``"rest"`` (a page folds them: the rows past the first still open)."""
         try:
             if self.render is not None:
                 return self._from_user(self.render(x))
@@ -142,7 +146,7 @@ class Renderer:
             x = np.asarray(x)
             if x.ndim == 1 and x.dtype.kind in "iub":  # token ids (an embedding's input)
                 return self._tokens(x, None)
-            return self._default(x, order, max_rows)
+            return self._default(x, order, max_rows, rest)
         except Exception as e:  # a report shows every input it can, and says which it could not
             message = f"could not render {what}: {type(e).__name__}: {e}"
             self.failures.append(message)
@@ -171,16 +175,17 @@ class Renderer:
                             "give one value, or one per feature")
         return x * std + mean
 
-    def _default(self, x: np.ndarray, order=None, max_rows: int = MAX_FEATURES) -> dict:
+    def _default(self, x: np.ndarray, order=None, max_rows: int = MAX_FEATURES, rest: int = 0) -> dict:
         if x.ndim == 1:
             names = self.feature_names or [f"x{i}" for i in range(len(x))]
             if len(names) != len(x):
                 raise DataError(f"{len(names)} feature names for {len(x)} features")
             values = self.table_values(x)
             shown = np.arange(len(x)) if order is None else np.asarray(order, dtype=np.int64).reshape(-1)
-            shown = shown[:max_rows]
-            rows = [(str(names[j]), _number(values[j])) for j in shown]
-            return {"kind": "table", "rows": rows, "more": max(0, len(x) - len(rows))}
+            rows = [(str(names[j]), _number(values[j])) for j in shown[:max_rows]]
+            folded = [(str(names[j]), _number(values[j])) for j in shown[max_rows:max_rows + max(rest, 0)]]
+            out = {"kind": "table", "rows": rows, "more": max(0, len(x) - len(rows) - len(folded))}
+            return {**out, "rest": folded} if folded else out
         if not _is_image(x):
             raise DataError(f"an input of shape {x.shape} is not an image or a feature row; pass render=")
         img = _channels_last(x.astype(np.float32))

@@ -16,7 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
-from .render import Renderer, check_mean_std, check_train
+from .features import feature_order
+from .render import MAX_TABLE, Renderer, check_mean_std, check_train
 from .templating import class_color
 from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
@@ -102,17 +103,18 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta,
                                search=ac.search, progress=ac.progress)
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names, tokenizer=tokenizer)
-    tabular = _tabular(state) and render is None
-    order = _feature_order(state, train, mean, std, ac.label_key) if tabular else None
+    order = feature_order(state, train, mean, std, ac.label_key, render)
     cards = []
     for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
         o = order.of_input(x, e.layers[-1]["cluster"]) if order is not None else None
-        cards.append({"e": e, "x": renderer(x, f"input {int(chosen[j])}", order=o), "row": int(chosen[j]),
-                      "order": _key(o)})
+        # the input's own table holds all its features, those past the first rows folded (an outside check could
+        # not open them); its samples' tables show the first rows
+        cards.append({"e": e, "x": renderer(x, f"input {int(chosen[j])}", order=o, rest=MAX_TABLE),
+                      "row": int(chosen[j]), "order": _key(o)})
     gallery = {}
     for l in tqdm(state.layers, desc="drawing concepts", disable=not ac.progress, leave=False):
         gallery[l] = concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))
-    n_features = state.input_spec.shape[0] if tabular else 0
+    n_features = state.input_spec.shape[0] if order is not None else 0
     concept_order = {(l, c.cluster): _key(order.of_cluster(l, c.cluster, n_features)) if order is not None else None
                      for l, cs in gallery.items() for c in cs}
     # Every training sample shown is drawn before the page, so the failure banner counts them all; a
@@ -141,19 +143,6 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     with atomic.guard("create the folder of the report", out.parent), atomic.folder(out.parent):
         atomic.write(out, html, what="report")
     return out
-
-
-def _tabular(state) -> bool:
-    spec = state.input_spec
-    return spec.kind == "tensor" and len(spec.shape) == 1 and "float" in spec.parts[0][2]
-
-
-def _feature_order(state, train, mean, std, label_key):
-    from .features import FeatureOrder
-
-    if train is not None:
-        return FeatureOrder.from_train(state, train, label_key)
-    return FeatureOrder.standardised() if mean is not None or std is not None else FeatureOrder.file_order()
 
 
 def _key(order):

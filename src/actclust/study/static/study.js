@@ -72,14 +72,28 @@
       return img;
     }
     if (rendered.kind === "table") {
-      const t = el("table", null, "features");
-      for (const [name, value] of rendered.rows) {
-        const tr = el("tr");
-        tr.append(el("td", name), el("td", value));
-        t.append(tr);
-      }
+      // every table of a trial lists its rows in the item's order (the rows are whole, in file order); the first
+      // few are shown, the others open on a click
+      const order = current && current.item.feature_order;
+      const rows = order && order.length === rendered.rows.length ? order.map((j) => rendered.rows[j]) : rendered.rows;
+      const shown = (current && current.item.features_shown) || rows.length;
+      const table = (part) => {
+        const t = el("table", null, "features");
+        for (const [name, value] of part) {
+          const tr = el("tr");
+          tr.append(el("td", name), el("td", value));
+          t.append(tr);
+        }
+        return t;
+      };
+      const t = table(rows.slice(0, shown));
       if (rendered.more) t.append(el("caption", "(" + rendered.more + " more features)"));
-      return t;
+      if (rows.length <= shown) return t;
+      const fold = el("details", null, "more-features");
+      fold.append(el("summary", (rows.length - shown) + " more features"), table(rows.slice(shown)));
+      const box = el("div", null, "feature-table");
+      box.append(t, fold);
+      return box;
     }
     return el("span", rendered.text);
   }

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ...exceptions import DataError
+from ..features import feature_order
 
 __all__ = ["Explorer", "NotFound", "PageCache", "FILTERS", "SORTS", "PAGE_SIZE"]
 
@@ -150,7 +151,7 @@ class Explorer:
         with timer("layers"):
             self.layers = {l: self._layer_index(l) for l in state.layers}
         with timer("feature_order"):
-            self.order = self._feature_order(mean, std)
+            self.order = feature_order(self.state, self.train, mean, std, self.ac.label_key, self.renderer.render)
         self.trust, self.thresholds, self.trust_notes = None, None, []
         if trust:
             with timer("trust"):
@@ -169,17 +170,6 @@ class Explorer:
         order = np.lexsort((dist, assign))
         start = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=k))])
         return LayerIndex(assign, dist, order, start)
-
-    def _feature_order(self, mean, std):
-        from ..features import FeatureOrder
-
-        spec = self.state.input_spec
-        tabular = spec.kind == "tensor" and len(spec.shape) == 1 and "float" in spec.parts[0][2]
-        if not tabular or self.renderer.render is not None:
-            return None
-        if self.train is not None:
-            return FeatureOrder.from_train(self.state, self.train, self.ac.label_key)
-        return FeatureOrder.standardised() if mean is not None or std is not None else FeatureOrder.file_order()
 
     def _trust(self) -> None:
         from ...analysis import trust
@@ -244,8 +234,8 @@ class Explorer:
             out.append((d, pred, f"training sample #{i} · DNN: {pred}" + (f" · label: {label}" if label else "")))
         return out
 
-    def test_inputs(self, indices, orders=None) -> list:
-        """Test inputs drawn (tables in the order of each input)."""
+    def test_inputs(self, indices, orders=None, rest: int = 0) -> list:
+        """Test inputs drawn (tables in the order of each input; ``rest``: further rows a page folds)."""
         from ...capture.data import rows
 
         indices = [int(i) for i in indices]
@@ -253,7 +243,7 @@ class Explorer:
         out = []
         for j, (i, x) in enumerate(zip(indices, xs)):
             order = orders[j] if orders is not None else self.input_order(i, x)
-            out.append(self.renderer(x, f"input {i}", order=order))
+            out.append(self.renderer(x, f"input {i}", order=order, rest=rest))
         return out
 
     def input_order(self, i: int, x):
