@@ -341,3 +341,30 @@ def test_sequence_first_layer_refused(batch_size):
     ac = ActivationClustering(_Recurrent(True).eval(), ["lstm", "fc"], n_clusters=2, batch_size=batch_size,
                               progress=False).fit(ids)
     assert ac.train_vectors_["lstm"].shape == (40, 12)
+
+
+# a module kept under two attribute names (self.act = self.relu) is a layer by either: PyTorch lists it once, under
+# its first name, and a fit asking for the other was refused as unknown (an outside check)
+def test_module_under_two_names():
+    from torch import nn
+
+    import actclust
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.relu, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)
+            self.act = self.relu
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = Aliased().eval()
+    assert actclust.list_layers(model) == ["fc1", "relu", "fc2", "act"]  # in the order of registration
+    x = np.random.default_rng(0).standard_normal((120, 4)).astype(np.float32)
+    by_alias = actclust.ActivationClustering(model, ["act", "fc2"], n_clusters=3, progress=False).fit(x)
+    by_name = actclust.ActivationClustering(model, ["relu", "fc2"], n_clusters=3, progress=False).fit(x)
+    assert by_alias.state_.layers == ["act", "fc2"]
+    np.testing.assert_array_equal(np.asarray(by_alias.state_.train_vectors["act"]),
+                                  np.asarray(by_name.state_.train_vectors["relu"]))

@@ -147,7 +147,9 @@ class TorchAdapter(ModelAdapter):
         return "channels_first" if isinstance(last, _CHANNELS_FIRST_1D) else "tokens"
 
     def modules(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.inner.named_modules() if n}
+        # every attribute path, also a second name of one module (``self.act = self.relu``): PyTorch's default
+        # lists a module once, so a layer asked for by its other name was unknown (an outside check)
+        return {n: m for n, m in self.inner.named_modules(remove_duplicate=False) if n}
 
     def layer_names(self) -> list[str]:
         return list(self.modules())
