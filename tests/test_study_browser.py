@@ -146,14 +146,14 @@ def test_feature_tables(tmp_path):
     mlp = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     ac = ActivationClustering(mlp, ["0", "2"], n_clusters=3, progress=False).fit(x, y)
     evil = '<img src=x onerror="alert(2)">'
-    names = [evil] + [f"f{i}" for i in range(1, 20)]
+    names = [evil] + [f"f{i}" for i in range(1, 19)] + ["a_feature_name_without_a_break_" * 5]
     folder = create_study(ac, x, y, tmp_path / "s", train=x, items=4, conditions=["similar"], k=2,
                           class_names=[XSS_CLASS, "b"], feature_names=names)
     items = {it["id"]: it for it in json.loads((folder / "study.json").read_text())["items"]}
     with LiveStudyServer(folder) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 375, "height": 800})
             dialogs = []
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
             page.goto(server.url + "/")
@@ -164,6 +164,9 @@ def test_feature_tables(tmp_path):
             summary = page.locator("#item details.more-features summary").text_content()
             page.click("#item details.more-features summary")
             folded = page.locator("#item details.more-features td").all_text_contents()
+            page.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
+            # a long, unbroken name is cut short: the values stay on a phone's screen (it scrolled 1,620 px wide)
+            wide = page.evaluate("() => document.documentElement.scrollWidth")
             injected = page.locator("#trial img[src='x']").count()
             prediction = page.locator("#advice strong").text_content()
             page.check("input[name=confidence][value='2']")
@@ -182,5 +185,5 @@ def test_feature_tables(tmp_path):
     assert shown + rest in orders and shown != names[:12]
     order = next(o for o in orders if o[:12] == second[0::2])
     assert sample_names == order[:12]  # the samples' tables in the item's order too
-    assert evil in shown + rest and injected == 0 and dialogs == []
+    assert evil in shown + rest and injected == 0 and dialogs == [] and wide <= 375
     assert prediction in (XSS_CLASS, "b")

@@ -306,15 +306,32 @@ def test_tabular_feature_order(tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     ac = ActivationClustering(mlp, ["0", "2"], n_clusters=3, progress=False).fit(x, y)
     names = [f"f{i}" for i in range(20)]
-    folder = create_study(ac, x, y, tmp_path / "s", train=x, items=4, conditions=["similar"], k=2, feature_names=names)
+    folder = create_study(ac, x, y, tmp_path / "s", train=x, items=4, conditions=["similar"], k=2, feature_names=names,
+                          attention_checks=2)
     data = json.loads((folder / "study.json").read_text())
     order = FeatureOrder.from_train(ac.state_, x)
-    for item in data["items"]:
+    real = [it for it in data["items"] if not it.get("attention")]
+    for item in real:
         assert [n for n, _ in item["input"]["rows"]] == names and item["input"]["more"] == 0
         cluster = ac.cluster_paths(x[item["row"]:item["row"] + 1])[0][-1]
         assert item["feature_order"] == order.of_input(x[item["row"]], cluster).tolist()
     assert all([n for n, _ in s["input"]["rows"]] == names for s in data["samples"].values())
     assert data["feature_order"].startswith("features ordered by how far the input departs")
+    # a trial lists the item's table and its samples' in the item's order (an attention check: its source item's)
+    study = load_study(folder)
+    for item in data["items"]:
+        ranked = [names[j] for j in item["feature_order"]]
+        if not item.get("attention"):
+            assert [n for n, _ in study.shown_input(item["id"])["rows"]] == ranked
+        for sample in study.explanation(item["id"], "similar")["similar"]:
+            assert [n for n, _ in sample["input"]["rows"]] == ranked
+    # a table of more than MAX_TABLE features lists its first MAX_TABLE in order, and counts the others
+    from actclust.study import folder as study_folder
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_folder, "MAX_TABLE", 15)
+        shown = study.shown_input(real[0]["id"])
+        assert [n for n, _ in shown["rows"]] == [names[j] for j in real[0]["feature_order"][:15]] and shown["more"] == 5
     data["items"][0]["feature_order"][1] = data["items"][0]["feature_order"][0]
     (folder / "study.json").write_text(json.dumps(data))
     with pytest.raises(InvalidSaveError, match=r"item 0 \(id 0\) has a 'feature_order' that is not an order of its "

@@ -264,9 +264,9 @@ def make_app(study, admin_token: str, *, max_body: int = MAX_BODY_BYTES, max_par
         # A JSONResponse skips FastAPI's recursive jsonable_encoder: the explanation is plain JSON already
         return JSONResponse({
             "trial_id": trial["id"], "stage": stage, "position": done, "n_trials": len(study.items) * len(store.stages),
-            # a table's rows in the item's order, the first features_shown of them shown (study.js)
-            "item": {"id": item["id"], "input": item["input"], "feature_order": item.get("feature_order"),
-                     "features_shown": MAX_FEATURES}, "choices": choices,
+            # tables in the item's feature order; the first features_shown rows shown, the others folded (study.js)
+            "item": {"id": item["id"], "input": study.shown_input(item["id"]), "features_shown": MAX_FEATURES},
+            "choices": choices,
             "prediction": {"class": item["prediction"], "name": study.class_names[item["prediction"]],
                            "confidence": item["confidence"]} if shows_advice else None,
             "explanation": explanation(item["id"], trial["condition"]) if shows_advice else None,

@@ -68,7 +68,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
     from ..analysis import retrieval
     from ..capture.data import length, rows, take
     from ..views.features import feature_order
-    from ..views.render import MAX_FEATURES, MAX_TABLE, Renderer
+    from ..views.render import MAX_FEATURES, Renderer
 
     state = ac.state_
     conditions = _check(items, wrong_share, conditions, design, seed, k)
@@ -124,11 +124,11 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
                                           retrieval.layer_weights("high", state.layers))
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names or state.input_spec.feature_names,
                         tokenizer=tokenizer)
-    # Tables are kept whole in file order (up to MAX_TABLE features) and the page lists every table of a trial in
-    # its item's order: samples are shared between items (an outside check found tables in file order, the rows past
-    # the first twelve out of reach)
+    # Tables are kept whole, in file order, and the server lists every table of a trial in its item's order (samples
+    # are shared between items), the first MAX_TABLE rows of each (an outside check found tables in file order, the
+    # rows past the first twelve out of reach)
     order = feature_order(state, train, mean, std, ac.label_key, render)
-    whole = min(MAX_TABLE, state.input_spec.shape[0]) if order is not None else MAX_FEATURES
+    whole = state.input_spec.shape[0] if order is not None else MAX_FEATURES
     records = []
     for j, (e, x) in enumerate(zip(explanations, rows(X, chosen, label_key=ac.label_key))):
         i, proba = int(chosen[j]), q.dnn_proba[chosen[j]]
@@ -137,7 +137,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
         ranked = order.of_input(x, e.layers[-1]["cluster"]) if order is not None else None
         records.append({
             "id": j, "row": i, "input": renderer(x, f"input {i}", max_rows=whole), "label": int(y[i]),
-            **({"feature_order": [int(f) for f in ranked]} if ranked is not None and len(ranked) <= whole else {}),
+            **({"feature_order": [int(f) for f in ranked]} if ranked is not None else {}),
             "prediction": int(q.dnn_pred[i]), "confidence": float(proba[q.dnn_pred[i]]),
             "ai_right": bool(q.dnn_pred[i] == y[i]),
             "views": {
@@ -236,7 +236,8 @@ ATTENTION_TEXT_TWO_STAGE = ("Attention check: when asked what this is, choose an
 
 
 def _attention_items(records: list, n: int, seed: int, two_stage: bool = False) -> list:
-    """``n`` attention-check items, each borrowing a real item's prediction and explanation."""
+    """``n`` attention-check items, each borrowing a real item's prediction and explanation (and the order of its
+    tables' features: its samples are shown in it)."""
     rng = np.random.default_rng([seed, 1])
     out = []
     for j, source in enumerate(rng.choice(len(records), n, replace=n > len(records)).tolist()):

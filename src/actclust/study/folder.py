@@ -8,7 +8,7 @@ Schema ``actclust.study/1``::
      "feature_order": str?,                         # tabular inputs: how their tables are ordered
      "items": [{"id": int, "input": R, "label": int, "prediction": int, "confidence": float,
                 "ai_right": bool, "attention": bool?,   # attention checks: label and ai_right null
-                "feature_order": [int]?,                # tabular: its trial's tables in this order
+                "feature_order": [int]?,                # tabular: its trial's tables listed in this order
                 "views": {"similar": [sample id],
                           "similar_multiclass": [{"class": int, "probability": float, "samples": [sample id]}],
                           "concepts": [{"layer": str, "cluster": int, "weight": float,
@@ -17,7 +17,8 @@ Schema ``actclust.study/1``::
      "samples": {"<training index>": {"input": R, "label": int | null, "prediction": int}}}
 
 ``R`` is a rendered input: ``{"kind": "image", "src": "data:image/png;base64,...", "width", "height"}``,
-``{"kind": "table", "rows": [[name, value]], "more": int}`` (a tabular study's tables whole, in file order) or
+``{"kind": "table", "rows": [[name, value]], "more": int}`` (a tabular study's tables whole, in file order: a trial
+lists them in its item's ``feature_order``, the first :data:`~actclust.views.render.MAX_TABLE` rows) or
 ``{"kind": "text", "text": str}``.
 Only this module knows the layout; :meth:`Study.explanation` composes what a condition shows.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..exceptions import DataNotFoundError, InvalidSaveError
+from ..views.render import MAX_TABLE
 
 __all__ = ["SCHEMA", "CONDITIONS", "VIEWS", "Study", "load_study", "validate", "STUDY_FILE", "DB_FILE"]
 
@@ -89,13 +91,18 @@ class Study:
     def item(self, item_id: int) -> dict:
         return self._by_id[item_id]
 
+    def shown_input(self, item_id: int) -> dict:
+        """The item's input as a trial shows it: a table in the item's feature order."""
+        item = self.item(item_id)
+        return _in_order(item["input"], item.get("feature_order"))
+
     def __post_init__(self):
         self._by_id = {it["id"]: it for it in self.data["items"]}
 
-    def _sample(self, idx: int) -> dict:
+    def _sample(self, idx: int, order=None) -> dict:
         s = self.data["samples"][str(idx)]
         names = self.class_names
-        return {"input": s["input"], "label": s["label"],
+        return {"input": _in_order(s["input"], order), "label": s["label"],
                 "label_name": None if s["label"] is None else names[s["label"]],
                 "prediction": s["prediction"], "prediction_name": names[s["prediction"]]}
 
@@ -104,22 +111,33 @@ class Study:
         views = VIEWS[condition]
         if not views:
             return None
-        v, names, out = self.item(item_id)["views"], self.class_names, {}
+        item, names, out = self.item(item_id), self.class_names, {}
+        v, order = item["views"], item.get("feature_order")
         if "similar" in views:
-            out["similar"] = [self._sample(i) for i in v["similar"]]
+            out["similar"] = [self._sample(i, order) for i in v["similar"]]
         if "similar_multiclass" in views:
             out["similar_multiclass"] = [{"class": g["class"], "name": names[g["class"]],
                                           "probability": g["probability"],
-                                          "samples": [self._sample(i) for i in g["samples"]]}
+                                          "samples": [self._sample(i, order) for i in g["samples"]]}
                                          for g in v["similar_multiclass"]]
         if "concepts" in views:
             out["concepts"] = [{"layer": c["layer"], "cluster": c["cluster"], "weight": c["weight"],
                                 "class_mix": _top(c["class_mix"], names),
-                                "exemplars": [self._sample(i) for i in c["exemplars"]]}
+                                "exemplars": [self._sample(i, order) for i in c["exemplars"]]}
                                for c in v["concepts"]]
         if "trust" in views:
             out["trust"] = v["trust"]
         return out
+
+
+def _in_order(rendered: dict, order) -> dict:
+    """A table's rows in ``order`` (where it orders them all), the first :data:`MAX_TABLE`; others as they are."""
+    if rendered.get("kind") != "table":
+        return rendered
+    rows = rendered["rows"]
+    if order is not None and len(order) == len(rows):
+        rows = [rows[j] for j in order]
+    return {**rendered, "rows": rows[:MAX_TABLE], "more": rendered.get("more", 0) + max(0, len(rows) - MAX_TABLE)}
 
 
 def _top(mix: list, names: list) -> list:
@@ -219,11 +237,11 @@ def _validate(data: dict) -> None:
         _need(item["id"] not in seen, where, "repeats the id of an earlier item")
         seen.add(item["id"])
         _need(_rendered(item.get("input")), where, "has no rendered 'input'")
-        if "feature_order" in item:  # the page lists each table's rows in this order: each row once
-            rows = item["input"].get("rows") if item["input"].get("kind") == "table" else None
-            order = item["feature_order"]
-            _need(isinstance(rows, list) and isinstance(order, list) and len(order) == len(rows)
-                  and all(_int(f, 0, len(rows) - 1) for f in order) and len(set(order)) == len(order), where,
+        if "feature_order" in item:  # a trial lists its tables' rows in this order: each row once
+            order, shown = item["feature_order"], item["input"]
+            _need(isinstance(order, list) and all(_int(f, 0, len(order) - 1) for f in order)
+                  and len(set(order)) == len(order)
+                  and (shown.get("kind") != "table" or len(shown.get("rows") or ()) == len(order)), where,
                   "has a 'feature_order' that is not an order of its table's rows")
         _need(_int(item.get("prediction"), 0, n_classes - 1), where,
               f"has a 'prediction' that is not a class index in [0, {n_classes - 1}]")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..capture.data import length, rows, take
 from .features import feature_order
-from .render import MAX_TABLE, Renderer, check_mean_std, check_train
+from .render import MAX_FEATURES, MAX_TABLE, Renderer, check_mean_std, check_train
 from .templating import class_color
 from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
@@ -109,8 +109,8 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         o = order.of_input(x, e.layers[-1]["cluster"]) if order is not None else None
         # the input's own table holds all its features, those past the first rows folded (an outside check could
         # not open them); its samples' tables show the first rows
-        cards.append({"e": e, "x": renderer(x, f"input {int(chosen[j])}", order=o, rest=MAX_TABLE),
-                      "row": int(chosen[j]), "order": _key(o)})
+        drawn = renderer(x, f"input {int(chosen[j])}", order=o, rest=MAX_TABLE - MAX_FEATURES)
+        cards.append({"e": e, "x": drawn, "row": int(chosen[j]), "order": _key(o)})
     gallery = {}
     for l in tqdm(state.layers, desc="drawing concepts", disable=not ac.progress, leave=False):
         gallery[l] = concepts(state, l, k=max(1, min(n_exemplars, state.n_samples)), n_edge=min(n_edge, state.n_samples))

@@ -72,25 +72,30 @@
       return img;
     }
     if (rendered.kind === "table") {
-      // every table of a trial lists its rows in the item's order (the rows are whole, in file order); the first
-      // few are shown, the others open on a click
-      const order = current && current.item.feature_order;
-      const rows = order && order.length === rendered.rows.length ? order.map((j) => rendered.rows[j]) : rendered.rows;
+      // rows in the item's feature order (the server's); the first few shown, the others open on a click
+      const rows = rendered.rows;
       const shown = (current && current.item.features_shown) || rows.length;
       const table = (part) => {
         const t = el("table", null, "features");
         for (const [name, value] of part) {
           const tr = el("tr");
-          tr.append(el("td", name), el("td", value));
+          const n = el("td", name);
+          n.title = name;  // a long name is cut short on the page
+          tr.append(n, el("td", value));
           t.append(tr);
         }
         return t;
       };
       const t = table(rows.slice(0, shown));
-      if (rendered.more) t.append(el("caption", "(" + rendered.more + " more features)"));
-      if (rows.length <= shown) return t;
+      const unlisted = rendered.more ? "(" + rendered.more + " more features not listed)" : null;
+      if (rows.length <= shown) {
+        if (unlisted) t.append(el("caption", unlisted));
+        return t;
+      }
       const fold = el("details", null, "more-features");
-      fold.append(el("summary", (rows.length - shown) + " more features"), table(rows.slice(shown)));
+      const rest = table(rows.slice(shown));
+      if (unlisted) rest.append(el("caption", unlisted));
+      fold.append(el("summary", (rows.length - shown + (rendered.more || 0)) + " more features"), rest);
       const box = el("div", null, "feature-table");
       box.append(t, fold);
       return box;

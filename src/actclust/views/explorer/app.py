@@ -25,7 +25,7 @@ from urllib.parse import quote, urlencode
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..render import MAX_TABLE
+from ..render import MAX_FEATURES, MAX_TABLE
 from .data import (FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SMALL_ROWS, SORTS, Explorer, NotFound, PageCache,
                    number)
 
@@ -163,7 +163,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             i = ex.check_input(index)
             st, q = ex.state, ex.q
             pred = int(q.dnn_pred[i])
-            x_drawn = ex.test_inputs([i], rest=MAX_TABLE)[0]  # the input's page: all its features, folded
+            x_drawn = ex.test_inputs([i], rest=MAX_TABLE - MAX_FEATURES)[0]  # the input's page: all its features, folded
             from ...capture.data import rows as input_rows
 
             x = input_rows(ex.X, [i], label_key=ex.ac.label_key)[0]
