@@ -114,7 +114,7 @@ def test_interrupted_hold_leaves_no_lock(tmp_path, monkeypatch):
 def test_folder_removes_what_it_made_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with atomic.folder(tmp_path / "a" / "b" / "c") as made:
-            assert made.is_dir()
+            assert made.path.is_dir()
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OSError, match="full"):
@@ -123,7 +123,7 @@ def test_folder_removes_what_it_made_on_failure(tmp_path):
             raise OSError(errno.ENOSPC, "full")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["note.txt"]
     with atomic.folder(tmp_path / "ok") as made:
-        (made / "f").write_text("x")
+        (made.path / "f").write_text("x")
     assert (tmp_path / "ok" / "f").exists()
 
 
@@ -170,3 +170,49 @@ def test_verify_progress_bar(model, data, tmp_path, monkeypatch, capsys):
     read.clear()
     actclust.load(tmp_path / "run", model, verify=False)
     assert read == []
+
+
+# a mkdir failing part way (a name too long below new parents, a disk out of inodes) leaves none of the parents it made
+def test_folder_removes_parents_of_a_failed_mkdir(tmp_path):
+    with pytest.raises(OSError, match="too long"):
+        with atomic.folder(tmp_path / "a" / "b" / ("x" * 300)):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+# a save that waited for the lock of a folder another save made, and removed on failing, saves into the folder made
+# again (it failed: "No such file or directory", an outside check)
+def test_save_waiting_on_a_failed_save(fitted, model, data, tmp_path):
+    import threading
+    import time
+
+    path, results = tmp_path / "new" / "run", []
+
+    def save():
+        try:
+            fitted.save(path)
+            results.append("saved")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results.append(e)
+
+    waiting = threading.Thread(target=save)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.folder(path) as made:
+            turn = atomic.hold_folder(path)
+            waiting.start()
+            time.sleep(1.0)  # the other save waits for the lock
+            made.remove()
+            turn.release()
+            raise KeyboardInterrupt
+    waiting.join(60)
+    assert results == ["saved"]
+    np.testing.assert_array_equal(actclust.load(path, model, progress=False).predict(data[0]), fitted.predict(data[0]))
+
+
+# a name too long for the file system among the folders still to make is said before the work (the demo trained first,
+# then failed to save)
+def test_check_can_write_names_too_long(tmp_path):
+    with pytest.raises(StorageError, match=r"Could not save the run to .*xxxx/run: File name too long"):
+        atomic.check_can_write(tmp_path / "new" / ("x" * 300) / "run", "save the run to")
+    atomic.check_can_write(tmp_path / "new" / ("x" * 200) / "run", "save the run to")
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -178,25 +179,55 @@ def make_temp_dir(parent, stem: str) -> tuple:
         hold.release()
 
 
-@contextlib.contextmanager
-def folder(path) -> Iterator[Path]:
-    """``path`` made a folder (with its missing parents) for the block; if the block fails, the folders it made are
-    removed again while empty, so a failed save (a full disk, an interrupt) leaves no empty folder in the user's way."""
-    path, made = Path(path), []
-    p = path
-    while not os.path.lexists(p) and p != p.parent:
-        made.append(p)  # the deepest first
-        p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        yield path
-    except BaseException:
-        for p in made:
+class MadeFolders:
+    """The folders :func:`folder` made (the deepest first), and their removal."""
+
+    def __init__(self, path: Path):
+        self.path, self.made = path, []
+        p = path
+        while not os.path.lexists(p) and p != p.parent:
+            self.made.append(p)
+            p = p.parent
+
+    def remove(self) -> None:
+        """Remove the folders made, while empty (whatever another process put there stays); again: nothing."""
+        for p in self.made:
+            if not os.path.lexists(p):  # never made: a mkdir that failed part way (a name too long, no inodes)
+                continue
             try:
-                os.rmdir(p)  # only an empty folder: whatever another process put there stays
+                os.rmdir(p)
             except OSError:
                 break
+        self.made = []
+
+
+@contextlib.contextmanager
+def folder(path) -> Iterator[MadeFolders]:
+    """``path`` made a folder (with its missing parents) for the block; if the block fails, the folders it made are
+    removed again while empty, so a failed save (a full disk, an interrupt) leaves no empty folder in the user's way.
+    A block holding the folder's lock calls ``.remove()`` itself before releasing it (see :func:`hold_folder`)."""
+    made = MadeFolders(Path(path))
+    try:
+        made.path.mkdir(parents=True, exist_ok=True)  # in the block: a mkdir failing part way leaves no parents
+        yield made
+    except BaseException:
+        made.remove()
         raise
+
+
+def hold_folder(path) -> Hold:
+    """The lock on the folder ``path``, made again if it went before we held it: a save that made the folder and
+    failed removes it while holding this lock, and the save that waited for the lock then saves into a new one."""
+    path = Path(path)
+    while True:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            hold = Hold(path)
+        except FileNotFoundError:
+            continue
+        if _still_ours(path, hold.fd):
+            return hold
+        hold.release()
 
 
 @contextlib.contextmanager
@@ -337,6 +368,10 @@ def check_can_write(path, action: str) -> None:
         ancestor = next(p for p in (path, *path.parents) if p.is_dir())
         with temp_dir(ancestor, "probe"):
             pass
+        longest = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+        for p in itertools.takewhile(lambda p: p != ancestor, (path, *path.parents)):  # the folders still to make
+            if len(os.fsencode(p.name)) > longest:  # the save's mkdir would fail after the work (fit, report)
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(p))
 
 
 @contextlib.contextmanager

@@ -343,8 +343,8 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
     except (TypeError, ValueError) as e:
         raise ParameterError(f"Cannot save the run: a parameter or fitted value is not JSON ({e}).") from None
 
-    with atomic.guard("save the run to", path), atomic.folder(path):
-        turn = atomic.Hold(path)  # saves into one folder take turns
+    with atomic.guard("save the run to", path), atomic.folder(path) as made:
+        turn = atomic.hold_folder(path)  # saves into one folder take turns
         try:
             check_writable(path, overwrite, flag=flag)  # again: another save may have finished meanwhile
             old = _parse(path)
@@ -352,6 +352,9 @@ def save(state: FittedState, params: dict, adapter, path, *, custom_output: bool
             with atomic.temp_dir(path, "save") as stage:
                 _commit(stage, path, manifest, arrays, store, files, old)
             _prune(path, manifest, old)
+        except BaseException:
+            made.remove()  # while holding the lock: a save waiting for it finds the folder gone and makes it again
+            raise
         finally:
             turn.release()
     return path
