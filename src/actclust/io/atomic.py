@@ -371,7 +371,7 @@ def check_can_write(path, action: str) -> None:
         longest = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
         for p in itertools.takewhile(lambda p: p != ancestor, (path, *path.parents)):  # the folders still to make
             if len(os.fsencode(p.name)) > longest:  # the save's mkdir would fail after the work (fit, report)
-                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(p))
+                raise storage_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), action, path)
 
 
 @contextlib.contextmanager
