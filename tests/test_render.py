@@ -85,3 +85,19 @@ def test_tabular_shows_twelve_and_counts_the_rest():
     assert [n for n, _ in t["rest"]] == [names[j] for j in order[4:12]]
     t = Renderer(feature_names=names)(np.arange(15, dtype=np.float32), "x", rest=1000)
     assert len(t["rows"]) + len(t["rest"]) == 15 and t["more"] == 0
+
+
+# 100 classes get colours that can be told apart (an outside check: golden-angle hues put some 1.4 apart in CIELAB);
+# the distances are measured in CIELAB, its conversion checked against published values first
+def test_class_colors_apart():
+    import itertools
+
+    from actclust.views.templating import PALETTE, _lab, class_color
+
+    ref = _lab(np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    np.testing.assert_allclose(ref, [[100, 0, 0], [53.24, 80.09, 67.20], [32.30, 79.19, -107.86]], atol=0.05)
+    colors = [class_color(c) for c in range(100)]
+    assert colors[:10] == list(PALETTE) and all(len(c) == 7 and c.startswith("#") for c in colors)
+    lab = _lab(np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in colors]))
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(lab, 2)) > 10
+    assert class_color(5000).startswith("hsl(")
