@@ -57,3 +57,32 @@ def test_kill_and_resume(tmp_path, study_source):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# Ctrl-C with a request stalled mid-upload (a phone gone to sleep): the server says it is stopping, gives requests in
+# progress GRACE_S seconds, then exits with 130 (it waited without end, saying nothing: an outside check)
+@pytest.mark.slow
+def test_ctrl_c_with_a_stalled_request(tmp_path, study_source):
+    from actclust.cli.common import GRACE_S
+
+    folder = make_study(tmp_path / "s", study_source, items=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _serve(folder, port)
+    try:
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /api/sessions/x/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"trial_id\": ")
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=GRACE_S + 20)
+        took = time.monotonic() - start
+        stalled.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and took < GRACE_S + 5, (proc.returncode, took, err[-2000:])
+    assert f"stopping: requests in progress get {GRACE_S} s to finish" in err and "interrupted" in err

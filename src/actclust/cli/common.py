@@ -108,11 +108,25 @@ def listen(host: str, port: int):
     return sock
 
 
+#: Seconds a stopping server gives the requests in progress (a stalled upload kept Ctrl-C waiting without end).
+GRACE_S = 5
+
+
 def serve(app, sock, **options) -> None:
-    """Run the ASGI ``app`` on the socket of :func:`listen` until interrupted (``options``: uvicorn's ``Config``)."""
+    """Run the ASGI ``app`` on the socket of :func:`listen` until interrupted (``options``: uvicorn's ``Config``):
+    on Ctrl-C, new connections are refused and the requests in progress get :data:`GRACE_S` seconds to finish (then
+    they are cancelled, and the app's shutdown still runs: a study commits its queued writes); said on the first."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "access_log": False, **options}))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                print(f"stopping: requests in progress get {GRACE_S} s to finish (Ctrl-C again stops now)",
+                      file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+    config = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": GRACE_S, **options}
+    server = Server(uvicorn.Config(app, **config))
     try:
         server.run(sockets=[sock])
     finally:
