@@ -468,3 +468,24 @@ def _patched(parser, func):
         for sub in action.choices.values():
             sub.set_defaults(func=func)
     return parser
+
+
+# every command's help reads cleanly: no "(default: True)" after a flag that turns something off, no "%%" left from
+# argparse's escaping in a description (both found by an outside check of the docs), and --model names model files
+def test_help_texts(capsys):
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    texts = [p.format_help() for p in parsers(_parser())]
+    assert len(texts) > 10 and not [t for t in texts if "(default: True)" in t or "%%" in t]
+    assert "must be at least 100 for 95% intervals" in _usage_error(["study", "analyze", "x", "--n-boot", "5"], capsys)
+    assert any("an .onnx or .keras file" in t and "--trust-run-model" in t for t in texts)
+
+
+def _usage_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err

@@ -20,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.nargs == 0:  # a flag: its help says it
             return action.help
         return super()._get_help_string(action)
 
@@ -47,8 +47,9 @@ port_number = int_at_least(0, " (0: any free port)", high=65535)
 
 def run_model_options(p) -> None:
     """--model, --weights and --trust-run-model, for the commands that load a saved run."""
-    p.add_argument("--model", help="the model callable as package.module:callable, imported as by 'fit' (default: the "
-                                   "one the run records, if it is one of actclust's own builders; see --trust-run-model)")
+    p.add_argument("--model", help="your model: an .onnx or .keras file, or the callable that builds it as "
+                                   "package.module:callable, imported as by 'fit' (default: the one the run records, if "
+                                   "it is one of actclust's own builders; see --trust-run-model)")
     p.add_argument("--weights", help="state dict for the model (default: the weights file inside the run)")
     p.add_argument("--trust-run-model", action="store_true",
                    help="import and run the model callable the run records even when it is not one of actclust's "

@@ -93,7 +93,7 @@ def add_parser(sub, formatter_class) -> None:
 
     a = steps.add_parser("analyze", help="reliance metrics with participant-bootstrap intervals",
                          description="Per condition and overall: accuracy, reliance, (two-stage) RAIR/RSR and "
-                                     "complementarity, response times, with 95%% intervals resampling participants, "
+                                     "complementarity, response times, with 95% intervals resampling participants, "
                                      "differences from the reference condition, and a participant-clustered logistic "
                                      "regression. Of a study folder's responses, or of any platform's trial table "
                                      "(--trials).",
@@ -114,7 +114,7 @@ def add_parser(sub, formatter_class) -> None:
     a.add_argument("--overwrite", action="store_true",
                    help="let --html replace a file that is not a page actclust wrote (never the study's own files "
                         "nor the trial table)")
-    a.add_argument("--n-boot", type=_at_least(100, " for 95%% intervals"), default=2000, help="bootstrap replicates")
+    a.add_argument("--n-boot", type=_at_least(100, " for 95% intervals"), default=2000, help="bootstrap replicates")
     a.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     a.add_argument("--keep-inattentive", action="store_true",
                    help="keep the participants who failed an attention check (their checks still do not count)")
