@@ -299,7 +299,8 @@ def test_every_option_has_help_and_default():
     for parser, action in _actions(_parser()):
         seen += 1
         assert action.help and action.help.strip(), f"{parser.prog} {action.option_strings or action.dest}: no help"
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        # a flag (no value: --no-prepare) says in its help what it does; its default would read "(default: True)"
+        if action.option_strings and action.nargs != 0 and action.default not in (None, False, argparse.SUPPRESS):
             text = " ".join(parser.format_help().split())
             assert f"(default: {action.default}" in text, f"{parser.prog} {action.option_strings}: default not shown"
     assert seen > 30
