@@ -14,6 +14,12 @@ import pytest
 from conftest import make_study
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _serve(folder, port):
     proc = subprocess.Popen([sys.executable, "-m", "actclust.cli", "study", "serve", str(folder), "--port", str(port),
                              "--admin-token", "adm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -31,9 +37,7 @@ def _serve(folder, port):
 @pytest.mark.slow
 def test_kill_and_resume(tmp_path, study_source):
     folder = make_study(tmp_path / "s", study_source, items=6)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _serve(folder, port)
     try:
@@ -66,9 +70,7 @@ def test_ctrl_c_with_a_stalled_request(tmp_path, study_source):
     from actclust.cli.common import GRACE_S
 
     folder = make_study(tmp_path / "s", study_source, items=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = _serve(folder, port)
     try:
         stalled = socket.create_connection(("127.0.0.1", port))
