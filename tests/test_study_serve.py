@@ -46,7 +46,7 @@ def _session(client, **kw):
 
 
 # a client address may start at most N sessions per window (429 with Retry-After); the window slides
-def test_rate_limit_per_address(tmp_path, study_source):
+def test_rate_limit_per_address(tmp_path, study_source, capsys):
     folder = make_study(tmp_path / "s", study_source)
     with _client(folder, sessions_per_address=3) as client:
         for _ in range(3):
@@ -63,6 +63,15 @@ def test_rate_limit_per_address(tmp_path, study_source):
     clock.now = 60.5  # the first two left the window
     limit.check("a")
     RateLimit(0, 60).check("a")  # 0: no limit
+    # the server says it refuses (once a window, no address): a researcher heard of 429s only from participants
+    said = capsys.readouterr().err
+    assert said.count("refusing new sessions from an address that started") == 2  # the client's, then this one's
+    assert "--sessions-per-address N (0: no limit)" in said and "'a'" not in said and "127.0.0.1" not in said
+    limit.check("a")  # 60.5: the second in this window
+    for _ in range(2):  # refused twice: said once (a window after it was last said), not again within the window
+        with pytest.raises(RequestRefused):
+            limit.check("a")
+    assert capsys.readouterr().err.count("refusing new sessions") == 1
 
 
 # --max-participants: once N sessions hold a place, new ones get 403; a session idle for --abandon-after frees

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import secrets
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -158,6 +159,7 @@ class RateLimit:
     def __init__(self, limit: int, window: float, clock=time.monotonic, max_keys: int = 100_000):
         self.limit, self.window, self.clock, self.max_keys = limit, float(window), clock, max_keys
         self._events: dict = {}
+        self._said = None  # when the server last said it refused sessions (at most once a window)
 
     def check(self, key: str) -> None:
         """Count one event for ``key``, or raise :class:`RequestRefused` (429, with Retry-After) when over."""
@@ -172,6 +174,11 @@ class RateLimit:
             seen.popleft()
         if len(seen) >= self.limit:
             wait = max(1, math.ceil(seen[0] + self.window - now))
+            if self._said is None or now - self._said >= self.window:  # else a researcher heard only from participants
+                self._said = now
+                print(f"actclust study serve: refusing new sessions from an address that started {self.limit} in "
+                      f"{self.window / 60:g} minutes (HTTP 429); a lab or classroom behind one address needs "
+                      "--sessions-per-address N (0: no limit)", file=sys.stderr, flush=True)
             raise RequestRefused(429, f"Too many new sessions from your address ({self.limit} in "
                                       f"{self.window / 60:g} minutes); try again in {wait} seconds.",
                                  headers={"Retry-After": str(wait)})
