@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import shlex
 import sys
 from typing import Optional
@@ -128,7 +129,16 @@ def serve(app, sock, **options) -> None:
 
     config = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": GRACE_S, **options}
     server = Server(uvicorn.Config(app, **config))
+
+    def quiet_when_stopping(record: logging.LogRecord) -> bool:
+        # once stopping, the requests cancelled after the grace time (or at a second Ctrl-C) log their tracebacks:
+        # noise to the user, who asked for the stop and was told what it does
+        return not (server.should_exit and (record.exc_info or str(record.msg).startswith("Traceback")))
+
+    log = logging.getLogger("uvicorn.error")
+    log.addFilter(quiet_when_stopping)
     try:
         server.run(sockets=[sock])
     finally:
+        log.removeFilter(quiet_when_stopping)
         sock.close()
