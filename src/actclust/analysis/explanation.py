@@ -332,12 +332,20 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
 def _cycle_collector_paused():
     """Python's cycle collector paused while the explanations are built: they hold no cycles, and
     the hundreds of thousands of dicts and lists they are made of set it off again and again, each
-    time traversing every live object (10,000 explanations: 1.4 s with it, 0.35 s without)."""
+    time traversing every live object (10,000 explanations: 1.4 s with it, 0.35 s without).
+
+    Then they are moved to the oldest generation, as objects that live long get there, without the young
+    generation's pass that would otherwise traverse them all at the next allocation (0.06-0.07 s per 10,000
+    explanations, 2% of ``explain``): ``gc.freeze`` then ``gc.unfreeze``, which moves every tracked object of
+    the process at once, untouched; not where the process keeps objects frozen itself (a server that forks)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if enabled:
             gc.enable()
 
