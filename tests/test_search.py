@@ -628,3 +628,48 @@ def test_lists_of_wide_rows_trained_on_bounded_values(monkeypatch):
     truth = Index(train, stats).search(queries, 10, np.ones(1))[0]
     found = approx.search(queries, 10, np.ones(1))[0]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.95
+
+
+# a disk store's approximate indexes live beside it: built, written to an unnamed temporary file in the store's
+# folder (no name appears there) and mapped from it, with the same answers as in memory; saved and loaded as before;
+# where the file cannot be made, the index stays in memory and answers the same
+def test_disk_store_indexes_are_mapped_from_unnamed_files(model, data, tmp_path, monkeypatch):
+    import tempfile
+
+    import actclust
+    from actclust.analysis import indexes
+
+    x, y = data
+
+    def fitted_with(store):
+        ac = actclust.ActivationClustering(model, ["conv", "fc1"], n_clusters=4, progress=False, store=store,
+                                           search="approximate")
+        return ac.fit(x, y)
+
+    def approximate(ac):
+        return ac.state_.cache["retrieval"]["retrieval", "approximate", "host"]
+
+    in_memory = fitted_with(None)
+    want = in_memory.similar(x[:10], k=4, weights="low").indices
+    assert getattr(approximate(in_memory), "source", None) is None
+
+    store = tmp_path / "store"
+    on_disk = fitted_with(store)
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    assert np.array_equal(on_disk.similar(x[:10], k=4, weights="low").indices, want)
+    index = approximate(on_disk)
+    assert isinstance(index.source, indexes.SavedFile)
+    assert os.path.samefile(index.source.reading(), index.source.reading())  # open, unnamed
+    assert os.fstat(index.source.fd).st_nlink == 0
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+    on_disk.save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    assert np.array_equal(loaded.similar(x[:10], k=4, weights="low").indices, want)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    kept = fitted_with(tmp_path / "store2")
+    assert np.array_equal(kept.similar(x[:10], k=4, weights="low").indices, want)
+    assert getattr(approximate(kept), "source", None) is None

@@ -39,7 +39,7 @@ import numpy as np
 from ..compute import HOST
 from ..exceptions import ParameterError, SearchWarning
 from ..store.vectors import chunk_rows, iter_rows
-from .indexes import TARGET_RECALL, ApproximateIndex, Index, SavedFile, index_files, load_index
+from .indexes import TARGET_RECALL, ApproximateIndex, Index, SavedFile, index_files, keep_on_disk, load_index
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -301,8 +301,13 @@ def _index(state: FittedState, method: str, progress: bool = False, space: str =
             if (space, "stats") not in cache:
                 cache[space, "stats"] = layer_stats(vectors)
             stats = cache[space, "stats"]
-            cache[space, method, where] = (Index(vectors, stats, progress, backend) if method == "exact"
-                                           else ApproximateIndex(vectors, stats, state.random_state, progress))
+            if method == "exact":
+                cache[space, method, where] = Index(vectors, stats, progress, backend)
+            else:
+                index = cache[space, method, where] = ApproximateIndex(vectors, stats, state.random_state, progress)
+                store = getattr(state.train_vectors, "directory", None)
+                if store is not None:  # a disk store's indexes live beside it, mapped, not in the process's memory
+                    keep_on_disk(index, store)
     return cache[space, method, where]
 
 
