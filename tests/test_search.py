@@ -669,7 +669,23 @@ def test_disk_store_indexes_are_mapped_from_unnamed_files(model, data, tmp_path,
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
-    kept = fitted_with(tmp_path / "store2")
-    assert np.array_equal(kept.similar(x[:10], k=4, weights="low").indices, want)
-    assert getattr(approximate(kept), "source", None) is None
+    real = tempfile.TemporaryFile
+
+    class Full:  # a disk that fills while the index is written
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    for fails in (refused, Full):
+        monkeypatch.setattr(tempfile, "TemporaryFile", fails)
+        kept = fitted_with(tmp_path / f"store-{fails.__name__}")
+        assert np.array_equal(kept.similar(x[:10], k=4, weights="low").indices, want)
+        assert getattr(approximate(kept), "source", None) is None

@@ -897,11 +897,12 @@ class _UnnamedFile(SavedFile):
 def keep_on_disk(index: ApproximateIndex, directory) -> bool:
     """Move the lists of a freshly built ``index`` into an unnamed temporary file in ``directory`` and map them from
     it, as a loaded run's index is mapped from the run: they then take page-cache memory, which the system reclaims
-    under pressure, not the process's own. A disk store's indexes live beside it: ``prepare`` holds every index it
-    builds (trust's per-layer ones with float32 codes, up to :data:`FLAT_BYTES` each), and in memory they took
-    2.9 GB at 200,000 training samples of 1,792 values (a 600 MB fit). The answers are the same: the same lists,
-    read from the file. False (the index left as it was) where the file cannot be made (a folder without
-    write permission, a full disk) or read back by a name (a system without ``/proc/self/fd`` or ``/dev/fd``)."""
+    under pressure, not the process's own. A disk store's indexes live beside it: ``prepare`` builds every index
+    (trust's per-layer ones with float32 or 8-bit codes, up to :data:`FLAT_BYTES` each), and with them all in
+    memory the process peaked at 4.7 GB at 1M training samples of 1,792 values, at 2.6 GB with each mapped once
+    built (``docs/speed.md``). The answers are the same: the same lists, read from the file. False (the index left
+    as it was) where the file cannot be made (a folder without write permission, a full disk) or read back by a
+    name (a system without ``/proc/self/fd`` or ``/dev/fd``)."""
     import tempfile
 
     import faiss
