@@ -390,6 +390,7 @@ class ApproximateIndex(Index):
         else:
             index = faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
         index.train(rows)  # the lists' centres are in place: this trains the 8-bit codes' ranges only
+        del rows  # the training sample (up to _TRAIN_FLOATS values, 512 MiB) is not held while the lists fill
         equal = np.ones(len(self.layers))
         for start in tqdm(range(0, self.n, step), desc="building the approximate index", disable=not progress,
                           leave=False):
