@@ -408,6 +408,7 @@ class ApproximateIndex(Index):
                     part = {l: _take(self.train_vectors[l], slice(start, stop)) for l in self.layers}
                     _, found = index.quantizer.search(self._index_query(part, equal), 1)
                     del part
+                    _release(self.train_vectors)  # the store's pages handed back, as _index_rows does
                 assign[start:stop] = found[:, 0]
                 bar.update()
             _reserve(index, np.bincount(assign, minlength=self.nlist))
