@@ -155,17 +155,28 @@ def test_writer_and_open_errors(tmp_path):
 
 
 # streaming passes hand the memory-mapped pages back: resident memory does not hold the store
-def test_streaming_keeps_resident_memory_flat(tmp_path):
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _statm(field: int) -> int:
+    """Bytes of one field of /proc/self/statm: 1 resident, 2 of them file-backed."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
 
+
+def _random_store(folder, blocks: int, widths: dict):
+    """A committed disk store of ``blocks`` blocks of 4,096 random rows, ``widths`` values per layer."""
     rng = np.random.default_rng(0)
-    with StoreWriter(tmp_path / "s", "float32") as w:
-        for _ in range(40):
-            w.add({"a": rng.standard_normal((4096, 512), dtype=np.float32)})
+    with StoreWriter(folder, "float32") as w:
+        for _ in range(blocks):
+            w.add({l: rng.standard_normal((4096, d), dtype=np.float32) for l, d in widths.items()})
         store = w.finish()
         w.commit()
+    return store
+
+
+def test_streaming_keeps_resident_memory_flat(tmp_path):
+    def rss():
+        return _statm(1)
+
+    store = _random_store(tmp_path / "s", 40, {"a": 512})
     assert store.nbytes == 40 * 4096 * 512 * 4  # 320 MiB
     before, peak, total = rss(), 0, 0.0
     for _, chunk in store.chunks("a"):
@@ -315,15 +326,9 @@ def test_index_build_keeps_the_store_out_of_resident_memory(tmp_path):
     from actclust.analysis.retrieval import layer_stats
 
     def file_backed():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[2]) * os.sysconf("SC_PAGE_SIZE")
+        return _statm(2)
 
-    rng = np.random.default_rng(0)
-    with StoreWriter(tmp_path / "s", "float32") as w:
-        for _ in range(12):
-            w.add({l: rng.standard_normal((4096, 256), dtype=np.float32) for l in ("a", "b", "c")})
-        store = w.finish()
-        w.commit()
+    store = _random_store(tmp_path / "s", 12, {"a": 256, "b": 256, "c": 256})
     assert store.nbytes == 3 * 12 * 4096 * 256 * 4  # 144 MiB
     stats = layer_stats(store)
     before, peak, done = file_backed(), [0], threading.Event()
