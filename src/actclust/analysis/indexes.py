@@ -891,9 +891,9 @@ class SavedFile:
 
     def reading(self) -> str:
         """A name that opens this very file: its descriptor's (Linux, macOS), or its path while that still names it."""
-        for name in (f"/proc/self/fd/{self.fd}", f"/dev/fd/{self.fd}"):
-            if os.path.exists(name):
-                return name
+        name = _descriptor_name(self.fd)
+        if name is not None:
+            return name
         try:
             now, then = os.stat(self.path), os.fstat(self.fd)
             if (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino):
@@ -915,31 +915,34 @@ class _UnnamedFile(SavedFile):
         self.file, self.fd, self.path = file, file.fileno(), Path(where) / f"<unnamed file {file.fileno()}>"
 
     def reading(self) -> str:
-        for name in (f"/proc/self/fd/{self.fd}", f"/dev/fd/{self.fd}"):
-            if os.path.exists(name):
-                return name
-        raise InvalidSaveError("this system names no open file descriptor (/proc/self/fd, /dev/fd)")
+        name = _descriptor_name(self.fd)
+        if name is None:
+            raise InvalidSaveError("this system names no open file descriptor (/proc/self/fd, /dev/fd)")
+        return name
 
 
-def keep_on_disk(index: ApproximateIndex, directory) -> bool:
+def _descriptor_name(fd: int) -> Optional[str]:
+    """A name that opens the file of the open descriptor ``fd`` again (Linux, macOS), or None."""
+    return next((name for name in (f"/proc/self/fd/{fd}", f"/dev/fd/{fd}") if os.path.exists(name)), None)
+
+
+def keep_on_disk(index: ApproximateIndex, directory) -> None:
     """Move the lists of a freshly built ``index`` into an unnamed temporary file in ``directory`` and map them from
     it, as a loaded run's index is mapped from the run: they then take page-cache memory, which the system reclaims
     under pressure, not the process's own. A disk store's indexes live beside it: ``prepare`` builds every index
     (trust's per-layer ones with float32 or 8-bit codes, up to :data:`FLAT_BYTES` each), and with them all in
     memory the process peaked at 4.9 GB at 1M training samples of 1,792 values, at 2.4 GB with each mapped once
-    built (``docs/speed.md``). The answers are the same: the same lists, read from the file. False (the index left
-    as it was) where the file cannot be made (a folder without write permission, a full disk) or read back by a
-    name (a system without ``/proc/self/fd`` or ``/dev/fd``)."""
+    built (``docs/speed.md``). The answers are the same: the same lists, read from the file. The index is left as it
+    was where the file cannot be made (a folder without write permission, a full disk) or read back by a name (a
+    system without ``/proc/self/fd`` or ``/dev/fd``)."""
     import tempfile
 
     import faiss
 
-    if getattr(index, "source", None) is not None:
-        return True
     try:
         file = tempfile.TemporaryFile(dir=directory)
     except OSError:
-        return False
+        return
     held = _UnnamedFile(file, directory)
     try:
         held.reading()
@@ -948,10 +951,9 @@ def keep_on_disk(index: ApproximateIndex, directory) -> bool:
         mapped = faiss.read_index(held.reading(), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except (OSError, RuntimeError, InvalidSaveError):  # faiss reports a failed write or read as a RuntimeError
         file.close()
-        return False
+        return
     mapped.parallel_mode = index.index.parallel_mode
     index.index, index.source = mapped, held  # the lists in memory are freed with the index they belonged to
-    return True
 
 
 def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
