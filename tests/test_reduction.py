@@ -256,3 +256,76 @@ def test_torch_layouts_follow_element_wise_modules():
     block = nn.Sequential(nn.Linear(4, 16), ConvBlock()).eval()
     shown = actclust.list_layers(block, torch.randn(2, 20, 4))
     assert shown["1"].layout == "tokens" and shown["1.conv"].layout == "channels_first"
+
+
+class _ConvModule(torch.nn.Module):
+    """A Conformer's convolution module: tokens (N, T, 16) in, a Conv1d over time, tokens out (a transposed view of its
+    map, or that view made contiguous)."""
+
+    def __init__(self, contiguous=False):
+        super().__init__()
+        self.conv, self.act, self.contiguous = torch.nn.Conv1d(16, 16, 3, padding=1), torch.nn.SiLU(), contiguous
+
+    def forward(self, x):
+        y = self.act(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return y.contiguous() if self.contiguous else y
+
+
+def _conformer(contiguous=False):
+    """Tokens (N, T, 4) of any length T, the convolution module, then a head on the last time step."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), _ConvModule(contiguous), _Last(), nn.Linear(16, 3)).eval()
+
+
+class _Last(torch.nn.Module):
+    def forward(self, x):
+        return x[:, -1]
+
+
+# As many time steps as features, (N, 16, 16): the shape reads either way, and was read channels-first (each time
+# step's mean over its features); the transposed view the block returns shows the tokens
+def test_torch_tokens_as_long_as_wide_read_by_their_strides():
+    import actclust
+
+    model = _conformer()
+    x = torch.randn(30, 16, 4)
+    shown = actclust.list_layers(model, x[:2])
+    assert shown["1"].layout == "tokens" and shown["1.conv"].layout == "channels_first"
+    ac = actclust.ActivationClustering(model, ["1"], n_clusters=3, progress=False).fit(x)
+    assert ac.state_.layouts["1"] == "tokens"
+    np.testing.assert_allclose(ac.train_vectors_["1"], _token_means(model, x), rtol=1e-5, atol=1e-6)
+
+
+def _token_means(model, x):
+    """The convolution module's output averaged over the time steps, unit length: one value per feature."""
+    with torch.no_grad():
+        v = model[1](model[0](x)).mean(1).numpy()
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _lengths_loader(lengths):
+    """Batches of 10 sequences of 4 features, each batch as long as ``lengths`` says, in order."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    return DataLoader([torch.randn(t, 4, generator=g) for t in lengths for _ in range(10)], batch_size=10)
+
+
+# Made contiguous, (N, 16, 16) shows nothing: a batch of another length decides, before or after it; after it, the
+# first batch was read channels-first and the vectors would mix two readings: refused, naming the layer
+def test_torch_tokens_as_long_as_wide_follow_another_batch():
+    import actclust
+    from actclust.exceptions import CaptureError
+
+    model = _conformer(contiguous=True)
+    loader = _lengths_loader([20, 16, 16])
+    ac = actclust.ActivationClustering(model, ["1"], n_clusters=3, progress=False).fit(loader)
+    assert ac.state_.layouts["1"] == "tokens"
+    expected = np.concatenate([_token_means(model, b) for b in loader])
+    np.testing.assert_allclose(ac.train_vectors_["1"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CaptureError, match=r"Layer '1' gave \(10, 20, 16\) in this batch, read as tokens \(N, T, D\), "
+                                           r"but was read as a channels-first map \(N, C, L\) in the first batch"):
+        actclust.ActivationClustering(_conformer(contiguous=True), ["1"], n_clusters=3,
+                                      progress=False).fit(_lengths_loader([16, 20]))

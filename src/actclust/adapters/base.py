@@ -132,8 +132,8 @@ class ModelAdapter(abc.ABC):
         pair ``(vectors, summary or None)``.
         """
 
-    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
-        """How ``layer``'s output of ``rank`` axes (``shape``, where known) is read: ``"dense"`` for ``(N, F)``,
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
+        """How ``layer``'s output of ``rank`` axes (``shape`` and ``strides``, where known) is read: ``"dense"`` for ``(N, F)``,
         else (by default) a channels-first map. Adapters that know better say so (channels-last Keras maps,
         transformer token maps)."""
         return "dense" if rank <= 2 else "channels_first"
@@ -148,14 +148,19 @@ class ModelAdapter(abc.ABC):
         r = make_reducer(reducer)
         masked = isinstance(sample, Mapping) and "attention_mask" in sample
         out = {}
-        for name, shape in self.output_shapes(sample).items():
-            layout = self.layout(name, len(shape), masked, tuple(shape))
+        for name, (shape, strides) in self.sample_outputs(sample).items():
+            layout = self.layout(name, len(shape), masked, tuple(shape), strides)
             out[name] = LayerInfo(shape, layout, describe(r, layout, shape))
         return out
 
     def output_shapes(self, sample) -> dict:
         """``{layer: output shape}`` of one forward pass on ``sample``, for the layers that ran."""
         raise NotImplementedError
+
+    def sample_outputs(self, sample) -> dict:
+        """``{layer: (output shape, its strides or None)}`` of one forward pass on ``sample``, for the layers that
+        ran: what :meth:`layout` reads them by (strides only where the framework's layout may need them)."""
+        return {name: (shape, None) for name, shape in self.output_shapes(sample).items()}
 
     def check_inputs(self, inputs, name: str) -> None:
         """Refuse, before the first forward pass, inputs the model cannot take (nothing by default)."""

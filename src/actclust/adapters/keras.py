@@ -203,7 +203,7 @@ class KerasAdapter(ModelAdapter):
                 return fmt
         return keras.config.image_data_format()
 
-    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
         """Dense for ``(N, F)``; a map of 4 or 5 axes is channels-last unless its layer (or the nearest
         layer before it with a ``data_format``) is channels-first; of 3 axes, a 1-D convolution's or
         pooling's map as its ``data_format`` says, any other layer's a token map ``(N, T, D)``."""

@@ -165,7 +165,7 @@ class OnnxAdapter(ModelAdapter):
     def canonical(self, name: str) -> str:
         return self.node_names.get(name, name)
 
-    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
         if rank <= 2:
             return "dense"
         seen, todo = set(), [layer]

@@ -37,6 +37,9 @@ MASK_KEY = "attention_mask"
 _CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,
                       nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 
+#: How a layout is named in messages.
+_READ_AS = {"channels_first": "a channels-first map (N, C, L)", "tokens": "tokens (N, T, D)", "dense": "dense rows"}
+
 #: Modules that keep their input's shape and layout, value by value (activations, dropout): their map is read as
 #: the one before them is.
 _ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *nn.modules.dropout.__all__, "Identity")
@@ -106,32 +109,52 @@ class TorchAdapter(ModelAdapter):
         self.model = model
         self.inner = _unwrap(model)
         self.output = output
-        self._layouts: dict = {}  # (layer, axis 1's size) -> layout of a 3-axis output
+        self._made: dict = {}  # layer -> what makes its 3-axis output: a layout, or the channels of a 1-D map
+        self._shown: dict = {}  # layer -> the layout an output's shape or strides showed (of a layer _made leaves open)
 
     @property
     def model_class(self) -> str:
         return f"{type(self.inner).__module__}.{type(self.inner).__qualname__}"
 
-    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = ()) -> str:
+    def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
+        """As :meth:`ModelAdapter.layout`; ``strides``, the output's (where known), tell a map as long as it is wide
+        ``(N, C, C)`` that a block turned back to tokens by a transpose from one a 1-D convolution left as it is."""
         if rank <= 2:
             return "dense"
         if rank >= 4:
             return "channels_first"
-        module = self.modules().get(layer)
+        made = self._made.get(layer)
+        if made is None:  # asked by every batch of a fit: the walk below once
+            made = self._made[layer] = self._made_by(self.modules().get(layer))
+        if isinstance(made, str):
+            return made
+        if len(shape) < 2:
+            return "channels_first"
+        if shape[1] != made:
+            shown = "tokens"
+        elif len(shape) < 3 or shape[2] != made:
+            shown = "channels_first"
+        elif strides is not None and strides[1] == 1 != strides[2]:
+            shown = "tokens"  # (N, C, C) as a transposed view of the map: the block turned it back to tokens
+        else:
+            # (N, C, C) in the map's own order reads either way (a Conformer's convolution module on C time steps of C
+            # features, made contiguous): as an earlier output showed, else channels-first
+            return self._shown.get(layer, "channels_first")
+        self._shown[layer] = shown
+        return shown
+
+    def _made_by(self, module: Optional[nn.Module]):
+        """What makes ``module``'s 3-axis output: its layout, or the channels of the 1-D map it ends on (then its
+        output is channels-first where its axis 1 has that many, tokens otherwise).
+
+        The module's last leaf decides, and an element-wise one (a ReLU after a Conv1d) the leaf before it, in the
+        order the modules are defined (a Sequential's: the order they run), up to the nearest module that says how
+        many channels it makes (a block that transposes a convolution's map back to tokens, as a Conformer's does,
+        gives (N, T, D): tokens)."""
         if module is None:
             return "tokens"
         if isinstance(module, _CHANNELS_FIRST_1D):
             return "channels_first"
-        key = (layer, shape[1] if len(shape) > 1 else None)  # asked by every batch of a fit: the walk below once
-        if key not in self._layouts:
-            self._layouts[key] = self._layout_3d(module, shape)
-        return self._layouts[key]
-
-    def _layout_3d(self, module: nn.Module, shape: tuple) -> str:
-        # The module's last leaf decides, and an element-wise one (a ReLU after a Conv1d) the leaf before it, in the
-        # order the modules are defined (a Sequential's: the order they run), up to the nearest module that says how
-        # many channels it makes: a map whose axis 1 has that many is channels-first (a block that transposes a
-        # convolution's map back to tokens, as a Conformer's does, gives (N, T, D): tokens).
         leaves = [m for m in self.inner.modules() if not list(m.children())]
         own = [m for m in module.modules() if not list(m.children())]
         last = own[-1] if own else module
@@ -141,7 +164,7 @@ class TorchAdapter(ModelAdapter):
                 channels = getattr(m, "out_channels", getattr(m, "num_features", None))
                 if channels is None:  # a pooling keeps its input's channels: look further back
                     continue
-                return "channels_first" if len(shape) < 2 or shape[1] == channels else "tokens"
+                return int(channels)
             if not isinstance(m, _ELEMENTWISE):
                 return "tokens"
         return "channels_first" if isinstance(last, _CHANNELS_FIRST_1D) else "tokens"
@@ -252,6 +275,10 @@ class TorchAdapter(ModelAdapter):
 
     def output_shapes(self, sample) -> dict:
         """Output shapes of every module that ran on ``sample`` (hooks removed, modes restored after)."""
+        return {name: shape for name, (shape, _) in self.sample_outputs(sample).items()}
+
+    def sample_outputs(self, sample) -> dict:
+        """Output shapes and strides of every module that ran on ``sample`` (hooks removed, modes restored after)."""
         names = self.layer_names()
         shapes: dict[str, tuple] = {}
         modules = self.modules()
@@ -260,7 +287,7 @@ class TorchAdapter(ModelAdapter):
             def hook(module, args, output):
                 t = _first_tensor(output)
                 if t is not None:
-                    shapes.setdefault(name, tuple(t.shape))
+                    shapes.setdefault(name, (tuple(t.shape), tuple(t.stride())))
             return hook
 
         handles = [modules[n].register_forward_hook(record(n)) for n in names]
@@ -350,6 +377,7 @@ class _TorchRunner(Runner):
         self._mask: Optional[torch.Tensor] = None
         self._eager = False  # set when a compiled model skipped the hooks
         self._shapes: dict = {}
+        self._read_as: dict = {}  # layer -> the layout this batch was read in (unless fixed)
         self._checked = False
         self.handles: list = []
 
@@ -399,8 +427,11 @@ class _TorchRunner(Runner):
                 )
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
-            layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, self._mask is not None,
-                                                                             tuple(t.shape))
+            if self.fixed:
+                layout = self.fixed[name]
+            else:
+                layout = self._read_as[name] = self.adapter.layout(name, t.ndim, self._mask is not None,
+                                                                   tuple(t.shape), tuple(t.stride()))
             self._out[name] = reduce(t.detach(), self._mask, layout=layout, ops=OPS)
         return hook
 
@@ -431,9 +462,10 @@ class _TorchRunner(Runner):
             self._checked = True
             self._check_batch_axes(inputs, where, n)
             if not self.fixed:
-                self.layouts = {name: self.adapter.layout(name, len(shape), self._mask is not None, tuple(shape))
-                                for name, shape in self._shapes.items()}
+                self.layouts = dict(self._read_as)
             self._check_token_maps()
+        elif not self.fixed:
+            self._check_layouts()
         out = {}
         for name, t in self._out.items():
             keep_reduced(out, name, t, OPS.to_host)
@@ -448,7 +480,7 @@ class _TorchRunner(Runner):
         doubtful = [name for name, shape in self._shapes.items() if len(shape) == 3 and shape[1] == n > 1]
         if not doubtful or self.fixed:
             return
-        out, shapes, mask = self._out, self._shapes, self._mask
+        out, shapes, read_as, mask = self._out, self._shapes, self._read_as, self._mask
         try:
             self._mask = _head(mask, n - 1)  # the token maps' mask of the inputs run
             self._forward(self.adapter.model if not self._eager else self.adapter.inner, _head(inputs, n - 1), where,
@@ -458,7 +490,19 @@ class _TorchRunner(Runner):
                            f"{_SEQUENCE_FIRST[:-1]}; run on {n - 1} of a batch of {n} to tell its batch axis from a "
                            "sequence axis of the batch's length)")
         finally:
-            self._out, self._shapes, self._mask = out, shapes, mask
+            self._out, self._shapes, self._read_as, self._mask = out, shapes, read_as, mask
+
+    def _check_layouts(self) -> None:
+        """Every batch of a pass read as the first: a map as long as it is wide, ``(N, C, C)``, that shows no
+        transpose reads as channels; a later batch of another length can show the layer gives tokens."""
+        for name, layout in self._read_as.items():
+            first = self.layouts.get(name, layout)
+            if layout != first:
+                raise CaptureError(
+                    f"Layer {name!r} gave {tuple(self._shapes[name])} in this batch, read as {_READ_AS[layout]}, "
+                    f"but was read as {_READ_AS[first]} in the first batch (of as many steps as features: its shape "
+                    "read either way); the vectors would mix the two. Choose a layer after the block's last "
+                    "transpose or norm, or give the first batch another sequence length.")
 
     def _check_token_maps(self) -> None:
         """Warn when a token map (N, T, D) of a masked batch is read as a channels-first map (a run saved
@@ -475,7 +519,7 @@ class _TorchRunner(Runner):
                     "'token_first' for this layer.", DataWarning, stacklevel=4)
 
     def _forward(self, module, inputs, where: str, n: int):
-        self._out, self._shapes = {}, {}
+        self._out, self._shapes, self._read_as = {}, {}, {}
         try:
             with torch.no_grad():
                 return self.adapter.logits(self.adapter.call(inputs, module), n)
