@@ -106,8 +106,16 @@ def test_onnx_end_to_end_without_torch(onnx_model, tmp_path):
                       folder + "/test.npz", "--json", "--quiet"])
         print("cli:", code, code2)
         print("fidelity:", round(s["fidelity"], 4), len(es), nb.indices.shape, sorted(t)[:2], len(cs))
+        import os
+        fitted = {{store: actclust.ActivationClustering(folder + "/model.onnx", layers, n_clusters=8, progress=False,
+                                                      store=store, search="approximate").fit(tr["x"], tr["y"])
+                  for store in (None, {str(tmp_path / 'store')!r})}}
+        found = [f.similar(te["x"][:10], k=4).indices for f in fitted.values()]
+        index = fitted[{str(tmp_path / 'store')!r}].state_.cache["retrieval"]["retrieval", "approximate", "host"]
+        print("disk store:", np.array_equal(*found), os.fstat(index.source.fd).st_nlink)
         print("torch loaded:", "torch" in sys.modules)
     """)
+    assert "disk store: True 0" in out  # the index mapped from an unnamed file beside the store, the same answers
     assert "torch loaded: False" in out
     assert "kept: internal" in out
     assert "cli: 0 0" in out
