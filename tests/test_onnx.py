@@ -202,6 +202,38 @@ def test_channels_last_tensor(tmp_path):
     np.testing.assert_allclose(ac.train_vectors_[relu], expected, rtol=1e-5, atol=1e-6)
 
 
+# a ConvNeXt block: a map made channels-last stays so through a LayerNormalization and a Linear on the channels (a
+# MatMul by a weight matrix) and what follows them; it was read channels-first, averaged over the width and channels
+def test_channels_last_through_layer_norm_and_linear(tmp_path):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.ln, self.pw, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm(4), nn.Linear(4, 6), \
+                nn.Linear(6, 3)
+
+        def parts(self, x):
+            ln = self.ln(self.conv(x).permute(0, 2, 3, 1))  # (N, H, W, C)
+            return ln, torch.relu(self.pw(ln))
+
+        def forward(self, x):
+            return self.head(self.parts(x)[1].mean((1, 2)))
+
+    model = Block().eval()
+    path = _export(model, tmp_path / "convnext.onnx", (torch.randn(2, 1, 8, 8),))
+    x = np.random.default_rng(0).standard_normal((60, 1, 8, 8)).astype(np.float32)
+    ops = {adapt(str(path)).producer[n].op_type: n for n in actclust.list_layers(str(path))}
+    shown = actclust.list_layers(str(path), x[:2])
+    assert {op: shown[ops[op]].layout for op in ("LayerNormalization", "MatMul", "Add", "Relu")} == {
+        op: "channels_last" for op in ("LayerNormalization", "MatMul", "Add", "Relu")}
+    layers = [ops["LayerNormalization"], ops["Relu"]]
+    ac = ActivationClustering(str(path), layers, n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        expected = [t.mean((1, 2)).numpy() for t in model.parts(torch.from_numpy(x))]
+    for layer, want in zip(layers, expected):
+        np.testing.assert_allclose(ac.train_vectors_[layer], want, rtol=1e-5, atol=1e-5)
+
+
 # what cannot run gets a clear error before any work
 def test_bad_models(tmp_path, exported):
     _, path, x = exported

@@ -152,6 +152,9 @@ class OnnxAdapter(ModelAdapter):
                 node_names[node.name] = node.output[0]
         self.names = names
         self.node_names = {k: v for k, v in node_names.items() if k not in set(names)}
+        self.weight_ranks = {i.name: len(i.dims) for i in g.initializer}  # and of Constant nodes' tensors:
+        self.weight_ranks.update((n.output[0], len(a.t.dims)) for n in g.node if n.op_type == "Constant" and n.output
+                                 for a in n.attribute if a.HasField("t"))
 
     @property
     def model_class(self) -> str:
@@ -191,8 +194,22 @@ class OnnxAdapter(ModelAdapter):
             if node.op_type in _KEEP_LAYOUT_OPS:
                 todo.extend(i for i in node.input if i and i in self.producer or i in self.inputs)
                 continue
-            break  # MatMul, Gemm, attention, normalisation over the last axis...: not a conv map
+            if rank >= 4 and self._over_last_axis(node):  # a map made channels-last stays so (a ConvNeXt block's
+                todo.append(node.input[0])                   # LayerNormalization, its Linear as a MatMul)
+                continue
+            break  # attention, a Linear on tokens, normalisation over the last axis of tokens...: not a conv map
         return "tokens" if rank == 3 else "channels_first"
+
+    def _over_last_axis(self, node) -> bool:
+        """Whether ``node`` works along its first input's last axis alone, keeping the others in place: a
+        LayerNormalization over that axis, a MatMul by a constant weight matrix."""
+        if node.op_type == "LayerNormalization":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            rank = len(self.types.get(node.input[0], (None, ()))[1] or ())
+            return axis == -1 or (rank > 0 and axis == rank - 1)
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            return self.weight_ranks.get(node.input[1]) == 2
+        return False
 
     def _input_layout(self, name: str, rank: int) -> str:
         dims = self.types.get(name, (None, None))[1] or ()
