@@ -131,6 +131,40 @@ def test_channels_first_layers():
     np.testing.assert_allclose(out["r"], r.mean((2, 3)), atol=1e-5)
 
 
+# a layer's format is the nearest one before it along the graph, not in the order of model.layers: in two branches a
+# ReLU after a channels-last Conv2D was read channels-first after the other branch's channels-first one (and a 1-D
+# map's Dropout the reverse); a Permute that moves the channels axis turns the format (it was read channels-last)
+def test_formats_follow_the_graph_and_permutes():
+    keras.utils.set_random_seed(0)
+    img = keras.Input((6, 6, 3), name="img")
+    last = layers.Conv2D(5, 3, padding="same", name="conv_last")(img)
+    first = layers.Conv2D(4, 3, padding="same", data_format="channels_first",
+                          name="conv_first")(layers.Permute((3, 1, 2), name="to_cf")(img))
+    relu, back = layers.ReLU(name="relu_last")(last), layers.Permute((2, 3, 1), name="to_cl")(first)
+    seq = keras.Input((3, 10), name="seq")
+    drop = layers.Dropout(0.1, name="drop_cf")(layers.Conv1D(4, 3, data_format="channels_first", name="c1_cf")(seq))
+    swap = layers.Permute((2, 1), name="swap")(layers.Conv1D(4, 3, name="c1_cl")(layers.Permute((2, 1))(seq)))
+    steps = layers.Dense(2, name="steps")(layers.Permute((2, 1), name="unswap")(swap))  # tokens of the 8 steps
+    pooled = [layers.GlobalAveragePooling2D()(relu), layers.GlobalAveragePooling2D()(back),
+              layers.GlobalAveragePooling1D(data_format="channels_first")(drop), layers.Flatten()(steps),
+              layers.Flatten()(swap)]
+    model = keras.Model([img, seq], layers.Dense(3, name="out")(layers.Concatenate()(pooled)))
+    a = KerasAdapter(model)
+    assert {n: a.layout(n, 4, False) for n in ("to_cf", "conv_first", "relu_last", "to_cl")} == {
+        "to_cf": "channels_first", "conv_first": "channels_first", "relu_last": "channels_last", "to_cl": "channels_last"}
+    assert {n: a.layout(n, 3, False) for n in ("drop_cf", "swap", "steps")} == {
+        "drop_cf": "channels_first", "swap": "channels_first", "steps": "tokens"}
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 6, 6, 3)).astype(np.float32), rng.standard_normal((4, 3, 10)).astype(np.float32))
+    names = ["relu_last", "to_cl", "drop_cf", "swap"]
+    _, out = capture(model, x, names)
+    inner = keras.Model(model.inputs, [model.get_layer(n).output for n in names])(list(x))
+    want = [to_np(inner[0]).mean((1, 2)), to_np(inner[1]).mean((1, 2)), to_np(inner[2]).mean(2),
+            to_np(inner[3]).mean(2)]
+    for n, w in zip(names, want):
+        np.testing.assert_allclose(out[n], w, atol=1e-5)
+
+
 # token maps (N, T, D) of non-convolutional layers are pooled over the tokens a dict's padding mask keeps
 def test_token_maps_use_the_padding_mask():
     keras.utils.set_random_seed(0)

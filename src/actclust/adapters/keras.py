@@ -193,9 +193,18 @@ class KerasAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ layouts
     def _data_format(self, path: str) -> str:
-        """The layer's own ``data_format`` (or a normalisation's channel axis), else that of the nearest
-        layer before it that has one, else Keras's default."""
+        """The layer's own ``data_format`` (or a normalisation's channel axis), else that of the nearest layer before
+        it along the graph that has one, turned by the ``Permute`` layers between them, else Keras's default.
+
+        Along the graph, not in the order of ``model.layers``: in a model of two branches the nearest layer before in
+        that order may be on the other branch (a ReLU after a channels-last Conv2D was read channels-first after a
+        channels-first one on another branch; an outside check). A layer the graph does not reach (one of a
+        subclassed model; one inside a nested model, whose own inputs end its graph) falls back to that order."""
         keras = sys.modules["keras"]
+        layer = self._layers[path]
+        found = _format_along_graph(layer, keras.config.image_data_format())
+        if found is not None and not (found[1] and "/" in path):
+            return found[0]
         names = list(self._layers)
         for p in reversed(names[:names.index(path) + 1]):
             fmt = _own_format(self._layers[p])
@@ -390,6 +399,43 @@ class KerasAdapter(ModelAdapter):
 
     def runner(self, reducers: Mapping[str, Callable], layouts: Optional[Mapping[str, str]] = None) -> "_KerasRunner":
         return _KerasRunner(self, reducers, layouts)
+
+
+def _format_along_graph(layer, default: str):
+    """``(format, from the graph's inputs)``: the nearest ``data_format`` before ``layer`` (itself included) along
+    its inbound nodes, breadth first, turned by the ``Permute`` layers on the way; ``default`` turned by them where
+    the walk reaches an input first (then ``True``). None where the layer has no inbound node (not in a graph)."""
+    keras = sys.modules["keras"]
+    if not getattr(layer, "_inbound_nodes", None):
+        return None
+    todo, seen, ended = [(layer, ())], {id(layer)}, None
+    while todo:
+        nxt = []
+        for op, permutes in todo:
+            fmt = _own_format(op)
+            if fmt is not None:
+                return _permuted(fmt, permutes), False
+            if isinstance(op, keras.layers.Permute):
+                permutes = (tuple(op.dims),) + permutes  # applied after whatever lies further back
+            parents = [p.operation for node in getattr(op, "_inbound_nodes", []) for p in node.parent_nodes]
+            if not parents and ended is None:
+                ended = _permuted(default, permutes)
+            for parent in parents:
+                if id(parent) not in seen:
+                    seen.add(id(parent))
+                    nxt.append((parent, permutes))
+        todo = nxt
+    return ended, True
+
+
+def _permuted(fmt: str, permutes: tuple) -> str:
+    """``fmt`` after ``Permute`` layers of these ``dims`` (1-based, batch axis left out), first to last: the channels
+    axis moved first or last makes the map channels-first or -last; moved elsewhere, the format stays."""
+    for dims in permutes:
+        channels = 1 if fmt == "channels_first" else len(dims)
+        at = list(dims).index(channels) + 1 if channels in dims else None
+        fmt = "channels_first" if at == 1 else "channels_last" if at == len(dims) else fmt
+    return fmt
 
 
 def _own_format(layer) -> Optional[str]:
