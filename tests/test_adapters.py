@@ -368,3 +368,108 @@ def test_module_under_two_names():
     assert by_alias.state_.layers == ["act", "fc2"]
     np.testing.assert_array_equal(np.asarray(by_alias.state_.train_vectors["act"]),
                                   np.asarray(by_name.state_.train_vectors["relu"]))
+
+
+class _Encoder(nn.Module):
+    """Token ids and an attention mask through nn.TransformerEncoder, whose fast path (eval, no grad, a padding mask)
+    hands nested tensors, padding dropped, from layer to layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)[:, 0])
+
+
+# the inner layers of an nn.TransformerEncoder give nested tensors on PyTorch's fast path: read padded back to the
+# batch's tokens, they average the real tokens as the slow path's outputs do (the hooks failed on them, "the model
+# raised RuntimeError", and list_layers on the whole model)
+def test_nested_tensors_of_the_transformer_fast_path():
+    model = _Encoder().eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 13, (40,), generator=g)
+    lengths[0] = 9  # no input of all 12 tokens: the nested tensors are shorter than the mask
+    lengths = torch.minimum(lengths, torch.tensor(11))
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 30, (40, 12), generator=g) * mask, "attention_mask": mask}
+    assert list_layers(model, batch)["enc.layers.0"].layout == "tokens"
+    ac = ActivationClustering(model, ["enc.layers.0", "fc"], n_clusters=3, normalize=None, progress=False).fit(batch)
+    seen = []
+    handle = model.enc.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        handle.remove()
+    keep = mask[:, :, None].float()
+    want = ((seen[0] * keep).sum(1) / keep.sum(1)).numpy()
+    np.testing.assert_allclose(ac.train_vectors_["enc.layers.0"], want, rtol=1e-4, atol=1e-5)
+
+
+# a layer of one value per sample (N,) is a vector of one, and integer or boolean outputs are read as floats (the
+# reducers failed on them inside the hooks, and the error blamed the model's inputs)
+def test_one_value_and_integer_layers():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.l, self.score, self.flags, self.fc = nn.Linear(6, 8), nn.Identity(), nn.Identity(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.l(x)
+            return self.fc(h + self.score(h.sum(1))[:, None] + self.flags(h > 0).float())
+
+    x = torch.randn(50, 6)
+    model = Odd().eval()
+    ac = ActivationClustering(model, ["score", "flags"], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        h = model.l(x)
+    np.testing.assert_allclose(ac.train_vectors_["score"], h.sum(1, keepdim=True).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(ac.train_vectors_["flags"], (h > 0).float().numpy())
+
+
+# what fails while a hook reduces a layer's output is said of that layer, not as the model's error on its inputs
+def test_a_failed_reduction_names_its_layer(monkeypatch, model, data):
+    from actclust.adapters.torch_ops import OPS
+
+    def broken(t, mask=None):
+        raise RuntimeError("no such reduction")
+    monkeypatch.setattr(type(OPS), "mean_last", lambda self, t, mask=None: broken(t, mask))
+    with pytest.raises(CaptureError, match=r"Layer 'conv' gave an output of shape \(120, 4, 6, 6\) that actclust could "
+                                           r"not reduce to vectors on .*\(RuntimeError: no such reduction\); choose "
+                                           r"another layer, or another reducer"):
+        ActivationClustering(model, ["conv"], n_clusters=3, progress=False).fit(data[0])
+
+
+# a token map shorter than the batch's attention mask (a strided convolution before it): the mask cannot say which
+# of its tokens are padding, so all are averaged, and a warning says so once (the reducer failed on the two lengths)
+def test_tokens_fewer_than_the_mask():
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.conv = nn.Embedding(40, 16), nn.Conv1d(16, 16, 2, stride=2)
+            self.lstm, self.fc = nn.LSTM(16, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, input_ids, attention_mask):
+            out, _ = self.lstm(self.conv(self.emb(input_ids).transpose(1, 2)).transpose(1, 2))
+            return self.fc(out[:, -1])
+
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 40, (60, 12), generator=g), torch.ones(60, 12, dtype=torch.long)
+    mask[:, 10:] = 0
+    model = Down().eval()
+    with pytest.warns(actclust.DataWarning, match=r"Layer 'lstm' gives 6 tokens where the batch's attention mask has "
+                                                   r"12: .* its vectors average all of them, padding included") as seen:
+        ac = ActivationClustering(model, ["lstm"], n_clusters=3, normalize=None, progress=False, batch_size=20).fit(
+            {"input_ids": ids, "attention_mask": mask})
+    assert sum("gives 6 tokens" in str(w.message) for w in seen) == 1
+    with torch.no_grad():
+        want = model.lstm(model.conv(model.emb(ids).transpose(1, 2)).transpose(1, 2))[0].mean(1).numpy()
+    np.testing.assert_allclose(ac.train_vectors_["lstm"], want, rtol=1e-5, atol=1e-6)

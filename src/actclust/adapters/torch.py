@@ -287,6 +287,7 @@ class TorchAdapter(ModelAdapter):
             def hook(module, args, output):
                 t = _first_tensor(output)
                 if t is not None:
+                    t = _plain(t, None)
                     shapes.setdefault(name, (tuple(t.shape), tuple(t.stride())))
             return hook
 
@@ -324,6 +325,19 @@ def _to(obj, device, dtype):
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to(v, device, dtype) for v in obj)
     return obj
+
+
+def _plain(t: torch.Tensor, mask) -> torch.Tensor:
+    """A layer's output as the reducers take it: a nested tensor (``nn.TransformerEncoder``'s fast path between its
+    layers, padding dropped) padded back to the batch's tokens, zeros where the mask says padding; one value per
+    sample ``(N,)`` a vector of one; integers and flags as float32."""
+    if t.is_nested:
+        t = t.to_padded_tensor(0.0)
+        if mask is not None and t.ndim == 3 and t.shape[0] == mask.shape[0] and t.shape[1] < mask.shape[1]:
+            t = torch.nn.functional.pad(t, (0, 0, 0, mask.shape[1] - t.shape[1]))
+    if t.ndim == 1:
+        t = t[:, None]
+    return t if t.is_floating_point() else t.float()
 
 
 def _first_tensor(output):
@@ -378,6 +392,8 @@ class _TorchRunner(Runner):
         self._eager = False  # set when a compiled model skipped the hooks
         self._shapes: dict = {}
         self._read_as: dict = {}  # layer -> the layout this batch was read in (unless fixed)
+        self._reducing: Optional[str] = None  # the layer whose output a hook is reducing
+        self._unmasked: set = set()  # token layers warned of as shorter than the attention mask
         self._checked = False
         self.handles: list = []
 
@@ -425,6 +441,7 @@ class _TorchRunner(Runner):
                     f"The layer {name!r} returned a {type(output).__name__} with no tensor first; "
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
+            t = _plain(t.detach(), self._mask)
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
             if self.fixed:
@@ -432,7 +449,9 @@ class _TorchRunner(Runner):
             else:
                 layout = self._read_as[name] = self.adapter.layout(name, t.ndim, self._mask is not None,
                                                                    tuple(t.shape), tuple(t.stride()))
-            self._out[name] = reduce(t.detach(), self._mask, layout=layout, ops=OPS)
+            self._reducing = name  # what fails from here is ours, not the model's
+            self._out[name] = reduce(t, self._mask, layout=layout, ops=OPS)
+            self._reducing = None
         return hook
 
     def run(self, inputs, where: str = "a batch"):
@@ -466,6 +485,7 @@ class _TorchRunner(Runner):
             self._check_token_maps()
         elif not self.fixed:
             self._check_layouts()
+        self._check_mask_lengths()
         out = {}
         for name, t in self._out.items():
             keep_reduced(out, name, t, OPS.to_host)
@@ -504,6 +524,21 @@ class _TorchRunner(Runner):
                     "read either way); the vectors would mix the two. Choose a layer after the block's last "
                     "transpose or norm, or give the first batch another sequence length.")
 
+    def _check_mask_lengths(self) -> None:
+        """Warn, once per layer, where a token map is not as long as the batch's attention mask (a strided
+        convolution before it): the mask cannot say which of its tokens are padding, so none is left out."""
+        if self._mask is None:
+            return
+        for name, shape in self._shapes.items():
+            layout = (self.fixed or self._read_as).get(name)
+            if (layout == "tokens" and len(shape) == 3 and shape[1] != self._mask.shape[1] and name not in self._unmasked
+                    and not getattr(self.reducers[name], "over_tokens", False)):
+                self._unmasked.add(name)
+                warnings.warn(
+                    f"Layer {name!r} gives {shape[1]} tokens where the batch's attention mask has "
+                    f"{self._mask.shape[1]}: the mask cannot say which of them are padding, so its vectors average "
+                    "all of them, padding included.", DataWarning, stacklevel=4)
+
     def _check_token_maps(self) -> None:
         """Warn when a token map (N, T, D) of a masked batch is read as a channels-first map (a run saved
         before layouts were recorded), so padding changes its vectors."""
@@ -519,13 +554,19 @@ class _TorchRunner(Runner):
                     "'token_first' for this layer.", DataWarning, stacklevel=4)
 
     def _forward(self, module, inputs, where: str, n: int):
-        self._out, self._shapes, self._read_as = {}, {}, {}
+        self._out, self._shapes, self._read_as, self._reducing = {}, {}, {}, None
         try:
             with torch.no_grad():
                 return self.adapter.logits(self.adapter.call(inputs, module), n)
         except ActClustError:
             raise
         except Exception as e:
+            if self._reducing is not None:  # in a hook: the layer's output, not the model's inputs
+                name = self._reducing
+                raise CaptureError(
+                    f"Layer {name!r} gave an output of shape {tuple(self._shapes[name])} that actclust could not "
+                    f"reduce to vectors on {where} ({type(e).__name__}: {e}); choose another layer, or another "
+                    "reducer for it (reducer={layer: ...}).") from e
             raise model_error(e, where, inputs, layout=_layout_hint(inputs, str(e))) from e
 
 

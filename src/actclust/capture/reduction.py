@@ -75,7 +75,10 @@ class Reducer:
         if t.ndim == 2:
             return t
         ops = ops or ops_for(t)
-        return self._reduce(canonical(t, layout, ops), mask if layout == "tokens" else None, ops)
+        # a mask says which of the batch's tokens are padding: of a token map as long, not of one a strided
+        # convolution shortened (runners warn that its vectors then count every token)
+        fits = layout == "tokens" and mask is not None and tuple(mask.shape) == tuple(t.shape[:2])
+        return self._reduce(canonical(t, layout, ops), mask if fits else None, ops)
 
     def _reduce(self, t, mask, ops: Ops):
         raise NotImplementedError
