@@ -329,3 +329,47 @@ def test_torch_tokens_as_long_as_wide_follow_another_batch():
                                            r"but was read as a channels-first map \(N, C, L\) in the first batch"):
         actclust.ActivationClustering(_conformer(contiguous=True), ["1"], n_clusters=3,
                                       progress=False).fit(_lengths_loader([16, 20]))
+
+
+# a ConvNeXt block's (N, H, W, C) maps, made by a LayerNorm over the channels or a Linear on them (through element-wise
+# modules after them), are channels-last; the block, permuted back, is channels-first (they were all read
+# channels-first, averaged over the width and channels); Hugging Face's ConvNeXt (its own LayerNorm, with a data_format,
+# and its GELUActivation) the same
+def test_torch_channels_last_maps_of_linear_and_layer_norm():
+    import actclust
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln, self.pw, self.act = nn.Conv2d(3, 12, 3, padding=1), nn.LayerNorm(12), nn.Linear(12, 20), \
+                nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.pw(self.ln(self.conv(x).permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 3)).eval()
+    x = torch.randn(40, 3, 6, 8)
+    shown = actclust.list_layers(model, x[:2])
+    assert {n: shown[n].layout for n in ("0.conv", "0.ln", "0.pw", "0.act", "0")} == {
+        "0.conv": "channels_first", "0.ln": "channels_last", "0.pw": "channels_last", "0.act": "channels_last",
+        "0": "channels_first"}
+    ac = actclust.ActivationClustering(model, ["0.ln", "0.act", "0"], n_clusters=3, normalize=None,
+                                       progress=False).fit(x)
+    with torch.no_grad():
+        ln = model[0].ln(model[0].conv(x).permute(0, 2, 3, 1))
+        act = model[0].act(model[0].pw(ln))
+    for name, want in (("0.ln", ln.mean((1, 2))), ("0.act", act.mean((1, 2))), ("0", act.mean((1, 2)))):
+        np.testing.assert_allclose(ac.train_vectors_[name], want.numpy(), rtol=1e-5, atol=1e-6)
+
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    hf = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[12, 16], depths=[1, 1], num_stages=2,
+                                                       num_labels=3, image_size=32)).eval()
+    shown = actclust.list_layers(hf, torch.randn(2, 3, 32, 32))
+    block = "convnext.encoder.stages.0.layers.0"
+    assert {n: shown[f"{block}.{n}"].layout for n in ("dwconv", "layernorm", "pwconv1", "act", "pwconv2")} == {
+        "dwconv": "channels_first", "layernorm": "channels_last", "pwconv1": "channels_last", "act": "channels_last",
+        "pwconv2": "channels_last"}
+    assert shown[block].layout == shown["convnext.encoder.stages.1.downsampling_layer.0"].layout == "channels_first"

@@ -46,6 +46,12 @@ _ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *n
                      if n != "MultiheadAttention")
 
 
+def _elementwise(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its input's shape and layout, value by value: PyTorch's activations and dropout, and
+    Hugging Face's activation modules (``GELUActivation``...)."""
+    return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -122,7 +128,7 @@ class TorchAdapter(ModelAdapter):
         if rank <= 2:
             return "dense"
         if rank >= 4:
-            return "channels_first"
+            return self._layout_4d(layer, shape)
         made = self._made.get(layer)
         if made is None:  # asked by every batch of a fit: the walk below once
             made = self._made[layer] = self._made_by(self.modules().get(layer))
@@ -143,6 +149,33 @@ class TorchAdapter(ModelAdapter):
         self._shown[layer] = shown
         return shown
 
+    def _layout_4d(self, layer: str, shape: tuple) -> str:
+        """A map of 4 or 5 axes: channels-first, unless a Linear or a LayerNorm over the last axis makes it (through
+        element-wise modules after it) and its last axis, not axis 1, has their features: channels-last (a ConvNeXt
+        block's or a Swin block's ``(N, H, W, C)``; read channels-first, it was averaged over the width and channels)."""
+        key = ("4d", layer)
+        if key not in self._made:
+            self._made[key] = self._last_axis_features(self.modules().get(layer))
+        features = self._made[key]
+        if features and len(shape) >= 4 and shape[-1] == features != shape[1]:
+            return "channels_last"
+        return "channels_first"
+
+    def _last_axis_features(self, module: Optional[nn.Module]) -> int:
+        """The features of the Linear, or of the LayerNorm over one axis, that makes ``module``'s output through the
+        element-wise modules after it (in the order the modules are defined, as for 3-axis maps); else 0."""
+        if module is None:
+            return 0
+        for m in self._leaves_back(module):
+            if isinstance(m, nn.Linear):
+                return int(m.out_features)
+            if (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+                    and getattr(m, "data_format", "channels_last") == "channels_last"):  # (Hugging Face's ConvNeXt)
+                return int(m.normalized_shape[0])
+            if not _elementwise(m):
+                return 0
+        return 0
+
     def _made_by(self, module: Optional[nn.Module]):
         """What makes ``module``'s 3-axis output: its layout, or the channels of the 1-D map it ends on (then its
         output is channels-first where its axis 1 has that many, tokens otherwise).
@@ -155,19 +188,25 @@ class TorchAdapter(ModelAdapter):
             return "tokens"
         if isinstance(module, _CHANNELS_FIRST_1D):
             return "channels_first"
-        leaves = [m for m in self.inner.modules() if not list(m.children())]
-        own = [m for m in module.modules() if not list(m.children())]
-        last = own[-1] if own else module
-        at = next((i for i, m in enumerate(leaves) if m is last), None)
-        for m in reversed(leaves[:at + 1] if at is not None else [last]):
+        back = self._leaves_back(module)
+        for m in back:
             if isinstance(m, _CHANNELS_FIRST_1D):
                 channels = getattr(m, "out_channels", getattr(m, "num_features", None))
                 if channels is None:  # a pooling keeps its input's channels: look further back
                     continue
                 return int(channels)
-            if not isinstance(m, _ELEMENTWISE):
+            if not _elementwise(m):
                 return "tokens"
-        return "channels_first" if isinstance(last, _CHANNELS_FIRST_1D) else "tokens"
+        return "channels_first" if isinstance(back[0], _CHANNELS_FIRST_1D) else "tokens"
+
+    def _leaves_back(self, module: nn.Module) -> list:
+        """The model's leaf modules from ``module``'s last one backwards, in the order they are defined (``module``'s
+        last leaf, or itself, alone where the model does not hold it)."""
+        leaves = [m for m in self.inner.modules() if not list(m.children())]
+        own = [m for m in module.modules() if not list(m.children())]
+        last = own[-1] if own else module
+        at = next((i for i, m in enumerate(leaves) if m is last), None)
+        return list(reversed(leaves[:at + 1])) if at is not None else [last]
 
     def modules(self) -> dict[str, nn.Module]:
         # every attribute path, also a second name of one module (``self.act = self.relu``): PyTorch's default
