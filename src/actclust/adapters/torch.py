@@ -130,7 +130,7 @@ class TorchAdapter(ModelAdapter):
         if rank >= 4:
             return self._layout_4d(layer, shape)
         made = self._made.get(layer)
-        if made is None:  # asked by every batch of a fit: the walk below once
+        if made is None:  # asked by every batch of a fit: the walk below once (see walk_once)
             made = self._made[layer] = self._made_by(self.modules().get(layer))
         if isinstance(made, str):
             return made
@@ -148,6 +148,14 @@ class TorchAdapter(ModelAdapter):
             return self._shown.get(layer, "channels_first")
         self._shown[layer] = shown
         return shown
+
+    def walk_once(self, layers) -> None:
+        """What makes each of ``layers``' outputs, found now, before a pass: the hooks then only read it (a compiled
+        model traces them, and an entry added during its first batch made it compile the hooks again)."""
+        modules = self.modules()
+        for layer in layers:
+            self._made.setdefault(layer, self._made_by(modules.get(layer)))
+            self._made.setdefault(("4d", layer), self._last_axis_features(modules.get(layer)))
 
     def _layout_4d(self, layer: str, shape: tuple) -> str:
         """A map of 4 or 5 axes: channels-first, unless a Linear or a LayerNorm over the last axis makes it (through
@@ -426,6 +434,7 @@ class _TorchRunner(Runner):
         self.reducers = dict(reducers)
         modules = adapter.modules()
         self.modules = {name: modules[name] for name in self.reducers}
+        adapter.walk_once(self.reducers)
         self._out: dict[str, torch.Tensor] = {}
         self._mask: Optional[torch.Tensor] = None
         self._eager = False  # set when a compiled model skipped the hooks
