@@ -184,6 +184,9 @@ def test_nan_names_the_row(model, data):
     x[77, 0, 2, 3] = np.nan
     with pytest.raises(DataError, match=r"X has NaN or infinite values at row 77; remove or impute them"):
         ActivationClustering(model, LAYERS, n_clusters=2, batch_size=32, progress=False).fit(x)
+    x[80:82] = np.inf  # more in the batch: how many, and where ("in rows rows" before)
+    with pytest.raises(DataError, match=r"X has NaN or infinite values at row 77 \(and 2 more in rows 64-95\); "):
+        ActivationClustering(model, LAYERS, n_clusters=2, batch_size=32, progress=False).fit(x)
 
 
 # score refuses labels the model does not have

@@ -50,7 +50,7 @@ def _check_finite(batch: Batch, name: str) -> None:
             label = name if key is None else f"{name}[{key!r}]"
             raise DataError(
                 f"{label} has NaN or infinite values at row {batch.start + int(rows[0])}"
-                + (f" (and {len(rows) - 1} more rows in rows {batch.where})" if len(rows) > 1 else "")
+                + (f" (and {len(rows) - 1} more in {batch.where})" if len(rows) > 1 else "")
                 + "; remove or impute them."
             )
 
