@@ -139,6 +139,22 @@ def test_torchscript_refused(resnet, images, convert):
         _fit(scripted, images)
 
 
+# torch.export's program.module() runs aten operations, not its sub-modules: refused with what to do (it failed in
+# eval() with a bare NotImplementedError); its unflattened form and a symbolically traced model run their sub-modules
+def test_exported_program_module_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(40, 6)
+    program = torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    with pytest.raises(UnsupportedModelError, match=r"runs its graph's operations, not its sub-modules, so it calls no "
+                                                    r"forward hooks.*torch.export.unflatten\(program\)"):
+        ActivationClustering(program.module(), ["0", "2"], n_clusters=3, progress=False).fit(x)
+    want = ActivationClustering(net, ["0", "2"], n_clusters=3, progress=False).fit(x).train_vectors_["0"]
+    for model in (torch.export.unflatten(program), torch.fx.symbolic_trace(net)):
+        got = ActivationClustering(model, ["0", "2"], n_clusters=3, progress=False).fit(x).train_vectors_["0"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # logits in a dict, or picked by a user function; a run fitted with output= needs it again at load
 def test_output_function(images, tmp_path):
     class Scores(nn.Module):

@@ -46,6 +46,12 @@ _ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *n
                      if n != "MultiheadAttention")
 
 
+def _calls_modules(graph_module) -> bool:
+    """Whether an ``fx.GraphModule`` runs any of its sub-modules (as ``torch.fx.symbolic_trace``'s graphs do), beside
+    the guards torch.export adds."""
+    return any(n.op == "call_module" and n.target != "_guards_fn" for n in graph_module.graph.nodes)
+
+
 def _elementwise(module: nn.Module) -> bool:
     """Whether ``module`` keeps its input's shape and layout, value by value: PyTorch's activations and dropout, and
     Hugging Face's activation modules (``GELUActivation``...)."""
@@ -106,6 +112,11 @@ class TorchAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 f"The model must be a torch.nn.Module; got {type(model).__name__}."
             )
+        if isinstance(_unwrap(model), torch.fx.GraphModule) and not _calls_modules(_unwrap(model)):
+            raise UnsupportedModelError(
+                "This graph module (torch.export's program.module()) runs its graph's operations, not its "
+                "sub-modules, so it calls no forward hooks and no layer can be captured. Pass the original "
+                "nn.Module, or torch.export.unflatten(program) of a program exported with a dynamic batch axis.")
         if output is not None and not callable(output):
             raise UnsupportedModelError(f"output must be a callable that returns the logits; got {output!r}.")
         # DataParallel splits a batch across devices and calls our hooks once per replica: the
