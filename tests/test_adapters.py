@@ -473,3 +473,15 @@ def test_tokens_fewer_than_the_mask():
     with torch.no_grad():
         want = model.lstm(model.conv(model.emb(ids).transpose(1, 2)).transpose(1, 2))[0].mean(1).numpy()
     np.testing.assert_allclose(ac.train_vectors_["lstm"], want, rtol=1e-5, atol=1e-6)
+
+
+# a dense layer kept as it is (normalize=None) is copied in its hook: the in-place ReLU after it changed what was
+# captured (to the ReLU's output) before the pass ended
+def test_in_place_module_after_a_dense_layer():
+    torch.manual_seed(0)
+    x = torch.randn(50, 6)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).eval()
+    ac = ActivationClustering(model, ["0", "2"], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        np.testing.assert_allclose(ac.train_vectors_["0"], model[0](x).numpy(), rtol=1e-6)
+    assert (ac.train_vectors_["0"] < 0).any()

@@ -46,6 +46,14 @@ _ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *n
                      if n != "MultiheadAttention")
 
 
+def _own(reduced, t: torch.Tensor):
+    """A hook's reduced output, copied where it is the layer's output itself (a dense layer kept as it is): an in-place
+    module after the layer (``nn.ReLU(inplace=True)``) would otherwise change it before the pass ends."""
+    if isinstance(reduced, tuple):
+        return (_own(reduced[0], t),) + tuple(reduced[1:])
+    return reduced.clone() if reduced is t else reduced
+
+
 def _calls_modules(graph_module) -> bool:
     """Whether an ``fx.GraphModule`` runs any of its sub-modules (as ``torch.fx.symbolic_trace``'s graphs do), beside
     the guards torch.export adds."""
@@ -509,7 +517,7 @@ class _TorchRunner(Runner):
                 layout = self._read_as[name] = self.adapter.layout(name, t.ndim, self._mask is not None,
                                                                    tuple(t.shape), tuple(t.stride()))
             self._reducing = name  # what fails from here is ours, not the model's
-            self._out[name] = reduce(t, self._mask, layout=layout, ops=OPS)
+            self._out[name] = _own(reduce(t, self._mask, layout=layout, ops=OPS), t)
             self._reducing = None
         return hook
 
