@@ -465,6 +465,18 @@ def test_missing_backend():
     assert "set KERAS_BACKEND to an installed backend" in out.stdout
 
 
+# a KERAS_BACKEND Keras cannot use (a typo, upper case) is one line and exit 2 in the CLI, not Keras's 45-line traceback
+@pytest.mark.parametrize("backend", ["JAX", "bogus"])
+def test_unusable_backend(tmp_path, backend):
+    keras.Sequential([keras.Input((4,)), layers.Dense(2)]).save(tmp_path / "m.keras")
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    out = subprocess.run([sys.executable, "-m", "actclust.cli", "layers", str(tmp_path / "m.keras")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert (f"actclust layers: error: Keras cannot start: Unable to import backend : {backend} (the environment "
+            f"variable KERAS_BACKEND is '{backend}'); set it to jax, torch or tensorflow, in lower case") in out.stderr
+
+
 # ---------------------------------------------------------------------------- same results across frameworks
 @pytest.fixture(scope="module")
 def ported():

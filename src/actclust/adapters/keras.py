@@ -23,6 +23,7 @@ its first call, as Keras's own ``layer.output`` is.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import warnings
 from typing import Callable, Mapping, Optional
@@ -56,6 +57,13 @@ def import_keras():
                     f"Keras is set to use the {backend} backend, which is not installed ({e}); install it, or set "
                     "KERAS_BACKEND to an installed backend (jax, torch or tensorflow) before importing keras."
                 ) from None
+        except ValueError as e:  # KERAS_BACKEND=JAX, "jax ", a typo: Keras's own traceback, 45 lines of it
+            if "backend" not in str(e):
+                raise
+            raise ParameterError(
+                f"Keras cannot start: {e} (the environment variable KERAS_BACKEND is "
+                f"{os.environ.get('KERAS_BACKEND')!r}); set it to jax, torch or tensorflow, in lower case, before "
+                "importing keras.") from None
     return require("keras", "explaining a Keras model")
 
 
