@@ -394,6 +394,10 @@ def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
     assert main(report + ["--out", str(run / "report.html")]) == 0
     assert main(report + ["--out", str(run)]) == 2  # the run's folder: the hint puts the report beside it
     assert f"is a directory; give the HTML file to write, e.g. --out {run}-report.html" in capsys.readouterr().err
+    data = tiny_npz.read_bytes()  # nor over a file it reads (--overwrite replaced the --data file with the HTML)
+    assert main(report + ["--out", str(tiny_npz)]) == 2
+    assert f"--out {tiny_npz} is the --data file the report reads; it is never written over" in capsys.readouterr().err
+    assert tiny_npz.read_bytes() == data
 
 
 # a place where the run cannot be saved is said before the fit, not after it; a run another command saved there

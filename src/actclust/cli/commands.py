@@ -308,6 +308,11 @@ def _report(args) -> int:
         raise RunExistsError(f"--out {out} is a directory; give the HTML file to write, e.g. --out {beside}.")
     if out.exists() and not args.overwrite:  # before the work; the library's message names its Python argument
         raise RunExistsError(f"{out} already exists; {OVERWRITE_FLAG} to replace it.")
+    for flag, given in (("--model", args.model), ("--weights", args.weights), ("--data", args.data),
+                        ("--train", args.train)):  # a file the report reads: --overwrite replaced it with the HTML
+        if given and out.exists() and Path(given).is_file() and Path(given).resolve() == out.resolve():
+            raise RunExistsError(f"--out {out} is the {flag} file the report reads; it is never written over, even "
+                                 "with --overwrite. Choose another path.")
     ac = load_run(args)
     _refuse_run_file(out, args.run, ac)
     x, y = load_data(args.data, "test", ac._adapter())
