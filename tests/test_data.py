@@ -136,6 +136,50 @@ def test_dict_batches_label_key():
         ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=1, progress=False).fit(DictSet())
 
 
+# a dict of arrays in memory takes its labels as a loader's dict batches do: "labels" with label_key="auto", or the key
+# given (both were passed to the model, which refused the keyword); label_key=None passes every key to the model
+def test_dict_of_arrays_label_key():
+    g = torch.Generator().manual_seed(0)
+    a, b, y = torch.randn(30, 3, generator=g), torch.randn(30, 2, generator=g), torch.arange(30) % 3
+    auto = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit({"a": a, "b": b, "labels": y})
+    assert auto.train_labels_.tolist() == y.tolist()
+    named = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key="target", progress=False).fit(
+        {"a": a, "b": b, "target": y}, y)  # and y= agreeing
+    assert named.train_labels_.tolist() == y.tolist()
+    np.testing.assert_array_equal(named.train_vectors_["fa"], auto.train_vectors_["fa"])
+    with pytest.raises(DataError, match=r"labels in the batches of X differ from y= at row 0"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit({"a": a, "b": b, "labels": y},
+                                                                                    (y + 1) % 3)
+    with pytest.raises(CaptureError, match=r"unexpected keyword argument 'labels'"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=None, progress=False).fit(
+            {"a": a, "b": b, "labels": y})
+
+
+# a Dataset of (inputs by name, label) pairs, PyTorch's and Hugging Face's usual items: inputs and labels (it was
+# refused, "must hold tensors; found a dict", with label_key="auto" and label_key=1 alike)
+@pytest.mark.parametrize("label_key", ["auto", 1])
+def test_pairs_of_a_dict_and_a_label(label_key):
+    g = torch.Generator().manual_seed(0)
+    a, b, y = torch.randn(30, 3, generator=g), torch.randn(30, 2, generator=g), torch.arange(30) % 3
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return {"a": a[i], "b": b[i]}, y[i]
+
+    ac = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=label_key, progress=False).fit(
+        DataLoader(Pairs(), batch_size=8))
+    assert ac.train_labels_.tolist() == y.tolist()
+    want = ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit({"a": a, "b": b}).train_vectors_
+    np.testing.assert_allclose(ac.train_vectors_["fa"], want["fa"], rtol=1e-6)
+    with pytest.raises(DataError, match=r"must hold tensors; found a dict \(a pair of a dict of inputs and a 1-D array "
+                                        r"of labels is read as inputs and labels\)"):
+        ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, label_key=label_key, progress=False).fit(
+            DataLoader(Pairs(), batch_size=8, collate_fn=lambda items: ({"a": a[:8], "b": b[:8]}, {"c": y[:8]})))
+
+
 # samplers other than sequential are refused: labels and indices would not match the samples
 @pytest.mark.parametrize("make, match", [
     (lambda ds: DataLoader(ds, sampler=SubsetRandomSampler(range(10))), "draws its samples with a SubsetRandomSampler"),

@@ -144,8 +144,16 @@ class Batches:
                    if isinstance(data, list) else "a tuple that holds other values than arrays."
                    if isinstance(data, tuple) and data else f"an empty {type(data).__name__}."))
         elif isinstance(data, Mapping):
-            self._columns = _columns(data, name)
+            # its "labels" taken as a loader's dict batches' are (label_key="auto"), not passed to the model
+            inputs, labels = split_item({k: v for k, v in data.items()}, label_key, name) if all(
+                is_array(v) for v in data.values()) else (data, None)
+            self._columns = _columns(inputs, name)
             self.n_samples = batch_len(self._columns)
+            if labels is not None:
+                labels = as_labels(labels, f"{name}[{_label_name(data, label_key)!r}]")
+                if self._y is not None and len(self._y) == len(labels):
+                    check_agree(labels, self._y, name)
+                self._y = labels if self._y is None else self._y
         elif is_array(data):
             self._array = numeric(data, name)
             if len(self._array.shape) == 0:
@@ -354,6 +362,11 @@ def split_item(item, label_key, name: str = "X"):
         return item, label
     if isinstance(item, (tuple, list)) and item:
         parts = list(item)
+        if len(parts) == 2 and isinstance(parts[0], Mapping) and is_array(parts[1]) and label_key in ("auto", 1, -1):
+            inputs = dict(parts[0])  # (inputs by name, labels): a Dataset's usual items, collated
+            _all_arrays(inputs.values(), name)
+            if label_key != "auto" or _looks_like_labels(parts[1], batch_len(inputs)):
+                return inputs, parts[1]
         _all_arrays(parts, name)
         if label_key == "auto":
             if len(parts) == 1:
@@ -386,7 +399,14 @@ def split_item(item, label_key, name: str = "X"):
 def _all_arrays(parts, name: str) -> None:
     for p in parts:
         if not is_array(p):
-            raise DataError(f"The batches of {name} must hold tensors; found a {type(p).__name__}.")
+            raise DataError(f"The batches of {name} must hold tensors; found a {type(p).__name__}"
+                            + (" (a pair of a dict of inputs and a 1-D array of labels is read as inputs and labels)"
+                               if isinstance(p, Mapping) else "") + ".")
+
+
+def _label_name(data: Mapping, label_key) -> str:
+    """The key of ``data`` its labels were taken from."""
+    return next((k for k in LABEL_NAMES if k in data), None) if label_key == "auto" else label_key
 
 
 def _looks_like_labels(t, n: int) -> bool:
