@@ -299,7 +299,9 @@ def test_unlabeled_trust_warns_and_explanations_say_so(tiny):
     assert "needs true labels" in es[0].trust_notes[0] and "not correctness" in es[-1].trust_notes[1]
     assert actclust.Explanation.from_json(es[0].to_json()).trust_notes == es[0].trust_notes
     with pytest.warns(actclust.TrustWarning, match=r"holds 0 DNN errors and 30 right predictions; it needs at least 10 "
-                                                   r"of each \(held-out data holds more errors"):
+                                                   r"of each \(held-out data holds more errors: in Python, "
+                                                   r"trust=\{'calibration': \(X_val, y_val\)\}; the command line has no "
+                                                   r"option for it\)"):
         _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)
     # labels on held-out data give an unlabeled fit its stacked_trust
     rng = np.random.default_rng(5)

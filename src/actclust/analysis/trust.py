@@ -318,11 +318,12 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     cal_alpha, right, stack, notes = np.sort(_ties(alpha)), pred == cal_labels, None, []
     if not split.true_labels:
         notes.append("stacked_trust is unavailable: it learns the DNN's right from wrong predictions and needs true "
-                     "labels (fit with y, or pass calibration=ac.query(X_val, y_val, vectors=True))")
+                     "labels (fit with them; in Python, also calibration=ac.query(X_val, y_val, vectors=True))")
         notes.append("credibility and dknn_prediction count neighbours by the DNN's own "
                      "predictions, not labels: they measure agreement with the training data, not correctness")
     elif min(right.sum(), (~right).sum()) < _MIN_STACK:
-        more = (" (held-out data holds more errors: trust={'calibration': (X_val, y_val)})" if split.is_cal.any()
+        more = (" (held-out data holds more errors: in Python, trust={'calibration': (X_val, y_val)}; the command "
+                "line has no option for it)" if split.is_cal.any()
                 else "")  # the calibration is already held-out data: only more of it helps
         notes.append(f"stacked_trust is unavailable: the calibration split holds {int((~right).sum())} DNN errors and "
                      f"{int(right.sum())} right predictions; it needs at least {_MIN_STACK} of each{more}")
