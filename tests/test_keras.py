@@ -637,6 +637,15 @@ def test_cli_builtin_images_for_a_channels_last_model(tmp_path, capsys):
     np.savez(tmp_path / "first.npz", x=np.zeros((20, 1, 8, 8), np.float32))  # the user's own file: as given
     assert main(["score", run, "--data", str(tmp_path / "first.npz"), "--quiet", "--trust-run-model"]) == 2
     assert "transpose" in capsys.readouterr().err
+    # a built-in set of another image size fits neither layout: said of the model's own (the moveaxis hint misled)
+    inp = keras.Input((6, 6, 1), name="small")
+    keras.Model(inp, layers.Dense(3, name="logits")(layers.Flatten(name="flat")(inp))).save(tmp_path / "six.keras")
+    assert main(["fit", str(tmp_path / "six.keras"), "--data", "digits", "--layers", "flat", "--quiet",
+                 "--out", str(tmp_path / "six")]) == 2
+    err = capsys.readouterr().err
+    assert ("--data digits has samples of shape (8, 8, 1), but the model's input 'small' takes samples of "
+            "shape (6, 6, 1)") in err and "moveaxis" not in err
+    assert "Neither layout of the built-in digits images (1 x 8 x 8) fits the model: give --data an .npz" in err
 
 
 # a sigmoid head over several classes is said once, as in PyTorch (its probabilities were read as logits silently)

@@ -173,19 +173,27 @@ def _whole_onnx(path: Path, run: Path):
 def _as_model_takes(x: np.ndarray, adapter, spec: str) -> np.ndarray:
     """A built-in data set's channels-first images ``x``, or the same moved channels-last where only those are what
     the model takes (its adapter's input check; a PyTorch model's checks nothing, so stays channels-first)."""
-    from ..exceptions import ActClustError
+    from ..exceptions import ActClustError, DataError
+
+    refused = []
 
     def takes(a) -> bool:
         try:
             adapter.check_inputs(a[:2], f"--data {spec}")
             return True
-        except ActClustError:
+        except ActClustError as e:
+            refused.append(str(e))
             return False
 
     if x.ndim != 4 or takes(x):
         return x
     moved = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-    return moved if takes(moved) else x  # neither: the first pass says what is wrong, of the data as given
+    if takes(moved):
+        return moved
+    # neither (another image size): what the model takes, said of the layout it does not ask to move to
+    said = refused[1] if "np.moveaxis" in refused[0] else refused[0]
+    raise DataError(f"{said} Neither layout of the built-in {spec} images ({x.shape[1]} x {x.shape[2]} x "
+                    f"{x.shape[3]}) fits the model: give --data an .npz of the inputs it takes.")
 
 
 def recorded_file(run: Path, manifest: dict, key: str, suffixes: tuple):
