@@ -485,3 +485,34 @@ def test_in_place_module_after_a_dense_layer():
     with torch.no_grad():
         np.testing.assert_allclose(ac.train_vectors_["0"], model[0](x).numpy(), rtol=1e-6)
     assert (ac.train_vectors_["0"] < 0).any()
+
+
+# an RNN fed packed sequences returns a PackedSequence: padded back, in the batch's order, each sequence averaged over
+# its own steps (list_layers left it out and fit refused it, "no tensor first"); a module that runs twice in a pass is
+# listed as such (fit refuses it)
+def test_packed_sequences_and_modules_run_twice():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm, self.act, self.fc = nn.LSTM(3, 8, batch_first=True), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x, lengths):
+            _, (h, _) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return self.fc(self.act(self.act(h[0])))
+
+    g = torch.Generator().manual_seed(0)
+    x, lengths = torch.randn(40, 10, 3, generator=g), torch.randint(2, 11, (40,), generator=g)
+    model = Packed().eval()
+    shown = list_layers(model, (x[:2], lengths[:2]))
+    assert shown["lstm"] == (2, int(lengths[:2].max()), 8) and shown["lstm"].layout == "tokens"
+    assert shown["act"].reduction.startswith("runs 2 times in one forward pass, so it cannot be captured")
+    ac = ActivationClustering(model, ["lstm", "fc"], n_clusters=3, normalize=None, progress=False, batch_size=16).fit(
+        (x, lengths))
+    with torch.no_grad():
+        want = [model.lstm(x[i:i + 1, :n])[0][0].mean(0).numpy() for i, n in enumerate(lengths.tolist())]
+    np.testing.assert_allclose(ac.train_vectors_["lstm"], np.stack(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(CaptureError, match=r"The layer 'act' ran more than once in one forward pass"):
+        ActivationClustering(model, ["act"], n_clusters=3, progress=False).fit((x, lengths))

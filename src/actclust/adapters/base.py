@@ -148,9 +148,11 @@ class ModelAdapter(abc.ABC):
         r = make_reducer(reducer)
         masked = isinstance(sample, Mapping) and "attention_mask" in sample
         out = {}
-        for name, (shape, strides) in self.sample_outputs(sample).items():
+        for name, (shape, strides, calls) in self.sample_outputs(sample).items():
             layout = self.layout(name, len(shape), masked, tuple(shape), strides)
-            out[name] = LayerInfo(shape, layout, describe(r, layout, shape))
+            out[name] = LayerInfo(shape, layout, describe(r, layout, shape) if calls == 1 else
+                                  f"runs {calls} times in one forward pass, so it cannot be captured (its activations "
+                                  "would be mixed): choose a module that runs once")
         return out
 
     def output_shapes(self, sample) -> dict:
@@ -158,9 +160,10 @@ class ModelAdapter(abc.ABC):
         raise NotImplementedError
 
     def sample_outputs(self, sample) -> dict:
-        """``{layer: (output shape, its strides or None)}`` of one forward pass on ``sample``, for the layers that
-        ran: what :meth:`layout` reads them by (strides only where the framework's layout may need them)."""
-        return {name: (shape, None) for name, shape in self.output_shapes(sample).items()}
+        """``{layer: (output shape, its strides or None, times it ran)}`` of one forward pass on ``sample``, for the
+        layers that ran: what :meth:`layout` reads them by (strides only where the framework's layout may need
+        them), and whether they can be captured (a layer that runs more than once cannot)."""
+        return {name: (shape, None, 1) for name, shape in self.output_shapes(sample).items()}
 
     def check_inputs(self, inputs, name: str) -> None:
         """Refuse, before the first forward pass, inputs the model cannot take (nothing by default)."""

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
@@ -341,20 +342,23 @@ class TorchAdapter(ModelAdapter):
 
     def output_shapes(self, sample) -> dict:
         """Output shapes of every module that ran on ``sample`` (hooks removed, modes restored after)."""
-        return {name: shape for name, (shape, _) in self.sample_outputs(sample).items()}
+        return {name: found[0] for name, found in self.sample_outputs(sample).items()}
 
     def sample_outputs(self, sample) -> dict:
-        """Output shapes and strides of every module that ran on ``sample`` (hooks removed, modes restored after)."""
+        """Output shapes and strides of every module that ran on ``sample``, and how many times it ran (hooks removed,
+        modes restored after)."""
         names = self.layer_names()
         shapes: dict[str, tuple] = {}
+        calls: dict[str, int] = {}
         modules = self.modules()
 
         def record(name):
             def hook(module, args, output):
-                t = _first_tensor(output)
+                t = (_unpacked(output) or (_first_tensor(output),))[0]
                 if t is not None:
                     t = _plain(t, None)
                     shapes.setdefault(name, (tuple(t.shape), tuple(t.stride())))
+                    calls[name] = calls.get(name, 0) + 1
             return hook
 
         handles = [modules[n].register_forward_hook(record(n)) for n in names]
@@ -372,7 +376,7 @@ class TorchAdapter(ModelAdapter):
                 h.remove()
             for m, training in modes.items():
                 m.training = training
-        return {n: shapes[n] for n in names if n in shapes}
+        return {n: (*shapes[n], calls[n]) for n in names if n in shapes}
 
     def runner(self, reducers: Mapping[str, Callable], layouts: Optional[Mapping[str, str]] = None) -> "_TorchRunner":
         return _TorchRunner(self, reducers, layouts)
@@ -404,6 +408,16 @@ def _plain(t: torch.Tensor, mask) -> torch.Tensor:
     if t.ndim == 1:
         t = t[:, None]
     return t if t.is_floating_point() else t.float()
+
+
+def _unpacked(output):
+    """``(tokens (N, T, D), mask (N, T))`` of an output whose first element is a ``PackedSequence`` (an RNN fed packed
+    sequences): padded back in the batch's order, the mask keeping each sequence's own steps; else None."""
+    first = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) and output else output
+    if not isinstance(first, PackedSequence):
+        return None
+    t, lengths = pad_packed_sequence(first, batch_first=True)
+    return t, (torch.arange(t.shape[1])[None] < lengths[:, None]).to(t.device)
 
 
 def _first_tensor(output):
@@ -502,13 +516,13 @@ class _TorchRunner(Runner):
                     f"The layer {name!r} ran more than once in one forward pass (a shared or "
                     "reused module); its activations would be mixed. Choose a module that runs once."
                 )
-            t = _first_tensor(output)
+            t, mask = _unpacked(output) or (_first_tensor(output), self._mask)
             if t is None:
                 raise CaptureError(
                     f"The layer {name!r} returned a {type(output).__name__} with no tensor first; "
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
-            t = _plain(t.detach(), self._mask)
+            t = _plain(t.detach(), mask)
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
             if self.fixed:
@@ -517,7 +531,7 @@ class _TorchRunner(Runner):
                 layout = self._read_as[name] = self.adapter.layout(name, t.ndim, self._mask is not None,
                                                                    tuple(t.shape), tuple(t.stride()))
             self._reducing = name  # what fails from here is ours, not the model's
-            self._out[name] = _own(reduce(t, self._mask, layout=layout, ops=OPS), t)
+            self._out[name] = _own(reduce(t, mask, layout=layout, ops=OPS), t)
             self._reducing = None
         return hook
 
