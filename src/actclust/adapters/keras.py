@@ -173,6 +173,7 @@ class KerasAdapter(ModelAdapter):
         self.model = model
         self.output = output
         self._layers = {}  # path -> layer, in the model's order, nested models entered
+        self._formats: dict = {}  # path -> its data format (asked by every batch of a fit: the graph walked once)
         self._walk(model, "")
         self._probabilities = output is None and _ends_in_softmax(model)
 
@@ -208,6 +209,11 @@ class KerasAdapter(ModelAdapter):
         that order may be on the other branch (a ReLU after a channels-last Conv2D was read channels-first after a
         channels-first one on another branch; an outside check). A layer the graph does not reach (one of a
         subclassed model; one inside a nested model, whose own inputs end its graph) falls back to that order."""
+        if path not in self._formats:
+            self._formats[path] = self._walk_format(path)
+        return self._formats[path]
+
+    def _walk_format(self, path: str) -> str:
         keras = sys.modules["keras"]
         layer = self._layers[path]
         found = _format_along_graph(layer, keras.config.image_data_format())
