@@ -165,6 +165,47 @@ def test_formats_follow_the_graph_and_permutes():
         np.testing.assert_allclose(out[n], w, atol=1e-5)
 
 
+# the walk along the graph stops where the map does (a Dense on rows, a Flatten): a channels-first image branch no
+# longer makes the token layers after its bottleneck channels-first; a Reshape keeps the format where it keeps the
+# channels axis (a ViT's channels-first patches), and a map nothing before describes takes the format of the layer
+# that reads it; a nested model is walked through, out of it and into it (an outside check of the walk)
+def test_formats_across_bottlenecks_reshapes_and_nested_models():
+    keras.utils.set_random_seed(0)
+    img, ids = keras.Input((3, 8, 8), name="img"), keras.Input((6,), dtype="int32", name="ids")
+    pooled = layers.GlobalAveragePooling2D(data_format="channels_first")(
+        layers.Conv2D(4, 3, data_format="channels_first", name="conv_cf")(img))
+    img_tok = layers.Reshape((1, 16), name="img_tok")(layers.Dense(16)(pooled))
+    toks = layers.Concatenate(axis=1, name="cat")([img_tok, layers.Embedding(50, 16, name="emb")(ids)])
+    att = layers.LayerNormalization(name="ln")(layers.MultiHeadAttention(2, 8, name="mha")(toks, toks))
+    patches = layers.Reshape((4, 36), name="patches")(layers.Conv2D(4, 3, data_format="channels_first",
+                                                                     name="patch_cf")(img))  # (N, C, H W)
+    as_tokens = layers.Permute((2, 1), name="as_tokens")(patches)
+    grid = layers.Reshape((2, 4, 4), name="grid")(layers.Dense(32)(pooled))  # read by a channels-first Conv2D next
+    after = layers.Conv2D(3, 3, padding="same", data_format="channels_first", name="reads_cf")(
+        layers.ReLU(name="grid_relu")(grid))
+    block = keras.Sequential([keras.Input((8, 8, 3)), layers.Permute((3, 1, 2), name="to_cf"),
+                              layers.Conv2D(5, 3, padding="same", data_format="channels_first", name="inner_cf")],
+                             name="block")
+    nested = layers.ReLU(name="after_block")(block(layers.Permute((2, 3, 1), name="to_cl")(img)))
+    heads = [layers.GlobalAveragePooling1D()(att), layers.GlobalAveragePooling1D()(as_tokens),
+             layers.Flatten()(after), layers.Flatten()(nested)]
+    model = keras.Model([img, ids], layers.Dense(3)(layers.Concatenate()(heads)))
+    a = KerasAdapter(model)
+    assert {n: a.layout(n, 3, False) for n in ("img_tok", "cat", "emb", "mha", "ln", "patches", "as_tokens")} == {
+        "img_tok": "tokens", "cat": "tokens", "emb": "tokens", "mha": "tokens", "ln": "tokens",
+        "patches": "channels_first", "as_tokens": "tokens"}
+    assert {n: a.layout(n, 4, False) for n in ("grid", "grid_relu", "to_cl", "block", "block/to_cf", "block/inner_cf",
+                                                "after_block")} == {
+        "grid": "channels_first", "grid_relu": "channels_first", "to_cl": "channels_last", "block": "channels_first",
+        "block/to_cf": "channels_first", "block/inner_cf": "channels_first", "after_block": "channels_first"}
+    rng = np.random.default_rng(0)
+    x = {"img": rng.standard_normal((4, 3, 8, 8)).astype(np.float32), "ids": rng.integers(0, 50, (4, 6)).astype(np.int32)}
+    _, out = capture(model, x, ["mha", "after_block"])
+    inner = keras.Model(model.inputs, [model.get_layer("mha").output, model.get_layer("after_block").output])(x)
+    np.testing.assert_allclose(out["mha"], to_np(inner[0]).mean(1), atol=1e-5)
+    np.testing.assert_allclose(out["after_block"], to_np(inner[1]).mean((2, 3)), atol=1e-5)
+
+
 # token maps (N, T, D) of non-convolutional layers are pooled over the tokens a dict's padding mask keeps
 def test_token_maps_use_the_padding_mask():
     keras.utils.set_random_seed(0)

@@ -201,30 +201,29 @@ class KerasAdapter(ModelAdapter):
         return paths[0] if paths else name
 
     # ------------------------------------------------------------------ layouts
-    def _data_format(self, path: str) -> str:
-        """The layer's own ``data_format`` (or a normalisation's channel axis), else that of the nearest layer before
-        it along the graph that has one, turned by the ``Permute`` layers between them, else Keras's default.
+    def _data_format(self, path: str, rank: int) -> str:
+        """The format of the layer's output of ``rank`` axes: its own ``data_format`` (or a normalisation's channel
+        axis), else that of the nearest layer before it along the graph that has one, turned by the ``Permute``
+        layers between them; else, where the walk reaches the inputs, or a layer that flattens or reshapes the map
+        (its layout starts anew there), Keras's default for maps (``image_data_format``) and channels-last (tokens,
+        not a map) for 3 axes.
 
         Along the graph, not in the order of ``model.layers``: in a model of two branches the nearest layer before in
         that order may be on the other branch (a ReLU after a channels-last Conv2D was read channels-first after a
-        channels-first one on another branch; an outside check). A layer the graph does not reach (one of a
-        subclassed model; one inside a nested model, whose own inputs end its graph) falls back to that order."""
-        if path not in self._formats:
-            self._formats[path] = self._walk_format(path)
-        return self._formats[path]
+        channels-first one on another branch; an outside check). A nested model is walked through: its output is
+        what its last layer makes, and its inner layers continue, past its inputs, with what feeds it."""
+        key = (path, rank)
+        if key not in self._formats:
+            keras = sys.modules["keras"]
+            default = keras.config.image_data_format() if rank >= 4 else "channels_last"
+            self._formats[key] = _format_along_graph(self._nodes_to(path), default)
+        return self._formats[key]
 
-    def _walk_format(self, path: str) -> str:
-        keras = sys.modules["keras"]
-        layer = self._layers[path]
-        found = _format_along_graph(layer, keras.config.image_data_format())
-        if found is not None and not (found[1] and "/" in path):
-            return found[0]
-        names = list(self._layers)
-        for p in reversed(names[:names.index(path) + 1]):
-            fmt = _own_format(self._layers[p])
-            if fmt is not None:
-                return fmt
-        return keras.config.image_data_format()
+    def _nodes_to(self, path: str) -> list:
+        """The call of ``path``'s layer in its graph, then those of the nested models that hold it, innermost first
+        (a layer called more than once is read at its first call, as it is captured)."""
+        parts = path.split("/")
+        return [_first_node(self._layers["/".join(parts[:i])]) for i in range(len(parts), 0, -1)]
 
     def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
         """Dense for ``(N, F)``; a map of 4 or 5 axes is channels-last unless its layer (or the nearest
@@ -232,7 +231,7 @@ class KerasAdapter(ModelAdapter):
         pooling's map as its ``data_format`` says, any other layer's a token map ``(N, T, D)``."""
         if rank <= 2:
             return "dense"
-        fmt = self._data_format(layer) if layer in self._layers else "channels_last"
+        fmt = self._data_format(layer, rank) if layer in self._layers else "channels_last"
         if rank >= 4:
             return fmt
         if layer in self._layers and _own_format(self._layers[layer]) is not None:
@@ -415,31 +414,95 @@ class KerasAdapter(ModelAdapter):
         return _KerasRunner(self, reducers, layouts)
 
 
-def _format_along_graph(layer, default: str):
-    """``(format, from the graph's inputs)``: the nearest ``data_format`` before ``layer`` (itself included) along
-    its inbound nodes, breadth first, turned by the ``Permute`` layers on the way; ``default`` turned by them where
-    the walk reaches an input first (then ``True``). None where the layer has no inbound node (not in a graph)."""
+def _first_node(layer):
+    nodes = getattr(layer, "_inbound_nodes", None) or [None]
+    return nodes[0]
+
+
+def _format_along_graph(calls: list, default: str) -> str:
+    """The format of the first of ``calls`` (a layer's call node, then those of the nested models holding it): the
+    nearest ``data_format`` before it, breadth first, through nested models and out of them, turned by the
+    ``Permute`` layers on the way; ``default``, so turned, where a path ends first (at an input, at a Flatten or a
+    Reshape, or at a layer of at most 2 axes), or where the layer has no call node (a subclassed model's)."""
     keras = sys.modules["keras"]
-    if not getattr(layer, "_inbound_nodes", None):
-        return None
-    todo, seen, ended = [(layer, ())], {id(layer)}, None
+    if calls[0] is None:
+        return default
+    todo, seen, ended = [(calls[0], (), tuple(calls[1:]), True)], set(), None
     while todo:
         nxt = []
-        for op, permutes in todo:
-            fmt = _own_format(op)
+        for node, permutes, outers, start in todo:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            op = node.operation
+            if _is_model(op):  # a nested model's output: what its last layer makes
+                history = getattr(_graph_outputs(op)[0], "_keras_history", None)
+                if history is not None:
+                    nxt.append((history.operation._inbound_nodes[history.node_index], permutes, (node,) + outers,
+                                start))
+                    continue
+            shape = getattr((node.outputs or [None])[0], "shape", None)
+            if not start and shape is not None and len(shape) <= 2:  # a Flatten's, a Dense's on rows: no map to
+                ended = ended or _turned(default, permutes, default)  # follow; the layout starts anew after it
+                continue
+            fmt = None if isinstance(op, keras.layers.Flatten) else _own_format(op)
             if fmt is not None:
-                return _permuted(fmt, permutes), False
+                return _turned(fmt, permutes, default)
             if isinstance(op, keras.layers.Permute):
                 permutes = (tuple(op.dims),) + permutes  # applied after whatever lies further back
-            parents = [p.operation for node in getattr(op, "_inbound_nodes", []) for p in node.parent_nodes]
-            if not parents and ended is None:
-                ended = _permuted(default, permutes)
-            for parent in parents:
-                if id(parent) not in seen:
-                    seen.add(id(parent))
-                    nxt.append((parent, permutes))
+            elif isinstance(op, keras.layers.Reshape):
+                inputs = getattr(node, "input_tensors", None) or [None]
+                permutes = ((tuple(getattr(inputs[0], "shape", ())), tuple(shape or ())),) + permutes
+            parents, resume = list(node.parent_nodes), outers
+            if not parents and outers:  # a nested model's input: on with what feeds the model
+                parents, resume = list(outers[0].parent_nodes), outers[1:]
+            if not parents:
+                ended = ended or _turned(default, permutes, default)
+            nxt.extend((p, permutes, resume, False) for p in parents)
         todo = nxt
-    return ended, True
+    return _format_of_readers(calls[0]) or ended or default
+
+
+def _format_of_readers(node) -> Optional[str]:
+    """Where nothing before a map says its format (it starts at an input, or a Dense's output reshaped): the format
+    of the nearest layer after it that has one, through layers that keep its axes (a Reshape to a map that a
+    channels-first Conv2D then reads is channels-first)."""
+    keras = sys.modules["keras"]
+    rank = len(getattr((node.outputs or [None])[0], "shape", ()) or ())
+    todo, seen = [node], {id(node)}
+    while todo:
+        nxt = []
+        for n in todo:
+            readers = [r for r in getattr(n.operation, "_outbound_nodes", []) if any(p is n for p in r.parent_nodes)]
+            for r in readers:
+                if id(r) in seen:
+                    continue
+                seen.add(id(r))
+                op = r.operation
+                fmt = None if isinstance(op, keras.layers.Flatten) else _own_format(op)
+                if fmt is not None:
+                    return fmt
+                shape = getattr((r.outputs or [None])[0], "shape", None)
+                if not (_is_model(op) or isinstance(op, (keras.layers.Permute, keras.layers.Reshape))
+                        or shape is None or len(shape) != rank):
+                    nxt.append(r)
+        todo = nxt
+    return None
+
+
+def _turned(fmt: str, steps: tuple, default: str) -> str:
+    """``fmt`` after the ``Permute`` layers (their ``dims``) and ``Reshape`` layers (``(input shape, output shape)``)
+    of ``steps``, first to last: a Reshape that keeps the channels axis whole at its end (a channels-first map's
+    spatial axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``) keeps the format; one that does not gives ``default``."""
+    for step in steps:
+        if len(step) == 2 and isinstance(step[0], tuple):
+            before, after = step
+            at = 1 if fmt == "channels_first" else -1
+            if len(before) < 2 or len(after) < 2 or before[at] is None or before[at] != after[at]:
+                fmt = default
+            continue
+        fmt = _permuted(fmt, (step,))
+    return fmt
 
 
 def _permuted(fmt: str, permutes: tuple) -> str:
