@@ -373,3 +373,82 @@ def test_torch_channels_last_maps_of_linear_and_layer_norm():
         "dwconv": "channels_first", "layernorm": "channels_last", "pwconv1": "channels_last", "act": "channels_last",
         "pwconv2": "channels_last"}
     assert shown[block].layout == shown["convnext.encoder.stages.1.downsampling_layer.0"].layout == "channels_first"
+
+
+# 1-D maps made by a GroupNorm, halved by a GLU over the channels, or turned from tokens by a transpose (a LayerNorm
+# between two, as wav2vec 2.0's feature encoder does) are channels-first, and a Linear or LayerNorm itself is
+# channels-last also in a map as high as it is wide (all were read the other way: an outside check of a model zoo)
+def test_torch_maps_of_group_norms_gated_units_transposes_and_square_maps():
+    import actclust
+    from torch import nn
+
+    class LayerNormConv(nn.Module):  # wav2vec 2.0's feat_extract_norm="layer" block
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.act = nn.Conv1d(4, 12, 3), nn.LayerNorm(12), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), nn.Conv1d(8, 12, 1), nn.GLU(dim=1),
+                          nn.Conv1d(6, 4, 1), LayerNormConv(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(12, 3)).eval()
+    x = torch.randn(30, 4, 20)
+    shown = actclust.list_layers(model, x[:2])
+    assert {n: shown[n].layout for n in ("1", "3", "5", "5.act")} == {n: "channels_first" for n in ("1", "3", "5", "5.act")}
+    ac = actclust.ActivationClustering(model, ["1", "3", "5"], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        outs = [model[:2](x), model[:4](x), model[:6](x)]
+    for name, out in zip(["1", "3", "5"], outs):
+        np.testing.assert_allclose(ac.train_vectors_[name], out.mean(2).numpy(), rtol=1e-5, atol=1e-6)
+
+    square = nn.Sequential(nn.Conv2d(3, 8, 1), _Permute(0, 2, 3, 1), nn.LayerNorm(8), nn.Linear(8, 8)).eval()
+    shown = actclust.list_layers(square, torch.randn(2, 3, 8, 8))  # (N, 8, 8, 8): the shape reads either way
+    assert shown["2"].layout == shown["3"].layout == "channels_last"
+
+
+class _Permute(torch.nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+# nn.TransformerEncoder given its padding mask otherwise than as the batch's attention_mask: its nested tensors are
+# averaged over each input's own tokens, so that a vector does not depend on the batch it was in (padded to the
+# longest in the batch, it did: a norm ratio of 9/4 between batch sizes 12 and 2)
+def test_nested_tensors_without_the_batch_mask_do_not_depend_on_the_batch():
+    import actclust
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x, lengths):
+            pad = torch.arange(x.shape[1])[None] >= lengths[:, None]
+            return self.fc(self.enc(x, src_key_padding_mask=pad)[:, 0])
+
+    g = torch.Generator().manual_seed(0)
+    x, lengths = torch.randn(24, 10, 16, generator=g), torch.randint(2, 10, (24,), generator=g)
+    model = Encoder().eval()
+    got = [actclust.ActivationClustering(model, ["enc.layers.0"], n_clusters=3, normalize=None, progress=False,
+                                         batch_size=b).fit((x, lengths)).train_vectors_["enc.layers.0"] for b in (24, 2)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-6)
+    seen = []
+    handle = model.enc.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            model(x, lengths)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        handle.remove()
+    keep = (torch.arange(10)[None] < lengths[:, None]).float()[:, :, None]
+    np.testing.assert_allclose(got[0], ((seen[0] * keep).sum(1) / keep.sum(1)).numpy(), rtol=1e-4, atol=1e-5)

@@ -35,8 +35,8 @@ __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
 _PREFIXES = ("module.", "_orig_mod.")
 MASK_KEY = "attention_mask"
 #: Modules whose 3-axis outputs are channels-first maps ``(N, C, L)``; any other module's are token maps.
-_CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,
-                      nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
+_CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.MaxPool1d,
+                      nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 
 #: How a layout is named in messages.
 _READ_AS = {"channels_first": "a channels-first map (N, C, L)", "tokens": "tokens (N, T, D)", "dense": "dense rows"}
@@ -44,7 +44,7 @@ _READ_AS = {"channels_first": "a channels-first map (N, C, L)", "tokens": "token
 #: Modules that keep their input's shape and layout, value by value (activations, dropout): their map is read as
 #: the one before them is.
 _ELEMENTWISE = tuple(getattr(nn, n) for n in (*nn.modules.activation.__all__, *nn.modules.dropout.__all__, "Identity")
-                     if n != "MultiheadAttention")
+                     if n not in ("MultiheadAttention", "GLU"))  # a GLU halves an axis: see _made_by
 
 
 def _own(reduced, t: torch.Tensor):
@@ -153,6 +153,8 @@ class TorchAdapter(ModelAdapter):
         if made is None:  # asked by every batch of a fit: the walk below once (see walk_once)
             made = self._made[layer] = self._made_by(self.modules().get(layer))
         if isinstance(made, str):
+            if made == "tokens" and _transposed(shape, strides):  # tokens turned into a map (N, D, T) by a transpose
+                return "channels_first"  # (a wav2vec 2.0 feature encoder's block: conv, LayerNorm between transposes)
             return made
         if len(shape) < 2:
             return "channels_first"
@@ -160,7 +162,7 @@ class TorchAdapter(ModelAdapter):
             shown = "tokens"
         elif len(shape) < 3 or shape[2] != made:
             shown = "channels_first"
-        elif strides is not None and strides[1] == 1 != strides[2]:
+        elif _transposed(shape, strides):
             shown = "tokens"  # (N, C, C) as a transposed view of the map: the block turned it back to tokens
         else:
             # (N, C, C) in the map's own order reads either way (a Conformer's convolution module on C time steps of C
@@ -184,25 +186,30 @@ class TorchAdapter(ModelAdapter):
         key = ("4d", layer)
         if key not in self._made:
             self._made[key] = self._last_axis_features(self.modules().get(layer))
-        features = self._made[key]
-        if features and len(shape) >= 4 and shape[-1] == features != shape[1]:
+        features, own = self._made[key]
+        # the Linear or LayerNorm itself: its last axis is its features, also in a map as high as it is wide
+        if features and len(shape) >= 4 and shape[-1] == features and (own or shape[1] != features):
             return "channels_last"
         return "channels_first"
 
-    def _last_axis_features(self, module: Optional[nn.Module]) -> int:
-        """The features of the Linear, or of the LayerNorm over one axis, that makes ``module``'s output through the
-        element-wise modules after it (in the order the modules are defined, as for 3-axis maps); else 0."""
+    def _last_axis_features(self, module: Optional[nn.Module]) -> tuple:
+        """``(features, whether module is that layer itself)``: the features of the Linear, or of the LayerNorm over one
+        axis, that makes ``module``'s output through the element-wise modules after it (in the order the modules are
+        defined, as for 3-axis maps; a GLU over the last axis halves them); else ``(0, False)``."""
         if module is None:
-            return 0
+            return 0, False
+        halved = 1
         for m in self._leaves_back(module):
             if isinstance(m, nn.Linear):
-                return int(m.out_features)
+                return int(m.out_features) // halved, m is module
             if (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
                     and getattr(m, "data_format", "channels_last") == "channels_last"):  # (Hugging Face's ConvNeXt)
-                return int(m.normalized_shape[0])
-            if not _elementwise(m):
-                return 0
-        return 0
+                return int(m.normalized_shape[0]) // halved, m is module
+            if isinstance(m, nn.GLU):
+                halved *= 2 if m.dim == -1 else 1
+            elif not _elementwise(m):
+                return 0, False
+        return 0, False
 
     def _made_by(self, module: Optional[nn.Module]):
         """What makes ``module``'s 3-axis output: its layout, or the channels of the 1-D map it ends on (then its
@@ -216,14 +223,17 @@ class TorchAdapter(ModelAdapter):
             return "tokens"
         if isinstance(module, _CHANNELS_FIRST_1D):
             return "channels_first"
-        back = self._leaves_back(module)
+        back, halved = self._leaves_back(module), 1
         for m in back:
             if isinstance(m, _CHANNELS_FIRST_1D):
-                channels = getattr(m, "out_channels", getattr(m, "num_features", None))
+                channels = next((getattr(m, a) for a in ("out_channels", "num_features", "num_channels")
+                                 if getattr(m, a, None)), None)
                 if channels is None:  # a pooling keeps its input's channels: look further back
                     continue
-                return int(channels)
-            if not _elementwise(m):
+                return int(channels) // halved
+            if isinstance(m, nn.GLU):  # a gated unit over the channels halves them (a Conformer's after its Conv1d)
+                halved *= 2 if m.dim in (1, -2) else 1
+            elif not _elementwise(m):
                 return "tokens"
         return "channels_first" if isinstance(back[0], _CHANNELS_FIRST_1D) else "tokens"
 
@@ -356,7 +366,7 @@ class TorchAdapter(ModelAdapter):
             def hook(module, args, output):
                 t = (_unpacked(output) or (_first_tensor(output),))[0]
                 if t is not None:
-                    t = _plain(t, None)
+                    t = _plain(t, None)[0]
                     shapes.setdefault(name, (tuple(t.shape), tuple(t.stride())))
                     calls[name] = calls.get(name, 0) + 1
             return hook
@@ -397,17 +407,29 @@ def _to(obj, device, dtype):
     return obj
 
 
-def _plain(t: torch.Tensor, mask) -> torch.Tensor:
-    """A layer's output as the reducers take it: a nested tensor (``nn.TransformerEncoder``'s fast path between its
-    layers, padding dropped) padded back to the batch's tokens, zeros where the mask says padding; one value per
-    sample ``(N,)`` a vector of one; integers and flags as float32."""
+def _plain(t: torch.Tensor, mask) -> tuple:
+    """A layer's output as the reducers take it, with the mask of its tokens: a nested tensor
+    (``nn.TransformerEncoder``'s fast path between its layers, padding dropped) padded back to the batch's tokens, or,
+    where the batch has no mask (the padding mask given to the model another way), masked by its own lengths, so that
+    a vector does not depend on what else its batch holds; one value per sample ``(N,)`` a vector of one; integers and
+    flags as float32."""
     if t.is_nested:
+        lengths = [int(u.shape[0]) for u in t.unbind()]
         t = t.to_padded_tensor(0.0)
         if mask is not None and t.ndim == 3 and t.shape[0] == mask.shape[0] and t.shape[1] < mask.shape[1]:
             t = torch.nn.functional.pad(t, (0, 0, 0, mask.shape[1] - t.shape[1]))
+        elif mask is None and t.ndim == 3:
+            mask = torch.arange(t.shape[1], device=t.device)[None] < torch.tensor(lengths, device=t.device)[:, None]
     if t.ndim == 1:
         t = t[:, None]
-    return t if t.is_floating_point() else t.float()
+    return (t if t.is_floating_point() else t.float()), mask
+
+
+def _transposed(shape: tuple, strides) -> bool:
+    """Whether a 3-axis output is a transposed view (its axis 1 the densest): a block's transpose, turning tokens into
+    a map or a map into tokens."""
+    return (strides is not None and len(shape) == 3 and len(strides) == 3 and shape[1] > 1 and shape[2] > 1
+            and strides[1] == 1 != strides[2])
 
 
 def _unpacked(output):
@@ -522,7 +544,7 @@ class _TorchRunner(Runner):
                     f"The layer {name!r} returned a {type(output).__name__} with no tensor first; "
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
-            t = _plain(t.detach(), mask)
+            t, mask = _plain(t.detach(), mask)
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
             if self.fixed:
