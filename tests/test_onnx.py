@@ -234,6 +234,63 @@ def test_channels_last_through_layer_norm_and_linear(tmp_path):
         np.testing.assert_allclose(ac.train_vectors_[layer], want, rtol=1e-5, atol=1e-5)
 
 
+# a layout followed through what keeps it: a Transpose moves the channels axis of whatever it transposes (tokens to a
+# channels-first map ahead of a Conv1d), a GLU's Split and Mul, a Reshape that keeps the channels axis whole (a conv
+# map flattened, a Swin block's view back to (N, H, W, C); its target built by shape arithmetic), a 5-axis transpose,
+# and every input of an operator tried in turn (a LayerNorm exported at opset 16 as ReduceMean, Sub, ...; a GRN)
+@pytest.mark.parametrize("opset", [16, 17])
+def test_layouts_followed_through_what_keeps_them(tmp_path, opset):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.conv1, self.conv2 = nn.Linear(3, 8), nn.Conv1d(8, 12, 3, padding=1), nn.Conv2d(2, 6, 3,
+                                                                                                      padding=1)
+            self.ln, self.conv3, self.ln3, self.head = nn.LayerNorm(6), nn.Conv3d(1, 4, 1), nn.LayerNorm(4), \
+                nn.Linear(6 + 6 + 6 + 4, 3)
+
+        def parts(self, tokens, image, video):
+            as_map = self.emb(tokens).transpose(1, 2)  # (N, 8, T): channels-first for the Conv1d
+            glu = nn.functional.glu(self.conv1(as_map), dim=1)  # (N, 6, T)
+            conv = self.conv2(image)  # (N, 6, 4, 4)
+            flat = conv.flatten(2)  # (N, 6, 16)
+            grid = self.ln(flat.transpose(1, 2)).reshape(conv.shape[0], 4, 4, 6)  # (N, 4, 4, 6)
+            cube = self.ln3(self.conv3(video).permute(0, 2, 3, 4, 1))  # (N, 2, 2, 2, 4)
+            return as_map, glu, flat, grid, cube
+
+        def forward(self, tokens, image, video):
+            as_map, glu, flat, grid, cube = self.parts(tokens, image, video)
+            return self.head(torch.cat([glu.mean(2), flat.mean(2), grid.mean((1, 2)), cube.mean((1, 2, 3))], 1))
+
+    model = Mixed().eval()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((40, 10, 3)).astype(np.float32), rng.standard_normal((40, 2, 4, 4)).astype(np.float32),
+         rng.standard_normal((40, 1, 2, 2, 2)).astype(np.float32))
+    path = tmp_path / "mixed.onnx"
+    axes = {n: {0: "N"} for n in ("tokens", "image", "video", "logits")}
+    torch.onnx.export(model, tuple(torch.from_numpy(a[:2]) for a in x), str(path), input_names=["tokens", "image",
+                      "video"], output_names=["logits"], dynamic_axes=axes, dynamo=False, opset_version=opset)
+    a = adapt(str(path))
+    made = {n: (a.producer[n].op_type, len(a.types[n][1] or ())) for n in a.layer_names()}
+    with torch.no_grad():
+        want = [t.numpy() for t in model.parts(*(torch.from_numpy(v) for v in x))]
+    axes_of = {"channels_first": lambda v: v.mean(tuple(range(2, v.ndim))),
+               "channels_last": lambda v: v.mean(tuple(range(1, v.ndim - 1)))}
+    picks = {"Transpose": (3, "channels_first", 0), "Mul": (3, "channels_first", 1), "Reshape": (3, "channels_first", 2)}
+    layers, expect = [], []
+    for op, (rank, layout, part) in picks.items():
+        name = next(n for n, (o, r) in made.items() if o == op and r == rank)
+        assert a.layout(name, rank, False) == layout, (op, name)
+        layers.append(name)
+        expect.append(axes_of[layout](want[part]))
+    grid = next(n for n, (o, r) in made.items() if o == "Reshape" and r == 4)
+    cube = [n for n, (o, r) in made.items() if r == 5 and o not in ("Conv",)][-1]  # the LayerNorm's (or its last op)
+    assert a.layout(grid, 4, False) == "channels_last" and a.layout(cube, 5, False) == "channels_last"
+    ac = ActivationClustering(str(path), layers + [grid, cube], n_clusters=3, normalize=None, progress=False).fit(x)
+    for name, w in zip(layers + [grid, cube], expect + [want[3].mean((1, 2)), want[4].mean((1, 2, 3))]):
+        np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
+
+
 # what cannot run gets a clear error before any work
 def test_bad_models(tmp_path, exported):
     _, path, x = exported

@@ -119,10 +119,14 @@ class OnnxAdapter(ModelAdapter):
     # ---------------------------------------------------------------- the graph
     def _graph(self) -> None:
         g = self.proto.graph
-        try:
-            inferred = self.onnx.shape_inference.infer_shapes(self.proto, strict_mode=False).graph
-        except Exception:  # shape inference is a help, not a requirement
-            inferred = g
+        inferred = g
+        for data_prop in (True, False):  # with the values of shape arithmetic followed (a Reshape's target built by
+            try:                         # Shape, Gather and Concat), where inference manages it
+                inferred = self.onnx.shape_inference.infer_shapes(self.proto, strict_mode=False,
+                                                                  data_prop=data_prop).graph
+                break
+            except Exception:  # shape inference is a help, not a requirement
+                continue
         self.types = {}  # tensor -> (elem_type, shape with None for unknown dims)
         not_tensors = set()  # values of other types: sequences, maps (skl2onnx's ZipMap probabilities)
         for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
@@ -169,47 +173,58 @@ class OnnxAdapter(ModelAdapter):
         return self.node_names.get(name, name)
 
     def layout(self, layer: str, rank: int, masked: bool, shape: tuple = (), strides: Optional[tuple] = None) -> str:
+        """From the operators that make the tensor, followed back: convolutions, pools and normalisations give
+        channels-first maps; a Transpose moves the channels axis of whatever it transposes (a map to channels-last, a
+        token map ``(N, T, D)`` to a channels-first ``(N, D, T)``); element-wise operators, slices, concatenations,
+        splits, a LayerNormalization, a MatMul by a weight matrix and a Reshape that keeps the channels axis whole keep
+        the layout of their input. Where nothing says: tokens for 3 axes, channels-first for more."""
         if rank <= 2:
             return "dense"
-        seen, todo = set(), [layer]
-        while todo:
-            t = todo.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            node = self.producer.get(t)
-            if node is None:
-                if t in self.inputs:
-                    return self._input_layout(t, rank)
-                continue
-            if node.op_type in _CHANNELS_FIRST_OPS:
-                return "channels_first"
-            if node.op_type == "Transpose":
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                if perm == [0, 2, 3, 1] or perm == [0, 2, 1]:
-                    return "channels_last"
-                if perm == [0, 3, 1, 2] or (perm == [0, 2, 1] and rank == 3):
-                    return "channels_first"
-                return "tokens" if rank == 3 else "channels_first"
-            if node.op_type in _KEEP_LAYOUT_OPS:
-                todo.extend(i for i in node.input if i and i in self.producer or i in self.inputs)
-                continue
-            if rank >= 4 and self._over_last_axis(node):  # a map made channels-last stays so (a ConvNeXt block's
-                todo.append(node.input[0])                   # LayerNormalization, its Linear as a MatMul)
-                continue
-            break  # attention, a Linear on tokens, normalisation over the last axis of tokens...: not a conv map
-        return "tokens" if rank == 3 else "channels_first"
+        return self._layout_of(layer, rank, set()) or ("tokens" if rank == 3 else "channels_first")
+
+    def _layout_of(self, name: str, rank: int, seen: set) -> Optional[str]:
+        """The layout of the tensor ``name`` (of ``rank`` axes) as the operators that make it say; None where none
+        does (a MatMul of two activations, attention, a Gather...)."""
+        if name in seen:
+            return None
+        seen.add(name)
+        node = self.producer.get(name)
+        if node is None:
+            return self._input_layout(name, rank) if name in self.inputs else None
+        op = node.op_type
+        if op in _CHANNELS_FIRST_OPS:
+            return "channels_first"
+        if op == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or list(range(rank))[::-1]
+            source = self._layout_of(node.input[0], rank, seen) or ("tokens" if rank == 3 else "channels_first")
+            channels = perm.index(1 if source == "channels_first" else rank - 1) if len(perm) == rank else None
+            return "channels_first" if channels == 1 else "channels_last" if channels == rank - 1 else None
+        if op in _KEEP_LAYOUT_OPS or op in ("Slice", "Concat", "Split", "LayerNormalization") or (
+                op == "MatMul" and self._over_last_axis(node)):
+            data = node.input[:1] if op in ("LayerNormalization", "MatMul", "Slice", "Split") else node.input
+            return next((found for i in data if i and (found := self._layout_of(i, rank, seen))), None)
+        if op == "Reshape":
+            return self._reshaped(node, rank, seen)
+        return None
+
+    def _reshaped(self, node, rank: int, seen: set) -> Optional[str]:
+        """A Reshape's layout: its input's, where the channels axis comes out whole at the same end (a map's spatial
+        axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``; a Swin block's ``(N, H W, C)`` to ``(N, H, W, C)``)."""
+        before = self.types.get(node.input[0], (None, None))[1] or ()
+        after = self.types.get(node.output[0], (None, None))[1] or ()
+        if len(before) < 3 or len(after) < 3:
+            return None
+        source = self._layout_of(node.input[0], len(before), seen) or ("tokens" if len(before) == 3 else
+                                                                       "channels_first")
+        at = 1 if source == "channels_first" else -1
+        if before[at] is None or before[at] != after[at]:
+            return None
+        return "channels_first" if at == 1 else "channels_last" if len(after) >= 4 else source
 
     def _over_last_axis(self, node) -> bool:
-        """Whether ``node`` works along its first input's last axis alone, keeping the others in place: a
-        LayerNormalization over that axis, a MatMul by a constant weight matrix."""
-        if node.op_type == "LayerNormalization":
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-            rank = len(self.types.get(node.input[0], (None, ()))[1] or ())
-            return axis == -1 or (rank > 0 and axis == rank - 1)
-        if node.op_type == "MatMul" and len(node.input) == 2:
-            return self.weight_ranks.get(node.input[1]) == 2
-        return False
+        """Whether a MatMul works along its first input's last axis alone, keeping the others in place: by a constant
+        weight matrix (a Linear)."""
+        return len(node.input) == 2 and self.weight_ranks.get(node.input[1]) == 2
 
     def _input_layout(self, name: str, rank: int) -> str:
         dims = self.types.get(name, (None, None))[1] or ()
