@@ -113,6 +113,7 @@ class OnnxAdapter(ModelAdapter):
         if missing:
             raise UnsupportedModelError(f"onnxruntime has no execution provider {missing}; available: {available}.")
         self.providers = list(providers)
+        self._layouts: Optional[dict] = None  # every tensor's layout, found at the first question
         self._graph()
         self._sessions: dict = {}
 
@@ -177,45 +178,51 @@ class OnnxAdapter(ModelAdapter):
         channels-first maps; a Transpose moves the channels axis of whatever it transposes (a map to channels-last, a
         token map ``(N, T, D)`` to a channels-first ``(N, D, T)``); element-wise operators, slices, concatenations,
         splits, a LayerNormalization, a MatMul by a weight matrix and a Reshape that keeps the channels axis whole keep
-        the layout of their input. Where nothing says: tokens for 3 axes, channels-first for more."""
+        the layout of their input (the first of their inputs whose layout is known). Where nothing says: tokens for 3
+        axes, channels-first for more."""
         if rank <= 2:
             return "dense"
-        return self._layout_of(layer, rank, set()) or ("tokens" if rank == 3 else "channels_first")
+        if self._layouts is None:
+            self._layouts = self._all_layouts()
+        return self._layouts.get(layer) or ("tokens" if rank == 3 else "channels_first")
 
-    def _layout_of(self, name: str, rank: int, seen: set) -> Optional[str]:
-        """The layout of the tensor ``name`` (of ``rank`` axes) as the operators that make it say; None where none
-        does (a MatMul of two activations, attention, a Gather...)."""
-        if name in seen:
-            return None
-        seen.add(name)
-        node = self.producer.get(name)
-        if node is None:
-            return self._input_layout(name, rank) if name in self.inputs else None
-        op = node.op_type
-        if op in _CHANNELS_FIRST_OPS:
-            return "channels_first"
-        if op == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or list(range(rank))[::-1]
-            source = self._layout_of(node.input[0], rank, seen) or ("tokens" if rank == 3 else "channels_first")
-            channels = perm.index(1 if source == "channels_first" else rank - 1) if len(perm) == rank else None
-            return "channels_first" if channels == 1 else "channels_last" if channels == rank - 1 else None
-        if op in _KEEP_LAYOUT_OPS or op in ("Slice", "Concat", "Split", "LayerNormalization") or (
-                op == "MatMul" and self._over_last_axis(node)):
-            data = node.input[:1] if op in ("LayerNormalization", "MatMul", "Slice", "Split") else node.input
-            return next((found for i in data if i and (found := self._layout_of(i, rank, seen))), None)
-        if op == "Reshape":
-            return self._reshaped(node, rank, seen)
-        return None
+    def _all_layouts(self) -> dict:
+        """Every tensor's layout as its operators say, None where none does (a MatMul of two activations, attention, a
+        Gather...): one pass over the nodes in the graph's order, each made from its inputs' (no recursion: graphs
+        of thousands of nodes)."""
+        found: dict = {n: self._input_layout(n, len(self.types.get(n, (None, None))[1] or ())) for n in self.inputs}
+        default = {3: "tokens"}
+        for node in self.proto.graph.node:
+            op, out = node.op_type, [o for o in node.output if o]
+            layout = None
+            if op in _CHANNELS_FIRST_OPS:
+                layout = "channels_first"
+            elif op == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                rank = len(perm) if perm else len(self.types.get(node.input[0], (None, None))[1] or ())
+                perm = perm or list(range(rank))[::-1]
+                source = found.get(node.input[0]) or default.get(rank, "channels_first")
+                channels = perm.index(1 if source == "channels_first" else rank - 1) if rank >= 3 else None
+                layout = "channels_first" if channels == 1 else "channels_last" if channels == rank - 1 else None
+            elif op in _KEEP_LAYOUT_OPS or op in ("Slice", "Concat", "Split", "LayerNormalization") or (
+                    op == "MatMul" and self._over_last_axis(node)):
+                data = node.input[:1] if op in ("LayerNormalization", "MatMul", "Slice", "Split") else node.input
+                layout = next((found[i] for i in data if found.get(i)), None)
+            elif op == "Reshape":
+                layout = self._reshaped(node, found.get(node.input[0]))
+            for o in out:
+                found[o] = layout
+        return found
 
-    def _reshaped(self, node, rank: int, seen: set) -> Optional[str]:
-        """A Reshape's layout: its input's, where the channels axis comes out whole at the same end (a map's spatial
-        axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``; a Swin block's ``(N, H W, C)`` to ``(N, H, W, C)``)."""
+    def _reshaped(self, node, source: Optional[str]) -> Optional[str]:
+        """A Reshape's layout: its input's (``source``), where the channels axis comes out whole at the same end (a
+        map's spatial axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``; a Swin block's ``(N, H W, C)`` to
+        ``(N, H, W, C)``)."""
         before = self.types.get(node.input[0], (None, None))[1] or ()
         after = self.types.get(node.output[0], (None, None))[1] or ()
         if len(before) < 3 or len(after) < 3:
             return None
-        source = self._layout_of(node.input[0], len(before), seen) or ("tokens" if len(before) == 3 else
-                                                                       "channels_first")
+        source = source or ("tokens" if len(before) == 3 else "channels_first")
         at = 1 if source == "channels_first" else -1
         if before[at] is None or before[at] != after[at]:
             return None
