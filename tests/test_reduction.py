@@ -452,3 +452,43 @@ def test_nested_tensors_without_the_batch_mask_do_not_depend_on_the_batch():
         handle.remove()
     keep = (torch.arange(10)[None] < lengths[:, None]).float()[:, :, None]
     np.testing.assert_allclose(got[0], ((seen[0] * keep).sum(1) / keep.sum(1)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# transposed views that are tokens stay tokens: a ViT's patch embedding (a Conv2d's map flattened and transposed), a
+# Linear over the token axis transposed back (a Mixer's token mixing), Hugging Face's ViT; only a LayerNorm's tokens
+# transposed so that its features lie on axis 1 are a map (the rule that reads wav2vec 2.0's blocks took them all)
+def test_torch_transposed_tokens_stay_tokens():
+    import actclust
+    from torch import nn
+
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 16, 4, stride=4)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)  # (N, 16 patches, 16 features)
+
+    class TokenMixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Patches(), TokenMixing(), nn.Flatten(), nn.Linear(256, 3)).eval()
+    x = torch.randn(20, 3, 16, 16)
+    shown = actclust.list_layers(model, x[:2])
+    assert shown["0"].layout == shown["1"].layout == "tokens"
+    ac = actclust.ActivationClustering(model, ["0", "1"], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        for name, out in (("0", model[0](x)), ("1", model[:2](x))):
+            np.testing.assert_allclose(ac.train_vectors_[name], out.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=32, image_size=16, patch_size=4, num_labels=3)).eval()
+    assert actclust.list_layers(vit, torch.randn(2, 3, 16, 16))["vit.embeddings.patch_embeddings"].layout == "tokens"

@@ -152,9 +152,9 @@ class TorchAdapter(ModelAdapter):
         made = self._made.get(layer)
         if made is None:  # asked by every batch of a fit: the walk below once (see walk_once)
             made = self._made[layer] = self._made_by(self.modules().get(layer))
-        if isinstance(made, str):
-            if made == "tokens" and _transposed(shape, strides):  # tokens turned into a map (N, D, T) by a transpose
-                return "channels_first"  # (a wav2vec 2.0 feature encoder's block: conv, LayerNorm between transposes)
+        if isinstance(made, tuple):  # tokens a LayerNorm makes: a map (N, D, T) where a transpose put its features
+            return "channels_first" if _transposed(shape, strides) and shape[1] == made[1] else "tokens"  # first
+        if isinstance(made, str):  # (a wav2vec 2.0 feature encoder's block: conv, LayerNorm between transposes)
             return made
         if len(shape) < 2:
             return "channels_first"
@@ -213,7 +213,8 @@ class TorchAdapter(ModelAdapter):
 
     def _made_by(self, module: Optional[nn.Module]):
         """What makes ``module``'s 3-axis output: its layout, or the channels of the 1-D map it ends on (then its
-        output is channels-first where its axis 1 has that many, tokens otherwise).
+        output is channels-first where its axis 1 has that many, tokens otherwise), or ``("tokens", features)`` where a
+        LayerNorm ends it (tokens, unless a transpose put its features on axis 1).
 
         The module's last leaf decides, and an element-wise one (a ReLU after a Conv1d) the leaf before it, in the
         order the modules are defined (a Sequential's: the order they run), up to the nearest module that says how
@@ -233,6 +234,8 @@ class TorchAdapter(ModelAdapter):
                 return int(channels) // halved
             if isinstance(m, nn.GLU):  # a gated unit over the channels halves them (a Conformer's after its Conv1d)
                 halved *= 2 if m.dim in (1, -2) else 1
+            elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+                return "tokens", int(m.normalized_shape[0])  # unless transposed (see layout)
             elif not _elementwise(m):
                 return "tokens"
         return "channels_first" if isinstance(back[0], _CHANNELS_FIRST_1D) else "tokens"
