@@ -291,6 +291,49 @@ def test_layouts_followed_through_what_keeps_them(tmp_path, opset):
         np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
 
 
+# a token map through a transpose and back (a Conv1d over its steps) and what follows is tokens, averaged over the real
+# tokens of the batch's attention_mask (a transposed token map read channels-last averaged the padding in)
+def test_tokens_through_a_transpose_keep_their_mask(tmp_path):
+    class TextCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.conv, self.lin, self.fc = nn.Embedding(50, 16), nn.Conv1d(16, 16, 3, padding=1), \
+                nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def parts(self, input_ids):
+            h = self.emb(input_ids)
+            back = torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+            return back, torch.relu(self.lin(back + h))
+
+        def forward(self, input_ids, attention_mask):
+            z, m = self.parts(input_ids)[1], attention_mask.unsqueeze(-1).float()
+            return self.fc((z * m).sum(1) / m.sum(1))
+
+    model = TextCNN().eval()
+    path = tmp_path / "textcnn.onnx"
+    axes = {"input_ids": {0: "N", 1: "T"}, "attention_mask": {0: "N", 1: "T"}, "logits": {0: "N"}}
+    torch.onnx.export(model, (torch.randint(1, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)), str(path),
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes,
+                      dynamo=False, opset_version=17)
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1, 50, (30, 7)), np.ones((30, 7), np.int64)
+    mask[::2, 4:] = 0
+    ids[mask == 0] = 0
+    a = adapt(str(path))
+    back = next(n for n in a.layer_names() if a.producer[n].op_type == "Transpose"  # the one after the conv's ReLU
+                and a.producer[a.producer[n].input[0]].op_type == "Relu")
+    last = next(n for n in a.layer_names()[::-1] if a.producer[n].op_type == "Relu")
+    assert a.layout(back, 3, True) == a.layout(last, 3, True) == "tokens"
+    ac = ActivationClustering(str(path), [back, last], n_clusters=3, normalize=None, progress=False).fit(
+        {"input_ids": ids, "attention_mask": mask})
+    keep = torch.from_numpy(mask)[:, :, None].float()
+    with torch.no_grad():
+        want = [((t * keep).sum(1) / keep.sum(1)).numpy() for t in model.parts(torch.from_numpy(ids))]
+    for name, w in zip([back, last], want):
+        np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
+
+
 # what cannot run gets a clear error before any work
 def test_bad_models(tmp_path, exported):
     _, path, x = exported

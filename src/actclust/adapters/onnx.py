@@ -203,7 +203,8 @@ class OnnxAdapter(ModelAdapter):
                 perm = perm or list(range(rank))[::-1]
                 source = found.get(node.input[0]) or default.get(rank, "channels_first")
                 channels = perm.index(1 if source == "channels_first" else rank - 1) if rank >= 3 else None
-                layout = "channels_first" if channels == 1 else "channels_last" if channels == rank - 1 else None
+                layout = ("channels_first" if channels == 1 else None if channels != rank - 1 else
+                          "tokens" if rank == 3 else "channels_last")  # 3 axes, features last: tokens, masked
             elif op in _KEEP_LAYOUT_OPS or op in ("Slice", "Concat", "Split", "LayerNormalization") or (
                     op == "MatMul" and self._over_last_axis(node)):
                 data = node.input[:1] if op in ("LayerNormalization", "MatMul", "Slice", "Split") else node.input
@@ -226,7 +227,7 @@ class OnnxAdapter(ModelAdapter):
         at = 1 if source == "channels_first" else -1
         if before[at] is None or before[at] != after[at]:
             return None
-        return "channels_first" if at == 1 else "channels_last" if len(after) >= 4 else source
+        return "channels_first" if at == 1 else "channels_last" if len(after) >= 4 else "tokens"
 
     def _over_last_axis(self, node) -> bool:
         """Whether a MatMul works along its first input's last axis alone, keeping the others in place: by a constant
