@@ -261,6 +261,7 @@ def trained_digits_cnn():
     from actclust.models import SmallCNN, train_classifier
 
     x_tr, y_tr, x_te, y_te = load_digits()
+    torch.manual_seed(0)  # the initial weights too (training seeds itself): one network in every run, not a new draw
     model = train_classifier(SmallCNN(1, 10, 8, width=8, hidden=32), x_tr, y_tr, epochs=5, batch_size=64,
                              progress=False).eval()
     return model, x_tr, y_tr, x_te, y_te

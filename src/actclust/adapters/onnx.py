@@ -439,9 +439,13 @@ class OnnxAdapter(ModelAdapter):
             raise
         except Exception as e:
             raise model_error(e, where, feeds, limit=500) from e
-        # the slices' outputs joined, and the rows of a padded last slice cut off (also where it was the only one)
+        # the slices' outputs joined, and the rows of a padded last slice cut off (also where it was the only one):
+        # of outputs of one row per input fed only (a sequence-first (T, N, D) tensor cut to N rows passed as one row
+        # per input, its vectors averaged over the batch: an outside check)
         values = [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(names))]
-        values = [v[:n] if isinstance(v, np.ndarray) and v.ndim else v for v in values]
+        fed = step * len(parts) if self.batch_limit() else n
+        values = [v[:n] if isinstance(v, np.ndarray) and v.ndim and fed != n and v.shape[0] == fed else v
+                  for v in values]
         out = dict(zip(names, values))
         return {k: out[k] for k in self.outputs}, {l: out[l] for l in wanted}
 
