@@ -334,6 +334,27 @@ def test_tokens_through_a_transpose_keep_their_mask(tmp_path):
         np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
 
 
+# a sequence-first (T, N, D) tensor is not one row per input, also where T >= N (it was cut to its first N rows, token
+# positions, and read as one row per input: vectors averaged over the batch)
+def test_sequence_first_tensors_refused(tmp_path):
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.fc = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.lin(x).transpose(0, 1)).mean(0))
+
+    x = np.random.default_rng(0).standard_normal((12, 16, 4)).astype(np.float32)
+    path = _export(SeqFirst().eval(), tmp_path / "seqfirst.onnx", (torch.from_numpy(x[:2]),))
+    relu = next(n for n in actclust.list_layers(str(path)) if adapt(str(path)).producer[n].op_type == "Relu")
+    assert actclust.list_layers(str(path), x[:2])[relu] == (16, 2, 4)
+    with pytest.raises(CaptureError, match=rf"Layer '{relu}' gives an output of shape \(16, 12, 4\), which is not one "
+                                           r"row per input \(the batch has 12\)"):
+        ActivationClustering(str(path), [relu], n_clusters=3, progress=False).fit(x)
+
+
 # what cannot run gets a clear error before any work
 def test_bad_models(tmp_path, exported):
     _, path, x = exported
