@@ -355,6 +355,24 @@ def test_sequence_first_tensors_refused(tmp_path):
         ActivationClustering(str(path), [relu], n_clusters=3, progress=False).fit(x)
 
 
+# a GroupNorm on a 1-D map, exported as Reshape to groups, InstanceNormalization and Reshape back, keeps the map
+# channels-first, and so does what follows (its (N, C, L) output was read as tokens, averaged over the channels)
+def test_group_norm_of_a_1d_map(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.GELU(), nn.Flatten(), nn.Linear(60, 3))
+    x = np.random.default_rng(0).standard_normal((30, 4, 10)).astype(np.float32)
+    path = _export(net.eval(), tmp_path / "gn.onnx", (torch.from_numpy(x[:2]),))
+    a = adapt(str(path))
+    names = a.layer_names()
+    norm = next(n for n in names if a.producer[n].op_type == "Add")  # the GroupNorm's bias: its output
+    gelu = [n for n in names[names.index(norm):] if a.producer[n].op_type == "Mul"][-1]  # the GELU's last product
+    assert a.layout(norm, 3, False) == a.layout(gelu, 3, False) == "channels_first"
+    ac = ActivationClustering(str(path), [norm], n_clusters=3, normalize=None, progress=False).fit(x)
+    with torch.no_grad():
+        np.testing.assert_allclose(ac.train_vectors_[norm], net[:2](torch.from_numpy(x)).mean(2).numpy(), rtol=1e-4,
+                                   atol=1e-5)
+
+
 # what cannot run gets a clear error before any work
 def test_bad_models(tmp_path, exported):
     _, path, x = exported

@@ -221,6 +221,9 @@ class OnnxAdapter(ModelAdapter):
         ``(N, H, W, C)``)."""
         before = self.types.get(node.input[0], (None, None))[1] or ()
         after = self.types.get(node.output[0], (None, None))[1] or ()
+        grouped = self._grouped(node, after)
+        if grouped is not None:
+            return grouped
         if len(before) < 3 or len(after) < 3:
             return None
         source = source or ("tokens" if len(before) == 3 else "channels_first")
@@ -228,6 +231,17 @@ class OnnxAdapter(ModelAdapter):
         if before[at] is None or before[at] != after[at]:
             return None
         return "channels_first" if at == 1 else "channels_last" if len(after) >= 4 else "tokens"
+
+    def _grouped(self, node, after: tuple) -> Optional[str]:
+        """A GroupNorm as exported (Reshape to groups, InstanceNormalization, Reshape back to the map's own shape):
+        the layout of the map it normalises, channels-first (its channels are what the groups split)."""
+        norm = self.producer.get(node.input[0])
+        inner = self.producer.get(norm.input[0]) if norm is not None and norm.op_type == "InstanceNormalization" else None
+        if inner is None or inner.op_type != "Reshape":
+            return None
+        dims = self.types.get(inner.input[0], (None, None))[1] or ()
+        known = len(dims) == len(after) >= 3 and all(d is not None for d in dims[1:])
+        return "channels_first" if known and tuple(dims[1:]) == tuple(after[1:]) else None
 
     def _over_last_axis(self, node) -> bool:
         """Whether a MatMul works along its first input's last axis alone, keeping the others in place: by a constant
