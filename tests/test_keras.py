@@ -689,6 +689,23 @@ def test_cli_builtin_images_for_a_channels_last_model(tmp_path, capsys):
     assert "Neither layout of the built-in digits images (1 x 8 x 8) fits the model: give --data an .npz" in err
 
 
+# a model of several outputs is read at its first; labels of another output are refused saying which one was read and
+# how to pick another (the error blamed the labels alone)
+def test_labels_of_another_output_name_the_output_read(images):
+    x, y = images
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 1))
+    h = layers.Dense(8, activation="relu", name="fc")(layers.Flatten()(inp))
+    model = keras.Model(inp, [layers.Dense(2, name="aux")(h), layers.Dense(4, name="main")(h)])
+    with pytest.warns(actclust.ActClustWarning, match=r"several outputs; actclust reads the logits from its first "
+                                                      r"output \(of 2\)"):
+        ac = ActivationClustering(model, ["fc"], n_clusters=2, progress=False).fit(x)
+    with pytest.raises(DataError, match=r"the model outputs 2 classes, so labels must be in 0..1. The model has several "
+                                        r"outputs and actclust reads the logits from its first output \(of 2\): if the "
+                                        r"labels are another output's, refit with output="):
+        ac.score(x, np.arange(len(x)) % 4)
+
+
 # a sigmoid head over several classes is said once, as in PyTorch (its probabilities were read as logits silently)
 def test_sigmoid_head_said(images):
     x, y = images

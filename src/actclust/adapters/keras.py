@@ -387,6 +387,7 @@ class KerasAdapter(ModelAdapter):
             )
         if not np.issubdtype(out.dtype, np.floating) and out.dtype.name not in ("bfloat16",):
             raise CaptureError(f"The model must return floating-point logits; got dtype {out.dtype}.")
+        self.picked_output = picked  # said again where labels do not fit it (check_label_range)
         if picked and not getattr(self, "_said_output", False):  # several outputs, none named 'logits': said once
             self._said_output = True
             warnings.warn(f"The model has several outputs; actclust reads the logits from {picked}, of shape "

@@ -432,12 +432,17 @@ def as_labels(y, what: str = "y") -> np.ndarray:
     return a.astype(np.int64)
 
 
-def check_label_range(labels: np.ndarray, n_classes: int) -> None:
-    """Refuse labels outside the model's classes ``0..n_classes - 1``."""
+def check_label_range(labels: np.ndarray, n_classes: int, adapter=None) -> None:
+    """Refuse labels outside the model's classes ``0..n_classes - 1``; where ``adapter`` read the logits from one of
+    several outputs, the message says which, and how to pick another."""
     bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
     if bad.size:
+        picked = getattr(adapter, "picked_output", "")
         raise DataError(
             f"y has classes the model does not have: {bad[:10].tolist()}; the model outputs "
             f"{n_classes} classes, so labels must be in 0..{n_classes - 1}."
+            + (f" The model has several outputs and actclust reads the logits from {picked}: if the labels are "
+               "another output's, refit with output=<function of the outputs that returns that output's logits>."
+               if picked else "")
         )
 

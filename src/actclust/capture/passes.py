@@ -231,7 +231,7 @@ def query(state: FittedState, adapter, batches: Batches, *, keep_vectors: bool, 
                     col.add(("vectors", state.retrieval_key(l)), out[state.retrieval_key(l)])
         has_y.append(batch.labels is not None)
         if batch.labels is not None:
-            check_label_range(batch.labels, state.n_classes)
+            check_label_range(batch.labels, state.n_classes, adapter)
             col.add("y", batch.labels)
     departure = stats.departure(batches.name)
     if departure:
