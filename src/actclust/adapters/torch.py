@@ -152,9 +152,11 @@ class TorchAdapter(ModelAdapter):
         made = self._made.get(layer)
         if made is None:  # asked by every batch of a fit: the walk below once (see walk_once)
             made = self._made[layer] = self._made_by(self.modules().get(layer))
-        if isinstance(made, tuple):  # tokens a LayerNorm makes: a map (N, D, T) where a transpose put its features
-            return "channels_first" if _transposed(shape, strides) and shape[1] == made[1] else "tokens"  # first
-        if isinstance(made, str):  # (a wav2vec 2.0 feature encoder's block: conv, LayerNorm between transposes)
+        if isinstance(made, tuple):
+            # tokens a LayerNorm makes, unless a transpose put its features first: a map (N, D, T) (a wav2vec 2.0
+            # feature encoder's block: conv, LayerNorm between transposes)
+            return "channels_first" if _transposed(shape, strides) and shape[1] == made[1] else "tokens"
+        if isinstance(made, str):
             return made
         if len(shape) < 2:
             return "channels_first"
