@@ -450,10 +450,10 @@ def _format_along_graph(calls: list, default: str) -> str:
             if fmt is not None:
                 return _turned(fmt, permutes, default)
             if isinstance(op, keras.layers.Permute):
-                permutes = (tuple(op.dims),) + permutes  # applied after whatever lies further back
+                permutes = (("permute", tuple(op.dims)),) + permutes  # applied after whatever lies further back
             elif isinstance(op, keras.layers.Reshape):
                 inputs = getattr(node, "input_tensors", None) or [None]
-                permutes = ((tuple(getattr(inputs[0], "shape", ())), tuple(shape or ())),) + permutes
+                permutes = (("reshape", tuple(getattr(inputs[0], "shape", ())), tuple(shape or ())),) + permutes
             parents, resume = list(node.parent_nodes), outers
             if not parents and outers:  # a nested model's input: on with what feeds the model
                 parents, resume = list(outers[0].parent_nodes), outers[1:]
@@ -492,26 +492,21 @@ def _format_of_readers(node) -> Optional[str]:
 
 
 def _turned(fmt: str, steps: tuple, default: str) -> str:
-    """``fmt`` after the ``Permute`` layers (their ``dims``) and ``Reshape`` layers (``(input shape, output shape)``)
-    of ``steps``, first to last: a Reshape that keeps the channels axis whole at its end (a channels-first map's
-    spatial axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``) keeps the format; one that does not gives ``default``."""
-    for step in steps:
-        if len(step) == 2 and isinstance(step[0], tuple):
-            before, after = step
+    """``fmt`` after the ``("permute", dims)`` (1-based, batch axis left out) and ``("reshape", input shape, output
+    shape)`` steps, first to last: the channels axis a Permute moves first or last makes the map channels-first or
+    -last (moved elsewhere, the format stays); a Reshape that keeps the channels axis whole at its end (a
+    channels-first map's spatial axes merged, ``(N, C, H, W)`` to ``(N, C, H W)``) keeps the format, another gives
+    ``default``."""
+    for kind, *shapes in steps:
+        if kind == "reshape":
+            before, after = shapes
             at = 1 if fmt == "channels_first" else -1
             if len(before) < 2 or len(after) < 2 or before[at] is None or before[at] != after[at]:
                 fmt = default
             continue
-        fmt = _permuted(fmt, (step,))
-    return fmt
-
-
-def _permuted(fmt: str, permutes: tuple) -> str:
-    """``fmt`` after ``Permute`` layers of these ``dims`` (1-based, batch axis left out), first to last: the channels
-    axis moved first or last makes the map channels-first or -last; moved elsewhere, the format stays."""
-    for dims in permutes:
+        dims = list(shapes[0])
         channels = 1 if fmt == "channels_first" else len(dims)
-        at = list(dims).index(channels) + 1 if channels in dims else None
+        at = dims.index(channels) + 1 if channels in dims else None
         fmt = "channels_first" if at == 1 else "channels_last" if at == len(dims) else fmt
     return fmt
 

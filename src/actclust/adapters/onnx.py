@@ -184,14 +184,13 @@ class OnnxAdapter(ModelAdapter):
             return "dense"
         if self._layouts is None:
             self._layouts = self._all_layouts()
-        return self._layouts.get(layer) or ("tokens" if rank == 3 else "channels_first")
+        return self._layouts.get(layer) or _unsaid(rank)
 
     def _all_layouts(self) -> dict:
         """Every tensor's layout as its operators say, None where none does (a MatMul of two activations, attention, a
         Gather...): one pass over the nodes in the graph's order, each made from its inputs' (no recursion: graphs
         of thousands of nodes)."""
         found: dict = {n: self._input_layout(n, len(self.types.get(n, (None, None))[1] or ())) for n in self.inputs}
-        default = {3: "tokens"}
         for node in self.proto.graph.node:
             op, out = node.op_type, [o for o in node.output if o]
             layout = None
@@ -201,7 +200,7 @@ class OnnxAdapter(ModelAdapter):
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
                 rank = len(perm) if perm else len(self.types.get(node.input[0], (None, None))[1] or ())
                 perm = perm or list(range(rank))[::-1]
-                source = found.get(node.input[0]) or default.get(rank, "channels_first")
+                source = found.get(node.input[0]) or _unsaid(rank)
                 channels = perm.index(1 if source == "channels_first" else rank - 1) if rank >= 3 else None
                 layout = ("channels_first" if channels == 1 else None if channels != rank - 1 else
                           "tokens" if rank == 3 else "channels_last")  # 3 axes, features last: tokens, masked
@@ -226,7 +225,7 @@ class OnnxAdapter(ModelAdapter):
             return grouped
         if len(before) < 3 or len(after) < 3:
             return None
-        source = source or ("tokens" if len(before) == 3 else "channels_first")
+        source = source or _unsaid(len(before))
         at = 1 if source == "channels_first" else -1
         if before[at] is None or before[at] != after[at]:
             return None
@@ -563,6 +562,11 @@ class _OnnxRunner(Runner):
                          NUMPY.to_host)
         check_captured(logits, out, where)
         return logits, out
+
+
+def _unsaid(rank: int) -> str:
+    """The layout of a tensor of ``rank`` axes whose operators say none: tokens for 3 axes, channels-first for more."""
+    return "tokens" if rank == 3 else "channels_first"
 
 
 def _dims(dims) -> str:

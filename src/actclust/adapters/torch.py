@@ -136,6 +136,7 @@ class TorchAdapter(ModelAdapter):
         self.inner = _unwrap(model)
         self.output = output
         self._made: dict = {}  # layer -> what makes its 3-axis output: a layout, or the channels of a 1-D map
+        self._features: dict = {}  # layer -> (features of the Linear/LayerNorm making its 4-axis output, itself?)
         self._shown: dict = {}  # layer -> the layout an output's shape or strides showed (of a layer _made leaves open)
 
     @property
@@ -176,19 +177,19 @@ class TorchAdapter(ModelAdapter):
     def walk_once(self, layers) -> None:
         """What makes each of ``layers``' outputs, found now, before a pass: the hooks then only read it (a compiled
         model traces them, and an entry added during its first batch made it compile the hooks again)."""
-        modules = self.modules()
-        for layer in layers:
-            self._made.setdefault(layer, self._made_by(modules.get(layer)))
-            self._made.setdefault(("4d", layer), self._last_axis_features(modules.get(layer)))
+        new = [layer for layer in layers if layer not in self._made]  # every pass makes a runner: walked once
+        modules = self.modules() if new else {}
+        for layer in new:
+            self._made[layer] = self._made_by(modules.get(layer))
+            self._features[layer] = self._last_axis_features(modules.get(layer))
 
     def _layout_4d(self, layer: str, shape: tuple) -> str:
         """A map of 4 or 5 axes: channels-first, unless a Linear or a LayerNorm over the last axis makes it (through
         element-wise modules after it) and its last axis, not axis 1, has their features: channels-last (a ConvNeXt
         block's or a Swin block's ``(N, H, W, C)``; read channels-first, it was averaged over the width and channels)."""
-        key = ("4d", layer)
-        if key not in self._made:
-            self._made[key] = self._last_axis_features(self.modules().get(layer))
-        features, own = self._made[key]
+        if layer not in self._features:
+            self._features[layer] = self._last_axis_features(self.modules().get(layer))
+        features, own = self._features[layer]
         # the Linear or LayerNorm itself: its last axis is its features, also in a map as high as it is wide
         if features and len(shape) >= 4 and shape[-1] == features and (own or shape[1] != features):
             return "channels_last"
