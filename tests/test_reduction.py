@@ -220,6 +220,13 @@ def test_describe():
     assert describe(r, "channels_last", (8, 5, 5, 3)) == "mean over height and width"
     assert describe(make_reducer("grid:2"), "channels_first", (8, 3, 5, 5)) == "grid:2"
     assert describe(r, "tokens", (8, 12, 16)) == "mean over the tokens the attention mask keeps"
+    # a projection reduces a dense output wider than d and keeps a narrower one whole: said of each
+    assert describe(make_reducer("pca:100"), "dense", (8, 32)) == "as is (dense; 32 values, no more than pca:100)"
+    assert describe(make_reducer("random:16"), "dense", (8, 32)) == "random:16 (from 32 values)"
+    r = make_reducer("pca:100")
+    r.partial_fit(np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32))
+    r.finish_fit()
+    assert r(np.zeros((2, 32), np.float32)).shape == (2, 32)  # what the description says: kept whole
 
 
 # PyTorch: a 3-axis map is channels-first where a 1-D convolution, pooling or normalisation makes it, also after

@@ -28,6 +28,7 @@ Runs saved before layouts existed read every map channels-first, as they were fi
 from __future__ import annotations
 
 import copy
+import numbers
 import re
 from typing import Optional
 
@@ -310,9 +311,15 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
 
 def describe(reducer: Reducer, layout: Optional[str], shape: tuple) -> str:
     """What ``reducer`` does to an output of ``shape`` and ``layout``, in words (``list_layers`` shows it)."""
-    if len(shape) <= 2:
-        return "as is (dense)"
     spec = reducer.spec if isinstance(reducer, Reducer) else str(reducer)
+    if len(shape) <= 2:
+        # a projection reduces a dense output wider than its d, and keeps a narrower one whole (its __call__):
+        # said of each, as pca:100 on a 32-wide layer kept 32 values without a word
+        d = getattr(reducer, "d", None)
+        width = int(shape[-1]) if len(shape) == 2 and isinstance(shape[-1], numbers.Integral) else None
+        if isinstance(reducer, _Projection) and width is not None:
+            return f"{spec} (from {width} values)" if width > d else f"as is (dense; {width} values, no more than {spec})"
+        return "as is (dense)"
     if spec in ("auto", "mean", "max"):
         how = "mean" if spec != "max" else "max"
         if layout == "tokens":
