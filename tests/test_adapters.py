@@ -94,8 +94,15 @@ def test_unknown_layer_names_closest_and_list_layers(model, data):
     (lambda z: {"scores": z}, r"returned a dict; actclust looks for the logits.*output="),
     (lambda z: z.argmax(1, keepdim=True).repeat(1, 3), "floating-point logits"),
     # one logit (a sigmoid head): the message says how to pass it as two classes, as the Keras adapter's does
-    (lambda z: z[:, :1], r"returned shape \(4, 1\). A binary classifier with one logit z\? Pass output=lambda z: "
-                         r"torch.cat\(\[torch.zeros_like\(z\), z\], 1\)"),
+    (lambda z: z[:, :1] - 1e3, r"returned shape \(4, 1\). A binary classifier with one logit z\? Pass output=lambda z: "
+                               r"torch.cat\(\[torch.zeros_like\(z\), z\], 1\)"),
+    # a sigmoid's probability: read as a logit (the hint above), every input went to class 1 (an outside check)
+    (lambda z: torch.sigmoid(z[:, :1]), r"returned shape \(4, 1\). Its values all lie in \[0, 1\]: a sigmoid's "
+                                        r"probability p\? Pass output=lambda p: torch.cat\(\[torch.log1p\(-p\), "
+                                        r"torch.log\(p\)\], 1\)"),
+    # (loss, logits): the first element is no (N, C) tensor; the message names the one that is
+    (lambda z: (z.sum(), z), r"returned shape \(\)\. It returns a tuple; its element 1 has shape \(4, 3\): if "
+                             r"those are the logits, pass output=lambda o: o\[1\]"),
 ])
 def test_non_logit_output(data, head, match):
     class Wrap(nn.Module):

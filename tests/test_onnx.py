@@ -533,3 +533,28 @@ def test_cli_runs_keep_onnx_models_whole(exported, tmp_path, capsys):
     assert main(["score", str(run), "--data", str(tmp_path / "d.npz"), "--quiet"]) == 2
     assert "stores tensors in other files (ONNX external data), which no SHA-256 of the run pins" in \
         capsys.readouterr().err
+
+
+# a binary classifier's one column (a sigmoid's probability, or its logit): the error says how to pass it as two
+# classes, as the PyTorch and Keras adapters' do (the ONNX one listed the outputs only)
+@pytest.mark.parametrize("squash, match", [
+    (True, r"Output 'p' holds one value per input, all in \[0, 1\]: a sigmoid's probability\? Pass output=lambda o: "
+           r"np.concatenate\(\[np.log1p\(-o\['p'\].reshape\(-1, 1\)\), np.log\(o\['p'\].reshape\(-1, 1\)\)\], 1\)"),
+    (False, r"Output 'p' holds one value per input: a binary classifier's logit\? Pass output=lambda o: "
+            r"np.concatenate\(\[np.zeros_like\(o\['p'\].reshape\(-1, 1\)\), o\['p'\].reshape\(-1, 1\)\], 1\)"),
+])
+def test_one_column_output_hint(tmp_path, squash, match):
+    class Binary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            z = self.fc(x) - 100  # all negative: a logit, unless squashed
+            return torch.sigmoid(z) if squash else z
+
+    torch.manual_seed(0)
+    path = _export(Binary().eval(), tmp_path / "binary.onnx", (torch.randn(2, 4),), outputs=("p",))
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    with pytest.raises(CaptureError, match=match):
+        ActivationClustering(str(path), ["p"], n_clusters=2, progress=False).fit(x)

@@ -472,7 +472,8 @@ class OnnxAdapter(ModelAdapter):
                 raise CaptureError(
                     f"The model's outputs {[(k, getattr(v, 'shape', type(v).__name__)) for k, v in outputs.items()]} hold no "
                     f"floating (N, n_classes) logits for a batch of {n}; pass output=<function of the outputs by name "
-                    "that returns the logits> (skl2onnx classifiers: convert with options={'zipmap': False}).")
+                    "that returns the logits> (skl2onnx classifiers: convert with options={'zipmap': False})."
+                    + _binary_hint(outputs, n))
         value = np.asarray(value)
         if value.ndim != 2 or value.shape[0] != n or value.shape[1] < 2 or value.dtype.kind != "f":
             raise CaptureError("The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
@@ -571,3 +572,17 @@ def _unsaid(rank: int) -> str:
 
 def _dims(dims) -> str:
     return "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
+
+
+def _binary_hint(outputs: dict, n: int) -> str:
+    """How to pass a binary classifier's one column (a sigmoid's probability or its logit) as two classes."""
+    name = next((k for k, v in outputs.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                 and v.shape in ((n, 1), (n,))), None)
+    if name is None:
+        return ""
+    v, col = outputs[name], f"o[{name!r}].reshape(-1, 1)"
+    if v.size and float(v.min()) >= 0 and float(v.max()) <= 1:
+        return (f" Output {name!r} holds one value per input, all in [0, 1]: a sigmoid's probability? Pass "
+                f"output=lambda o: np.concatenate([np.log1p(-{col}), np.log({col})], 1).")
+    return (f" Output {name!r} holds one value per input: a binary classifier's logit? Pass "
+            f"output=lambda o: np.concatenate([np.zeros_like({col}), {col}], 1).")

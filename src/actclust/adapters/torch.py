@@ -333,6 +333,7 @@ class TorchAdapter(ModelAdapter):
 
     def logits(self, out, n: int) -> torch.Tensor:
         """The ``(n, n_classes)`` logits in a model output."""
+        hint = ""
         if self.output is not None:
             out = call_output(self.output, out)
         elif not isinstance(out, torch.Tensor):
@@ -348,8 +349,14 @@ class TorchAdapter(ModelAdapter):
                                   f"logits from the first, of shape {tuple(out[0].shape)}. If that is not the "
                                   "classifier's output, pass output=<function of the model's output that returns its "
                                   "logits>, e.g. output=lambda o: o[1].", ActClustWarning, stacklevel=user_stacklevel())
+                # the one to pick instead where the first is no (N, C) tensor (a loss first, as (loss, logits))
+                other = next((i for i, o in enumerate(out) if i and isinstance(o, torch.Tensor) and o.ndim == 2
+                              and len(o) == n and o.shape[1] >= 2), None)
+                if other is not None:
+                    hint = (f" It returns a {type(out).__name__}; its element {other} has shape "
+                            f"{tuple(out[other].shape)}: if those are the logits, pass output=lambda o: o[{other}].")
                 out = out[0]
-        _check_logits(out, n, self.output is not None)
+        _check_logits(out, n, self.output is not None, hint)
         a = out.detach().float()
         if are_probabilities(self, len(a), float(a.min()), float(a.max()), float((a.sum(1) - 1).abs().max()),
                              out.element_size() < 4, "torch.log(p)"):  # nn.Softmax at the end: read as their log
@@ -728,7 +735,7 @@ def _head(inputs, m: int):
     return inputs[:m] if getattr(inputs, "ndim", 0) and hasattr(inputs, "__getitem__") else inputs
 
 
-def _check_logits(logits, n: int, custom: bool) -> None:
+def _check_logits(logits, n: int, custom: bool, hint: str = "") -> None:
     if not isinstance(logits, torch.Tensor):
         where = "output= returned" if custom else "The model returned"
         raise CaptureError(
@@ -737,12 +744,19 @@ def _check_logits(logits, n: int, custom: bool) -> None:
             "output=<function of the model's output that returns the logits tensor>."
         )
     if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
-        binary = "" if tuple(logits.shape) not in ((n, 1), (n,)) else (
-            " A binary classifier with one logit z? Pass output=lambda z: torch.cat([torch.zeros_like(z), z], 1) "
-            "(a sigmoid's logit, as two classes' logits; reshape z to (N, 1) first if it is (N,)).")
+        if tuple(logits.shape) in ((n, 1), (n,)):
+            v = logits.detach().float()
+            if logits.is_floating_point() and len(v) and float(v.min()) >= 0 and float(v.max()) <= 1:
+                # a sigmoid at the end: its probability p is no logit; read as one, every input went to class 1
+                hint += (" Its values all lie in [0, 1]: a sigmoid's probability p? Pass output=lambda p: "
+                         "torch.cat([torch.log1p(-p), torch.log(p)], 1) (two classes' log-probabilities; reshape p to "
+                         "(N, 1) first if it is (N,)).")
+            else:
+                hint += (" A binary classifier with one logit z? Pass output=lambda z: torch.cat([torch.zeros_like(z), "
+                         "z], 1) (a sigmoid's logit, as two classes' logits; reshape z to (N, 1) first if it is (N,)).")
         raise CaptureError(
             "The model must return logits of shape (N, n_classes) with n_classes >= 2; for a batch "
-            f"of {n} it returned shape {tuple(logits.shape)}.{binary}"
+            f"of {n} it returned shape {tuple(logits.shape)}.{hint}"
         )
     if not logits.is_floating_point():
         raise CaptureError(f"The model must return floating-point logits; got dtype {logits.dtype}.")
