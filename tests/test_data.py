@@ -109,6 +109,28 @@ def test_three_tensors_need_label_key():
         ActivationClustering(TwoInputs(), ["fa"], n_clusters=2, progress=False).fit(ds)
 
 
+# a loader of (ids, lengths) for forward(ids, lengths): label_key="auto" takes the lengths, one integer per sample, as
+# labels; the model's error then says so and how to pass them all (it pointed at the inputs' shape: an outside check)
+def test_guessed_labels_said_when_the_model_fails():
+    class Lengths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 4), nn.Linear(4, 2)
+
+        def forward(self, ids, lengths):
+            keep = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float()
+            return self.head((self.emb(ids) * keep[..., None]).sum(1) / lengths[:, None].float())
+
+    rng = np.random.default_rng(0)
+    ds = TensorDataset(torch.from_numpy(rng.integers(1, 20, (40, 6))), torch.from_numpy(rng.integers(1, 7, 40)))
+    with pytest.raises(CaptureError, match=r"missing 1 required positional argument: 'lengths'.*Each batch of X is a "
+                                           r"pair whose second element, one integer per sample, was taken as the labels "
+                                           r"\(label_key='auto'\)\. If it is an input of the model, pass label_key=None"):
+        ActivationClustering(Lengths(), ["head"], n_clusters=2, progress=False).fit(DataLoader(ds, batch_size=16))
+    ac = ActivationClustering(Lengths(), ["head"], n_clusters=2, label_key=None, progress=False)
+    assert ac.fit(DataLoader(ds, batch_size=16)).train_labels_ is None
+
+
 # a second float tensor is not silently taken as labels
 def test_second_float_tensor_is_not_a_label():
     ds = TensorDataset(torch.randn(20, 3), torch.randn(20, 2))

@@ -39,6 +39,9 @@ class Batch:
     inputs: object
     labels: Optional[np.ndarray]
     start: int
+    #: where ``labels`` were split off by ``label_key="auto"`` from a loader's ``(inputs, labels)`` pairs, said of
+    #: a model that then fails on its inputs (a model of two inputs, as ``(ids, lengths)``, lost its second)
+    label_guessed: bool = False
 
     @property
     def where(self) -> str:
@@ -215,6 +218,7 @@ class Batches:
         start = 0
         for item in self._source:
             inputs, y = split_item(item, self.label_key, self.name)
+            guessed = y is not None and self.label_key == "auto" and isinstance(item, (tuple, list))
             stop = start + batch_len(inputs)
             if y is not None:
                 y = as_labels(y, f"the labels in the batches of {self.name}")
@@ -223,7 +227,7 @@ class Batches:
                 if y is not None:
                     check_agree(y, given, self.name, start)
                 y = given
-            yield Batch(inputs, y, start)
+            yield Batch(inputs, y, start, guessed)
             start = stop
         if start == 0:
             raise DataError(f"{self.name} is empty: it holds no samples.")

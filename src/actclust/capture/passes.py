@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..exceptions import ActClustWarning, DataError, DataWarning, user_stacklevel
+from ..exceptions import ActClustWarning, CaptureError, DataError, DataWarning, user_stacklevel
 from ..state import SUMMARY_SUFFIX, FittedState, InputSpec, Query
 from ..store import Collector, StoreWriter, estimate
 from .arrays import dtype_name, nonfinite_rows
@@ -73,7 +73,15 @@ def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
             _check_finite(batch, batches.name)
             if stats is not None:
                 stats.add(batch.inputs)
-            logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
+            try:
+                logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
+            except CaptureError as e:
+                if not (batch.label_guessed and str(e).startswith("The model raised")):
+                    raise
+                raise CaptureError(
+                    f"{e} (Each batch of {batches.name} is a pair whose second element, one integer per sample, was "
+                    "taken as the labels (label_key='auto'). If it is an input of the model, pass label_key=None.)"
+                ) from e.__cause__
             if check_order and runner.in_run_order:
                 check_order = False
                 _check_order(list(reducers), [l for l in out if l in reducers])
