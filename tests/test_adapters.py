@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -523,3 +525,42 @@ def test_packed_sequences_and_modules_run_twice():
     np.testing.assert_allclose(ac.train_vectors_["lstm"], np.stack(want), rtol=1e-4, atol=1e-5)
     with pytest.raises(CaptureError, match=r"The layer 'act' ran more than once in one forward pass"):
         ActivationClustering(model, ["act"], n_clusters=3, progress=False).fit((x, lengths))
+
+
+# a model fed (ids, lengths) packs its sequences itself: its embedding, a token map of a batch without an attention
+# mask, is averaged over every position, padding included, and is now said to be (once, naming it, not the LSTM whose
+# packed output has its own lengths); list_layers says so of unmasked token maps; a dict with a mask warns of nothing
+def test_unmasked_token_maps_of_token_ids_warned():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.lstm, self.fc = nn.Embedding(20, 4, padding_idx=0), nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+        def forward(self, ids, lengths=None, attention_mask=None):
+            if lengths is None:
+                lengths = attention_mask.sum(1)
+            _, (h, _) = self.lstm(pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False))
+            return self.fc(h[0])
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 9, (60,), generator=g)
+    keep = torch.arange(8)[None] < lengths[:, None]
+    ids = torch.randint(1, 20, (60, 8), generator=g) * keep
+    model = Text().eval()
+    assert list_layers(model, (ids[:2], lengths[:2]))["emb"].reduction == (
+        "mean over all tokens, padding included (no attention mask; a packed sequence: its own lengths)")
+    with pytest.warns(actclust.DataWarning, match=r"Layer\(s\) \['emb'\] are token maps averaged over all 8 positions: the "
+                                         r"batches carry no attention mask.*'attention_mask' \(1 for real tokens\)"):
+        ActivationClustering(model, ["emb", "lstm", "fc"], n_clusters=3, progress=False).fit((ids, lengths))
+    masked = {"ids": ids, "attention_mask": keep.long()}
+    assert list_layers(model, {k: v[:2] for k, v in masked.items()})["emb"].reduction == (
+        "mean over the tokens the attention mask keeps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.DataWarning)
+        ac = ActivationClustering(model, ["emb", "lstm", "fc"], n_clusters=3, normalize=None, progress=False).fit(masked)
+    with torch.no_grad():
+        want = torch.stack([model.emb(ids[i, :n]).mean(0) for i, n in enumerate(lengths.tolist())]).numpy()
+    np.testing.assert_allclose(ac.train_vectors_["emb"], want, rtol=1e-5, atol=1e-6)

@@ -117,6 +117,9 @@ class ModelAdapter(abc.ABC):
                 "or another tensor next to it.")
         return out
 
+    #: The keys of a dict batch whose array says which tokens are real (a token map's vectors leave the others out).
+    mask_keys: tuple = ("attention_mask",)
+
     def canonical(self, name: str) -> str:
         """``name`` without the prefixes that wrappers add (identity by default)."""
         return name
@@ -146,11 +149,11 @@ class ModelAdapter(abc.ABC):
         from ..capture.reduction import describe, make_reducer
 
         r = make_reducer(reducer)
-        masked = isinstance(sample, Mapping) and "attention_mask" in sample
+        masked = isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)
         out = {}
         for name, (shape, strides, calls) in self.sample_outputs(sample).items():
             layout = self.layout(name, len(shape), masked, tuple(shape), strides)
-            out[name] = LayerInfo(shape, layout, describe(r, layout, shape) if calls == 1 else
+            out[name] = LayerInfo(shape, layout, describe(r, layout, shape, masked) if calls == 1 else
                                   f"runs {calls} times in one forward pass, so it cannot be captured (its activations "
                                   "would be mixed): choose a module that runs once")
         return out

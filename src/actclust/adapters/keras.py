@@ -147,6 +147,8 @@ class KerasAdapter(ModelAdapter):
     ['fc', 'logits']
     """
 
+    mask_keys = MASK_KEYS
+
     framework = "keras"
     input_channel_axis = -1
 

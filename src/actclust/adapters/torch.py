@@ -510,6 +510,7 @@ class _TorchRunner(Runner):
         self._read_as: dict = {}  # layer -> the layout this batch was read in (unless fixed)
         self._reducing: Optional[str] = None  # the layer whose output a hook is reducing
         self._unmasked: set = set()  # token layers warned of as shorter than the attention mask
+        self._own_mask: set = set()  # token layers whose output says its own lengths (packed, nested)
         self._checked = False
         self.handles: list = []
 
@@ -558,6 +559,8 @@ class _TorchRunner(Runner):
                     "choose a module whose output is a tensor (or a tuple starting with one)."
                 )
             t, mask = _plain(t.detach(), mask)
+            if mask is not None and self._mask is None:
+                self._own_mask.add(name)
             self._shapes[name] = t.shape
             # No branch on what earlier batches saw: a compiled model would guard on it and recompile.
             if self.fixed:
@@ -599,6 +602,7 @@ class _TorchRunner(Runner):
             if not self.fixed:
                 self.layouts = dict(self._read_as)
             self._check_token_maps()
+            self._check_unmasked_tokens(inputs)
         elif not self.fixed:
             self._check_layouts()
         self._check_mask_lengths()
@@ -639,6 +643,29 @@ class _TorchRunner(Runner):
                     f"but was read as {_READ_AS[first]} in the first batch (of as many steps as features: its shape "
                     "read either way); the vectors would mix the two. Choose a layer after the block's last "
                     "transpose or norm, or give the first batch another sequence length.")
+
+    def _check_unmasked_tokens(self, inputs) -> None:
+        """Warn, once, where token maps of a batch without an attention mask are averaged over every position while
+        the inputs hold integer token ids as long: the padding, if the sequences are padded, is averaged in. (A model
+        fed ``(ids, lengths)`` packs its sequences itself: its embedding's vectors moved with the padding, without a
+        word, while its LSTM's came from their own lengths: an outside check.)"""
+        if self._mask is not None:
+            return
+        parts = (list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs) if isinstance(inputs, (tuple, list))
+                 else [inputs])
+        ids = {int(p.shape[1]) for p in parts if getattr(p, "ndim", 0) == 2 and dtype_name(p).startswith(("int", "uint"))}
+        layers = [name for name, shape in self._shapes.items()
+                  if len(shape) == 3 and int(shape[1]) in ids and (self.fixed or self._read_as).get(name) == "tokens"
+                  and name not in self._own_mask
+                  and getattr(self.reducers[name], "plan", {}).get("reducer") != "token_first"]
+        if layers:
+            warnings.warn(
+                f"Layer(s) {layers} are token maps averaged over all {self._shapes[layers[0]][1]} positions: the batches "
+                "carry no attention mask, and the inputs hold integer token ids as long, so padding tokens, if the "
+                "sequences are padded, are averaged in and move the vectors. Give dict batches with an "
+                "'attention_mask' (1 for real tokens) where the model takes one, or choose layers after the model packs "
+                "its sequences (an RNN's PackedSequence output is read by its own lengths).",
+                DataWarning, stacklevel=user_stacklevel())
 
     def _check_mask_lengths(self) -> None:
         """Warn, once per layer, where a token map is not as long as the batch's attention mask (a strided

@@ -309,8 +309,9 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
     return _RandomProjection(canonical_name, n, random_state)
 
 
-def describe(reducer: Reducer, layout: Optional[str], shape: tuple) -> str:
-    """What ``reducer`` does to an output of ``shape`` and ``layout``, in words (``list_layers`` shows it)."""
+def describe(reducer: Reducer, layout: Optional[str], shape: tuple, masked: bool = True) -> str:
+    """What ``reducer`` does to an output of ``shape`` and ``layout``, in words (``list_layers`` shows it); ``masked``:
+    whether the batch has an attention mask (else a token map's padding, if any, is averaged in)."""
     spec = reducer.spec if isinstance(reducer, Reducer) else str(reducer)
     if len(shape) <= 2:
         # a projection reduces a dense output wider than its d, and keeps a narrower one whole (its __call__):
@@ -323,7 +324,8 @@ def describe(reducer: Reducer, layout: Optional[str], shape: tuple) -> str:
     if spec in ("auto", "mean", "max"):
         how = "mean" if spec != "max" else "max"
         if layout == "tokens":
-            return f"{how} over the tokens the attention mask keeps"
+            return (f"{how} over the tokens the attention mask keeps" if masked else
+                    f"{how} over all tokens, padding included (no attention mask; a packed sequence: its own lengths)")
         axes = {4: "height and width", 3: "length", 5: "depth, height and width"}.get(len(shape), "the spatial axes")
         return f"{how} over {axes}"
     return spec
