@@ -251,6 +251,12 @@ def test_class_names_forms(fitted, data, tmp_path):
                        ({0: "cat", "0": "kitten", 1: "dog", 2: "bird"}, r"once \(as id2label does\); got the key 0"),
                        ({"b", "a", "c"}, r"must be a list of the 3 class names, in class order"),
                        (3, r"must be a list of the 3 class names, in class order .* got int 3"),
-                       (["cat", "dog"], r"class_names must name the 3 classes; got 2 names")):
+                       (["cat", "dog"], r"class_names must name the 3 classes; got 2 names"),
+                       # blank or twin names left classes apart by their place only (a study's answer list: an outside
+                       # check)
+                       (["cat", " ", "bird"], r"class_names must give each class a name; class 1 has a blank one"),
+                       (["cat", "dog", "cat"], r"class_names must give each class its own name; classes 0 and 2 are "
+                                               r"both named 'cat'"),
+                       ({0: "cat", 1: "", 2: "bird"}, r"class 1 has a blank one")):
         with pytest.raises(actclust.ParameterError, match=match):
             fitted.explain(x[:2], class_names=bad, trust=False)

@@ -61,6 +61,7 @@ def test_explanation_per_condition(tmp_path, study_source):
      "needs items >= 3. Got items=2"),
     ({"items": 100}, ParameterError, r"items=100 with wrong_share=0.5 needs 50 inputs the model gets right, but the data has 43 \(43 right, 77 wrong\); lower items \(--items\) or change wrong_share"),
     ({"class_names": ["a", "b"]}, ParameterError, "class_names must name the 3 classes; got 2 names."),
+    ({"class_names": ["a", "a", "b"]}, ParameterError, "classes 0 and 1 are both named 'a'"),
     ({"attention_checks": -1}, ParameterError, "attention_checks must be an int >= 0. Got -1 instead."),
     ({"train": np.zeros((5, 1, 6, 6), np.float32)}, DataError, "train has 5 samples but the explainer was fitted on 120"),
 ])

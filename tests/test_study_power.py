@@ -102,6 +102,12 @@ def test_not_reached():
     ({"effect": 0.4}, "baseline + effect must be a number in (0, 1). Got 1.1 instead."),
     ({"effect": 0.35, "baseline": 0.7}, "baseline + effect must be a number in (0, 1). Got 1.05 instead."),
     ({"icc": 1}, "icc must be a number in [0, 1). Got 1 instead."),
+    # NaN compares false with everything: it passed the checks and met the solvers (a traceback; an outside check)
+    ({"baseline": float("nan")}, "baseline must be a number in (0, 1). Got nan instead."),
+    ({"effect": float("nan")}, "effect must be a number in [-1, 1]. Got nan instead."),
+    ({"icc": float("nan")}, "icc must be a number in [0, 1). Got nan instead."),
+    ({"alpha": float("nan")}, "alpha must be a number in (0, 1). Got nan instead."),
+    ({"metric": "over_reliance", "wrong_share": float("nan")}, "wrong_share must be a number in (0, 1]. Got nan instead."),
     ({"items": 0}, "items must be an int in [1, 1000000]. Got 0 instead."),
     ({"design": "mixed"}, "design must be one of ['between', 'within']. Got 'mixed' instead."),
     ({"metric": "speed"}, "metric must be one of ['accuracy', 'over_reliance']. Got 'speed' instead."),

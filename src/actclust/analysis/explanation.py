@@ -237,13 +237,28 @@ def check_class_names(state: FittedState, class_names) -> Optional[list]:
         if sorted(ids) != list(range(n)):
             raise ParameterError(f"class_names as a mapping must map the class ids 0..{n - 1} to names; got the ids "
                                  f"{sorted(ids)}.")
-        return [ids[i] for i in range(n)]
+        return _distinct([ids[i] for i in range(n)])
     if isinstance(class_names, (set, frozenset)) or not hasattr(class_names, "__iter__") or np.ndim(class_names) != 1:
         raise ParameterError(f"class_names must be a list of the {n} class names, in class order (or a mapping of "
                              f"class ids to names); got {type(class_names).__name__} {class_names!r}.")
     names = [c.decode() if isinstance(c, bytes) else str(c) for c in class_names]
     if len(names) != n:
         raise ParameterError(f"class_names must name the {n} classes; got {len(names)} names.")
+    return _distinct(names)
+
+
+def _distinct(names: list) -> list:
+    """``names`` where each is a non-blank name of its own: blank or repeated names left the classes apart only by their
+    place (a study's answer list showed blank or twin options, "The AI predicts:" nothing: an outside check)."""
+    blank = [i for i, c in enumerate(names) if not c.strip()]
+    if blank:
+        raise ParameterError(f"class_names must give each class a name; class {blank[0]} has a blank one.")
+    seen: dict = {}
+    for i, c in enumerate(names):
+        if c in seen:
+            raise ParameterError(f"class_names must give each class its own name; classes {seen[c]} and {i} are both "
+                                 f"named {c!r}.")
+        seen[c] = i
     return names
 
 

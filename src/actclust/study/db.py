@@ -238,7 +238,7 @@ class Store:
                 people = "participant" if self.max_participants == 1 else "participants"
                 raise RequestRefused(403, f"This study is full: it has the {self.max_participants} {people} it "
                                           "needs. Thank you for your interest.")
-        session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
+        session_id, token = _session_id(), secrets.token_urlsafe(32)
         code = secrets.token_hex(4).upper()
         number = db.execute("SELECT COALESCE(MAX(number), -1) + 1 FROM sessions").fetchone()[0]
         rng = participant_rng(study.seed, number)
@@ -349,6 +349,9 @@ class Store:
             raise RequestRefused(422, _FIRST_STAGE)
         if stage != "initial" and decision is None:
             raise RequestRefused(422, _DECIDE)
+        if label is not None and len(self.stages) == 1:  # stored and exported, read by nothing (an outside check)
+            raise RequestRefused(422, "This study has one stage: send 'decision' ('accept' or 'reject') and "
+                                      "'confidence', and no 'label'.")
         if label is not None and not 0 <= label < n:
             raise RequestRefused(422, f"'label' must be a class index in [0, {n - 1}]; got {label}.")
 
@@ -475,3 +478,13 @@ class Writer:
                     break
                 batch.append(more)
             self.store.run_batch(batch)
+
+
+def _session_id() -> str:
+    """A new session id: 16 random bytes, URL-safe, never starting with ``-``: the CSV export quotes cells that start
+    like a spreadsheet formula, which changed one id in 64 there (a join of the CSV with the JSON export, or the
+    database, then lost those rows: an outside check)."""
+    while True:
+        sid = secrets.token_urlsafe(16)
+        if not sid.startswith("-"):
+            return sid

@@ -131,7 +131,8 @@ class _Draws:
 def _check(name, value, low, high, *, integer=False, open_low=False, open_high=False):
     bad = isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
     if not bad:
-        bad = value < low or value > high or (open_low and value == low) or (open_high and value == high)
+        # NaN compares false with everything: not (low <= value <= high) refuses it (it met the solvers: a traceback)
+        bad = not low <= value <= high or (open_low and value == low) or (open_high and value == high)
     if bad:
         lo, hi = "(" if open_low else "[", ")" if open_high else "]"
         kind = "an int" if integer else "a number"
