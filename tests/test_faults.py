@@ -96,11 +96,23 @@ def test_run_folder_code_never_runs(fitted, npz, cwd, capsys):
         assert main([command, "evil", "--data", str(npz), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "records its model as 'evil.helpers:build'" in err and "does not import code a run folder names" in err
-        assert "add --model evil.helpers:build" in err and "--trust-run-model" in err
+        assert "Name the model yourself with --model package.module:callable, code you have read" in err
+        assert "never from inside the run folder" in err and "--trust-run-model" in err
     assert main(["score", "evil", "--data", str(npz), "--quiet", "--trust-run-model"]) == 2
     err = capsys.readouterr().err
-    assert "whose code lies inside the run folder" in err and "never imports code from a run folder" in err
-    assert not marker.exists() and "evil" not in sys.modules
+    assert "code that lies inside the run folder" in err and "never imports code from a run folder" in err
+    # --model naming the run's code, as the message once said to (an outside check): refused too, from outside the run
+    # (as a package of it) and from inside it (its module found in the current folder)
+    assert main(["score", "evil", "--data", str(npz), "--quiet", "--model", "evil.helpers:build"]) == 2
+    err = capsys.readouterr().err
+    assert "The model 'evil.helpers:build' (--model) is code that lies inside the run folder evil" in err
+    os.chdir(run)
+    try:
+        assert main(["score", ".", "--data", str(npz), "--quiet", "--model", "helpers:build"]) == 2
+    finally:
+        os.chdir(cwd)
+    assert "The model 'helpers:build' (--model) is code that lies inside the run folder" in capsys.readouterr().err
+    assert not marker.exists() and "evil" not in sys.modules and "helpers" not in sys.modules
     actclust.load(run, fitted.model, progress=False)  # the Python API never imports anything a run names
     assert not marker.exists()
 

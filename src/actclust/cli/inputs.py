@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -52,7 +53,9 @@ def load_run(args):
     manifest = read_manifest(run)
     meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
     weights = args.weights or recorded_weights(run, manifest)
-    if args.model:  # named by the user: imported as `actclust fit` does
+    if args.model:  # named by the user: imported as `actclust fit` does, never from inside the run folder
+        if not is_model_file(args.model):
+            _refuse_code_inside(args.model, run, "--model")
         return load(run, build_model(args.model, weights), progress=not args.quiet)
     spec = meta.get("model")
     if not isinstance(spec, str) or not spec:
@@ -81,8 +84,9 @@ def load_run(args):
         raise ModelImportError(
             f"The run at {run} records its model as {spec!r}, which is not one of actclust's own model builders. "
             "actclust does not import code a run folder names (a folder someone sends you could name its own code). "
-            f"If you trust it, name the model yourself: add --model {spec} (imported as 'actclust fit' does, from the "
-            "current folder or the installed packages), or add --trust-run-model."
+            "Name the model yourself with --model package.module:callable, code you have read (imported as "
+            "'actclust fit' does, from the current folder or the installed packages; never from inside the run "
+            "folder), or add --trust-run-model if you trust the run."
         )
     return load(run, _build(factory, spec, weights), progress=not args.quiet)
 
@@ -103,15 +107,25 @@ def _opted_in_factory(spec: str, run: Path, args):
     if not origins:
         raise ModelImportError(f"--trust-run-model: the module {module_name!r} that the run at {run} records is "
                                f"neither in the current folder ({os.getcwd()}) nor among the installed packages.")
-    inside = [o for o in origins if _is_within(o, run)]
-    if inside:
-        raise ModelImportError(f"The run at {run} records its model as {spec!r}, whose code lies inside the run folder "
-                               f"({inside[0]}); actclust never imports code from a run folder, even with "
-                               "--trust-run-model. Copy the module elsewhere after reading it, and add --model.")
+    _refuse_code_inside(spec, run, "--trust-run-model", origins)
     print(f"actclust {args.command}: --trust-run-model: importing {module_name!r} (running "
           f"{', '.join(str(o) for o in origins)}) and calling {attr}(), as recorded in the run at {run}",
           file=sys.stderr)
     return import_factory(spec)
+
+
+def _refuse_code_inside(spec: str, run: Path, flag: str, origins: Optional[list] = None) -> None:
+    """Refuse a model module (or one of its packages' ``__init__`` files) that lies inside the run folder: a run someone
+    sends you can hold its own code, and ``--model`` taken from inside it (from the folder, or as ``run.module``) ran
+    it, while the docs promised it refused (an outside check)."""
+    module_name = spec.partition(":")[0]
+    if origins is None:
+        origins = locate_module(module_name, [os.getcwd(), *[p for p in sys.path if p]]) if module_name else []
+    inside = [o for o in origins if _is_within(o, run)]
+    if inside:
+        raise ModelImportError(f"The model {spec!r} ({flag}) is code that lies inside the run folder {run} "
+                               f"({inside[0]}); actclust never imports code from a run folder, even with {flag}. "
+                               "Copy the module elsewhere after reading it, and give --model from there.")
 
 
 def locate_module(module_name: str, search: list) -> list:
@@ -292,7 +306,7 @@ def _build(factory, spec: str, weights):
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(factory, torch.nn.Module):  # callable, but calling it would run forward()
         raise ParameterError(f"{spec} is a model instance; give a function or class that builds the model instead.")
-    model = factory()
+    model = factory()  # the user's code: what it raises is theirs to read, traceback and all (exit code 1)
     try:
         adapter = adapt(model)
     except UnsupportedModelError:
