@@ -378,7 +378,7 @@ def test_warnings_print_as_one_line(monkeypatch, capsys):
 
 # report --out never writes over the run it reads (its manifest, its vectors), even with --overwrite; a new file
 # beside them in the run folder (as the demo's report.html) is fine
-def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
+def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["fit", "conftest:TinyCNN", "--data", str(tiny_npz), "--layers", "fc1", "--n-clusters", "3", "--out",
                  str(run), "--quiet", "--no-prepare", "--store", str(tmp_path / "store")]) == 0
@@ -398,6 +398,17 @@ def test_report_never_writes_over_its_run(tmp_path, tiny_npz, capsys):
     assert main(report + ["--out", str(tiny_npz)]) == 2
     assert f"--out {tiny_npz} is the --data file the report reads; it is never written over" in capsys.readouterr().err
     assert tiny_npz.read_bytes() == data
+    # nor over the code of its --model (the report replaced the module with HTML, and the next command met a
+    # SyntaxError: an outside check)
+    source = tmp_path / "usermod_report.py"
+    source.write_text(TINY_MODULE.format(tests=str(Path(__file__).parent)))
+    code = source.read_bytes()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    at = report.index("conftest:TinyCNN")
+    assert main(report[:at] + ["usermod_report:build"] + report[at + 1:] + ["--out", str(source)]) == 2
+    assert f"--out {source} is the code of the --model usermod_report:build the report runs; it is never written " \
+           "over" in capsys.readouterr().err
+    assert source.read_bytes() == code
 
 
 # a place where the run cannot be saved is said before the fit, not after it; a run another command saved there

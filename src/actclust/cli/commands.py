@@ -14,6 +14,7 @@ parameter names: options the library would reject are checked here first, in CLI
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..exceptions import ParameterError, RunExistsError
 from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, run_model_options, say, warn
-from .inputs import build_model, check_layers, is_model_file, load_data, load_run
+from .inputs import build_model, check_layers, is_model_file, load_data, load_run, locate_module
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
@@ -313,6 +314,11 @@ def _report(args) -> int:
         if given and out.exists() and Path(given).is_file() and Path(given).resolve() == out.resolve():
             raise RunExistsError(f"--out {out} is the {flag} file the report reads; it is never written over, even "
                                  "with --overwrite. Choose another path.")
+    if args.model and not is_model_file(args.model) and out.exists():  # its code too (an outside check)
+        code = locate_module(args.model.partition(":")[0], [os.getcwd(), *[p for p in sys.path if p]])
+        if any(Path(c).resolve() == out.resolve() for c in code):
+            raise RunExistsError(f"--out {out} is the code of the --model {args.model} the report runs; it is never "
+                                 "written over, even with --overwrite. Choose another path.")
     ac = load_run(args)
     _refuse_run_file(out, args.run, ac)
     x, y = load_data(args.data, "test", ac._adapter())
