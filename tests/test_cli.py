@@ -277,6 +277,11 @@ def test_report_checks_out_and_train(tmp_path, tiny_npz, monkeypatch, capsys):
     assert main(report + ["--train", "other.npz"]) == 2
     assert ("--train other.npz has 7 samples but the run was fitted on 60; add --train with the .npz the run was "
             "fitted on") in capsys.readouterr().err
+    # as many samples, of another shape: said as view says it (it met the pictures' code: a traceback; outside check)
+    np.savez(tmp_path / "shape.npz", x=np.zeros((60, 1, 5, 5), np.float32))
+    assert main(report + ["--train", "shape.npz"]) == 2
+    assert ("--train shape.npz holds inputs of shape (1, 5, 5) per sample, but the run's model takes (1, 6, 6)"
+            in capsys.readouterr().err)
     assert not (tmp_path / "report.html").exists()
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..exceptions import ParameterError, RunExistsError
 from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, run_model_options, say, warn
-from .inputs import build_model, check_layers, is_model_file, load_data, load_run, locate_module
+from .inputs import build_model, check_inputs, check_layers, is_model_file, load_data, load_run, locate_module
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
 DEMO_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
@@ -333,6 +333,8 @@ def _report(args) -> int:
     if train is not None and len(train) != ac.n_samples_fit_:
         raise ParameterError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
                          "add --train with the .npz the run was fitted on (same samples, same order).")
+    if train is not None:  # as view does: another shape per sample met the pictures' code (a traceback)
+        check_inputs(train, ac, source)
     names = list(FASHION_MNIST_CLASSES) if args.data == "fashion-mnist" else None
     if names is not None and len(names) != ac.n_classes_:
         names = None  # a run of another model: its classes are shown by index

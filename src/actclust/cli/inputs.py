@@ -28,7 +28,7 @@ from ..exceptions import DataNotFoundError, InvalidSaveError, ModelImportError, 
 from .common import command
 
 __all__ = ["check_layers", "load_run", "import_factory", "build_model", "load_data", "TRUSTED_MODELS",
-           "recorded_weights", "recorded_file", "locate_module", "MODEL_FILES", "is_model_file"]
+           "recorded_weights", "recorded_file", "locate_module", "MODEL_FILES", "is_model_file", "check_inputs"]
 
 #: Model files the commands take directly, instead of a ``package.module:callable``.
 MODEL_FILES = (".onnx", ".keras")
@@ -279,6 +279,20 @@ def import_factory(spec: str):
     if not callable(factory):
         raise ParameterError(f"{spec} is a {type(factory).__name__}, not a callable that returns the model.")
     return factory
+
+
+def check_inputs(x, ac, option: str) -> None:
+    """Refuse arrays whose per-sample shape is not what the run's model takes, in option terms."""
+    spec = ac.state_.input_spec
+    if spec.kind != "tensor" or not isinstance(x, np.ndarray):
+        return
+    want, got = tuple(spec.shape), tuple(x.shape[1:])
+    sequence = len(want) == 1 and x.dtype.kind in "iu"
+    if got != want and not (sequence and len(got) == 1):
+        hint = (f" (same number of values: reshape with x.reshape(-1, {', '.join(map(str, want))}))"
+                if int(np.prod(got)) == int(np.prod(want)) else "")
+        raise ParameterError(f"{option} holds inputs of shape {got} per sample, but the run's model takes {want}; "
+                             f"give data of that shape{hint}.")
 
 
 def is_model_file(spec: str) -> bool:

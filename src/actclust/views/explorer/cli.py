@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...cli.common import is_loopback, listen, port_number, run_model_options, serve, url_host
+from ...cli.inputs import check_inputs
 from ...exceptions import ParameterError
 
 __all__ = ["add_parser", "check_inputs"]
@@ -42,20 +43,6 @@ def add_parser(sub, formatter_class) -> None:
     run_model_options(v)
     v.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     v.set_defaults(func=_view)
-
-
-def check_inputs(x, ac, option: str) -> None:
-    """Refuse arrays whose per-sample shape is not what the run's model takes, in option terms."""
-    spec = ac.state_.input_spec
-    if spec.kind != "tensor" or not isinstance(x, np.ndarray):
-        return
-    want, got = tuple(spec.shape), tuple(x.shape[1:])
-    sequence = len(want) == 1 and x.dtype.kind in "iu"
-    if got != want and not (sequence and len(got) == 1):
-        hint = (f" (same number of values: reshape with x.reshape(-1, {', '.join(map(str, want))}))"
-                if int(np.prod(got)) == int(np.prod(want)) else "")
-        raise ParameterError(f"{option} holds inputs of shape {got} per sample, but the run's model takes {want}; "
-                             f"give data of that shape{hint}.")
 
 
 def _view(args) -> int:
