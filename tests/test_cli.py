@@ -199,10 +199,13 @@ def test_bad_data_for_options(tmp_path, tiny_npz, monkeypatch, capsys):
     (tmp_path / "lone.npy").rename(tmp_path / "lone.npz")
     np.savez(tmp_path / "objects.npz", x=np.array([{}, {}], dtype=object))
     np.savez(tmp_path / "short_y.npz", x=np.zeros((5, 1, 6, 6), np.float32), y=np.zeros(4, int))
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 1, 6, 6), np.float32))
     torch = pytest.importorskip("torch")
     torch.save({"fc9.weight": torch.zeros(2)}, tmp_path / "other.pt")
     cases = [
         (["--data", str(tiny_npz), "--n-clusters", "61"], f"--n-clusters 61 is more than the 60 samples of --data {tiny_npz}"),
+        # one sample: "use at most 1" cluster was advice --n-clusters refuses (at least 2; an outside check)
+        (["--data", "one.npz"], "--data one.npz holds 1 sample; clustering needs at least 2 (and as many as --n-clusters)"),
         (["--data", "nolabels.npz", "--posterior", "label"],
          "--posterior label needs the true labels, but --data nolabels.npz has no array 'y'"),
         (["--data", "broken.npz"], "Cannot read broken.npz as an .npz file of numeric arrays"),
@@ -321,6 +324,16 @@ def test_exit_codes(user_folder, capsys):
     script = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "actclust.cli"]
     r = subprocess.run(script + ["layers", "usermod_c:build"], capture_output=True, text=True, cwd=user_folder)
     assert r.returncode == 1 and "Traceback" in r.stderr and "boom in build" in r.stderr
+
+
+# a reader that leaves early (`actclust layers ... | head`): no traceback, exit 0 (an outside check saw one)
+def test_closed_stdout_is_no_error():
+    script = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "actclust.cli"]
+    p = subprocess.Popen(script + ["layers", "actclust.models:digits_cnn"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # closed before anything is printed: every print meets a broken pipe
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 # the installed console script runs and reports usage errors with exit code 2

@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `actclust layers ... | head`: the reader left; nothing more to say (a traceback, once)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        except (OSError, ValueError):  # a stdout with no file behind it
+            pass
+        return EXIT_OK
 
 
 def run(argv=None) -> int:
@@ -246,6 +252,9 @@ def _fit(args) -> int:
     model = build_model(args.model, args.weights)
     check_layers(layers, model, args.model)
     x, y = load_data(args.data, "train", adapt(model))
+    if len(x) < 2:  # "use at most 1" cluster: fewer than --n-clusters' least, 2 (an outside check)
+        raise ParameterError(f"--data {args.data} holds {len(x)} sample; clustering needs at least 2 (and as many as "
+                             "--n-clusters).")
     if args.n_clusters > len(x):
         raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
                          f"use at most {len(x)}.")
