@@ -303,9 +303,17 @@ def test_bad_model_paths_and_names(tmp_path):
         actclust.list_layers(str(tmp_path / "saved"))
     with pytest.raises(actclust.DataNotFoundError, match="No Keras model file at"):
         actclust.list_layers(tmp_path / "missing.keras")
-    (tmp_path / "bad.keras").write_bytes(b"not a zip")
-    with pytest.raises(UnsupportedModelError, match="Keras could not load .*bad.keras"):
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")  # Keras said "File not found" of it (an outside check)
+    with pytest.raises(UnsupportedModelError, match=r"bad.keras is not a Keras model file: a .keras file is a zip "
+                                                    r"archive \(as model.save\('model.keras'\) writes it\), and this "
+                                                    "one is not"):
         actclust.list_layers(tmp_path / "bad.keras")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:  # a zip, but no model in it: Keras' own words
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(UnsupportedModelError, match="Keras could not load .*empty.keras"):
+        actclust.list_layers(tmp_path / "empty.keras")
     with pytest.raises(ParameterError, match=r"Unknown layer 'fc3'.*Did you mean 'fc2'"):
         ActivationClustering(cnn(), ["fc3"], progress=False).fit(np.zeros((4, 6, 6, 1), np.float32))
 

@@ -109,6 +109,11 @@ def _load_keras(path: str):
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
     if key not in _LOADED:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # Keras' own message said "File not found" of a file that is there
+            raise UnsupportedModelError(f"{path} is not a Keras model file: a .keras file is a zip archive (as "
+                                        "model.save('model.keras') writes it), and this one is not.")
         keras = import_keras()
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
