@@ -350,6 +350,11 @@ def test_sequence_first_layer_refused(batch_size):
     ac = ActivationClustering(_Recurrent(True).eval(), ["lstm", "fc"], n_clusters=2, batch_size=batch_size,
                               progress=False).fit(ids)
     assert ac.train_vectors_["lstm"].shape == (40, 12)
+    # list_layers says so too (it showed such a layer as a token map to average, which fit then refused)
+    assert list_layers(_Recurrent(False).eval(), ids[:2])["lstm"].reduction == (
+        "not one row per sample (first axis 10 for a sample of 2: sequence-first?), so it cannot be captured: choose "
+        "a layer whose output has the batch axis first")
+    assert list_layers(_Recurrent(True).eval(), ids[:2])["lstm"].reduction.startswith("mean over all tokens")
 
 
 # a module kept under two attribute names (self.act = self.relu) is a layer by either: PyTorch lists it once, under

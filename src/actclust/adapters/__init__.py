@@ -111,10 +111,10 @@ def _load_keras(path: str):
     if key not in _LOADED:
         import zipfile
 
+        keras = import_keras()  # a missing Keras is said first
         if not zipfile.is_zipfile(path):  # Keras' own message said "File not found" of a file that is there
             raise UnsupportedModelError(f"{path} is not a Keras model file: a .keras file is a zip archive (as "
                                         "model.save('model.keras') writes it), and this one is not.")
-        keras = import_keras()
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as e:

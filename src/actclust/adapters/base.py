@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import numbers
 import warnings
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -149,13 +150,22 @@ class ModelAdapter(abc.ABC):
         from ..capture.reduction import describe, make_reducer
 
         r = make_reducer(reducer)
+        from ..capture.data import batch_len
+
         masked = isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)
+        n = batch_len(sample)
         out = {}
         for name, (shape, strides, calls) in self.sample_outputs(sample).items():
             layout = self.layout(name, len(shape), masked, tuple(shape), strides)
-            out[name] = LayerInfo(shape, layout, describe(r, layout, shape, masked) if calls == 1 else
-                                  f"runs {calls} times in one forward pass, so it cannot be captured (its activations "
-                                  "would be mixed): choose a module that runs once")
+            if calls != 1:
+                how = (f"runs {calls} times in one forward pass, so it cannot be captured (its activations would be "
+                       "mixed): choose a module that runs once")
+            elif len(shape) and isinstance(shape[0], numbers.Integral) and shape[0] != n:  # as fit refuses it
+                how = (f"not one row per sample (first axis {shape[0]} for a sample of {n}: sequence-first?), so it "
+                       "cannot be captured: choose a layer whose output has the batch axis first")
+            else:
+                how = describe(r, layout, shape, masked)
+            out[name] = LayerInfo(shape, layout, how)
         return out
 
     def output_shapes(self, sample) -> dict:
