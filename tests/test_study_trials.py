@@ -240,6 +240,19 @@ def test_two_stage_table(tmp_path):
     with pytest.raises(DataError, match=r"t2.csv, line 2: column 'ai_correct' says the AI was wrong, but its label 'cat' "
                                         "is the true label 'cat'."):
         read_trials(_write(tmp_path / "t2.csv", rows, header=header + ["ai_correct"]), two_stage=True)
+    # a decision that contradicts the final answer: both an accept and a wrong final answer were counted (accuracy
+    # 1.0 beside final accuracy 0.0: an outside check); the server refuses such an answer, and so does the table
+    bad = [{"participant": "p1", "condition": "none", "true_label": "1", "ai_label": "1", "initial_label": "2",
+            "final_label": "2", "decision": "accept"}]
+    with pytest.raises(DataError, match=r"t3.csv, line 2: column 'decision' says accept, but column 'final_label' '2' "
+                                        r"differs from the AI's label '1': accepting makes the AI's label the final "
+                                        "answer, rejecting keeps another."):
+        read_trials(_write(tmp_path / "t3.csv", bad, header=list(bad[0])), two_stage=True)
+    bad[0].update(final_label="1", decision="reject")
+    with pytest.raises(DataError, match=r"says reject, but column 'final_label' '1' is the AI's label '1'"):
+        read_trials(_write(tmp_path / "t4.csv", bad, header=list(bad[0])), two_stage=True)
+    bad[0].update(final_label="1", decision="accept")
+    assert read_trials(_write(tmp_path / "t5.csv", bad, header=list(bad[0])), two_stage=True).trials[0]["accept"]
 
 
 # the CLI: a study folder or --trials (one of them), table-only options refused for a folder, errors exit 2

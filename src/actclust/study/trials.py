@@ -240,6 +240,10 @@ def read_trials(path, *, columns: Optional[dict] = None, design: str = "between"
                 final = ai if accept else own
             if accept is None:
                 accept = final == ai
+            elif accept != (final == ai):  # the server's rule; read as it was, both an accept and a wrong answer counted
+                raise DataError(f"{path}, {where}: {col('decision')} says {'accept' if accept else 'reject'}, but "
+                                f"{col('final_label')} {final!r} {'differs from' if accept else 'is'} the AI's label "
+                                f"{ai!r}: accepting makes the AI's label the final answer, rejecting keeps another.")
             if ai_right is None:
                 ai_right = ai == true
             elif ai_right != (ai == true):
