@@ -413,3 +413,65 @@ def test_fewer_clusters_than_classes_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", actclust.ActClustWarning)
         ActivationClustering(net, ["1", "2"], n_clusters=12, posterior="label", progress=False).fit(x, y)
+
+
+# what fit learned stays with what it was fitted with (an outside check of the Python API): a save records the
+# parameters of the fit, not those set after it (the loaded run claimed layers it did not hold); a display attached
+# to the previous fit is dropped (its training pictures were drawn for the new one's neighbours); another model bound
+# after fit is said to differ, as load says it; layers_ is a copy (appending to it broke the next call)
+def test_fit_keeps_what_it_was_fitted_with(mixed_model, data, tmp_path):
+    import warnings
+
+    from actclust import ActClustWarning, ModelMismatchWarning
+
+    from conftest import TinyCNN
+
+    x, y = data
+    ac = _ac(mixed_model).fit(x[:80], y[:80])
+    ac.set_display(train=x[:80])
+    ac.layers, ac.n_clusters, ac.batch_size = LAYERS[-1:], 3, 32
+    with pytest.warns(ActClustWarning, match=r"The parameters \['layers', 'n_clusters'\] were set after fit; the run "
+                                             r"saves those it was fitted with \(layers=\['conv', 'fc1', 'fc2'\], "
+                                             r"n_clusters=4\)\. Call fit\(\) again to use the new ones"):
+        ac.save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", mixed_model, progress=False)
+    assert loaded.layers == LAYERS and loaded.n_clusters == 4 and loaded.batch_size == 32  # batch_size: a later call's
+    ac.layers, ac.n_clusters = LAYERS, 4
+    with pytest.warns(ActClustWarning, match=r"fit replaced the display that set_display\(\) attached to the previous "
+                                             r"fit .*call set_display\(\) again"):
+        ac.fit(x[40:], y[40:])
+    assert "_display" not in ac.__dict__
+    ac.layers_.append("relu")
+    assert ac.layers_ == LAYERS and ac.predict(x[:5]).shape == (5,)
+    other = TinyCNN(seed=7).eval()
+    ac.model = other
+    with pytest.warns(ModelMismatchWarning, match="differ from those of the model this explainer was fitted with"):
+        ac.predict(x[:5])
+    ac.model = mixed_model  # the fitted one again: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelMismatchWarning)
+        ac.predict(x[:5])
+
+
+# scikit-learn's parameter API: get_params / set_params, clone, check_is_fitted; repr shows what differs from the
+# defaults (two explainers of another clustering or seed printed alike: an outside check)
+def test_scikit_learn_parameter_api(model, data):
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError as SkNotFitted
+    from sklearn.utils.validation import check_is_fitted
+
+    ac = ActivationClustering(model, LAYERS, n_clusters=4, clustering="distill", random_state=3, progress=False)
+    assert ac.get_params()["clustering"] == "distill" and ac.get_params()["model"] is model
+    assert repr(ac) == ("ActivationClustering(layers=['conv', 'fc1', 'fc2'], n_clusters=4, clustering='distill', "
+                        "random_state=3, progress=False)")
+    twin = clone(ac)  # scikit-learn deep-copies the parameters that are no estimators: the model too
+    assert {k: v for k, v in twin.get_params().items() if k != "model"} == \
+        {k: v for k, v in ac.get_params().items() if k != "model"}
+    assert isinstance(twin.model, type(model)) and twin.model is not model
+    assert ac.set_params(n_clusters=3) is ac and ac.n_clusters == 3
+    with pytest.raises(ParameterError, match=r"ActivationClustering has no parameters \['k'\]; its parameters are "
+                                             r"\['model', 'layers', 'n_clusters'"):
+        ac.set_params(k=3)
+    with pytest.raises(SkNotFitted):
+        check_is_fitted(ac)
+    check_is_fitted(_ac(model).fit(data[0]))

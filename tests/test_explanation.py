@@ -106,6 +106,12 @@ def test_explanation_errors(fitted, data):
         (lambda: Explanation.from_json(whole), r"from_json takes the JSON text of an explanation .*got a dict: use "
                                                r"from_dict"),
         (lambda: fitted.set_display(mean="x"), r"mean must be a number or an array of numbers .*Got 'x'"),
+        # finite, std above 0: std=0 or mean=nan drew every picture wrong without a word (an outside check)
+        (lambda: fitted.set_display(std=0), r"std must hold finite numbers, each above 0 \(it undoes the inputs' "
+                                            r"normalisation: x \* std \+ mean\). Got 0 instead"),
+        (lambda: fitted.set_display(std=np.array([-1.0])), r"std must hold finite numbers, each above 0"),
+        (lambda: fitted.set_display(mean=float("nan")), r"mean must hold finite numbers \(it undoes"),
+        (lambda: fitted.set_display(std=float("inf")), r"std must hold finite numbers, each above 0"),
         (lambda: actclust.list_layers(fitted.model, np.zeros((2, 3, 6, 6), np.float32)), r"raised RuntimeError on the sample"),
     ]:
         with pytest.raises(actclust.ParameterError if "sample" not in match else actclust.CaptureError, match=match):

@@ -7,6 +7,8 @@ it to the analyses (:mod:`actclust.analysis`) with the fitted state.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from .adapters import adapt
 from .analysis import surrogate
-from .exceptions import NotFittedError, ParameterError
+from .exceptions import ActClustWarning, ModelMismatchWarning, NotFittedError, ParameterError
 from .state import FittedState, Query
 
 __all__ = ["ActivationClustering", "load", "SPATIAL_GRID"]
@@ -209,18 +211,34 @@ class ActivationClustering:
         from . import fitting
         from .validation import validate
 
+        from .io.persistence import params_of
+
         adapter = self._adapter()
         config = validate(self, adapter)
+        params = params_of(self)
         self.state_ = fitting.fit(adapter, config, X, y, self._backend())  # the one assignment of what fit learned
+        # what save() records (parameters set after fit were saved as if fitted with: an outside check), and the model
+        # it was fitted with (another one bound later is said to be: ModelMismatchWarning)
+        self.__dict__["_fitted_with"] = (params, id(self.model), adapter.fingerprint())  # an id: the model not held
+        if self.__dict__.pop("_display", None) is not None:  # its training pictures were the previous fit's
+            warnings.warn("fit replaced the display that set_display() attached to the previous fit (its training "
+                          "samples would be drawn for this one's); call set_display() again.", ActClustWarning,
+                          stacklevel=2)
         if self.store is not None:  # the generation of the state just replaced, where nothing holds it any more
             fitting.release_replaced(self.store)
         return self
 
     def _adapter(self):
-        """The adapter of ``model`` (made once per model and output: an ONNX or Keras file is read once)."""
+        """The adapter of ``model`` (made once per model and output: an ONNX or Keras file is read once). Another
+        model bound after fit whose weights differ from the fitted one's is said to be, once (as ``load`` says it)."""
         cached = self.__dict__.get("_adapter_cache")
         if cached is None or cached[0] is not self.model or cached[1] is not self.output:
             cached = self.__dict__["_adapter_cache"] = (self.model, self.output, adapt(self.model, self.output))
+            fitted = self.__dict__.get("_fitted_with")
+            if fitted is not None and fitted[1] != id(self.model) and cached[2].fingerprint() != fitted[2]:
+                warnings.warn("The model's parameters differ from those of the model this explainer was fitted with; "
+                              "predictions and explanations may not describe this model (fit again on it).",
+                              ModelMismatchWarning, stacklevel=3)
         return cached[2]
 
     def _backend(self):
@@ -440,8 +458,22 @@ class ActivationClustering:
         from .io.persistence import params_of, save
 
         state = self._state()
-        save(state, params_of(self), self._adapter(), path, custom_output=self.output is not None,
+        save(state, self._fitted_params(params_of(self)), self._adapter(), path, custom_output=self.output is not None,
              overwrite=overwrite, metadata=metadata, files=saved.saved_index_files(state), kept=saved.kept(state))
+
+    def _fitted_params(self, now: dict) -> dict:
+        """The parameters a save records: those the state was fitted with (``now``'s values for those that only
+        apply to later calls), with a warning naming any set to other values since."""
+        fitted = self.__dict__.get("_fitted_with")
+        if fitted is None:  # loaded: its parameters are the run's
+            return now
+        out = {k: (now[k] if k in _LATER_CALLS else v) for k, v in fitted[0].items()}
+        changed = sorted(k for k in out if out[k] != now.get(k))
+        if changed:
+            warnings.warn(f"The parameters {changed} were set after fit; the run saves those it was fitted with "
+                          f"({', '.join(f'{k}={out[k]!r}' for k in changed)}). Call fit() again to use the new ones.",
+                          ActClustWarning, stacklevel=3)
+        return out
 
     # ------------------------------------------------------------------ notebook display
     def set_display(self, train=None, *, class_names=None, render=None, mean=None, std=None, feature_names=None,
@@ -472,8 +504,35 @@ class ActivationClustering:
         return estimator_html(self)
 
     def __repr__(self) -> str:
-        return (f"ActivationClustering(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
-                f"reducer={self.reducer!r}, posterior={self.posterior!r}, layer_weights={self.layer_weights!r})")
+        """The layers and every parameter set to another value than its default (as scikit-learn shows them)."""
+        shown = [f"layers={self.layers!r}"] + [f"{k}={v!r}" for k, v in self.get_params().items()
+                                               if k not in ("model", "layers") and not _is_default(k, v)]
+        return f"ActivationClustering({', '.join(shown)})"
+
+    # ------------------------------------------------------------------ scikit-learn's parameter API
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters and their values (scikit-learn's API: ``clone`` and grid searches use it)."""
+        return {k: getattr(self, k) for k in _PARAMS}
+
+    def set_params(self, **params) -> "ActivationClustering":
+        """Set constructor parameters (checked at the next ``fit``, as scikit-learn does); returns ``self``."""
+        unknown = sorted(set(params) - set(_PARAMS))
+        if unknown:
+            raise ParameterError(f"{type(self).__name__} has no parameters {unknown}; its parameters are {list(_PARAMS)}.")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("_fitted_state") is not None
+
+    def __sklearn_tags__(self):
+        """scikit-learn's tags (1.6 and later; ``check_is_fitted`` reads them): an estimator that needs fit, no ``y``."""
+        try:
+            from sklearn.utils import Tags, TargetTags
+        except ImportError:  # an older scikit-learn reads no tags
+            raise AttributeError("__sklearn_tags__") from None
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False), non_deterministic=False)
 
 
 def load(path, model=None, *, output=None, progress: bool = True, verify: bool = True, device=None) -> ActivationClustering:
@@ -517,7 +576,26 @@ def load(path, model=None, *, output=None, progress: bool = True, verify: bool =
 
 
 def _fitted(name: str, doc: str):
-    return property(lambda self: getattr(self._state(), name), doc=doc)
+    # a list is handed out as a copy: appending to layers_ changed the fitted state's own (a bare KeyError next)
+    return property(lambda self: _copied(getattr(self._state(), name)), doc=doc)
+
+
+def _copied(value):
+    return list(value) if isinstance(value, list) else value
+
+
+#: The constructor's parameters, in order.
+_PARAMS = tuple(p for p in inspect.signature(ActivationClustering.__init__).parameters if p != "self")
+#: Parameters that apply to the calls after fit, not to what it learned: a save records their values at save time.
+_LATER_CALLS = ("batch_size", "search", "label_key", "engine", "ray_options")
+
+
+def _is_default(name: str, value) -> bool:
+    default = inspect.signature(ActivationClustering.__init__).parameters[name].default
+    try:
+        return bool(value == default) if not isinstance(value, np.ndarray) else False
+    except Exception:  # values that do not compare (arrays, objects): shown
+        return False
 
 
 for _attr, _field, _doc in (

@@ -83,6 +83,12 @@ def check_mean_std(spec, mean, std, channel_axis: int = 1) -> None:
         if v is not None and (isinstance(v, (str, bytes)) or np.asarray(values).dtype.kind not in "biuf"):
             raise ParameterError(f"{name} must be a number or an array of numbers (one per channel or feature). "
                                  f"Got {v!r} instead.")
+        # finite, and a positive std: std=0 or mean=nan drew every picture blank or wrong, without a word (an outside
+        # check), and std=inf warned in NumPy's words
+        a = None if v is None else np.asarray(values, dtype=np.float64)
+        if a is not None and (not np.isfinite(a).all() or (name == "std" and (a <= 0).any())):
+            raise ParameterError(f"{name} must hold finite numbers{', each above 0' if name == 'std' else ''} (it "
+                                 f"undoes the inputs' normalisation: x * std + mean). Got {v!r} instead.")
     if spec is None or spec.kind != "tensor":
         return
     shape = tuple(spec.shape)
