@@ -182,6 +182,33 @@ def test_token(tabular):
     assert c.get("/layer/0").status_code == 200  # the cookie the first visit set
     assert c.post("/").status_code == 405
     assert "script-src" not in c.get("/").headers["content-security-policy"]  # no script allowed at all
+    # the 401 page shows nothing of the run (its name, layers and sizes were around the message: an outside check)
+    bare = TestClient(make_app(ex, TOKEN)).get("/inputs")
+    assert bare.status_code == 401 and "<nav" not in bare.text and "training samples" not in bare.text
+    assert ex.title not in bare.text and not any(f'/layer/{l}"' in bare.text for l in ex.state.layers)
+    # an address no page answers: the explorer's bare 404 page, not FastAPI's JSON
+    for url in ("/nope", "/cluster/0", "/docs"):
+        r = TestClient(make_app(ex, TOKEN)).get(url)
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), url
+        assert f"No page of the explorer at &#39;{url}&#39;" in r.text and "<nav" not in r.text
+
+
+# the token's cookie is named by the explorer's port: two explorers open at once (two runs compared) overwrote each
+# other's cookie and logged each other out (an outside check)
+def test_token_cookie_per_port(tabular):
+    from fastapi.testclient import TestClient
+
+    ex = tabular[-1]
+    a, b = (TestClient(make_app(ex, t), base_url=f"http://127.0.0.1:{port}") for t, port in (("ta", 8801), ("tb", 8802)))
+    ra, rb = a.get("/?token=ta"), b.get("/?token=tb")
+    assert ra.status_code == 200 and rb.status_code == 200
+    jar = {**dict(ra.cookies), **dict(rb.cookies)}  # one browser: one jar for the host, whatever the port
+    assert set(jar) == {"actclust_view_token_8801", "actclust_view_token_8802"}
+    for client in (a, b):
+        client.cookies.clear()
+        for name, value in jar.items():
+            client.cookies.set(name, value)
+    assert a.get("/layer/0").status_code == 200 and b.get("/layer/0").status_code == 200
 
 
 # a page of something the run does not have is a 404 page saying so, with a link back

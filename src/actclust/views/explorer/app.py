@@ -24,12 +24,13 @@ from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..render import MAX_FEATURES, MAX_TABLE
 from .data import (FILTERS, INPUT_SORTS, MEMBERS_PER_PAGE, PAGE_SIZE, SMALL_ROWS, SORTS, Explorer, NotFound, PageCache,
                    number)
 
-__all__ = ["make_app", "TOKEN_COOKIE"]
+__all__ = ["make_app", "TOKEN_COOKIE", "cookie_name"]
 
 TOKEN_COOKIE = "actclust_view_token"
 
@@ -38,6 +39,12 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def cookie_name(port: Optional[int]) -> str:
+    """The token's cookie of the explorer at ``port``: browsers keep cookies per host, not per port, so two explorers
+    open at once (two runs compared) overwrote each other's under one name and logged each other out."""
+    return TOKEN_COOKIE if port is None else f"{TOKEN_COOKIE}_{port}"
 
 
 def _bearer(authorization: Optional[str]) -> Optional[str]:
@@ -67,10 +74,20 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
 
     @app.exception_handler(_Refused)
     async def refused(request, exc: _Refused):
+        # bare: nothing of the run (its name, layers and sizes were in the page around the message: an outside check)
         response = render("explorer_error.html.j2", exc.status, heading="Token needed", message=str(exc), back=None,
-                        back_text="")
+                        back_text="", bare=True)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request, exc: StarletteHTTPException):
+        """An address no page answers (FastAPI's own JSON before): a page saying so, bare (no token was asked)."""
+        if exc.status_code == 404:
+            return render("explorer_error.html.j2", 404, heading="Not found", bare=True, back="/",
+                          back_text="the run", message=f"No page of the explorer at {request.url.path!r}.")
+        return render("explorer_error.html.j2", exc.status_code, heading=str(exc.detail), bare=True, back="/",
+                      back_text="the run", message="")
 
     @app.middleware("http")
     async def headers(request, call_next):
@@ -85,7 +102,8 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         return response
 
     def authorise(request: Request, authorization: Optional[str]) -> None:
-        given = request.query_params.get("token") or _bearer(authorization) or request.cookies.get(TOKEN_COOKIE)
+        given = (request.query_params.get("token") or _bearer(authorization)
+                 or request.cookies.get(cookie_name(request.url.port)))
         if not given or not secrets.compare_digest(given.encode(), token.encode()):
             raise _Refused(401, "The explorer's pages need the token 'actclust view' printed: open the address it "
                                 "printed, or add ?token=<token> to this one.")
@@ -99,7 +117,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         status, body = cache.get(key, built)
         response = HTMLResponse(body, status_code=status)
         if request.query_params.get("token"):  # later links carry no token in their address
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            response.set_cookie(cookie_name(request.url.port), token, httponly=True, samesite="strict", path="/")
         return response
 
     # ---------------------------------------------------------------- pages
