@@ -475,3 +475,19 @@ def test_scikit_learn_parameter_api(model, data):
     with pytest.raises(SkNotFitted):
         check_is_fitted(ac)
     check_is_fitted(_ac(model).fit(data[0]))
+
+
+# layer_weights="fit" on a held-out part of a sample or two says its weights are close to a guess (they came back as
+# if chosen: an outside check); on enough held-out samples it says nothing
+def test_fit_weights_on_too_few_held_out(mixed_model, data):
+    import warnings
+
+    from actclust import ActClustWarning
+
+    x, y = data
+    with pytest.warns(ActClustWarning, match=r"layer_weights='fit' chooses the weights on 2 held-out sample\(s\) "
+                                             r"\(validation_fraction=0.2 of 12\): too few to tell the layers apart"):
+        _ac(mixed_model, layer_weights="fit", n_clusters=3).fit(x[:12], y[:12])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ActClustWarning)
+        _ac(mixed_model, layer_weights="fit", n_clusters=3).fit(x, y)  # 24 held out

@@ -225,6 +225,10 @@ def _cluster(config: FitConfig, layer: str, vectors: np.ndarray, backend):
     return clustering
 
 
+#: Held-out samples below which ``layer_weights="fit"`` warns that its weights are close to a guess.
+_MIN_VALIDATION = 20
+
+
 def _weights(config: FitConfig, assign, targets, n_classes) -> np.ndarray:
     """The layer weights: equal, given, or (``"fit"``) searched for fidelity on a held-out part."""
     layers, lw = config.layers, config.layer_weights
@@ -234,6 +238,12 @@ def _weights(config: FitConfig, assign, targets, n_classes) -> np.ndarray:
         rng = np.random.default_rng(config.random_state)
         order = rng.permutation(len(targets))
         n_val = max(1, int(round(config.validation_fraction * len(targets))))
+        if n_val < _MIN_VALIDATION:  # weights chosen on 1 or 2 samples came back as if chosen (an outside check)
+            warnings.warn(f"layer_weights='fit' chooses the weights on {n_val} held-out sample(s) (validation_fraction="
+                          f"{config.validation_fraction} of {len(targets)}): too few to tell the layers apart, so the "
+                          f"weights are close to a guess. Fit on more data, raise validation_fraction (at least "
+                          f"{_MIN_VALIDATION} held out), or leave layer_weights=None (equal).", ActClustWarning,
+                          stacklevel=user_stacklevel())
         val, train = order[:n_val], order[n_val:]
         probas = np.stack([
             surrogate.layer_proba(assign[l][val], surrogate.fit_posteriors(
