@@ -127,6 +127,12 @@ def test_save_and_load_disk_store(model, data, tmp_path):
     assert not [k for k in arrays if k.endswith("train_vectors")]
     for f in (tmp_path / "vectors").glob("gen-*/*.bin"):  # hard links: the same file, not a copy
         assert os.path.samefile(f, run_store / f.name)
+    # the run's store folder given as a store (to keep its vectors): refused, its files kept; it was taken for the
+    # layout before generations and its vectors deleted, and the run no longer loaded (an outside check)
+    kept = {f.name: f.read_bytes() for f in run_store.iterdir()}
+    with pytest.raises(ParameterError, match=r"holds files that are not an actclust vector store"):
+        _fit(model, x, y, store=run_store)
+    assert {f.name: f.read_bytes() for f in run_store.iterdir()} == kept
     loaded = actclust.load(tmp_path / "run", model, progress=False)
     assert loaded.state_.train_vectors.on_disk and loaded.state_.train_vectors.dtype == "float16"
     np.testing.assert_array_equal(loaded.similar(x[:10], k=3).indices, ac.similar(x[:10], k=3).indices)

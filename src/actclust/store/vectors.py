@@ -462,7 +462,10 @@ def _legacy_files(directory: Path) -> set:
         m = json.loads((directory / MANIFEST).read_text()) if _regular(directory / MANIFEST) else None
     except (OSError, UnicodeDecodeError, ValueError):
         m = None
-    if not (isinstance(m, dict) and isinstance(m.get("format"), int) and m.get("dtype") in STORE_DTYPES
+    # format 1 only: today's generations write store.json too (format 2), and one given as a store folder (a saved
+    # run's store-<hash>, a copy kept of a generation) was taken for this layout and its vectors deleted (an outside
+    # check); such a folder is now refused as holding files that are no store's
+    if not (isinstance(m, dict) and m.get("format") == 1 and m.get("dtype") in STORE_DTYPES
             and isinstance(m.get("layers"), list)):
         return set()
     return {MANIFEST, *(p.name for p in directory.iterdir()
