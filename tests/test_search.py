@@ -684,7 +684,18 @@ def test_disk_store_indexes_are_mapped_from_unnamed_files(model, data, tmp_path,
         def close(self):
             self.file.close()
 
-    for fails in (refused, Full):
+    class FullOnFlush(Full):  # the writes buffered, the disk full at the flush, and again at the close that flushes
+        def write(self, b):
+            return len(b)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.file.close()
+            raise OSError(28, "No space left on device")  # it escaped the handler: trust() failed (an outside check)
+
+    for fails in (refused, Full, FullOnFlush):
         monkeypatch.setattr(tempfile, "TemporaryFile", fails)
         kept = fitted_with(tmp_path / f"store-{fails.__name__}")
         assert np.array_equal(kept.similar(x[:10], k=4, weights="low").indices, want)

@@ -950,7 +950,10 @@ def keep_on_disk(index: ApproximateIndex, directory) -> None:
         file.flush()
         mapped = faiss.read_index(held.reading(), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except (OSError, RuntimeError, InvalidSaveError):  # faiss reports a failed write or read as a RuntimeError
-        file.close()
+        try:
+            file.close()  # flushes what is buffered: on a full disk that fails again (it escaped here: an outside check)
+        except OSError:
+            pass
         return
     mapped.parallel_mode = index.index.parallel_mode
     index.index, index.source = mapped, held  # the lists in memory are freed with the index they belonged to
