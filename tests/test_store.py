@@ -320,6 +320,15 @@ def test_refit_releases_the_replaced_generation(model, data, tmp_path):
     ac.fit(x, y)
     assert len([g for g in os.listdir(store) if g.startswith("gen-")]) == 2  # the user's reference holds it
     np.testing.assert_array_equal(np.asarray(kept.train_vectors["conv"]), before)
+    # a refit into another folder (the store parameter changed, or a relative one after a chdir) releases the replaced
+    # generation in its own folder (it was left behind there, held by nothing: an outside check)
+    del kept
+    ac.fit(x, y)
+    assert len([g for g in os.listdir(store) if g.startswith("gen-")]) == 1
+    ac.store = tmp_path / "elsewhere"
+    ac.fit(x, y)
+    assert [g for g in os.listdir(store) if g.startswith("gen-")] == []
+    assert len([g for g in os.listdir(tmp_path / "elsewhere") if g.startswith("gen-")]) == 1
 
 
 # building an approximate index over a disk store hands the store's pages back as it goes: its two passes over the

@@ -212,10 +212,12 @@ class ActivationClustering:
         from .validation import validate
 
         from .io.persistence import params_of
+        from .store.vectors import is_generation
 
         adapter = self._adapter()
         config = validate(self, adapter)
         params = params_of(self)
+        replaced = self.__dict__.get("_fitted_state")
         self.state_ = fitting.fit(adapter, config, X, y, self._backend())  # the one assignment of what fit learned
         # what save() records (parameters set after fit were saved as if fitted with: an outside check), and the model
         # it was fitted with (another one bound later is said to be: ModelMismatchWarning)
@@ -224,8 +226,12 @@ class ActivationClustering:
             warnings.warn("fit replaced the display that set_display() attached to the previous fit (its training "
                           "samples would be drawn for this one's); call set_display() again.", ActClustWarning,
                           stacklevel=2)
-        if self.store is not None:  # the generation of the state just replaced, where nothing holds it any more
-            fitting.release_replaced(self.store)
+        # the generation of the state just replaced, where nothing holds it any more: in its own folder, wherever the
+        # store parameter points now (a refit into another folder left it behind: an outside check)
+        gone = getattr(getattr(replaced, "train_vectors", None), "directory", None)
+        del replaced
+        if gone is not None and is_generation(Path(gone)):  # a store folder's generation, not a loaded run's store
+            fitting.release_replaced(Path(gone).parent)
         return self
 
     def _adapter(self):

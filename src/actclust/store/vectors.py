@@ -46,7 +46,7 @@ import numpy as np
 from ..exceptions import DataError, InvalidSaveError, ParameterError
 from ..io import atomic
 
-__all__ = ["VectorStore", "StoreWriter", "Collector", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take",
+__all__ = ["VectorStore", "StoreWriter", "Collector", "is_generation", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take",
            "release", "runs", "clean_store", "generations", "chunk_rows", "CHUNK", "CHUNK_FLOATS"]
 
 STORE_DTYPES = ("float32", "float16")
@@ -299,7 +299,9 @@ class StoreWriter:
 
     def __init__(self, directory, dtype: str = "float32", n_samples: Optional[int] = None):
         self.dtype = np.dtype(dtype)
-        self.directory = None if directory is None else Path(directory)
+        # absolute: the generation is found again by its folder after the working directory changed (a refit after a
+        # chdir cleaned the new relative folder and left the replaced generation behind: an outside check)
+        self.directory = None if directory is None else Path(directory).absolute()
         self._collector = Collector(n_samples) if directory is None else None
         self._files, self._widths, self._hashes, self.n = {}, {}, {}, 0
         self._expected, self._seen = n_samples, None  # positions filled so far, when added by position
@@ -429,6 +431,11 @@ def generations(directory) -> list:
     """The committed generation folders of the store folder ``directory``, oldest name first."""
     directory = Path(directory)
     return sorted(p for p in directory.iterdir() if _GEN_RE.match(p.name) and p.is_dir()) if directory.is_dir() else []
+
+
+def is_generation(path: Path) -> bool:
+    """Whether ``path`` is a generation folder of a store folder (``gen-<...>``), not a saved run's ``store-<hash>``."""
+    return bool(_GEN_RE.match(Path(path).name))
 
 
 def clean_store(directory) -> int:
