@@ -361,3 +361,20 @@ def test_index_build_keeps_the_store_out_of_resident_memory(tmp_path):
         done.set()
         thread.join()
     assert peak[0] - before < 80 * 2**20, (peak[0] - before) / 2**20
+
+
+# a prepared explainer whose indexes are mapped from files beside its disk store copies and pickles: the copy gets an
+# empty cache and builds what it needs again, with the same answers (faiss could not copy the mapped index: an
+# outside check)
+def test_prepared_disk_store_explainer_copies(model, data, tmp_path):
+    import copy
+    import pickle
+
+    x, y = data
+    ac = ActivationClustering(model, ["conv", "fc1"], n_clusters=3, store=tmp_path / "v", progress=False,
+                              search="approximate").fit(x, y)
+    ac.prepare()
+    want = ac.similar(x[:5], k=3).indices
+    for twin in (copy.deepcopy(ac), pickle.loads(pickle.dumps(ac))):
+        assert twin.state_.cache == {} and np.array_equal(twin.similar(x[:5], k=3).indices, want)
+    assert ac.state_.cache  # the original keeps its own

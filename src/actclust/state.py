@@ -9,7 +9,8 @@ module needs NumPy only: a saved run can be read and analysed without torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -212,6 +213,22 @@ class FittedState:
     input_stats: Optional[dict] = None
     summary_seeds: Optional[dict] = None
     cache: dict = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo):
+        """A copy with an empty cache: its search indexes may be mapped from files (a disk store's, a loaded run's),
+        which faiss could not copy (an outside check); the copy builds what it needs again, on demand."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in fields(self):
+            object.__setattr__(new, f.name, {} if f.name == "cache" else copy.deepcopy(getattr(self, f.name), memo))
+        return new
+
+    def __getstate__(self) -> dict:
+        """Pickled without the cache, for the same reason (an open file of a mapped index cannot be pickled)."""
+        return {**self.__dict__, "cache": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @property
     def n_samples(self) -> int:
