@@ -533,11 +533,10 @@ class ActivationClustering:
         return self.__dict__.get("_fitted_state") is not None
 
     def __sklearn_tags__(self):
-        """scikit-learn's tags (1.6 and later; ``check_is_fitted`` reads them): an estimator that needs fit, no ``y``."""
-        try:
-            from sklearn.utils import Tags, TargetTags
-        except ImportError:  # an older scikit-learn reads no tags
-            raise AttributeError("__sklearn_tags__") from None
+        """scikit-learn's tags (1.6 and later, which read them in ``check_is_fitted``; earlier ones never call this): an
+        estimator that needs fit, no ``y``."""
+        from sklearn.utils import Tags, TargetTags
+
         return Tags(estimator_type=None, target_tags=TargetTags(required=False), non_deterministic=False)
 
 
