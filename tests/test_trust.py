@@ -601,3 +601,22 @@ def test_ratio_searched_deep_only_where_needed():
     deep = [n for n, depth in depths if depth == 200]
     assert depths[0] == (500, k) and 0 < sum(deep) < 500  # some inputs, not all, were searched deep
     assert (~(same[:, :k].any(1) & (~same[:, :k]).any(1))).sum() == sum(deep)
+
+
+# a training set holding each input twice (oversampled, augmented copies): a calibration row's twin is left out of the
+# searches with it, so the calibration samples' nearest neighbours are no copies of themselves at distance 0 (they
+# were: ood_typicality then flagged about half of all ordinary inputs at its 5% threshold: an outside check)
+def test_duplicated_training_rows_left_out_with_their_calibration_twin(model, data):
+    x, y = data
+    twice = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(np.concatenate([x, x]),
+                                                                                  np.concatenate([y, y]))
+    cal = trust_mod.calibrate(twice.state_, calibration_fraction=0.1)
+    n_cal = round(0.1 * 240)
+    drawn = np.sort(np.random.default_rng(twice.state_.random_state).permutation(240)[:n_cal])
+    twins = (drawn + 120) % 240
+    assert cal.is_cal[drawn].all() and cal.is_cal[twins].all()
+    assert int(cal.is_cal.sum()) == len(set(drawn.tolist()) | set(twins.tolist()))
+    for l in LAYERS:
+        assert cal.cal_nearest[l].min() > 0, l
+    once = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(x, y)
+    assert int(trust_mod.calibrate(once.state_, calibration_fraction=0.2).is_cal.sum()) == 24  # no twins: as before

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import surrogate
 from .saved import CALIBRATION, THRESHOLDS
 from ..exceptions import InvalidSaveError, ParameterError, TrustWarning, user_stacklevel
-from ..store.vectors import chunk_rows, take
+from ..store.vectors import chunk_rows, iter_rows, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -512,9 +512,39 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
     cal = np.sort(np.random.default_rng(state.random_state).permutation(n)[:n_cal])
     is_cal = np.zeros(n, dtype=bool)
     is_cal[cal] = True
+    # A calibration row's duplicates (the same input twice in the training data: oversampled, augmented copies) are
+    # left out of the searches too: found at distance 0, they made every calibration sample look closer to the
+    # training data than a new input is, and ood_typicality flagged 46-59% of ordinary inputs where the training set
+    # was repeated twice (its "5%" threshold; stacked_trust 51% of right predictions: an outside check).
+    hashes = _row_hashes(state)
+    is_cal |= np.isin(hashes, hashes[cal])
+    if int((~is_cal).sum()) < k:
+        raise ParameterError(
+            f"Only {int((~is_cal).sum())} training samples remain as neighbours after holding out {n_cal} for "
+            f"calibration and their {int(is_cal.sum()) - n_cal} duplicates; n_neighbors={k} needs at least {k}. Lower "
+            "n_neighbors or calibration_fraction, or pass held-out data as calibration.")
     labels = state.row_classes
     return _Split(is_cal, state.train_predictions[cal], labels[cal], state.train_labels is not None,
                   lambda l: take(state.train_vectors[l], cal), "internal")
+
+
+def _row_hashes(state: FittedState) -> np.ndarray:
+    """A 64-bit hash of each training row's vectors in every layer (their bytes): equal for the same input given twice,
+    different otherwise (a collision between two different rows is as likely as between random 64-bit numbers)."""
+    h = np.zeros(state.n_samples, np.uint64)
+    mult = None
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64, on purpose
+        for l in state.layers:
+            for start, rows in iter_rows(state.train_vectors[l], _BATCH):
+                b = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8).reshape(len(rows), -1)
+                pad = -b.shape[1] % 8
+                words = np.hstack([b, np.zeros((len(b), pad), np.uint8)]).view(np.uint64) if pad else b.view(np.uint64)
+                if mult is None or len(mult) < words.shape[1]:
+                    mult = np.random.default_rng(0x7A5).integers(1, 2 ** 63, max(words.shape[1], 64),
+                                                                 dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+                part = (words * mult[:words.shape[1]]).sum(1, dtype=np.uint64)
+                h[start:start + len(rows)] = h[start:start + len(rows)] * np.uint64(0x9E3779B97F4A7C15) + part
+    return h
 
 
 def _held_out(state: FittedState, q: Query, k: int) -> _Split:
