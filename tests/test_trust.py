@@ -620,3 +620,19 @@ def test_duplicated_training_rows_left_out_with_their_calibration_twin(model, da
         assert cal.cal_nearest[l].min() > 0, l
     once = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(x, y)
     assert int(trust_mod.calibrate(once.state_, calibration_fraction=0.2).is_cal.sum()) == 24  # no twins: as before
+
+
+# a threshold flags about 5% of the calibration values below it; where the lowest values tie (layer_agreement is 0 for
+# several), the cut fell on them and flagged nothing (a dead chip: an outside check): the next value up, flagging the
+# ties, where they are at most twice the rate; no threshold where they are more
+def test_false_alarm_thresholds_with_ties():
+    from actclust.analysis.trust import false_alarm_thresholds
+
+    spread = np.linspace(0, 1, 200)
+    tied = np.r_[np.zeros(12), np.full(188, 0.75)]  # 6% at 0
+    many = np.r_[np.zeros(40), np.full(160, 0.75)]  # 20% at 0
+    got = false_alarm_thresholds({"ood_typicality": spread, "knn_typicality": tied, "cluster_typicality": many}, None,
+                                 "test", rate=0.05)["signals"]
+    assert (spread < got["ood_typicality"]).mean() == 0.05
+    assert got["knn_typicality"] == 0.75 and (tied < got["knn_typicality"]).mean() == 0.06
+    assert "cluster_typicality" not in got

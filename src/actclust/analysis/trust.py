@@ -464,7 +464,10 @@ def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: st
     A threshold ``t`` flags at most ``rate`` of the calibration samples (``value < t``): of the DNN's right
     predictions for the signals in :data:`CORRECTNESS_SIGNALS` (of every sample without true labels),
     of every sample for those in :data:`TYPICALITY_SIGNALS`. So on held-out data like the calibration
-    samples, about ``rate`` of ordinary inputs get a red chip, whatever the signal's scale.
+    samples, about ``rate`` of ordinary inputs get a red chip, whatever the signal's scale. Where the lowest values
+    tie (``layer_agreement`` is 0 for several), that cut would flag nothing: the threshold is then the next value
+    above them, flagging the tied ones, where they are at most twice ``rate``; else the signal gets no threshold
+    (a threshold of 0 left ``layer_agreement``'s chip never red: an outside check).
     """
     out = {}
     for name, v in values.items():
@@ -472,8 +475,15 @@ def false_alarm_thresholds(values: dict, right: Optional[np.ndarray], source: st
         if name in CORRECTNESS_SIGNALS and right is not None and right.any():
             v = v[right]
         v = np.sort(v[np.isfinite(v)])
-        if len(v):
-            out[name] = float(v[int(np.floor(rate * len(v)))])
+        if not len(v):
+            continue
+        t = v[int(np.floor(rate * len(v)))]
+        if t == v[0]:  # nothing lies below it
+            above = v[v > t]
+            if not len(above) or 1 - len(above) / len(v) > 2 * rate:
+                continue
+            t = above[0]
+        out[name] = float(t)
     return {"false_alarm_rate": rate, "calibration": source, "n_calibration": int(len(next(iter(values.values())))),
             "right_predictions_only": right is not None, "signals": out}
 
