@@ -214,7 +214,7 @@ class ActivationClustering:
         from .io.persistence import params_of
         from .store.vectors import is_generation
 
-        adapter = self._adapter()
+        adapter = self._adapter(check=False)  # a model changed since the last fit is this fit's to learn
         config = validate(self, adapter)
         params = params_of(self)
         replaced = self.__dict__.get("_fitted_state")
@@ -222,6 +222,7 @@ class ActivationClustering:
         # what save() records (parameters set after fit were saved as if fitted with: an outside check), and the model
         # it was fitted with (another one bound later is said to be: ModelMismatchWarning)
         self.__dict__["_fitted_with"] = (params, id(self.model), adapter.fingerprint())  # an id: the model not held
+        self.__dict__["_weights_seen"] = adapter.weights_version()
         if self.__dict__.pop("_display", None) is not None:  # its training pictures were the previous fit's
             warnings.warn("fit replaced the display that set_display() attached to the previous fit (its training "
                           "samples would be drawn for this one's); call set_display() again.", ActClustWarning,
@@ -234,25 +235,39 @@ class ActivationClustering:
             fitting.release_replaced(Path(gone).parent)
         return self
 
-    def _adapter(self):
+    def _adapter(self, check: bool = True):
         """The adapter of ``model`` (made once per model and output: an ONNX or Keras file is read once). Another
-        model bound after fit whose weights differ from the fitted one's is said to be, once (as ``load`` says it)."""
+        model bound after fit, or the same one changed in place, whose weights differ from the fitted one's is said
+        to be, once (as ``load`` says it); not with ``check=False`` (``fit``, which fits it anew)."""
         cached = self.__dict__.get("_adapter_cache")
         if cached is None or cached[0] is not self.model or cached[1] is not self.output:
             cached = self.__dict__["_adapter_cache"] = (self.model, self.output, adapt(self.model, self.output))
             fitted = self.__dict__.get("_fitted_with")
-            if fitted is not None and fitted[1] != id(self.model) and cached[2].fingerprint() != fitted[2]:
-                warnings.warn("The model's parameters differ from those of the model this explainer was fitted with; "
-                              "predictions and explanations may not describe this model (fit again on it).",
-                              ModelMismatchWarning, stacklevel=3)
+            if check and fitted is not None and fitted[1] != id(self.model):
+                self.__dict__["_weights_seen"] = cached[2].weights_version()
+                self._check_weights(cached[2])
+        elif check and self.__dict__.get("_fitted_with") is not None:
+            # the same model, its weights changed in place since (trained on after fit: fidelity 0.90 -> 0.26
+            # without a word, an outside check); a version counter says so cheaply, the fingerprint decides
+            version = cached[2].weights_version()
+            if version is not None and version != self.__dict__.get("_weights_seen"):
+                self.__dict__["_weights_seen"] = version
+                self._check_weights(cached[2])
         return cached[2]
+
+    def _check_weights(self, adapter) -> None:
+        """Warn where the model's weights differ from those the explainer was fitted with."""
+        if adapter.fingerprint() != self.__dict__["_fitted_with"][2]:
+            warnings.warn("The model's parameters differ from those of the model this explainer was fitted with; "
+                          "predictions and explanations may not describe this model (fit again on it).",
+                          ModelMismatchWarning, stacklevel=4)
 
     def _backend(self):
         """The compute backend of ``device`` (:func:`actclust.compute.backend_for`), made once per device and model."""
         from .compute import backend_for
 
         cached = self.__dict__.get("_backend_cache")
-        adapter = self._adapter()
+        adapter = self._adapter(check=False)  # where the work happens; the model is checked where it runs
         if cached is None or cached[0] is not self.device or cached[1] is not adapter:
             cached = self.__dict__["_backend_cache"] = (self.device, adapter,
                                                         backend_for(self.device, getattr(adapter, "device", None)))

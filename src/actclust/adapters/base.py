@@ -185,6 +185,11 @@ class ModelAdapter(abc.ABC):
     def fingerprint(self) -> str:
         """SHA-256 over the model's weights and buffers, the same for wrapped and unwrapped models."""
 
+    def weights_version(self):
+        """A cheap value that changes when the model's weights are changed in place (``None``: the framework has
+        none; :meth:`fingerprint` then only compares another model bound)."""
+        return None
+
 
 def unknown_layer_error(name, valid: Sequence[str], how_to_list: str, kind: str = "layer") -> ParameterError:
     """The error for a layer name the model lacks, with the closest valid names: those holding it whole first (ONNX's
