@@ -556,7 +556,7 @@ def test_unmasked_token_maps_of_token_ids_warned():
     ids = torch.randint(1, 20, (60, 8), generator=g) * keep
     model = Text().eval()
     assert list_layers(model, (ids[:2], lengths[:2]))["emb"].reduction == (
-        "mean over all tokens, padding included (no attention mask; a packed sequence: its own lengths)")
+        "mean over all tokens, padding included (the sample has no attention mask)")
     with pytest.warns(actclust.DataWarning, match=r"Layer\(s\) \['emb'\] are token maps averaged over all 8 positions: the "
                                          r"batches carry no attention mask.*'attention_mask' \(1 for real tokens\)"):
         ActivationClustering(model, ["emb", "lstm", "fc"], n_clusters=3, progress=False).fit((ids, lengths))

@@ -223,6 +223,26 @@ def test_token_maps_use_the_padding_mask():
     np.testing.assert_allclose(out["proj"][1], h[1].mean(0), atol=1e-5)
 
 
+# an Embedding(mask_zero=True) masks its input's zeros: token maps as long are pooled over the real tokens, as Keras
+# pools them, with no mask in the batch (the only way the command line feeds ids); they averaged the padding in, without
+# a word (an outside check); list_layers says they are masked
+def test_mask_zero_embedding_masks_the_token_maps():
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    h = layers.Dense(4, name="proj")(layers.Embedding(10, 6, mask_zero=True, name="emb")(ids))
+    model = keras.Model(ids, layers.Dense(2, name="out")(layers.GlobalAveragePooling1D(name="gap")(h)))
+    x = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]], np.int32)
+    assert KerasAdapter(model).zero_masked_input() == 0
+    _, out = capture(model, x, ["proj", "gap"])
+    h = to_np(keras.Model(model.input, model.get_layer("proj").output)(x))
+    np.testing.assert_allclose(out["proj"][0], h[0, :3].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["proj"][1], h[1].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["proj"], out["gap"], atol=1e-5)  # what Keras' own pooling gives
+    assert actclust.list_layers(model, x)["proj"].reduction == "mean over the tokens the attention mask keeps"
+    plain = keras.Model(ids, layers.Dense(2)(layers.GlobalAveragePooling1D()(layers.Embedding(10, 6)(ids))))
+    assert KerasAdapter(plain).zero_masked_input() is None  # no mask_zero: nothing derived
+
+
 # layers of a nested model are named outer/inner, captured through the outer graph, and a bare name resolves
 def test_nested_model(images):
     model = nested()

@@ -121,6 +121,10 @@ class ModelAdapter(abc.ABC):
     #: The keys of a dict batch whose array says which tokens are real (a token map's vectors leave the others out).
     mask_keys: tuple = ("attention_mask",)
 
+    def has_mask(self, sample) -> bool:
+        """Whether a batch like ``sample`` says which of its tokens are real (its mask key, by default)."""
+        return isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)
+
     def canonical(self, name: str) -> str:
         """``name`` without the prefixes that wrappers add (identity by default)."""
         return name
@@ -152,7 +156,7 @@ class ModelAdapter(abc.ABC):
         r = make_reducer(reducer)
         from ..capture.data import batch_len
 
-        masked = isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)
+        masked = self.has_mask(sample)
         n = batch_len(sample)
         out = {}
         for name, (shape, strides, calls) in self.sample_outputs(sample).items():

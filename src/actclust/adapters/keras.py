@@ -254,6 +254,44 @@ class KerasAdapter(ModelAdapter):
         keras = sys.modules["keras"]
         return any(isinstance(l, keras.layers.Embedding) for l in self._layers.values())
 
+    def zero_masked_input(self) -> Optional[int]:
+        """The position of the model input whose zeros an ``Embedding(mask_zero=True)`` masks (read straight from that
+        input), or ``None``. Keras then leaves those tokens out of its own pooling: their mask is that input's
+        non-zero ids, so token maps as long are averaged over the real tokens without a mask in the batch (they were
+        averaged over the padding too, without a word, and the command line cannot pass a mask: an outside check)."""
+        if not hasattr(self, "_zero_masked"):
+            keras, self._zero_masked = sys.modules["keras"], None
+            inputs = self._inputs()
+            for layer in self._layers.values():
+                if isinstance(layer, keras.layers.Embedding) and getattr(layer, "mask_zero", False):
+                    try:
+                        fed = layer.input
+                    except (AttributeError, ValueError):  # a layer called more than once has no one input
+                        continue
+                    self._zero_masked = next((i for i, t in enumerate(inputs) if t is fed), None)
+                    if self._zero_masked is not None:
+                        break
+        return self._zero_masked
+
+    def derived_mask(self, inputs) -> Optional[np.ndarray]:
+        """The token mask :meth:`zero_masked_input` says of a batch without one (``None`` where it says nothing)."""
+        at = self.zero_masked_input()
+        if at is None:
+            return None
+        if isinstance(inputs, Mapping):
+            ids = inputs.get(self._input_names()[at])
+        elif isinstance(inputs, (tuple, list)):
+            ids = inputs[at] if at < len(inputs) else None
+        else:
+            ids = inputs if at == 0 else None
+        if ids is None:
+            return None
+        ids = np.asarray(sys.modules["keras"].ops.convert_to_numpy(ids))
+        return (ids != 0) if ids.ndim == 2 else None
+
+    def has_mask(self, sample) -> bool:
+        return super().has_mask(sample) or self.derived_mask(sample) is not None
+
     def _feed(self, inputs):
         """``inputs`` in the structure of ``model.input`` (a dict by input name, a list, or one array)."""
         struct = _inputs_of(self.model)
@@ -638,7 +676,8 @@ class _KerasRunner(Runner):
     def run(self, inputs, where: str = "a batch"):
         n = batch_len(inputs)
         mask = next((inputs[k] for k in MASK_KEYS if k in inputs), None) if isinstance(inputs, Mapping) else None
-        mask = None if mask is None else np.asarray(sys.modules["keras"].ops.convert_to_numpy(mask))
+        mask = self.adapter.derived_mask(inputs) if mask is None else np.asarray(
+            sys.modules["keras"].ops.convert_to_numpy(mask))
         outputs, taps = _call(self.extractor, self.adapter._feed(inputs), where)
         logits = self.adapter.logits(outputs, n)
         kept = {}

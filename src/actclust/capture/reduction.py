@@ -325,7 +325,7 @@ def describe(reducer: Reducer, layout: Optional[str], shape: tuple, masked: bool
         how = "mean" if spec != "max" else "max"
         if layout == "tokens":
             return (f"{how} over the tokens the attention mask keeps" if masked else
-                    f"{how} over all tokens, padding included (no attention mask; a packed sequence: its own lengths)")
+                    f"{how} over all tokens, padding included (the sample has no attention mask)")
         axes = {4: "height and width", 3: "length", 5: "depth, height and width"}.get(len(shape), "the spatial axes")
         return f"{how} over {axes}"
     return spec
