@@ -134,6 +134,25 @@ def test_several_inputs(tmp_path):
     with pytest.raises(DataError, match=r"The ONNX model takes 2 inputs \['a', 'b'\], and X is a single array: pass a "
                                         r"dict of arrays by input name, or a tuple in that order"):
         ActivationClustering(str(path), layers, n_clusters=3, progress=False).fit(a)
+    # the command line: an .npz with one array per input name (a single x could not feed it, and the error said to pass
+    # a dict, which the command line cannot: an outside check); without them, the message names the inputs
+    from actclust.cli.commands import main
+
+    np.savez(tmp_path / "two.npz", a=a, b=b, y=direct)
+    np.savez(tmp_path / "one.npz", x=a)
+    assert main(["fit", str(path), "--data", str(tmp_path / "two.npz"), "--layers", ",".join(layers), "--n-clusters",
+                 "3", "--out", str(tmp_path / "run"), "--quiet", "--no-prepare"]) == 0
+    assert np.array_equal(actclust.load(tmp_path / "run", str(path), progress=False).train_predictions_, direct)
+    assert main(["score", str(tmp_path / "run"), "--data", str(tmp_path / "two.npz"), "--quiet"]) == 0
+    assert main(["report", str(tmp_path / "run"), "--data", str(tmp_path / "two.npz"), "--train",
+                 str(tmp_path / "two.npz"), "--out", str(tmp_path / "r.html"), "--quiet"]) == 0
+    with pytest.raises(actclust.ParameterError, match=r"two.npz has no array named 'x' \(it has \['a', 'y'\]\); the model "
+                                                      r"takes the inputs \['a', 'b'\]: give one array per input name "
+                                                      r"\(numpy.savez\(path, a=..., b=..., y=y\)\)"):
+        np.savez(tmp_path / "two.npz", a=a, y=direct)
+        from actclust.cli.inputs import load_data
+
+        load_data(str(tmp_path / "two.npz"), "train", adapt(str(path)))
 
 
 # a model exported without a dynamic batch axis runs in slices of its batch size, with a warning

@@ -121,6 +121,11 @@ class ModelAdapter(abc.ABC):
     #: The keys of a dict batch whose array says which tokens are real (a token map's vectors leave the others out).
     mask_keys: tuple = ("attention_mask",)
 
+    def input_names(self) -> Optional[list]:
+        """The names of the model's inputs where it takes several by name (a command line's ``.npz`` then holds one
+        array per name), else ``None``."""
+        return None
+
     def has_mask(self, sample) -> bool:
         """Whether a batch like ``sample`` says which of its tokens are real (its mask key, by default)."""
         return isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)

@@ -250,6 +250,10 @@ class KerasAdapter(ModelAdapter):
             return [str(k) for k in struct]
         return [t.name for t in self._inputs()]
 
+    def input_names(self) -> Optional[list]:
+        names = self._input_names()
+        return names if len(names) > 1 else None
+
     def takes_ids(self) -> bool:
         keras = sys.modules["keras"]
         return any(isinstance(l, keras.layers.Embedding) for l in self._layers.values())
@@ -331,7 +335,7 @@ class KerasAdapter(ModelAdapter):
             if len(model_inputs) != 1:
                 raise DataError(
                     f"{name} is a single array but the model takes {len(model_inputs)} inputs {names}: pass a dict "
-                    "with one array per input name."
+                    "with one array per input name (on the command line, an .npz with one array per input name).")
                 )
             pairs = [(name, inputs, model_inputs[0])]
         for label, value, tensor in pairs:

@@ -277,8 +277,12 @@ class OnnxAdapter(ModelAdapter):
             return dict(zip(self.inputs, inputs))
         if len(self.inputs) != 1:
             raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}, and X is a single array: pass a "
-                            "dict of arrays by input name, or a tuple in that order.")
+                            "dict of arrays by input name, or a tuple in that order (on the command line, an .npz with "
+                            "one array per input name).")
         return {self.inputs[0]: inputs}
+
+    def input_names(self) -> Optional[list]:
+        return list(self.inputs) if len(self.inputs) > 1 else None
 
     def feeds(self, inputs) -> dict:
         """The session's inputs by name, cast to the graph's element types."""

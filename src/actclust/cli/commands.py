@@ -26,6 +26,7 @@ import numpy as np
 
 from ..exceptions import ParameterError, RunExistsError
 from .common import OVERWRITE_FLAG, HelpFormatter, command, int_at_least, run_model_options, say, warn
+from ..capture.data import batch_len
 from .inputs import build_model, check_inputs, check_layers, is_model_file, load_data, load_run, locate_module
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130  # an unexpected error leaves Python's own status, 1
@@ -252,12 +253,13 @@ def _fit(args) -> int:
     model = build_model(args.model, args.weights)
     check_layers(layers, model, args.model)
     x, y = load_data(args.data, "train", adapt(model))
-    if len(x) < 2:  # "use at most 1" cluster: fewer than --n-clusters' least, 2 (an outside check)
-        raise ParameterError(f"--data {args.data} holds {len(x)} sample; clustering needs at least 2 (and as many as "
+    n = batch_len(x)  # a dict of one array per input of a model of several
+    if n < 2:  # "use at most 1" cluster: fewer than --n-clusters' least, 2 (an outside check)
+        raise ParameterError(f"--data {args.data} holds {n} sample; clustering needs at least 2 (and as many as "
                              "--n-clusters).")
-    if args.n_clusters > len(x):
-        raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {len(x)} samples of --data {args.data}; "
-                         f"use at most {len(x)}.")
+    if args.n_clusters > n:
+        raise ParameterError(f"--n-clusters {args.n_clusters} is more than the {n} samples of --data {args.data}; "
+                         f"use at most {n}.")
     if args.posterior == "label" and y is None:
         raise ParameterError(f"--posterior label needs the true labels, but --data {args.data} has no array 'y'; "
                          "add y to the .npz, or use --posterior prediction.")
@@ -339,8 +341,8 @@ def _report(args) -> int:
         train = None
         say(args, "no --train given: training samples are shown by their index; to show them, add --train "
                    "with the .npz the run was fitted on")
-    if train is not None and len(train) != ac.n_samples_fit_:
-        raise ParameterError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
+    if train is not None and batch_len(train) != ac.n_samples_fit_:
+        raise ParameterError(f"{source} has {batch_len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
                          "add --train with the .npz the run was fitted on (same samples, same order).")
     if train is not None:  # as view does: another shape per sample met the pictures' code (a traceback)
         check_inputs(train, ac, source)

@@ -377,16 +377,30 @@ def load_data(spec: str, split: str, adapter=None):
         raise ParameterError(f"--data must be one of {list(DATASETS)} or an .npz file; got {spec!r}.")
     if not path.is_file():
         raise DataNotFoundError(f"Data file {path} not found.")
+    names = adapter.input_names() if adapter is not None else None  # a model of several named inputs
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files if name in ("x", "y")}
+            wanted = ("x", "y", *(names if names and "x" not in data.files else ()))
+            arrays = {name: data[name] for name in data.files if name in wanted}
             files = sorted(data.files)
     except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # TypeError: a lone .npy, not an archive
         # numpy's own message names its Python arguments (allow_pickle=); pickled data is refused
         raise ParameterError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
                          "not loaded, so a data file cannot run code); write it with numpy.savez(path, x=x, y=y).") from None
+    if "x" not in arrays and names and all(n in arrays for n in names):  # one array per input, by name
+        x, y = {n: arrays[n] for n in names}, arrays.get("y")
+        lengths = {n: len(v) if v.ndim else 0 for n, v in x.items()}
+        if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
+            raise ParameterError(f"The arrays {names} in {path} must hold the same number of samples, at least one; "
+                                 f"they hold {lengths}.")
+        if y is not None and (y.ndim != 1 or len(y) != next(iter(lengths.values()))):
+            raise ParameterError(f"The array y in {path} must hold one label per sample ({next(iter(lengths.values()))}); "
+                                 f"it has shape {y.shape}.")
+        return x, y
     if "x" not in arrays:
-        raise ParameterError(f"{path} has no array named 'x' (it has {files}).")
+        several = (f"; the model takes the inputs {names}: give one array per input name (numpy.savez(path, "
+                   + ", ".join(f"{n}=..." for n in names) + ", y=y))") if names else ""
+        raise ParameterError(f"{path} has no array named 'x' (it has {files}){several}.")
     x, y = arrays["x"], arrays.get("y")
     if x.ndim == 0 or len(x) == 0:
         raise ParameterError(f"The array x in {path} holds no samples.")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...cli.common import is_loopback, listen, port_number, run_model_options, serve, url_host
+from ...capture.data import batch_len
 from ...cli.inputs import check_inputs
 from ...exceptions import ParameterError
 
@@ -73,13 +74,13 @@ def _view(args) -> int:
             say(args, "no --train given: training samples are shown by their index; to show them, add --train with "
                       "the .npz the run was fitted on")
         if train is not None:
-            if len(train) != ac.n_samples_fit_:
-                raise ParameterError(f"{source} has {len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
+            if batch_len(train) != ac.n_samples_fit_:
+                raise ParameterError(f"{source} has {batch_len(train)} samples but the run was fitted on {ac.n_samples_fit_}; "
                                      "add --train with the .npz the run was fitted on (same samples, same order).")
             check_inputs(train, ac, source)
         from . import Explorer, make_app
 
-        say(args, f"preparing the explorer of {args.run} on {len(x):,} test inputs: one pass of the model, the "
+        say(args, f"preparing the explorer of {args.run} on {batch_len(x):,} test inputs: one pass of the model, the "
                   f"clusters of {ac.n_samples_fit_:,} training samples"
                   + ("" if args.no_trust else ", the trust calibration") + " ...")
         start = time.perf_counter()
