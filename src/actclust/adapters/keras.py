@@ -335,7 +335,7 @@ class KerasAdapter(ModelAdapter):
             if len(model_inputs) != 1:
                 raise DataError(
                     f"{name} is a single array but the model takes {len(model_inputs)} inputs {names}: pass a dict "
-                    "with one array per input name (on the command line, an .npz with one array per input name).")
+                    "with one array per input name (on the command line, an .npz with one array per input name)."
                 )
             pairs = [(name, inputs, model_inputs[0])]
         for label, value, tensor in pairs:
