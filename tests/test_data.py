@@ -227,6 +227,12 @@ def test_wrong_dtype_and_shape_before_forward(model, data, fitted):
     with pytest.raises(DataError, match=r"per-sample shape \(36,\) but the explainer was fitted on inputs of shape "
                                         r"\(1, 6, 6\): pass inputs of that shape \(e.g. x.reshape\(-1, 1, 6, 6\)\)"):
         fitted.predict(data[0].reshape(len(data[0]), -1))
+    # another shape and another type: both said at once (the type alone was said; converting it met the shape next:
+    # an outside check)
+    with pytest.raises(DataError, match=r"X holds int32 values of per-sample shape \(36,\), but the explainer was "
+                                        r"fitted on float32 inputs of shape \(1, 6, 6\): pass inputs of that shape and "
+                                        "type"):
+        fitted.predict(data[0].reshape(len(data[0]), -1).astype(np.int32))
     # channels last: a transpose, never a reshape (which would scramble the pixels); one sample: a batch of one
     with pytest.raises(DataError, match=r"per-sample shape \(6, 6, 1\) .* \(channels last\? x.transpose\(0, 3, 1, 2\)\)"):
         fitted.predict(data[0].transpose(0, 2, 3, 1))

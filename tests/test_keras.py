@@ -326,7 +326,7 @@ def test_bad_model_paths_and_names(tmp_path):
     (tmp_path / "bad.keras").write_bytes(b"not a zip")  # Keras said "File not found" of it (an outside check)
     with pytest.raises(UnsupportedModelError, match=r"bad.keras is not a Keras model file: a .keras file is a zip "
                                                     r"archive \(as model.save\('model.keras'\) writes it\), and this "
-                                                    "one is not"):
+                                                    "one is not \\(an ONNX model\\? name it .onnx\\)"):
         actclust.list_layers(tmp_path / "bad.keras")
     import zipfile
 

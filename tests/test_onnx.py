@@ -399,6 +399,13 @@ def test_bad_models(tmp_path, exported):
     junk.write_bytes(b"this is not a model")
     with pytest.raises(UnsupportedModelError, match=r"junk.onnx is not an ONNX model .*torch.onnx.export, tf2onnx or skl2onnx"):
         ActivationClustering(str(junk), ["a"]).fit(x)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "model.onnx", "w") as z:  # a .keras file under another name (an outside check)
+        z.writestr("config.json", "{}")
+    with pytest.raises(UnsupportedModelError, match=r"model.onnx is not an ONNX model but a zip archive, as a Keras "
+                                                    r"model file is: if it is one, name it .keras"):
+        ActivationClustering(str(tmp_path / "model.onnx"), ["a"]).fit(x)
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "saved_model.pb").write_bytes(b"")

@@ -80,13 +80,19 @@ class InputSpec:
         for key, shape, dtype in self.parts:
             got_shape, got_dtype = given[key]
             label = name if self.kind == "tensor" else f"{name}[{key!r}]"
+            sequence = _kind(dtype) == "int" and len(shape) == 1
+            shape_bad = len(shape) != len(got_shape) or (shape != got_shape and not sequence)
+            if _kind(dtype) != _kind(got_dtype) and shape_bad:  # both said at once (converting one met the other)
+                raise DataError(
+                    f"{label} holds {got_dtype} values of per-sample shape {got_shape}, but the explainer was fitted on "
+                    f"{dtype} inputs of shape {shape}: pass inputs of that shape and type, as the training inputs were."
+                )
             if _kind(dtype) != _kind(got_dtype):
                 raise DataError(
                     f"{label} holds {got_dtype} values but the explainer was fitted on {dtype}: convert it "
                     "as the training inputs were."
                 )
-            sequence = _kind(dtype) == "int" and len(shape) == 1
-            if len(shape) != len(got_shape) or (shape != got_shape and not sequence):
+            if shape_bad:
                 raise DataError(
                     f"{label} has per-sample shape {got_shape} but the explainer was fitted on inputs of shape "
                     f"{shape}: pass inputs of that shape{_shape_hint(tuple(shape), tuple(got_shape))}."

@@ -114,7 +114,8 @@ def _load_keras(path: str):
         keras = import_keras()  # a missing Keras is said first
         if not zipfile.is_zipfile(path):  # Keras' own message said "File not found" of a file that is there
             raise UnsupportedModelError(f"{path} is not a Keras model file: a .keras file is a zip archive (as "
-                                        "model.save('model.keras') writes it), and this one is not.")
+                                        "model.save('model.keras') writes it), and this one is not (an ONNX model? "
+                                        "name it .onnx).")
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as e:

@@ -72,6 +72,11 @@ def load_onnx(model):
     try:
         proto = onnx.load(str(path))
     except Exception as e:
+        import zipfile
+
+        if zipfile.is_zipfile(path):  # a .keras file under another name: its decoder error said nothing of that
+            raise UnsupportedModelError(f"{path} is not an ONNX model but a zip archive, as a Keras model file is: if it "
+                                        "is one, name it .keras.") from None
         raise UnsupportedModelError(
             f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:200]}); export your model with "
             "torch.onnx.export, tf2onnx or skl2onnx.") from None
