@@ -145,6 +145,9 @@ def test_fit_user_model_npz(tmp_path, capsys):
      "--layer-weights must give one number per --layers entry (2: conv,fc1); got 3"),
     (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "fc1", "--layer-weights", "-1", "--out", "x"],
      "--layer-weights must be non-negative numbers"),
+    # a negative first weight: the option's own message, not argparse's "expected one argument" (an outside check)
+    (["fit", "conftest:TinyCNN", "--data", "digits", "--layers", "conv,fc1", "--layer-weights", "-1,2", "--out", "x"],
+     "--layer-weights must be non-negative numbers, not all zero; got '-1,2'"),
     (["demo", "--epochs", "0"], "argument --epochs: must be at least 1"),
     (["report", "/nonexistent/run", "--data", "digits", "--n-wrong", "-1"], "argument --n-wrong: must be at least 0"),
     (["score", "/nonexistent/run", "--data", "digits"], "No saved run"),

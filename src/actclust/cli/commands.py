@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,7 +38,7 @@ DEMO_OUT = "actclust-demo"
 def main(argv=None) -> int:
     try:
         parser = _parser()  # imports the study's and explorer's commands: a Ctrl-C here gave a traceback
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_joined_numbers(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as e:  # argparse exits on --help (0) and on a usage error (2, after its message)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
@@ -73,6 +74,21 @@ def main(argv=None) -> int:
         except (OSError, ValueError):  # a stdout with no file behind it
             pass
         return EXIT_OK
+
+
+def _joined_numbers(argv: list) -> list:
+    """``--layer-weights -1,2`` as ``--layer-weights=-1,2``: argparse takes a value that starts with '-' and is no
+    plain number for an option, and said "expected one argument" instead of the option's own message (an outside
+    check)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--layer-weights" and i + 1 < len(argv) and re.match(r"^-[\d.]", argv[i + 1]):
+            out.append(f"--layer-weights={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def run(argv=None) -> int:
