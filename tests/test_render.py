@@ -101,3 +101,32 @@ def test_class_colors_apart():
     lab = _lab(np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in colors]))
     assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(lab, 2)) > 10
     assert class_color(5000).startswith("hsl(")
+
+
+# text: a cut text says so in the text a thumbnail's tooltip shows (it was cut at 128 tokens without a mark: an outside
+# check); a Hugging Face tokenizer that has no token for an id shows [id], with a warning once (it showed "None")
+def test_text_cut_and_unknown_ids():
+    import warnings
+
+    from actclust import RenderWarning
+
+    long = Renderer(tokenizer=[f"w{i}" for i in range(300)], max_tokens=4)(np.arange(1, 11), "x")
+    assert long["text"] == "w1 w2 w3 w4 … (+6 more tokens)" and long["more"] == 6
+
+    class Small:  # a Hugging Face tokenizer's interface, of 3 tokens
+        all_special_ids = []
+
+        def __len__(self):
+            return 3
+
+        def convert_ids_to_tokens(self, ids):
+            return [["a", "b", "c"][i] if i < 3 else None for i in ids]
+
+    r = Renderer(tokenizer=Small())
+    with pytest.warns(RenderWarning, match=r"The tokenizer has no token for the ids \[7, 9\] \(its vocabulary holds 3\): "
+                                           r"is it the model's tokenizer\? They are shown as \[id\]"):
+        out = r(np.array([1, 7, 2, 9]), "x")
+    assert [w for w, _ in out["tokens"]] == ["b", "[7]", "c", "[9]"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RenderWarning)
+        r(np.array([8]), "x")  # said once

@@ -225,6 +225,8 @@ class Renderer:
         words = self._words(shown)
         special = set(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) or [])
         text = self._text(words) if self.tokenizer is not None else " ".join(words)
+        if len(visible) > len(shown):  # the tooltip of a thumbnail shows the text: cut, it said so nowhere
+            text += f" … (+{len(visible) - len(shown)} more tokens)"
         return {"kind": "text", "text": text, "tokens": [[w, i in special] for w, i in zip(words, shown)],
                 "hidden": int((~keep).sum()), "more": int(len(visible) - len(shown)),
                 "ids": self.tokenizer is None}
@@ -235,6 +237,14 @@ class Renderer:
             return [str(i) for i in ids]
         if hasattr(tok, "convert_ids_to_tokens"):  # Hugging Face
             words = tok.convert_ids_to_tokens(ids)
+            unknown = [i for i, w in zip(ids, words) if w is None]  # ids beyond its vocabulary: shown as "None"
+            if unknown:
+                words = [f"[{i}]" if w is None else w for i, w in zip(ids, words)]
+                if not getattr(self, "_said_unknown", False):
+                    self._said_unknown = True
+                    warnings.warn(f"The tokenizer has no token for the ids {sorted(set(unknown))[:5]} (its vocabulary "
+                                  f"holds {len(tok)}): is it the model's tokenizer? They are shown as [id].",
+                                  RenderWarning, stacklevel=user_stacklevel())
         elif isinstance(tok, dict):
             words = [tok.get(i, f"[{i}]") for i in ids]
         elif isinstance(tok, (list, tuple)):
