@@ -383,3 +383,21 @@ def test_sparse_features_do_not_warn():
     with pytest.warns(actclust.DataWarning, match=r"X feature \d+ has mean \S+ and standard deviation \S+, where the "
                                                   r"training inputs had"):
         ac.score(squeezed, y_te)
+
+
+# token ids beyond the model's embedding: the error names the input and the ids' range (it said only "index out of range
+# in self" and pointed at the inputs' scaling: an outside check)
+def test_ids_beyond_the_embedding():
+    class Ids(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(self.emb(input_ids).mean(1))
+
+    ids = np.random.default_rng(0).integers(0, 10, (30, 5))
+    ids[3, 2] = 500
+    with pytest.raises(CaptureError, match=r"IndexError.*input_ids holds token ids from 0 to 500: an id below 0 or at "
+                                           r"least as large as the model's embedding \(its vocabulary size\) has no row"):
+        ActivationClustering(Ids(), ["out"], n_clusters=2, progress=False).fit({"input_ids": ids})

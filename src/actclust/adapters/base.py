@@ -296,12 +296,30 @@ def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None, l
     hint = "check that the inputs have the shape, dtype and scaling the model was trained on."
     if layout:
         hint = layout + "Otherwise " + hint
+    ids = _integer_inputs(inputs)
+    if isinstance(e, IndexError) and ids:  # "index out of range in self": an embedding met an id it has no row for
+        name, low, high = max(ids, key=lambda t: t[2])
+        hint = (f"{name} holds token ids from {low} to {high}: an id below 0 or at least as large as the model's "
+                "embedding (its vocabulary size) has no row. Check that the ids come from the model's tokenizer. "
+                "Otherwise " + hint)
     if isinstance(inputs, (tuple, list)) and len(inputs) > 1:
         last = inputs[-1]
         if len(getattr(last, "shape", ())) == 1 and dtype_name(last).startswith(("int", "uint")):
             hint = ("X is a tuple, read as the model's inputs in order, and its last element holds one integer per "
                     "sample: if those are the labels, pass them as y= (fit(X, y)) instead. Otherwise " + hint)
     return CaptureError(f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {text} -- {hint}")
+
+
+def _integer_inputs(inputs) -> list:
+    """``(name, smallest, largest)`` of each integer input of at least 2 axes (token ids) of a batch."""
+    parts = (inputs.items() if isinstance(inputs, Mapping) else
+             ((f"input {i}", v) for i, v in enumerate(inputs)) if isinstance(inputs, (tuple, list)) else [("X", inputs)])
+    out = []
+    for name, v in parts:
+        if len(getattr(v, "shape", ())) >= 2 and dtype_name(v).startswith(("int", "uint")) and int(np.prod(v.shape)):
+            a = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+            out.append((str(name), int(a.min()), int(a.max())))
+    return out
 
 
 def describe_inputs(inputs) -> str:
