@@ -401,3 +401,26 @@ def test_ids_beyond_the_embedding():
     with pytest.raises(CaptureError, match=r"IndexError.*input_ids holds token ids from 0 to 500: an id below 0 or at "
                                            r"least as large as the model's embedding \(its vocabulary size\) has no row"):
         ActivationClustering(Ids(), ["out"], n_clusters=2, progress=False).fit({"input_ids": ids})
+
+
+# an input whose attention mask keeps no token: its token maps average nothing and its vector is zero, said once
+# (it was clustered and explained as such without a word: an outside check)
+def test_empty_attention_mask_warned():
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.out(self.emb(input_ids).mean(1))
+
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1, 10, (40, 5)), np.ones((40, 5), np.int64)
+    mask[7] = 0
+    with pytest.warns(actclust.DataWarning, match=r"rows 0-39 of X: 1 input\(s\) have an attention mask that keeps no "
+                                                  r"token \(the first is input 7 of the batch\): their token maps average "
+                                                  r"nothing, so their vectors are zero"):
+        ac = ActivationClustering(Tok(), ["emb", "out"], n_clusters=2, progress=False, normalize=None).fit(
+            {"input_ids": ids, "attention_mask": mask})
+    assert not ac.train_vectors_["emb"][7].any() and ac.train_vectors_["emb"][6].any()

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..capture.arrays import dtype_name
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, ParameterError, user_stacklevel
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataWarning, ParameterError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
 
 __all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
@@ -308,6 +308,22 @@ def model_error(e: Exception, where: str, inputs, limit: Optional[int] = None, l
             hint = ("X is a tuple, read as the model's inputs in order, and its last element holds one integer per "
                     "sample: if those are the labels, pass them as y= (fit(X, y)) instead. Otherwise " + hint)
     return CaptureError(f"The model raised {type(e).__name__} on {where} ({describe_inputs(inputs)}): {text} -- {hint}")
+
+
+def check_empty_masks(mask, where: str) -> bool:
+    """Warn where a batch's attention mask keeps no token of some inputs: their token maps average nothing, so their
+    vectors are zero and they are clustered and explained as such (an outside check found them silently so). Returns
+    whether it warned (runners say it once)."""
+    if mask is None or len(getattr(mask, "shape", ())) != 2:
+        return False
+    keep = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask).astype(bool).any(1)
+    if keep.all():
+        return False
+    empty = np.flatnonzero(~keep)
+    warnings.warn(f"{where}: {len(empty)} input(s) have an attention mask that keeps no token (the first is input "
+                  f"{int(empty[0])} of the batch): their token maps average nothing, so their vectors are zero. Give "
+                  "each input at least one real token.", DataWarning, stacklevel=user_stacklevel())
+    return True
 
 
 def _integer_inputs(inputs) -> list:

@@ -35,8 +35,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_rows, keep_reduced,
-                   model_error)
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_empty_masks, check_rows,
+                   keep_reduced, model_error)
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -682,6 +682,8 @@ class _KerasRunner(Runner):
         mask = next((inputs[k] for k in MASK_KEYS if k in inputs), None) if isinstance(inputs, Mapping) else None
         mask = self.adapter.derived_mask(inputs) if mask is None else np.asarray(
             sys.modules["keras"].ops.convert_to_numpy(mask))
+        if not getattr(self, "_said_empty", False):
+            self._said_empty = check_empty_masks(mask, where)
         outputs, taps = _call(self.extractor, self.adapter._feed(inputs), where)
         logits = self.adapter.logits(outputs, n)
         kept = {}

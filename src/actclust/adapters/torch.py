@@ -26,8 +26,8 @@ from ..capture.arrays import dtype_name, is_floating
 from ..capture.data import batch_len
 from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
                           user_stacklevel)
-from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_rows, keep_reduced,
-                   model_error)
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_empty_masks, check_rows,
+                   keep_reduced, model_error)
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -582,6 +582,8 @@ class _TorchRunner(Runner):
     def run(self, inputs, where: str = "a batch"):
         mask = inputs.get(MASK_KEY) if isinstance(inputs, Mapping) else None
         self._mask = None if mask is None else _to(mask, self.adapter.device, None)
+        if not getattr(self, "_said_empty", False):
+            self._said_empty = check_empty_masks(mask, where)
         n = batch_len(inputs)
         logits = self._forward(self.adapter.model if not self._eager else self.adapter.inner, inputs, where, n)
         missing = [name for name in self.reducers if name not in self._out]
