@@ -526,3 +526,28 @@ def test_help_texts(capsys):
 def _usage_error(argv, capsys) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err
+
+
+# a PyTorch model of several named inputs (a Hugging Face model's input_ids and attention_mask): an .npz with arrays
+# named as its forward's parameters feeds it, for fit and for score (a run fitted on dict inputs could not be used
+# from the command line: an outside check)
+def test_npz_of_named_inputs_for_a_torch_model(user_folder, capsys):
+    (user_folder / "usermod_two.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Two(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.emb, self.out = nn.Embedding(12, 4), nn.Linear(4, 3)\n"
+        "    def forward(self, input_ids, attention_mask):\n"
+        "        m = attention_mask.unsqueeze(-1).float()\n"
+        "        return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1))\n"
+        "def build():\n    return Two()\n")
+    importlib.invalidate_caches()
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1, 12, (60, 6)), (np.arange(6)[None] < rng.integers(2, 7, (60, 1))).astype(np.int64)
+    np.savez(user_folder / "d.npz", input_ids=ids, attention_mask=mask, y=rng.integers(0, 3, 60))
+    assert main(["fit", "usermod_two:build", "--data", "d.npz", "--layers", "emb,out", "--n-clusters", "3", "--out",
+                 "run", "--quiet", "--no-prepare"]) == 0
+    assert main(["score", "run", "--data", "d.npz", "--model", "usermod_two:build", "--quiet"]) == 0
+    assert "combined" in capsys.readouterr().out

@@ -257,6 +257,18 @@ class TorchAdapter(ModelAdapter):
         # lists a module once, so a layer asked for by its other name was unknown (an outside check)
         return {n: m for n, m in self.inner.named_modules(remove_duplicate=False) if n}
 
+    def input_names(self) -> Optional[list]:
+        """The named parameters of the model's ``forward`` where it has several (a Hugging Face model's ``input_ids``,
+        ``attention_mask``...): a command line's ``.npz`` then gives the arrays named so."""
+        import inspect
+
+        try:
+            params = inspect.signature(self.inner.forward).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return names if len(names) > 1 else None
+
     def layer_names(self) -> list[str]:
         return list(self.modules())
 

@@ -383,6 +383,8 @@ def load_data(spec: str, split: str, adapter=None):
             wanted = ("x", "y", *(names if names and "x" not in data.files else ()))
             arrays = {name: data[name] for name in data.files if name in wanted}
             files = sorted(data.files)
+            if names and "x" not in arrays and adapter.framework == "torch":  # forward's parameters: some optional
+                names = [n for n in names if n in arrays] or names
     except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # TypeError: a lone .npy, not an archive
         # numpy's own message names its Python arguments (allow_pickle=); pickled data is refused
         raise ParameterError(f"Cannot read {path} as an .npz file of numeric arrays (pickled or object arrays are "
@@ -399,7 +401,7 @@ def load_data(spec: str, split: str, adapter=None):
         return x, y
     if "x" not in arrays:
         several = (f"; the model takes the inputs {names}: give one array per input name (numpy.savez(path, "
-                   + ", ".join(f"{n}=..." for n in names) + ", y=y))") if names else ""
+                   + ", ".join(f"{n}=..." for n in names) + ", y=y))") if names and len(names) <= 8 else ""
         raise ParameterError(f"{path} has no array named 'x' (it has {files}){several}.")
     x, y = arrays["x"], arrays.get("y")
     if x.ndim == 0 or len(x) == 0:
