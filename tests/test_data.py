@@ -424,3 +424,19 @@ def test_empty_attention_mask_warned():
         ac = ActivationClustering(Tok(), ["emb", "out"], n_clusters=2, progress=False, normalize=None).fit(
             {"input_ids": ids, "attention_mask": mask})
     assert not ac.train_vectors_["emb"][7].any() and ac.train_vectors_["emb"][6].any()
+
+
+# a loader whose collate_fn makes the model's inputs from raw items (a tokenizer's): the training samples drawn for the
+# notebook and the report come through that collate_fn too (the raw items were taken as inputs: "must hold tensors;
+# found a list", an outside check)
+def test_rows_of_a_loader_go_through_its_collate_fn():
+    from actclust.capture.data import rows
+
+    items = [{"text": i, "label": i % 3} for i in range(20)]
+
+    def collate(batch):
+        return {"x": torch.tensor([[float(b["text"]), 1.0] for b in batch]),
+                "labels": torch.tensor([b["label"] for b in batch])}
+
+    got = rows(DataLoader(items, batch_size=8, collate_fn=collate), np.array([3, 11]))
+    assert [r["x"].tolist() for r in got] == [[3.0, 1.0], [11.0, 1.0]]

@@ -31,8 +31,11 @@ class TorchSource(Source):
         return iter(self.loader)
 
     def take(self, idx):
-        dataset = self.loader.dataset
-        return Subset(dataset, np.asarray(idx, dtype=np.int64).tolist())
+        """The samples at ``idx`` as a loader of them with this loader's own collate_fn: the dataset's raw items (a
+        collate_fn that tokenizes texts) were not what the model takes, and drawing a loader's training samples failed
+        with "must hold tensors; found a list" (an outside check)."""
+        idx = np.asarray(idx, dtype=np.int64).tolist()
+        return DataLoader(Subset(self.loader.dataset, idx), batch_size=max(1, len(idx)), collate_fn=self.loader.collate_fn)
 
 
 def source(data, batch_size: int, name: str) -> Optional[TorchSource]:
