@@ -246,6 +246,16 @@ def test_engine_parameters():
         _fit(TinyCNN(), np.zeros((8, 1, 6, 6), np.float32), engine="ray", ray_options={"workers": 2})
     with pytest.raises(ParameterError, match=r"ray_options\['concurrency'\] must be None or an int >= 1. Got 0"):
         _fit(TinyCNN(), np.zeros((8, 1, 6, 6), np.float32), engine="ray", ray_options={"concurrency": 0})
+    # 0 CPUs per actor sized the pool at two billion actors and fit never ended (an outside check)
+    with pytest.raises(ParameterError, match=r"ray_options\['num_cpus'\] must be a number > 0. Got 0"):
+        _fit(TinyCNN(), np.zeros((8, 1, 6, 6), np.float32), engine="ray", ray_options={"num_cpus": 0})
+
+
+# an actor no node of the cluster can hold is refused: the fit waited for it without a word (an outside check)
+def test_ray_actor_larger_than_the_cluster(ray_cluster, images):
+    with pytest.raises(ParameterError, match=r"ray_options asks 100 CPU\(s\) and 0 GPU\(s\) per actor, but the Ray "
+                                             r"cluster has 2 CPU\(s\) and 0 GPU\(s\) in all"):
+        _fit(TinyCNN(), images[0][:64], engine="ray", ray_options={"num_cpus": 100})
 
 
 # without Ray installed, engine="ray" says how to install it; the local engine does not need it

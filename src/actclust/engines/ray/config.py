@@ -47,16 +47,18 @@ def check_options(options) -> dict:
                              f"from {sorted(RAY_OPTIONS)}. Got {unknown!r} instead.")
     out = {**RAY_OPTIONS, **options}
 
-    def number(key, low, *, optional=True, integer=False):
+    def number(key, low, *, optional=True, integer=False, above=False):
         v = out[key]
         ok = (v is None and optional) or (isinstance(v, numbers.Real) and not isinstance(v, bool) and v >= low
+                                          and not (above and v == low)
                                           and (not integer or isinstance(v, numbers.Integral)))
         if not ok:
             kind = "an int" if integer else "a number"
-            raise ParameterError(f"ray_options[{key!r}] must be {'None or ' if optional else ''}{kind} >= {low}. "
-                                 f"Got {v!r} instead.")
+            raise ParameterError(f"ray_options[{key!r}] must be {'None or ' if optional else ''}{kind} "
+                                 f"{'>' if above else '>='} {low}. Got {v!r} instead.")
     number("concurrency", 1, integer=True)
-    number("num_cpus", 0, optional=False)
+    # above 0: with 0 the pool was sized for the cluster's CPUs over 1e-9, two billion actors, and fit never ended
+    number("num_cpus", 0, optional=False, above=True)
     number("num_gpus", 0)
     cols = out["columns"]
     if cols is not None and not isinstance(cols, str) and not (

@@ -89,9 +89,13 @@ class Pass:
         from tqdm.auto import tqdm
 
         ray, o = self.ray, self.options
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus, cpus = ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
         num_gpus = o["num_gpus"] if o["num_gpus"] is not None else (1 if gpus else 0)
-        slots = (gpus // num_gpus) if num_gpus else (ray.cluster_resources().get("CPU", 1) // max(o["num_cpus"], 1e-9))
+        if o["num_cpus"] > cpus or num_gpus > gpus:  # an actor no node can hold: the fit waited for it forever
+            raise ParameterError(
+                f"ray_options asks {o['num_cpus']} CPU(s) and {num_gpus} GPU(s) per actor, but the Ray cluster has "
+                f"{cpus:g} CPU(s) and {gpus:g} GPU(s) in all: ask at most that (ray_options={{'num_cpus': ...}}).")
+        slots = (gpus // num_gpus) if num_gpus else (cpus // o["num_cpus"])
         size = o["concurrency"] or max(1, int(slots))
         # The module itself (no DataParallel or compile wrapper: one actor runs one device), or the adapter.
         model, output = (adapter.inner, adapter.output) if hasattr(adapter, "inner") else (adapter, None)
