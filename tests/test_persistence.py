@@ -373,3 +373,27 @@ def test_load_with_another_architecture(tmp_path):
     with pytest.raises(actclust.DataError, match=r"Layer '1' gives 8 values per sample on X but gave 32 on the training "
                                                  r"data, for inputs of the same shape: the model is not the one"):
         other.score(x)
+
+
+# a loaded run knows the model it was fitted with, as a fitted explainer does: another model bound later is said to
+# differ, and a save after parameters were changed records the run's own
+def test_loaded_run_knows_its_model_and_parameters(model, data, tmp_path):
+    import warnings
+
+    from actclust import ActClustWarning, ModelMismatchWarning
+
+    from conftest import TinyCNN
+
+    x, y = data
+    ActivationClustering(model, LAYERS, n_clusters=3, progress=False).fit(x, y).save(tmp_path / "run")
+    loaded = actclust.load(tmp_path / "run", model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelMismatchWarning)
+        loaded.predict(x[:4])
+    loaded.model = TinyCNN(seed=9).eval()
+    with pytest.warns(ModelMismatchWarning, match="differ from those of the model this explainer was fitted with"):
+        loaded.predict(x[:4])
+    loaded.model, loaded.n_clusters = model, 7
+    with pytest.warns(ActClustWarning, match=r"The parameters \['n_clusters'\] were set after fit"):
+        loaded.save(tmp_path / "again")
+    assert actclust.load(tmp_path / "again", model, progress=False).n_clusters == 3

@@ -592,6 +592,12 @@ def load(path, model=None, *, output=None, progress: bool = True, verify: bool =
     check_model(state, manifest, adapt(model, output), path)
     ac._backend()  # a device that is not here (device="cuda" without CUDA) is refused now, not at first use
     ac.state_ = state
+    if isinstance(manifest.get("model_fingerprint"), str):  # as after fit: a save records the run's parameters, and
+        # another model bound later (or this one changed in place) is said to differ from the run's
+        from .io.persistence import params_of
+
+        ac.__dict__["_fitted_with"] = (params_of(ac), id(ac.model), manifest["model_fingerprint"])
+        ac.__dict__["_weights_seen"] = ac._adapter(check=False).weights_version()
     return ac
 
 
