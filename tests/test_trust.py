@@ -636,3 +636,16 @@ def test_false_alarm_thresholds_with_ties():
     assert (spread < got["ood_typicality"]).mean() == 0.05
     assert got["knn_typicality"] == 0.75 and (tied < got["knn_typicality"]).mean() == 0.06
     assert "cluster_typicality" not in got
+
+
+# the rows' hashes (for duplicates) are computed once per fitted state: calibrate draws its split on every call, and a
+# pass over the whole store per explain call would cost seconds at a million rows (a self-review)
+def test_row_hashes_computed_once(model, data, monkeypatch):
+    x, y = data
+    state = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(x, y).state_
+    calls = []
+    real = trust_mod._hash_rows
+    monkeypatch.setattr(trust_mod, "_hash_rows", lambda s: calls.append(1) or real(s))
+    for _ in range(3):
+        trust_mod.calibrate(state, calibration_fraction=0.2)
+    assert calls == [1]

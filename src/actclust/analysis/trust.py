@@ -540,7 +540,15 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
 
 def _row_hashes(state: FittedState) -> np.ndarray:
     """A 64-bit hash of each training row's vectors in every layer (their bytes): equal for the same input given twice,
-    different otherwise (a collision between two different rows is as likely as between random 64-bit numbers)."""
+    different otherwise (a collision between two different rows is as likely as between random 64-bit numbers).
+    Computed once per fitted state: every call of :func:`calibrate` draws the split again (a pass over the store per
+    explain call otherwise)."""
+    if "row_hashes" not in state.cache:
+        state.cache["row_hashes"] = _hash_rows(state)
+    return state.cache["row_hashes"]
+
+
+def _hash_rows(state: FittedState) -> np.ndarray:
     h = np.zeros(state.n_samples, np.uint64)
     mult = None
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64, on purpose
