@@ -86,8 +86,8 @@ class ActivationClustering:
         How neighbours are searched, for similar samples and trust signals: exactly (one pass
         over the stored vectors per call), or with a faiss IVF index (float32 codes, or 8-bit codes
         re-ranked exactly for large sets) calibrated per weighting for recall@10 >= 0.97 on held-out
-        training rows (new inputs measured 0.96-0.98), saved with the run; ``"auto"`` is exact where that index cannot reach 0.97 on the data (a
-        :class:`~actclust.SearchWarning` says so), below
+        training rows (new inputs measured 0.96-0.98), saved with the run; ``"auto"`` is exact where
+        that index cannot reach 0.97 on the data (a :class:`~actclust.SearchWarning` says so), below
         :data:`actclust.analysis.retrieval.AUTO_EXACT_ROWS` (2,000) training samples, and on a GPU
         (``device``), where it runs as chunked matrix products (not yet timed against an
         approximate index on a GPU: see docs/speed.md).
@@ -610,14 +610,16 @@ def _copied(value):
     return list(value) if isinstance(value, list) else value
 
 
-#: The constructor's parameters, in order.
-_PARAMS = tuple(p for p in inspect.signature(ActivationClustering.__init__).parameters if p != "self")
+#: The constructor's parameters, in order, and their defaults.
+_DEFAULTS = {p.name: p.default for p in inspect.signature(ActivationClustering.__init__).parameters.values()
+             if p.name != "self"}
+_PARAMS = tuple(_DEFAULTS)
 #: Parameters that apply to the calls after fit, not to what it learned: a save records their values at save time.
 _LATER_CALLS = ("batch_size", "search", "label_key", "engine", "ray_options")
 
 
 def _is_default(name: str, value) -> bool:
-    default = inspect.signature(ActivationClustering.__init__).parameters[name].default
+    default = _DEFAULTS[name]
     try:
         return bool(value == default) if not isinstance(value, np.ndarray) else False
     except Exception:  # values that do not compare (arrays, objects): shown

@@ -326,24 +326,32 @@ def check_empty_masks(mask, where: str) -> bool:
     return True
 
 
+def named_parts(inputs) -> list:
+    """``(name, array)`` of each part of a batch: a dict's keys, ``input i`` of a tuple, ``None`` for one array."""
+    if isinstance(inputs, Mapping):
+        return list(inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return [(f"input {i}", v) for i, v in enumerate(inputs)]
+    return [(None, inputs)]
+
+
+def token_ids(inputs) -> list:
+    """``(name, array)`` of the parts of a batch that are integer arrays of at least 2 axes: token ids."""
+    return [(n, v) for n, v in named_parts(inputs)
+            if len(getattr(v, "shape", ())) >= 2 and dtype_name(v).startswith(("int", "uint"))]
+
+
 def _integer_inputs(inputs) -> list:
-    """``(name, smallest, largest)`` of each integer input of at least 2 axes (token ids) of a batch."""
-    parts = (inputs.items() if isinstance(inputs, Mapping) else
-             ((f"input {i}", v) for i, v in enumerate(inputs)) if isinstance(inputs, (tuple, list)) else [("X", inputs)])
+    """``(name, smallest, largest)`` of each part of a batch holding token ids."""
     out = []
-    for name, v in parts:
-        if len(getattr(v, "shape", ())) >= 2 and dtype_name(v).startswith(("int", "uint")) and int(np.prod(v.shape)):
+    for name, v in token_ids(inputs):
+        if int(np.prod(v.shape)):
             a = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
-            out.append((str(name), int(a.min()), int(a.max())))
+            out.append(("X" if name is None else str(name), int(a.min()), int(a.max())))
     return out
 
 
 def describe_inputs(inputs) -> str:
     """``shape (256, 784), float32`` / ``input_ids: shape (8, 12), int64, ...`` for messages."""
-    def one(t):
-        return f"shape {tuple(t.shape)}, {dtype_name(t)}"
-    if isinstance(inputs, Mapping):
-        return ", ".join(f"{k}: {one(v)}" for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        return ", ".join(f"input {i}: {one(v)}" for i, v in enumerate(inputs))
-    return one(inputs)
+    return ", ".join(f"shape {tuple(v.shape)}, {dtype_name(v)}" if n is None else
+                     f"{n}: shape {tuple(v.shape)}, {dtype_name(v)}" for n, v in named_parts(inputs))

@@ -27,7 +27,7 @@ from ..capture.data import batch_len
 from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
                           user_stacklevel)
 from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_empty_masks, check_rows,
-                   keep_reduced, model_error)
+                   keep_reduced, model_error, token_ids)
 from .torch_ops import OPS
 
 __all__ = ["TorchAdapter", "list_layers", "tensor_bytes"]
@@ -671,9 +671,7 @@ class _TorchRunner(Runner):
         word, while its LSTM's came from their own lengths: an outside check.)"""
         if self._mask is not None:
             return
-        parts = (list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs) if isinstance(inputs, (tuple, list))
-                 else [inputs])
-        ids = {int(p.shape[1]) for p in parts if getattr(p, "ndim", 0) == 2 and dtype_name(p).startswith(("int", "uint"))}
+        ids = {int(v.shape[1]) for _, v in token_ids(inputs) if len(v.shape) == 2}
         layers = [name for name, shape in self._shapes.items()
                   if len(shape) == 3 and int(shape[1]) in ids and (self.fixed or self._read_as).get(name) == "tokens"
                   and name not in self._own_mask

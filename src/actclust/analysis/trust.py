@@ -550,16 +550,15 @@ def _row_hashes(state: FittedState) -> np.ndarray:
 
 def _hash_rows(state: FittedState) -> np.ndarray:
     h = np.zeros(state.n_samples, np.uint64)
-    mult = None
+    widest = max(state.train_vectors[l].shape[1] for l in state.layers)  # float32 values: two per 64-bit word
+    mult = np.random.default_rng(0x7A5).integers(1, 2 ** 63, (widest + 1) // 2, dtype=np.uint64)
+    mult = mult * np.uint64(2) + np.uint64(1)  # odd: no word's bits are lost
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64, on purpose
         for l in state.layers:
             for start, rows in iter_rows(state.train_vectors[l], _BATCH):
                 b = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8).reshape(len(rows), -1)
                 pad = -b.shape[1] % 8
                 words = np.hstack([b, np.zeros((len(b), pad), np.uint8)]).view(np.uint64) if pad else b.view(np.uint64)
-                if mult is None or len(mult) < words.shape[1]:
-                    mult = np.random.default_rng(0x7A5).integers(1, 2 ** 63, max(words.shape[1], 64),
-                                                                 dtype=np.uint64) * np.uint64(2) + np.uint64(1)
                 part = (words * mult[:words.shape[1]]).sum(1, dtype=np.uint64)
                 h[start:start + len(rows)] = h[start:start + len(rows)] * np.uint64(0x9E3779B97F4A7C15) + part
     return h
