@@ -230,6 +230,15 @@ def test_ray_data_errors(ray_cluster, images):
         only_img.query(ds, wrong)
     agreed = _fit(Marked(), ds, y[:64], engine="ray", ray_options={"columns": "img"})
     np.testing.assert_array_equal(agreed.state_.train_labels, y[:64])
+    # a plan that reorders the rows: labels given apart would belong to other rows (they were taken without a word)
+    plain = ray_cluster.data.from_numpy(x[:64])
+    with pytest.raises(DataError, match=r"plan reorders its rows \(random_shuffle\), so the labels given apart as y="):
+        _fit(Marked(), plain.random_shuffle(seed=0), y[:64], engine="ray")
+    with pytest.raises(DataError, match=r"reorders its rows \(randomize_block_order\).*Keep the labels in a column"):
+        agreed.query(plain.randomize_block_order(seed=0), y[:64])
+    shuffled = ray_cluster.data.from_items([{"img": x[i], "y": int(y[i])} for i in range(64)]).random_shuffle(seed=0)
+    in_column = _fit(Marked(), shuffled, engine="ray")  # labels in a column travel with their rows
+    assert in_column.state_.train_labels is not None
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -13,7 +13,7 @@ import numpy as np
 from ...exceptions import ActClustError, DataError, ParameterError
 from ...capture.arrays import is_torch, to_numpy
 from .config import ROW, RayConfig, is_dataset, require_ray
-from .sources import Memory, chunk, columns, numbered
+from .sources import Memory, chunk, columns, numbered, reordering
 from .workers import Worker, worker_error
 
 __all__ = ["Pass", "capture", "query"]
@@ -41,6 +41,12 @@ class Pass:
         self.ray, self.config, self.options = ray, config, config.options
         self.name = "X"
         if is_dataset(X):
+            step = None if y is None else reordering(X)
+            if step is not None:  # the rows come in another order than y's: each label would go to another row
+                raise DataError(
+                    f"X is a ray.data.Dataset whose plan reorders its rows ({step}), so the labels given apart as y= "
+                    "would belong to other rows. Keep the labels in a column of the Dataset (label_key names it) "
+                    "instead of y=, or reorder after adding them.")
             self.ds, self.n = numbered(ray, X, ac.batch_size)
             if y is not None and len(y) != self.n:
                 raise DataError(f"y has {len(y)} labels but X has {self.n} rows; they must have the same length.")

@@ -12,7 +12,7 @@ import numpy as np
 from ...exceptions import DataError, ParameterError
 from .config import ROW, require_ray
 
-__all__ = ["Memory", "Columns", "columns", "numbered", "chunk"]
+__all__ = ["Memory", "Columns", "columns", "numbered", "chunk", "reordering"]
 
 _LABEL_COLUMNS = ("label", "labels", "y")  # label columns taken with label_key="auto"
 
@@ -139,6 +139,36 @@ def numbered(ray, ds, batch_size: int):
         cuts = [start, *range((start // step + 1) * step, stop, step), stop]
         numbered += [_number.remote(block, start, a - start, b - start) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     return ray.data.from_arrow_refs(numbered), n
+
+
+# Ray Data operators that give a Dataset's rows in another order than its source's
+_REORDERING = {"RandomShuffle": "random_shuffle", "RandomizeBlocks": "randomize_block_order", "Sort": "sort",
+               "Aggregate": "groupby"}
+
+
+def reordering(ds) -> Optional[str]:
+    """The first step of ``ds``'s plan that reorders its rows (``"random_shuffle"``, ``"sort"``...), or None.
+    Read from Ray Data's logical plan, which is not public API: a plan it cannot read gives None."""
+    try:
+        todo, seen = [ds._logical_plan.dag], set()
+        while todo:
+            op = todo.pop()
+            if id(op) in seen:
+                continue
+            seen.add(id(op))
+            name = type(op).__name__
+            if name in _REORDERING:
+                return _REORDERING[name]
+            if name == "Repartition" and getattr(op, "keys", None):  # groupby's hash partitions
+                return "groupby"
+            if name == "Repartition" and getattr(op, "shuffle", False):
+                return "repartition(shuffle=True)"
+            if name.startswith("Read") and getattr(getattr(op, "scanner", None), "shuffle", None) is not None:
+                return "read with shuffle="  # read_parquet(..., shuffle="files")
+            todo.extend(op.input_dependencies)
+    except AttributeError:  # another Ray version's plan: not checked
+        return None
+    return None
 
 
 def chunk(n: int, batch_size: int) -> int:
