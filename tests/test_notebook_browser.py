@@ -35,6 +35,17 @@ _CHECK_JS = """() => {
   out.texts = texts.length;
   out.offColour = texts.filter(e => getComputedStyle(e).color !== body).map(e => e.textContent.slice(0, 30));
   out.wide = Array.from(document.querySelectorAll(".acn")).filter(e => e.scrollWidth > e.clientWidth + 2).length;
+  // red and green marks (badges, low chips) at least 4.5:1 against what is behind them (WCAG AA)
+  const rgb = c => c.match(/[\d.]+/g).map(Number);
+  const lum = c => { const v = rgb(c).slice(0, 3).map(x => { x /= 255; return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; });
+                     return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; };
+  const behind = e => { for (; e; e = e.parentElement) { const b = getComputedStyle(e).backgroundColor;
+                        const a = rgb(b); if (a.length === 3 || a[3] === 1) return b; } return "rgb(255, 255, 255)"; };
+  const marks = Array.from(document.querySelectorAll(".acn .badge, .acn .chip.low"));
+  out.marks = marks.length;
+  out.lowContrast = marks.map(e => { const s = getComputedStyle(e), f = lum(s.color), b = lum(behind(e));
+                                     return [e.textContent, (Math.max(f, b) + 0.05) / (Math.min(f, b) + 0.05)]; })
+                         .filter(([, r]) => r < 4.5).map(([t, r]) => t + " " + r.toFixed(2));
   return out;
 }"""
 
@@ -70,3 +81,4 @@ def test_outputs_in_a_notebook_page(fitted, data, tmp_path, theme, bg, fg):
     assert found["leaks"] == [False, False, False, False]
     assert found["texts"] > 30 and found["offColour"] == []
     assert found["wide"] == 0  # nothing wider than the output area at 1100 px
+    assert found["marks"] >= 6 and found["lowContrast"] == []  # were 3.2-3.7:1 on white
