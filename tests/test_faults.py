@@ -75,7 +75,7 @@ def cwd(tmp_path, monkeypatch):
     before = set(sys.modules)
     yield tmp_path
     for name in set(sys.modules) - before:
-        if name.split(".")[0] in ("evil", "usermod_trust"):
+        if name.split(".")[0] in ("evil", "usermod_trust", "usermod_shadow", "shadowdep"):
             del sys.modules[name]
     importlib.invalidate_caches()
 
@@ -115,6 +115,37 @@ def test_run_folder_code_never_runs(fitted, npz, cwd, capsys):
     assert not marker.exists() and "evil" not in sys.modules and "helpers" not in sys.modules
     actclust.load(run, fitted.model, progress=False)  # the Python API never imports anything a run names
     assert not marker.exists()
+
+
+# an outside check: run from inside a run folder, --model put that folder first on sys.path and left it there, so a
+# module the run holds (its jinja2.py, or one the user's model imports) ran; now the folder is never added from inside
+# the run, and from elsewhere only while the model's module is imported, then last
+def test_run_folder_modules_never_shadow_imports(fitted, npz, cwd, capsys, monkeypatch):
+    from actclust.cli.inputs import import_factory
+
+    marker = cwd / "marker"
+    own = cwd / "own"  # the user's model, outside the run, on sys.path
+    own.mkdir()
+    (own / "usermod_shadow.py").write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import TinyCNN\n"
+                                           "def build():\n    import shadowdep\n    return TinyCNN()\n")
+    monkeypatch.syspath_prepend(str(own))
+    run = cwd / "run"
+    fitted.save(run)
+    (run / "shadowdep.py").write_text(MARK.format(marker=str(marker)))  # what the user's code imports, not installed
+    importlib.invalidate_caches()
+    os.chdir(run)
+    try:
+        with pytest.raises(ModuleNotFoundError, match="No module named 'shadowdep'"):  # the user's code: its traceback
+            main(["score", ".", "--data", str(npz), "--quiet", "--model", "usermod_shadow:build"])
+        assert str(run) not in sys.path
+    finally:
+        os.chdir(cwd)
+    assert not marker.exists()
+    # from the user's own folder: found there, and that folder goes last once the module is imported
+    (cwd / "usermod_cwd.py").write_text("def build():\n    return 1\n")
+    assert import_factory("usermod_cwd:build")() == 1
+    assert sys.path[-1] == str(cwd) and sys.path[0] != str(cwd)
+    del sys.modules["usermod_cwd"]
 
 
 # defect 1: a recorded model of the user's own (not actclust's) was imported from the current folder

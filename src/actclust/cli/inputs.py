@@ -56,7 +56,7 @@ def load_run(args):
     if args.model:  # named by the user: imported as `actclust fit` does, never from inside the run folder
         if not is_model_file(args.model):
             _refuse_code_inside(args.model, run, "--model")
-        return load(run, build_model(args.model, weights), progress=not args.quiet)
+        return load(run, build_model(args.model, weights, run), progress=not args.quiet)
     spec = meta.get("model")
     if not isinstance(spec, str) or not spec:
         raise ParameterError(f"The run at {run} does not say how to build its model (a run saved from Python keeps "
@@ -111,7 +111,7 @@ def _opted_in_factory(spec: str, run: Path, args):
     print(f"actclust {args.command}: --trust-run-model: importing {module_name!r} (running "
           f"{', '.join(str(o) for o in origins)}) and calling {attr}(), as recorded in the run at {run}",
           file=sys.stderr)
-    return import_factory(spec)
+    return import_factory(spec, run)
 
 
 def _refuse_code_inside(spec: str, run: Path, flag: str, origins: Optional[list] = None) -> None:
@@ -248,8 +248,9 @@ def recorded_file(run: Path, manifest: dict, key: str, suffixes: tuple):
     return path
 
 
-def import_factory(spec: str):
-    """The callable named by ``package.module:callable``, importable from the current folder as with ``python -m``."""
+def import_factory(spec: str, run: Optional[Path] = None):
+    """The callable named by ``package.module:callable``, importable from the current folder as with ``python -m``
+    (not where the current folder lies inside ``run``, the run folder being read)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ParameterError(f"The model must be given as 'package.module:callable' (e.g. mymodule:build); got {spec!r}.")
@@ -258,9 +259,12 @@ def import_factory(spec: str):
         raise ParameterError(f"The model must be given as 'package.module:callable', a module name, not a file path; "
                          f"got {spec!r}. Run actclust in {file.parent} and give {file.stem}:{attr}.")
     cwd = os.getcwd()
-    # A console script's sys.path starts with its bin folder, not the current one; add the
-    # current folder first, as `python -m` does, so mymodule.py here is found.
-    if cwd not in sys.path and "" not in sys.path:
+    # A console script's sys.path starts with its bin folder, not the current one; add the current folder first, as
+    # `python -m` does, so mymodule.py here is found, but only while the model's module is imported: left first, a
+    # torch.py or jinja2.py here would be what every later import found. Never inside the run folder being read,
+    # whose files a run someone sends you chooses (an outside check: its jinja2.py ran under --model).
+    add = cwd not in sys.path and "" not in sys.path and not (run is not None and _is_within(Path(cwd), run))
+    if add:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
@@ -272,6 +276,10 @@ def import_factory(spec: str):
                 "importable from the folder you run actclust in (e.g. mymodule:build for mymodule.py there)."
             ) from None
         raise ModelImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
+    finally:
+        if add:  # last, not first: the module's own later imports of its neighbours still find them, after the packages
+            sys.path.remove(cwd)
+            sys.path.append(cwd)
     try:
         factory = getattr(module, attr)
     except AttributeError:
@@ -299,9 +307,10 @@ def is_model_file(spec: str) -> bool:
     return Path(spec).suffix.lower() in MODEL_FILES
 
 
-def build_model(spec: str, weights):
+def build_model(spec: str, weights, run: Optional[Path] = None):
     """The model named on the command line: an ``.onnx`` or ``.keras`` file (read by its adapter), or what
-    ``package.module:callable`` returns, with ``weights`` (a path to a PyTorch state dict) loaded into it."""
+    ``package.module:callable`` returns, with ``weights`` (a path to a PyTorch state dict) loaded into it;
+    ``run``: the run folder being read, whose files are never imported."""
     from ..adapters import adapt
 
     if is_model_file(spec):
@@ -311,7 +320,7 @@ def build_model(spec: str, weights):
         if not Path(spec).is_file():
             raise DataNotFoundError(f"Model file {spec} not found.")
         return adapt(spec)  # read once; the estimator takes the adapter
-    return _build(import_factory(spec), spec, weights)
+    return _build(import_factory(spec, run), spec, weights)
 
 
 def _build(factory, spec: str, weights):
