@@ -200,6 +200,16 @@ def test_recorded_weights_stay_inside_the_run(fitted, npz, cwd, capsys, where):
     assert expected in err and "add --weights" in err
 
 
+# the run's own weights file damaged: said so, not the advice for a --weights file saved the wrong way (an outside check)
+def test_damaged_recorded_weights_named_as_the_runs(fitted, npz, cwd, capsys):
+    fitted.save(cwd / "run", metadata={"model": "conftest:TinyCNN", "weights": "w.safetensors"})
+    (cwd / "run" / "w.safetensors").write_bytes(b"\xff" * 64)
+    assert main(["score", "run", "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN"]) == 2
+    err = capsys.readouterr().err
+    assert "keeps its model's weights in w.safetensors, which cannot be read" in err and "the run is damaged" in err
+    assert "torch.save" not in err
+
+
 # ---------------------------------------------------------------------------- 2. a saved run owns its vectors
 # defect 2: fitting B into A's store folder and then saving A gave a run with B's vectors
 def test_two_estimators_one_store_folder(model, mixed_model, data, tmp_path):

@@ -261,6 +261,11 @@ def test_damaged_saves(fitted, model, tmp_path):
     _forge(run, {**m, "state": {**m["state"], "input_spec": None}})
     with pytest.raises(InvalidSaveError, match="inconsistent or incomplete \\(AttributeError"):
         actclust.load(run, model)
+    for field in ("n_samples", "random_state", "n_classes"):  # JSON's Infinity where a whole number goes (an outside check)
+        _forge(run, {**m, "state": {**m["state"], field: float("inf")}})
+        with pytest.raises(InvalidSaveError, match=r"inconsistent or incomplete \(OverflowError: cannot convert float "
+                                                   r"infinity"):
+            actclust.load(run, model)
     stats = m["state"]["input_stats"]
     assert stats  # recorded at fit
     for bogus in ({"": {"n": "x"}}, [1, 2], {"": {**stats[""], "lo": stats[""]["lo"][:-1]}},

@@ -1,5 +1,6 @@
 """Approximate similar-sample search against exact search, and the choice between them."""
 
+import json
 import os
 
 import numpy as np
@@ -385,6 +386,22 @@ def test_crafted_index_files_refused(tmp_path):
     paths["faiss"].write_bytes(good)
     assert indexes.load_index(train, paths["faiss"], paths["safetensors"]).search(
         {"layer2": train["layer2"][:5]}, 3, np.ones(1))[0][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+    # its parameters file damaged (an outside check: safetensors', JSON's and Python's own errors at the first search)
+    import struct
+
+    params = paths["safetensors"].read_bytes()
+
+    def header(meta: str) -> bytes:
+        h = json.dumps({"__metadata__": {"actclust": meta}}).encode()
+        return struct.pack("<Q", len(h)) + h
+
+    for data, said in ((b"\xff" * 64, "SafetensorError"), (header("[1, 2]"), "TypeError: its metadata is a list"),
+                       (header("{"), "JSONDecodeError"), (header("[" * 100000), "RecursionError")):
+        paths["safetensors"].write_bytes(data)
+        with pytest.raises(InvalidSaveError, match=r"saved search index .*index_l0-0\.safetensors is damaged: " + said):
+            indexes.load_index(train, paths["faiss"], paths["safetensors"])
+    paths["safetensors"].write_bytes(params)
 
 
 # a layer wider than _EIGH_WIDTH (a flattened map passed through whole) gets its axes by randomized SVD of a

@@ -158,6 +158,15 @@ def test_writer_and_open_errors(tmp_path):
     (tmp_path / "s" / "store.json").write_text(json.dumps({"format": 7}))
     with pytest.raises(InvalidSaveError, match=r"is not an actclust vector store manifest"):
         VectorStore.open(tmp_path / "s")
+    # a store's manifest with JSON's Infinity, or a list, where a whole number or a file name goes (an outside check:
+    # Python's OverflowError, TypeError)
+    good = _random_store(tmp_path / "g", 1, {"a": 4}).directory / "store.json"
+    m = json.loads(good.read_text())
+    for field, value in (("n_samples", float("inf")), ("n_samples", "x"), ("layers", [{**m["layers"][0], "width": 1e400}]),
+                         ("layers", [{**m["layers"][0], "file": ["layer-0.bin"]}])):
+        good.write_text(json.dumps({**m, field: value}))
+        with pytest.raises(InvalidSaveError, match=r"store\.json is damaged \((OverflowError|ValueError)|lacks \['layer"):
+            VectorStore.open(good.parent)
 
 
 # streaming passes hand the memory-mapped pages back: resident memory does not hold the store

@@ -962,7 +962,19 @@ def keep_on_disk(index: ApproximateIndex, directory) -> None:
 def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
     """An :class:`ApproximateIndex` saved by :func:`index_files`, its faiss file memory-mapped (not read
     into memory, not rebuilt); its parameters are checked against ``train_vectors``. The files are paths, or
-    :class:`SavedFile` (a loaded run's, opened at its load)."""
+    :class:`SavedFile` (a loaded run's, opened at its load). A parameters file that is not one (not safetensors,
+    its metadata not the JSON object written, arrays missing) is an :class:`InvalidSaveError` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_index(train_vectors, faiss_path, params_path, mmap)
+    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            RecursionError) as e:
+        raise InvalidSaveError(f"The saved search index {params_path} is damaged: {type(e).__name__}: "
+                               f"{str(e)[:200]}") from None
+
+
+def _load_index(train_vectors: Mapping, faiss_path, params_path, mmap: bool) -> ApproximateIndex:
     import faiss
     from safetensors import safe_open
 
@@ -972,6 +984,8 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
     with safe_open(read_params, framework="numpy") as f:
         meta = json.loads((f.metadata() or {}).get("actclust", "{}"))
         arrays = {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(meta, dict):
+        raise TypeError(f"its metadata is a {type(meta).__name__}, not an object")
     layers = list(train_vectors)
     widths = [int(train_vectors[l].shape[1]) for l in layers]
     n = len(train_vectors[layers[0]])

@@ -88,7 +88,7 @@ def load_run(args):
             "'actclust fit' does, from the current folder or the installed packages; never from inside the run "
             "folder), or add --trust-run-model if you trust the run."
         )
-    return load(run, _build(factory, spec, weights), progress=not args.quiet)
+    return load(run, _build(factory, spec, weights, run), progress=not args.quiet)
 
 
 def _trusted_factory(spec: str):
@@ -320,10 +320,10 @@ def build_model(spec: str, weights, run: Optional[Path] = None):
         if not Path(spec).is_file():
             raise DataNotFoundError(f"Model file {spec} not found.")
         return adapt(spec)  # read once; the estimator takes the adapter
-    return _build(import_factory(spec, run), spec, weights)
+    return _build(import_factory(spec, run), spec, weights, run)
 
 
-def _build(factory, spec: str, weights):
+def _build(factory, spec: str, weights, run: Optional[Path] = None):
     from ..adapters import adapt
 
     torch = sys.modules.get("torch")
@@ -341,11 +341,11 @@ def _build(factory, spec: str, weights):
                                  "holds its own weights.")
         return adapter
     if weights:
-        _load_state_dict(model, Path(weights), spec)
+        _load_state_dict(model, Path(weights), spec, run)
     return model.eval()
 
 
-def _load_state_dict(model, path: Path, spec: str) -> None:
+def _load_state_dict(model, path: Path, spec: str, run: Optional[Path] = None) -> None:
     torch = sys.modules["torch"]  # the model is a torch.nn.Module: torch is imported
 
     if not path.is_file():
@@ -358,6 +358,10 @@ def _load_state_dict(model, path: Path, spec: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # only the file is read here: whatever fails, the file is not usable weights
+        if run is not None and _is_within(path, run):  # the run's own file: damaged, not saved the wrong way by the user
+            raise InvalidSaveError(f"The run at {run} keeps its model's weights in {path.name}, which cannot be read "
+                                   f"({type(e).__name__}: {str(e)[:200]}): the run is damaged. Give the weights with "
+                                   "--weights, or ask its author for the run again.") from None
         raise ParameterError(f"Cannot read {path} as a state dict ({type(e).__name__}: {e}). Save the weights with "
                              "torch.save(model.state_dict(), 'model.pt') or safetensors.") from None
     if not isinstance(state, dict):

@@ -519,7 +519,7 @@ def read_run(path, *, verify: bool = True, progress: bool = True, restore: dict 
         params = dict(m["params"])
     except InvalidSaveError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:  # Overflow: int(Infinity)
         raise InvalidSaveError(f"The saved run at {path} is inconsistent or incomplete ({type(e).__name__}: {e}).") from None
     for key, put_back in (restore or {}).items():
         if m.get(key) is None:

@@ -238,14 +238,18 @@ class VectorStore(Mapping):
         (not the contents: a run's loader checks those against its digest)."""
         directory = Path(directory)
         manifest, raw = _read_manifest(directory)
-        n, dtype = int(manifest["n_samples"]), np.dtype(manifest["dtype"])
+        try:  # sizes as whole numbers: JSON's Infinity or a string is a damaged store, not an OverflowError
+            n, dtype = int(manifest["n_samples"]), np.dtype(manifest["dtype"])
+            entries = [(e["name"], e["file"], int(e["width"]), e.get("sha256")) for e in manifest["layers"]]
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise InvalidSaveError(f"{directory / MANIFEST} is damaged ({type(e).__name__}: {e}): fit again.") from None
         arrays, files, layer_files = {}, {MANIFEST: hashlib.sha256(raw).hexdigest()}, {}
-        for entry in manifest["layers"]:
-            layer, file, width = entry["name"], directory / entry["file"], int(entry["width"])
-            if not _FILE_RE.match(entry["file"]) or not _regular(file):
-                raise InvalidSaveError(f"The vector store at {directory} lacks {entry['file']!r} (layer {layer!r}), "
+        for layer, name, width, sha in entries:
+            if not isinstance(name, str) or not _FILE_RE.match(name) or not _regular(directory / name):
+                raise InvalidSaveError(f"The vector store at {directory} lacks {name!r} (layer {layer!r}), "
                                        "or it is not a regular file (a link out of the folder is refused).")
-            files[entry["file"]], layer_files[layer] = str(entry.get("sha256")), entry["file"]
+            file = directory / name
+            files[name], layer_files[layer] = str(sha), name
             expected = n * width * dtype.itemsize
             if file.stat().st_size != expected:
                 raise InvalidSaveError(f"{file} holds {file.stat().st_size} bytes; the store's manifest says "
