@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import actclust
-from actclust import ActivationClustering, CaptureError, list_layers
+from actclust import ActivationClustering, CaptureError, DataWarning, list_layers
 from actclust import TorchAdapter
 from actclust.capture.reduction import make_reducer
 
@@ -136,6 +137,39 @@ def test_softmax_output_read_as_probabilities(model, data, dtype):
     assert [e.dnn["prediction"] for e in es] == p.argmax(1).tolist()
     logits, _ = _capture(probs, x[:4], ["0.fc1"])
     np.testing.assert_allclose(logits.numpy(), np.log(p[:4]), rtol=1e-4, atol=1e-5)
+
+
+# bfloat16 inputs (NumPy has no such dtype): taken as float32 values, which hold them exactly; the input statistics'
+# .numpy() raised TypeError at fit and at every query (an outside check). A bfloat16 model is fed them as they are
+def test_bfloat16_inputs(model, data):
+    x, y = data
+    xb = torch.as_tensor(x).bfloat16()
+    ac = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(xb, y)
+    plain = ActivationClustering(model, LAYERS, n_clusters=4, progress=False).fit(xb.float(), y)
+    np.testing.assert_array_equal(ac.predict(xb[:20]), plain.predict(xb[:20].float()))
+    half = copy.deepcopy(model).bfloat16()
+    fitted = ActivationClustering(half, LAYERS, n_clusters=4, progress=False).fit(xb, y)
+    assert fitted.similar(xb[:3], k=2).indices.shape == (3, 2)
+
+
+# a layer that gives one vector for every sample (dead, constant): k-means leaves all but one cluster empty, and that
+# was kept without a word (an outside check); it is said, naming the layer
+def test_constant_layer_said(data):
+    x, y = data
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.dead, self.out = nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x.flatten(1)))
+            self.dead(-h.abs() - 1)  # all zeros, captured only
+            return self.out(h)
+
+    with pytest.warns(DataWarning, match=r"Layer 'dead': only 1 of its 4 clusters hold training samples; the others are "
+                                         r"empty\. The layer gives fewer distinct vectors than clusters"):
+        ActivationClustering(Dead(), ["fc1", "dead"], n_clusters=4, progress=False).fit(x, y)
 
 
 # before any fit knows the inputs' shape, a convolution's channel error says what it means: channels last (a

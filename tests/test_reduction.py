@@ -141,6 +141,12 @@ def test_l2_normalized(to):
     mean = A.mean((2, 3))
     np.testing.assert_allclose(out[:2], mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-6)
     assert np.array_equal(out[2], np.zeros(3))
+    # at any magnitude float32 holds: the squares of values near 1e19 overflowed (1e-25: underflowed), and such rows
+    # came out as zeros, every sample in one cluster (an outside check)
+    unit = mean[:2] / np.linalg.norm(mean[:2], axis=1, keepdims=True)
+    for scale in (1e19, 1e30, 1e-25, 1e-38):
+        scaled = _np(f(to((A * np.float32(scale)).astype(np.float32))))
+        np.testing.assert_allclose(scaled, unit, rtol=1e-5, atol=1e-6)
 
 
 # unknown or malformed reducer names get the parameter, the choices and the value

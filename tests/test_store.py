@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -221,10 +222,19 @@ def test_chunks_of_wide_rows_are_bounded_in_values():
 def test_float16_overflow_refused(tmp_path):
     from actclust import DataError
 
-    with pytest.raises(DataError, match=r"Layer 'a' has values beyond float16's range \(65504\); use store_dtype='float32'"):
-        with StoreWriter(tmp_path / "s", "float16") as w:
-            w.add({"a": np.array([[1.0, 1e6]])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's overflow warning in the cast was shown beside the error
+        with pytest.raises(DataError, match=r"Layer 'a' has values beyond float16's range \(65504\); use "
+                                            r"store_dtype='float32'"):
+            with StoreWriter(tmp_path / "s", "float16") as w:
+                w.add({"a": np.array([[1.0, 1e6]])})
     assert list((tmp_path / "s").iterdir()) == []
+    # float32: values whose squared distances overflow it (normalize=None) are refused; faiss' k-means aborted the process
+    with pytest.raises(DataError, match=r"Layer 'a' gives values up to 1e\+19: squared distances between its 4-value "
+                                        r"vectors overflow float32 \(3.4e38\). Keep normalize='l2'"):
+        with StoreWriter(tmp_path / "t", "float32") as w:
+            w.add({"a": np.array([[1.0, 2.0, 3.0, 4.0]])})
+            w.add({"a": np.array([[1.0, 2.0, 3.0, 1e19]])})
 
 
 # before the capture, fit logs what the vectors will take and where (n x sum of widths x bytes)

@@ -24,7 +24,7 @@ from .capture.data import Batches, check_label_range
 from .clustering import CLUSTERINGS, make_clustering
 from .compute import HOST, backend_for
 from .deps import require
-from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, ParameterError, user_stacklevel
+from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, DataWarning, ParameterError, user_stacklevel
 from .state import SUMMARY_SUFFIX, FittedState
 from .store import StoreWriter
 from .validation import FitConfig
@@ -169,6 +169,7 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
 
     clusterings = {l: _cluster(config, l, vectors[l], backend)
                    for l in tqdm(layers, desc="clustering layers", disable=not config.progress, leave=False)}
+    _warn_empty_clusters(clusterings)
     refined = None
     if method.refines:
         learn_weights = isinstance(config.layer_weights, str)
@@ -209,6 +210,21 @@ def learn(config: FitConfig, method, vectors, captured: "passes.Captured", times
         layouts={l: captured.layouts.get(l, "dense") for l in layers}, input_stats=captured.input_stats,
         summary_seeds=passes.summary_seeds(layers, config.random_state),
     )
+
+
+def _warn_empty_clusters(clusterings: dict) -> None:
+    """Say which layers' clusterings left clusters empty: k-means splits an empty cluster while it can, so an empty one
+    means the layer gives fewer distinct vectors than clusters (a dead or constant layer, one sample many times), and
+    the layer's clusters tell little apart (an outside check found a dead layer's 15 clusters, 14 of them empty,
+    kept without a word)."""
+    for layer, c in clusterings.items():
+        sizes = np.asarray(getattr(c, "cluster_sizes_", []))
+        empty = int((sizes == 0).sum())
+        if empty:
+            warnings.warn(f"Layer {layer!r}: only {len(sizes) - empty} of its {len(sizes)} clusters hold training "
+                          "samples; the others are empty. The layer gives fewer distinct vectors than clusters (a "
+                          "constant or dead layer, samples repeated many times), so its clusters tell little apart: "
+                          "choose another layer, or fewer clusters.", DataWarning, stacklevel=user_stacklevel())
 
 
 def _cluster(config: FitConfig, layer: str, vectors: np.ndarray, backend):

@@ -217,7 +217,8 @@ def check_finite(a: np.ndarray, what: str, where: str) -> None:
         rows = np.flatnonzero(bad)
         raise CaptureError(
             f"{what} contain NaN or infinite values at row {rows[0]} of {where}"
-            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "") + "; check the model and those inputs."
+            + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "")
+            + "; check the model and those inputs (values beyond float32's range, 3.4e38, are infinite once stored)."
         )
 
 

@@ -58,7 +58,11 @@ class TorchOps(Ops):
         return torch.matmul(torch.matmul(rows, t), cols)
 
     def l2_normalize(self, v):
-        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # as NumPy's: each row scaled by its largest value first, so that no square overflows or underflows
+        if v.shape[1] == 0:
+            return v
+        u = v / v.abs().amax(1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def asarray_like(self, a, like):
         dtype = like.dtype if like.is_floating_point() else torch.float32

@@ -71,7 +71,10 @@ def to_numpy(a) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return a
     if is_torch(a):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        # NumPy has no bfloat16 (nor torch's 8-bit floats): their values as float32, which holds each exactly
+        return (a.float() if a.is_floating_point() and a.dtype.itemsize < 2 or str(a.dtype) == "torch.bfloat16"
+                else a).numpy()
     return np.asarray(a)
 
 
@@ -125,7 +128,7 @@ class Ops:
         raise NotImplementedError
 
     def l2_normalize(self, v):
-        """Rows of ``v (N, d)`` scaled to unit length; zero rows stay zero."""
+        """Rows of ``v (N, d)`` scaled to unit length, whatever their magnitude; zero rows stay zero."""
         raise NotImplementedError
 
     def asarray_like(self, a: np.ndarray, like):
@@ -203,7 +206,11 @@ class NumpyOps(Ops):
         return out
 
     def l2_normalize(self, v):
-        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        # each row scaled by its largest value first: the squares of values near 1e19 (or 1e-20) overflow (underflow)
+        # float32, and such rows became zeros, all in one cluster (an outside check)
+        big = np.abs(v).max(1, keepdims=True) if v.shape[1] else np.zeros((len(v), 1), v.dtype)
+        u = v / np.maximum(big, np.finfo(v.dtype).tiny if v.dtype.kind == "f" else 1)
+        return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
 
     def asarray_like(self, a, like):
         return np.asarray(a, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float32)

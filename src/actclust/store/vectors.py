@@ -268,6 +268,21 @@ class VectorStore(Mapping):
         return cls(arrays, directory, files, layer_files, raw)
 
 
+#: Largest value times the square root of the width a stored vector may reach: beyond it, squared distances between
+#: vectors come near float32's largest number (3.4e38), and k-means' sums of them overflow.
+_MAX_MAGNITUDE = 1e17
+
+
+def _check_magnitude(layer, v: np.ndarray) -> None:
+    """Refuse vectors whose squared distances overflow float32: faiss' k-means then aborted the whole process (a
+    C++ error no ``except`` catches), and searches ranked by infinities (an outside check, ``normalize=None``)."""
+    top = float(np.abs(v).max())
+    if top * np.sqrt(v.shape[1]) > _MAX_MAGNITUDE:
+        raise DataError(f"Layer {layer!r} gives values up to {top:.3g}: squared distances between its {v.shape[1]}-value "
+                        "vectors overflow float32 (3.4e38). Keep normalize='l2' (the default: unit-length vectors), or "
+                        "choose a layer whose values are smaller.")
+
+
 def _regular(path: Path) -> bool:
     """A regular file, not a link (a link could point anywhere, e.g. out of a run folder), not a device."""
     try:
@@ -334,9 +349,12 @@ class StoreWriter:
         if rows is not None:
             rows = self._check_rows(rows, sizes)
         for l, v in vectors.items():
-            v = np.ascontiguousarray(v, dtype=self.dtype)
+            with np.errstate(over="ignore"):  # said below, as a DataError, not as NumPy's RuntimeWarning
+                v = np.ascontiguousarray(v, dtype=self.dtype)
             if self.dtype == np.float16 and not np.isfinite(v).all():
                 raise DataError(f"Layer {l!r} has values beyond float16's range (65504); use store_dtype='float32'.")
+            if v.size and v.shape[1]:
+                _check_magnitude(l, v)
             if self._widths.setdefault(l, v.shape[1]) != v.shape[1]:
                 raise DataError(f"Layer {l!r} gave {v.shape[1]} values per sample, {self._widths[l]} before: "
                                 "every sample must give the same width.")
