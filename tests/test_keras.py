@@ -243,6 +243,25 @@ def test_mask_zero_embedding_masks_the_token_maps():
     assert KerasAdapter(plain).zero_masked_input() is None  # no mask_zero: nothing derived
 
 
+# a Masking layer on the model's input masks the steps whose every value is its mask_value, as Keras does: they were
+# averaged in, without a word (an outside check)
+def test_masking_layer_masks_the_token_maps():
+    keras.utils.set_random_seed(0)
+    seq = keras.Input((6, 3), name="seq")
+    h = layers.LSTM(4, return_sequences=True, name="lstm")(layers.Masking(0.0, name="mask")(seq))
+    model = keras.Model(seq, layers.Dense(2, name="out")(layers.GlobalAveragePooling1D(name="gap")(h)))
+    x = np.random.default_rng(0).standard_normal((3, 6, 3)).astype(np.float32)
+    x[0, 3:] = 0
+    x[1, 5:] = 0
+    assert KerasAdapter(model).zero_masked_input() == 0
+    _, out = capture(model, x, ["mask", "lstm", "gap"])
+    np.testing.assert_allclose(out["mask"][0], x[0, :3].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["mask"][1], x[1, :5].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["mask"][2], x[2].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out["lstm"], out["gap"], atol=1e-5)  # what Keras' own masked pooling gives
+    assert actclust.list_layers(model, x)["lstm"].reduction == "mean over the tokens the attention mask keeps"
+
+
 # layers of a nested model are named outer/inner, captured through the outer graph, and a bare name resolves
 def test_nested_model(images):
     model = nested()

@@ -2,6 +2,9 @@
 the graph's tensors as layers, several inputs, fixed batch sizes, scikit-learn's probabilities, and
 clear errors for what cannot run."""
 
+import re
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +13,8 @@ import torch
 from torch import nn
 
 import actclust
-from actclust import ActivationClustering, CaptureError, DataError, ParameterError, UnsupportedModelError
+from actclust import (ActivationClustering, CaptureError, DataError, DataWarning, ParameterError,
+                      UnsupportedModelError)
 from actclust.adapters import adapt
 
 from conftest import TinyCNN
@@ -351,6 +355,46 @@ def test_tokens_through_a_transpose_keep_their_mask(tmp_path):
         want = [((t * keep).sum(1) / keep.sum(1)).numpy() for t in model.parts(torch.from_numpy(ids))]
     for name, w in zip([back, last], want):
         np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
+
+
+# a graph that takes token ids alone (it pools them itself): its token maps were averaged over the padding without a
+# word, and a dict batch with an attention_mask was refused as an unknown input (an outside check). The mask is taken as
+# the token mask alone, and without one a DataWarning says the padding is averaged in
+def test_ids_only_graph_takes_a_mask_apart(tmp_path):
+    class Ids(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.lin, self.fc = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, input_ids):
+            m = (input_ids != 0).unsqueeze(-1).float()
+            return self.fc((torch.relu(self.lin(self.emb(input_ids))) * m).sum(1) / m.sum(1))
+
+    path = tmp_path / "ids.onnx"
+    torch.onnx.export(Ids().eval(), (torch.randint(1, 50, (2, 6)),), str(path), input_names=["input_ids"],
+                      output_names=["logits"], dynamic_axes={"input_ids": {0: "N", 1: "T"}, "logits": {0: "N"}},
+                      dynamo=False, opset_version=17)
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1, 50, (30, 6)), np.ones((30, 6), np.int64)
+    mask[::2, 3:] = 0
+    ids[mask == 0] = 0
+    a = adapt(str(path))
+    relu = next(n for n in a.layer_names() if a.producer[n].op_type == "Relu")
+    with pytest.warns(DataWarning, match=rf"Layer '{re.escape(relu)}' is a token map averaged over all 6 positions: "
+                                         r"the batches carry no attention mask"):
+        plain = ActivationClustering(str(path), [relu], n_clusters=3, normalize=None, progress=False).fit(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        masked = ActivationClustering(str(path), [relu], n_clusters=3, normalize=None, progress=False).fit(
+            {"input_ids": ids, "attention_mask": mask})
+    m = Ids().eval()
+    keep = torch.from_numpy(mask)[:, :, None].float()
+    with torch.no_grad():
+        h = torch.relu(m.lin(m.emb(torch.from_numpy(ids))))
+    np.testing.assert_allclose(masked.train_vectors_[relu], ((h * keep).sum(1) / keep.sum(1)).numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(plain.train_vectors_[relu], h.mean(1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 # a sequence-first (T, N, D) tensor is not one row per input, also where T >= N (it was cut to its first N rows, token

@@ -396,7 +396,7 @@ def test_crafted_index_files_refused(tmp_path):
         h = json.dumps({"__metadata__": {"actclust": meta}}).encode()
         return struct.pack("<Q", len(h)) + h
 
-    for data, said in ((b"\xff" * 64, "SafetensorError"), (header("[1, 2]"), "TypeError: its metadata is a list"),
+    for data, said in ((b"\xff" * 64, "SafetensorError"), (header("[1, 2]"), "its metadata is a list"),
                        (header("{"), "JSONDecodeError"), (header("[" * 100000), "RecursionError")):
         paths["safetensors"].write_bytes(data)
         with pytest.raises(InvalidSaveError, match=r"saved search index .*index_l0-0\.safetensors is damaged: " + said):

@@ -259,27 +259,36 @@ class KerasAdapter(ModelAdapter):
         return any(isinstance(l, keras.layers.Embedding) for l in self._layers.values())
 
     def zero_masked_input(self) -> Optional[int]:
-        """The position of the model input whose zeros an ``Embedding(mask_zero=True)`` masks (read straight from that
-        input), or ``None``. Keras then leaves those tokens out of its own pooling: their mask is that input's
-        non-zero ids, so token maps as long are averaged over the real tokens without a mask in the batch (they were
-        averaged over the padding too, without a word, and the command line cannot pass a mask: an outside check)."""
+        """The position of the model input whose padding Keras masks, read straight from that input by an
+        ``Embedding(mask_zero=True)`` (its zero ids) or a ``Masking`` layer (its steps whose every value is the
+        ``mask_value``), or ``None``. Keras then leaves those tokens out of its own pooling and recurrences: the mask
+        is derived from that input, so token maps as long are averaged over the real tokens without a mask in the
+        batch (they were averaged over the padding too, without a word, and the command line cannot pass a mask:
+        outside checks, first for the Embedding, then for Masking)."""
+        return self._mask_source()[0]
+
+    def _mask_source(self) -> tuple:
+        """``(input position, masking layer)`` of :meth:`zero_masked_input`, or ``(None, None)``."""
         if not hasattr(self, "_zero_masked"):
-            keras, self._zero_masked = sys.modules["keras"], None
+            keras, self._zero_masked = sys.modules["keras"], (None, None)
             inputs = self._inputs()
             for layer in self._layers.values():
-                if isinstance(layer, keras.layers.Embedding) and getattr(layer, "mask_zero", False):
+                masks = (isinstance(layer, keras.layers.Embedding) and getattr(layer, "mask_zero", False)) \
+                    or isinstance(layer, keras.layers.Masking)
+                if masks:
                     try:
                         fed = layer.input
                     except (AttributeError, ValueError):  # a layer called more than once has no one input
                         continue
-                    self._zero_masked = next((i for i, t in enumerate(inputs) if t is fed), None)
-                    if self._zero_masked is not None:
+                    at = next((i for i, t in enumerate(inputs) if t is fed), None)
+                    if at is not None:
+                        self._zero_masked = (at, layer)
                         break
         return self._zero_masked
 
     def derived_mask(self, inputs) -> Optional[np.ndarray]:
         """The token mask :meth:`zero_masked_input` says of a batch without one (``None`` where it says nothing)."""
-        at = self.zero_masked_input()
+        at, layer = self._mask_source()
         if at is None:
             return None
         if isinstance(inputs, Mapping):
@@ -291,6 +300,8 @@ class KerasAdapter(ModelAdapter):
         if ids is None:
             return None
         ids = np.asarray(sys.modules["keras"].ops.convert_to_numpy(ids))
+        if isinstance(layer, sys.modules["keras"].layers.Masking):  # (N, T, F) steps: kept where any value differs
+            return (ids != np.asarray(layer.mask_value, ids.dtype)).any(-1) if ids.ndim == 3 else None
         return (ids != 0) if ids.ndim == 2 else None
 
     def has_mask(self, sample) -> bool:

@@ -31,7 +31,7 @@ import numpy as np
 from ..capture.arrays import NUMPY, dtype_name, is_floating, to_numpy
 from ..capture.data import batch_len
 from ..deps import require
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, UnsupportedModelError, user_stacklevel
+from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError, user_stacklevel
 from ..state import SUMMARY_SUFFIX
 from .base import ModelAdapter, Runner, are_probabilities, call_output, check_captured, keep_reduced, model_error
 
@@ -268,12 +268,13 @@ class OnnxAdapter(ModelAdapter):
     def _named(self, inputs) -> dict:
         """The batch's inputs by the graph's input names, refused where they are not the graph's inputs."""
         if isinstance(inputs, Mapping):
-            unknown = [k for k in inputs if k not in self.inputs]
+            # an "attention_mask" the graph does not take is the token mask alone (its token maps pooled by it)
+            unknown = [k for k in inputs if k not in self.inputs and k not in MASK_KEYS]
             missing = [k for k in self.inputs if k not in inputs]
             if unknown or missing:
                 raise DataError(f"The ONNX model's inputs are {self.inputs}; the batch has {sorted(inputs)} "
                                 f"(missing {missing}, unknown {unknown}).")
-            return dict(inputs)
+            return {k: v for k, v in inputs.items() if k in self.inputs}
         if isinstance(inputs, (tuple, list)):
             if len(inputs) != len(self.inputs):
                 raise DataError(f"The ONNX model takes {len(self.inputs)} inputs {self.inputs}; the batch has {len(inputs)}"
@@ -568,10 +569,26 @@ class _OnnxRunner(Runner):
                 raise CaptureError(f"Layer {name!r} gives {t.dtype} values; choose a floating tensor.")
             layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
             self.layouts.setdefault(name, layout)
+            if mask is None and layout == "tokens" and not getattr(self, "_said_unmasked", False):
+                self._said_unmasked = _warn_unmasked(name, t.shape, inputs)
             keep_reduced(out, name, reduce(t.astype(np.float32, copy=False), mask, layout=layout, ops=NUMPY),
                          NUMPY.to_host)
         check_captured(logits, out, where)
         return logits, out
+
+
+def _warn_unmasked(layer: str, shape: tuple, inputs) -> bool:
+    """Warn (and say so) where a token map is averaged over all its positions while an input holds integer ids as long:
+    padding, if the sequences are padded, is averaged in (an outside check: only list_layers said so)."""
+    arrays = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    if not any(np.asarray(a).dtype.kind in "iu" and np.ndim(a) == 2 and np.shape(a)[1] == shape[1] for a in arrays):
+        return False
+    warnings.warn(f"Layer {layer!r} is a token map averaged over all {shape[1]} positions: the batches carry no "
+                  "attention mask, and the inputs hold integer token ids as long, so padding tokens, if the sequences "
+                  "are padded, are averaged in and move the vectors. Give dict batches with an 'attention_mask' (1 for "
+                  "real tokens; the graph need not take it), or choose layers after the model pools its tokens.",
+                  DataWarning, stacklevel=user_stacklevel())
+    return True
 
 
 def _unsaid(rank: int) -> str:

@@ -985,7 +985,8 @@ def _load_index(train_vectors: Mapping, faiss_path, params_path, mmap: bool) -> 
         meta = json.loads((f.metadata() or {}).get("actclust", "{}"))
         arrays = {k: f.get_tensor(k) for k in f.keys()}
     if not isinstance(meta, dict):
-        raise TypeError(f"its metadata is a {type(meta).__name__}, not an object")
+        raise InvalidSaveError(f"The saved search index {params_path} is damaged: its metadata is a "
+                               f"{type(meta).__name__}, not an object.")
     layers = list(train_vectors)
     widths = [int(train_vectors[l].shape[1]) for l in layers]
     n = len(train_vectors[layers[0]])
