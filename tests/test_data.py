@@ -352,6 +352,21 @@ def test_inputs_unlike_the_training_data_warn(model):
         ac.score(-test)  # mean and spread as in training, but mirrored: skewed the other way
 
 
+# each value is judged against its own feature's range, and the warning says so: it quoted the range over every feature,
+# which held the values it said lay outside (an outside check)
+def test_outside_range_said_per_feature():
+    rng = np.random.default_rng(0)
+    skew = 0.4 + 0.3 * rng.beta(1, 5, 600)
+    train = np.column_stack([skew, rng.uniform(0, 1, 600)]).astype(np.float32)  # every value within [0, 1]
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    ac = ActivationClustering(model, ["1"], n_clusters=3, progress=False).fit(train[:400])
+    mirrored = train[400:].copy()
+    mirrored[:, 0] = 2 * skew[:400].mean() - mirrored[:, 0]  # within [0, 1], below feature 0's least value
+    with pytest.warns(actclust.DataWarning, match=r"of the values of X lie outside the training inputs' range of their "
+                                                  r"own feature \(every feature's range lies within \[0.00529, 0.997\]\)"):
+        ac.score(mirrored)
+
+
 # features that are mostly one value (the digits' border pixels: some constant in training, some nonzero in 1% of
 # the images) move by chance in a few hundred inputs: a held-out split and training rows themselves get no warning,
 # while a spread halved on every feature still gets one

@@ -195,7 +195,10 @@ def test_per_layer_clusters_and_temperature(mixed_model, data):
     ({"n_clusters": {"conv": 3}}, {}, r"'n_clusters' dict .* missing \['fc1', 'fc2'\]"),
     ({"posterior": "label"}, {}, "posterior='label' needs the true labels"),
     ({"posterior": "labels"}, {}, r"'posterior' parameter .* one of \['prediction', 'label'\]. Got 'labels'"),
-    ({}, {"y": np.zeros(5, dtype=int)}, "y has 5 labels but X has 120 samples"),
+    ({}, {"y": np.zeros(5, dtype=int)}, r"y has 5 labels but X has 120 samples; they must have the same length\.$"),
+    # one label: perhaps one sample without its batch axis (its first axis was read as the samples: an outside check)
+    ({}, {"y": np.zeros(1, dtype=int)}, r"y has 1 labels but X has 120 samples; they must have the same length \(one "
+                                        r"sample without its batch axis\? pass it as a batch of one, x\[None\]\)"),
     ({}, {"y": np.full(120, 7)}, r"y has classes the model does not have: \[7\]"),
     ({}, {"y": np.full(120, 0.5)}, "integer class indices"),
     ({"layer_weights": [1, -1, 1]}, {}, "'layer_weights' parameter .* non-negative"),

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,19 @@ def test_json_round_trip(fitted, data):
     assert d["meta"] == {"actclust_version": actclust.__version__, "model_class": "conftest.TinyCNN",
                          "layers": LAYERS}
     assert set(d["layers"][0]) == {"layer", "cluster", "weight", "class_mix", "vote", "distance", "exemplars"}
+
+
+# trust left out by default on a small training set: the notes say why (they were empty: an outside check); asked
+# for none, none and no note
+def test_trust_left_out_says_why(fitted, data):
+    e = fitted.explain(data[0][:2])[0]
+    assert e.trust is None and len(e.trust_notes) == 1
+    assert re.fullmatch(r"No trust signals: the training set of 120 samples is too small to calibrate them \(a held-out "
+                        r"tenth of at least 20 samples, and 50 others as neighbours\)\. Fit on more samples, or pass "
+                        r"trust=\{'calibration': ac\.query\(X_val, y_val, vectors=True\)\}\.", e.trust_notes[0])
+    assert Explanation.from_json(e.to_json()).trust_notes == e.trust_notes
+    off = fitted.explain(data[0][:2], trust=False)[0]
+    assert off.trust is None and off.trust_notes is None
 
 
 # bad class names and foreign JSON are clear errors

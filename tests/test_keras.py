@@ -370,6 +370,18 @@ def test_keras_file(tmp_path, images):
 
 
 # ---------------------------------------------------------------------------- bad inputs, bad outputs
+# uint8 inputs to a model that scales its own (a Rescaling layer): the advice is to cast alone; dividing by 255 as it
+# said scaled them twice (an outside check: accuracy 0.96 -> 0.10)
+def test_uint8_to_a_rescaling_model_says_cast_alone():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((4,), name="pixels")
+    model = keras.Model(x, layers.Dense(2, activation="softmax")(layers.Rescaling(1 / 255, name="rescale")(x)))
+    with pytest.raises(DataError, match=r"X holds uint8 values \(raw image bytes\?\): convert to float with "
+                                        r"x.astype\('float32'\) alone: the model's 'rescale' layer scales them itself, "
+                                        r"so do not divide them by 255"):
+        ActivationClustering(model, ["rescale"], n_clusters=2, progress=False).fit(np.zeros((8, 4), np.uint8))
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda x: (x * 255).astype(np.uint8), r"X holds uint8 values \(raw image bytes\?\): convert to float"),
     (lambda x: x.astype(np.int64), r"X holds int64 values but the model's input 'image' is float32 and the model has "

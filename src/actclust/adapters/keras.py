@@ -370,10 +370,13 @@ class KerasAdapter(ModelAdapter):
         model_float = "float" in str(tensor.dtype)
         dtype = dtype_name(value)
         if model_float and dtype == "uint8":
-            raise DataError(
-                f"{label} holds uint8 values (raw image bytes?): convert to float and normalise as in "
-                "training, e.g. x.astype('float32') / 255."
-            )
+            keras = sys.modules["keras"]
+            scales = [l.name for l in self._layers.values()
+                      if isinstance(l, (keras.layers.Rescaling, keras.layers.Normalization))]
+            # a model that scales its own inputs: the advice to divide by 255 scaled them twice (an outside check)
+            how = (f"with x.astype('float32') alone: the model's {scales[0]!r} layer scales them itself, so do not "
+                   "divide them by 255" if scales else "and normalise as in training, e.g. x.astype('float32') / 255")
+            raise DataError(f"{label} holds uint8 values (raw image bytes?): convert to float {how}.")
         if model_float and not is_floating(value) and dtype != "bool" and not self.takes_ids():
             raise DataError(
                 f"{label} holds {dtype} values but the model's input {tensor.name!r} is {tensor.dtype} and the model "

@@ -332,6 +332,12 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
     near = find_similar(state, q, k, search=search, progress=progress, backend=backend)
     options = _trust_options(state, trust)
     signals, notes, thresholds = None, None, None
+    if options is None and trust is None:  # left out by default: the notes say why (they were empty: an outside check)
+        from .trust import MIN_CALIBRATION
+
+        notes = [f"No trust signals: the training set of {state.n_samples} samples is too small to calibrate them (a "
+                 f"held-out tenth of at least {MIN_CALIBRATION} samples, and 50 others as neighbours). Fit on more "
+                 "samples, or pass trust={'calibration': ac.query(X_val, y_val, vectors=True)}."]
     if options is not None:
         from .trust import calibrate
         from .trust import signals as trust_signals

@@ -175,9 +175,11 @@ class Batches:
         if self.n_samples == 0:
             raise DataError(f"{name} is empty: it holds no samples.")
         if self._y is not None and self.n_samples is not None and len(self._y) != self.n_samples:
+            # one label for one sample given without its batch axis, whose first axis was then read as the samples
+            one = " (one sample without its batch axis? pass it as a batch of one, x[None])" if len(self._y) == 1 else ""
             raise DataError(
                 f"y has {len(self._y)} labels but {name} has {self.n_samples} samples; "
-                "they must have the same length."
+                f"they must have the same length{one}."
             )
 
     @property

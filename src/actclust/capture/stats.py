@@ -180,8 +180,12 @@ class InputStats:
                 found.append(f"{label}{where} has mean {mean_q[c]:.3g} and standard deviation {std_q[c]:.3g}, where the "
                              f"training inputs had {mean_t[c]:.3g} and {std_t[c]:.3g}")
             if not found and outside > _OUTSIDE_SHARE and part.outside >= _OUTSIDE_MIN:
-                found.append(f"{outside:.1%} of the values of {label} lie outside the training inputs' range "
-                             f"[{min(ref['lo']):.3g}, {max(ref['hi']):.3g}]")
+                # each value against its own feature's training range, as the message says (it gave the range over
+                # every feature, which held the values said to lie outside: an outside check)
+                span = f"[{min(ref['lo']):.3g}, {max(ref['hi']):.3g}]"
+                found.append(f"{outside:.1%} of the values of {label} lie outside the training inputs' range"
+                             + (f" of their own {channel} (every {channel}'s range lies within {span})"
+                                if len(ref["lo"]) > 1 else f" {span}"))
         if not found:
             return None
         return ("; ".join(found) + ". Were these inputs prepared as the training inputs were (the same scaling or "
