@@ -381,6 +381,12 @@ def test_crafted_index_files_refused(tmp_path):
     flat = faiss.IndexFlatL2(approx.d)
     flat.add(np.zeros((3000, approx.d), np.float32))
     refused(faiss.serialize_index(flat).tobytes(), r"is not one actclust writes: a IndexFlatL2, not the IndexIVFFlat")
+    # a size field larger than the file: faiss allocated what it said before reading (2 GiB from 162 bytes: an outside
+    # check); refused before faiss reads it
+    at = good.index(b"IxF2") + 37  # the centres' count of floats, after the quantizer's header
+    assert int.from_bytes(good[at:at + 8], "little") == approx.nlist * approx.d
+    refused(good[:at] + (1 << 35).to_bytes(8, "little") + good[at + 8:], r"says 34359738368 values follow, where \d+ "
+                                                                           r"bytes are left in it: it is damaged or crafted")
     refused(good[:len(good) // 2], r"is not a faiss index faiss can read: ")
     refused(b"IwFl" + bytes(range(256)) * 8, r"is not a faiss index faiss can read: ")
     paths["faiss"].write_bytes(good)

@@ -959,6 +959,42 @@ def keep_on_disk(index: ApproximateIndex, directory) -> None:
     index.index, index.source = mapped, held  # the lists in memory are freed with the index they belonged to
 
 
+#: faiss' index headers hold this value twice where there is no size (its "dummy" fields)
+_HEADER_DUMMY = 1 << 20
+
+
+class _AtTheLists(Exception):
+    """Raised through faiss' reader where an index's lists begin: what comes before is checked."""
+
+
+def _check_sizes(read: str, shown) -> None:
+    """Refuse a faiss file one of whose sizes, before its lists, exceeds the bytes left in it. faiss allocates what a
+    size field says (up to 2^40 elements) before it reads the data, so 162 crafted bytes made it fill 2 GiB (an outside
+    check). The file is read through faiss' own reader by a callback that sees each field, up to the lists (those are
+    memory-mapped, and faiss checks their sizes against the file): a whole-number field larger than the rest of the
+    file is refused. (A double or a value of 2^40 or more is no size: faiss refuses those sizes itself.)"""
+    import faiss
+
+    with open(read, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+
+        def field(n: int) -> bytes:
+            chunk = f.read(n)
+            if n == 4 and chunk == b"ilar":
+                raise _AtTheLists
+            if n == 8 and len(chunk) == 8:
+                value = int.from_bytes(chunk, "little")
+                if total - f.tell() < value < 1 << 40 and value != _HEADER_DUMMY:
+                    raise InvalidSaveError(f"The saved search index {shown} says {value} values follow, where "
+                                           f"{total - f.tell()} bytes are left in it: it is damaged or crafted.")
+            return chunk
+
+        try:
+            faiss.read_index(faiss.PyCallbackIOReader(field))
+        except _AtTheLists:
+            pass
+
+
 def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = True) -> ApproximateIndex:
     """An :class:`ApproximateIndex` saved by :func:`index_files`, its faiss file memory-mapped (not read
     into memory, not rebuilt); its parameters are checked against ``train_vectors``. The files are paths, or
@@ -968,6 +1004,8 @@ def load_index(train_vectors: Mapping, faiss_path, params_path, *, mmap: bool = 
 
     try:
         return _load_index(train_vectors, faiss_path, params_path, mmap)
+    except InvalidSaveError:  # said already (a ValueError too)
+        raise
     except (SafetensorError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
             RecursionError) as e:
         raise InvalidSaveError(f"The saved search index {params_path} is damaged: {type(e).__name__}: "
@@ -996,6 +1034,7 @@ def _load_index(train_vectors: Mapping, faiss_path, params_path, mmap: bool) -> 
         raise InvalidSaveError(f"The saved search index {params_path} does not describe this run's vectors "
                                f"({meta.get('layers')} of {meta.get('n')} rows; the run has {layers} of {n}).")
     try:
+        _check_sizes(read_faiss, faiss_path)
         index = faiss.read_index(read_faiss, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as e:  # faiss' own checks of its format
         said = str(e).strip()
