@@ -294,6 +294,28 @@ def test_loaded_indexes_survive_a_save_over_the_run(model, mixed_model, data, tm
     np.testing.assert_array_equal(again.similar(x[:30], k=5, search="approximate").indices, expected)
 
 
+# a load while another process saves over the run met files removed under it (raw FileNotFoundError, or a "damaged
+# run, fit again"): a load takes the folder's lock shared, so it waits for a save under way, and a save for it
+def test_load_waits_for_a_save_under_way(model, data, tmp_path):
+    import threading
+
+    from actclust.io import atomic
+
+    x, y = data
+    run = tmp_path / "run"
+    _fit(model, x, y).save(run)
+    expected = actclust.load(run, model, progress=False).predict(x[:20])
+    turn = atomic.hold_folder(run)  # as a save holds it while it replaces the run's files
+    done = []
+    loader = threading.Thread(target=lambda: done.append(actclust.load(run, model, progress=False)))
+    loader.start()
+    loader.join(0.5)
+    assert loader.is_alive() and not done  # waiting for the save
+    turn.release()
+    loader.join(30)
+    np.testing.assert_array_equal(done[0].predict(x[:20]), expected)
+
+
 # ---------------------------------------------------------------------------- 3. stored files checked at load
 def _reverse_block(raw: bytearray) -> None:
     raw[64:192] = raw[64:192][::-1]

@@ -1,3 +1,4 @@
+import os
 import re
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from actclust import DataError, report
+from actclust import DataError, RunExistsError, report
 
 
 def _imgs(html: str) -> int:
@@ -164,6 +165,25 @@ def test_report_does_not_overwrite(fitted, data, tmp_path):
         report(fitted, data[0], out=out)
     assert out.read_text() == "mine"
     assert "<!DOCTYPE html>" in report(fitted, data[0], out=out, overwrite=True).read_text()
+
+    # a file made at --out while the report works (after the check before it): kept, not replaced by the report's
+    # rename (the user's notes were lost: an outside check)
+    from actclust.analysis import explanation
+
+    late = tmp_path / "late.html"
+    real = explanation.explain
+
+    def meanwhile(*args, **kwargs):
+        late.write_text("notes made meanwhile")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(explanation, "explain", meanwhile)
+        with pytest.raises(RunExistsError, match=r"late.html appeared while the report was being written, and is left "
+                                                 r"as it is; pass overwrite=True \(--overwrite\)"):
+            report(fitted, data[0], out=late)
+    assert late.read_text() == "notes made meanwhile"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".actclust-tmp")]
 
 
 # a fit without labels: the report says once which trust signals are unavailable, and why

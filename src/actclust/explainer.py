@@ -578,8 +578,15 @@ def load(path, model=None, *, output=None, progress: bool = True, verify: bool =
     from .exceptions import InvalidSaveError
     from .io.persistence import INDEX_FILE_RE, attached, check_model, read_run
 
-    state, params, manifest = read_run(path, verify=verify, progress=progress, restore=saved.RESTORE)
-    saved.attach_saved_indexes(state, path, attached(manifest, Path(path), INDEX_FILE_RE))
+    from .io import atomic
+
+    with atomic.reading(path):  # one save's files: a save over the run waits, or is waited for
+        try:
+            state, params, manifest = read_run(path, verify=verify, progress=progress, restore=saved.RESTORE)
+            saved.attach_saved_indexes(state, path, attached(manifest, Path(path), INDEX_FILE_RE))
+        except FileNotFoundError as e:  # not by a save of ours (it takes turns with the lock): another program
+            raise InvalidSaveError(f"A file of the run at {path} went missing while it was loaded ({e.filename}): "
+                                   "something changed the folder meanwhile; load it again.") from None
     if manifest.get("custom_output") and output is None:
         raise ParameterError(
             f"The run at {path} was fitted with a custom output= function; pass the same one: "

@@ -31,7 +31,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from ..exceptions import ActClustError, DiskFullError, StorageError, StoragePermissionError
+from ..exceptions import ActClustError, DiskFullError, RunExistsError, StorageError, StoragePermissionError
 
 try:
     import fcntl
@@ -67,10 +67,11 @@ def file_mode() -> int:
 
 
 class Hold:
-    """An exclusive ``flock`` on a file or folder, held until :meth:`release`, until this object is
-    collected, or until the process ends (the kernel drops it then, also after ``kill -9``)."""
+    """An exclusive ``flock`` on a file or folder (``shared``: a shared one, which only exclusive ones wait for), held
+    until :meth:`release`, until this object is collected, or until the process ends (the kernel drops it then, also
+    after ``kill -9``)."""
 
-    def __init__(self, path, *, wait: bool = True, fd: Optional[int] = None):
+    def __init__(self, path, *, wait: bool = True, fd: Optional[int] = None, shared: bool = False):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         # closed with this object from now on: an interrupt between the lock and a later finalizer leaked the locked
@@ -78,7 +79,7 @@ class Hold:
         self._close = weakref.finalize(self, os.close, self.fd)
         if fcntl is not None:
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             except BaseException:
                 self._close()
                 raise
@@ -231,6 +232,25 @@ def hold_folder(path) -> Hold:
 
 
 @contextlib.contextmanager
+def reading(path) -> Iterator[None]:
+    """A shared lock on the folder ``path`` for the block, if it is one: a save into it (which holds the folder's
+    lock, exclusively) waits for the block to end, and the block for a save under way, so that what the block reads
+    is one save's files (a load while another process saved over the run met files removed under it: an outside
+    check). Nothing where the folder does not exist, cannot be opened, or the system has no ``flock``."""
+    hold = None
+    if fcntl is not None:
+        try:
+            hold = Hold(path, shared=True)
+        except OSError:  # missing, not a folder, not readable: the reading says what is wrong
+            hold = None
+    try:
+        yield
+    finally:
+        if hold is not None:
+            hold.release()
+
+
+@contextlib.contextmanager
 def temp_dir(parent, stem: str = "staging") -> Iterator[Path]:
     """A temporary folder of ours in ``parent`` for the duration of the block, removed after it
     (whatever the caller did not move out of it)."""
@@ -270,16 +290,32 @@ def write_into(path, content: Content) -> str:
         os.close(fd)
 
 
-def publish(source, target) -> None:
-    """Rename ``source`` to ``target`` (atomic within a file system) and make the rename durable."""
-    os.replace(source, target)
+def publish(source, target, *, replace: bool = True) -> None:
+    """Rename ``source`` to ``target`` (atomic within a file system) and make the rename durable. Without
+    ``replace``, a ``target`` that exists by then is left as it is (``FileExistsError``): ``source`` is linked in
+    under the new name, which fails where it exists, then unlinked; a check before long work left the whole work
+    for a file to appear there, and the rename replaced it (an outside check: a user's notes lost to a report)."""
+    if replace:
+        os.replace(source, target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: the check, then the rename (a moment's race)
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+            os.replace(source, target)
+        else:
+            os.unlink(source)
     fsync_dir(Path(target).parent)
 
 
-def write(target, content: Content, *, what: str = "file") -> str:
+def write(target, content: Content, *, what: str = "file", replace: bool = True) -> str:
     """Write ``target`` atomically: all of ``content`` or, after any failure or a kill, the file as
     it was. Leftovers of earlier killed writes of ``target`` are removed first. Returns the
-    SHA-256 of the bytes written. Raises a :class:`StorageError` subclass on a system error."""
+    SHA-256 of the bytes written. Raises a :class:`StorageError` subclass on a system error, and
+    :class:`RunExistsError` without ``replace`` where ``target`` exists by the time the file is complete."""
     target = Path(target)
     with guard(f"write the {what}", target):
         clean(target.parent, target.name)
@@ -294,7 +330,11 @@ def write(target, content: Content, *, what: str = "file") -> str:
         try:
             digest = _write_fd(fd, content)
             os.fchmod(fd, file_mode())
-            publish(tmp, target)
+            try:
+                publish(tmp, target, replace=replace)
+            except FileExistsError:
+                raise RunExistsError(f"{target} appeared while the {what} was being written, and is left as it is; "
+                                     "pass overwrite=True (--overwrite) to replace it, or choose another file.") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -164,7 +164,7 @@ def create_study(ac, X, y, out, *, train=None, items: int = 40, wrong_share: flo
             **({"feature_order": order.note} if order is not None else {}),
             "render_failures": renderer.failures, "items": records, "samples": samples}
     with atomic.folder(out):
-        atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study")
+        atomic.write(out / STUDY_FILE, json.dumps(data).encode("utf-8"), what="study", replace=overwrite)
     return out
 
 

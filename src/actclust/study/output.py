@@ -66,5 +66,7 @@ def check_page(path, *, overwrite: bool = False, protected=()) -> Path:
 def write_page(path, text: str, *, overwrite: bool = False, protected=()) -> Path:
     """Write ``text`` to ``path`` (see the module docstring); returns the path written."""
     path = check_page(path, overwrite=overwrite, protected=protected)
-    atomic.write(path, text.encode("utf-8"), what="page")
+    # one of ours, or none checked: a page written meanwhile by another analysis is replaced; a file of the user's
+    # made meanwhile is not (it was: an outside check of the report's same write)
+    atomic.write(path, text.encode("utf-8"), what="page", replace=overwrite or _ours(path))
     return path

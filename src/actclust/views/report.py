@@ -141,7 +141,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )
     with atomic.guard("create the folder of the report", out.parent), atomic.folder(out.parent):
-        atomic.write(out, html, what="report")
+        atomic.write(out, html, what="report", replace=overwrite)  # not over a file made meanwhile
     return out
 
 
