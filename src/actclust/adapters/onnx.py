@@ -31,7 +31,8 @@ import numpy as np
 from ..capture.arrays import NUMPY, dtype_name, is_floating, to_numpy
 from ..capture.data import batch_len
 from ..deps import require
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError, user_stacklevel
+from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
+                          user_stacklevel)
 from ..state import SUMMARY_SUFFIX
 from .base import ModelAdapter, Runner, are_probabilities, call_output, check_captured, keep_reduced, model_error
 

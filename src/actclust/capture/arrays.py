@@ -73,8 +73,8 @@ def to_numpy(a) -> np.ndarray:
     if is_torch(a):
         a = a.detach().cpu()
         # NumPy has no bfloat16 (nor torch's 8-bit floats): their values as float32, which holds each exactly
-        return (a.float() if a.is_floating_point() and a.dtype.itemsize < 2 or str(a.dtype) == "torch.bfloat16"
-                else a).numpy()
+        narrow = a.is_floating_point() and (a.dtype.itemsize < 2 or a.dtype == sys.modules["torch"].bfloat16)
+        return (a.float() if narrow else a).numpy()
     return np.asarray(a)
 
 

@@ -278,7 +278,8 @@ def import_factory(spec: str, run: Optional[Path] = None):
         raise ModelImportError(f"Importing the model module {module_name!r} failed: {e}; install what it needs.") from None
     finally:
         if add:  # last, not first: the module's own later imports of its neighbours still find them, after the packages
-            sys.path.remove(cwd)
+            if cwd in sys.path:
+                sys.path.remove(cwd)
             sys.path.append(cwd)
     try:
         factory = getattr(module, attr)
