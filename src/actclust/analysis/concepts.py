@@ -31,7 +31,8 @@ class Concept:
     label_mix : list of float or None
         The same for the true labels, when ``fit`` had them.
     purity : float
-        Largest share in ``prediction_mix``; ``majority`` is its class.
+        Largest share in ``prediction_mix``; ``majority`` is its class. An empty cluster (``size`` 0: a layer with
+        fewer distinct vectors than clusters, which fit warns of) has purity 0 and majority 0, which says nothing.
     majority : int
     exemplars, exemplar_distances : list
         The ``k`` assigned training samples nearest the centre (indices into the training data),
