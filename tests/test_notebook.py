@@ -106,11 +106,18 @@ def test_trust_chips_follow_thresholds():
     assert th["false_alarm_rate"] == 0.05 and th["calibration"] == "a held-out split of the training data"
     assert "stacked_trust" in th["signals"] and "ood_typicality" in th["signals"]
     html = es._repr_html_()
-    chips = re.findall(r'<span class="chip( low)?" title="[^"]*">([a-z ]+) -?[0-9.]+</span>', html)
+    chips = re.findall(r'<span class="chip( low)?" title="([^"]*)">([a-z ]+) -?[0-9.]+'
+                       r'(<span class="vh"> \(below its threshold\)</span>)?</span>', html)
     expected = [(i, k) for i in range(10) for k in es[i].trust]
-    assert [name for _, name in chips] == [k.replace("_", " ") for _, k in expected]
-    flags = [low == " low" for low, _ in chips]
+    assert [name for _, _, name, _ in chips] == [k.replace("_", " ") for _, k in expected]
+    flags = [low == " low" for low, _, _, _ in chips]
     assert flags == [k in th["signals"] and es[i].trust[k] < th["signals"][k] for i, k in expected]
+    # a flagged chip says so in words too (not by its colour alone), and each says what its signal means
+    assert [bool(said) for _, _, _, said in chips] == flags
+    from actclust.analysis.trust import MEANINGS
+
+    assert all(title.startswith(MEANINGS[k].replace("'", "&#39;")) for (_, title, _, _), (_, k) in zip(chips, expected))
+    assert "What the trust signals mean" in html
     assert any(flags) and not all(flags)
     assert "below the threshold that 5% of held-out inputs the DNN got right fall under" in Page(html).words
 

@@ -43,7 +43,7 @@ from ..store.vectors import chunk_rows, iter_rows, take
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "calibrate", "calibration_possible", "signals",
+__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "MEANINGS", "calibrate", "calibration_possible", "signals",
            "trust_signals", "TRUST_OPTIONS"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
@@ -66,6 +66,24 @@ CORRECTNESS_SIGNALS = ("stacked_trust", "credibility", "dnn_confidence", "surrog
                        "surrogate_confidence", "layer_agreement")
 #: Signals that judge whether the input is like the training data: a false alarm flags an ordinary input.
 TYPICALITY_SIGNALS = ("ood_typicality", "knn_typicality", "cluster_typicality")
+#: Each signal in a sentence, for people who read the outputs without the paper (the report, the explorer and the
+#: notebook show it beside the signal; they showed only the names: an outside check). Higher is more trustworthy.
+MEANINGS = {
+    "stacked_trust": "How likely the DNN is right, learned on held-out samples from the signals below.",
+    "dnn_confidence": "The DNN's own probability for its class.",
+    "credibility": "How usual the classes of the input's nearest training samples are, layer by layer, for the "
+                   "DNN's class (deep k-nearest neighbours); low: its neighbours mostly belong to other classes.",
+    "surrogate_dnn_agreement": "The surrogate's probability for the DNN's class: how much the input's clusters back "
+                               "the DNN's answer.",
+    "surrogate_confidence": "The surrogate's probability for its own class.",
+    "layer_agreement": "The share of the layers (by weight) whose cluster mostly holds the DNN's class.",
+    "knn_typicality": "How close the input lies to training samples in every layer, against held-out samples; low: "
+                      "unlike the training data.",
+    "ood_typicality": "How close the input lies to its nearest training sample, every layer counting equally; low: "
+                      "likely outside the training data.",
+    "cluster_typicality": "How close the input lies to its clusters' centres, against their usual spread; low: at the "
+                          "edge of its clusters.",
+}
 
 
 def trust_signals(state: FittedState, query: Query, *, n_neighbors: int = 50, calibration_fraction: float = 0.1,

@@ -70,6 +70,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
     from ..analysis.concepts import concepts
     from ..analysis.explanation import check_class_names, explain
     from ..analysis.surrogate import combine, scores
+    from ..analysis.trust import MEANINGS
 
     state = ac.state_
     out = Path(out)
@@ -137,6 +138,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         thresholds=next((e.trust_thresholds for e in explanations if e.trust_thresholds), None),
         trust_notes=next((e.trust_notes for e in explanations if e.trust_notes), None),  # said once, above the cards
         n_exemplars=n_exemplars, model_name=meta["model_class"].rsplit(".", 1)[-1], failures=renderer.failures,
+        meaning=MEANINGS,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )

@@ -98,5 +98,7 @@ def environment():
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_num, pct=_pct, argmax=_argmax, thousands=_thousands)
-    env.globals.update(color=class_color, cluster_color=cluster_color, zip=zip)
+    from ..analysis.trust import MEANINGS
+
+    env.globals.update(color=class_color, cluster_color=cluster_color, zip=zip, meaning=MEANINGS)
     return env
