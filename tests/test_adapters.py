@@ -521,6 +521,11 @@ def test_tokens_fewer_than_the_mask():
     with torch.no_grad():
         want = model.lstm(model.conv(model.emb(ids).transpose(1, 2)).transpose(1, 2))[0].mean(1).numpy()
     np.testing.assert_allclose(ac.train_vectors_["lstm"], want, rtol=1e-5, atol=1e-6)
+    # list_layers says what fit does (it said the mask was used: an outside check on wav2vec 2.0)
+    sample = {"input_ids": ids[:2], "attention_mask": mask[:2]}
+    assert list_layers(model, sample)["lstm"].reduction == (
+        "mean over all 6 tokens, padding included (the attention mask covers 12: it cannot say which of these are padding)")
+    assert list_layers(model, sample)["emb"].reduction == "mean over the tokens the attention mask keeps"
 
 
 # a dense layer kept as it is (normalize=None) is copied in its hook: the in-place ReLU after it changed what was
@@ -590,7 +595,7 @@ def test_unmasked_token_maps_of_token_ids_warned():
     ids = torch.randint(1, 20, (60, 8), generator=g) * keep
     model = Text().eval()
     assert list_layers(model, (ids[:2], lengths[:2]))["emb"].reduction == (
-        "mean over all tokens, padding included (the sample has no attention mask)")
+        "mean over all tokens (the sample has no attention mask: padding, if any, included)")
     with pytest.warns(actclust.DataWarning, match=r"Layer\(s\) \['emb'\] are token maps averaged over all 8 positions: the "
                                          r"batches carry no attention mask.*'attention_mask' \(1 for real tokens\)"):
         ActivationClustering(model, ["emb", "lstm", "fc"], n_clusters=3, progress=False).fit((ids, lengths))

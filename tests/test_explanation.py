@@ -75,6 +75,12 @@ def test_trust_left_out_says_why(fitted, data):
     assert Explanation.from_json(e.to_json()).trust_notes == e.trust_notes
     off = fitted.explain(data[0][:2], trust=False)[0]
     assert off.trust is None and off.trust_notes is None
+    # fewer samples than trust's 50 neighbours: the advice says to lower them too (held-out data alone then failed)
+    small = actclust.ActivationClustering(fitted.model, LAYERS, n_clusters=4, progress=False).fit(data[0][:40], data[1][:40])
+    note = small.explain(data[0][:2])[0].trust_notes[0]
+    assert note.endswith("trust={'calibration': ac.query(X_val, y_val, vectors=True), 'n_neighbors': 40 or fewer}.")
+    q = small.query(data[0][40:80], data[1][40:80], vectors=True)
+    assert small.explain(data[0][:2], trust={"calibration": q, "n_neighbors": 40})[0].trust is not None
 
 
 # bad class names and foreign JSON are clear errors

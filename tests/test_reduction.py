@@ -90,6 +90,20 @@ def test_tokens_pool_over_real_tokens(spec, to):
     np.testing.assert_allclose(_np(a), expected, rtol=1e-5)
 
 
+# token_first takes each input's first real token: under left padding (GPT-2's) position 0 is padding, and every padded
+# input got the same vector (an outside check); right padding and no mask: position 0, as before
+@pytest.mark.parametrize("to", FRAMEWORKS)
+def test_token_first_takes_the_first_real_token(to):
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    left = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    r = make_reducer("token_first")
+    np.testing.assert_array_equal(_np(r(to(t), to(left), layout="tokens")), t[[0, 1, 2], [2, 0, 4]])
+    right = left[:, ::-1].copy()
+    np.testing.assert_array_equal(_np(r(to(t), to(right), layout="tokens")), t[:, 0])
+    np.testing.assert_array_equal(_np(r(to(t), None, layout="tokens")), t[:, 0])
+
+
 # dense (N, F) outputs pass through every pooling reducer unchanged
 @pytest.mark.parametrize("spec", ["auto", "mean", "max", "grid:3"])
 def test_dense_passes_through(spec):

@@ -130,6 +130,14 @@ class ModelAdapter(abc.ABC):
         """Whether a batch like ``sample`` says which of its tokens are real (its mask key, by default)."""
         return isinstance(sample, Mapping) and any(k in sample for k in self.mask_keys)
 
+    def mask_tokens(self, sample) -> Optional[int]:
+        """How many tokens the attention mask of a batch like ``sample`` covers (``None`` where it has none)."""
+        mask = next((sample[k] for k in self.mask_keys if k in sample), None) if isinstance(sample, Mapping) else None
+        if mask is None and hasattr(self, "derived_mask"):
+            mask = self.derived_mask(sample)
+        shape = getattr(mask, "shape", None)
+        return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
     def canonical(self, name: str) -> str:
         """``name`` without the prefixes that wrappers add (identity by default)."""
         return name
@@ -162,6 +170,7 @@ class ModelAdapter(abc.ABC):
         from ..capture.data import batch_len
 
         masked = self.has_mask(sample)
+        tokens = self.mask_tokens(sample) if masked else None
         n = batch_len(sample)
         out = {}
         for name, (shape, strides, calls) in self.sample_outputs(sample).items():
@@ -173,7 +182,7 @@ class ModelAdapter(abc.ABC):
                 how = (f"not one row per sample (first axis {shape[0]} for a sample of {n}: sequence-first?), so it "
                        "cannot be captured: choose a layer whose output has the batch axis first")
             else:
-                how = describe(r, layout, shape, masked)
+                how = describe(r, layout, shape, masked, tokens)
             out[name] = LayerInfo(shape, layout, how)
         return out
 

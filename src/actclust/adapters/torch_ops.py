@@ -35,6 +35,10 @@ class TorchOps(Ops):
         m = mask.to(t.dtype).unsqueeze(1)
         return (t * m).sum(-1) / m.sum(-1).clamp_min(1)
 
+    def first_kept(self, t, mask):
+        first = (mask != 0).to(torch.uint8).argmax(1)  # the first kept token (argmax returns the first of its ties)
+        return t[torch.arange(t.shape[0], device=t.device), first.to(t.device)]
+
     def amax_last(self, t, mask=None):
         if mask is None:
             return t.amax(-1)

@@ -335,9 +335,11 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
     if options is None and trust is None:  # left out by default: the notes say why (they were empty: an outside check)
         from .trust import MIN_CALIBRATION
 
-        notes = [f"No trust signals: the training set of {state.n_samples} samples is too small to calibrate them (a "
-                 f"held-out tenth of at least {MIN_CALIBRATION} samples, and 50 others as neighbours). Fit on more "
-                 "samples, or pass trust={'calibration': ac.query(X_val, y_val, vectors=True)}."]
+        n = state.n_samples  # (50: trust's default n_neighbors)
+        notes = [f"No trust signals: the training set of {n} samples is too small to calibrate them (a held-out tenth "
+                 f"of at least {MIN_CALIBRATION} samples, and 50 others as neighbours). Fit on more samples, or pass "
+                 "trust={'calibration': ac.query(X_val, y_val, vectors=True)"
+                 + (f", 'n_neighbors': {n} or fewer" if n < 50 else "") + "}."]
     if options is not None:
         from .trust import calibrate
         from .trust import signals as trust_signals

@@ -530,7 +530,7 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
         raise ParameterError(
             f"The calibration split has {n_cal} samples (calibration_fraction={fraction} of {n} training "
             f"samples); at least MIN_CALIBRATION={MIN_CALIBRATION} are needed: {fix}. Or fit on more data, or pass "
-            "held-out data as calibration."
+            "held-out data as calibration" + (f" with n_neighbors at most {n} (the training samples)." if n < k else ".")
         )
     if n - n_cal < k:
         raise ParameterError(

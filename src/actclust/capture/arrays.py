@@ -122,6 +122,10 @@ class Ops:
     def amax_last(self, t, mask=None):
         raise NotImplementedError
 
+    def first_kept(self, t, mask):
+        """Each row's first token of ``t (N, T, D)`` that ``mask (N, T)`` keeps (the first where it keeps none)."""
+        raise NotImplementedError
+
     def adaptive_avg_pool(self, t, g: int):
         """``(N, C, H, W)`` to ``(N, C, g, g)`` or ``(N, C, L)`` to ``(N, C, g)``, with PyTorch's bins
         (cell ``i`` covers ``floor(i * H / g)`` to ``ceil((i + 1) * H / g)``)."""
@@ -182,6 +186,10 @@ class NumpyOps(Ops):
 
     def flatten(self, t, start=1):
         return t.reshape(*t.shape[:start], -1)
+
+    def first_kept(self, t, mask):
+        first = (np.asarray(mask) != 0).argmax(1)  # argmax of booleans: the first True, or 0 where none is
+        return t[np.arange(len(t)), first]
 
     def mean_last(self, t, mask=None):
         if mask is None:

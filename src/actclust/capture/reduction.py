@@ -19,7 +19,7 @@ a token map. ``"mean"`` and ``"max"`` pool the same axes; ``"grid:g"`` average-p
 map on its first ``d`` principal components, fitted in a streaming way (one extra pass);
 ``"random:d"`` projects it with a fixed Gaussian random matrix; ``"token_mean"`` and
 ``"token_first"`` read any ``(N, T, D)`` output as tokens (the mean over the real tokens, or the
-first, ``[CLS]``). Dense ``(N, F)`` outputs pass through the pooling reducers unchanged. A size
+first the attention mask keeps: ``[CLS]`` under right padding, the first real token under left padding). Dense ``(N, F)`` outputs pass through the pooling reducers unchanged. A size
 larger than the map (``grid:1000`` on an 8x8 map, ``random:512`` of 288 values) is refused.
 
 Runs saved before layouts existed read every map channels-first, as they were fitted.
@@ -127,7 +127,9 @@ class _Tokens(Reducer):
             )
         ops = ops or ops_for(t)
         if self.spec == "token_first":
-            return t[:, 0]
+            # the first token the mask keeps: under left padding (GPT-2's), position 0 is padding, and every padded
+            # input got that one vector, all in one cluster (an outside check)
+            return t[:, 0] if mask is None or tuple(mask.shape) != tuple(t.shape[:2]) else ops.first_kept(t, mask)
         if mask is not None and tuple(mask.shape) != tuple(t.shape[:2]):
             raise DataError(
                 f"The attention mask has shape {tuple(mask.shape)} but the token map has shape "
@@ -309,9 +311,11 @@ def make_reducer(spec, random_state: int = 0) -> Reducer:
     return _RandomProjection(canonical_name, n, random_state)
 
 
-def describe(reducer: Reducer, layout: Optional[str], shape: tuple, masked: bool = True) -> str:
+def describe(reducer: Reducer, layout: Optional[str], shape: tuple, masked: bool = True,
+             mask_tokens: Optional[int] = None) -> str:
     """What ``reducer`` does to an output of ``shape`` and ``layout``, in words (``list_layers`` shows it); ``masked``:
-    whether the batch has an attention mask (else a token map's padding, if any, is averaged in)."""
+    whether the batch has an attention mask (else a token map's padding, if any, is averaged in), ``mask_tokens``: how
+    many tokens it covers, where known (a token map of another length is averaged whole, as fit says)."""
     spec = reducer.spec if isinstance(reducer, Reducer) else str(reducer)
     if len(shape) <= 2:
         # a projection reduces a dense output wider than its d, and keeps a narrower one whole (its __call__):
@@ -324,8 +328,14 @@ def describe(reducer: Reducer, layout: Optional[str], shape: tuple, masked: bool
     if spec in ("auto", "mean", "max"):
         how = "mean" if spec != "max" else "max"
         if layout == "tokens":
+            length = shape[1] if len(shape) == 3 and isinstance(shape[1], numbers.Integral) else None
+            if masked and mask_tokens is not None and length is not None and length != mask_tokens:
+                # a strided convolution before it (wav2vec 2.0's feature encoder): fit averages it whole, and said so
+                # while list_layers said the mask was used (an outside check)
+                return (f"{how} over all {length} tokens, padding included (the attention mask covers {mask_tokens}: "
+                        "it cannot say which of these are padding)")
             return (f"{how} over the tokens the attention mask keeps" if masked else
-                    f"{how} over all tokens, padding included (the sample has no attention mask)")
+                    f"{how} over all tokens (the sample has no attention mask: padding, if any, included)")
         axes = {4: "height and width", 3: "length", 5: "depth, height and width"}.get(len(shape), "the spatial axes")
         return f"{how} over {axes}"
     return spec
