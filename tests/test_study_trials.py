@@ -253,6 +253,13 @@ def test_two_stage_table(tmp_path):
         read_trials(_write(tmp_path / "t4.csv", bad, header=list(bad[0])), two_stage=True)
     bad[0].update(final_label="1", decision="accept")
     assert read_trials(_write(tmp_path / "t5.csv", bad, header=list(bad[0])), two_stage=True).trials[0]["accept"]
+    # a reject without a final label where the first answer was the AI's: the server stores it (the final answer is the
+    # first), and the folder's analysis counts a reject; the table was refused, naming a final_label it did not have
+    # (an outside check)
+    same = [{"participant": "p1", "condition": "none", "true_label": "1", "ai_label": "1", "initial_label": "1",
+             "decision": "reject"}]
+    t = read_trials(_write(tmp_path / "t6.csv", same, header=list(same[0])), two_stage=True).trials[0]
+    assert t["accept"] is False and t["final_right"] is True and t["own_right"] is True
 
 
 # the CLI: a study folder or --trials (one of them), table-only options refused for a folder, errors exit 2

@@ -274,6 +274,9 @@ def analyze_trials(trials: list, conditions: list, *, design: str = "between", t
         for m, (_, den) in METRICS.items():
             per[name][m] = _interval(point[m][g], boot[m][:, g], int(backing[den][g]))
             if per[name][m] is None:
+                # rair and rsr need each participant's own answer first, as the accuracies before and after do: a
+                # one-stage study said it held no trial of the kind instead (an outside check)
+                den = "two_stage_n" if not two_stage and m in ("rair", "rsr") else den
                 reasons[m] = _WHY_NULL["n" if totals[g, _K["n"]] == 0 else den]
         per[name]["median_response_ms"] = times[name]
         if times[name] is None:

@@ -236,11 +236,12 @@ def read_trials(path, *, columns: Optional[dict] = None, design: str = "between"
             if final is None and accept is None:
                 raise DataError(f"{path}, {where}: neither {col('final_label')} nor {col('decision')} says the final "
                                 "answer; a two-stage trial needs one.")
-            if final is None:
+            given = final is not None
+            if final is None:  # as the server records it: a reject keeps the first answer, also where it is the AI's
                 final = ai if accept else own
             if accept is None:
                 accept = final == ai
-            elif accept != (final == ai):  # the server's rule; read as it was, both an accept and a wrong answer counted
+            elif given and accept != (final == ai):  # the server's rule; read as it was, both an accept and a wrong answer counted
                 raise DataError(f"{path}, {where}: {col('decision')} says {'accept' if accept else 'reject'}, but "
                                 f"{col('final_label')} {final!r} {'differs from' if accept else 'is'} the AI's label "
                                 f"{ai!r}: accepting makes the AI's label the final answer, rejecting keeps another.")
