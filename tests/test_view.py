@@ -202,13 +202,19 @@ def test_token_cookie_per_port(tabular):
     a, b = (TestClient(make_app(ex, t), base_url=f"http://127.0.0.1:{port}") for t, port in (("ta", 8801), ("tb", 8802)))
     ra, rb = a.get("/?token=ta"), b.get("/?token=tb")
     assert ra.status_code == 200 and rb.status_code == 200
-    jar = {**dict(ra.cookies), **dict(rb.cookies)}  # one browser: one jar for the host, whatever the port
+    # the token moves to the cookie and out of the address (it stayed in the address bar: an outside check)
+    assert [r.status_code for r in ra.history] == [303] and str(ra.url) == "http://127.0.0.1:8801/"
+    assert str(a.get("/inputs?token=ta&show=wrong&sort=trust").url).endswith("/inputs?show=wrong&sort=trust")
+    jar = {**dict(a.cookies), **dict(b.cookies)}  # one browser: one jar for the host, whatever the port
     assert set(jar) == {"actclust_view_token_8801", "actclust_view_token_8802"}
     for client in (a, b):
         client.cookies.clear()
         for name, value in jar.items():
             client.cookies.set(name, value)
     assert a.get("/layer/0").status_code == 200 and b.get("/layer/0").status_code == 200
+    # a wrong token is said to be wrong, not missing
+    wrong = TestClient(make_app(ex, "tc")).get("/?token=nope")
+    assert wrong.status_code == 401 and "That token is not this explorer&#39;s" in wrong.text
 
 
 # a page of something the run does not have is a 404 page saying so, with a link back

@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Header, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..render import MAX_FEATURES, MAX_TABLE
@@ -104,21 +104,28 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
     def authorise(request: Request, authorization: Optional[str]) -> None:
         given = (request.query_params.get("token") or _bearer(authorization)
                  or request.cookies.get(cookie_name(request.url.port)))
-        if not given or not secrets.compare_digest(given.encode(), token.encode()):
+        if not given:
             raise _Refused(401, "The explorer's pages need the token 'actclust view' printed: open the address it "
                                 "printed, or add ?token=<token> to this one.")
+        if not secrets.compare_digest(given.encode(), token.encode()):  # said apart from none (an outside check)
+            raise _Refused(401, "That token is not this explorer's: open the address 'actclust view' printed (each "
+                                "start prints a new token, unless --token set one).")
 
-    def cached(request: Request, authorization: Optional[str], key, build) -> HTMLResponse:
+    def cached(request: Request, authorization: Optional[str], key, build):
         authorise(request, authorization)
+        if request.query_params.get("token"):
+            # the token goes to a cookie, and the address drops it (it stayed in the address bar, then in history,
+            # bookmarks and screenshots: an outside check); later links carry no token
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            moved = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
+            moved.set_cookie(cookie_name(request.url.port), token, httponly=True, samesite="strict", path="/")
+            return moved
 
         def built():
             response = build()
             return response.status_code, response.body
         status, body = cache.get(key, built)
-        response = HTMLResponse(body, status_code=status)
-        if request.query_params.get("token"):  # later links carry no token in their address
-            response.set_cookie(cookie_name(request.url.port), token, httponly=True, samesite="strict", path="/")
-        return response
+        return HTMLResponse(body, status_code=status)
 
     # ---------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse)
