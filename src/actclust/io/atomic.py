@@ -304,7 +304,7 @@ def publish(source, target, *, replace: bool = True) -> None:
             raise
         except OSError:  # a file system without hard links: the check, then the rename (a moment's race)
             if os.path.lexists(target):
-                raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+                raise RunExistsError(f"{target} exists; it is left as it is.") from None
             os.replace(source, target)
         else:
             os.unlink(source)
