@@ -314,6 +314,15 @@ def test_layouts_followed_through_what_keeps_them(tmp_path, opset):
         np.testing.assert_allclose(ac.train_vectors_[name], w, rtol=1e-4, atol=1e-5)
 
 
+def _padded_ids(length: int, keep: int):
+    """30 rows of token ids below 50 and their mask; every second row padded (id 0) after ``keep`` tokens."""
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1, 50, (30, length)), np.ones((30, length), np.int64)
+    mask[::2, keep:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
 # a token map through a transpose and back (a Conv1d over its steps) and what follows is tokens, averaged over the real
 # tokens of the batch's attention_mask (a transposed token map read channels-last averaged the padding in)
 def test_tokens_through_a_transpose_keep_their_mask(tmp_path):
@@ -339,10 +348,7 @@ def test_tokens_through_a_transpose_keep_their_mask(tmp_path):
     torch.onnx.export(model, (torch.randint(1, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)), str(path),
                       input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes,
                       dynamo=False, opset_version=17)
-    rng = np.random.default_rng(0)
-    ids, mask = rng.integers(1, 50, (30, 7)), np.ones((30, 7), np.int64)
-    mask[::2, 4:] = 0
-    ids[mask == 0] = 0
+    ids, mask = _padded_ids(7, keep=4)
     a = adapt(str(path))
     back = next(n for n in a.layer_names() if a.producer[n].op_type == "Transpose"  # the one after the conv's ReLU
                 and a.producer[a.producer[n].input[0]].op_type == "Relu")
@@ -375,10 +381,7 @@ def test_ids_only_graph_takes_a_mask_apart(tmp_path):
     torch.onnx.export(Ids().eval(), (torch.randint(1, 50, (2, 6)),), str(path), input_names=["input_ids"],
                       output_names=["logits"], dynamic_axes={"input_ids": {0: "N", 1: "T"}, "logits": {0: "N"}},
                       dynamo=False, opset_version=17)
-    rng = np.random.default_rng(0)
-    ids, mask = rng.integers(1, 50, (30, 6)), np.ones((30, 6), np.int64)
-    mask[::2, 3:] = 0
-    ids[mask == 0] = 0
+    ids, mask = _padded_ids(6, keep=3)
     a = adapt(str(path))
     relu = next(n for n in a.layer_names() if a.producer[n].op_type == "Relu")
     with pytest.warns(DataWarning, match=rf"Layer '{re.escape(relu)}' is a token map averaged over all 6 positions: "
