@@ -1,5 +1,7 @@
 """Data in every form a user brings: tables, dicts of inputs, tuple and dict batches, loaders."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -54,6 +56,20 @@ def test_dataframe_equals_its_array():
                                         r"df.iloc\[\[i\]\]"):
         b.predict(df.iloc[0])
     assert np.array_equal(b.predict(df.iloc[[0]]), b.predict(df)[:1])
+    # a label Series whose index holds the table's labels in another order: each label would go to another row (an
+    # outside check: accuracy 1.0 -> 0.57); refused, saying how to align them. Another index is taken by position
+    shuffled = df.sample(frac=1, random_state=0)
+    labels = pd.Series(a.predict(shuffled.to_numpy()), index=shuffled.index)
+    fit = ActivationClustering(_mlp(), ["0", "2"], n_clusters=3, progress=False)
+    with pytest.raises(DataError, match=r"y's index holds the labels of X's index in another order, and labels go to rows "
+                                        r"by position: each would go to another row\. Pass y\.loc\[X\.index\]"):
+        fit.fit(shuffled, labels.sort_index())
+    fit.fit(shuffled, labels)
+    fit.fit(shuffled, labels.reset_index(drop=True))
+    # list_layers takes a table as fit does (the model was handed the DataFrame: a traceback)
+    assert actclust.list_layers(_mlp(), df.iloc[:2])["0"] == (2, 8)
+    with pytest.raises(DataError, match=r"y's index holds the labels of X's index in another order"):
+        fit.score(shuffled, labels.sort_index())
 
 
 # a DataFrame with text columns says which columns to encode
@@ -365,6 +381,23 @@ def test_outside_range_said_per_feature():
     with pytest.warns(actclust.DataWarning, match=r"of the values of X lie outside the training inputs' range of their "
                                                   r"own feature \(every feature's range lies within \[0.00529, 0.997\]\)"):
         ac.score(mirrored)
+
+
+# a few rows leave a few values past their features' ranges by chance: 3 of 8 rows x 64 values warned (one
+# in-distribution batch in 40: an outside check); a small batch needs ten times the share, a real departure still warns
+def test_outside_range_allows_chance_in_small_batches():
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0, 1, (400, 64)).astype(np.float32)
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    ac = ActivationClustering(model, ["1"], n_clusters=3, progress=False).fit(train)
+    few = rng.uniform(0, 1, (8, 64)).astype(np.float32)
+    few.flat[[5, 100, 300]] = 1.2  # 0.6% of the values, past the range widened by 5%
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", actclust.DataWarning)
+        ac.predict(few)
+    few.flat[rng.choice(few.size, 40, replace=False)] = 1.2  # 8%
+    with pytest.warns(actclust.DataWarning, match=r"of the values of X lie outside the training inputs' range"):
+        ac.predict(few)
 
 
 # features that are mostly one value (the digits' border pixels: some constant in training, some nonzero in 1% of

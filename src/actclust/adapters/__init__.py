@@ -145,6 +145,10 @@ def list_layers(model, sample=None, *, reducer="auto"):
     -------
     list of str, or dict of str to LayerInfo
     """
+    if sample is not None and type(sample).__module__.startswith("pandas"):  # a table, taken as fit takes it
+        from ..capture.data import Batches  # (the model was given the DataFrame itself: a traceback, an outside check)
+
+        sample = next(iter(Batches(sample, batch_size=max(len(sample), 1), name="sample"))).inputs
     return adapt(model).list_layers(sample, reducer)
 
 

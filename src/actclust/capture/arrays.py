@@ -40,7 +40,9 @@ def _is_pandas(a) -> bool:
 
 def dtype_name(a) -> str:
     """``"float32"``, ``"int64"``, ``"bool"``...: the same names for every framework."""
-    dt = a.dtype
+    dt = getattr(a, "dtype", None)
+    if dt is None:  # a table of several dtypes, a list: NumPy's reading of it
+        dt = np.asarray(a).dtype if not hasattr(a, "dtypes") else np.result_type(*a.dtypes)
     name = getattr(dt, "name", None) if not is_torch(a) else None
     return str(name if isinstance(name, str) else dt).replace("torch.", "")
 

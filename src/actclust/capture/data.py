@@ -125,6 +125,23 @@ def _loader_source(data, batch_size: int, name: str) -> Optional[Source]:
     return None
 
 
+def _check_aligned(data, y, name: str) -> None:
+    """Refuse a pandas ``y`` whose index holds ``data``'s index labels in another order: labels go to rows by position
+    (as in scikit-learn), so each would go to another row, without a word (an outside check: accuracy 1.0 -> 0.57 with
+    ``y.sort_index()``). An index of other labels, or 0..n-1 (``y.reset_index(drop=True)``, a Series made from an
+    array), is taken by position."""
+    xi, yi = getattr(data, "index", None), getattr(y, "index", None)
+    if type(data).__name__ not in ("DataFrame", "Series") or type(y).__name__ not in ("Series", "DataFrame"):
+        return
+    if len(xi) != len(yi) or xi.equals(yi) or not xi.is_unique or not xi.sort_values().equals(yi.sort_values()):
+        return
+    if type(yi).__name__ == "RangeIndex" and yi.start == 0 and yi.step == 1:  # 0..n-1: made from positions
+        return
+    raise DataError(f"y's index holds the labels of {name}'s index in another order, and labels go to rows by position: "
+                    f"each would go to another row. Pass y.loc[{name}.index] to align them (or y.to_numpy() if the "
+                    "order is meant).")
+
+
 class Batches:
     """A re-iterable stream of :class:`Batch` with a known length where possible."""
 
@@ -134,6 +151,7 @@ class Batches:
         self.label_key = label_key
         self.feature_names: Optional[list] = None
         self._y = None if y is None else as_labels(y)
+        _check_aligned(data, y, name)
         data = self._from_pandas(data)
         self._array = self._columns = self._source = None
         if isinstance(data, tuple) and data and all(is_array(v) for v in data):  # a model's inputs by position

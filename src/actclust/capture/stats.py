@@ -179,7 +179,10 @@ class InputStats:
                 where = f" {channel} {c}" if len(mean_t) > 1 else ""
                 found.append(f"{label}{where} has mean {mean_q[c]:.3g} and standard deviation {std_q[c]:.3g}, where the "
                              f"training inputs had {mean_t[c]:.3g} and {std_t[c]:.3g}")
-            if not found and outside > _OUTSIDE_SHARE and part.outside >= _OUTSIDE_MIN:
+            # a few rows leave a few values past a rare feature's range by chance: 3 of 8 rows x 64 pixels warned one
+            # in-distribution batch in 40 (an outside check); below the rows the spread needs, ten times the share
+            share = _OUTSIDE_SHARE if got["n"] >= _MIN_ROWS_FOR_STD else 10 * _OUTSIDE_SHARE
+            if not found and outside > share and part.outside >= _OUTSIDE_MIN:
                 # each value against its own feature's training range, as the message says (it gave the range over
                 # every feature, which held the values said to lie outside: an outside check)
                 span = f"[{min(ref['lo']):.3g}, {max(ref['hi']):.3g}]"

@@ -19,7 +19,7 @@ from ..capture.data import length, rows, take
 from .features import feature_order
 from .render import MAX_FEATURES, MAX_TABLE, Renderer, check_mean_std, check_train
 from .templating import class_color
-from ..exceptions import DataError, ParameterError, RenderWarning, RunExistsError, user_stacklevel
+from ..exceptions import DataError, DataWarning, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
 
 __all__ = ["report"]
@@ -100,7 +100,9 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
                       RenderWarning, stacklevel=user_stacklevel())
     explanations = []
     if len(chosen):  # a second, small pass keeps the vectors of the explained inputs only
-        picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
+        with warnings.catch_warnings():  # all of X was checked by the pass above: its few rows are not judged again
+            warnings.simplefilter("ignore", DataWarning)  # (they set off a false alarm of their own: an outside check)
+            picked = ac.query(take(X, chosen), None if q.labels is None else q.labels[chosen], vectors=True)
         explanations = explain(state, picked, k=max(k, 1), class_names=names, trust=trust, meta=meta,
                                search=ac.search, progress=ac.progress)
     renderer = Renderer(render, mean=mean, std=std, feature_names=feature_names, tokenizer=tokenizer)
