@@ -192,3 +192,14 @@ def test_format_2_run_loads(model, data, tmp_path):
     back = actclust.load(tmp_path / "run", model, progress=False)
     assert back.state_.layouts == {"conv": "channels_first", "fc1": "channels_first", "fc2": "channels_first"}
     assert np.array_equal(back.predict(x), ac.predict(x))
+    # with a store folder (format 2 kept its files outside the digest): refused, naming the format version
+    ac2 = actclust.ActivationClustering(model, ["conv", "fc1", "fc2"], n_clusters=3, progress=False,
+                                        store=tmp_path / "s").fit(x)
+    ac2.save(tmp_path / "run2")
+    m = json.loads((tmp_path / "run2" / "manifest.json").read_text())
+    m["format_version"] = 2
+    m["digest"] = _digest(m)
+    (tmp_path / "run2" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(actclust.InvalidSaveError, match=r"run2 has format version 2, saved by an earlier actclust with "
+                                                        r"its vectors in a store folder whose files carry no checksums"):
+        actclust.load(tmp_path / "run2", model, progress=False)

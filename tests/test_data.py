@@ -255,6 +255,9 @@ def test_wrong_dtype_and_shape_before_forward(model, data, fitted):
     mlp = ActivationClustering(_mlp(), ["0", "2"], n_clusters=2, progress=False).fit(data[0].reshape(-1, 36)[:, :4])
     with pytest.raises(DataError, match=r"per-sample shape \(\) .* \(one sample\? pass it as a batch of one, x\[None\]\)"):
         mlp.predict(data[0].reshape(-1, 36)[0, :4])
+    # one image without its batch axis: its channels read as the samples (no hint was given: an outside check)
+    with pytest.raises(DataError, match=r"per-sample shape \(6, 6\) .* \(one sample\? pass it as a batch of one, x\[None\]\)"):
+        fitted.predict(data[0][0])
 
 
 # flat vectors given to a conv net at fit time: the model's error, with the batch and what to check

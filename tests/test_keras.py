@@ -370,6 +370,27 @@ def test_keras_file(tmp_path, images):
 
 
 # ---------------------------------------------------------------------------- bad inputs, bad outputs
+# inputs Keras casts to the model's input type, losing what it cannot hold: fractional values to integer ids became
+# other ids, values past float16's range infinite, blamed on a layer (an outside check); both refused, naming them
+def test_casts_that_lose_values_refused():
+    keras.utils.set_random_seed(0)
+    tok = keras.Input((5,), dtype="int32", name="ids")
+    ids_model = keras.Model(tok, layers.Dense(3)(layers.GlobalAveragePooling1D()(layers.Embedding(20, 4, name="emb")(tok))))
+    ids = np.random.default_rng(0).integers(1, 20, (40, 5))
+    with pytest.raises(DataError, match=r"X holds fractional values but the model's input 'ids' is int32 \(token ids, "
+                                        r"indices\): pass the integers"):
+        ActivationClustering(ids_model, ["emb"], n_clusters=3, progress=False).fit(ids * 0.3)
+    assert ActivationClustering(ids_model, ["emb"], n_clusters=3, progress=False).fit(
+        ids.astype(np.float32)).state_.n_samples == 40  # whole numbers as floats: cast
+    x = keras.Input((4,), dtype="float16", name="x")
+    half = keras.Model(x, layers.Dense(3, dtype="float16")(layers.Dense(8, name="h", dtype="float16")(x)))
+    big = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    big[7, 1] = 1e6
+    with pytest.raises(DataError, match=r"Row 7 of rows 0-39 of X, input 'x', holds values beyond the range of the "
+                                        r"model's float16 input \(largest 65504\)"):
+        ActivationClustering(half, ["h"], n_clusters=3, progress=False).fit(big)
+
+
 # uint8 inputs to a model that scales its own (a Rescaling layer): the advice is to cast alone; dividing by 255 as it
 # said scaled them twice (an outside check: accuracy 0.96 -> 0.10)
 def test_uint8_to_a_rescaling_model_says_cast_alone():

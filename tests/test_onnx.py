@@ -400,6 +400,37 @@ def test_ids_only_graph_takes_a_mask_apart(tmp_path):
     np.testing.assert_allclose(plain.train_vectors_[relu], h.mean(1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+# inputs cast to the graph's types lose what those cannot hold: fractional values given to integer ids became other
+# ids, and values past float16's range became infinite, blamed on a layer (an outside check); both refused, naming them
+def test_casts_that_lose_values_refused(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    ids_path = tmp_path / "ids.onnx"
+    torch.onnx.export(nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(24, 3)).eval(),
+                      (torch.randint(1, 50, (2, 6)),), str(ids_path), input_names=["input_ids"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "N"}, "logits": {0: "N"}}, dynamo=False, opset_version=17)
+    ids = np.random.default_rng(0).integers(1, 50, (40, 6))
+    with pytest.raises(DataError, match=r"X holds fractional values but the model's input 'input_ids' takes integers"):
+        ActivationClustering(str(ids_path), ["logits"], n_clusters=3, progress=False).fit(ids + 0.7)
+    fitted = ActivationClustering(str(ids_path), ["logits"], n_clusters=3, progress=False).fit(ids.astype(np.float32))
+    assert fitted.state_.n_samples == 40  # whole numbers as floats: cast, as documented
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+                               helper.make_node("MatMul", ["x32", "w"], ["logits"])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w])
+    half = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(half))
+    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    x[7, 2] = 1e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # NumPy's overflow in the cast stays unsaid
+        with pytest.raises(DataError, match=r"Row 7 of rows 0-39 of X, input 'x', holds values beyond the range of the "
+                                            r"model's float16 input \(largest 65504\): they become infinite"):
+            ActivationClustering(str(half), ["x32"], n_clusters=3, progress=False).fit(x)
+
+
 # a sequence-first (T, N, D) tensor is not one row per input, also where T >= N (it was cut to its first N rows, token
 # positions, and read as one row per input: vectors averaged over the batch)
 def test_sequence_first_tensors_refused(tmp_path):

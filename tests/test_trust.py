@@ -622,6 +622,27 @@ def test_duplicated_training_rows_left_out_with_their_calibration_twin(model, da
     assert int(trust_mod.calibrate(once.state_, calibration_fraction=0.2).is_cal.sum()) == 24  # no twins: as before
 
 
+# few distinct vectors (a decision tree's one-hot outputs; here each of 6 inputs 100 times): no split keeps neighbours
+# once the calibration rows' duplicates are held out. explain, prepare (and the command line's fit) failed under their
+# defaults (an outside check); they go on without trust, saying why, and trust() says to pass held-out data
+def test_few_distinct_vectors_leave_trust_out_by_default(model, data):
+    x, y = data
+    few = ActivationClustering(model, LAYERS, n_clusters=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the model predicts one class of these)
+        few.fit(np.repeat(x[:6], 100, axis=0), np.repeat(y[:6], 100))
+    with pytest.warns(actclust.TrustWarning, match=r"No trust signals: Only 0 training samples remain as neighbours"):
+        few.prepare()
+    e = few.explain(x[:2])[0]
+    assert e.trust is None and e.trust_notes[0].startswith("No trust signals: Only 0 training samples remain")
+    with pytest.raises(actclust.ParameterError, match=r"The layers give few distinct vectors, so no split of the training "
+                                                      r"set keeps neighbours: pass held-out data as calibration"):
+        few.trust(x[:2])
+    with pytest.raises(actclust.ParameterError, match=r"remain as neighbours"):
+        few.explain(x[:2], trust=True)  # asked for: refused, as before
+    assert few.trust(x[:2], calibration=(x[6:80], y[6:80]), n_neighbors=10)["credibility"].shape == (2,)
+
+
 # a threshold flags about 5% of the calibration values below it; where the lowest values tie (layer_agreement is 0 for
 # several), the cut fell on them and flagged nothing (a dead chip: an outside check): the next value up, flagging the
 # ties, where they are at most twice the rate; no threshold where they are more

@@ -223,8 +223,9 @@ def _warn_empty_clusters(clusterings: dict) -> None:
         if empty:
             warnings.warn(f"Layer {layer!r}: only {len(sizes) - empty} of its {len(sizes)} clusters hold training "
                           "samples; the others are empty. The layer gives fewer distinct vectors than clusters (a "
-                          "constant or dead layer, samples repeated many times), so its clusters tell little apart: "
-                          "choose another layer, or fewer clusters.", DataWarning, stacklevel=user_stacklevel())
+                          "constant or dead layer, samples repeated many times, or with normalize=None values too small "
+                          "for float32 distances: keep normalize='l2'), so its clusters tell little apart: choose "
+                          "another layer, or fewer clusters.", DataWarning, stacklevel=user_stacklevel())
 
 
 def _cluster(config: FitConfig, layer: str, vectors: np.ndarray, backend):

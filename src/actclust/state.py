@@ -108,7 +108,7 @@ def _shape_hint(want: tuple, got: tuple) -> str:
         return f" (channels last? x.transpose(0, {rank}, {', '.join(map(str, range(1, rank)))}))"
     if rank >= 2 and len(got) == rank and got == want[-1:] + want[:-1]:  # channels first, fitted channels last
         return f" (channels first? x.transpose(0, {', '.join(map(str, range(2, rank + 1)))}, 1))"
-    if got == ():
+    if got == () or (len(got) + 1 == rank and got == want[1:]):  # its first axis read as the samples
         return " (one sample? pass it as a batch of one, x[None])"
     if _size(want) == _size(got) and (len(want) != len(got) or sorted(want) != sorted(got)):
         return f" (e.g. x.reshape(-1, {', '.join(map(str, want))}))"

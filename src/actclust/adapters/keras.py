@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from ..capture.arrays import NUMPY, dtype_name, is_floating
+from ..capture.arrays import NUMPY, dtype_name, fractional, is_floating
 from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
@@ -369,6 +369,10 @@ class KerasAdapter(ModelAdapter):
             )
         model_float = "float" in str(tensor.dtype)
         dtype = dtype_name(value)
+        if not model_float and "int" in str(tensor.dtype) and is_floating(value) and fractional(value):
+            # Keras casts them to the input's integers: 3.7 became 3 without a word (an outside check)
+            raise DataError(f"{label} holds fractional values but the model's input {tensor.name!r} is "
+                            f"{tensor.dtype} (token ids, indices): pass the integers the model was trained on.")
         if model_float and dtype == "uint8":
             keras = sys.modules["keras"]
             scales = [l.name for l in self._layers.values()
@@ -382,6 +386,25 @@ class KerasAdapter(ModelAdapter):
                 f"{label} holds {dtype} values but the model's input {tensor.name!r} is {tensor.dtype} and the model "
                 "has no Embedding layer that takes integer ids: convert the inputs to float (as in training)."
             )
+
+    def check_range(self, inputs, where: str) -> None:
+        """Refuse a batch holding values past the range of a float16 model input, which Keras casts them to: they
+        became infinite, and the layer that met them was blamed (an outside check)."""
+        names = self._input_names()
+        parts = (inputs if isinstance(inputs, Mapping) else dict(zip(names, inputs)) if isinstance(inputs, (tuple, list))
+                 else {names[0]: inputs})
+        for tensor, key in zip(self._inputs(), names):
+            value = parts.get(key)
+            if value is None or str(tensor.dtype) not in ("float16", "bfloat16") or not is_floating(value):
+                continue
+            top = float(np.finfo(np.float16).max) if str(tensor.dtype) == "float16" else 3.39e38
+            a = np.asarray(sys.modules["keras"].ops.convert_to_numpy(value), dtype=np.float64)
+            past = np.isfinite(a) & (np.abs(a) > top)
+            if past.any():
+                row = int(np.flatnonzero(past.reshape(len(a), -1).any(1))[0])
+                raise DataError(f"Row {row} of {where}, input {key!r}, holds values beyond the range of the model's "
+                                f"{tensor.dtype} input (largest {top:.6g}): they become infinite. Scale the inputs as in "
+                                "training.")
 
     # ------------------------------------------------------------------ weights
     def fingerprint(self) -> str:
@@ -698,6 +721,7 @@ class _KerasRunner(Runner):
             sys.modules["keras"].ops.convert_to_numpy(mask))
         if not getattr(self, "_said_empty", False):
             self._said_empty = check_empty_masks(mask, where)
+        self.adapter.check_range(inputs, where)
         outputs, taps = _call(self.extractor, self.adapter._feed(inputs), where)
         logits = self.adapter.logits(outputs, n)
         kept = {}

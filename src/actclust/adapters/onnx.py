@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..capture.arrays import NUMPY, dtype_name, is_floating, to_numpy
+from ..capture.arrays import NUMPY, dtype_name, fractional, is_floating, to_numpy
 from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
@@ -291,17 +291,24 @@ class OnnxAdapter(ModelAdapter):
     def input_names(self) -> Optional[list]:
         return list(self.inputs) if len(self.inputs) > 1 else None
 
-    def feeds(self, inputs) -> dict:
-        """The session's inputs by name, cast to the graph's element types."""
+    def feeds(self, inputs, where: str = "the batch") -> dict:
+        """The session's inputs by name, cast to the graph's element types (``where``: the batch, for errors)."""
         named = self._named(inputs)
         out = {}
         for name, value in named.items():
             a = np.ascontiguousarray(to_numpy(value))
             elem = self.types.get(name, (None, None))[0]
-            if elem in _FLOAT_TYPES:
-                a = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
-            elif elem:
-                a = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
+            if elem:
+                with np.errstate(over="ignore"):  # said below, naming the row, not as NumPy's RuntimeWarning
+                    cast = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
+                if elem in _FLOAT_TYPES and cast.dtype.kind == "f" and a.dtype.kind == "f":
+                    lost = np.isfinite(a) & ~np.isfinite(cast)
+                    if lost.any():  # a float16 graph: values past 65504 became infinite (blamed on a layer: an outside check)
+                        row = int(np.flatnonzero(lost.reshape(len(a), -1).any(1))[0])
+                        raise DataError(f"Row {row} of {where}, input {name!r}, holds values beyond the range of the "
+                                        f"model's {cast.dtype} input (largest {float(np.finfo(cast.dtype).max):.6g}): "
+                                        "they become infinite. Scale the inputs as in training.")
+                a = cast
             out[name] = a
         return out
 
@@ -313,6 +320,10 @@ class OnnxAdapter(ModelAdapter):
                 continue
             elem, dims = self.types[key]
             label = name if len(self.inputs) == 1 else f"{name}[{key!r}]"
+            if elem not in _FLOAT_TYPES and is_floating(value) and fractional(value):
+                # cast to the graph's integers, 3.7 became 3 without a word (an outside check)
+                raise DataError(f"{label} holds fractional values but the model's input {key!r} takes integers "
+                                "(token ids, indices): pass the integers the model was trained on.")
             if elem in _FLOAT_TYPES and not is_floating(value):
                 if dtype_name(value) == "uint8":
                     raise DataError(f"{label} holds uint8 values (raw image bytes?) but the model's input {key!r} is "
@@ -448,7 +459,7 @@ class OnnxAdapter(ModelAdapter):
         wanted = [l for l in layers if l not in reduced]
         wanted += [f"{l}::{s}" for l, (_, summary) in reduced.items() for s in (("mean", "grid") if summary else ("mean",))]
         names = self.outputs + [l for l in wanted if l not in self.outputs]
-        feeds = self.feeds(inputs)
+        feeds = self.feeds(inputs, where)
         n = batch_len(inputs)
         step = self.batch_limit() or n
         parts = []

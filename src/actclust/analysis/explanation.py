@@ -40,6 +40,7 @@ from __future__ import annotations
 import gc
 import numbers
 import json
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from .concepts import concepts
-from ..exceptions import ParameterError
+from ..exceptions import ParameterError, TrustWarning, user_stacklevel
 from .retrieval import check_args
 from .retrieval import search_many as find
 from .surrogate import combine
@@ -274,9 +275,24 @@ def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str =
                    shares=_SHARES, progress=progress, backend=backend)
     options = _trust_options(state, trust)
     if options is not None:
-        from .trust import calibrate
+        cal, skipped = _calibration(state, trust, options, search=search, progress=progress, backend=backend)
+        if cal is None:
+            warnings.warn(skipped[0], TrustWarning, stacklevel=user_stacklevel())
 
-        calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
+
+def _calibration(state: FittedState, trust, options: dict, **settings) -> tuple:
+    """``(calibration, None)``, or where trust was not asked for (``trust=None``: by default) and this training set
+    cannot calibrate it, ``(None, notes saying why)``: explain and prepare go on without it (a layer of few distinct
+    vectors, a decision tree's one-hot probabilities, left no neighbours once the calibration rows' duplicates were
+    held out, and explain, prepare and the command line's fit failed under their defaults: an outside check)."""
+    from .trust import calibrate
+
+    try:
+        return calibrate(state, **{**settings, **options}), None
+    except ParameterError as e:
+        if trust is not None:  # asked for: its error stands
+            raise
+        return None, [f"No trust signals: {e}"]
 
 
 
@@ -341,11 +357,11 @@ def explain(state: FittedState, q: Query, *, k: int = DEFAULT_K, class_names=Non
                  "trust={'calibration': ac.query(X_val, y_val, vectors=True)"
                  + (f", 'n_neighbors': {n} or fewer" if n < 50 else "") + "}."]
     if options is not None:
-        from .trust import calibrate
         from .trust import signals as trust_signals
 
-        cal = calibrate(state, **{"search": search, "progress": progress, "backend": backend, **options})
-        signals, notes, thresholds = trust_signals(state, cal, q, backend), list(cal.notes) or None, cal.thresholds
+        cal, notes = _calibration(state, trust, options, search=search, progress=progress, backend=backend)
+        if cal is not None:
+            signals, notes, thresholds = trust_signals(state, cal, q, backend), list(cal.notes) or None, cal.thresholds
     with _cycle_collector_paused():
         return _build(state, q, probas, combined, w, prior, exemplars, near, class_names, signals, notes,
                       thresholds, meta)

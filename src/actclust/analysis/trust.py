@@ -547,10 +547,14 @@ def _split(state: FittedState, fraction: float, k: int) -> _Split:
     hashes = _row_hashes(state)
     is_cal |= np.isin(hashes, hashes[cal])
     if int((~is_cal).sum()) < k:
+        twins = int(is_cal.sum()) - n_cal
+        # most samples alike in every layer (a decision tree's one-hot outputs): no split keeps neighbours of its own
+        how = ("the layers give few distinct vectors, so no split of the training set keeps neighbours: pass held-out "
+               "data as calibration (trust={'calibration': (X_val, y_val)}; the command line has no option for it)"
+               if twins > n_cal else "Lower n_neighbors or calibration_fraction, or pass held-out data as calibration")
         raise ParameterError(
             f"Only {int((~is_cal).sum())} training samples remain as neighbours after holding out {n_cal} for "
-            f"calibration and their {int(is_cal.sum()) - n_cal} duplicates; n_neighbors={k} needs at least {k}. Lower "
-            "n_neighbors or calibration_fraction, or pass held-out data as calibration.")
+            f"calibration and their {twins} duplicates; n_neighbors={k} needs at least {k}. {how[0].upper() + how[1:]}.")
     labels = state.row_classes
     return _Split(is_cal, state.train_predictions[cal], labels[cal], state.train_labels is not None,
                   lambda l: take(state.train_vectors[l], cal), "internal")

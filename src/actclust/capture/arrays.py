@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Ops", "NUMPY", "ops_for", "pool_matrix", "is_array", "is_torch", "dtype_name", "is_floating", "is_integer",
-           "nonfinite_rows", "to_numpy", "take_rows", "stack"]
+__all__ = ["Ops", "NUMPY", "ops_for", "pool_matrix", "is_array", "is_torch", "dtype_name", "fractional", "is_floating",
+           "is_integer", "nonfinite_rows", "to_numpy", "take_rows", "stack"]
 
 
 def is_torch(a) -> bool:
@@ -45,6 +45,14 @@ def dtype_name(a) -> str:
         dt = np.asarray(a).dtype if not hasattr(a, "dtypes") else np.result_type(*a.dtypes)
     name = getattr(dt, "name", None) if not is_torch(a) else None
     return str(name if isinstance(name, str) else dt).replace("torch.", "")
+
+
+def fractional(a) -> bool:
+    """Whether the floating array ``a`` holds a finite value that is not a whole number (ids cast to a model's integer
+    input would lose it)."""
+    x = np.asarray(to_numpy(a), dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    return bool((finite != np.round(finite)).any())
 
 
 def is_floating(a) -> bool:
@@ -219,8 +227,9 @@ class NumpyOps(Ops):
         # each row scaled by its largest value first: the squares of values near 1e19 (or 1e-20) overflow (underflow)
         # float32, and such rows became zeros, all in one cluster (an outside check)
         big = np.abs(v).max(1, keepdims=True) if v.shape[1] else np.zeros((len(v), 1), v.dtype)
-        u = v / np.maximum(big, np.finfo(v.dtype).tiny if v.dtype.kind == "f" else 1)
-        return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+        with np.errstate(invalid="ignore", over="ignore"):  # rows of inf or NaN: named by the capture's check instead
+            u = v / np.maximum(big, np.finfo(v.dtype).tiny if v.dtype.kind == "f" else 1)
+            return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
 
     def asarray_like(self, a, like):
         return np.asarray(a, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float32)

@@ -335,6 +335,8 @@ def numeric(a, name: str):
     no framework warns about writing into them); other frameworks' tensors as they are."""
     if isinstance(a, np.ndarray) or not is_array(a):
         a = np.asarray(a)
+        if a.dtype.kind == "V" and (a.dtype.name == "bfloat16" or a.dtype.name.startswith("float8")):
+            a = a.astype(np.float32)  # ml_dtypes' narrow floats (JAX's NumPy bfloat16): float32 holds each exactly
         if a.dtype == object or a.dtype.kind in "USV":
             raise DataError(f"{name} holds {a.dtype} values; pass numbers (an array of a numeric dtype).")
         if not a.flags.writeable or not a.flags.c_contiguous:

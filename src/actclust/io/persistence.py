@@ -539,8 +539,9 @@ def _store_files(m: dict, path: Path) -> tuple:
         return None, {}
     if m.get("format_version") == 2:
         raise InvalidSaveError(
-            f"The run at {path} was saved by an earlier actclust with its vectors in a store folder whose files carry no "
-            "checksums (and which a later fit into the same store folder could have changed); fit and save it again.")
+            f"The run at {path} has format version 2, saved by an earlier actclust with its vectors in a store folder "
+            "whose files carry no checksums (and which a later fit into the same store folder could have changed); fit "
+            "and save it again.")
     name, files = info.get("dir") if isinstance(info, dict) else None, info.get("sha256") if isinstance(info, dict) else None
     if not isinstance(name, str) or not _STORE_RE.match(name) or not isinstance(files, dict) or STORE_MANIFEST not in files \
             or not all(isinstance(f, str) and _STORE_FILE_RE.match(f) and isinstance(h, str) for f, h in files.items()):
