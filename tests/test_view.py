@@ -205,6 +205,8 @@ def test_token_cookie_per_port(tabular):
     # the token moves to the cookie and out of the address (it stayed in the address bar: an outside check)
     assert [r.status_code for r in ra.history] == [303] and str(ra.url) == "http://127.0.0.1:8801/"
     assert str(a.get("/inputs?token=ta&show=wrong&sort=trust").url).endswith("/inputs?show=wrong&sort=trust")
+    moved = a.get("/layer/r%3Fx%2541?token=ta", follow_redirects=False)  # the path as sent, still encoded (review)
+    assert moved.status_code == 303 and moved.headers["location"] == "/layer/r%3Fx%2541"
     jar = {**dict(a.cookies), **dict(b.cookies)}  # one browser: one jar for the host, whatever the port
     assert set(jar) == {"actclust_view_token_8801", "actclust_view_token_8802"}
     for client in (a, b):

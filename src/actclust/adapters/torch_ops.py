@@ -65,8 +65,10 @@ class TorchOps(Ops):
         # as NumPy's: each row scaled by its largest value first, so that no square overflows or underflows
         if v.shape[1] == 0:
             return v
-        u = v / v.abs().amax(1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-        return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w = v if v.is_floating_point() and v.element_size() >= 4 else v.float()  # float16's 1e-12 floor is 0
+        u = w / w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return u.to(v.dtype) if v.is_floating_point() else u
 
     def asarray_like(self, a, like):
         dtype = like.dtype if like.is_floating_point() else torch.float32

@@ -225,11 +225,15 @@ class NumpyOps(Ops):
 
     def l2_normalize(self, v):
         # each row scaled by its largest value first: the squares of values near 1e19 (or 1e-20) overflow (underflow)
-        # float32, and such rows became zeros, all in one cluster (an outside check)
-        big = np.abs(v).max(1, keepdims=True) if v.shape[1] else np.zeros((len(v), 1), v.dtype)
+        # float32, and such rows became zeros, all in one cluster (an outside check); in float32 at least (float16's
+        # floor of 1e-12 is 0, and its zero rows became NaN), given back in v's own floating type
+        dtype = v.dtype if v.dtype.kind == "f" and v.dtype.itemsize >= 4 else np.dtype(np.float32)
+        w = v.astype(dtype, copy=False)
+        big = np.abs(w).max(1, keepdims=True) if w.shape[1] else np.zeros((len(w), 1), dtype)
         with np.errstate(invalid="ignore", over="ignore"):  # rows of inf or NaN: named by the capture's check instead
-            u = v / np.maximum(big, np.finfo(v.dtype).tiny if v.dtype.kind == "f" else 1)
-            return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+            u = w / np.maximum(big, np.finfo(dtype).tiny)
+            u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+        return u.astype(v.dtype, copy=False) if v.dtype.kind == "f" else u
 
     def asarray_like(self, a, like):
         return np.asarray(a, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float32)

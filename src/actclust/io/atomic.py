@@ -238,10 +238,10 @@ def reading(path) -> Iterator[None]:
     is one save's files (a load while another process saved over the run met files removed under it: an outside
     check). Nothing where the folder does not exist, cannot be opened, or the system has no ``flock``."""
     hold = None
-    if fcntl is not None:
+    if fcntl is not None and os.path.isdir(path):  # a folder only: the open of a FIFO waited for a writer forever
         try:
             hold = Hold(path, shared=True)
-        except OSError:  # missing, not a folder, not readable: the reading says what is wrong
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # gone, not readable: the reading says so
             hold = None
     try:
         yield
