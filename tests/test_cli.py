@@ -71,6 +71,19 @@ def test_demo_then_score(tmp_path, monkeypatch, capsys):
     assert main(_paste(hint) + ["--json", "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0 <= scores["fidelity"] <= 1 and set(scores["per_layer"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert [v["weight"] for v in scores["per_layer"].values()] == [0.25] * 4  # as the table shows them
+    # a run fitted from a PyTorch model, scored with its ONNX export: the run's PyTorch weights are not applied to the
+    # file (the error said to drop a --weights never given: an outside check)
+    import torch
+    from actclust.models import digits_cnn
+
+    net = digits_cnn()
+    torch.onnx.export(net.eval(), (torch.zeros(2, 1, 8, 8),), str(tmp_path / "cnn.onnx"), input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    assert main(["score", "actclust-demo", "--data", "digits", "--model", str(tmp_path / "cnn.onnx"), "--quiet",
+                 "--json"]) == 2
+    err = capsys.readouterr().err  # what does not fit is said: its tensors are not the run's layers
+    assert "--weights is for a model" not in err and "The model has no layers ['conv1', 'conv2', 'fc1', 'fc2']" in err
 
 
 # a demo into an explicit folder holding a run stops before training and names the option

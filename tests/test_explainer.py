@@ -323,6 +323,11 @@ def test_load_without_model(fitted, tmp_path):
         actclust.load(tmp_path / "run")
     with pytest.raises(ParameterError, match=r"verify must be True or False. Got 'no' instead"):
         actclust.load(tmp_path / "run", fitted.model, verify="no")  # it was taken as True
+    # a run that keeps its ONNX model: the message names the file (it only said a run keeps no code: outside check)
+    (tmp_path / "run" / "model-0123456789abcdef.onnx").write_bytes(b"")
+    with pytest.raises(ParameterError, match=r"This run keeps its ONNX model \(data, not code\): actclust.load\(path, "
+                                             r"'.*run/model-0123456789abcdef.onnx'\)"):
+        actclust.load(tmp_path / "run")
 
 
 # inputs of another shape than the training data are reported

@@ -583,9 +583,12 @@ def load(path, model=None, *, output=None, progress: bool = True, verify: bool =
     if not isinstance(verify, (bool, np.bool_)):  # verify='no' was taken as True
         raise ParameterError(f"verify must be True or False. Got {verify!r} instead.")
     if model is None:  # a TypeError said only that an argument was missing
+        kept = sorted(Path(path).glob("model-*.onnx")) if Path(path).is_dir() else []
+        hint = (f" This run keeps its ONNX model (data, not code): actclust.load(path, {str(kept[0])!r})." if kept
+                else "")
         raise ParameterError(
             f"load({str(path)!r}) needs the model the run explains: actclust.load(path, model). A run keeps no "
-            "code; the command line rebuilds a model a run records (docs/security.md).")
+            f"code; the command line rebuilds a model a run records (docs/security.md).{hint}")
     from .analysis import saved
     from .exceptions import InvalidSaveError
     from .io.persistence import INDEX_FILE_RE, attached, check_model, read_run

@@ -146,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated module names; list them with: actclust layers MODEL")
     f.add_argument("--n-clusters", type=clusters, default=15, help="clusters per layer")
     f.add_argument("--reducer", default="mean",
-                   help="how each layer's activation map becomes a vector: mean, max, grid, grid:G, pca:D "
-                        "or random:D (G, D positive integers)")
+                   help="how each layer's activation map becomes a vector: mean, max, auto (as Python's default: "
+                        "dense outputs kept whole), grid, grid:G, pca:D or random:D (G, D positive integers)")
     f.add_argument("--posterior", default="prediction", choices=["prediction", "label"],
                    help="what a cluster predicts: the DNN's predictions in it, or the true labels (needs y)")
     f.add_argument("--layer-weights", default=None,
@@ -306,6 +306,9 @@ def _score(args) -> int:
     ac = load_run(args)
     x, y = load_data(args.data, "test", ac._adapter())
     scores = ac.score(x, y)
+    if args.json:  # each layer's weight, as the table shows it (an outside check)
+        scores = {**scores, "per_layer": {l: {**v, "weight": float(w)} for (l, v), w in
+                                          zip(scores["per_layer"].items(), ac.weights_)}}
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores, ac, title=f"on {args.data}"))
     return EXIT_OK
 
@@ -447,7 +450,12 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
 
     own = spec in TRUSTED_MODELS or metadata["model"].endswith(".onnx")  # a run's own record is not imported
     model_option = () if own else ("--model", spec)
-    print(f"saved the run to {out}/; score it again with: {command('score', out, '--data', data, *model_option)}")
+    from ..datasets import DATASETS
+
+    # a built-in set is scored on its test split; a file of the user's was the training data (an outside check)
+    held_out = data if data in DATASETS else "HELD_OUT.npz"
+    print(f"saved the run to {out}/; score it on held-out data with: "
+          f"{command('score', out, '--data', held_out, *model_option)}")
 
 
 def _weights_bytes(model) -> bytes:

@@ -54,6 +54,8 @@ def load_run(args):
     meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
     weights = args.weights or recorded_weights(run, manifest)
     if args.model:  # named by the user: imported as `actclust fit` does, never from inside the run folder
+        if is_model_file(args.model) and not args.weights:
+            weights = None  # an .onnx or .keras file holds its own: the run's PyTorch weights are not for it
         if not is_model_file(args.model):
             _refuse_code_inside(args.model, run, "--model")
         return load(run, build_model(args.model, weights, run), progress=not args.quiet)

@@ -142,7 +142,7 @@ def add_parser(sub, formatter_class) -> None:
                    help="intra-class correlation of participants (latent scale): how alike one person's trials are")
     w.add_argument("--power", type=float, default=0.8, help="power to reach")
     w.add_argument("--alpha", type=float, default=0.05, help="significance level (two-sided)")
-    w.add_argument("--simulations", type=_at_least(100), default=1000, help="simulated studies per study size")
+    w.add_argument("--simulations", type=_at_least(100), default=1000, help="simulated studies per study size (at least 100)")
     w.add_argument("--seed", type=_at_least(0), default=0, help="seed of the simulation")
     w.add_argument("--max-participants", type=_at_least(10), default=5000,
                    help="give up beyond this many participants per condition")
