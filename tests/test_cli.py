@@ -279,6 +279,7 @@ def test_fit_hint_is_a_runnable_command(tmp_path, tiny_npz, monkeypatch, capsys)
                  "--out", "my run", "--quiet"]) == 0
     hint = next(line for line in capsys.readouterr().out.splitlines() if "actclust score" in line)
     assert hint.endswith("actclust score 'my run' --data d.npz --model conftest:TinyCNN")
+    assert "(give held-out data instead of d.npz for figures on new inputs)" in hint  # it is the training data
     assert main(_paste(hint) + ["--quiet"]) == 0
     assert "combined" in capsys.readouterr().out
 

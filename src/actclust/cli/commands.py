@@ -452,10 +452,9 @@ def _save(ac, out: Path, overwrite: bool, spec: str, model, data: str, also=()) 
     model_option = () if own else ("--model", spec)
     from ..datasets import DATASETS
 
-    # a built-in set is scored on its test split; a file of the user's was the training data (an outside check)
-    held_out = data if data in DATASETS else "HELD_OUT.npz"
-    print(f"saved the run to {out}/; score it on held-out data with: "
-          f"{command('score', out, '--data', held_out, *model_option)}")
+    # a built-in set is scored on its test split; a file of the user's is the training data (an outside check)
+    note = "" if data in DATASETS else f" (give held-out data instead of {data} for figures on new inputs)"
+    print(f"saved the run to {out}/; score it again{note} with: {command('score', out, '--data', data, *model_option)}")
 
 
 def _weights_bytes(model) -> bytes:
