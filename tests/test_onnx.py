@@ -387,6 +387,11 @@ def test_ids_only_graph_takes_a_mask_apart(tmp_path):
     with pytest.warns(DataWarning, match=rf"Layer '{re.escape(relu)}' is a token map averaged over all 6 positions: "
                                          r"the batches carry no attention mask"):
         plain = ActivationClustering(str(path), [relu], n_clusters=3, normalize=None, progress=False).fit(ids)
+    gather = next(n for n in a.layer_names() if a.producer[n].op_type == "Gather")
+    with pytest.warns(DataWarning, match=rf"Layers \['{re.escape(gather)}', '{re.escape(relu)}'\] are token maps "
+                                         r"averaged over all 6 positions") as said:  # each named (it named the first)
+        ActivationClustering(str(path), [gather, relu], n_clusters=3, normalize=None, progress=False).fit(ids)
+    assert sum("token map" in str(w.message) for w in said) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         masked = ActivationClustering(str(path), [relu], n_clusters=3, normalize=None, progress=False).fit(

@@ -562,7 +562,7 @@ class _OnnxRunner(Runner):
         outputs, values = self.adapter.forward(inputs, list(self.reducers), where, self.reduced)
         logits = self.adapter.logits(outputs, n)
         mask = next((np.asarray(to_numpy(inputs[k])) for k in MASK_KEYS if isinstance(inputs, Mapping) and k in inputs), None)
-        out = {}
+        out, unmasked = {}, []
         for name, reduce in self.reducers.items():
             if name in self.reduced:  # reduced in the graph: only the normalisation is left
                 v = np.asarray(values[f"{name}::mean"], dtype=np.float32)
@@ -581,21 +581,28 @@ class _OnnxRunner(Runner):
                 raise CaptureError(f"Layer {name!r} gives {t.dtype} values; choose a floating tensor.")
             layout = self.fixed[name] if self.fixed else self.adapter.layout(name, t.ndim, mask is not None)
             self.layouts.setdefault(name, layout)
-            if mask is None and layout == "tokens" and not getattr(self, "_said_unmasked", False):
-                self._said_unmasked = _warn_unmasked(name, t.shape, inputs)
+            if mask is None and layout == "tokens":
+                unmasked.append((name, t.shape))
             keep_reduced(out, name, reduce(t.astype(np.float32, copy=False), mask, layout=layout, ops=NUMPY),
                          NUMPY.to_host)
+        if unmasked and not getattr(self, "_said_unmasked", False):  # every such layer, once (it named the first)
+            self._said_unmasked = _warn_unmasked(unmasked, inputs)
         check_captured(logits, out, where)
         return logits, out
 
 
-def _warn_unmasked(layer: str, shape: tuple, inputs) -> bool:
-    """Warn (and say so) where a token map is averaged over all its positions while an input holds integer ids as long:
-    padding, if the sequences are padded, is averaged in (an outside check: only list_layers said so)."""
+def _warn_unmasked(layers: list, inputs) -> bool:
+    """Warn (and say so) where token maps (``(name, shape)`` of each) are averaged over all their positions while an
+    input holds integer ids as long: padding, if the sequences are padded, is averaged in (an outside check: only
+    list_layers said so)."""
     arrays = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
-    if not any(np.asarray(a).dtype.kind in "iu" and np.ndim(a) == 2 and np.shape(a)[1] == shape[1] for a in arrays):
+    lengths = {np.shape(a)[1] for a in arrays if np.asarray(a).dtype.kind in "iu" and np.ndim(a) == 2}
+    named = [name for name, shape in layers if shape[1] in lengths]
+    if not named:
         return False
-    warnings.warn(f"Layer {layer!r} is a token map averaged over all {shape[1]} positions: the batches carry no "
+    shape = dict(layers)[named[0]]
+    what = f"Layer {named[0]!r} is a token map" if len(named) == 1 else f"Layers {named} are token maps"
+    warnings.warn(f"{what} averaged over all {shape[1]} positions: the batches carry no "
                   "attention mask, and the inputs hold integer token ids as long, so padding tokens, if the sequences "
                   "are padded, are averaged in and move the vectors. Give dict batches with an 'attention_mask' (1 for "
                   "real tokens; the graph need not take it), or choose layers after the model pools its tokens.",
