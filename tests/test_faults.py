@@ -296,7 +296,7 @@ def test_loaded_indexes_survive_a_save_over_the_run(model, mixed_model, data, tm
 
 # a load while another process saves over the run met files removed under it (raw FileNotFoundError, or a "damaged
 # run, fit again"): a load takes the folder's lock shared, so it waits for a save under way, and a save for it
-def test_load_waits_for_a_save_under_way(model, data, tmp_path):
+def test_load_waits_for_a_save_under_way(model, data, tmp_path, npz):
     import threading
 
     from actclust.io import atomic
@@ -314,6 +314,23 @@ def test_load_waits_for_a_save_under_way(model, data, tmp_path):
     turn.release()
     loader.join(30)
     np.testing.assert_array_equal(done[0].predict(x[:20]), expected)
+    # the command line reads the run's manifest and model files under the same lock (it read them before: one save's
+    # weights with another's run, exit 0: an outside check)
+    from actclust.io import persistence
+
+    real, free = persistence.read_manifest, []
+
+    def spied(path):  # while the command reads the manifest, a save could take the folder's lock: no longer
+        hold = atomic.Hold.attempt(path)
+        free.append(hold is not None)
+        if hold is not None:
+            hold.release()
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(persistence, "read_manifest", spied)
+        assert main(["score", str(run), "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN"]) == 0
+    assert free and not any(free)  # the command's own read too (it was free: [True, False])
     # a named pipe given as the run: said not to be one (the lock's open of it waited for a writer forever: review)
     os.mkfifo(tmp_path / "pipe")
     said = []
@@ -327,6 +344,34 @@ def test_load_waits_for_a_save_under_way(model, data, tmp_path):
     pipe.start()
     pipe.join(20)
     assert not pipe.is_alive() and said and said[0].startswith(f"No saved run at {tmp_path / 'pipe'}")
+
+
+# a save killed while it removed the replaced run's store folder left half of it, which no later save took for a
+# leftover: every save into the folder was refused after (an outside check). The folder is renamed to a temporary entry
+# of ours first, which the next save removes
+def test_save_killed_while_removing_the_old_store(model, mixed_model, data, tmp_path, monkeypatch):
+    from actclust.io import atomic
+
+    x, y = data
+    run = tmp_path / "run"
+    _fit(model, x, y, store=tmp_path / "s1").save(run)
+    b = _fit(mixed_model, x[::-1].copy(), store=tmp_path / "s2")
+    real = atomic.shutil.rmtree
+
+    def killed(path, ignore_errors=False):
+        files = sorted(os.listdir(path)) if "store-" in os.path.basename(path) else []
+        if not files:
+            return real(path, ignore_errors=ignore_errors)
+        os.unlink(os.path.join(path, "store.json"))  # the replaced store's manifest gone (rmtree's order), then the
+        raise KeyboardInterrupt  # process dies
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        b.save(run, overwrite=True)
+    monkeypatch.setattr(atomic.shutil, "rmtree", real)
+    b.save(run, overwrite=True)  # was: RunExistsError, "files that are not part of the run (store-...)"
+    assert not [n for n in os.listdir(run) if n.endswith(".actclust-tmp")]
+    np.testing.assert_array_equal(actclust.load(run, mixed_model, progress=False).predict(x), b.predict(x))
 
 
 # ---------------------------------------------------------------------------- 3. stored files checked at load

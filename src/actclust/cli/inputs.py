@@ -45,7 +45,16 @@ def check_layers(layers: list, model, spec: str) -> None:
 
 
 def load_run(args):
-    """The saved run at ``args.run`` bound to its model, built as the module's docstring says."""
+    """The saved run at ``args.run`` bound to its model, built as the module's docstring says: its manifest, the
+    model's files it records and the run itself read under the folder's lock, shared, as ``load`` reads a run (read
+    before it, a save in between gave one save's weights with another's run: an outside check)."""
+    from ..io import atomic
+
+    with atomic.reading(Path(args.run)):
+        return _load_run(args)
+
+
+def _load_run(args):
     from ..explainer import load
     from ..io.persistence import read_manifest
 

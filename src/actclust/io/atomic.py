@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-__all__ = ["TEMP_SUFFIX", "is_temp", "temp_path", "Hold", "clean", "temp_dir", "make_temp_dir", "write",
+__all__ = ["TEMP_SUFFIX", "is_temp", "temp_path", "Hold", "clean", "temp_dir", "make_temp_dir", "write", "discard_dir",
            "write_into", "publish", "fsync_dir", "file_mode", "storage_error", "guard", "check_can_write", "sha256_file"]
 
 TEMP_SUFFIX = ".actclust-tmp"
@@ -309,6 +309,16 @@ def publish(source, target, *, replace: bool = True) -> None:
         else:
             os.unlink(source)
     fsync_dir(Path(target).parent)
+
+
+def discard_dir(path) -> None:
+    """Remove the folder ``path``, renamed first to a temporary entry of ours, in one step: a process killed while it
+    removed the files of a run's replaced store left half of it, which no later save recognised as a leftover (the
+    folder refused every save after it: an outside check); a killed removal now leaves an entry :func:`clean` removes."""
+    path = Path(path)
+    doomed = temp_path(path.parent, path.name)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def write(target, content: Content, *, what: str = "file", replace: bool = True) -> str:

@@ -441,7 +441,10 @@ def _prune(path: Path, manifest: dict, old) -> None:
         if name in keep or atomic.is_temp(name) or not (name in stale or _leftover(path, name)):
             continue  # temporary entries: atomic.clean, which leaves a live writer's alone
         target = path / name
-        shutil.rmtree(target, ignore_errors=True) if _real_dir(target) else target.unlink(missing_ok=True)
+        if _real_dir(target):
+            atomic.discard_dir(target)
+        else:
+            target.unlink(missing_ok=True)
     atomic.clean(path)
     atomic.fsync_dir(path)
 
