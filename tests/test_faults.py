@@ -210,6 +210,23 @@ def test_damaged_recorded_weights_named_as_the_runs(fitted, npz, cwd, capsys):
     assert "torch.save" not in err
 
 
+# a run that records no weights (saved from Python), scored with --model alone: the callable's fresh model was scored,
+# untrained, with a warning only (fidelity 0.0: an outside check); refused, saying to add --weights
+def test_untrained_model_for_a_run_without_weights_refused(data, npz, cwd, capsys):
+    from safetensors.torch import save_file
+
+    x, y = data
+    trained = TinyCNN(seed=7).eval()
+    _fit(trained, x, y).save(cwd / "run")
+    assert main(["score", "run", "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN"]) == 2
+    err = capsys.readouterr().err
+    assert ("records no model weights, none were given, and the model conftest:TinyCNN builds has other parameters "
+            "than the one the run was fitted with (untrained?): add --weights") in err
+    save_file(trained.state_dict(), str(cwd / "w.safetensors"))
+    assert main(["score", "run", "--data", str(npz), "--quiet", "--model", "conftest:TinyCNN",
+                 "--weights", str(cwd / "w.safetensors")]) == 0
+
+
 # ---------------------------------------------------------------------------- 2. a saved run owns its vectors
 # defect 2: fitting B into A's store folder and then saving A gave a run with B's vectors
 def test_two_estimators_one_store_folder(model, mixed_model, data, tmp_path):

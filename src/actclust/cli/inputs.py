@@ -67,7 +67,10 @@ def _load_run(args):
             weights = None  # an .onnx or .keras file holds its own: the run's PyTorch weights are not for it
         if not is_model_file(args.model):
             _refuse_code_inside(args.model, run, "--model")
-        return load(run, build_model(args.model, weights, run), progress=not args.quiet)
+        model = build_model(args.model, weights, run)
+        if weights is None and not is_model_file(args.model):
+            _check_untrained(model, manifest, run, args.model)
+        return load(run, model, progress=not args.quiet)
     spec = meta.get("model")
     if not isinstance(spec, str) or not spec:
         raise ParameterError(f"The run at {run} does not say how to build its model (a run saved from Python keeps "
@@ -100,6 +103,20 @@ def _load_run(args):
             "folder), or add --trust-run-model if you trust the run."
         )
     return load(run, _build(factory, spec, weights, run), progress=not args.quiet)
+
+
+def _check_untrained(model, manifest: dict, run: Path, spec: str) -> None:
+    """Refuse the model ``spec`` built without weights where its parameters are not the fitted model's: the run records
+    no weights (saved from Python, also over a run the command line had saved) and none were given, so the model is
+    as the callable makes it, untrained unless it loads its own. It was scored with a warning alone (fidelity 0.0: an
+    outside check)."""
+    from ..adapters import adapt
+
+    if adapt(model).fingerprint() != manifest.get("model_fingerprint"):
+        raise ParameterError(
+            f"The run at {run} records no model weights, none were given, and the model {spec} builds has other "
+            "parameters than the one the run was fitted with (untrained?): add --weights with its trained weights (a "
+            ".safetensors or .pt state dict), or make the callable load them.")
 
 
 def _trusted_factory(spec: str):
