@@ -118,7 +118,8 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
             # bookmarks and screenshots: an outside check); later links carry no token
             query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)  # as sent, encoded
-            path = "/" + path.lstrip("/")  # one slash: "//host/..." in Location is another site (an open redirect)
+            # one slash, defensively: "//host/..." in Location is another site (no route answers such a path today)
+            path = "/" + path.lstrip("/")
             moved = RedirectResponse(path + (f"?{query}" if query else ""), status_code=303)
             moved.set_cookie(cookie_name(request.url.port), token, httponly=True, samesite="strict", path="/")
             return moved
