@@ -59,7 +59,9 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
 
     env = environment()
     cache = PageCache(cache_size)
-    app = FastAPI(title="actclust view", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect to add or drop a trailing slash: Starlette's kept ?token= in its Location, built from the Host header
+    # (an outside check); such an address is a 404 page like any other the explorer does not answer
+    app = FastAPI(title="actclust view", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.explorer, app.state.cache = explorer, cache
     ex = explorer
 
@@ -86,8 +88,11 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         if exc.status_code == 404:
             return render("explorer_error.html.j2", 404, heading="Not found", bare=True, back="/",
                           back_text="the run", message=f"No page of the explorer at {request.url.path!r}.")
-        return render("explorer_error.html.j2", exc.status_code, heading=str(exc.detail), bare=True, back="/",
+        page = render("explorer_error.html.j2", exc.status_code, heading=str(exc.detail), bare=True, back="/",
                       back_text="the run", message="")
+        if exc.status_code == 405:
+            page.headers["Allow"] = "GET"  # as HTTP asks of a 405
+        return page
 
     @app.middleware("http")
     async def headers(request, call_next):
