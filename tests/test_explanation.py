@@ -283,6 +283,13 @@ def test_class_names_forms(fitted, data, tmp_path):
                        (["cat", " ", "bird"], r"class_names must give each class a name; class 1 has a blank one"),
                        (["cat", "dog", "cat"], r"class_names must give each class its own name; classes 0 and 2 are "
                                                r"both named 'cat'"),
-                       ({0: "cat", 1: "", 2: "bird"}, r"class 1 has a blank one")):
+                       ({0: "cat", 1: "", 2: "bird"}, r"class 1 has a blank one"),
+                       # names that read alike, invisible ones, None, and a direction control that turned the figures
+                       # shown after it around (an outside check)
+                       (["cat", "dog", "cat "], r"classes 0 and 2 are both named 'cat' \(and 'cat ', which reads the same\)"),
+                       (["cat", "\u200b", "bird"], r"class 1 has a blank one"),
+                       (["cat", None, "bird"], r"class_names must name every class; class 1 is None"),
+                       (["cat", "\u202edog", "bird"], r"must not hold text-direction control characters .* class 1's "
+                                                      r"name '\\u202edog' does")):
         with pytest.raises(actclust.ParameterError, match=match):
             fitted.explain(x[:2], class_names=bad, trust=False)

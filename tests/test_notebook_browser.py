@@ -57,7 +57,7 @@ _CHECK_JS = """() => {
 def test_outputs_in_a_notebook_page(fitted, data, tmp_path, theme, bg, fg):
     chromium, sync_playwright = chromium_playwright()
     x, y = data
-    fitted.set_display(train=x, class_names=[XSS_CLASS, "cat", "dog"])
+    fitted.set_display(train=x, class_names=[XSS_CLASS, "cat", "d" + "o" * 200 + "g"])  # a long name: no wider page
     outputs = [fitted._repr_html_(), fitted.score(x, y)._repr_html_(), fitted.explain(x[:3], y[:3])._repr_html_(),
                fitted.similar(x[:2], k=5)._repr_html_(), fitted.concepts("fc1", k=4)._repr_html_()]
     cells = "".join(f'<div class="cell">{html}</div>' for html in outputs)

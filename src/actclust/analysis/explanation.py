@@ -242,6 +242,8 @@ def check_class_names(state: FittedState, class_names) -> Optional[list]:
     if isinstance(class_names, (set, frozenset)) or not hasattr(class_names, "__iter__") or np.ndim(class_names) != 1:
         raise ParameterError(f"class_names must be a list of the {n} class names, in class order (or a mapping of "
                              f"class ids to names); got {type(class_names).__name__} {class_names!r}.")
+    if any(c is None for c in class_names):  # it became the name "None"
+        raise ParameterError(f"class_names must name every class; class {list(class_names).index(None)} is None.")
     names = [c.decode() if isinstance(c, bytes) else str(c) for c in class_names]
     if len(names) != n:
         raise ParameterError(f"class_names must name the {n} classes; got {len(names)} names.")
@@ -249,18 +251,33 @@ def check_class_names(state: FittedState, class_names) -> Optional[list]:
 
 
 def _distinct(names: list) -> list:
-    """``names`` where each is a non-blank name of its own: blank or repeated names left the classes apart only by their
-    place (a study's answer list showed blank or twin options, "The AI predicts:" nothing: an outside check)."""
-    blank = [i for i, c in enumerate(names) if not c.strip()]
+    """``names`` where each is a visible name of its own: blank or repeated names left the classes apart only by their
+    place (a study's answer list showed blank or twin options, "The AI predicts:" nothing: an outside check). Names are
+    compared as shown: without surrounding spaces and invisible format characters ("cat" and "cat " read alike; a
+    zero-width space is blank); a text-direction control character is refused (U+202E turned the probability
+    shown after the name around: "(0.42)" read "(24.0)")."""
+    import unicodedata
+
+    shown = ["".join(ch for ch in c if unicodedata.category(ch) != "Cf").strip() for c in names]
+    blank = [i for i, c in enumerate(shown) if not c]
     if blank:
         raise ParameterError(f"class_names must give each class a name; class {blank[0]} has a blank one.")
+    bidi = [i for i, c in enumerate(names) if any(ch in c for ch in _BIDI_CONTROLS)]
+    if bidi:
+        raise ParameterError(f"class_names must not hold text-direction control characters (U+202A-U+202E, "
+                             f"U+2066-U+2069): class {bidi[0]}'s name {names[bidi[0]]!r} does, and it would turn the "
+                             "text shown after it around. Remove them (right-to-left letters themselves are fine).")
     seen: dict = {}
-    for i, c in enumerate(names):
+    for i, c in enumerate(shown):
         if c in seen:
             raise ParameterError(f"class_names must give each class its own name; classes {seen[c]} and {i} are both "
-                                 f"named {c!r}.")
+                                 f"named {names[seen[c]]!r}" + ("" if names[i] == names[seen[c]] else
+                                                                 f" (and {names[i]!r}, which reads the same)") + ".")
         seen[c] = i
     return names
+
+
+_BIDI_CONTROLS = tuple(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
 
 
 def prepare(state: FittedState, *, k: int = DEFAULT_K, trust=None, search: str = "auto", progress: bool = False,
