@@ -69,6 +69,10 @@ def test_dataframe_equals_its_array():
     fit.fit(shuffled.reset_index(drop=True), labels)  # X's index 0..n-1: by position too (review)
     mixed = shuffled.set_axis([f"r{i}" if i % 2 else i for i in range(len(shuffled))])  # an index of ints and text
     fit.fit(mixed, pd.Series(labels.to_numpy(), index=range(5, 5 + len(labels))))  # no sort of it (a TypeError)
+    # a table with its label column left in: the model's shape error, and which columns it met (an outside check)
+    with pytest.raises(CaptureError, match=r"X is a table of 5 columns, the last 'bp', 's1', 'target': is a label or id "
+                                           r"column left in\? Drop it before fit"):
+        ActivationClustering(_mlp(), ["0", "2"], n_clusters=3, progress=False).fit(df.assign(target=1.0))
     # list_layers takes a table as fit does (the model was handed the DataFrame: a traceback)
     assert actclust.list_layers(_mlp(), df.iloc[:2])["0"] == (2, 8)
     with pytest.raises(DataError, match=r"y's index holds the labels of X's index in another order"):

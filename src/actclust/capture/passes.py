@@ -76,6 +76,13 @@ def run(adapter, batches: Batches, reducers: dict, *, desc: str, progress: bool,
             try:
                 logits, out = runner.run(batch.inputs, f"{batch.where} of {batches.name}")
             except CaptureError as e:
+                if spec is None and batches.feature_names and str(e).startswith("The model raised"):
+                    # a table at fit: its columns are what the model met; a label or id column left in gave the model's
+                    # shape error alone (an outside check; after fit, the column check names it)
+                    names = list(batches.feature_names)
+                    shown = ", ".join(repr(c) for c in names[-3:])
+                    raise CaptureError(f"{e} ({batches.name} is a table of {len(names)} columns, the last {shown}: is a "
+                                       "label or id column left in? Drop it before fit.)") from e.__cause__
                 if not (batch.label_guessed and str(e).startswith("The model raised")):
                     raise
                 raise CaptureError(
