@@ -287,3 +287,19 @@ def test_show_needs_the_explainer(fitted, data):
     assert "#" in bare._repr_html_()  # still a table, by index
     with pytest.raises(ParameterError, match="These neighbours do not know their explainer; draw the results of"):
         bare.show(train=data[0])
+
+
+# a class-mix bar's tooltip lists the largest shares first (in class order, with 100 classes the big ones were hard
+# to find: an outside check), in the notebook and in the report
+def test_mix_tooltips_list_the_largest_first(mixed_fitted, data, tmp_path):
+    x, y = data
+    from actclust import report
+
+    pages = [mixed_fitted.explain(x[:8], trust=False)._repr_html_(),
+             report(mixed_fitted, x[:40], y[:40], out=tmp_path / "r.html", trust=False).read_text()]
+    for page in pages:
+        tips = [t for t in re.findall(r'class="mix" title="([^"]*)"', page) if t.count("%") > 1]
+        assert tips  # mixes of several classes
+        for tip in tips:
+            shares = [float(v) for v in re.findall(r"(\d+(?:\.\d+)?)%", tip)]
+            assert shares == sorted(shares, reverse=True), tip

@@ -140,7 +140,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         thresholds=next((e.trust_thresholds for e in explanations if e.trust_thresholds), None),
         trust_notes=next((e.trust_notes for e in explanations if e.trust_notes), None),  # said once, above the cards
         n_exemplars=n_exemplars, model_name=meta["model_class"].rsplit(".", 1)[-1], failures=renderer.failures,
-        meaning=MEANINGS,
+        meaning=MEANINGS, zip=zip,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         n_clusters={l: c.n_clusters for l, c in state.clusterings.items()},
     )
