@@ -24,7 +24,8 @@ from .capture.data import Batches, check_label_range
 from .clustering import CLUSTERINGS, make_clustering
 from .compute import HOST, backend_for
 from .deps import require
-from .exceptions import ActClustError, ActClustWarning, ConvergenceWarning, DataError, DataWarning, ParameterError, user_stacklevel
+from .exceptions import (ActClustError, ActClustWarning, ConvergenceWarning, DataError, DataWarning, ParameterError,
+                         user_stacklevel)
 from .state import SUMMARY_SUFFIX, FittedState
 from .store import StoreWriter
 from .validation import FitConfig

@@ -17,10 +17,12 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..capture.arrays import dtype_name
-from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataWarning, ParameterError, user_stacklevel
+from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, ParameterError,
+                          user_stacklevel)
 from ..state import SUMMARY_SUFFIX
 
-__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_captured", "check_rows",
+__all__ = ["ModelAdapter", "Runner", "LayerInfo", "unknown_layer_error", "check_finite", "check_input_range",
+           "check_captured", "check_rows",
            "keep_reduced",
            "describe_inputs", "model_error", "are_probabilities", "call_output"]
 
@@ -229,6 +231,17 @@ def check_finite(a: np.ndarray, what: str, where: str) -> None:
             + (f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else "")
             + "; check the model and those inputs (values beyond float32's range, 3.4e38, are infinite once stored)."
         )
+
+
+def check_input_range(a, top: float, dtype: str, where: str, key: str) -> None:
+    """Refuse finite values of the model input ``a`` past ``top``, the largest of the ``dtype`` it is cast to (a float16
+    input): they become infinite, and the layer that met them was blamed (an outside check)."""
+    a = np.asarray(a, dtype=np.float64)
+    past = np.isfinite(a) & (np.abs(a) > top)
+    if past.any():
+        row = int(np.flatnonzero(past.reshape(len(a), -1).any(1))[0])
+        raise DataError(f"Row {row} of {where}, input {key!r}, holds values beyond the range of the model's {dtype} "
+                        f"input (largest {top:.6g}): they become infinite. Scale the inputs as in training.")
 
 
 def check_rows(name: str, shape: tuple, n: int, hint: str = "") -> None:

@@ -35,8 +35,8 @@ from ..capture.data import batch_len
 from ..deps import require
 from ..exceptions import ActClustError, ActClustWarning, CaptureError, DataError, MissingDependencyError, \
     ParameterError, UnsupportedModelError
-from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_empty_masks, check_rows,
-                   keep_reduced, model_error)
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_empty_masks,
+                   check_input_range, check_rows, keep_reduced, model_error)
 
 __all__ = ["KerasAdapter", "MASK_KEYS", "import_keras"]
 
@@ -398,13 +398,7 @@ class KerasAdapter(ModelAdapter):
             if value is None or str(tensor.dtype) not in ("float16", "bfloat16") or not is_floating(value):
                 continue
             top = float(np.finfo(np.float16).max) if str(tensor.dtype) == "float16" else 3.39e38
-            a = np.asarray(sys.modules["keras"].ops.convert_to_numpy(value), dtype=np.float64)
-            past = np.isfinite(a) & (np.abs(a) > top)
-            if past.any():
-                row = int(np.flatnonzero(past.reshape(len(a), -1).any(1))[0])
-                raise DataError(f"Row {row} of {where}, input {key!r}, holds values beyond the range of the model's "
-                                f"{tensor.dtype} input (largest {top:.6g}): they become infinite. Scale the inputs as in "
-                                "training.")
+            check_input_range(sys.modules["keras"].ops.convert_to_numpy(value), top, str(tensor.dtype), where, key)
 
     # ------------------------------------------------------------------ weights
     def fingerprint(self) -> str:

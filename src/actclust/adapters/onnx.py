@@ -34,7 +34,8 @@ from ..deps import require
 from ..exceptions import (ActClustError, ActClustWarning, CaptureError, DataError, DataWarning, UnsupportedModelError,
                           user_stacklevel)
 from ..state import SUMMARY_SUFFIX
-from .base import ModelAdapter, Runner, are_probabilities, call_output, check_captured, keep_reduced, model_error
+from .base import (ModelAdapter, Runner, are_probabilities, call_output, check_captured, check_input_range,
+                   keep_reduced, model_error)
 
 __all__ = ["OnnxAdapter", "load_onnx"]
 
@@ -301,13 +302,9 @@ class OnnxAdapter(ModelAdapter):
             if elem:
                 with np.errstate(over="ignore"):  # said below, naming the row, not as NumPy's RuntimeWarning
                     cast = a.astype(self.onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
-                if elem in _FLOAT_TYPES and cast.dtype.kind == "f" and a.dtype.kind == "f":
-                    lost = np.isfinite(a) & ~np.isfinite(cast)
-                    if lost.any():  # a float16 graph: values past 65504 became infinite (blamed on a layer: an outside check)
-                        row = int(np.flatnonzero(lost.reshape(len(a), -1).any(1))[0])
-                        raise DataError(f"Row {row} of {where}, input {name!r}, holds values beyond the range of the "
-                                        f"model's {cast.dtype} input (largest {float(np.finfo(cast.dtype).max):.6g}): "
-                                        "they become infinite. Scale the inputs as in training.")
+                if elem in _FLOAT_TYPES and cast.dtype.kind == "f" and a.dtype.kind == "f" \
+                        and not np.isfinite(cast).all():  # a float16 graph: values past 65504 became infinite
+                    check_input_range(a, float(np.finfo(cast.dtype).max), str(cast.dtype), where, name)
                 a = cast
             out[name] = a
         return out

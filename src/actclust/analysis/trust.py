@@ -43,8 +43,8 @@ from ..store.vectors import chunk_rows, iter_rows, take
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
 
-__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "MEANINGS", "calibrate", "calibration_possible", "signals",
-           "trust_signals", "TRUST_OPTIONS"]
+__all__ = ["MIN_CALIBRATION", "MAX_CALIBRATION", "FALSE_ALARM_RATE", "MEANINGS", "calibrate", "calibration_possible",
+           "signals", "trust_signals", "TRUST_OPTIONS"]
 
 #: Fewest calibration samples accepted: below it p-values move in steps coarser than 0.05.
 MIN_CALIBRATION = 20

@@ -19,8 +19,8 @@ a token map. ``"mean"`` and ``"max"`` pool the same axes; ``"grid:g"`` average-p
 map on its first ``d`` principal components, fitted in a streaming way (one extra pass);
 ``"random:d"`` projects it with a fixed Gaussian random matrix; ``"token_mean"`` and
 ``"token_first"`` read any ``(N, T, D)`` output as tokens (the mean over the real tokens, or the
-first the attention mask keeps: ``[CLS]`` under right padding, the first real token under left padding). Dense ``(N, F)`` outputs pass through the pooling reducers unchanged. A size
-larger than the map (``grid:1000`` on an 8x8 map, ``random:512`` of 288 values) is refused.
+first the attention mask keeps: ``[CLS]`` under right padding, the first real token under left padding).
+Dense ``(N, F)`` outputs pass through the pooling reducers unchanged. A size larger than the map (``grid:1000`` on an 8x8 map, ``random:512`` of 288 values) is refused.
 
 Runs saved before layouts existed read every map channels-first, as they were fitted.
 """
