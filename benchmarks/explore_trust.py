@@ -7,7 +7,9 @@ images; the other 6,000 (the same for every seed) are the **calibration split**,
 the network. ``ActivationClustering`` is fitted on the 54,000 with labels. For the calibration
 split, the test images and the OOD sets, the ``cache`` stage stores the DNN's logits, the
 penultimate features, and per layer (and per spatial summary) the 200 nearest training vectors'
-squared distances and classes (exact search) under ``benchmarks/.cache/trust_explore``.
+squared distances and classes (exact search), and per layer the squared distances to each class's mean
+training vector and to the cluster centres (features that need no search) under
+``benchmarks/.cache/trust_explore``.
 
 The ``explore`` stage builds candidate features and designs from those tables and scores them
 **by 5-fold cross-validated AUROC on the calibration split only** (misclassification: DNN right vs
@@ -128,6 +130,14 @@ def cache_seed(seed: int) -> Path:
     internal = np.sort(np.random.default_rng(0).permutation(len(fit_idx))[:5400])
     arrays["int_rows"], arrays["y_int"] = internal, y_tr[fit_idx][internal]
     sets = {"int": x_tr[fit_idx][internal], **eval_sets(x_tr, x_te)}
+    # per layer, each class's mean training vector (the rows trust searches: the fitted ones less "int"), and the
+    # class of each cluster (its posterior's largest): distances to them are features that need no search
+    ref = np.ones(len(fit_idx), dtype=bool)
+    ref[internal] = False
+    means = {key: np.stack([np.asarray(ac.train_vectors_[key], np.float64)[ref & (y_tr[fit_idx] == c)].mean(0)
+                            for c in range(10)]) for key in LAYERS}
+    for key in LAYERS:
+        arrays[f"{key}/centre_class"] = ac.state_.posteriors[key].argmax(1)
     for name, x in sets.items():
         q = ac.query(x, vectors=True)
         pen, logits = raw_features(model, x)
@@ -139,6 +149,9 @@ def cache_seed(seed: int) -> Path:
             arrays[f"{name}/{key}/d"], arrays[f"{name}/{key}/i"] = d, i.astype(np.int32)
             if key in LAYERS:
                 arrays[f"{name}/{key}/centre_d"] = q.distances[key].min(1)
+                arrays[f"{name}/{key}/centres"] = q.distances[key]
+                v = np.asarray(q.vectors[key], np.float64)
+                arrays[f"{name}/{key}/class_d"] = ((v[:, None, :] - means[key][None]) ** 2).sum(2)
         d, i = pen_index.search(np.ascontiguousarray(pen), DEPTH + 1)
         d, i = _drop_self(d, i, internal if name == "int" else None)
         arrays[f"{name}/pen/d"], arrays[f"{name}/pen/i"] = d, i.astype(np.int32)
@@ -205,6 +218,17 @@ def neighbour_features(d, cls, pred, k, depth=None):
             "kth": np.log(r[:, k - 1] + 1e-9)}
 
 
+def _other_over_own(d, classes, pred):
+    """Log distance to the nearest of the points (class means, cluster centres) of another class than ``pred``
+    over that to the nearest of ``pred``'s, from squared distances ``(n, points)``; a class without a point
+    counts at the largest distance."""
+    r = np.sqrt(np.maximum(d, 1e-12))
+    own = classes[None, :] == pred[:, None]
+    far = r.max(1)
+    near = [np.where(m.any(1), np.where(m, r, np.inf).min(1), far) for m in (own, ~own)]
+    return np.log(near[1]) - np.log(near[0])
+
+
 def mahalanobis(train, labels, x, n_classes):
     """Lee et al. 2018 without input perturbation: class means, one shared covariance; returns
     ``-min_c`` squared Mahalanobis distance (higher = more typical) and the predicted class's."""
@@ -257,6 +281,10 @@ def explore_seed(seed: int) -> dict:
                 f[f"ratio@{depth}:{key}"] = neighbour_features(d, cls, pred, 50, depth)["ratio"]
             # without labels: the neighbours vote with the DNN's own predictions
             f[f"nolabel_wvote50:{key}"] = neighbour_features(d, a["fit_pred"][a[f"{name}/{key}/i"]], pred, 50)["wvote"]
+        rows = np.arange(len(pred))
+        for key in LAYERS:  # distance ratios that need no search: to the classes' mean vectors, to the clusters' centres
+            f[f"cmean:{key}"] = _other_over_own(a[f"{name}/{key}/class_d"], np.arange(n_classes), pred)
+            f[f"ccentre:{key}"] = _other_over_own(a[f"{name}/{key}/centres"], a[f"{key}/centre_class"], pred)
         w = a["weights"] / a["weights"].sum()
         f["nolabel_wvote50"] = sum(wi * f[f"nolabel_wvote50:{l}"] for wi, l in zip(w, LAYERS))
         f["nolabel_wvote50_equal"] = sum(f[f"nolabel_wvote50:{l}"] for l in LAYERS) / len(LAYERS)
@@ -282,6 +310,24 @@ def explore_seed(seed: int) -> dict:
         + ["surrogate_agree"],
         "current stacked, ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
         + ["surrogate_agree"],
+        "ratio among 50 + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
+        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
+        "ratio among 50 + centre ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
+        + [f"ccentre:{l}" for l in layers] + ["surrogate_agree"],
+        "ratio among 50 + class-mean and centre ratios": [f"wvote50:{l}" for l in layers]
+        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + [f"ccentre:{l}" for l in layers]
+        + ["surrogate_agree"],
+        "current + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio50:{l}" for l in layers]
+        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
+        "ratio among 100 + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@100:{l}" for l in layers]
+        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
+        "ratio among 50 + class-mean ratio + kth50": [f"wvote50:{l}" for l in layers]
+        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + [f"kth50:{l}" for l in layers]
+        + ["surrogate_agree"],
+        "class-mean ratio instead of the ratio": [f"wvote50:{l}" for l in layers] + [f"cmean:{l}" for l in layers]
+        + ["surrogate_agree"],
+        "ratio among 50 + class-mean ratio + log(1-msp)": [f"wvote50:{l}" for l in layers]
+        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + ["surrogate_agree", "log(1-msp)"],
         "msp only (stacked)": ["msp"],
         "conf (msp, margin, energy, entropy)": conf,
         "current + log(1-msp), ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]

@@ -157,18 +157,25 @@ class _Oracle:
 
     def stack_features(self, vectors, judged, agreement, credibility):
         """stacked_trust's documented inputs: per layer the kernel-weighted share of the k nearest
-        voting ``judged``, per layer the log distance ratio other class / ``judged`` class among all
-        (fewer than 200) reference vectors, then the agreement and the credibility."""
-        votes, ratios = [], []
+        voting ``judged``, per layer the log distance ratio other class / ``judged`` class among the k
+        nearest reference vectors (a class absent there at the k-th distance), per layer the same ratio
+        of the distances to the classes' mean reference vectors, then the agreement and the credibility."""
+        votes, ratios, mean_ratios = [], [], []
         for l in TINY:
             d, lab = self._neighbours(l, vectors[l])
             floor = 1e-6 * (vectors[l] ** 2).sum(1, keepdims=True)
-            r, same = np.sqrt(np.maximum(d, floor)), lab == judged[:, None]
-            kernel = np.exp(-(r[:, :self.k] / r[:, self.k - 1:self.k]) ** 2)
-            votes.append((kernel * same[:, :self.k]).sum(1) / kernel.sum(1))
+            r, same = np.sqrt(np.maximum(d[:, :self.k], floor)), lab[:, :self.k] == judged[:, None]
+            kernel = np.exp(-(r / r[:, -1:]) ** 2)
+            votes.append((kernel * same).sum(1) / kernel.sum(1))
             near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
             ratios.append(np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9))
-        return np.column_stack(votes + ratios + [agreement, credibility])
+            ref, ref_labels = self.v[l][self.ref], self.labels[self.ref]
+            means = np.stack([ref[ref_labels == c].mean(0) for c in range(3)])  # every class has reference rows here
+            rm = np.sqrt(np.maximum(((vectors[l][:, None, :] - means[None]) ** 2).sum(2), floor))
+            own = rm[np.arange(len(judged)), judged]
+            other = np.where(np.arange(3)[None, :] == judged[:, None], np.inf, rm).min(1)
+            mean_ratios.append(np.log(other + 1e-9) - np.log(own + 1e-9))
+        return np.column_stack(votes + ratios + mean_ratios + [agreement, credibility])
 
     def signals(self, x):
         v, pred = _vectors(x), _dnn(x)
@@ -347,7 +354,7 @@ def test_typicality_low_far_from_training_data(model, data):
 def test_calibration_cached_and_rebuilt(tiny, monkeypatch):
     built = []
     real = trust_mod.calibrate.__globals__["_Calibration"]
-    monkeypatch.setattr(trust_mod, "_Calibration", lambda *a: built.append(a[0]) or real(*a))
+    monkeypatch.setattr(trust_mod, "_Calibration", lambda *a, **kw: built.append(a[0]) or real(*a, **kw))
     x, y, xq = tiny
     ac = _tiny_ac().fit(x, y)
     first = ac.trust(xq, **TINY_KW)
@@ -440,6 +447,31 @@ def test_saved_calibration_serves_on_any_device(tiny, tmp_path, monkeypatch):
         assert np.array_equal(before[k], after[k]), k
     loaded.save(tmp_path / "again")  # and it keeps saying where it was computed
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["trust_calibration"]["device"] == "cuda:0"
+
+
+# a run prepared before stacked_trust took the class means' ratio (its model: 2L + 2 features, no class means) loads,
+# and trust calibrates again on first use, as for a run saved unprepared: the same signals as this code's own
+def test_calibration_saved_before_the_class_means_is_built_again(tiny, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+    from test_persistence import _arrays, _forge
+
+    x, y, xq = tiny
+    ac = _tiny_ac().fit(x, y)
+    before = ac.trust(xq, **TINY_KW)
+    ac.save(tmp_path / "run")
+    arrays = load_file(str(_arrays(tmp_path / "run")))
+    assert arrays["trust/stack/coef"].shape == (3 * len(TINY) + 2,)
+    old = {k: v for k, v in arrays.items() if not k.startswith(("trust/class_means/", "trust/class_present"))}
+    for k in ("trust/stack/mean", "trust/stack/scale", "trust/stack/coef"):
+        old[k] = np.concatenate([v[:2 * len(TINY)], v[3 * len(TINY):]]) if (v := arrays[k]).size > 1 else v
+    _forge(tmp_path / "run", json.loads((tmp_path / "run" / "manifest.json").read_text()), old)
+    searched = []
+    real = trust_mod._neighbour_stats
+    monkeypatch.setattr(trust_mod, "_neighbour_stats", lambda *a: searched.append(len(a[2])) or real(*a))
+    after = actclust.load(tmp_path / "run", _Tiny().eval()).trust(xq, **TINY_KW)
+    assert len(searched) == 2 * len(TINY)  # the calibration samples searched again, then the inputs
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
 
 
 # The run's reader knows no analysis: it hands the kept calibration to the callback it is given (the explainer's
@@ -571,9 +603,10 @@ def test_stacked_trust_only_when_calibratable(tiny):
     assert "stacked_trust" not in _tiny_ac().fit(x, _dnn(x)).trust(xq, **TINY_KW)  # no errors
 
 
-# the distance ratio of stacked_trust looks 200 deep only where the k nearest lack a class: the same
-# features as one 200-deep search, by brute force in float64, with fewer rows searched deep
-def test_ratio_searched_deep_only_where_needed():
+# the distance ratio of stacked_trust is among the k nearest (a class absent there counts at the k-th distance): one
+# search k deep per batch and no deeper one (a second, 200-deep search for most inputs of the last layers was most of
+# trust's search time), the same features as brute force in float64
+def test_ratio_among_the_k_nearest_one_search():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((3000, 4)).astype(np.float32)
     labels = (ref[:, 0] > 0.8).astype(np.int64) + (ref[:, 1] > 1.2)  # classes 0, 1, 2 of very unequal size
@@ -589,18 +622,43 @@ def test_ratio_searched_deep_only_where_needed():
 
     k = 5
     counts, kth, (vote, ratio, nearest) = trust_mod._neighbour_stats(find, labels, queries, k, 3, judged)
+    assert depths == [(500, k)]
     d = ((queries[:, None, :].astype(np.float64) - ref[None]) ** 2).sum(2)
-    order = np.argsort(d, 1, kind="stable")[:, :200]
+    order = np.argsort(d, 1, kind="stable")[:, :k]
     r = np.sqrt(np.take_along_axis(d, order, 1))
     same = labels[order] == judged[:, None]
+    assert 0 < (~(same.any(1) & (~same).any(1))).sum() < 500  # the fixture has inputs lacking a class among the k
     near = [np.minimum(np.where(m, r, np.inf).min(1), r[:, -1]) for m in (same, ~same)]
     np.testing.assert_allclose(ratio, np.log(near[1] + 1e-9) - np.log(near[0] + 1e-9), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(counts, np.stack([(labels[order[:, :k]] == c).sum(1) for c in range(3)], 1))
+    np.testing.assert_array_equal(counts, np.stack([(labels[order] == c).sum(1) for c in range(3)], 1))
     np.testing.assert_allclose(kth, r[:, k - 1] ** 2, rtol=1e-5)
     np.testing.assert_allclose(nearest, r[:, 0] ** 2, rtol=1e-5)
-    deep = [n for n, depth in depths if depth == 200]
-    assert depths[0] == (500, k) and 0 < sum(deep) < 500  # some inputs, not all, were searched deep
-    assert (~(same[:, :k].any(1) & (~same[:, :k]).any(1))).sum() == sum(deep)
+
+
+# the class means are those of the reference rows (the calibration rows left out), whatever the chunks; the ratio to
+# them leaves out a class without reference rows, and counts the judged class's distance, where it has none, at the
+# farthest mean; all by brute force in float64
+def test_class_means_and_their_ratio(monkeypatch):
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((500, 6)).astype(np.float32)
+    labels = rng.integers(0, 4, 500)
+    labels[labels == 3] = 2  # class 3 has no rows
+    is_cal = rng.random(500) < 0.2
+    labels[is_cal & (labels == 1)] = 0  # no row of class 1 is left out
+    monkeypatch.setattr(trust_mod, "_BATCH", 7)  # many chunks
+    means, present = trust_mod._class_means(X, labels, is_cal, 4)
+    np.testing.assert_array_equal(present, [True, True, True, False])
+    for c in range(3):
+        np.testing.assert_allclose(means[c], X[~is_cal & (labels == c)].astype(np.float64).mean(0), rtol=1e-6)
+    V = rng.standard_normal((40, 6)).astype(np.float32)
+    judged = np.r_[rng.integers(0, 3, 37), [3, 3, 1]]  # the last three: a judged class without rows, then one with
+    got = trust_mod._mean_ratio(V, means, present, judged)
+    r = np.sqrt(((V[:, None, :].astype(np.float64) - means[None, :3].astype(np.float64)) ** 2).sum(2))
+    far = r.max(1)
+    own = np.where(judged < 3, r[np.arange(40), np.minimum(judged, 2)], far)
+    other = np.where(np.arange(3)[None, :] == judged[:, None], np.inf, r).min(1)
+    np.testing.assert_allclose(got, np.log(other) - np.log(own), rtol=1e-5, atol=1e-5)
+    assert (got[37:39] <= 0).all()  # no mean of its own: as far as the farthest
 
 
 # a training set holding each input twice (oversampled, augmented copies): a calibration row's twin is left out of the
