@@ -174,7 +174,7 @@ def test_candidates_found_at_once_rows_gathered_in_chunks(codes, monkeypatch):
         assert np.array_equal(i1, i2) and np.array_equal(d1, d2) and np.array_equal(s1, s2)
 
 
-# a deep search that leaves rows out (trust's 200 neighbours among the reference rows) comes back full:
+# a deep search that leaves rows out (trust's neighbours among the reference rows, here 200) comes back full:
 # no -1 ids, no excluded row, finite distances, and close to the exact answer
 def test_deep_search_with_exclusion_is_never_short():
     train = {"layer1": _clustered_vectors(6000)["layer1"]}

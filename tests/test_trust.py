@@ -468,8 +468,13 @@ def test_calibration_saved_before_the_class_means_is_built_again(tiny, tmp_path,
     searched = []
     real = trust_mod._neighbour_stats
     monkeypatch.setattr(trust_mod, "_neighbour_stats", lambda *a: searched.append(len(a[2])) or real(*a))
-    after = actclust.load(tmp_path / "run", _Tiny().eval()).trust(xq, **TINY_KW)
+    loaded = actclust.load(tmp_path / "run", _Tiny().eval())
+    kept = loaded.state_.cache["trust_thresholds"]["signals"]  # the chips' thresholds, but the old model's
+    assert "stacked_trust" not in kept and kept == {k: v for k, v in ac.state_.cache["trust_thresholds"]["signals"].items()
+                                                    if k != "stacked_trust"}
+    after = loaded.trust(xq, **TINY_KW)
     assert len(searched) == 2 * len(TINY)  # the calibration samples searched again, then the inputs
+    assert loaded.state_.cache["trust_thresholds"] == ac.state_.cache["trust_thresholds"]
     for k in before:
         assert np.array_equal(before[k], after[k]), k
 
@@ -530,6 +535,13 @@ def test_notes_said_after_load(tiny, tmp_path):
     (lambda m, a: a.update({"trust/cal_kth/b": np.full(30, np.nan)}), "values that are not finite"),
     (lambda m, a: a.pop("trust/stack/coef"), "KeyError: 'trust/stack/coef'"),
     (lambda m, a: m["trust_calibration"].update(search="fast"), "trust calibration settings"),
+    # the class means of stacked_trust: which classes have reference rows is the run's to say, and each mean is a
+    # float32 whose square stays finite (1e39 became infinite, 1e20 overflowed its square: every value NaN)
+    (lambda m, a: a.update({"trust/class_present": np.zeros(3)}), "class_present does not say which classes"),
+    (lambda m, a: a.update({"trust/class_means/b": np.full((3, 2), 1e39)}), "class_means/b holds values past"),
+    (lambda m, a: a.update({"trust/class_means/a": np.full((3, 2), 1e20, np.float32)}), "class_means/a holds values"),
+    (lambda m, a: a.pop("trust/class_means/a"), "KeyError: 'trust/class_means/a'"),
+    (lambda m, a: a.update({"trust/class_means/a": np.zeros((3, 3))}), r"class_means/a has shape \(3, 3\)"),
 ])
 def test_damaged_calibration_refused(tiny, tmp_path, damage, match):
     from safetensors.numpy import load_file
@@ -644,21 +656,43 @@ def test_class_means_and_their_ratio(monkeypatch):
     labels = rng.integers(0, 4, 500)
     labels[labels == 3] = 2  # class 3 has no rows
     is_cal = rng.random(500) < 0.2
-    labels[is_cal & (labels == 1)] = 0  # no row of class 1 is left out
+    labels[labels == 1] = 4  # class 4: rows in the calibration split only, so no reference row either
+    labels[(labels == 4) & ~is_cal] = 1
+    is_cal[labels == 4] = True
     monkeypatch.setattr(trust_mod, "_BATCH", 7)  # many chunks
-    means, present = trust_mod._class_means(X, labels, is_cal, 4)
-    np.testing.assert_array_equal(present, [True, True, True, False])
+    means, present = trust_mod._class_means(X, labels, is_cal, 5)
+    np.testing.assert_array_equal(present, [True, True, True, False, False])
     for c in range(3):
         np.testing.assert_allclose(means[c], X[~is_cal & (labels == c)].astype(np.float64).mean(0), rtol=1e-6)
     V = rng.standard_normal((40, 6)).astype(np.float32)
-    judged = np.r_[rng.integers(0, 3, 37), [3, 3, 1]]  # the last three: a judged class without rows, then one with
+    judged = np.r_[rng.integers(0, 3, 36), [3, 4, 3, 1]]  # a judged class without reference rows, then one with
     got = trust_mod._mean_ratio(V, means, present, judged)
     r = np.sqrt(((V[:, None, :].astype(np.float64) - means[None, :3].astype(np.float64)) ** 2).sum(2))
     far = r.max(1)
     own = np.where(judged < 3, r[np.arange(40), np.minimum(judged, 2)], far)
     other = np.where(np.arange(3)[None, :] == judged[:, None], np.inf, r).min(1)
     np.testing.assert_allclose(got, np.log(other) - np.log(own), rtol=1e-5, atol=1e-5)
-    assert (got[37:39] <= 0).all()  # no mean of its own: as far as the farthest
+    assert (got[36:39] <= 0).all()  # no mean of its own: as far as the farthest
+    # one class with reference rows only: no other class to be nearer, so the ratio counts at the farthest (itself)
+    alone = np.array([True, False, False, False, False])
+    one = trust_mod._mean_ratio(V, means, alone, np.zeros(40, np.int64))
+    np.testing.assert_allclose(one, 0, atol=1e-6)
+
+
+# activations far from 0 (an offset the means share): the ratio to the class means is as exact as float32 lets the
+# distances between the vectors be, not lost to |v|^2 - 2 v.m + |m|^2 of large numbers (it was off by 8% of its size)
+def test_class_mean_ratio_of_offset_activations():
+    rng = np.random.default_rng(7)
+    means = (30 + 0.05 * rng.standard_normal((10, 64))).astype(np.float32)
+    V = (30 + 0.05 * rng.standard_normal((500, 64))).astype(np.float32)
+    judged = rng.integers(0, 10, 500)
+    got = trust_mod._mean_ratio(V, means, np.ones(10, bool), judged)
+    r = np.sqrt(((V[:, None, :].astype(np.float64) - means[None].astype(np.float64)) ** 2).sum(2))
+    own = r[np.arange(500), judged]
+    other = np.where(np.arange(10)[None, :] == judged[:, None], np.inf, r).min(1)
+    expected = np.log(other) - np.log(own)
+    assert np.abs(expected).mean() < 0.2  # ratios near 0: the case the expansion got wrong
+    np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).mean())
 
 
 # a training set holding each input twice (oversampled, augmented copies): a calibration row's twin is left out of the

@@ -526,7 +526,7 @@ class ApproximateIndex(Index):
         return self._n_reranked(k, _RERANKS[-1] if weights is None else self._settings(weights)[1])
 
     def _n_reranked(self, k: int, rerank: int) -> int:
-        # calibrated on the 10 nearest; deeper searches (trust's 200) re-rank as many extra as 10 would
+        # calibrated on the 10 nearest; deeper searches (trust's 50) re-rank as many extra as 10 would
         return min(self.n, k + (rerank - 1) * k if k <= 10 else max(k, 10 * rerank))
 
     def _cost(self, nprobe: int, rerank: int, k: int) -> float:
@@ -560,9 +560,9 @@ class ApproximateIndex(Index):
     def _search_full(self, queries: np.ndarray, m: int, nprobe: int, keep) -> tuple:
         """faiss' ``(scores, ids)`` of the ``m`` best rows of each query, probing ``nprobe`` lists, and more
         (doubling) for the queries whose probed lists held fewer than ``m`` rows left in: a deep search
-        (trust's 200 neighbours) or one that leaves rows out must not come back short."""
+        (trust's 50 neighbours) or one that leaves rows out must not come back short."""
         # lists hold n / nlist rows on average: probe at least enough of them for _DEEP_ROWS x m rows (the
-        # probes are calibrated for 10 neighbours; trust asks for 200)
+        # probes are calibrated for 10 neighbours; trust asks for 50)
         nprobe = int(min(self.nlist, max(nprobe, np.ceil(_DEEP_ROWS * m * self.nlist / self.n))))
         scores, ids = self._search_by_list(queries, m, nprobe, keep)
         short = np.flatnonzero((ids < 0).any(1))

@@ -53,6 +53,8 @@ MIN_CALIBRATION = 20
 #: this many neighbour searches however large the training set.
 MAX_CALIBRATION = 10_000
 _BATCH = 16384
+#: Largest value of a class mean a saved run may hold: its square, summed over a layer, stays within float32.
+_MAX_MEAN = 1e17
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
 #: Share of held-out inputs a trust chip may flag wrongly: each signal's threshold is the value that
 #: this share of the calibration samples falls below (the DNN's right predictions for the signals of
@@ -324,15 +326,18 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
     right = pred == cal_labels
     stackable = split.true_labels and min(right.sum(), (~right).sum()) >= _MIN_STACK
     own = {"kth": {}, "ratio": {}, "paths": {}}  # the calibration samples' own values, for the thresholds
+    # The searches first, then the products (BLAS: its threads keep spinning for a while, and took a core from the
+    # faiss search after them on a machine of few cores)
     for w, l in tqdm(list(zip(weights, state.layers)), desc="calibrating trust", disable=not progress, leave=False):
-        v_cal = split.vectors(l)
-        counts, kth, vr = _neighbour_stats(calibration.finder(state, l), labels, v_cal, k, n_classes, pred)
+        counts, kth, vr = _neighbour_stats(calibration.finder(state, l), labels, split.vectors(l), k, n_classes, pred)
         votes_ratios.append(vr)
         alpha += w * (k - counts[rows, cal_labels])
         alpha_pred += w * (k - counts[rows, pred])
         cal_kth[l] = np.sort(kth)
         cal_nearest[l] = np.sort(vr[2])
         own["kth"][l] = kth
+    for l in state.layers:
+        v_cal = split.vectors(l)
         c = state.clusterings[l]
         d_all = _nearest(c.distances(state.train_vectors[l], backend))  # streamed over the store
         ref = ~is_cal
@@ -468,8 +473,13 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
     ``TypeError`` for missing or mistyped values) where they do not fit the state: the loader names the save.
 
     A ``stacked_trust`` saved before its model took the class means' ratio (runs prepared before 2026-12-05)
-    is not put back: trust calibrates again on first use, as for a run saved unprepared."""
+    is not put back, nor the threshold of its chip: trust calibrates again on first use, as for a run saved
+    unprepared (the other signals' thresholds are those it will compute again)."""
     if info.get("stacked") is True and "trust/class_present" not in arrays:
+        thresholds = state.cache.get(THRESHOLDS)  # put back just before: stacked_trust's was the old model's
+        if thresholds is not None and "stacked_trust" in thresholds["signals"]:
+            state.cache[THRESHOLDS] = {**thresholds, "signals": {k: v for k, v in thresholds["signals"].items()
+                                                                 if k != "stacked_trust"}}
         return
     k, fraction, layer_weights, method = (info["n_neighbors"], info["calibration_fraction"], info["layer_weights"],
                                           info["search"])
@@ -492,12 +502,15 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
         f = 3 * n_layers + 2
         stack = _Stack(arr("trust/stack/mean", (f,)), arr("trust/stack/scale", (f,)), arr("trust/stack/coef", (f,)),
                        float(arr("trust/stack/intercept", (1,))[0]))
-        flags = arr("trust/class_present", (state.n_classes,))
-        if not np.isin(flags, (0, 1)).all():
-            raise InvalidSaveError("trust/class_present holds values other than 0 and 1")
-        present = flags == 1
-        means = {l: arr(f"trust/class_means/{l}", (state.n_classes, state.train_vectors[l].shape[1])).astype(np.float32)
-                 for l in state.layers}
+        present = np.bincount(state.row_classes[~split.is_cal], minlength=state.n_classes)[:state.n_classes] > 0
+        if not np.array_equal(arr("trust/class_present", (state.n_classes,)), present.astype(np.float64)):
+            raise InvalidSaveError("trust/class_present does not say which classes the run's reference rows hold")
+        means = {}
+        for l in state.layers:
+            m = arr(f"trust/class_means/{l}", (state.n_classes, state.train_vectors[l].shape[1])).astype(np.float32)
+            if not np.isfinite(m).all() or np.abs(m).max(initial=0) > _MAX_MEAN:  # squares overflow float32 past 1e19
+                raise InvalidSaveError(f"trust/class_means/{l} holds values past float32's range for distances")
+            means[l] = m
     key = (k, fraction, layer_weights, method, split.digest, info["device"])
     state.cache[CALIBRATION] = _Calibration(key, _knn_weights(state, layer_weights), method, split.is_cal,
                                         state.row_classes, arr("trust/cal_alpha", (n_cal,)), per_layer["cal_kth"],
@@ -689,8 +702,11 @@ def _mean_ratio(V, means: np.ndarray, present: np.ndarray, judged: np.ndarray, b
     over that to ``judged``'s mean (:func:`_class_means`): a class without reference rows is left out, and a
     distance where there is none (the judged class's, or every other's) counts at the farthest mean; distances
     below float32's resolution count at 1e-6 of the input's squared norm, as the neighbours' ratio."""
+    # both sides centred on the means' own mean: squared distances expanded in float32 (|v|^2 - 2 v.m + |m|^2) lose
+    # what the offset they share takes (activations far from 0: a ratio near 0 moved by 8% of its size)
+    centre = means[present].mean(0) if present.any() else np.zeros(means.shape[1], np.float32)
     V = np.asarray(V, np.float32)
-    d = (backend or HOST).sq_distances(V, means)
+    d = (backend or HOST).sq_distances(V - centre, means - centre)
     floor = 1e-6 * np.einsum("ij,ij->i", V, V, dtype=np.float64)[:, None]
     r = np.sqrt(np.maximum(d, floor))
     far = np.where(present, r, 0.0).max(1)
