@@ -303,6 +303,10 @@ def explore_seed(seed: int) -> dict:
 
     layers = LAYERS
     conf = ["msp", "margin", "energy", "entropy"]
+
+    def per(*kinds):  # each kind's feature for every layer, kind by kind
+        return [f"{kind}:{l}" for kind in kinds for l in layers]
+
     designs = {
         "current stacked (wvote50+ratio per layer, agreement)": [f"wvote50:{l}" for l in layers]
         + [f"ratio50:{l}" for l in layers] + ["surrogate_agree"],
@@ -310,24 +314,17 @@ def explore_seed(seed: int) -> dict:
         + ["surrogate_agree"],
         "current stacked, ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
         + ["surrogate_agree"],
-        "ratio among 50 + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
-        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
-        "ratio among 50 + centre ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
-        + [f"ccentre:{l}" for l in layers] + ["surrogate_agree"],
-        "ratio among 50 + class-mean and centre ratios": [f"wvote50:{l}" for l in layers]
-        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + [f"ccentre:{l}" for l in layers]
+        # the distance ratio without a deeper search (among the 50 the other signals find), with ratios that need none
+        "ratio among 50 + class-mean ratio": per("wvote50", "ratio@50", "cmean") + ["surrogate_agree"],
+        "ratio among 50 + centre ratio": per("wvote50", "ratio@50", "ccentre") + ["surrogate_agree"],
+        "ratio among 50 + class-mean and centre ratios": per("wvote50", "ratio@50", "cmean", "ccentre")
         + ["surrogate_agree"],
-        "current + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio50:{l}" for l in layers]
-        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
-        "ratio among 100 + class-mean ratio": [f"wvote50:{l}" for l in layers] + [f"ratio@100:{l}" for l in layers]
-        + [f"cmean:{l}" for l in layers] + ["surrogate_agree"],
-        "ratio among 50 + class-mean ratio + kth50": [f"wvote50:{l}" for l in layers]
-        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + [f"kth50:{l}" for l in layers]
-        + ["surrogate_agree"],
-        "class-mean ratio instead of the ratio": [f"wvote50:{l}" for l in layers] + [f"cmean:{l}" for l in layers]
-        + ["surrogate_agree"],
-        "ratio among 50 + class-mean ratio + log(1-msp)": [f"wvote50:{l}" for l in layers]
-        + [f"ratio@50:{l}" for l in layers] + [f"cmean:{l}" for l in layers] + ["surrogate_agree", "log(1-msp)"],
+        "current + class-mean ratio": per("wvote50", "ratio50", "cmean") + ["surrogate_agree"],
+        "ratio among 100 + class-mean ratio": per("wvote50", "ratio@100", "cmean") + ["surrogate_agree"],
+        "ratio among 50 + class-mean ratio + kth50": per("wvote50", "ratio@50", "cmean", "kth50") + ["surrogate_agree"],
+        "class-mean ratio instead of the ratio": per("wvote50", "cmean") + ["surrogate_agree"],
+        "ratio among 50 + class-mean ratio + log(1-msp)": per("wvote50", "ratio@50", "cmean")
+        + ["surrogate_agree", "log(1-msp)"],
         "msp only (stacked)": ["msp"],
         "conf (msp, margin, energy, entropy)": conf,
         "current + log(1-msp), ratio among 50": [f"wvote50:{l}" for l in layers] + [f"ratio@50:{l}" for l in layers]
