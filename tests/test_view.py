@@ -181,6 +181,10 @@ def test_token(tabular):
     assert c.get(f"/?token={TOKEN}").status_code == 200
     assert c.get("/layer/0").status_code == 200  # the cookie the first visit set
     assert c.post("/").status_code == 405
+    # HEAD answers as GET does, headers alone (link checkers, curl -I: it was a 405, an outside check)
+    head, get = c.head("/layer/0"), c.get("/layer/0")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert TestClient(make_app(ex, TOKEN)).head("/").status_code == 401 and c.head("/health").status_code == 200
     assert "script-src" not in c.get("/").headers["content-security-policy"]  # no script allowed at all
     # the 401 page shows nothing of the run (its name, layers and sizes were around the message: an outside check)
     bare = TestClient(make_app(ex, TOKEN)).get("/inputs")
@@ -210,7 +214,7 @@ def test_token_cookie_per_port(tabular):
     # no trailing-slash redirect of Starlette's, which kept the token in a Location built from the Host header
     slash = a.get("/inputs/?token=ta", follow_redirects=False, headers={"host": "evil.example"})
     assert slash.status_code == 404 and "location" not in slash.headers
-    assert a.post("/").status_code == 405 and a.post("/").headers["allow"] == "GET"
+    assert a.post("/").status_code == 405 and a.post("/").headers["allow"] == "GET, HEAD"
     jar = {**dict(a.cookies), **dict(b.cookies)}  # one browser: one jar for the host, whatever the port
     assert set(jar) == {"actclust_view_token_8801", "actclust_view_token_8802"}
     for client in (a, b):

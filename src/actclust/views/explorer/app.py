@@ -41,6 +41,10 @@ class _Refused(Exception):
         self.status = status
 
 
+#: The methods every address of the explorer answers.
+METHODS = ("GET", "HEAD")
+
+
 def cookie_name(port: Optional[int]) -> str:
     """The token's cookie of the explorer at ``port``: browsers keep cookies per host, not per port, so two explorers
     open at once (two runs compared) overwrote each other's under one name and logged each other out."""
@@ -91,7 +95,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         page = render("explorer_error.html.j2", exc.status_code, heading=str(exc.detail), bare=True, back="/",
                       back_text="the run", message="")
         if exc.status_code == 405:
-            page.headers["Allow"] = "GET"  # as HTTP asks of a 405
+            page.headers["Allow"] = ", ".join(METHODS)  # as HTTP asks of a 405
         return page
 
     @app.middleware("http")
@@ -135,8 +139,12 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         status, body = cache.get(key, built)
         return HTMLResponse(body, status_code=status)
 
+    def page(path: str):
+        """A page at ``path``, for GET and HEAD (its headers alone: link checkers, ``curl -I``; it was a 405)."""
+        return app.api_route(path, methods=list(METHODS), response_class=HTMLResponse)
+
     # ---------------------------------------------------------------- pages
-    @app.get("/", response_class=HTMLResponse)
+    @page("/")
     def run_page(request: Request, authorization: Optional[str] = Header(default=None)):
         def build():
             st = ex.state
@@ -152,7 +160,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         flags=flags, n_flagged=int((ex.flagged > 0).sum()), model=ex.ac.provenance()["model_class"])
         return cached(request, authorization, ("run",), build)
 
-    @app.get("/inputs", response_class=HTMLResponse)
+    @page("/inputs")
     def inputs_page(request: Request, show: str = "all", sort: str = "index", page: str = "1",
                     dnn: Optional[str] = None, surrogate: Optional[str] = None,
                     authorization: Optional[str] = Header(default=None)):
@@ -190,7 +198,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
         key = ("inputs", show, sort, page_no, dnn, surrogate)
         return cached(request, authorization, key, build)
 
-    @app.get("/input/{index}", response_class=HTMLResponse)
+    @page("/input/{index}")
     def input_page(index: str, request: Request, authorization: Optional[str] = Header(default=None)):
         def build():
             i = ex.check_input(index)
@@ -225,7 +233,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         order_note=ex.order.note if ex.order is not None and x_drawn["kind"] == "table" else "")
         return cached(request, authorization, ("input", index), build)
 
-    @app.get("/layer/{layer:path}", response_class=HTMLResponse)
+    @page("/layer/{layer:path}")
     def layer_page(layer: str, request: Request, sort: str = "size",
                    authorization: Optional[str] = Header(default=None)):
         def build():
@@ -251,7 +259,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         fidelity=ex.scores["per_layer"][layer]["fidelity"])
         return cached(request, authorization, ("layer", layer, sort), build)
 
-    @app.get("/cluster/{layer:path}/{cluster}", response_class=HTMLResponse)
+    @page("/cluster/{layer:path}/{cluster}")
     def cluster_page(layer: str, cluster: str, request: Request, page: str = "1",
                      authorization: Optional[str] = Header(default=None)):
         page_no = page
@@ -279,7 +287,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
                         first=(p - 1) * MEMBERS_PER_PAGE)
         return cached(request, authorization, ("cluster", layer, cluster, page_no), build)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=list(METHODS))
     def health():
         return JSONResponse({"ok": True})
 
