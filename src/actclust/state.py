@@ -252,11 +252,10 @@ class FittedState:
         return key if key in self.train_vectors else layer
 
     def layer_probas(self, distances: dict) -> np.ndarray:
-        """Per-layer class distributions ``(L, n, C)`` from squared distances to the centres (a product of few
-        columns: NumPy's own loop, not BLAS, see :func:`actclust.analysis.surrogate.combine`)."""
+        """Per-layer class distributions ``(L, n, C)`` from squared distances to the centres."""
         return np.stack([
-            np.einsum("nk,kc->nc", self.clusterings[l].soft_assign_from_distances(distances[l], self.temperatures[l]),
-                      self.posteriors[l])
+            surrogate.layer_proba(self.clusterings[l].soft_assign_from_distances(distances[l], self.temperatures[l]),
+                                  self.posteriors[l])
             for l in self.layers
         ])
 

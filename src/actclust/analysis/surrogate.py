@@ -40,8 +40,9 @@ def fit_posteriors(assign: np.ndarray, targets: np.ndarray, n_classes: int, smoo
 
 
 def layer_proba(assign: np.ndarray, posteriors: np.ndarray) -> np.ndarray:
-    """A layer's class distributions ``(n, C)`` from soft ``(n, k)`` or hard ``(n,)`` assignments."""
-    return posteriors[assign] if assign.ndim == 1 else assign @ posteriors
+    """A layer's class distributions ``(n, C)`` from soft ``(n, k)`` or hard ``(n,)`` assignments (a product of few
+    columns: NumPy's own loop, not BLAS, as :func:`combine`)."""
+    return posteriors[assign] if assign.ndim == 1 else np.einsum("nk,kc->nc", assign, posteriors)
 
 
 def combine(layer_probas: np.ndarray, weights: np.ndarray) -> np.ndarray:

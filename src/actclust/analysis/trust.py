@@ -39,7 +39,7 @@ from . import surrogate
 from .saved import CALIBRATION, THRESHOLDS
 from ..compute import HOST
 from ..exceptions import InvalidSaveError, ParameterError, TrustWarning, user_stacklevel
-from ..store.vectors import chunk_rows, iter_rows, take
+from ..store.vectors import chunk_rows, distances_fit_float32, iter_rows, take
 
 if TYPE_CHECKING:  # the analyses read a fitted state and a query pass; no import at run time
     from ..state import FittedState, Query
@@ -53,8 +53,6 @@ MIN_CALIBRATION = 20
 #: this many neighbour searches however large the training set.
 MAX_CALIBRATION = 10_000
 _BATCH = 16384
-#: Largest value of a class mean a saved run may hold: its square, summed over a layer, stays within float32.
-_MAX_MEAN = 1e17
 _MIN_STACK = 10  # fewest calibration errors, and right predictions, to fit ``stacked_trust``
 #: Share of held-out inputs a trust chip may flag wrongly: each signal's threshold is the value that
 #: this share of the calibration samples falls below (the DNN's right predictions for the signals of
@@ -348,7 +346,8 @@ def calibrate(state: FittedState, *, n_neighbors: int = 50, calibration_fraction
         d_cal = c.distances(v_cal, backend)
         own["ratio"][l], own["paths"][l] = _spread_ratio(d_cal, spread[l]), d_cal.argmin(1)
         cal_ratio[l] = np.sort(own["ratio"][l])
-        probas.append(c.soft_assign_from_distances(d_cal, state.temperatures[l]) @ state.posteriors[l])
+        probas.append(surrogate.layer_proba(c.soft_assign_from_distances(d_cal, state.temperatures[l]),
+                                            state.posteriors[l]))
         if stackable:  # stacked_trust's ratio to the class means (a pass over the store per layer)
             class_means[l], present = _class_means(state.train_vectors[l], labels, is_cal, n_classes)
             mean_ratios.append(_mean_ratio(v_cal, class_means[l], present, pred, backend))
@@ -502,13 +501,13 @@ def restore_calibration(state: FittedState, arrays: dict, info: dict) -> None:
         f = 3 * n_layers + 2
         stack = _Stack(arr("trust/stack/mean", (f,)), arr("trust/stack/scale", (f,)), arr("trust/stack/coef", (f,)),
                        float(arr("trust/stack/intercept", (1,))[0]))
-        present = np.bincount(state.row_classes[~split.is_cal], minlength=state.n_classes)[:state.n_classes] > 0
+        present = _reference_sizes(state.row_classes, split.is_cal, state.n_classes) > 0
         if not np.array_equal(arr("trust/class_present", (state.n_classes,)), present.astype(np.float64)):
             raise InvalidSaveError("trust/class_present does not say which classes the run's reference rows hold")
         means = {}
         for l in state.layers:
             m = arr(f"trust/class_means/{l}", (state.n_classes, state.train_vectors[l].shape[1])).astype(np.float32)
-            if not np.isfinite(m).all() or np.abs(m).max(initial=0) > _MAX_MEAN:  # squares overflow float32 past 1e19
+            if not np.isfinite(m).all() or not distances_fit_float32(m):  # as the store's own vectors
                 raise InvalidSaveError(f"trust/class_means/{l} holds values past float32's range for distances")
             means[l] = m
     key = (k, fraction, layer_weights, method, split.digest, info["device"])
@@ -693,8 +692,13 @@ def _class_means(X, labels: np.ndarray, is_cal: np.ndarray, n_classes: int) -> t
         onehot = np.zeros((n_classes, len(keep)))
         onehot[labels[start + keep], np.arange(len(keep))] = 1
         sums += onehot @ rows[keep].astype(np.float64)  # in float64: the same sums however the rows are chunked
-    sizes = np.bincount(labels[~is_cal], minlength=n_classes)
+    sizes = _reference_sizes(labels, is_cal, n_classes)
     return (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32), sizes > 0
+
+
+def _reference_sizes(labels: np.ndarray, is_cal: np.ndarray, n_classes: int) -> np.ndarray:
+    """Reference rows (not in the calibration split) of each class ``(C,)``."""
+    return np.bincount(labels[~is_cal], minlength=n_classes)[:n_classes]
 
 
 def _mean_ratio(V, means: np.ndarray, present: np.ndarray, judged: np.ndarray, backend=None) -> np.ndarray:

@@ -46,7 +46,7 @@ import numpy as np
 from ..exceptions import DataError, InvalidSaveError, ParameterError
 from ..io import atomic
 
-__all__ = ["VectorStore", "StoreWriter", "Collector", "is_generation", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take",
+__all__ = ["VectorStore", "StoreWriter", "Collector", "is_generation", "STORE_DTYPES", "estimate", "check_store", "iter_rows", "take", "distances_fit_float32",
            "release", "runs", "clean_store", "generations", "chunk_rows", "CHUNK", "CHUNK_FLOATS"]
 
 STORE_DTYPES = ("float32", "float16")
@@ -273,11 +273,16 @@ class VectorStore(Mapping):
 _MAX_MAGNITUDE = 1e17
 
 
+def distances_fit_float32(v: np.ndarray) -> bool:
+    """Whether squared distances between rows like those of ``v`` (finite) stay within float32 (:data:`_MAX_MAGNITUDE`)."""
+    return float(np.abs(v).max(initial=0)) * np.sqrt(v.shape[1]) <= _MAX_MAGNITUDE
+
+
 def _check_magnitude(layer, v: np.ndarray) -> None:
     """Refuse vectors whose squared distances overflow float32: faiss' k-means then aborted the whole process (a
     C++ error no ``except`` catches), and searches ranked by infinities (an outside check, ``normalize=None``)."""
     top = float(np.abs(v).max())
-    if top * np.sqrt(v.shape[1]) > _MAX_MAGNITUDE:
+    if not distances_fit_float32(v):
         raise DataError(f"Layer {layer!r} gives values up to {top:.3g}: squared distances between its {v.shape[1]}-value "
                         "vectors overflow float32 (3.4e38). Keep normalize='l2' (the default: unit-length vectors), or "
                         "choose a layer whose values are smaller.")
