@@ -325,6 +325,143 @@ def test_principal_component_codes_for_wide_rows(tmp_path):
         indexes.load_index(train, paths[".faiss"], tmp_path / "bad.safetensors")
 
 
+# principal-component codes get a 4-bit twin over the same lists (fastscan.py): its shortlist, scored again by the
+# 8-bit codes, gives the 8-bit scan's own candidates with the 8-bit scan's own scores, but for the few the 4-bit
+# scores rank too low; a search that leaves rows out scans the 8-bit codes (fast-scan takes no selector); the
+# twin is saved with the run and read back to give the same answers; an older run without one scans its 8-bit
+# codes; arrays that do not fit the index are refused
+def test_four_bit_twin_of_principal_component_codes(tmp_path):
+    import faiss
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from actclust import InvalidSaveError
+    from actclust.analysis import fastscan, indexes
+
+    both = _clustered_vectors(12300, widths=(48, 160, 400), n_clusters=40, seed=3)
+    train = {l: v[:12000] for l, v in both.items()}
+    queries = {l: v[12000:] for l, v in both.items()}
+    approx = ApproximateIndex(train, layer_stats(train), random_state=0)
+    assert approx.codes == "pca" and isinstance(approx.fast, fastscan.FastScan)
+    assert approx.fast.index.ntotal == approx.n == approx.index.ntotal
+    layers = list(train)
+    for preset in ("low", "high", "equal"):
+        w = layer_weights(preset, layers)
+        q = approx._index_query(queries, w)
+        m, nprobe = 30, 16
+        params = indexes._quantizer_params(nprobe)
+        near, lists = approx.index.quantizer.search(q, nprobe)
+        eight_s, eight_i = np.empty((len(q), m), np.float32), np.empty((len(q), m), np.int64)
+        approx.index.search_preassigned_c(len(q), faiss.swig_ptr(q), m, faiss.swig_ptr(lists), faiss.swig_ptr(near),
+                                          faiss.swig_ptr(eight_s), faiss.swig_ptr(eight_i), False, params)
+        four_s, four_i = approx.fast.search(q, m, lists, near, params)
+        held = np.mean([len(set(a) & set(b)) / m for a, b in zip(four_i, eight_i)])
+        assert held >= 0.97, (preset, held)
+        # rows both keep have the 8-bit scan's scores (its codes decoded, the list's centre score added)
+        for a_i, a_s, b_i, b_s in zip(four_i, four_s, eight_i, eight_s):
+            same = dict(zip(b_i.tolist(), b_s.tolist()))
+            both_kept = [(s, same[i]) for i, s in zip(a_i.tolist(), a_s.tolist()) if i in same]
+            assert np.allclose(*zip(*both_kept), rtol=1e-5, atol=1e-5)
+        assert (np.diff(four_s, axis=1) <= 0).all()  # best first
+    # a search that leaves rows out scans the 8-bit codes: the twin is never asked
+    w = layer_weights("equal", layers)
+    approx.search(queries, 10, w)  # calibrated first (its trial searches use the twin)
+    calls = []
+    real = approx.fast.search
+    approx.fast.search = lambda *a: calls.append(1) or real(*a)
+    leave = np.zeros(approx.n, bool)
+    leave[::2] = True
+    found = approx.search(queries, 10, w, exclude=leave)[0]
+    assert not calls and not leave[found].any()
+    approx.search(queries, 10, w)
+    assert calls
+    approx.fast.search = real
+
+    paths = {}
+    for name, content in indexes.index_files(approx, "retrieval").items():
+        path = tmp_path / name.replace("{sha}", "0")
+        if callable(content):
+            with open(path, "wb") as f:
+                content(f.write)
+        else:
+            path.write_bytes(content)
+        paths[path.suffix] = path
+    ws = [layer_weights(p, layers) for p in ("low", "high", "equal")]
+    found = [approx.search(queries, 10, w) for w in ws]
+    loaded = indexes.load_index(train, paths[".faiss"], paths[".safetensors"])
+    assert loaded.fast is not None
+    for w, (idx, dist, _) in zip(ws, found):
+        again = loaded.search(queries, 10, w)
+        assert np.array_equal(again[0], idx) and np.array_equal(again[1], dist)
+
+    arrays = load_file(str(paths[".safetensors"]))
+    with safe_open(str(paths[".safetensors"]), framework="numpy") as f:
+        meta = json.loads(f.metadata()["actclust"])
+
+    def saved(arrays, meta, name="changed.safetensors"):
+        save_file(arrays, str(tmp_path / name), metadata={"actclust": json.dumps(meta)})
+        return tmp_path / name
+
+    # an older run (no twin): its 8-bit codes are scanned, and the answers are as good
+    older = saved({k: v for k, v in arrays.items() if not k.startswith("fastscan/")},
+                  {k: v for k, v in meta.items() if k != "fastscan"}, "older.safetensors")
+    old = indexes.load_index(train, paths[".faiss"], older)
+    assert old.fast is None
+    exact = Index(train, layer_stats(train))
+    for w in ws:
+        truth = exact.search(queries, 10, w)[0]
+        assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(old.search(queries, 10, w)[0], truth)]) >= 0.95
+    for change, said in (
+            (lambda a: a.update({"fastscan/codes": a["fastscan/codes"][:-1]}), "has 4-bit codes that do not fit"),
+            (lambda a: a.update({"fastscan/centroids": np.full_like(a["fastscan/centroids"], np.nan)}),
+             "has 4-bit codes that do not fit"),
+            (lambda a: a.update({"fastscan/codes": a["fastscan/codes"].astype(np.int16)}), "has 4-bit codes that do not"),
+            (lambda a: a.pop("fastscan/codes"), r"is damaged: KeyError")):
+        bad = dict(arrays)
+        change(bad)
+        with pytest.raises(InvalidSaveError, match=r"saved search index .*changed\.safetensors " + said):
+            indexes.load_index(train, paths[".faiss"], saved(bad, meta))
+    # one layer's 8-bit codes (trust's searches: distances, not inner products) never get a twin
+    one = {"layer2": train["layer2"][:3000]}
+    single = ApproximateIndex(one, layer_stats(one), random_state=0, codes="sq8")
+    assert single.fast is None
+    for name, content in indexes.index_files(single, "one").items():
+        path = tmp_path / name.replace("{sha}", "0")
+        if callable(content):
+            with open(path, "wb") as f:
+                content(f.write)
+        else:
+            path.write_bytes(content)
+        paths["one" + path.suffix] = path
+    one_arrays = load_file(str(paths["one.safetensors"]))
+    with safe_open(str(paths["one.safetensors"]), framework="numpy") as f:
+        one_meta = json.loads(f.metadata()["actclust"])
+    assert indexes.load_index(one, paths["one.faiss"], paths["one.safetensors"]).fast is None
+    crafted = saved({**one_arrays, "fastscan/centroids": np.zeros(single.d * 16, np.float32),
+                     "fastscan/codes": np.zeros((3000, single.d // 2), np.uint8)}, {**one_meta, "fastscan": True})
+    with pytest.raises(InvalidSaveError, match=r"changed\.safetensors has 4-bit codes its 'sq8' codes never get"):
+        indexes.load_index(one, paths["one.faiss"], crafted)
+
+
+# a disk store's index is mapped from an unnamed file once built (keep_on_disk): its 4-bit twin follows it to the
+# mapped lists (it held the index it was built on, whose quantizer the mapped one replaces) and answers the same
+def test_four_bit_twin_follows_its_index_onto_disk(tmp_path):
+    from actclust.analysis import indexes
+
+    both = _clustered_vectors(6100, widths=(48, 160, 400), n_clusters=40, seed=4)
+    train = {l: v[:6000] for l, v in both.items()}
+    queries = {l: v[6000:] for l, v in both.items()}
+    approx = ApproximateIndex(train, layer_stats(train), random_state=0)
+    w = layer_weights("low", list(train))
+    before = approx.search(queries, 10, w)
+    built = approx.index
+    indexes.keep_on_disk(approx, tmp_path)
+    assert approx.index is not built and approx.fast.ivf is approx.index and approx.source is not None
+    del built
+    after = approx.search(queries, 10, w)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
 # a saved index is read by faiss: a crafted one is refused before any search, never searched (issue 17's threat: a
 # run someone sends). Lists in faiss' on-disk format were left unmapped by read_index's mmap flag, and the first
 # search read memory at addresses the file chose (a segmentation fault in the CLI); ids out of range wrapped to
