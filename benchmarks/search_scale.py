@@ -15,12 +15,17 @@ as a user pays it, capture pass included; recall@10 against ``search="exact"`` o
 ``--recall-queries`` of them; save, load, and the loaded run's first approximate call (the index is
 memory-mapped from the run, not rebuilt) with the neighbours it finds. The ratio is the median
 large-size time over the median small-size time, per preset; the bar is <= 2 at recall@10 >= 0.95.
+
+Baseline in the same run (``--no-baseline`` to skip): the same explainers' index without its 4-bit twin
+(``actclust.analysis.fastscan``; principal-component codes only), calibrated again on its own, which scans the
+lists' 8-bit codes as the code before the twin did; its calls take turns with the twin's in every round.
 Results: a table on stdout and ``benchmarks/results/search_scale.json`` with the machine and load.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -61,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the index without its 4-bit twin")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_scale.json"))
     add_data_arguments(ap)  # what teacher_model() and Mixture read (scale.py's defaults)
     args = ap.parse_args(argv)
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
            "settings": vars(args), "sizes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="actclust-search-scale-", dir=args.tmp))
     try:
-        acs = {}
+        acs, indexes = {}, {}
         for name, n in sizes.items():
             ac = actclust.ActivationClustering(model, LAYERS, n_clusters=15, store=str(tmp / f"store-{name}"),
                                                progress=False, batch_size=1024)
@@ -97,14 +103,31 @@ def main(argv=None) -> int:
                           "candidates": {p: int(index.n_candidates(args.k, _weights(ac, p))) for p in PRESETS},
                           "calibration_recall": {p: float(index.recall[_key(ac, p)]) for p in PRESETS}}
             log(f"  index: {r['index']}")
+            if not args.no_baseline and index.fast is not None:  # the same lists, 8-bit scan, calibrated on its own
+                base = copy.copy(index)
+                base.fast, base.settings, base.recall = None, {}, {}
+                r["baseline_calibration_s"] = timed(lambda: [base._settings(_weights(ac, p)) for p in PRESETS])[1]
+                r["baseline_probes"] = {p: int(base._settings(_weights(ac, p))[0]) for p in PRESETS}
+                r["baseline_candidates"] = {p: int(base.n_candidates(args.k, _weights(ac, p))) for p in PRESETS}
+                r["s_per_query_8bit"] = {p: [] for p in PRESETS}
+                indexes[name] = (index, base)
+                log(f"  8-bit baseline: probes {r['baseline_probes']}, candidates {r['baseline_candidates']}")
+        variants = ("twin", "8bit") if len(indexes) == 2 else ("twin",)
         for rnd in range(args.rounds):
             for name in (("small", "large") if rnd % 2 == 0 else ("large", "small")):
-                for p in PRESETS:
-                    _, t = timed(lambda: acs[name].similar(xq, k=args.k, weights=p, search="approximate"))
-                    res["sizes"][name]["s_per_query"][p].append(t / len(xq))
+                for variant in (variants if rnd % 2 == 0 else variants[::-1]):
+                    if name in indexes:
+                        _use(acs[name], indexes[name][variant == "8bit"])
+                    for p in PRESETS:
+                        _, t = timed(lambda: acs[name].similar(xq, k=args.k, weights=p, search="approximate"))
+                        r = res["sizes"][name]
+                        r["s_per_query" if variant == "twin" else "s_per_query_8bit"][p].append(t / len(xq))
             log(f"round {rnd + 1}: " + "; ".join(
-                f"{name} " + ", ".join(f"{p} {r['s_per_query'][p][-1] * 1e3:.2f} ms" for p in PRESETS)
-                for name, r in res["sizes"].items()))
+                f"{name} {v} " + ", ".join(f"{p} {r[key][p][-1] * 1e3:.2f} ms" for p in PRESETS)
+                for name, r in res["sizes"].items()
+                for v, key in (("twin", "s_per_query"), ("8-bit", "s_per_query_8bit")) if key in r))
+        for name in indexes:
+            _use(acs[name], indexes[name][0])
         m = min(args.recall_queries, len(xq))
         for name, ac in acs.items():
             r = res["sizes"][name]
@@ -113,8 +136,14 @@ def main(argv=None) -> int:
                 exact, t = timed(lambda: ac.similar(xq[:m], k=args.k, weights=p, search="exact").indices)
                 approx = ac.similar(xq[:m], k=args.k, weights=p, search="approximate").indices
                 r["exact_s_per_query"][p] = t / m
-                r["recall_at_10"][p] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(approx, exact)]))
-            log(f"{name}: recall@10 {r['recall_at_10']}, exact {r['exact_s_per_query']}")
+                r["recall_at_10"][p] = _recall(approx, exact, args.k)
+                if name in indexes:
+                    _use(ac, indexes[name][1])
+                    r.setdefault("recall_at_10_8bit", {})[p] = _recall(
+                        ac.similar(xq[:m], k=args.k, weights=p, search="approximate").indices, exact, args.k)
+                    _use(ac, indexes[name][0])
+            log(f"{name}: recall@10 {r['recall_at_10']} (8-bit: {r.get('recall_at_10_8bit')}), "
+                f"exact {r['exact_s_per_query']}")
             run = tmp / f"run-{name}"
             _, r["save_s"] = timed(lambda: ac.save(str(run)))
             r["index_files_bytes"] = sum(f.stat().st_size for f in run.iterdir() if f.name.startswith("index_"))
@@ -133,6 +162,9 @@ def main(argv=None) -> int:
     res["ratio_large_over_small"] = {p: float(np.median(lg["s_per_query"][p]) / np.median(s["s_per_query"][p]))
                                      for p in PRESETS}
     res["min_recall_at_10"] = min(min(r["recall_at_10"].values()) for r in res["sizes"].values())
+    if "s_per_query_8bit" in s and "s_per_query_8bit" in lg:
+        res["ratio_large_over_small_8bit"] = {p: float(np.median(lg["s_per_query_8bit"][p])
+                                                       / np.median(s["s_per_query_8bit"][p])) for p in PRESETS}
     res["bar_ratio_le_2_at_recall_ge_0.95"] = bool(max(res["ratio_large_over_small"].values()) <= 2
                                                    and res["min_recall_at_10"] >= 0.95)
     res["machine"]["load_average_end"] = os.getloadavg()
@@ -142,11 +174,27 @@ def main(argv=None) -> int:
     for p in PRESETS:
         print(f"| {p} | {np.median(s['s_per_query'][p]) * 1e3:.2f} | {np.median(lg['s_per_query'][p]) * 1e3:.2f} | "
               f"{res['ratio_large_over_small'][p]:.2f} | {s['recall_at_10'][p]:.3f} / {lg['recall_at_10'][p]:.3f} |")
+    if "ratio_large_over_small_8bit" in res:
+        print(f"\n8-bit scan (no twin), same run | {s['n']:,} | {lg['n']:,} | ratio | recall@10")
+        print("|---|---|---|---|---|")
+        for p in PRESETS:
+            print(f"| {p} | {np.median(s['s_per_query_8bit'][p]) * 1e3:.2f} | "
+                  f"{np.median(lg['s_per_query_8bit'][p]) * 1e3:.2f} | {res['ratio_large_over_small_8bit'][p]:.2f} | "
+                  f"{s['recall_at_10_8bit'][p]:.3f} / {lg['recall_at_10_8bit'][p]:.3f} |")
     print(f"\nbar (ratio <= 2 at recall@10 >= 0.95): {'passes' if res['bar_ratio_le_2_at_recall_ge_0.95'] else 'fails'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _use(ac, index) -> None:
+    """Make ``index`` the one ``ac``'s approximate searches use."""
+    ac.state_.cache["retrieval"]["retrieval", "approximate", "host"] = index
+
+
+def _recall(found, exact, k) -> float:
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
 
 
 def _weights(ac, preset):

@@ -23,6 +23,21 @@ def _clustered_vectors(n, widths=(16, 32, 64), n_clusters=60, seed=0):
     return out
 
 
+
+def _written(index, token: str, folder) -> dict:
+    """The files that keep ``index`` with a run (``index_files``), written into ``folder``: ``{extension: path}``."""
+    from actclust.analysis import indexes
+
+    paths = {}
+    for name, content in indexes.index_files(index, token).items():
+        path = paths[name.rsplit(".", 1)[1]] = folder / name.replace("{sha}", "0")
+        if callable(content):
+            with open(path, "wb") as f:
+                content(f.write)
+        else:
+            path.write_bytes(content)
+    return paths
+
 # the IVF index of 8-bit codes, calibrated per weighting and re-ranked exactly, finds >= 95% of the exact
 # 10 nearest of held-out queries, for every preset
 def test_approximate_recall_against_exact():
@@ -299,30 +314,21 @@ def test_principal_component_codes_for_wide_rows(tmp_path):
     one = {"layer2": train["layer2"][:3000]}  # one layer (trust's searches): L2 over whole rows, never projected
     assert ApproximateIndex(one, layer_stats(one), random_state=0).codes == "flat"
 
-    files = indexes.index_files(approx, "retrieval")
-    paths = {}
-    for name, content in files.items():
-        path = tmp_path / name.replace("{sha}", "0")
-        if callable(content):
-            with open(path, "wb") as f:
-                content(f.write)
-        else:
-            path.write_bytes(content)
-        paths[path.suffix] = path
-    loaded = indexes.load_index(train, paths[".faiss"], paths[".safetensors"])
+    paths = _written(approx, "retrieval", tmp_path)
+    loaded = indexes.load_index(train, paths["faiss"], paths["safetensors"])
     assert loaded.codes == "pca" and loaded.dims == approx.dims
     for w, (idx, dist, _) in zip(ws, found):
         again = loaded.search(queries, 10, w)
         assert np.array_equal(again[0], idx) and np.array_equal(again[1], dist)
-    arrays = load_file(str(paths[".safetensors"]))
+    arrays = load_file(str(paths["safetensors"]))
     from safetensors import safe_open
 
-    with safe_open(str(paths[".safetensors"]), framework="numpy") as f:
+    with safe_open(str(paths["safetensors"]), framework="numpy") as f:
         meta = f.metadata()
     arrays["basis/2"] = arrays["basis/2"][:, :399]  # axes of another width than the layer's
     save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(InvalidSaveError, match=r"principal axes that do not fit its codes \(pca\) or this run's layers"):
-        indexes.load_index(train, paths[".faiss"], tmp_path / "bad.safetensors")
+        indexes.load_index(train, paths["faiss"], tmp_path / "bad.safetensors")
 
 
 # principal-component codes get a 4-bit twin over the same lists (fastscan.py): its shortlist, scored again by the
@@ -377,25 +383,17 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
     assert calls
     approx.fast.search = real
 
-    paths = {}
-    for name, content in indexes.index_files(approx, "retrieval").items():
-        path = tmp_path / name.replace("{sha}", "0")
-        if callable(content):
-            with open(path, "wb") as f:
-                content(f.write)
-        else:
-            path.write_bytes(content)
-        paths[path.suffix] = path
+    paths = _written(approx, "retrieval", tmp_path)
     ws = [layer_weights(p, layers) for p in ("low", "high", "equal")]
     found = [approx.search(queries, 10, w) for w in ws]
-    loaded = indexes.load_index(train, paths[".faiss"], paths[".safetensors"])
+    loaded = indexes.load_index(train, paths["faiss"], paths["safetensors"])
     assert loaded.fast is not None
     for w, (idx, dist, _) in zip(ws, found):
         again = loaded.search(queries, 10, w)
         assert np.array_equal(again[0], idx) and np.array_equal(again[1], dist)
 
-    arrays = load_file(str(paths[".safetensors"]))
-    with safe_open(str(paths[".safetensors"]), framework="numpy") as f:
+    arrays = load_file(str(paths["safetensors"]))
+    with safe_open(str(paths["safetensors"]), framework="numpy") as f:
         meta = json.loads(f.metadata()["actclust"])
 
     def saved(arrays, meta, name="changed.safetensors"):
@@ -405,7 +403,7 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
     # an older run (no twin): its 8-bit codes are scanned, and the answers are as good
     older = saved({k: v for k, v in arrays.items() if not k.startswith("fastscan/")},
                   {k: v for k, v in meta.items() if k != "fastscan"}, "older.safetensors")
-    old = indexes.load_index(train, paths[".faiss"], older)
+    old = indexes.load_index(train, paths["faiss"], older)
     assert old.fast is None
     exact = Index(train, layer_stats(train))
     for w in ws:
@@ -420,19 +418,12 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
         bad = dict(arrays)
         change(bad)
         with pytest.raises(InvalidSaveError, match=r"saved search index .*changed\.safetensors " + said):
-            indexes.load_index(train, paths[".faiss"], saved(bad, meta))
+            indexes.load_index(train, paths["faiss"], saved(bad, meta))
     # one layer's 8-bit codes (trust's searches: distances, not inner products) never get a twin
     one = {"layer2": train["layer2"][:3000]}
     single = ApproximateIndex(one, layer_stats(one), random_state=0, codes="sq8")
     assert single.fast is None
-    for name, content in indexes.index_files(single, "one").items():
-        path = tmp_path / name.replace("{sha}", "0")
-        if callable(content):
-            with open(path, "wb") as f:
-                content(f.write)
-        else:
-            path.write_bytes(content)
-        paths["one" + path.suffix] = path
+    paths.update({"one." + k: v for k, v in _written(single, "one", tmp_path).items()})
     one_arrays = load_file(str(paths["one.safetensors"]))
     with safe_open(str(paths["one.safetensors"]), framework="numpy") as f:
         one_meta = json.loads(f.metadata()["actclust"])
@@ -444,7 +435,8 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
 
 
 # a disk store's index is mapped from an unnamed file once built (keep_on_disk): its 4-bit twin follows it to the
-# mapped lists (it held the index it was built on, whose quantizer the mapped one replaces) and answers the same
+# mapped lists (it held the index it was built on, whose quantizer the mapped one replaces), reads their 8-bit codes
+# in the mapping, and answers the same as with the codes copied by row id before
 def test_four_bit_twin_follows_its_index_onto_disk(tmp_path):
     from actclust.analysis import indexes
 
@@ -459,6 +451,7 @@ def test_four_bit_twin_follows_its_index_onto_disk(tmp_path):
     assert approx.index is not built and approx.fast.ivf is approx.index and approx.source is not None
     del built
     after = approx.search(queries, 10, w)
+    assert not approx.fast._code_rows()[0].flags.owndata  # the 8-bit codes read where the file is mapped, not copied
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
 
 
@@ -473,14 +466,7 @@ def test_crafted_index_files_refused(tmp_path):
 
     train = {"layer2": _clustered_vectors(3000)["layer2"]}
     approx = ApproximateIndex(train, layer_stats(train), random_state=0)
-    paths = {}
-    for name, content in indexes.index_files(approx, "l0").items():
-        path = paths[name.rsplit(".", 1)[1]] = tmp_path / name.replace("{sha}", "0")
-        if callable(content):
-            with open(path, "wb") as f:
-                content(f.write)
-        else:
-            path.write_bytes(content)
+    paths = _written(approx, "l0", tmp_path)
     good = paths["faiss"].read_bytes()
     indexes.load_index(train, paths["faiss"], paths["safetensors"])  # as written: loads
 

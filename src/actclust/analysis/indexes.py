@@ -16,6 +16,8 @@ scores) while the index holds at most :data:`FLAT_BYTES`, else 8-bit (a quarter)
 re-ranked by exact distances from the store. Rows of several layers wider than :data:`PCA_WIDTH` keep only
 each layer's :data:`PCA_DIMS` leading principal components (8-bit; the squared norms stay whole, so a score
 is the weighted distance up to the product of the parts left out), and their candidates are re-ranked too.
+Principal-component codes also get a 4-bit twin over the same lists (:mod:`actclust.analysis.fastscan`), scanned
+first; its best candidates are scored again by the 8-bit codes.
 Lists grow with ``n`` (:func:`n_lists`); past :data:`HNSW_LISTS` the centres are trained by faiss' two-level
 k-means and the rows assigned to them through an HNSW graph; queries search the centres flat (one matrix product per batch) below
 :data:`GRAPH_QUERY_LISTS` lists, past that through the graph. The probes (and the re-ranked share)
