@@ -93,7 +93,7 @@ def test_auto_threshold():
 # and (past HNSW_LISTS lists, lowered here) lists trained by two-level k-means with rows assigned through an
 # HNSW graph, whose queries search the centres flat, or (past GRAPH_QUERY_LISTS, lowered too) through the graph
 @pytest.mark.parametrize("codes, hnsw, graph", [("flat", False, False), ("sq8", False, False), ("sq8", True, False),
-                                                ("sq8", True, True)])
+                                                ("sq8", True, True), ("pca", True, False), ("pca", True, True)])
 def test_approximate_indexes_recall(codes, hnsw, graph, monkeypatch):
     from faiss.contrib import clustering
 
@@ -428,10 +428,22 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
     with safe_open(str(paths["one.safetensors"]), framework="numpy") as f:
         one_meta = json.loads(f.metadata()["actclust"])
     assert indexes.load_index(one, paths["one.faiss"], paths["one.safetensors"]).fast is None
-    crafted = saved({**one_arrays, "fastscan/centroids": np.zeros(single.d * 16, np.float32),
-                     "fastscan/codes": np.zeros((3000, single.d // 2), np.uint8)}, {**one_meta, "fastscan": True})
-    with pytest.raises(InvalidSaveError, match=r"changed\.safetensors has 4-bit codes its 'sq8' codes never get"):
-        indexes.load_index(one, paths["one.faiss"], crafted)
+    twin = {"fastscan/centroids": np.zeros(single.d * 16, np.float32),
+            "fastscan/codes": np.zeros((3000, single.d // 2), np.uint8)}
+    for codes in ("sq8", "pca"):  # (a one-layer index said to hold principal components loads: it has no axes)
+        crafted = saved({**one_arrays, **twin}, {**one_meta, "codes": codes, "fastscan": True})
+        with pytest.raises(InvalidSaveError, match=r"changed\.safetensors has 4-bit codes, which an index of "
+                                                   f"'{codes}' codes and 'l2' scores never gets"):
+            indexes.load_index(one, paths["one.faiss"], crafted)
+    # the twin's arrays with any values load and are searched: the ids come from the 8-bit index's checked lists
+    noisy = dict(arrays)
+    rng = np.random.default_rng(0)
+    noisy["fastscan/codes"] = rng.integers(0, 256, arrays["fastscan/codes"].shape, dtype=np.uint8)
+    noisy["fastscan/centroids"] = np.float32(3e38) * np.sign(rng.standard_normal(arrays["fastscan/centroids"].shape,
+                                                                                 dtype=np.float32))
+    odd = indexes.load_index(train, paths["faiss"], saved(noisy, meta))
+    ids = odd.search(queries, 10, ws[0])[0]
+    assert ((ids >= 0) & (ids < approx.n)).all()
 
 
 # a disk store's index is mapped from an unnamed file once built (keep_on_disk): its 4-bit twin follows it to the

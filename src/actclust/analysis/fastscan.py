@@ -12,8 +12,7 @@ keeps :data:`SHORTLIST` times the candidates asked for by those scores, then sco
 (1M rows of 1,792 values, 1,000 queries, a ``/tmp`` script): the 8-bit scan of "low"'s 340 lists took 0.55 s,
 the 4-bit scan 0.14 s and the second scoring 0.05 s.
 
-Where a search leaves rows out (a faiss selector: trust's calibration split), the index scans its 8-bit codes as
-before; fast-scan takes no selector.
+Where a search leaves rows out (a faiss selector), the index scans its 8-bit codes as before.
 """
 
 from __future__ import annotations
@@ -31,6 +30,18 @@ SHORTLIST = 8
 #: Bits per code value (faiss' fast-scan takes 4).
 NBITS = 4
 _CHUNK = 256  # queries whose shortlisted rows are scored again at once
+
+
+def fits(ivf) -> bool:
+    """Whether ``ivf`` is an index :class:`FastScan` can be the twin of: inner products, 8-bit codes (faiss'
+    ``QT_8bit``: a range per column) of residuals from the lists' centres, whose scores :meth:`FastScan.search`
+    computes again."""
+    import faiss
+
+    ivf = faiss.downcast_index(ivf)
+    return isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.metric_type == faiss.METRIC_INNER_PRODUCT \
+        and ivf.by_residual and ivf.sq.qtype == faiss.ScalarQuantizer.QT_8bit and ivf.sq.trained.size() == 2 * ivf.d \
+        and ivf.code_size == ivf.d
 
 
 class FastScan:
@@ -78,8 +89,7 @@ class FastScan:
 
         pq, self._building = self._building, None
         pq.quantizer = ivf.quantizer
-        self.index = faiss.IndexIVFPQFastScan(pq)
-        del pq  # its plain lists: the fast-scan index keeps its own copy, packed in blocks
+        self.index = _packed(pq)
         self.rebind(ivf)
 
     def rebind(self, ivf) -> None:
@@ -120,6 +130,8 @@ class FastScan:
 
         d = ivf.d
         code_size = (d * NBITS + 7) // 8
+        if not fits(ivf):
+            return None
         if centroids.dtype != np.float32 or centroids.shape != (d * (1 << NBITS),) or not np.isfinite(centroids).all() \
                 or codes.dtype != np.uint8 or codes.shape != (ivf.ntotal, code_size):
             return None
@@ -137,8 +149,7 @@ class FastScan:
         sa[:, coarse:] = codes
         pq.add_sa_codes(sa, np.arange(len(sa), dtype=np.int64))
         del sa
-        index = faiss.IndexIVFPQFastScan(pq)
-        del pq
+        index = _packed(pq)
         out.index = index
         out.rebind(ivf)
         return out
@@ -163,7 +174,8 @@ class FastScan:
         nlist = self.ivf.nlist
         # Each shortlisted row's list's score, from the centres' scores ``near`` of the lists probed: a sorted
         # key (query, list) per probed list, found by one binary search for all.
-        keys = (np.arange(n, dtype=np.int64)[:, None] * nlist + lists).ravel()
+        stride = nlist + 1  # (a list of -1, where a graph quantizer found fewer lists, keys as list nlist)
+        keys = (np.arange(n, dtype=np.int64)[:, None] * stride + np.where(lists < 0, nlist, lists)).ravel()
         order = np.argsort(keys, kind="stable")
         keys, near_sorted = keys[order], near.ravel()[order]
         for a in range(0, n, _CHUNK):
@@ -175,7 +187,7 @@ class FastScan:
             # 8-bit value c of a row's residual decodes to vmin + (c + 0.5) / 255 * vdiff
             s = np.einsum("bcd,bd->bc", rows[at[safe]], q * (vdiff / np.float32(255)))
             s += np.einsum("bd,d->b", q, base)[:, None]
-            place = np.searchsorted(keys, np.arange(a, b, dtype=np.int64)[:, None] * nlist + row_lists[safe])
+            place = np.searchsorted(keys, np.arange(a, b, dtype=np.int64)[:, None] * stride + row_lists[safe])
             s += near_sorted[np.minimum(place, len(keys) - 1)]
             s[~found] = -np.inf
             top = np.argsort(-s, axis=1, kind="stable")[:, :m]
@@ -223,3 +235,16 @@ class FastScan:
         trained = faiss.vector_to_array(self.ivf.sq.trained)
         d = self.ivf.d
         return trained[:d].astype(np.float32), trained[d:2 * d].astype(np.float32)
+
+
+def _packed(pq):
+    """A fast-scan index of the plain 4-bit index ``pq``'s lists, packed in blocks; ``pq`` (its plain lists: n x
+    (code + id) bytes) freed. faiss' wrapper kept it alive through the new index's references, and the new index kept
+    a pointer to its lists (read only by faiss' other scan implementations and ``reconstruct_orig_invlists``): both
+    dropped."""
+    import faiss
+
+    index = faiss.IndexIVFPQFastScan(pq)
+    index.orig_invlists = None
+    index.referenced_objects = []
+    return index

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..compute import HOST
 from ..exceptions import InvalidSaveError
 from ..store.vectors import chunk_rows, iter_rows, release, take
-from .fastscan import SHORTLIST, FastScan
+from .fastscan import SHORTLIST, FastScan, fits
 
 __all__ = ["Index", "ApproximateIndex", "n_lists", "index_files", "load_index", "SavedFile", "FLAT_BYTES", "HNSW_LISTS",
            "GRAPH_QUERY_LISTS", "TARGET_RECALL", "EXACT_SHARE"]
@@ -73,6 +73,7 @@ _PCA_ROWS = 65536  # training rows the principal components are computed from
 #: take gigabytes and ``eigh`` tens of minutes.
 _EIGH_WIDTH = 2048
 _PCA_FLOATS = 1 << 26
+_TWIN_TRAIN = 16384  # training rows (at most about) whose residuals the 4-bit twin's codes are trained on
 _BUILD_FLOATS = 1 << 26  # values of full-width rows read per chunk while the index is built (256 MiB)
 #: Calibration's cost of a search: the bytes of codes scanned plus, per value of the candidates re-ranked (read
 #: from the store, then a distance term), this many. Measured on ``benchmarks/search_scale.py``'s data at 1M rows
@@ -447,6 +448,7 @@ class ApproximateIndex(Index):
         """Index rows ``rows`` (of several layers) minus the centre row of the list each goes to: the nearest centre
         in the equal-weight space, as :meth:`_build` assigns rows (its query, built from the rows themselves: the
         blocks doubled, the squared norms' weights -1)."""
+        rows = rows[::max(1, len(rows) // _TWIN_TRAIN)]  # (faiss trains each 16-value codebook on 4,096 of them)
         width = sum(self.dims)
         query = rows.copy()
         query[:, :width] *= 2
@@ -613,24 +615,35 @@ class ApproximateIndex(Index):
         by the same thread, which finds those lists' rows still in its cache. On the Fashion-MNIST
         explain benchmark (10,000 queries, 272 values per row) this took 0.18 s instead of 0.29 s; on one
         layer's 16-128 values, about as long as faiss' own order."""
-        import faiss
-
         params = _quantizer_params(nprobe, keep)
         graph = self._graph_quantizer()
         near, lists = self.index.quantizer.search(queries, nprobe, params=params.inner if graph else None)
         order = np.argsort(lists[:, 0], kind="stable")
         q, near, lists = (np.ascontiguousarray(a[order]) for a in (queries, near, lists))
-        n = len(q)
-        scores, ids = np.empty((n, m), np.float32), np.empty((n, m), np.int64)
         # faiss' parallel_mode 3 (set on the index): the scan runs its queries on every thread, in this order
-        if self.fast is not None and keep is None:  # the 4-bit scan first, its best scored again (fastscan.py)
+        if self.fast is None or keep is not None:
+            scores, ids = self._scan(q, m, lists, near, params)
+        else:  # the 4-bit scan first, its best scored again (fastscan.py)
             scores, ids = self.fast.search(q, m, lists, near, params)
-        else:
-            self.index.search_preassigned_c(n, faiss.swig_ptr(q), m, faiss.swig_ptr(lists), faiss.swig_ptr(near),
-                                            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+            # queries it left short (lists of fewer rows; 4-bit values a crafted run made overflow) scan the 8-bit codes
+            redo = np.flatnonzero((ids < 0).any(1))
+            if len(redo):
+                again = [np.ascontiguousarray(a[redo]) for a in (q, lists, near)]
+                scores[redo], ids[redo] = self._scan(*again[:1], m, *again[1:], params)
         out_scores, out_ids = np.empty_like(scores), np.empty_like(ids)
         out_scores[order], out_ids[order] = scores, ids
         return out_scores, out_ids
+
+    def _scan(self, q, m, lists, near, params) -> tuple:
+        """faiss' scan of the 8-bit (or float32) codes of the lists ``lists`` (their centres' scores ``near``):
+        ``(scores, ids)`` of the ``m`` best rows of each query."""
+        import faiss
+
+        n = len(q)
+        scores, ids = np.empty((n, m), np.float32), np.empty((n, m), np.int64)
+        self.index.search_preassigned_c(n, faiss.swig_ptr(q), m, faiss.swig_ptr(lists), faiss.swig_ptr(near),
+                                        faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+        return scores, ids
 
     def _settings(self, weights) -> tuple:
         """``(nprobe, rerank)`` for ``weights`` (or a group of weightings, a list, that share one search): of
@@ -1103,9 +1116,9 @@ def _load_index(train_vectors: Mapping, faiss_path, params_path, mmap: bool) -> 
         raise InvalidSaveError(f"The saved search index {faiss_path} holds rows of {index.d} values; its parameters "
                                f"describe {out.d}.")
     if meta.get("fastscan"):  # its 4-bit twin (an older run has none: its 8-bit codes are scanned, as before)
-        if meta["codes"] != "pca":
-            raise InvalidSaveError(f"The saved search index {params_path} has 4-bit codes its {meta['codes']!r} codes "
-                                   "never get.")
+        if meta["codes"] != "pca" or not fits(index):
+            raise InvalidSaveError(f"The saved search index {params_path} has 4-bit codes, which an index of "
+                                   f"{meta['codes']!r} codes and {meta['metric']!r} scores never gets.")
         out.fast = FastScan.from_arrays(index, arrays["fastscan/centroids"], arrays["fastscan/codes"], out._row_lists)
         if out.fast is None:
             raise InvalidSaveError(f"The saved search index {params_path} has 4-bit codes that do not fit its index "
