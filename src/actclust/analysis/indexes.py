@@ -989,7 +989,8 @@ def keep_on_disk(index: ApproximateIndex, directory) -> None:
     under pressure, not the process's own. A disk store's indexes live beside it: ``prepare`` builds every index
     (trust's per-layer ones with float32 or 8-bit codes, up to :data:`FLAT_BYTES` each), and with them all in
     memory the process peaked at 4.9 GB at 1M training samples of 1,792 values, at 2.4 GB with each mapped once
-    built (``docs/speed.md``). The answers are the same: the same lists, read from the file. The index is left as it
+    built (``docs/speed.md``; a similar-sample index's 4-bit twin, :mod:`~actclust.analysis.fastscan`, stays in memory:
+    faiss cannot map its lists). The answers are the same: the same lists, read from the file. The index is left as it
     was where the file cannot be made (a folder without write permission, a full disk) or read back by a name (a
     system without ``/proc/self/fd`` or ``/dev/fd``)."""
     import tempfile
