@@ -361,6 +361,10 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
         approx.index.search_preassigned_c(len(q), faiss.swig_ptr(q), m, faiss.swig_ptr(lists), faiss.swig_ptr(near),
                                           faiss.swig_ptr(eight_s), faiss.swig_ptr(eight_i), False, params)
         four_s, four_i = approx.fast.search(q, m, lists, near, params)
+        with pytest.MonkeyPatch.context() as patch:  # shortlists held a few queries at a time: the same answers
+            patch.setattr(fastscan, "_SHORTLIST_ROWS", 7 * fastscan.SHORTLIST * m)
+            blocks = approx.fast.search(q, m, lists, near, params)
+        assert np.array_equal(blocks[0], four_s) and np.array_equal(blocks[1], four_i)
         held = np.mean([len(set(a) & set(b)) / m for a, b in zip(four_i, eight_i)])
         assert held >= 0.97, (preset, held)
         # rows both keep have the 8-bit scan's scores (its codes decoded, the list's centre score added)

@@ -30,6 +30,7 @@ SHORTLIST = 8
 #: Bits per code value (faiss' fast-scan takes 4).
 NBITS = 4
 _CHUNK = 256  # queries whose shortlisted rows are scored again at once
+_SHORTLIST_ROWS = 1 << 23  # shortlisted rows held at once, over the queries (12 bytes each: 96 MiB)
 
 
 def fits(ivf) -> bool:
@@ -159,10 +160,21 @@ class FastScan:
         """``(scores, ids)`` of the ``m`` best rows of each query among those of the lists ``lists`` (their
         centres' scores ``near``) by the 8-bit codes' scores, as ``ivf``'s search of those lists gives them;
         ``params``: faiss' search parameters (``nprobe``). Queries as the index holds them."""
+        n = len(queries)
+        wide = min(SHORTLIST * m, self.index.ntotal)
+        step = max(1, _SHORTLIST_ROWS // wide)  # queries at once: their shortlists held in bounded memory
+        if n <= step:
+            return self._search(queries, m, wide, lists, near, params)
+        parts = []
+        for at in range(0, n, step):
+            q, ls, ns = (np.ascontiguousarray(a[at:at + step]) for a in (queries, lists, near))
+            parts.append(self._search(q, m, wide, ls, ns, params))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search(self, queries: np.ndarray, m: int, wide: int, lists: np.ndarray, near: np.ndarray, params) -> tuple:
         import faiss
 
         n = len(queries)
-        wide = min(SHORTLIST * m, self.index.ntotal)
         scores, ids = np.empty((n, wide), np.float32), np.empty((n, wide), np.int64)
         self.index.search_preassigned_c(n, faiss.swig_ptr(queries), wide, faiss.swig_ptr(lists),
                                         faiss.swig_ptr(near), faiss.swig_ptr(scores), faiss.swig_ptr(ids), False,
