@@ -392,6 +392,8 @@ def test_four_bit_twin_of_principal_component_codes(tmp_path):
     found = [approx.search(queries, 10, w) for w in ws]
     loaded = indexes.load_index(train, paths["faiss"], paths["safetensors"])
     assert loaded.fast is not None
+    again_saved = loaded.fast.arrays()  # a loaded run saved again keeps the same 4-bit codes
+    assert all(np.array_equal(again_saved[k], v) for k, v in approx.fast.arrays().items())
     for w, (idx, dist, _) in zip(ws, found):
         again = loaded.search(queries, 10, w)
         assert np.array_equal(again[0], idx) and np.array_equal(again[1], dist)

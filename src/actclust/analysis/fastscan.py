@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["FastScan", "SHORTLIST", "NBITS"]
+__all__ = ["FastScan", "fits", "SHORTLIST", "NBITS"]
 
 #: A search keeps this many times the candidates it asks for by the 4-bit scores, then scores those again by the
 #: 8-bit codes. On ``benchmarks/search_scale.py``'s data, the 4-bit scan's best 4x held 93-99% of the 8-bit
@@ -86,8 +86,6 @@ class FastScan:
 
     def finish(self, ivf) -> None:
         """Convert the lists to fast-scan blocks, once ``ivf`` (the 8-bit index, its final quantizer) holds every row."""
-        import faiss
-
         pq, self._building = self._building, None
         pq.quantizer = ivf.quantizer
         self.index = _packed(pq)
