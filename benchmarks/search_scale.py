@@ -1,7 +1,7 @@
 """Approximate search as the training set grows (issue 19): ``similar()`` at 1M training samples over
 the same call at 100k, both in one process, taking turns, so that both meet the same load.
 
-    python benchmarks/search_scale.py                  # 100k and 1M (about 25 minutes on 2 cores)
+    python benchmarks/search_scale.py                  # 100k and 1M (about 6 minutes on 2 cores, the baseline included)
     python benchmarks/search_scale.py --small 20000 --large 100000 --rounds 2   # a smoke run
 
 The wide MLP (``64 -> 256 -> 512 -> 1024 -> 10``, layers ``h1, h2, h3``: 1,792 floats per sample) and
