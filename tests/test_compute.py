@@ -425,45 +425,71 @@ def test_oom_in_search_restarts_without_a_stale_cache(vecs, monkeypatch):
         np.testing.assert_array_equal(gi, wi)
 
 
-def test_oom_in_kmeans_restarts(blobs, monkeypatch):
+def test_oom_in_kmeans(blobs, monkeypatch):
     want_ids = TorchBackend("cpu").kmeans_plusplus(blobs, 6, 0)
     want_c, want_obj = TorchBackend("cpu").lloyd(blobs, blobs[want_ids], 10, 0)
     tb = TorchBackend("cpu", rows=1024, block=1 << 16)
-    fail_to(monkeypatch, tb, lambda i, a: i == 0)
-    with pytest.warns(DeviceMemoryWarning, match=r"ran out of memory.*\(512 rows, 32768 scores at once\)"):
+    # k-means++ holds every row at once (smaller chunks cannot help): the host's seeding, the same rows
+    calls = fail_to(monkeypatch, tb, lambda i, a: i == 0)
+    with pytest.warns(DeviceMemoryWarning, match=r"The device cpu ran out of memory even in the smallest chunks; "
+                                                 r"actclust computes this step \(kmeans_plusplus\) on the host, and "
+                                                 r"tries the device again at the next\.") as record:
         ids = tb.kmeans_plusplus(blobs, 6, 0)
+    assert len(memory_warnings(record)) == 1 and calls == [True] and (tb.rows, tb.block) == (1024, 1 << 16)
     np.testing.assert_array_equal(ids, want_ids)
+    # Lloyd's distances are chunked: halved twice, then on the device
     fail_to(monkeypatch, tb, lambda i, a: i in (0, 2))  # the rows, then the centres of the second try
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+    with pytest.warns(DeviceMemoryWarning, match=r"ran out of memory.*\(512 rows, 32768 scores at once\)") as record:
         c, obj = tb.lloyd(blobs, blobs[want_ids], 10, 0)
-    assert memory_warnings(record) == []  # said once per backend
-    assert (tb.rows, tb.block) == (128, 8192)
+    assert len(memory_warnings(record)) == 1
+    assert (tb.rows, tb.block) == (256, 16384)
     np.testing.assert_allclose(c, want_c, rtol=0, atol=1e-5)
     assert obj == pytest.approx(want_obj, rel=1e-6)
 
 
 @pytest.mark.parametrize("step", ["sq_distances", "top_inner_products", "kmeans_plusplus", "lloyd"])
-def test_oom_at_the_smallest_chunks_is_raised(vecs, monkeypatch, step):
-    """Out of memory on every try: halved down to 16 rows and 256 scores, then raised (no answer)."""
-    x, centers, queries, _ = vecs
+def test_oom_at_the_smallest_chunks_runs_on_the_host(vecs, monkeypatch, step):
+    """Out of memory on every try: halved down to 16 rows and 256 scores, then the host's answer (said once), and
+    the chunks of before for the next step."""
+    x, centers, queries, exclude = vecs
     tb = TorchBackend("cpu", rows=64, block=1024)
     if step == "top_inner_products":  # every copy fails but the queries' and the first chunk of rows' (kept)
         calls = fail_to(monkeypatch, tb, lambda i, a: len(a) != 9 and not np.array_equal(a[0], x[0]))
     else:
         calls = fail_to(monkeypatch, tb, lambda i, a: True)
     cache = {}
-    run = {"sq_distances": lambda: tb.sq_distances(x, centers),
-           "top_inner_products": lambda: tb.top_inner_products(queries, reader(x), len(x), 5, cache=cache),
-           "kmeans_plusplus": lambda: tb.kmeans_plusplus(x[:100], 4, 0),
-           "lloyd": lambda: tb.lloyd(x[:100], x[:4], 3, 0)}[step]
-    with pytest.warns(DeviceMemoryWarning, match="ran out of memory") as record, \
-            pytest.raises(OOM, match=r"out of memory\. Tried to allocate 2\.00 GiB \(injected by the test\)"):
-        run()
-    assert len(memory_warnings(record)) == 1
-    assert (tb.rows, tb.block) == (16, 256) and calls.count(True) == 3  # 64 -> 32 -> 16 rows, then raised
+    run = {"sq_distances": lambda b: b.sq_distances(x, centers),
+           "top_inner_products": lambda b: b.top_inner_products(queries, reader(x), len(x), 5, exclude=exclude,
+                                                                cache=cache if b is tb else None),
+           "kmeans_plusplus": lambda b: b.kmeans_plusplus(x[:100], 4, 0),
+           "lloyd": lambda b: b.lloyd(x[:100], x[:4], 3, 0)}[step]
+    with pytest.warns(DeviceMemoryWarning) as record:
+        got = run(tb)
+    said = [str(w.message) for w in memory_warnings(record)]
+    host = (r"The device cpu ran out of memory even in the smallest chunks; actclust computes this step "
+            rf"\({step.replace('top_inner_products', 'top')}\) on the host")
+    if step == "kmeans_plusplus":  # not chunked: the host at once
+        assert len(said) == 1 and re.match(host, said[0]) and calls == [True]
+    else:
+        assert len(said) == 2 and "smaller chunks" in said[0] and re.match(host, said[1])
+        assert calls.count(True) == 3  # 64 -> 32 -> 16 rows, then the host
+    assert (tb.rows, tb.block) == (64, 1024)  # as before the step
+    want = run(HOST)
     if step == "top_inner_products":
         assert cache == {}  # nothing half-kept
+        for (gi, gs), (wi, ws) in zip(got, want):
+            np.testing.assert_array_equal(gi, wi)
+            np.testing.assert_array_equal(gs, ws)
+    elif step == "lloyd":
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+    else:
+        np.testing.assert_array_equal(got, want)
+    # said once per backend: the next step that runs out of memory says nothing more
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run(tb)
+    assert memory_warnings(record) == []
 
 
 def test_oom_never_enlarges_small_chunks(vecs, monkeypatch):
@@ -474,13 +500,74 @@ def test_oom_never_enlarges_small_chunks(vecs, monkeypatch):
         got = tb.sq_distances(x[:100], centers)
     assert (tb.rows, tb.block) == (8, 2048)
     close(got, HOST.sq_distances(x[:100], centers))
-    tiny = TorchBackend("cpu", rows=4, block=64)  # nothing left to halve: raised at once, no warning
+    tiny = TorchBackend("cpu", rows=4, block=64)  # nothing left to halve: the host at once
     fail_to(monkeypatch, tiny, lambda i, a: True)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        with pytest.raises(OOM, match="injected by the test"):
-            tiny.sq_distances(x[:100], centers)
-    assert memory_warnings(record) == [] and (tiny.rows, tiny.block) == (4, 64)
+    with pytest.warns(DeviceMemoryWarning, match=r"even in the smallest chunks") as record:
+        got = tiny.sq_distances(x[:100], centers)
+    assert len(memory_warnings(record)) == 1 and (tiny.rows, tiny.block) == (4, 64)
+    np.testing.assert_array_equal(got, HOST.sq_distances(x[:100], centers))
+
+
+def test_steps_run_in_full_float32(vecs, monkeypatch):
+    """A caller that allows TF32 ("high") gets full float32 products in every step, and its setting back."""
+    x, centers, queries, _ = vecs
+    tb = TorchBackend("cpu", rows=64)
+    seen = []
+
+    def to(a):
+        seen.append(torch.get_float32_matmul_precision())
+        return TorchBackend._to(tb, a)
+
+    monkeypatch.setattr(tb, "_to", to)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for caller in ("high", "medium", "highest"):
+            torch.set_float32_matmul_precision(caller)
+            tb.sq_distances(x, centers)
+            tb.top_inner_products(queries, reader(x), len(x), 5)
+            tb.lloyd(x[:100], x[:4], 2, 0)
+            tb.kmeans_plusplus(x[:100], 4, 0)
+            assert torch.get_float32_matmul_precision() == caller
+        fail_to(monkeypatch, tb, lambda i, a: True)  # restored on the way out of a failed step too
+        torch.set_float32_matmul_precision("high")
+        with pytest.warns(DeviceMemoryWarning):
+            tb.sq_distances(x, centers)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert seen and set(seen) == {"highest"}
+
+
+def test_rows_kept_on_the_device_within_one_budget(vecs):
+    """Each index keeps its rows on the device only within memory_fraction of the free memory and, with what the
+    backend's other indexes keep there, of the whole; an index dropped gives its share back."""
+    x, _, queries, _ = vecs
+    tb = TorchBackend("cpu", rows=256, memory_fraction=0.5)
+    size = x.nbytes  # 1000 rows of 24 float32
+    tb._memory = lambda: (3 * size, 3 * size)  # half of it holds one index's rows
+    first, second = {}, {}
+    tb.top_inner_products(queries, reader(x), len(x), 5, cache=first)
+    assert len(first["rows"]) == 4
+    tb.top_inner_products(queries, reader(x), len(x), 5, cache=second)
+    assert "rows" not in second  # the budget, 1.5 indexes' rows, is spent: streamed on each call
+    got = tb.top_inner_products(queries, reader(x), len(x), 5, cache=second)
+    want = HOST.top_inner_products(queries, reader(x), len(x), 5)
+    np.testing.assert_array_equal(got[0][0], want[0][0])
+    np.testing.assert_array_equal(got[1][0], want[1][0])
+    del first  # the first index dropped: its rows freed, its share given back
+    tb._memory = lambda: (0.9 * size, 3 * size)  # but too little free memory, whatever the budget
+    tb.top_inner_products(queries, reader(x), len(x), 5, cache=second)
+    assert "rows" not in second
+    tb._memory = lambda: (3 * size, 3 * size)
+    tb.top_inner_products(queries, reader(x), len(x), 5, cache=second)
+    assert len(second["rows"]) == 4
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    """"cuda" names the calling thread's current device: the backend fixes it when made."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert TorchBackend("cuda").device == "cuda:1" and TorchBackend("cuda:0").device == "cuda:0"
+    assert TorchBackend(torch.device("cuda")).torch_device == torch.device("cuda", 1)
 
 
 def test_other_errors_are_not_retried(vecs, monkeypatch):
@@ -575,16 +662,6 @@ def test_device_not_saved_and_load_on_cpu(digits, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- 5. CUDA
-@pytest.fixture
-def no_tf32():
-    """float32 matrix products in full float32 on the GPU (TF32 would round to 10 bits)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @needs_cuda
 def test_torch_backend_on_cuda_matches_host(vecs, blobs, no_tf32):
     x, centers, queries, exclude = vecs

@@ -134,7 +134,8 @@ class DataWarning(ActClustWarning):
 
 
 class DeviceMemoryWarning(ActClustWarning):
-    """The device ran out of memory; the work goes on in smaller chunks (said once per backend)."""
+    """The device ran out of memory; the work goes on in smaller chunks, or on the host where even the smallest do not
+    fit (each said once per backend)."""
 
 
 class SearchWarning(ActClustWarning):

@@ -16,12 +16,19 @@ float32 rounding (tested on the CPU device against the host, where the same code
   streamed from the host on every call.
 
 A device out of memory halves the chunks and starts the step again (a :class:`DeviceMemoryWarning`
-once per backend); a step never returns a partial answer.
+once per backend); where even the smallest chunks do not fit (or the step holds its rows whole: k-means++),
+that step runs on the host (:data:`actclust.compute.HOST`, said once too) and the next step starts again from the
+chunks it started from. A step never returns a partial answer.
+
+Every step runs its matrix products in full float32 (``torch.set_float32_matmul_precision("highest")`` while it
+runs, the caller's setting restored after): a script that allows TF32 for its own training (PyTorch Lightning's
+advice, ``"high"``) would otherwise round the products to 10 bits and move cluster assignments and distances.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -36,6 +43,24 @@ _EPS = 1.0 / 1024  # faiss' perturbation when an empty cluster takes half of ano
 _MIN_CHUNK = 16
 # torch.OutOfMemoryError is torch >= 2.5; torch 2.1-2.4 (which actclust supports) raise torch.cuda's.
 _OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+_HOST_STEPS = {"_sq_distances": "sq_distances", "_kmeans_plusplus": "kmeans_plusplus", "_lloyd": "lloyd",
+               "_top": "top_inner_products"}
+
+
+class _full_float32:
+    """Matrix products in full float32 while the block runs (no TF32), the caller's precision restored after."""
+
+    def __enter__(self):
+        self.saved = torch.get_float32_matmul_precision()
+        if self.saved != "highest":
+            torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        if self.saved != "highest":
+            torch.set_float32_matmul_precision(self.saved)
+        return False
 
 
 class TorchBackend(Backend):
@@ -57,28 +82,50 @@ class TorchBackend(Backend):
 
     def __init__(self, device="cpu", *, rows: int = 65536, block: int = 1 << 26, memory_fraction: float = 0.5):
         self.torch_device = torch.device(device)
+        if self.torch_device.type == "cuda" and self.torch_device.index is None:
+            # "cuda" is the calling thread's current device, which another thread may see otherwise: fixed here, so
+            # that rows kept on it are searched there, and the run's caches are keyed by one name ("cuda:0")
+            self.torch_device = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self.torch_device)
         self.rows, self.block, self.memory_fraction = int(rows), int(block), float(memory_fraction)
-        self._warned = False
+        self._warned = self._warned_host = False
+        self._kept = []  # (weak reference to the first tensor of rows kept on the device, their bytes)
 
     # ------------------------------------------------------------------ out of memory
-    def _retry(self, step, *args):
-        """Run ``step(*args)``; on a device out of memory, halve the chunks and run it again."""
+    def _retry(self, step, *args, chunked: bool = True):
+        """Run ``step(*args)`` in full float32; on a device out of memory, halve the chunks and run it again, and
+        at the smallest chunks (at once where the step is not ``chunked``) run the host's step of the same name."""
+        start = self.rows, self.block
         while True:
             try:
-                return step(*args)
+                with _full_float32():
+                    return step(*args)
             except _OOM:
-                if self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK:
-                    raise
+                if self.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not chunked or (self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK):
+                    return self._on_host(step, args, start)
                 # Halved down to the minimum; a chunk already below it is kept, never enlarged.
                 self.rows = max(min(self.rows, _MIN_CHUNK), self.rows // 2)
                 self.block = max(min(self.block, _MIN_CHUNK * _MIN_CHUNK), self.block // 2)
-                if self.torch_device.type == "cuda":
-                    torch.cuda.empty_cache()
                 if not self._warned:
                     self._warned = True
                     warnings.warn(f"The device {self.device} ran out of memory; actclust goes on in smaller chunks "
                                   f"({self.rows} rows, {self.block} scores at once).", DeviceMemoryWarning, stacklevel=4)
+
+    def _on_host(self, step, args, start):
+        """The host's answer to ``step``, where the device has no room for it; the chunks as they were before it
+        (smaller ones did not help: the next step tries these again)."""
+        from ..compute import HOST
+
+        self.rows, self.block = start
+        if not self._warned_host:
+            self._warned_host = True
+            warnings.warn(f"The device {self.device} ran out of memory even in the smallest chunks; actclust computes "
+                          f"this step ({step.__name__.lstrip('_')}) on the host, and tries the device again at the next.",
+                          DeviceMemoryWarning, stacklevel=5)
+        args = args[:-1] if step.__name__ == "_top" else args  # the host keeps no rows between calls (no cache)
+        return getattr(HOST, _HOST_STEPS[step.__name__])(*args)
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -105,7 +152,7 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ k-means
     def kmeans_plusplus(self, X, k, seed):
-        return self._retry(self._kmeans_plusplus, X, k, seed)
+        return self._retry(self._kmeans_plusplus, X, k, seed, chunked=False)  # every row at once, in float64
 
     def _kmeans_plusplus(self, X, k, seed):
         """scikit-learn's ``_kmeans_plusplus`` (greedy, ``2 + log k`` trials), its random draws from the same
@@ -195,13 +242,27 @@ class TorchBackend(Backend):
             yield start, t
         if keep:
             cache.update(rows=kept, chunk=self.rows, n=n)
+            if kept:
+                self._kept.append((weakref.ref(kept[0][1]), n * kept[0][1].shape[1] * 4))
 
     def _fits(self, n, rows) -> bool:
-        width = rows(0, 1).shape[1]
-        if self.torch_device.type != "cuda":
+        """Whether ``n`` rows may stay on the device: within ``memory_fraction`` of its free memory, and, with every
+        index's rows this backend keeps there, of its whole memory (each index alone could take half of what the
+        others left, and leave the model's next pass none)."""
+        memory = self._memory()
+        if memory is None:
             return True
-        free, _ = torch.cuda.mem_get_info(self.torch_device)
-        return n * width * 4 <= self.memory_fraction * free
+        free, total = memory
+        need = n * rows(0, 1).shape[1] * 4
+        self._kept = [(ref, size) for ref, size in self._kept if ref() is not None]  # indexes dropped since
+        return need <= self.memory_fraction * free and \
+            need + sum(size for _, size in self._kept) <= self.memory_fraction * total
+
+    def _memory(self):
+        """``(free, total)`` bytes of the device (None: not a device whose memory runs out apart from the host's)."""
+        if self.torch_device.type != "cuda":
+            return None
+        return torch.cuda.mem_get_info(self.torch_device)
 
     def _top(self, queries, rows, n, k, exclude, cache):
         k = min(k, n)
