@@ -495,6 +495,23 @@ def test_a_failed_reduction_names_its_layer(monkeypatch, model, data):
         ActivationClustering(model, ["conv"], n_clusters=3, progress=False).fit(data[0])
 
 
+# a model split over devices (Hugging Face's device_map="auto"): the mask is on the input's device, a layer's output on
+# another; the masked reductions read the mask where the output lies ("meta" stands for a second device here)
+@pytest.mark.parametrize("reduction", ["mean_last", "amax_last", "first_kept"])
+def test_masked_reductions_follow_the_layers_device(reduction):
+    from actclust.adapters.torch_ops import OPS
+
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    t = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    on_cpu = getattr(OPS, reduction)(t if reduction != "first_kept" else t.transpose(1, 2), mask)
+    elsewhere = getattr(OPS, reduction)(t.to("meta") if reduction != "first_kept" else t.transpose(1, 2).to("meta"), mask)
+    assert elsewhere.device.type == "meta" and elsewhere.shape == on_cpu.shape
+    want = {"mean_last": torch.stack([t[0, :, :2].mean(1), t[1, :, 1:].mean(1)]),
+            "amax_last": torch.stack([t[0, :, :2].amax(1), t[1, :, 1:].amax(1)]),
+            "first_kept": torch.stack([t[0, :, 0], t[1, :, 1]])}[reduction]
+    torch.testing.assert_close(on_cpu, want)
+
+
 # a token map shorter than the batch's attention mask (a strided convolution before it): the mask cannot say which
 # of its tokens are padding, so all are averaged, and a warning says so once (the reducer failed on the two lengths)
 def test_tokens_fewer_than_the_mask():

@@ -32,7 +32,7 @@ class TorchOps(Ops):
     def mean_last(self, t, mask=None):
         if mask is None:
             return t.mean(-1)
-        m = mask.to(t.dtype).unsqueeze(1)
+        m = mask.to(t.device, t.dtype).unsqueeze(1)  # (a model split over devices: the layer's, not the input's)
         return (t * m).sum(-1) / m.sum(-1).clamp_min(1)
 
     def first_kept(self, t, mask):
@@ -42,7 +42,7 @@ class TorchOps(Ops):
     def amax_last(self, t, mask=None):
         if mask is None:
             return t.amax(-1)
-        keep = mask.to(torch.bool).unsqueeze(1)
+        keep = mask.to(t.device, torch.bool).unsqueeze(1)
         out = t.masked_fill(~keep, float("-inf")).amax(-1)
         return torch.nan_to_num(out, neginf=0.0)
 
