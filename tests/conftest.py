@@ -37,6 +37,17 @@ LAYERS = ["conv", "fc1", "fc2"]
 
 
 @pytest.fixture
+def no_tf32():
+    """Products and convolutions in full float32 on the GPU (TF32 would round them to 10 bits): the CUDA tests compare
+    a GPU fit with a CPU one."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
 def model():
     return TinyCNN().eval()
 

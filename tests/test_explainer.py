@@ -341,7 +341,7 @@ def test_inputs_of_other_shape(model, data):
 
 # the model's device is used for inputs (CUDA when available), results come back as NumPy
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_model(mixed_model, data):
+def test_cuda_model(mixed_model, data, no_tf32):
     on_cpu = _ac(mixed_model).fit(data[0])
     paths, proba = on_cpu.cluster_paths(data[0]), on_cpu.predict_proba(data[0])
     ac = _ac(mixed_model.cuda()).fit(data[0])
