@@ -208,3 +208,22 @@ def test_report_says_which_trust_signals_are_missing(tmp_path):
     assert "knn typicality" in terms and "credibility" in terms and "stacked trust" not in terms
     chip = re.search(r'<span class="chip(?: low)?" title="([^"]*)">ood typicality', html).group(1)
     assert chip.startswith(MEANINGS["ood_typicality"])
+
+
+# a report's trust notes are for its readers: the advice to the Python caller some notes end with ("in Python,
+# calibration=ac.query(...)") is left to the warning, which the caller reads (an outside check of the demo's report)
+def test_trust_notes_without_python_advice_in_the_report(tmp_path):
+    from conftest import TinyCNN
+
+    from actclust import ActivationClustering, TrustWarning
+
+    x = np.random.default_rng(0).standard_normal((600, 1, 6, 6)).astype(np.float32)
+    ac = ActivationClustering(TinyCNN(seed=3, bias=False).eval(), ["conv", "fc1"], n_clusters=4, progress=False).fit(x)
+    with pytest.warns(TrustWarning, match=r"stacked_trust is unavailable: it learns the DNN's right from wrong "
+                                          r"predictions and needs true labels \(fit with them; in Python, also "
+                                          r"calibration=ac\.query\(X_val, y_val, vectors=True\)\)"):
+        path = report(ac, x[:50], out=tmp_path / "r.html", n_correct=2, n_wrong=0)
+    html = path.read_text()
+    assert ("Not shown or not calibrated: stacked_trust is unavailable: it learns the DNN&#39;s right from wrong "
+            "predictions and needs true labels; credibility and dknn_prediction count") in html
+    assert "in Python" not in html and "ac.query" not in html

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..exceptions import DataError, ParameterError
+from .templating import isolated
 
 __all__ = ["Display", "Context", "ExplanationList", "ConceptList", "Scores", "HTML", "LIMITS",
            "explanation_html", "explanations_html", "neighbours_html", "concept_html", "concepts_html",
@@ -97,7 +98,7 @@ class Context:
 
     @property
     def names(self) -> list:
-        return self.display.class_names or [str(c) for c in range(self.state.n_classes)]
+        return isolated(self.display.class_names or [str(c) for c in range(self.state.n_classes)])
 
     @property
     def has_train(self) -> bool:
@@ -258,7 +259,7 @@ def _context_of(obj, context=None) -> Optional[Context]:
 
 def _card(e, ctx: Optional[Context], x=None) -> dict:
     """What one explanation card shows, ready for the template."""
-    names = e.class_names or (ctx.names if ctx is not None else [str(c) for c in range(len(e.dnn["probabilities"]))])
+    names = isolated(e.class_names or (ctx.names if ctx is not None else range(len(e.dnn["probabilities"]))))
     pred = e.dnn["prediction"]
     order = None
     picture = None

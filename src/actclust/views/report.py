@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..capture.data import length, rows, take
 from .features import feature_order
 from .render import MAX_FEATURES, MAX_TABLE, Renderer, check_mean_std, check_train
-from .templating import class_color
+from .templating import class_color, for_readers, isolated
 from ..exceptions import DataError, DataWarning, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
 
@@ -133,12 +133,12 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         samples = {(i, o): renderer(raw[i], f"training sample {i}", order=o) for i, o in sorted(wanted, key=str)}
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, ac=ac, state=state, scores=summary, names=names,
+        title=title, ac=ac, state=state, scores=summary, names=isolated(names),
         colors=[class_color(c) for c in range(state.n_classes)],
         gallery=gallery, cards=cards, how=how, train_sample=lambda i, o=None: samples[i, o], has_train=train is not None,
         concept_order=concept_order, order_note=order.note if order is not None else "",
         thresholds=next((e.trust_thresholds for e in explanations if e.trust_thresholds), None),
-        trust_notes=next((e.trust_notes for e in explanations if e.trust_notes), None),  # said once, above the cards
+        trust_notes=for_readers(next((e.trust_notes for e in explanations if e.trust_notes), None)),  # once, above the cards
         n_exemplars=n_exemplars, model_name=meta["model_class"].rsplit(".", 1)[-1], failures=renderer.failures,
         meaning=MEANINGS, zip=zip,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

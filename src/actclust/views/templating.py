@@ -8,11 +8,33 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
-__all__ = ["environment", "class_color", "cluster_color", "PALETTE", "DISTINCT_COLORS"]
+__all__ = ["environment", "class_color", "cluster_color", "isolated", "for_readers", "PALETTE", "DISTINCT_COLORS"]
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+
+
+_FSI, _PDI = "\u2068", "\u2069"  # Unicode's first strong isolate and pop directional isolate
+
+
+def isolated(names) -> list:
+    """Class names as the views show them: each between Unicode's first-strong isolate and its pop (U+2068, U+2069),
+    so that a right-to-left name (Hebrew, Arabic) is laid out on its own and does not take the numbers beside it
+    into its direction ("DNN: (0.98) 9 <name>" instead of "DNN: <name> (0.98)"). Invisible; in text and attributes
+    alike, where HTML's ``<bdi>`` cannot go. Names already isolated are kept as they are."""
+    return [n if n.startswith(_FSI) and n.endswith(_PDI) else f"{_FSI}{n}{_PDI}" for n in map(str, names)]
+
+
+# A note's closing parenthesis of advice to a programmer: "(... in Python, trust={'calibration': (X_val, y_val)} ...)"
+_CODE_ADVICE = re.compile(r"\s*\((?:[^()]|\([^()]*\))*\bin Python\b(?:[^()]|\([^()]*\))*\)\s*$")
+
+
+def for_readers(notes) -> list:
+    """Trust's notes as a page shows them to a reader of a report or of the explorer: without the advice for the
+    Python caller some of them end with (the warning and the notebook, read by that caller, keep it)."""
+    return [_CODE_ADVICE.sub("", str(n)) for n in notes or ()]
 
 
 #: Classes given colours of their own, each as far (in CIELAB) from all before it as a grid of mid-light colours allows.

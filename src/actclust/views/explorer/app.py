@@ -70,7 +70,7 @@ def make_app(explorer: Explorer, token: str, *, cache_size: int = 512) -> FastAP
     ex = explorer
 
     def render(template: str, status: int = 200, **values) -> HTMLResponse:
-        html = env.get_template(template).render(ex=ex, title=ex.title, names=ex.names, quote=quote, **values)
+        html = env.get_template(template).render(ex=ex, title=ex.title, names=ex.shown_names, quote=quote, **values)
         return HTMLResponse(html, status_code=status)
 
     @app.exception_handler(NotFound)

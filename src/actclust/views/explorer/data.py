@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ...exceptions import DataError
 from ..features import feature_order
+from ..templating import for_readers, isolated
 
 __all__ = ["Explorer", "NotFound", "PageCache", "FILTERS", "SORTS", "PAGE_SIZE"]
 
@@ -128,6 +129,7 @@ class Explorer:
         class_names = check_class_names(state, class_names)
         check_mean_std(state.input_spec, mean, std, ac._adapter().input_channel_axis)
         self.names = class_names or [str(c) for c in range(state.n_classes)]
+        self.shown_names = isolated(self.names)  # as the pages show them
         self.renderer = Renderer(render, mean=mean, std=std, tokenizer=tokenizer,
                                  feature_names=feature_names or state.input_spec.feature_names)
         self.progress, self.timings = progress, {}
@@ -182,7 +184,7 @@ class Explorer:
         cal = trust.calibrate(self.state, search=self.ac.search, progress=self.progress, backend=backend)
         signals = trust.signals(self.state, cal, self.q, backend)
         self.trust = {k: np.asarray(v, dtype=np.float64) for k, v in signals.items() if not k.endswith("_prediction")}
-        self.thresholds, self.trust_notes = cal.thresholds, list(cal.notes)
+        self.thresholds, self.trust_notes = cal.thresholds, for_readers(cal.notes)
 
     def _flags(self) -> np.ndarray:
         """Per test input, the names of its signals below their thresholds."""
@@ -229,8 +231,8 @@ class Explorer:
                      for i, x in zip(indices, rows(self.train, indices, label_key=self.ac.label_key, name="train"))]
         out = []
         for i, d in zip(indices, drawn):
-            pred = self.names[int(st.train_predictions[i])]
-            label = None if st.train_labels is None else self.names[int(st.train_labels[i])]
+            pred = self.shown_names[int(st.train_predictions[i])]
+            label = None if st.train_labels is None else self.shown_names[int(st.train_labels[i])]
             out.append((d, pred, f"training sample #{i} · DNN: {pred}" + (f" · label: {label}" if label else "")))
         return out
 
