@@ -353,10 +353,12 @@ def test_closed_stdout_is_no_error():
     assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-# the installed console script runs and reports usage errors with exit code 2
-def test_console_script():
-    r = subprocess.run([sys.executable, "-m", "actclust.cli", "fit"], capture_output=True, text=True)
-    assert r.returncode == 2 and "required" in r.stderr
+# the installed console script runs and reports usage errors with exit code 2, as python -m actclust (a newcomer's
+# first guess, which said "No module named actclust.__main__") and python -m actclust.cli do
+@pytest.mark.parametrize("module", ["actclust.cli", "actclust"])
+def test_console_script(module):
+    r = subprocess.run([sys.executable, "-m", module, "fit"], capture_output=True, text=True)
+    assert r.returncode == 2 and "the following arguments are required" in r.stderr and "usage: actclust" in r.stderr
 
 
 # --store writes the vectors to a directory outside the run; the run links them and scores the same;
