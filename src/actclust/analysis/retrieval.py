@@ -148,8 +148,9 @@ def check_search(search) -> str:
 
 def resolve_search(search, n: int, width: int, backend=None) -> str:
     """``"exact"`` or ``"approximate"`` for ``search``. ``"auto"``: exact below ``AUTO_EXACT_ROWS`` training
-    rows on the host, and always exact on a device (``backend.on_device``), where chunked matrix products
-    outrun an index (the approximate index is faiss on the host). ``width`` is kept for callers."""
+    rows on the host, and always exact on a device (``backend.on_device``): chunked matrix products there (the
+    approximate index is faiss on the host; a GPU index, faiss' or cuVS', has not been measured against them: no
+    GPU was available). ``width`` is kept for callers."""
     if check_search(search) == "auto":
         if backend is not None and backend.on_device:
             return "exact"
