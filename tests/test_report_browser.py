@@ -197,3 +197,44 @@ def test_right_to_left_and_long_class_names_in_chromium(mixed_fitted, data, tmp_
     assert all(a and b for _, a, b in found["headers"]), [h for h in found["headers"] if not (h[1] and h[2])]
     assert len(found["captions"]) > 10 and all(ok for _, ok in found["captions"]), \
         [c for c in found["captions"] if not c[1]][:5]
+
+
+_CARDS_JS = """() => Array.from(document.querySelectorAll('.concept')).map(c => {
+  const tops = boxes => new Set(Array.from(boxes).map(b => Math.round(b.top))).size;
+  const head = c.querySelector('header'), figures = Array.from(c.querySelectorAll('.thumbs:not(.edge) > figure'));
+  const lines = e => { const r = document.createRange(); r.selectNodeContents(e); return tops(r.getClientRects()); };
+  return {exemplars: figures.length, rows: tops(figures.map(f => f.getBoundingClientRect())),
+          head: [lines(head.children[0]), lines(head.children[1])]};
+})"""
+
+
+# the explorer's concept cards at desktop and phone widths: a card's six exemplars in one row (the sixth wrapped alone
+# onto a second row from 1,280 to 1,440 px), its number and size on one line each beside a long class name (they broke
+# a letter a line) (an outside browser check)
+@pytest.mark.slow
+def test_explorer_concept_cards_in_chromium():
+    from actclust import ActivationClustering
+    from actclust.views.explorer import Explorer, make_app
+    from conftest import LAYERS, LiveServer, TinyCNN
+
+    chromium, sync_playwright = chromium_playwright()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((400, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, 400)
+    ac = ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=6, progress=False).fit(x, y)
+    long = "Pneumonoultramicroscopicsilicovolcanoconiosis and a long class name with spaces"
+    names = [f"{n} {long}" for n in ("שתיים", "واحد 1", "three")]  # every card's header holds a long name
+    explorer = Explorer(ac, x[:60], y[:60], train=x, class_names=names, progress=False)
+    found = {}
+    with LiveServer(make_app(explorer, "t"), "the explorer") as app, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for width in (1440, 1280, 1100, 1024, 600, 390):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto(f"{app.url}/layer/{LAYERS[0]}?token=t", wait_until="load")
+                found[width] = page.evaluate(_CARDS_JS)
+                page.close()
+        finally:
+            browser.close()
+    for width, cards in found.items():
+        assert len(cards) == 6 and all(c["exemplars"] == 6 for c in cards), (width, cards)
+        assert all(c["rows"] == 1 and c["head"] == [1, 1] for c in cards), (width, cards)
