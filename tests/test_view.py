@@ -549,3 +549,25 @@ def test_class_names_isolated_on_every_page(tabular):
     finally:
         ac.__dict__.pop("_display", None)
     assert "\u2068" not in es[0].to_json() and "\u2068" not in json.dumps(ac.explain(xt[:1], class_names=names)[0].to_dict())
+
+
+# the layer map's labels go beside their centre where they cover no other label or centre: two centres 10 px apart
+# and a third just above them get labels that cover none of the others (by the sizes the placement assumes; their
+# real sizes in Chromium: test_report_browser.py); a lone centre's label goes on its right
+def test_map_labels_placed_apart():
+    from actclust.views.explorer.data import _label_places
+
+    places = _label_places(np.array([[0.5, 0.5], [0.5 + 10 / 360, 0.5], [0.51, 0.5 + 12 / 360], [0.1, 0.1]]))
+    x3, y3, a3 = places[3]
+    assert (x3, y3, a3) == (round(0.1 * 360 + 9, 1), round(0.9 * 360 + 4, 1), "start")
+
+    def box(x, y, a, n=2):
+        w = 7.0 * n + 2
+        x0 = x if a == "start" else x - w if a == "end" else x - w / 2
+        return x0, y - 10, x0 + w, y + 2
+
+    boxes = [box(*p) for p in places]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            a, b = boxes[i], boxes[j]
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (i, j, places)

@@ -295,8 +295,9 @@ class Explorer:
         def place(p):
             return np.clip((p - lo) / span, -0.02, 1.02)
 
-        return {"dots": _dots(place(pts), self.layers[layer].assign[rows]), "centres": place(cpts).tolist(),
-                "n": len(rows)}
+        centres_xy = place(cpts)
+        return {"dots": _dots(place(pts), self.layers[layer].assign[rows]), "centres": centres_xy.tolist(),
+                "labels": _label_places(centres_xy), "n": len(rows)}
 
     def _similar(self, i: int, progress: bool = False) -> dict:
         """Similar training samples of test input ``i`` under the "low" and "high" weights."""
@@ -346,6 +347,43 @@ class Explorer:
         counts = np.bincount(q.dnn_pred[differ] * c + self.sur_pred[differ], minlength=c * c).reshape(c, c)
         pairs = [(int(a), int(b), int(counts[a, b])) for a, b in zip(*np.nonzero(counts))]
         return sorted(pairs, key=lambda t: -t[2])
+
+
+# Where a centre's label "c<k>" may go, tried in turn: (dx, dy, anchor) from the centre, in the map's pixels (bold 11 px
+# text; the centre's circle has a radius of 7)
+_LABEL_SPOTS = ((9, 4, "start"), (-9, 4, "end"), (0, -10, "middle"), (0, 17, "middle"),
+                (9, -7, "start"), (-9, -7, "end"), (9, 15, "start"), (-9, 15, "end"))
+
+
+def _label_places(centres: np.ndarray, size: int = MAP_SIZE) -> list:
+    """``(x, y, anchor)`` of each centre's label on the map: the first of :data:`_LABEL_SPOTS` where it covers no
+    label placed before it and no other centre's circle (else the spot that covers least). Two centres close
+    together had their labels printed over each other (c9 and c13, an outside check)."""
+    xy = np.column_stack([size * centres[:, 0], size * (1 - centres[:, 1])])
+    placed = []  # (x0, y0, x1, y1) of the labels placed
+
+    def box(x, y, anchor, text):
+        w = 7.0 * len(text) + 2  # bold 11 px digits and "c": about 7 px each
+        x0 = x if anchor == "start" else x - w if anchor == "end" else x - w / 2
+        return x0, y - 10.0, x0 + w, y + 2.0
+
+    def covered(b, k):
+        area = sum(max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
+                   for o in placed)
+        for j, (cx, cy) in enumerate(xy):  # other centres' circles, as squares
+            if j != k:
+                area += max(0.0, min(b[2], cx + 7) - max(b[0], cx - 7)) * max(0.0, min(b[3], cy + 7) - max(b[1], cy - 7))
+        return area
+
+    out = []
+    for k, (cx, cy) in enumerate(xy):
+        text = f"c{k}"
+        spots = [(cx + dx, cy + dy, a) for dx, dy, a in _LABEL_SPOTS]
+        costs = [covered(box(x, y, a, text), k) for x, y, a in spots]
+        x, y, a = spots[next((i for i, c in enumerate(costs) if c == 0), int(np.argmin(costs)))]
+        placed.append(box(x, y, a, text))
+        out.append((round(float(x), 1), round(float(y), 1), a))
+    return out
 
 
 def _dots(points: np.ndarray, clusters: np.ndarray, size: int = MAP_SIZE):
