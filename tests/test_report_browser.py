@@ -210,7 +210,7 @@ _CARDS_JS = """() => Array.from(document.querySelectorAll('.concept')).map(c => 
 
 # the explorer's concept cards at desktop and phone widths: a card's six exemplars in one row (the sixth wrapped alone
 # onto a second row from 1,280 to 1,440 px), its number and size on one line each beside a long class name (they broke
-# a letter a line) (an outside browser check)
+# a letter a line); the list of test inputs shows its trust column beside long names (it was cut) (an outside browser check)
 @pytest.mark.slow
 def test_explorer_concept_cards_in_chromium():
     from actclust import ActivationClustering
@@ -224,7 +224,7 @@ def test_explorer_concept_cards_in_chromium():
     long = "Pneumonoultramicroscopicsilicovolcanoconiosis and a long class name with spaces"
     names = [f"{n} {long}" for n in ("שתיים", "واحد 1", "three")]  # every card's header holds a long name
     explorer = Explorer(ac, x[:60], y[:60], train=x, class_names=names, progress=False)
-    found = {}
+    found, hidden = {}, {}
     with LiveServer(make_app(explorer, "t"), "the explorer") as app, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
@@ -232,12 +232,16 @@ def test_explorer_concept_cards_in_chromium():
                 page = browser.new_page(viewport={"width": width, "height": 900})
                 page.goto(f"{app.url}/layer/{LAYERS[0]}?token=t", wait_until="load")
                 found[width] = page.evaluate(_CARDS_JS)
+                if width >= 1024:  # the list of test inputs keeps its trust column in view beside long names
+                    page.goto(f"{app.url}/inputs?token=t", wait_until="load")
+                    hidden[width] = page.evaluate("(t => t.scrollWidth - t.clientWidth)(document.getElementById('inputs'))")
                 page.close()
         finally:
             browser.close()
     for width, cards in found.items():
         assert len(cards) == 6 and all(c["exemplars"] == 6 for c in cards), (width, cards)
         assert all(c["rows"] == 1 and c["head"] == [1, 1] for c in cards), (width, cards)
+    assert hidden == {1440: 0, 1280: 0, 1100: 0, 1024: 0}, hidden
 
 
 _MAP_LABELS_JS = """() => {
