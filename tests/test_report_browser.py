@@ -130,6 +130,9 @@ def test_pages_fit_narrow_and_wide_windows(fitted, data, tmp_path):
     x, y = data
     names = ["n" * 120, "a very long class name that goes on " * 4, "<b>x</b>"]
     path = report(fitted, x, y, train=x, out=tmp_path / "r.html", n_correct=2, n_wrong=2, class_names=names)
+    # the model predicts class 1: an unbroken name of 66 letters in every sample's caption made the page 627 px wide
+    unbroken = [names[0], "class_1_with_an_extraordinarily_long_descriptive_name_that_goes_on", names[2]]
+    path2 = report(fitted, x, y, train=x, out=tmp_path / "r2.html", n_correct=2, n_wrong=2, class_names=unbroken)
     explorer = Explorer(fitted, x[:60], y[:60], train=x, class_names=names, progress=False)
     widths = {}
     with LiveServer(make_app(explorer, "t"), "the explorer") as app, sync_playwright() as p:
@@ -137,7 +140,7 @@ def test_pages_fit_narrow_and_wide_windows(fitted, data, tmp_path):
         try:
             for width in (375, 1280):
                 page = browser.new_page(viewport={"width": width, "height": 900})
-                for url in [path.as_uri()] + [f"{app.url}{route}?token=t" for route in
+                for url in [path.as_uri(), path2.as_uri()] + [f"{app.url}{route}?token=t" for route in
                                               ("/", "/inputs", "/layer/conv", "/input/0", "/cluster/fc1/0")]:
                     page.goto(url, wait_until="load")
                     widths[width, url.split("?")[0]] = page.evaluate("document.documentElement.scrollWidth")
@@ -145,7 +148,7 @@ def test_pages_fit_narrow_and_wide_windows(fitted, data, tmp_path):
         finally:
             browser.close()
     wide = {k: v for k, v in widths.items() if v > k[0]}
-    assert len(widths) == 12 and wide == {}, wide
+    assert len(widths) == 14 and wide == {}, wide
 
 
 _BIDI_JS = """() => {
