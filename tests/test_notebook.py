@@ -106,10 +106,14 @@ def test_trust_chips_follow_thresholds():
     assert th["false_alarm_rate"] == 0.05 and th["calibration"] == "a held-out split of the training data"
     assert "stacked_trust" in th["signals"] and "ood_typicality" in th["signals"]
     html = es._repr_html_()
-    chips = re.findall(r'<span class="chip( low)?" title="([^"]*)">([a-z ]+) -?[0-9.]+'
+    chips = re.findall(r'<span class="chip( low)?" title="([^"]*)">([A-Za-z -]+) -?[0-9.]+'
                        r'(<span class="vh"> \(below its threshold\)</span>)?</span>', html)
     expected = [(i, k) for i in range(10) for k in es[i].trust]
-    assert [name for _, _, name, _ in chips] == [k.replace("_", " ") for _, k in expected]
+    titles = {"dnn_confidence": "DNN confidence", "surrogate_dnn_agreement": "surrogate-DNN agreement",
+              "knn_typicality": "kNN typicality", "ood_typicality": "OOD typicality", "stacked_trust": "stacked trust",
+              "surrogate_confidence": "surrogate confidence", "layer_agreement": "layer agreement",
+              "credibility": "credibility", "cluster_typicality": "cluster typicality"}  # as a reader writes them
+    assert [name for _, _, name, _ in chips] == [titles[k] for _, k in expected]
     flags = [low == " low" for low, _, _, _ in chips]
     assert flags == [k in th["signals"] and es[i].trust[k] < th["signals"][k] for i, k in expected]
     # a flagged chip says so in words too (not by its colour alone), and each says what its signal means

@@ -198,15 +198,15 @@ def test_report_says_which_trust_signals_are_missing(tmp_path):
         html = report(ac, x[:40], train=x, out=tmp_path / "r.html", n_correct=2, n_wrong=0).read_text()
     assert said[0].filename == __file__  # the user's line, not one of actclust's (views/report.py was named)
     assert html.count("Not shown or not calibrated: stacked_trust is unavailable") == 1  # once, not under each card
-    assert "dnn confidence" in html
+    assert "DNN confidence" in html and "dnn confidence" not in html  # its name, as a reader writes it
     # what each signal shown means, in a glossary and in each chip's tooltip (only the names were shown: an outside
     # check); stacked trust, not shown, is not explained
     from actclust.analysis.trust import MEANINGS
 
     glossary = re.search(r'<details class="meanings"><summary>What the trust signals mean</summary><dl>(.*?)</dl>', html).group(1)
-    terms = re.findall(r"<dt>([a-z ]+)</dt>", glossary)
-    assert "knn typicality" in terms and "credibility" in terms and "stacked trust" not in terms
-    chip = re.search(r'<span class="chip(?: low)?" title="([^"]*)">ood typicality', html).group(1)
+    terms = re.findall(r"<dt>([A-Za-z -]+)</dt>", glossary)
+    assert "kNN typicality" in terms and "credibility" in terms and "stacked trust" not in terms
+    chip = re.search(r'<span class="chip(?: low)?" title="([^"]*)">OOD typicality', html).group(1)
     assert chip.startswith(MEANINGS["ood_typicality"])
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..capture.data import length, rows, take
 from .features import feature_order
 from .render import MAX_FEATURES, MAX_TABLE, Renderer, check_mean_std, check_train
-from .templating import class_color, for_readers, isolated
+from .templating import class_color, for_readers, isolated, signal_title
 from ..exceptions import DataError, DataWarning, ParameterError, RenderWarning, RunExistsError, user_stacklevel
 from ..io import atomic
 
@@ -132,6 +132,7 @@ def report(ac, X, y=None, *, out="report.html", train=None, render=None, mean=No
         raw = dict(zip(shown, rows(train, shown, label_key=ac.label_key, name="train")))
         samples = {(i, o): renderer(raw[i], f"training sample {i}", order=o) for i, o in sorted(wanted, key=str)}
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["signal"] = signal_title
     html = env.get_template("report.html.j2").render(
         title=title, ac=ac, state=state, scores=summary, names=isolated(names),
         colors=[class_color(c) for c in range(state.n_classes)],

@@ -10,7 +10,7 @@ import functools
 import math
 import re
 
-__all__ = ["environment", "class_color", "cluster_color", "isolated", "for_readers", "PALETTE", "DISTINCT_COLORS"]
+__all__ = ["environment", "class_color", "cluster_color", "isolated", "for_readers", "signal_title", "PALETTE", "DISTINCT_COLORS"]
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -109,6 +109,17 @@ def _argmax(values) -> int:
     return max(range(len(values)), key=values.__getitem__) if values else 0
 
 
+#: Trust signals as the pages name them (the others: their key, "_" read as a space)
+_SIGNAL_TITLES = {"dnn_confidence": "DNN confidence", "surrogate_dnn_agreement": "surrogate-DNN agreement",
+                  "knn_typicality": "kNN typicality", "ood_typicality": "OOD typicality",
+                  "dknn_prediction": "DkNN prediction"}
+
+
+def signal_title(key) -> str:
+    """A trust signal's name on a page: "DNN confidence" for ``dnn_confidence`` (it read "dnn confidence")."""
+    return _SIGNAL_TITLES.get(str(key), str(key).replace("_", " "))
+
+
 def _thousands(n) -> str:
     return f"{int(n):,}"
 
@@ -119,7 +130,7 @@ def environment():
 
     env = Environment(loader=PackageLoader("actclust.views", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_num, pct=_pct, argmax=_argmax, thousands=_thousands)
+    env.filters.update(num=_num, pct=_pct, argmax=_argmax, thousands=_thousands, signal=signal_title)
     from ..analysis.trust import MEANINGS
 
     env.globals.update(color=class_color, cluster_color=cluster_color, zip=zip, meaning=MEANINGS)
