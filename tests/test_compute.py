@@ -716,3 +716,83 @@ def test_cuda_run_loads_on_a_cpu_model(digits, no_tf32, tmp_path):
     assert (loaded.predict(xq) == gpu.predict(xq)).mean() >= 0.99
     assert (loaded.cluster_paths(xq) == gpu.cluster_paths(xq)).mean() >= 0.99
     assert (loaded.similar(xq, k=5, search="exact").indices == gpu.similar(xq, k=5).indices).mean() >= 0.99
+
+
+def test_rows_kept_again_for_a_grown_index_within_the_budget(vecs):
+    """An index that grew keeps its rows again: its former rows are freed first, not counted against the budget (with
+    them counted, the rows were refused and the stale ones stayed on the device: an outside review)."""
+    x, _, queries, _ = vecs
+    tb = TorchBackend("cpu", rows=256, memory_fraction=0.5)
+    tb._memory = lambda: (2.4 * x[:900].nbytes, 2.4 * x[:900].nbytes)  # room for one index of 1,000 rows, not two
+    cache = {}
+    tb.top_inner_products(queries, reader(x[:900]), 900, 5, cache=cache)
+    assert cache["n"] == 900
+    got = tb.top_inner_products(queries, reader(x), 1000, 5, cache=cache)
+    assert cache["n"] == 1000 and len(cache["rows"]) == 4
+    np.testing.assert_array_equal(got[0][0], HOST.top_inner_products(queries, reader(x), 1000, 5)[0][0])
+
+
+def test_full_float32_across_threads(vecs, monkeypatch):
+    """Steps at once in two threads, the first to start ending first: it leaves full float32 to the other (it
+    restored the caller's TF32 under it: an outside review); the last to end restores the caller's precision."""
+    import threading
+
+    x, centers, _, _ = vecs
+    backends = {name: TorchBackend("cpu") for name in "ab"}
+    inside = {name: threading.Event() for name in "ab"}
+    release = {name: threading.Event() for name in "ab"}
+
+    def held(name):
+        def to(arr):  # the step waits inside, after its precision is set, until released
+            inside[name].set()
+            release[name].wait(10)
+            return TorchBackend._to(backends[name], arr)
+        return to
+
+    for name, tb in backends.items():
+        monkeypatch.setattr(tb, "_to", held(name))
+    threads = {name: threading.Thread(target=lambda tb=tb: tb.sq_distances(x[:10], centers))
+               for name, tb in backends.items()}
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    seen = []
+    try:
+        for name in "ab":  # a's step starts, then b's
+            threads[name].start()
+            assert inside[name].wait(10)
+        release["a"].set()
+        threads["a"].join(10)  # a's step ends while b's runs
+        seen.append(torch.get_float32_matmul_precision())
+        release["b"].set()
+        threads["b"].join(10)
+        seen.append(torch.get_float32_matmul_precision())
+    finally:
+        for e in release.values():
+            e.set()
+        torch.set_float32_matmul_precision(saved)
+    assert seen == ["highest", "high"]
+
+
+def test_host_step_after_oom_holds_no_device_rows(vecs, monkeypatch):
+    """The host's step runs once the failed device step is let go: the rows it had copied are freed, not held (by the
+    exception's frames) while the host computes."""
+    import weakref
+
+    x, _, _, _ = vecs
+    tb = TorchBackend("cpu", rows=16, block=256)  # the smallest chunks: out of memory goes to the host
+    copied = []
+
+    def to(arr):
+        if copied:  # the second copy (the centres) fails; the first (the rows) is on the "device"
+            raise OOM("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        t = TorchBackend._to(tb, arr)
+        copied.append(weakref.ref(t))
+        return t
+
+    alive = []
+    real = HOST.lloyd
+    monkeypatch.setattr(tb, "_to", to)
+    monkeypatch.setattr(HOST, "lloyd", lambda *args: (alive.append(copied[0]() is not None), real(*args))[1])
+    with pytest.warns(DeviceMemoryWarning, match="even in the smallest chunks"):
+        tb.lloyd(x[:100], x[:4], 2, 0)
+    assert alive == [False]

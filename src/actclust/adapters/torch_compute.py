@@ -27,6 +27,7 @@ advice, ``"high"``) would otherwise round the products to 10 bits and move clust
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from ..compute.base import Backend
-from ..exceptions import DeviceMemoryWarning
+from ..exceptions import DeviceMemoryWarning, user_stacklevel
 from ..store.vectors import iter_rows
 
 __all__ = ["TorchBackend"]
@@ -49,17 +50,28 @@ _HOST_STEPS = {"_sq_distances": "sq_distances", "_kmeans_plusplus": "kmeans_plus
                "_top": "top_inner_products"}
 
 
+_PRECISION = {"lock": threading.Lock(), "steps": 0, "saved": None}  # the steps running, in any thread
+
+
 class _full_float32:
-    """Matrix products in full float32 while the block runs (no TF32), the caller's precision restored after."""
+    """Matrix products in full float32 while the block runs (no TF32), the caller's precision restored after. The
+    setting is the process', not a thread's: the first of the steps running at once (in any thread) sets it, the last
+    to end restores it (a step ending while another ran restored TF32 under it: an outside review). A model's pass
+    run meanwhile in another thread gets full float32 too."""
 
     def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
-        if self.saved != "highest":
-            torch.set_float32_matmul_precision("highest")
+        with _PRECISION["lock"]:
+            if _PRECISION["steps"] == 0:
+                _PRECISION["saved"] = torch.get_float32_matmul_precision()
+                if _PRECISION["saved"] != "highest":
+                    torch.set_float32_matmul_precision("highest")
+            _PRECISION["steps"] += 1
 
     def __exit__(self, *exc):
-        if self.saved != "highest":
-            torch.set_float32_matmul_precision(self.saved)
+        with _PRECISION["lock"]:
+            _PRECISION["steps"] -= 1
+            if _PRECISION["steps"] == 0 and _PRECISION["saved"] != "highest":
+                torch.set_float32_matmul_precision(_PRECISION["saved"])
         return False
 
 
@@ -101,17 +113,19 @@ class TorchBackend(Backend):
                 with _full_float32():
                     return step(*args)
             except _OOM:
-                if self.torch_device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not chunked or (self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK):
-                    return self._on_host(step, args, start)
-                # Halved down to the minimum; a chunk already below it is kept, never enlarged.
-                self.rows = max(min(self.rows, _MIN_CHUNK), self.rows // 2)
-                self.block = max(min(self.block, _MIN_CHUNK * _MIN_CHUNK), self.block // 2)
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(f"The device {self.device} ran out of memory; actclust goes on in smaller chunks "
-                                  f"({self.rows} rows, {self.block} scores at once).", DeviceMemoryWarning, stacklevel=4)
+                pass  # (out of this block, the failed step's frames and the device memory they held are released)
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not chunked or (self.rows <= _MIN_CHUNK and self.block <= _MIN_CHUNK * _MIN_CHUNK):
+                return self._on_host(step, args, start)
+            # Halved down to the minimum; a chunk already below it is kept, never enlarged.
+            self.rows = max(min(self.rows, _MIN_CHUNK), self.rows // 2)
+            self.block = max(min(self.block, _MIN_CHUNK * _MIN_CHUNK), self.block // 2)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"The device {self.device} ran out of memory; actclust goes on in smaller chunks "
+                              f"({self.rows} rows, {self.block} scores at once).", DeviceMemoryWarning,
+                              stacklevel=user_stacklevel())
 
     def _on_host(self, step, args, start):
         """The host's answer to ``step``, where the device has no room for it; the chunks as they were before it
@@ -123,7 +137,7 @@ class TorchBackend(Backend):
             self._warned_host = True
             warnings.warn(f"The device {self.device} ran out of memory even in the smallest chunks; actclust computes "
                           f"this step ({step.__name__.lstrip('_')}) on the host, and tries the device again at the next.",
-                          DeviceMemoryWarning, stacklevel=5)
+                          DeviceMemoryWarning, stacklevel=user_stacklevel())
         args = args[:-1] if step.__name__ == "_top" else args  # the host keeps no rows between calls (no cache)
         return getattr(HOST, _HOST_STEPS[step.__name__])(*args)
 
@@ -234,6 +248,8 @@ class TorchBackend(Backend):
                 and cache.get("n") == n:  # rows kept for another n (the index grew) are not reused
             yield from cache["rows"]
             return
+        if cache is not None:
+            cache.clear()  # rows kept for another n or chunk: freed before the budget counts what is kept
         kept, keep = [], cache is not None and self._fits(n, rows)
         for start in range(0, n, self.rows):
             t = self._to(rows(start, min(start + self.rows, n)))
@@ -243,6 +259,7 @@ class TorchBackend(Backend):
         if keep:
             cache.update(rows=kept, chunk=self.rows, n=n)
             if kept:
+                self._kept = [(ref, size) for ref, size in self._kept if ref() is not None]  # indexes dropped since
                 self._kept.append((weakref.ref(kept[0][1]), n * kept[0][1].shape[1] * 4))
 
     def _fits(self, n, rows) -> bool:
