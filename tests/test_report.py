@@ -211,7 +211,8 @@ def test_report_says_which_trust_signals_are_missing(tmp_path):
 
 
 # a report's trust notes are for its readers: the advice to the Python caller some notes end with ("in Python,
-# calibration=ac.query(...)") is left to the warning, which the caller reads (an outside check of the demo's report)
+# calibration=ac.query(...)") is left to the warning, which the caller reads (an outside check of the demo's report);
+# the advice for anyone ("fit with them") stays (an outside review)
 def test_trust_notes_without_python_advice_in_the_report(tmp_path):
     from conftest import TinyCNN
 
@@ -225,5 +226,5 @@ def test_trust_notes_without_python_advice_in_the_report(tmp_path):
         path = report(ac, x[:50], out=tmp_path / "r.html", n_correct=2, n_wrong=0)
     html = path.read_text()
     assert ("Not shown or not calibrated: stacked_trust is unavailable: it learns the DNN&#39;s right from wrong "
-            "predictions and needs true labels; credibility and dknn_prediction count") in html
+            "predictions and needs true labels (fit with them); credibility and dknn_prediction count") in html
     assert "in Python" not in html and "ac.query" not in html

@@ -571,3 +571,35 @@ def test_map_labels_placed_apart():
         for j in range(i + 1, len(boxes)):
             a, b = boxes[i], boxes[j]
             assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (i, j, places)
+
+
+# isolate controls inside a name are dropped before it is isolated: an unmatched one (U+2067 here) would be closed by
+# the name's own U+2069 and leave the text after the name isolated too; isolating twice reads as once
+def test_isolated_names_carry_no_open_isolate():
+    from actclust.views.templating import isolated
+
+    assert isolated(["a\u2067b", "\u2068x\u2069", 3]) == ["\u2068ab\u2069", "\u2068x\u2069", "\u20683\u2069"]
+    assert isolated(isolated(["שתיים"])) == isolated(["שתיים"])
+
+
+# trust notes for readers keep what anyone can do and drop only the advice to the Python caller
+def test_notes_for_readers():
+    from actclust.views.templating import for_readers
+
+    assert for_readers([
+        "needs true labels (fit with them; in Python, also calibration=ac.query(X_val, y_val, vectors=True))",
+        "it needs at least 10 of each (held-out data holds more errors: in Python, trust={'calibration': (X_val, "
+        "y_val)}; the command line has no option for it)",
+        "a class named (zero) stays", None]) == [
+        "needs true labels (fit with them)", "it needs at least 10 of each (held-out data holds more errors)",
+        "a class named (zero) stays", "None"]
+
+
+# a centre at the map's edge (placed up to 2% outside it) gets its label inside the map's view box (-10 .. 370)
+def test_map_labels_inside_the_map():
+    from actclust.views.explorer.data import _label_places
+
+    for x, y, anchor in _label_places(np.array([[1.02, 0.5], [0.5, 1.02], [-0.02, -0.02], [1.02, 1.02]])):
+        w = 7.0 * 2 + 2
+        x0 = x if anchor == "start" else x - w if anchor == "end" else x - w / 2
+        assert -10 <= x0 and x0 + w <= 370 and -10 <= y - 10 and y + 2 <= 370, (x, y, anchor)

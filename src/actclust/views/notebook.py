@@ -330,7 +330,7 @@ def neighbours_html(nb, context: Optional[Context] = None) -> str:
     n, k = nb.indices.shape
     q_shown, k_shown = min(n, LIMITS["queries"]), min(k, LIMITS["neighbours"])
     layers = list(ctx.state.layers) if ctx is not None else [f"layer {j}" for j in range(nb.layer_shares.shape[2])]
-    names = ctx.names if ctx is not None else None
+    names = ctx.names if ctx is not None else None  # (isolated: see Context.names)
     rows = []
     xs = ctx.input_rows(range(q_shown)) if ctx is not None and ctx.inputs is not None else {}
     for q in range(q_shown):
@@ -377,7 +377,7 @@ def concepts_html(cs, context: Optional[Context] = None) -> str:
         edge = [(d, *ctx.train_caption(i)) for d, i in zip(ctx.train_samples(c.edge, order), c.edge)] \
             if ctx is not None else [({"kind": "index", "index": i}, "", f"#{i}") for i in c.edge]
         cards.append({"c": c, "exemplars": ex, "edge": edge, "more": max(0, len(c.exemplars) - n_ex)})
-    names = ctx.names if ctx is not None else [str(i) for i in range(len(shown[0].prediction_mix))] if shown else []
+    names = ctx.names if ctx is not None else isolated(range(len(shown[0].prediction_mix))) if shown else []
     tabular = any(s[0]["kind"] == "table" for card in cards for s in card["exemplars"])
     return _render("concepts", cards=cards, names=names, hidden=len(cs) - len(shown), has_train=ctx is not None and
                    ctx.has_train, tabular=tabular, layers=sorted({c.layer for c in cs}))

@@ -17,23 +17,27 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
 
 
 _FSI, _PDI = "\u2068", "\u2069"  # Unicode's first strong isolate and pop directional isolate
+_BIDI_CONTROLS = re.compile("[\u2066-\u2069]")  # isolates a name may carry: one left open would spill past it
 
 
 def isolated(names) -> list:
     """Class names as the views show them: each between Unicode's first-strong isolate and its pop (U+2068, U+2069),
     so that a right-to-left name (Hebrew, Arabic) is laid out on its own and does not take the numbers beside it
     into its direction ("DNN: (0.98) 9 <name>" instead of "DNN: <name> (0.98)"). Invisible; in text and attributes
-    alike, where HTML's ``<bdi>`` cannot go. Names already isolated are kept as they are."""
-    return [n if n.startswith(_FSI) and n.endswith(_PDI) else f"{_FSI}{n}{_PDI}" for n in map(str, names)]
+    alike, where HTML's ``<bdi>`` cannot go. Isolate controls inside a name are dropped first (an unmatched one would
+    keep the text after the name isolated), so a name isolated twice reads as once."""
+    return [f"{_FSI}{_BIDI_CONTROLS.sub('', n)}{_PDI}" for n in map(str, names)]
 
 
-# A note's closing parenthesis of advice to a programmer: "(... in Python, trust={'calibration': (X_val, y_val)} ...)"
-_CODE_ADVICE = re.compile(r"\s*\((?:[^()]|\([^()]*\))*\bin Python\b(?:[^()]|\([^()]*\))*\)\s*$")
+# The advice to a programmer at the end of a note's parenthesis: "(fit with them; in Python, also calibration=...)",
+# "(held-out data holds more errors: in Python, trust={...}; the command line has no option for it)"
+_CODE_ADVICE = re.compile(r"[;:]\s*in Python\b(?:[^()]|\([^()]*\))*(?=\)\s*$)")
 
 
 def for_readers(notes) -> list:
-    """Trust's notes as a page shows them to a reader of a report or of the explorer: without the advice for the
-    Python caller some of them end with (the warning and the notebook, read by that caller, keep it)."""
+    """Trust's notes as a page shows them to a reader of a report or of the explorer: without the advice to the
+    Python caller some of them end with ("needs true labels (fit with them)"); the warning and the notebook, read by
+    that caller, keep it."""
     return [_CODE_ADVICE.sub("", str(n)) for n in notes or ()]
 
 

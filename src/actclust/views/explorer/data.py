@@ -357,8 +357,8 @@ _LABEL_SPOTS = ((9, 4, "start"), (-9, 4, "end"), (0, -10, "middle"), (0, 17, "mi
 
 def _label_places(centres: np.ndarray, size: int = MAP_SIZE) -> list:
     """``(x, y, anchor)`` of each centre's label on the map: the first of :data:`_LABEL_SPOTS` where it covers no
-    label placed before it and no other centre's circle (else the spot that covers least). Two centres close
-    together had their labels printed over each other (c9 and c13, an outside check)."""
+    label placed before it and no other centre's circle and lies inside the map (else the spot that covers least).
+    Two centres close together had their labels printed over each other (c9 and c13, an outside check)."""
     xy = np.column_stack([size * centres[:, 0], size * (1 - centres[:, 1])])
     placed = []  # (x0, y0, x1, y1) of the labels placed
 
@@ -368,7 +368,9 @@ def _label_places(centres: np.ndarray, size: int = MAP_SIZE) -> list:
         return x0, y - 10.0, x0 + w, y + 2.0
 
     def covered(b, k):
-        area = sum(max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
+        # outside the map's view box (-10 .. size + 10) counts as covered: a label there is cut off or not drawn
+        inside = max(0.0, min(b[2], size + 10) - max(b[0], -10)) * max(0.0, min(b[3], size + 10) - max(b[1], -10))
+        area = 100 * ((b[2] - b[0]) * (b[3] - b[1]) - inside) + sum(max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
                    for o in placed)
         for j, (cx, cy) in enumerate(xy):  # other centres' circles, as squares
             if j != k:
