@@ -214,16 +214,24 @@ _CARDS_JS = """() => Array.from(document.querySelectorAll('.concept')).map(c => 
 # the explorer's concept cards at desktop and phone widths: a card's six exemplars in one row (the sixth wrapped alone
 # onto a second row from 1,280 to 1,440 px), its number and size on one line each beside a long class name (they broke
 # a letter a line); the list of test inputs shows its trust column beside long names (it was cut) (an outside browser check)
+def _small_run(n: int, n_clusters: int):
+    """``(explainer, x, y)``: the mixed TinyCNN fitted on ``n`` random images with labels."""
+    from actclust import ActivationClustering
+    from conftest import LAYERS, TinyCNN
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((n, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, n)
+    return ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=n_clusters,
+                                progress=False).fit(x, y), x, y
+
+
 @pytest.mark.slow
 def test_explorer_concept_cards_in_chromium():
-    from actclust import ActivationClustering
     from actclust.views.explorer import Explorer, make_app
-    from conftest import LAYERS, LiveServer, TinyCNN
+    from conftest import LAYERS, LiveServer
 
     chromium, sync_playwright = chromium_playwright()
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((400, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, 400)
-    ac = ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=6, progress=False).fit(x, y)
+    ac, x, y = _small_run(400, 6)
     long = "Pneumonoultramicroscopicsilicovolcanoconiosis and a long class name with spaces"
     names = [f"{n} {long}" for n in ("שתיים", "واحد 1", "three")]  # every card's header holds a long name
     explorer = Explorer(ac, x[:60], y[:60], train=x, class_names=names, progress=False)
@@ -265,14 +273,11 @@ _MAP_LABELS_JS = """() => {
 # boxes): before, this run's three maps had labels over other centres, 4 in all (an outside check saw c9 over c13)
 @pytest.mark.slow
 def test_explorer_map_labels_apart_in_chromium():
-    from actclust import ActivationClustering
     from actclust.views.explorer import Explorer, make_app
-    from conftest import LAYERS, LiveServer, TinyCNN
+    from conftest import LAYERS, LiveServer
 
     chromium, sync_playwright = chromium_playwright()
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((600, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, 600)
-    ac = ActivationClustering(TinyCNN(seed=3, bias=False).eval(), LAYERS, n_clusters=15, progress=False).fit(x, y)
+    ac, x, y = _small_run(600, 15)
     found = {}
     with LiveServer(make_app(Explorer(ac, x[:60], y[:60], train=x, progress=False), "t"), "the explorer") as app, \
             sync_playwright() as p:
