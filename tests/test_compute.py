@@ -561,6 +561,12 @@ def test_rows_kept_on_the_device_within_one_budget(vecs):
     tb._memory = lambda: (3 * size, 3 * size)
     tb.top_inner_products(queries, reader(x), len(x), 5, cache=second)
     assert len(second["rows"]) == 4
+    # another backend on the same device (a second explainer) shares the budget; one on another device does not
+    other, elsewhere, third = TorchBackend("cpu", rows=256), TorchBackend("meta", rows=256), {}
+    other._memory = elsewhere._memory = tb._memory
+    other.top_inner_products(queries, reader(x), len(x), 5, cache=third)
+    assert "rows" not in third
+    assert elsewhere._fits(len(x), reader(x))
 
 
 def test_cuda_without_an_index_is_the_current_device(monkeypatch):

@@ -50,6 +50,15 @@ _HOST_STEPS = {"_sq_distances": "sq_distances", "_kmeans_plusplus": "kmeans_plus
                "_top": "top_inner_products"}
 
 
+_KEPT = {}  # device -> [(weak reference to the first tensor of rows an index keeps there, their bytes)]
+
+
+def _kept_on(device: str) -> list:
+    """The rows indexes keep on ``device`` (through any backend), those of indexes dropped since left out."""
+    _KEPT[device] = [(ref, size) for ref, size in _KEPT.get(device, []) if ref() is not None]
+    return _KEPT[device]
+
+
 _PRECISION = {"lock": threading.Lock(), "steps": 0, "saved": None}  # the steps running, in any thread
 
 
@@ -101,7 +110,6 @@ class TorchBackend(Backend):
         self.device = str(self.torch_device)
         self.rows, self.block, self.memory_fraction = int(rows), int(block), float(memory_fraction)
         self._warned = self._warned_host = False
-        self._kept = []  # (weak reference to the first tensor of rows kept on the device, their bytes)
 
     # ------------------------------------------------------------------ out of memory
     def _retry(self, step, *args, chunked: bool = True):
@@ -258,22 +266,20 @@ class TorchBackend(Backend):
             yield start, t
         if keep:
             cache.update(rows=kept, chunk=self.rows, n=n)
-            if kept:
-                self._kept = [(ref, size) for ref, size in self._kept if ref() is not None]  # indexes dropped since
-                self._kept.append((weakref.ref(kept[0][1]), n * kept[0][1].shape[1] * 4))
+            if kept and self._memory() is not None:  # counted against the device's budget while they live
+                _kept_on(self.device).append((weakref.ref(kept[0][1]), n * kept[0][1].shape[1] * 4))
 
     def _fits(self, n, rows) -> bool:
-        """Whether ``n`` rows may stay on the device: within ``memory_fraction`` of its free memory, and, with every
-        index's rows this backend keeps there, of its whole memory (each index alone could take half of what the
-        others left, and leave the model's next pass none)."""
+        """Whether ``n`` rows may stay on the device: within ``memory_fraction`` of its free memory, and, with the rows
+        every index keeps there (through any backend on the device: two explainers share it), of its whole memory
+        (each index alone could take half of what the others left, and leave the model's next pass none)."""
         memory = self._memory()
         if memory is None:
             return True
         free, total = memory
         need = n * rows(0, 1).shape[1] * 4
-        self._kept = [(ref, size) for ref, size in self._kept if ref() is not None]  # indexes dropped since
         return need <= self.memory_fraction * free and \
-            need + sum(size for _, size in self._kept) <= self.memory_fraction * total
+            need + sum(size for _, size in _kept_on(self.device)) <= self.memory_fraction * total
 
     def _memory(self):
         """``(free, total)`` bytes of the device (None: not a device whose memory runs out apart from the host's)."""
