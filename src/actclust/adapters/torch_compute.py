@@ -21,7 +21,7 @@ that step runs on the host (:data:`actclust.compute.HOST`, said once too) and th
 chunks it started from. A step never returns a partial answer.
 
 Every step runs its matrix products in full float32 (``torch.set_float32_matmul_precision("highest")`` while it
-runs, the caller's setting restored after): a script that allows TF32 for its own training (PyTorch Lightning's
+runs, the caller's setting restored when the last step running ends): a script that allows TF32 for its own training (PyTorch Lightning's
 advice, ``"high"``) would otherwise round the products to 10 bits and move cluster assignments and distances.
 """
 
@@ -144,7 +144,7 @@ class TorchBackend(Backend):
         if not self._warned_host:
             self._warned_host = True
             warnings.warn(f"The device {self.device} ran out of memory even in the smallest chunks; actclust computes "
-                          f"this step ({step.__name__.lstrip('_')}) on the host, and tries the device again at the next.",
+                          f"this step ({_HOST_STEPS[step.__name__]}) on the host, and tries the device again at the next.",
                           DeviceMemoryWarning, stacklevel=user_stacklevel())
         args = args[:-1] if step.__name__ == "_top" else args  # the host keeps no rows between calls (no cache)
         return getattr(HOST, _HOST_STEPS[step.__name__])(*args)
