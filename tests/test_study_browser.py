@@ -182,3 +182,48 @@ def test_feature_tables(tmp_path):
     assert sample_names == shown  # the samples' tables in the item's order too
     assert evil in shown + rest and injected == 0 and dialogs == [] and wide <= 375
     assert prediction in (XSS_CLASS, "b")
+
+
+_NUMBERS_AFTER_NAMES_JS = """() => {
+  // each "(" after a class name (the AI's confidence, a class's probability) is drawn right of the name
+  const out = [];
+  const strong = document.querySelector('#advice strong'), paren = strong && strong.nextSibling;
+  if (paren) {
+    const r = document.createRange();
+    r.setStart(paren.firstChild, 1); r.setEnd(paren.firstChild, 2);
+    out.push(['advice', r.getBoundingClientRect().left - strong.getBoundingClientRect().right]);
+  }
+  for (const p of document.querySelectorAll('#explanation .view p')) {  // "<name> (87%)", "<name> 40%, <name> 30%"
+    const text = p.firstChild;
+    for (const m of text.data.matchAll(/(שתיים|واحد|שלוש)\u2069? \(?[0-9]/g)) {  // the test's names
+      const end = m.index + m[0].length, name = document.createRange(), number = document.createRange();
+      name.setStart(text, m.index); name.setEnd(text, m.index + m[1].length);
+      number.setStart(text, end - 1); number.setEnd(text, end);
+      out.push([p.textContent, number.getBoundingClientRect().left - name.getBoundingClientRect().right]);
+    }
+  }
+  return out;
+}"""
+
+
+# right-to-left class names leave the numbers beside them in place for a participant: the AI's confidence and each
+# class's probability are drawn right of the name ("(87%) <name>" before), as in actclust's own views
+@pytest.mark.slow
+def test_right_to_left_class_names_for_participants(tmp_path, study_source):
+    chromium, sync_playwright = chromium_playwright()
+    names = ["שתיים", "واحد", "שלוש"]
+    folder = make_study(tmp_path / "s", study_source, items=4, conditions=["full"], class_names=names)
+    with LiveStudyServer(folder) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.click("#consent")
+            page.wait_for_selector("#trial:not([hidden])")
+            found = page.evaluate(_NUMBERS_AFTER_NAMES_JS)
+            options = [page.locator("#label option").nth(i).text_content() for i in (1, 2, 3)]
+        finally:
+            browser.close()
+    assert found[0][0] == "advice" and len(found) >= 2, found
+    assert all(gap >= 0 for _, gap in found), found
+    assert options == names  # a choice alone in its option: as given

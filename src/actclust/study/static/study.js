@@ -7,6 +7,10 @@
   const $ = (id) => document.getElementById(id);
   const saved = () => { try { return JSON.parse(localStorage.getItem(KEY)); } catch (e) { return null; } };
 
+  // A class name between Unicode's bidirectional isolates (U+2068 ... U+2069): a right-to-left name (Hebrew, Arabic)
+  // is laid out on its own and leaves the numbers beside it in place ("(87%) <name>" otherwise), as in actclust's views
+  const iso = (name) => "\u2068" + name + "\u2069";
+
   function el(tag, text, cls) {
     const e = document.createElement(tag);
     if (text !== undefined && text !== null) e.textContent = String(text);
@@ -105,7 +109,7 @@
 
   function sample(s) {
     const d = el("div", null, "sample");
-    const name = s.label_name === null ? "AI: " + s.prediction_name : s.label_name;
+    const name = s.label_name === null ? "AI: " + iso(s.prediction_name) : iso(s.label_name);
     d.append(input(s.input, "training example: " + name), el("span", name));
     return d;
   }
@@ -123,14 +127,14 @@
     if (x.similar_multiclass) {
       out.push(view("Similar training examples of the AI's three most likely classes", x.similar_multiclass.map((g) => {
         const d = el("div");
-        d.append(el("p", g.name + " (" + Math.round(100 * g.probability) + "%)"), ...g.samples.map(sample));
+        d.append(el("p", iso(g.name) + " (" + Math.round(100 * g.probability) + "%)"), ...g.samples.map(sample));
         return d;
       })));
     }
     if (x.concepts) {
       out.push(view("Concepts: the group each layer puts the input in", x.concepts.map((c) => {
         const d = el("div");
-        const mix = c.class_mix.map((m) => m.name + " " + Math.round(100 * m.share) + "%").join(", ");
+        const mix = c.class_mix.map((m) => iso(m.name) + " " + Math.round(100 * m.share) + "%").join(", ");
         d.append(el("p", c.layer + ", group " + c.cluster + ": " + mix), ...c.exemplars.map(sample));
         return d;
       })));
@@ -152,9 +156,9 @@
     $("progress").textContent = "Question " + (t.position + 1) + " of " + t.n_trials;
     $("item").replaceChildren(input(t.item.input, "the input to judge"));
     const initial = t.stage === "initial";
-    $("own-answer").replaceChildren(...(t.own ? [el("span", "Your answer: "), el("strong", t.own.name),
+    $("own-answer").replaceChildren(...(t.own ? [el("span", "Your answer: "), el("strong", iso(t.own.name)),
       el("span", " (Reject keeps it; Accept takes the AI's instead)")] : []));
-    $("advice").replaceChildren(...(t.prediction ? [el("span", "The AI predicts: "), el("strong", t.prediction.name),
+    $("advice").replaceChildren(...(t.prediction ? [el("span", "The AI predicts: "), el("strong", iso(t.prediction.name)),
       el("span", " (confidence " + Math.round(100 * t.prediction.confidence) + "%)")] : []));
     $("explanation").replaceChildren(...explanation(t.explanation));
     $("own").hidden = !initial;
