@@ -367,15 +367,15 @@ def _label_places(centres: np.ndarray, size: int = MAP_SIZE) -> list:
         x0 = x if anchor == "start" else x - w if anchor == "end" else x - w / 2
         return x0, y - 10.0, x0 + w, y + 2.0
 
+    def overlap(a, b):  # the area two boxes (x0, y0, x1, y1) share
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    view = (-10.0, -10.0, size + 10.0, size + 10.0)  # the map's view box: a label outside it is cut off or not drawn
+
     def covered(b, k):
-        # outside the map's view box (-10 .. size + 10) counts as covered: a label there is cut off or not drawn
-        inside = max(0.0, min(b[2], size + 10) - max(b[0], -10)) * max(0.0, min(b[3], size + 10) - max(b[1], -10))
-        area = 100 * ((b[2] - b[0]) * (b[3] - b[1]) - inside) + sum(max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
-                   for o in placed)
-        for j, (cx, cy) in enumerate(xy):  # other centres' circles, as squares
-            if j != k:
-                area += max(0.0, min(b[2], cx + 7) - max(b[0], cx - 7)) * max(0.0, min(b[3], cy + 7) - max(b[1], cy - 7))
-        return area
+        area = 100 * (overlap(b, b) - overlap(b, view)) + sum(overlap(b, o) for o in placed)
+        return area + sum(overlap(b, (cx - 7, cy - 7, cx + 7, cy + 7))  # other centres' circles, as squares
+                          for j, (cx, cy) in enumerate(xy) if j != k)
 
     out = []
     for k, (cx, cy) in enumerate(xy):
